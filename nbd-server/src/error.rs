@@ -1,0 +1,166 @@
+//! The crate's error type: what failed, where, and which NBD error value a client sees.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::proto::errno;
+
+/// Errors of `thinline-nbd`. Messages name the thing and the operation; the cause is
+/// the `source`, printed by whoever walks the chain.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A request failed in the backing store.
+    #[error("{op} of {length} bytes at offset {offset} on {path} failed")]
+    Io {
+        /// Operation (`read`, `write`, `flush`, `trim`, `write zeroes`, …).
+        op: &'static str,
+        /// File or device.
+        path: PathBuf,
+        /// Byte offset of the operation.
+        offset: u64,
+        /// Length of the operation.
+        length: u64,
+        /// The system error.
+        #[source]
+        source: io::Error,
+    },
+    /// The backing store changed size or shrank under the export.
+    #[error("{path} ended at offset {offset}, inside the export's {size} bytes")]
+    ShortRead {
+        /// File or device.
+        path: PathBuf,
+        /// Where the data stopped.
+        offset: u64,
+        /// The export's size.
+        size: u64,
+    },
+    /// `write_zeroes` with `fast` would have to write zeroes slowly.
+    #[error("zeroing {length} bytes at offset {offset} cannot be done fast on {path}")]
+    FastZeroUnsupported {
+        /// File or device.
+        path: PathBuf,
+        /// Byte offset of the operation.
+        offset: u64,
+        /// Length of the operation.
+        length: u64,
+    },
+    /// The export is read-only.
+    #[error("{path} is served read-only")]
+    ReadOnly {
+        /// File or device.
+        path: PathBuf,
+    },
+    /// An image could not be opened.
+    #[error("cannot open {path}")]
+    Open {
+        /// The image path.
+        path: PathBuf,
+        /// The system error.
+        #[source]
+        source: io::Error,
+    },
+    /// An image is neither a regular file nor a block device.
+    #[error("{path} is not a regular file or a block device")]
+    NotAFileOrDevice {
+        /// The image path.
+        path: PathBuf,
+    },
+    /// Two exports were given the same name.
+    #[error("export name {name:?} is used twice")]
+    DuplicateExport {
+        /// The name.
+        name: String,
+    },
+    /// An export name is not acceptable on the wire.
+    #[error("export name {name:?} is invalid: {reason}")]
+    InvalidExportName {
+        /// The name.
+        name: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// No exports were configured.
+    #[error("no exports configured")]
+    NoExports,
+    /// A listening socket could not be set up.
+    #[error("cannot listen on {address}")]
+    Listen {
+        /// The address or socket path.
+        address: String,
+        /// The system error.
+        #[source]
+        source: io::Error,
+    },
+    /// The unix socket path is taken by something that is not a stale socket.
+    #[error("cannot listen on {path}: {reason}")]
+    SocketPathInUse {
+        /// The socket path.
+        path: PathBuf,
+        /// What is there.
+        reason: &'static str,
+    },
+}
+
+impl Error {
+    /// The NBD error value a client receives for this error.
+    pub fn nbd_errno(&self) -> u32 {
+        match self {
+            Error::Io { source, .. } => io_errno(source),
+            Error::FastZeroUnsupported { .. } => errno::ENOTSUP,
+            Error::ReadOnly { .. } => errno::EPERM,
+            _ => errno::EIO,
+        }
+    }
+
+    /// The byte offset the error happened at, if it is tied to one.
+    pub fn offset(&self) -> Option<u64> {
+        match self {
+            Error::Io { offset, .. } | Error::ShortRead { offset, .. } => Some(*offset),
+            _ => None,
+        }
+    }
+}
+
+/// Maps a system error to the closest NBD error value, as the spec asks (`EDQUOT` and
+/// `EFBIG` become `ENOSPC`, anything unknown becomes `EIO`).
+pub fn io_errno(e: &io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES | libc::EROFS) => errno::EPERM,
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => errno::ENOSPC,
+        Some(libc::EINVAL) => errno::EINVAL,
+        Some(libc::ENOMEM) => errno::ENOMEM,
+        Some(libc::EOVERFLOW) => errno::EOVERFLOW,
+        Some(libc::EOPNOTSUPP) => errno::ENOTSUP,
+        Some(libc::ESHUTDOWN) => errno::ESHUTDOWN,
+        _ => errno::EIO,
+    }
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota_errors_reach_clients_as_enospc() {
+        assert_eq!(
+            io_errno(&io::Error::from_raw_os_error(libc::EDQUOT)),
+            errno::ENOSPC
+        );
+        assert_eq!(
+            io_errno(&io::Error::from_raw_os_error(libc::EFBIG)),
+            errno::ENOSPC
+        );
+    }
+
+    #[test]
+    fn unknown_system_errors_reach_clients_as_eio() {
+        assert_eq!(
+            io_errno(&io::Error::from_raw_os_error(libc::ENOLINK)),
+            errno::EIO
+        );
+    }
+}

@@ -1,0 +1,161 @@
+//! The export abstraction every NBD-served thing implements.
+//!
+//! The server validates each request against the export's size, block sizes and
+//! capabilities before calling it, so an `Export` only ever sees in-range, well-formed
+//! operations. Raw files and block devices implement it here; image formats, remote
+//! templates and the copy-on-read proxy implement it in later layers.
+//!
+//! ```text
+//!   client ─► handshake ─► transmission ─► validate ─► Export::{read, write, …}
+//!                                                          │
+//!                                       RawExport / image exports / CoR proxy
+//! ```
+
+use std::fmt;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::Result;
+use crate::proto::BASE_ALLOCATION;
+
+/// What an export can do. The server derives the transmission flags from this and
+/// refuses commands the export cannot serve, so the flags are always truthful.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Writes, trims and zeroes are refused with `EPERM`.
+    pub read_only: bool,
+    /// `flush` makes acknowledged writes durable.
+    pub flush: bool,
+    /// Writes can be made durable before they are acknowledged.
+    pub fua: bool,
+    /// `trim` is meaningful.
+    pub trim: bool,
+    /// `write_zeroes` is implemented (always true for writable exports here).
+    pub write_zeroes: bool,
+    /// `write_zeroes` with `fast` can report `ENOTSUP` instead of writing slowly.
+    pub fast_zero: bool,
+    /// `cache` does something useful.
+    pub cache: bool,
+    /// All connections share one view: a flush on one covers writes acknowledged on any.
+    pub multi_conn: bool,
+    /// The backing store is a spinning disk.
+    pub rotational: bool,
+}
+
+/// Block-size constraints advertised with `NBD_INFO_BLOCK_SIZE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSizes {
+    /// Requests must be aligned to this (a power of two, at most 64 KiB).
+    pub minimum: u32,
+    /// The size the export prefers (a power of two, at least `minimum` and 512).
+    pub preferred: u32,
+    /// Largest READ/WRITE payload accepted.
+    pub maximum_payload: u32,
+}
+
+impl BlockSizes {
+    /// Default maximum payload: 32 MiB, the size the spec says clients may assume.
+    pub const DEFAULT_MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+}
+
+/// One piece of a read, in order; together the pieces cover the requested range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadChunk {
+    /// Bytes read from the export.
+    Data(Bytes),
+    /// This many bytes that read as zeroes (sent as `OFFSET_HOLE` when possible).
+    Zero(u64),
+}
+
+impl ReadChunk {
+    /// Number of bytes this chunk covers.
+    pub fn len(&self) -> u64 {
+        match self {
+            ReadChunk::Data(b) => b.len() as u64,
+            ReadChunk::Zero(n) => *n,
+        }
+    }
+
+    /// True if the chunk covers no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Options of a `write_zeroes` call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The range must stay allocated (`NBD_CMD_FLAG_NO_HOLE`).
+    pub no_hole: bool,
+    /// Fail with `ENOTSUP` rather than be slower than a write (`NBD_CMD_FLAG_FAST_ZERO`).
+    pub fast: bool,
+    /// Reply only once durable (`NBD_CMD_FLAG_FUA`).
+    pub fua: bool,
+}
+
+/// One extent of a block-status answer: `length` bytes with `flags` in the context's
+/// encoding (`base:allocation`: `state::HOLE`, `state::ZERO`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Bytes covered.
+    pub length: u64,
+    /// Context-specific status bits.
+    pub flags: u64,
+}
+
+/// A disk that can be served over NBD.
+///
+/// Every method is called only with ranges inside `[0, size())` that respect
+/// `block_sizes().minimum`; reads never exceed `block_sizes().maximum_payload`.
+#[async_trait]
+pub trait Export: Send + Sync + fmt::Debug + 'static {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// What the export supports.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Block-size constraints.
+    fn block_sizes(&self) -> BlockSizes;
+
+    /// A human-readable description for `NBD_INFO_DESCRIPTION`.
+    fn description(&self) -> Option<String> {
+        None
+    }
+
+    /// Metadata contexts this export can answer `block_status` for; `block_status`
+    /// receives an index into this list.
+    fn meta_contexts(&self) -> &[&'static str] {
+        &[BASE_ALLOCATION]
+    }
+
+    /// Reads `length` bytes at `offset`.
+    async fn read(&self, offset: u64, length: u32) -> Result<Vec<ReadChunk>>;
+
+    /// Writes `data` at `offset`; durable before returning if `fua`.
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()>;
+
+    /// Makes every acknowledged write durable.
+    async fn flush(&self) -> Result<()>;
+
+    /// Discards a range (a hint: contents afterwards are unspecified).
+    async fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<()>;
+
+    /// Makes a range read as zeroes.
+    async fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()>;
+
+    /// Prefetches a range (a hint).
+    async fn cache(&self, offset: u64, length: u64) -> Result<()>;
+
+    /// Describes `[offset, offset + length)` in metadata context `context`. Returns at
+    /// least one extent; the extents start at `offset`, are contiguous, and may cover
+    /// less than `length` (at most `max_extents` of them).
+    async fn block_status(
+        &self,
+        context: usize,
+        offset: u64,
+        length: u64,
+        max_extents: usize,
+    ) -> Result<Vec<Extent>>;
+}

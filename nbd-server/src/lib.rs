@@ -1,0 +1,43 @@
+//! `thinline-nbd`: the NBD protocol, server and exports of Thinline.
+//!
+//! ```text
+//!   server ─► handshake ─► transmission ─► request (validation) ─► Export
+//!                  │              │                                  │
+//!                  └──── proto (wire format, sans-IO) ───┘            raw (files, block devices)
+//! ```
+//!
+//! - [`proto`]: constants and encoders/decoders of the wire format (fuzzed).
+//! - [`request`]: turns request headers into commands or the spec's error.
+//! - [`export`]: the [`Export`](export::Export) trait every served disk implements.
+//! - [`raw`]: raw files and block devices.
+//! - [`server`]: listeners, connection limits, graceful shutdown.
+//!
+//! Serving a file takes a few lines:
+//!
+//! ```no_run
+//! # async fn demo() -> thinline_nbd::Result<()> {
+//! use std::sync::Arc;
+//! use thinline_nbd::raw::{RawExport, RawOptions};
+//! use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
+//!
+//! let mut exports = ExportSet::new();
+//! exports.add("disk", Arc::new(RawExport::open("disk.img".as_ref(), &RawOptions::default())?))?;
+//! let listener = Listener::bind_unix("/run/disk.sock".as_ref())?;
+//! Server::new(exports, ServerConfig::default())?
+//!     .run(vec![listener], async { let _ = tokio::signal::ctrl_c().await; })
+//!     .await
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+mod error;
+pub mod export;
+mod handshake;
+pub mod proto;
+pub mod raw;
+pub mod request;
+pub mod server;
+mod transmission;
+
+pub use error::{Error, Result, io_errno};

@@ -1,0 +1,660 @@
+//! The raw export: a regular file or a block device served byte for byte.
+//!
+//! Reads of data already in the page cache are done inline with `preadv2(RWF_NOWAIT)`,
+//! which never blocks; anything else runs on tokio's blocking pool with positional
+//! I/O, so a slow disk never stalls the connection tasks. Allocation comes from
+//! `SEEK_DATA`/`SEEK_HOLE` (regular files), trims punch holes (or `BLKDISCARD` on block
+//! devices), zeroing punches or uses `FALLOC_FL_ZERO_RANGE` / `BLKZEROOUT` depending on
+//! `NO_HOLE`, and flush is `fdatasync`. All connections share the one file description,
+//! so the kernel's page cache makes a flush on any connection cover writes acknowledged
+//! on every connection: the export is multi-conn safe.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use rustix::fs::{FallocateFlags, SeekFrom};
+use rustix::io::{Errno, ReadWriteFlags};
+
+use crate::export::{BlockSizes, Capabilities, Export, Extent, ReadChunk, ZeroFlags};
+use crate::proto::state;
+use crate::{Error, Result};
+
+/// How to open a raw export.
+#[derive(Debug, Clone, Default)]
+pub struct RawOptions {
+    /// Open read-only and refuse every write.
+    pub read_only: bool,
+    /// Advertise this minimum block size instead of the natural one (1 for files, the
+    /// logical sector size for block devices). Must be a power of two up to 64 KiB.
+    pub minimum_block_size: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    RegularFile,
+    BlockDevice,
+}
+
+/// A raw file or block device export.
+#[derive(Debug)]
+pub struct RawExport {
+    file: Arc<File>,
+    path: PathBuf,
+    kind: Kind,
+    size: u64,
+    read_only: bool,
+    block_sizes: BlockSizes,
+    rotational: bool,
+    /// Cleared the first time `RWF_NOWAIT` turns out to be unsupported.
+    nowait_reads: AtomicBool,
+    nowait_writes: AtomicBool,
+}
+
+/// Largest zero-filled buffer used when zeroes must really be written.
+const ZERO_WRITE_CHUNK: u64 = 1 << 20;
+
+/// Most extents computed for one block-status or read request; a client asks again
+/// for the rest.
+const MAX_EXTENTS: usize = 1 << 16;
+
+impl RawExport {
+    /// Opens `path` (a regular file or a block device).
+    pub fn open(path: &Path, options: &RawOptions) -> Result<Self> {
+        let open_err = |source| Error::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!options.read_only)
+            .open(path)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        let file_type = meta.file_type();
+        let (kind, size, logical, physical, rotational) = if file_type.is_file() {
+            (Kind::RegularFile, meta.len(), 1, 4096, false)
+        } else if file_type.is_block_device() {
+            let size = rustix::fs::seek(&file, SeekFrom::End(0)).map_err(|e| open_err(e.into()))?;
+            let logical = rustix::fs::ioctl_blksszget(&file).unwrap_or(512);
+            let physical = rustix::fs::ioctl_blkpbszget(&file).unwrap_or(logical);
+            (
+                Kind::BlockDevice,
+                size,
+                logical,
+                physical,
+                is_rotational(meta.rdev()),
+            )
+        } else {
+            return Err(Error::NotAFileOrDevice {
+                path: path.to_owned(),
+            });
+        };
+        let minimum = options.minimum_block_size.unwrap_or(logical).max(1);
+        let preferred = physical.max(minimum).max(4096);
+        Ok(RawExport {
+            file: Arc::new(file),
+            path: path.to_owned(),
+            kind,
+            size,
+            read_only: options.read_only,
+            block_sizes: BlockSizes {
+                minimum,
+                preferred,
+                maximum_payload: BlockSizes::DEFAULT_MAX_PAYLOAD,
+            },
+            rotational,
+            nowait_reads: AtomicBool::new(true),
+            nowait_writes: AtomicBool::new(true),
+        })
+    }
+
+    /// The path this export serves.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io_error(&self, op: &'static str, offset: u64, length: u64, source: io::Error) -> Error {
+        Error::Io {
+            op,
+            path: self.path.clone(),
+            offset,
+            length,
+            source,
+        }
+    }
+
+    /// Runs `f` on the blocking pool with the file.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        offset: u64,
+        length: u64,
+        f: impl FnOnce(&File) -> io::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let file = Arc::clone(&self.file);
+        match tokio::task::spawn_blocking(move || f(&file)).await {
+            Ok(r) => r.map_err(|e| self.io_error(op, offset, length, e)),
+            Err(join) => Err(self.io_error(op, offset, length, io::Error::other(join.to_string()))),
+        }
+    }
+
+    /// Reads exactly `length` bytes at `offset`, inline if the page cache has them.
+    async fn read_data(&self, offset: u64, length: usize) -> Result<Bytes> {
+        let mut buf = BytesMut::zeroed(length);
+        let mut done = 0;
+        if self.nowait_reads.load(Ordering::Relaxed) {
+            while done < length {
+                let mut iov = [IoSliceMut::new(&mut buf[done..])];
+                match rustix::io::preadv2(
+                    &*self.file,
+                    &mut iov,
+                    offset + done as u64,
+                    ReadWriteFlags::NOWAIT,
+                ) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(Errno::AGAIN) => break,
+                    Err(Errno::INTR) => {}
+                    Err(Errno::OPNOTSUPP | Errno::INVAL | Errno::NOSYS) => {
+                        self.nowait_reads.store(false, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(e) => return Err(self.io_error("read", offset, length as u64, e.into())),
+                }
+            }
+        }
+        if done == length {
+            return Ok(buf.freeze());
+        }
+        let size = self.size;
+        let path = self.path.clone();
+        let start = offset + done as u64;
+        let rest = buf.split_off(done);
+        let rest = self
+            .blocking("read", start, (length - done) as u64, move |file| {
+                let mut rest = rest;
+                read_exact_at(file, &mut rest, start)?;
+                Ok(rest)
+            })
+            .await
+            .map_err(|e| match e {
+                Error::Io { source, .. } if source.kind() == io::ErrorKind::UnexpectedEof => {
+                    Error::ShortRead {
+                        path,
+                        offset: start,
+                        size,
+                    }
+                }
+                other => other,
+            })?;
+        buf.unsplit(rest);
+        Ok(buf.freeze())
+    }
+
+    /// Data and hole extents of `[offset, end)` (holes only exist in regular files).
+    fn allocation(&self, offset: u64, end: u64, max: usize) -> io::Result<Vec<(u64, bool)>> {
+        if self.kind == Kind::BlockDevice {
+            return Ok(vec![(end - offset, false)]);
+        }
+        allocation_extents(&self.file, offset, end, max)
+    }
+}
+
+fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match file.read_at(buf, offset) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Walks `SEEK_DATA`/`SEEK_HOLE` over `[offset, end)`; `(length, is_hole)` pairs.
+/// Filesystems without hole support report everything as data.
+fn allocation_extents(
+    file: &File,
+    offset: u64,
+    end: u64,
+    max: usize,
+) -> io::Result<Vec<(u64, bool)>> {
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end && out.len() < max {
+        let data = match rustix::fs::seek(file, SeekFrom::Data(pos)) {
+            Ok(d) => d.min(end),
+            Err(Errno::NXIO) => end, // no data after pos: hole up to the end
+            Err(Errno::INVAL | Errno::OPNOTSUPP) => {
+                out.push((end - pos, false));
+                return Ok(out);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if data > pos {
+            out.push((data - pos, true));
+            pos = data;
+            continue;
+        }
+        let hole = match rustix::fs::seek(file, SeekFrom::Hole(pos)) {
+            Ok(h) => h.min(end),
+            Err(Errno::NXIO) => end,
+            Err(e) => return Err(e.into()),
+        };
+        // A hole before pos cannot happen (pos is in data); guard against looping.
+        let hole = hole.max(pos + 1).min(end);
+        out.push((hole - pos, false));
+        pos = hole;
+    }
+    Ok(out)
+}
+
+/// Reads `/sys/dev/block/M:m/queue/rotational` (or the parent disk's for a partition).
+fn is_rotational(rdev: u64) -> bool {
+    let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
+    let base = format!("/sys/dev/block/{major}:{minor}");
+    [
+        format!("{base}/queue/rotational"),
+        format!("{base}/../queue/rotational"),
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok())
+    .is_some_and(|s| s.trim() == "1")
+}
+
+/// `BLKDISCARD`: `_IO(0x12, 119)`, argument `u64[2]` (start, length).
+const BLKDISCARD: libc::c_ulong = 0x1277;
+/// `BLKZEROOUT`: `_IO(0x12, 127)`, argument `u64[2]`; zeroes without unmapping.
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+fn block_range_ioctl(
+    file: &File,
+    request: libc::c_ulong,
+    offset: u64,
+    length: u64,
+) -> io::Result<()> {
+    let range: [u64; 2] = [offset, length];
+    // SAFETY: BLKDISCARD and BLKZEROOUT read exactly one `u64[2]` through the pointer,
+    // which points at a live, properly aligned local array for the whole call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), request, range.as_ptr()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn fallocate(file: &File, flags: FallocateFlags, offset: u64, length: u64) -> io::Result<()> {
+    rustix::fs::fallocate(file, flags, offset, length).map_err(io::Error::from)
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ENOTTY)
+    )
+}
+
+fn write_zeroes_slowly(file: &File, offset: u64, length: u64) -> io::Result<()> {
+    let zeroes = vec![0u8; ZERO_WRITE_CHUNK.min(length) as usize];
+    let mut pos = offset;
+    let end = offset + length;
+    while pos < end {
+        let n = (end - pos).min(zeroes.len() as u64) as usize;
+        file.write_all_at(&zeroes[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Export for RawExport {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let writable = !self.read_only;
+        Capabilities {
+            read_only: self.read_only,
+            flush: true,
+            fua: true,
+            trim: writable,
+            write_zeroes: writable,
+            fast_zero: writable,
+            cache: true,
+            multi_conn: true,
+            rotational: self.rotational,
+        }
+    }
+
+    fn block_sizes(&self) -> BlockSizes {
+        self.block_sizes
+    }
+
+    fn description(&self) -> Option<String> {
+        let name = self.path.file_name().map_or_else(
+            || self.path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        Some(match self.kind {
+            Kind::RegularFile => format!("raw image {name}"),
+            Kind::BlockDevice => format!("block device {}", self.path.display()),
+        })
+    }
+
+    async fn read(&self, offset: u64, length: u32) -> Result<Vec<ReadChunk>> {
+        let end = offset + u64::from(length);
+        let extents = self
+            .allocation(offset, end, MAX_EXTENTS)
+            .map_err(|e| self.io_error("seek", offset, u64::from(length), e))?;
+        let mut chunks = Vec::with_capacity(extents.len());
+        let mut pos = offset;
+        for (len, hole) in extents {
+            if hole {
+                chunks.push(ReadChunk::Zero(len));
+            } else {
+                chunks.push(ReadChunk::Data(self.read_data(pos, len as usize).await?));
+            }
+            pos += len;
+        }
+        if pos < end {
+            // More extents than MAX_EXTENTS: read the tail as data.
+            chunks.push(ReadChunk::Data(
+                self.read_data(pos, (end - pos) as usize).await?,
+            ));
+        }
+        Ok(chunks)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        let length = data.len() as u64;
+        let mut done = 0;
+        if !fua && self.nowait_writes.load(Ordering::Relaxed) {
+            while done < data.len() {
+                let iov = [IoSlice::new(&data[done..])];
+                match rustix::io::pwritev2(
+                    &*self.file,
+                    &iov,
+                    offset + done as u64,
+                    ReadWriteFlags::NOWAIT,
+                ) {
+                    Ok(n) => done += n,
+                    Err(Errno::AGAIN) => break,
+                    Err(Errno::INTR) => {}
+                    Err(Errno::OPNOTSUPP | Errno::INVAL | Errno::NOSYS) => {
+                        self.nowait_writes.store(false, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(e) => return Err(self.io_error("write", offset, length, e.into())),
+                }
+            }
+            if done == data.len() {
+                return Ok(());
+            }
+        }
+        let rest = data.slice(done..);
+        let start = offset + done as u64;
+        self.blocking("write", offset, length, move |file| {
+            file.write_all_at(&rest, start)?;
+            if fua {
+                file.sync_data()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.blocking("flush", 0, self.size, |file| file.sync_data())
+            .await
+    }
+
+    async fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        let kind = self.kind;
+        let sector = u64::from(self.block_sizes.minimum.max(512));
+        self.blocking("trim", offset, length, move |file| {
+            let result = match kind {
+                Kind::RegularFile => fallocate(
+                    file,
+                    FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                    offset,
+                    length,
+                ),
+                Kind::BlockDevice => {
+                    // Discard only whole sectors inside the range.
+                    let start = offset.div_ceil(sector) * sector;
+                    let end = (offset + length) / sector * sector;
+                    if end > start {
+                        block_range_ioctl(file, BLKDISCARD, start, end - start)
+                    } else {
+                        Ok(())
+                    }
+                }
+            };
+            match result {
+                // A trim is a hint: a store that cannot discard keeps the data.
+                Err(e) if unsupported(&e) => {}
+                other => other?,
+            }
+            if fua {
+                file.sync_data()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        let kind = self.kind;
+        let done = self
+            .blocking("write zeroes", offset, length, move |file| {
+                let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+                let zero_range = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
+                // Fast paths first. On block devices a punch is a zero-out that may
+                // unmap and never falls back to writing.
+                if !flags.no_hole {
+                    match fallocate(file, punch, offset, length) {
+                        Ok(()) => return finish_zeroes(file, flags.fua).map(|()| true),
+                        Err(e) if unsupported(&e) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                if kind == Kind::RegularFile {
+                    // Allocated, unwritten extents: fast and keeps the range allocated.
+                    match fallocate(file, zero_range, offset, length) {
+                        Ok(()) => return finish_zeroes(file, flags.fua).map(|()| true),
+                        Err(e) if unsupported(&e) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                if flags.fast {
+                    return Ok(false);
+                }
+                match kind {
+                    Kind::BlockDevice => block_range_ioctl(file, BLKZEROOUT, offset, length)?,
+                    Kind::RegularFile => write_zeroes_slowly(file, offset, length)?,
+                }
+                finish_zeroes(file, flags.fua).map(|()| true)
+            })
+            .await?;
+        if done {
+            Ok(())
+        } else {
+            Err(Error::FastZeroUnsupported {
+                path: self.path.clone(),
+                offset,
+                length,
+            })
+        }
+    }
+
+    async fn cache(&self, offset: u64, length: u64) -> Result<()> {
+        self.blocking("cache", offset, length, move |file| {
+            let len = std::num::NonZeroU64::new(length);
+            rustix::fs::fadvise(file, offset, len, rustix::fs::Advice::WillNeed)
+                .map_err(io::Error::from)
+        })
+        .await
+    }
+
+    async fn block_status(
+        &self,
+        _context: usize,
+        offset: u64,
+        length: u64,
+        max_extents: usize,
+    ) -> Result<Vec<Extent>> {
+        let end = offset + length;
+        let extents = self
+            .allocation(offset, end, max_extents.clamp(1, MAX_EXTENTS))
+            .map_err(|e| self.io_error("seek", offset, length, e))?;
+        Ok(extents
+            .into_iter()
+            .map(|(length, hole)| Extent {
+                length,
+                flags: if hole {
+                    u64::from(state::HOLE | state::ZERO)
+                } else {
+                    0
+                },
+            })
+            .collect())
+    }
+}
+
+fn finish_zeroes(file: &File, fua: bool) -> io::Result<()> {
+    if fua { file.sync_data() } else { Ok(()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sparse_file(len: u64, data_at: &[(u64, &[u8])]) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(len).unwrap();
+        for (off, bytes) in data_at {
+            f.as_file().write_all_at(bytes, *off).unwrap();
+        }
+        f
+    }
+
+    #[tokio::test]
+    async fn read_returns_written_bytes_and_zero_for_holes() {
+        let f = sparse_file(4 << 20, &[(1 << 20, &[0xab; 4096])]);
+        let export = RawExport::open(f.path(), &RawOptions::default()).unwrap();
+        let chunks = export.read(1 << 20, 8192).await.unwrap();
+        let mut flat = Vec::new();
+        for c in &chunks {
+            match c {
+                ReadChunk::Data(b) => flat.extend_from_slice(b),
+                ReadChunk::Zero(n) => flat.extend(std::iter::repeat_n(0, *n as usize)),
+            }
+        }
+        assert_eq!(&flat[..4096], &[0xab; 4096][..]);
+        assert_eq!(&flat[4096..], &[0u8; 4096][..]);
+    }
+
+    #[tokio::test]
+    async fn block_status_reports_holes_in_a_sparse_file() {
+        let f = sparse_file(4 << 20, &[(0, &[1; 65536])]);
+        let export = RawExport::open(f.path(), &RawOptions::default()).unwrap();
+        let extents = export.block_status(0, 0, 4 << 20, 100).await.unwrap();
+        assert_eq!(extents.iter().map(|e| e.length).sum::<u64>(), 4 << 20);
+        assert_eq!(extents[0].flags, 0, "the written start is data");
+        assert_eq!(
+            extents.last().unwrap().flags,
+            u64::from(state::HOLE | state::ZERO)
+        );
+    }
+
+    #[tokio::test]
+    async fn trim_punches_a_hole_that_reads_as_zeroes() {
+        let f = sparse_file(1 << 20, &[(0, &[7; 1 << 20])]);
+        let export = RawExport::open(f.path(), &RawOptions::default()).unwrap();
+        export.trim(0, 1 << 20, false).await.unwrap();
+        let chunks = export.read(0, 4096).await.unwrap();
+        assert!(chunks.iter().all(|c| match c {
+            ReadChunk::Zero(_) => true,
+            ReadChunk::Data(b) => b.iter().all(|&x| x == 0),
+        }));
+    }
+
+    #[tokio::test]
+    async fn write_zeroes_with_no_hole_keeps_the_range_allocated() {
+        let f = sparse_file(1 << 20, &[(0, &[7; 1 << 20])]);
+        let export = RawExport::open(f.path(), &RawOptions::default()).unwrap();
+        let flags = ZeroFlags {
+            no_hole: true,
+            ..ZeroFlags::default()
+        };
+        export.write_zeroes(0, 65536, flags).await.unwrap();
+        let mut buf = vec![1u8; 65536];
+        f.as_file().read_exact_at(&mut buf, 0).unwrap();
+        assert!(buf.iter().all(|&x| x == 0));
+        let extents = export.block_status(0, 0, 65536, 10).await.unwrap();
+        assert_eq!(
+            extents[0].flags & u64::from(state::HOLE),
+            0,
+            "no hole was punched"
+        );
+    }
+
+    #[tokio::test]
+    async fn writes_to_a_read_only_export_are_refused() {
+        let f = sparse_file(4096, &[]);
+        let export = RawExport::open(
+            f.path(),
+            &RawOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let err = export
+            .write(0, Bytes::from_static(b"x"), false)
+            .await
+            .unwrap_err();
+        assert_eq!(err.nbd_errno(), crate::proto::errno::EPERM);
+    }
+
+    #[test]
+    fn opening_a_directory_is_refused_with_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = RawExport::open(dir.path(), &RawOptions::default()).unwrap_err();
+        assert!(
+            err.to_string().contains(&dir.path().display().to_string()),
+            "{err}"
+        );
+    }
+}

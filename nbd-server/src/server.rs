@@ -1,0 +1,420 @@
+//! The daemon: listeners, the connection limit, graceful shutdown.
+//!
+//! `Server::run(listeners, shutdown)` accepts on every listener until `shutdown`
+//! completes, then stops accepting, lets each connection finish its requests in flight
+//! (new ones get `ESHUTDOWN`), flushes every export and returns. Connections over
+//! `max_connections` get a polite refusal during the handshake instead of a reset.
+
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::export::Export;
+use crate::handshake::{self, HandshakeEnd, Refusal};
+use crate::{Error, Result, transmission};
+
+/// The exports of one daemon, in order; the first is also the default export `""`.
+#[derive(Debug, Default)]
+pub struct ExportSet {
+    exports: Vec<(String, Arc<dyn Export>)>,
+}
+
+impl ExportSet {
+    /// An empty set.
+    pub fn new() -> Self {
+        ExportSet::default()
+    }
+
+    /// Adds an export under `name`.
+    pub fn add(&mut self, name: &str, export: Arc<dyn Export>) -> Result<()> {
+        if name.len() > crate::proto::MAX_STRING_LEN {
+            return Err(Error::InvalidExportName {
+                name: name.into(),
+                reason: "longer than 4096 bytes",
+            });
+        }
+        if name.contains('\0') {
+            return Err(Error::InvalidExportName {
+                name: name.into(),
+                reason: "contains a NUL byte",
+            });
+        }
+        if self.exports.iter().any(|(n, _)| n == name) {
+            return Err(Error::DuplicateExport { name: name.into() });
+        }
+        self.exports.push((name.to_owned(), export));
+        Ok(())
+    }
+
+    /// Exports in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<dyn Export>)> {
+        self.exports.iter().map(|(n, e)| (n.as_str(), e))
+    }
+
+    /// Number of exports.
+    pub fn len(&self) -> usize {
+        self.exports.len()
+    }
+
+    /// True if there are no exports.
+    pub fn is_empty(&self) -> bool {
+        self.exports.is_empty()
+    }
+
+    /// Finds an export by name; `""` is the first export. Returns its index, canonical
+    /// name and the export.
+    pub fn lookup(&self, name: &str) -> Option<(usize, &str, &Arc<dyn Export>)> {
+        let index = if name.is_empty() {
+            (!self.exports.is_empty()).then_some(0)
+        } else {
+            self.exports.iter().position(|(n, _)| n == name)
+        }?;
+        let (n, e) = &self.exports[index];
+        Some((index, n.as_str(), e))
+    }
+}
+
+/// Server-wide settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Connections beyond this are refused politely during the handshake.
+    pub max_connections: Option<usize>,
+    /// A client that has not finished the handshake by then is dropped.
+    pub handshake_timeout: Duration,
+    /// After shutdown starts, connections get this long to disconnect.
+    pub shutdown_grace: Duration,
+    /// Bytes of request payloads and read buffers held at once, across connections.
+    pub memory_budget: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: None,
+            handshake_timeout: Duration::from_secs(10),
+            shutdown_grace: transmission::DEFAULT_SHUTDOWN_GRACE,
+            memory_budget: 1 << 30,
+        }
+    }
+}
+
+/// Budget units are KiB so that the semaphore's permit count stays small.
+const BUDGET_UNIT: u64 = 1024;
+
+/// Refused connections kept open at once for their polite refusal; beyond this they
+/// are closed straight away.
+const MAX_PENDING_REFUSALS: usize = 256;
+
+/// State shared by all connections.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub exports: ExportSet,
+    pub config: ServerConfig,
+    pub shutdown: CancellationToken,
+    budget: Arc<Semaphore>,
+    budget_units: u64,
+    connections: Option<Arc<Semaphore>>,
+    refusals: Arc<Semaphore>,
+}
+
+impl Shared {
+    /// Waits until `bytes` of memory budget are free and holds them.
+    pub(crate) async fn budget(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
+        if bytes == 0 {
+            return None;
+        }
+        let units = bytes.div_ceil(BUDGET_UNIT).min(self.budget_units) as u32;
+        Arc::clone(&self.budget)
+            .acquire_many_owned(units)
+            .await
+            .ok()
+    }
+}
+
+/// A listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// A unix socket; the path is removed when the server stops.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds a TCP address (`host:port`).
+    pub async fn bind_tcp(address: &str) -> Result<Listener> {
+        let l = TcpListener::bind(address)
+            .await
+            .map_err(|source| Error::Listen {
+                address: address.to_owned(),
+                source,
+            })?;
+        Ok(Listener::Tcp(l))
+    }
+
+    /// Binds a unix socket with mode 0660. A stale socket file (nobody listening) is
+    /// replaced; a live socket or any other file at `path` is refused.
+    pub fn bind_unix(path: &Path) -> Result<Listener> {
+        let listen_err = |source| Error::Listen {
+            address: path.display().to_string(),
+            source,
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(Error::SocketPathInUse {
+                        path: path.to_owned(),
+                        reason: "another server is listening there",
+                    });
+                }
+                std::fs::remove_file(path).map_err(listen_err)?;
+            }
+            Ok(_) => {
+                return Err(Error::SocketPathInUse {
+                    path: path.to_owned(),
+                    reason: "a file that is not a socket is there",
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(listen_err(e)),
+        }
+        let l = UnixListener::bind(path).map_err(listen_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .map_err(listen_err)?;
+        Ok(Listener::Unix(l, path.to_owned()))
+    }
+
+    /// A printable address (for logs and NBD URIs).
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "tcp".into(), |a| a.to_string()),
+            Listener::Unix(_, p) => p.display().to_string(),
+        }
+    }
+}
+
+/// An NBD server over a set of exports.
+#[derive(Debug)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Creates a server.
+    pub fn new(exports: ExportSet, config: ServerConfig) -> Result<Server> {
+        if exports.is_empty() {
+            return Err(Error::NoExports);
+        }
+        let budget_units = (config.memory_budget / BUDGET_UNIT).max(64 * 1024);
+        let connections = config.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+        Ok(Server {
+            shared: Arc::new(Shared {
+                exports,
+                budget: Arc::new(Semaphore::new(budget_units as usize)),
+                budget_units,
+                connections,
+                refusals: Arc::new(Semaphore::new(MAX_PENDING_REFUSALS)),
+                shutdown: CancellationToken::new(),
+                config,
+            }),
+        })
+    }
+
+    /// Serves until `shutdown` completes, then drains connections and flushes exports.
+    pub async fn run(
+        self,
+        listeners: Vec<Listener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<()> {
+        let tracker = TaskTracker::new();
+        let mut unix_paths = Vec::new();
+        for listener in listeners {
+            let shared = Arc::clone(&self.shared);
+            let t = tracker.clone();
+            match listener {
+                Listener::Tcp(l) => {
+                    tracker.spawn(async move {
+                        loop {
+                            tokio::select! {
+                                () = shared.shutdown.cancelled() => break,
+                                accepted = l.accept() => match accepted {
+                                    Ok((stream, addr)) => {
+                                        let _ = stream.set_nodelay(true);
+                                        let (r, w) = stream.into_split();
+                                        spawn_connection(&t, &shared, r, w, addr.to_string());
+                                    }
+                                    Err(e) => accept_failed(&e).await,
+                                },
+                            }
+                        }
+                    });
+                }
+                Listener::Unix(l, path) => {
+                    unix_paths.push(path);
+                    tracker.spawn(async move {
+                        let mut n = 0u64;
+                        loop {
+                            tokio::select! {
+                                () = shared.shutdown.cancelled() => break,
+                                accepted = l.accept() => match accepted {
+                                    Ok((stream, _)) => {
+                                        n += 1;
+                                        let (r, w) = stream.into_split();
+                                        spawn_connection(&t, &shared, r, w, format!("unix#{n}"));
+                                    }
+                                    Err(e) => accept_failed(&e).await,
+                                },
+                            }
+                        }
+                    });
+                }
+            }
+        }
+        shutdown.await;
+        info!("shutting down: no new connections, finishing requests in flight");
+        self.shared.shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        for path in unix_paths {
+            let _ = std::fs::remove_file(path);
+        }
+        let mut result = Ok(());
+        for (name, export) in self.shared.exports.iter() {
+            if let Err(e) = export.flush().await {
+                error!(export = %name, error = %e, "final flush failed");
+                result = Err(e);
+            }
+        }
+        info!("stopped");
+        result
+    }
+
+    /// Serves one already-connected stream (used by tests and benchmarks).
+    pub async fn serve_connection<R, W>(&self, reader: R, writer: W, peer: String)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        connection(Arc::clone(&self.shared), reader, writer, peer, None).await;
+    }
+
+    /// Starts a graceful shutdown of connections served with `serve_connection`.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+async fn accept_failed(e: &std::io::Error) {
+    // EMFILE and friends: back off instead of spinning.
+    warn!(error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+fn spawn_connection<R, W>(
+    tracker: &TaskTracker,
+    shared: &Arc<Shared>,
+    reader: R,
+    writer: W,
+    peer: String,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let slot = match &shared.connections {
+        None => Some(None),
+        Some(sem) => match Arc::clone(sem).try_acquire_owned() {
+            Ok(p) => Some(Some(p)),
+            Err(_) => None,
+        },
+    };
+    let shared = Arc::clone(shared);
+    match slot {
+        Some(permit) => {
+            tracker.spawn(async move {
+                connection(shared, reader, writer, peer, None).await;
+                drop(permit);
+            });
+        }
+        None => {
+            let Ok(refusal_slot) = Arc::clone(&shared.refusals).try_acquire_owned() else {
+                debug!(%peer, "over the connection limit and too many refusals pending: closed");
+                return;
+            };
+            let limit = shared.config.max_connections.unwrap_or(0);
+            tracker.spawn(async move {
+                connection(shared, reader, writer, peer, Some(limit)).await;
+                drop(refusal_slot);
+            });
+        }
+    }
+}
+
+/// One connection: handshake (bounded by the handshake timeout), then transmission.
+async fn connection<R, W>(
+    shared: Arc<Shared>,
+    reader: R,
+    mut writer: W,
+    peer: String,
+    over_limit: Option<usize>,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let span = info_span!("conn", %peer);
+    async move {
+        let mut reader = BufReader::with_capacity(64 * 1024, reader);
+        let refusal = over_limit.map_or(Refusal::None, Refusal::TooManyConnections);
+        let timeout = shared.config.handshake_timeout;
+        let negotiated = tokio::select! {
+            r = tokio::time::timeout(timeout, handshake::negotiate(&mut reader, &mut writer, &shared, refusal)) => r,
+            () = async {
+                shared.shutdown.cancelled().await;
+                tokio::time::sleep(shared.config.shutdown_grace).await;
+            } => {
+                debug!("handshake cut short by shutdown");
+                return;
+            }
+        };
+        let session = match negotiated {
+            Err(_) => {
+                info!(timeout_secs = timeout.as_secs_f64(), "handshake timed out; connection dropped");
+                return;
+            }
+            Ok(Err(HandshakeEnd::Closed(why))) => {
+                debug!(reason = %why, "connection closed during the handshake");
+                return;
+            }
+            Ok(Err(HandshakeEnd::Violation(why))) => {
+                warn!(reason = %why, "protocol violation during the handshake; connection closed");
+                return;
+            }
+            Ok(Err(HandshakeEnd::Io(e))) => {
+                info!(error = %e, "connection failed during the handshake");
+                return;
+            }
+            Ok(Ok(session)) => session,
+        };
+        info!(
+            export = %session.export_name,
+            mode = ?session.mode,
+            contexts = session.contexts.len(),
+            "client connected"
+        );
+        let export_name = session.export_name.clone();
+        transmission::run(session, reader, writer, Arc::clone(&shared), peer.clone()).await;
+        info!(export = %export_name, "client disconnected");
+    }
+    .instrument(span)
+    .await;
+}

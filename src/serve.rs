@@ -1,0 +1,310 @@
+//! `thinline serve`: export images over NBD on a unix socket and/or TCP.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde::Serialize;
+use thinline_nbd::export::Export;
+use thinline_nbd::raw::{RawExport, RawOptions};
+use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
+
+/// Serve raw images and block devices over NBD.
+///
+/// Each IMAGE becomes one export; `NAME=IMAGE` names it (otherwise its file name is
+/// used), and the first image is also the default export "". Without IMAGE, a sparse
+/// 1 GiB sample image is created (or reused) in $TMPDIR and served.
+#[derive(Debug, Args)]
+#[command(after_long_help = EXAMPLES)]
+pub struct ServeArgs {
+    /// Images to export: a raw file or a block device, optionally named NAME=IMAGE.
+    #[arg(value_name = "[NAME=]IMAGE")]
+    images: Vec<String>,
+
+    /// Listen on a unix socket (mode 0660; a stale socket is replaced, anything else
+    /// at PATH is refused).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+
+    /// Listen on TCP (default 127.0.0.1:10809 when --socket is not given).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
+
+    /// Serve every export read-only.
+    #[arg(short, long)]
+    read_only: bool,
+
+    /// Refuse further connections (politely, during the handshake) beyond N.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+
+    /// Drop a client that has not finished the handshake after SECS seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    handshake_timeout: f64,
+
+    /// Advertise this minimum block size (a power of two up to 65536) and refuse
+    /// misaligned requests; default 1 for files, the sector size for block devices.
+    #[arg(long, value_name = "BYTES")]
+    min_block_size: Option<u32>,
+
+    /// Print the exports and their NBD URIs as one JSON object on stdout once listening.
+    #[arg(long)]
+    json: bool,
+}
+
+const EXAMPLES: &str = "\
+Examples:
+  # Serve a disk image on a unix socket, read-write
+  thinline serve --socket /run/thinline/disk.sock disk.img
+  nbdinfo 'nbd+unix:///?socket=/run/thinline/disk.sock'
+
+  # Two named exports on TCP, read-only, at most 8 clients
+  thinline serve --listen 0.0.0.0:10809 -r --max-connections 8 base=base.img data=/dev/vg/data
+  qemu-img info nbd://127.0.0.1:10809/base
+
+  # Attach with the kernel client (4 connections: the exports are multi-conn safe)
+  nbd-client -unix /run/thinline/disk.sock /dev/nbd0 -b 4096 -C 4
+
+Stop with SIGTERM or Ctrl-C: requests in flight finish, data is flushed, exit status 0.";
+
+/// Size of the sample image created when no image is given.
+const SAMPLE_SIZE: u64 = 1 << 30;
+
+#[derive(Debug, Serialize)]
+struct ExportReport {
+    name: String,
+    path: PathBuf,
+    size: u64,
+    read_only: bool,
+    uris: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct ServeReport {
+    listening: Vec<String>,
+    exports: Vec<ExportReport>,
+}
+
+/// Splits `NAME=IMAGE`; an `=` inside a path (after a `/`) is part of the path.
+fn parse_image_spec(spec: &str) -> (Option<&str>, &str) {
+    match spec.split_once('=') {
+        Some((name, path)) if !name.contains('/') => (Some(name), path),
+        _ => (None, spec),
+    }
+}
+
+fn sample_image() -> anyhow::Result<PathBuf> {
+    let path = std::env::temp_dir().join("thinline-sample.img");
+    if !path.exists() {
+        let f = std::fs::File::create(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        f.set_len(SAMPLE_SIZE)
+            .with_context(|| format!("cannot size {}", path.display()))?;
+        eprintln!(
+            "thinline: created a sparse {} GiB sample image at {}",
+            SAMPLE_SIZE >> 30,
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Runs `thinline serve` until SIGTERM/SIGINT.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if !(args.handshake_timeout > 0.0 && args.handshake_timeout.is_finite()) {
+        bail!("--handshake-timeout must be a positive number of seconds");
+    }
+    if let Some(m) = args.min_block_size {
+        if !m.is_power_of_two() || m > 65536 {
+            bail!("--min-block-size must be a power of two no larger than 65536, not {m}");
+        }
+    }
+    if args.max_connections == Some(0) {
+        bail!("--max-connections must be at least 1");
+    }
+    let images = if args.images.is_empty() {
+        vec![sample_image()?.display().to_string()]
+    } else {
+        args.images.clone()
+    };
+
+    let options = RawOptions {
+        read_only: args.read_only,
+        minimum_block_size: args.min_block_size,
+    };
+    let mut exports = ExportSet::new();
+    let mut opened: Vec<(String, PathBuf, u64, bool)> = Vec::new();
+    for spec in &images {
+        let (name, path) = parse_image_spec(spec);
+        let path = Path::new(path);
+        let name = match name {
+            Some(n) => n.to_owned(),
+            None => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .with_context(|| {
+                    format!(
+                        "{} has no file name to use as the export name; use NAME=IMAGE",
+                        path.display()
+                    )
+                })?,
+        };
+        let export = RawExport::open(path, &options)?;
+        opened.push((
+            name.clone(),
+            path.to_owned(),
+            export.size(),
+            export.capabilities().read_only,
+        ));
+        exports.add(&name, Arc::new(export))?;
+    }
+
+    let config = ServerConfig {
+        max_connections: args.max_connections,
+        handshake_timeout: Duration::from_secs_f64(args.handshake_timeout),
+        ..ServerConfig::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("thinline")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let mut listeners = Vec::new();
+        if let Some(path) = &args.socket {
+            listeners.push(Listener::bind_unix(path)?);
+        }
+        if args.listen.is_some() || args.socket.is_none() {
+            let address = args.listen.as_deref().unwrap_or("127.0.0.1:10809");
+            listeners.push(Listener::bind_tcp(address).await?);
+        }
+        let report = ServeReport {
+            listening: listeners.iter().map(Listener::describe).collect(),
+            exports: opened
+                .iter()
+                .enumerate()
+                .map(|(i, (name, path, size, read_only))| {
+                    let mut uris = Vec::new();
+                    for l in &listeners {
+                        for n in if i == 0 {
+                            vec!["", name.as_str()]
+                        } else {
+                            vec![name.as_str()]
+                        } {
+                            uris.push(match l {
+                                Listener::Unix(_, p) => format!(
+                                    "nbd+unix:///{}?socket={}",
+                                    percent_encode(n),
+                                    p.display()
+                                ),
+                                Listener::Tcp(_) => {
+                                    format!("nbd://{}/{}", l.describe(), percent_encode(n))
+                                }
+                            });
+                        }
+                    }
+                    ExportReport {
+                        name: name.clone(),
+                        path: path.clone(),
+                        size: *size,
+                        read_only: *read_only,
+                        uris,
+                    }
+                })
+                .collect(),
+        };
+        print_report(&report, args.json)?;
+        let server = Server::new(exports, config)?;
+        server.run(listeners, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+fn print_report(report: &ServeReport, json: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(&mut out, report)?;
+        writeln!(out)?;
+        return Ok(out.flush()?);
+    }
+    for e in &report.exports {
+        let mode = if e.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        };
+        writeln!(
+            out,
+            "serving {:?}: {} ({} bytes, {mode})",
+            e.name,
+            e.path.display(),
+            e.size
+        )?;
+    }
+    let first = &report.exports[0];
+    let uri = &first.uris[0];
+    writeln!(out, "connect with:")?;
+    writeln!(out, "  nbdinfo '{uri}'")?;
+    writeln!(out, "  qemu-img info '{uri}'")?;
+    for l in &report.listening {
+        if l.starts_with('/') {
+            writeln!(out, "  nbd-client -unix {l} /dev/nbd0 -b 4096")?;
+        } else if let Some((host, port)) = l.rsplit_once(':') {
+            writeln!(
+                out,
+                "  nbd-client {host} {port} /dev/nbd0 -N '{}' -b 4096",
+                first.name
+            )?;
+        }
+    }
+    writeln!(out, "stop with Ctrl-C or SIGTERM")?;
+    Ok(out.flush()?)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_spec_with_name_is_split() {
+        assert_eq!(
+            parse_image_spec("base=/srv/base.img"),
+            (Some("base"), "/srv/base.img")
+        );
+    }
+
+    #[test]
+    fn equals_sign_inside_a_path_is_not_a_name() {
+        assert_eq!(parse_image_spec("/srv/a=b.img"), (None, "/srv/a=b.img"));
+    }
+}

@@ -1,0 +1,192 @@
+#!/bin/sh
+# nbd-kernel.sh: guest side of the kernel NBD client test (run inside the VM by run-vm.sh; see
+# test-nbd-kernel.sh for the host side).
+#
+# The Linux kernel's nbd client (nbd-client + nbd.ko) against an NBD server serving a sparse
+# 256 MiB raw image on a unix socket inside the guest: ext4 on it, single and multiple (-C 4)
+# connections, raw writes, discard (reads zero, image file gets a hole), clean SIGTERM shutdown of
+# the server, and the image file itself holding exactly what the device showed.
+#
+# Configuration (environment, or a file nbd-kernel.env in the work directory, which is sourced):
+#   THINLINE_BIN  the thinline binary (default /work/main/target/release/thinline)
+#   SERVER_CMD    the server command, run with `sh -c "exec $SERVER_CMD"`, with $SOCK and $IMG set
+#                 (default: "$THINLINE_BIN" serve --socket "$SOCK" "$IMG"). For a stand-in:
+#                 qemu-nbd -f raw --cache=none --aio=threads --discard=unmap -t -e 4 -k "$SOCK" "$IMG"
+#   IMG_DIR       where the image lives (default /tmp: tmpfs in the guest, supports holes)
+#   NBD_CONNECTIONS  connections for the second session (default 4)
+#   EXPECT_HOLE   1 (default): the discarded range must be deallocated in the image file
+#   NBD_TIMEOUT   nbd-client -timeout (default 60 s), so a wedged server fails instead of hanging
+set -u
+
+[ -f /mnt/nbd-kernel.env ] && . /mnt/nbd-kernel.env
+. "${THINLINE_GUEST_LIB:-${THINLINE_KERNEL_TESTS:-/work/main/tests/kernel}/guest-lib.sh}"
+
+THINLINE_BIN=${THINLINE_BIN:-/work/main/target/release/thinline}
+IMG_DIR=${IMG_DIR:-/tmp}
+NBD_CONNECTIONS=${NBD_CONNECTIONS:-4}
+EXPECT_HOLE=${EXPECT_HOLE:-1}
+NBD_TIMEOUT=${NBD_TIMEOUT:-60}
+# shellcheck disable=SC2016 # expanded by the sh -c below
+SERVER_CMD=${SERVER_CMD:-'"$THINLINE_BIN" serve --socket "$SOCK" "$IMG"'}
+
+SOCK=/run/t.sock
+IMG=$IMG_DIR/nbd-kernel.img
+DEV=/dev/nbd0
+MNT=/tmp/m
+SIZE=$((256 * 1024 * 1024))
+MiB=$((1024 * 1024))
+FS_SIZE_MIB=192               # ext4 covers [0, 192 MiB); the tail is used raw
+RAW_OFF=$((200 * MiB))        # raw write + later discard range, outside the file system
+RAW_LEN=$((8 * MiB))
+SERVER_LOG=/mnt/server.log
+export THINLINE_BIN SOCK IMG
+
+SPID=
+cleanup() {
+  set +e
+  mountpoint -q "$MNT" 2>/dev/null && umount "$MNT"
+  [ -n "${LOOPDEV:-}" ] && losetup -d "$LOOPDEV" 2>/dev/null
+  if [ "$(cat /sys/block/nbd0/size 2>/dev/null || echo 0)" != 0 ]; then nbd-client -d "$DEV" >/dev/null 2>&1; fi
+  if [ -n "$SPID" ] && kill -0 "$SPID" 2>/dev/null; then kill -KILL "$SPID" 2>/dev/null; fi
+  if [ "$TL_FAIL" -gt 0 ] && [ -s "$SERVER_LOG" ]; then
+    echo "---- server log (tail) ----"; tail -n 40 "$SERVER_LOG"; echo "----"
+  fi
+}
+trap cleanup EXIT
+
+connect() { # extra nbd-client args...
+  nbd-client -unix "$SOCK" "$DEV" -b 4096 -timeout "$NBD_TIMEOUT" "$@"
+}
+
+disconnect() {
+  nbd-client -d "$DEV" && nbd_wait_disconnected "$DEV" 30
+}
+
+count_conns() { # accepted connections on $SOCK (entries in /proc/net/unix minus the listener)
+  n=$(awk -v p="$SOCK" '$NF == p' /proc/net/unix | wc -l)
+  echo $((n > 0 ? n - 1 : 0))
+}
+
+write_files() {
+  mkdir -p "$MNT/dir/sub" &&
+  dd if=/dev/urandom of="$MNT/big.bin" bs=1M count=6 status=none &&
+  dd if=/dev/urandom of="$MNT/odd.bin" bs=1234567 count=1 status=none &&
+  head -c 100000 /dev/urandom >"$MNT/dir/sub/small.bin" &&
+  echo "thinline kernel nbd test" >"$MNT/dir/hello.txt" &&
+  for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16; do
+    head -c $((i * 4099)) /dev/urandom >"$MNT/dir/f$i" || return 1
+  done &&
+  sync
+}
+
+sums_ok() { # DIR
+  (cd "$1" && sha256sum --quiet -c /tmp/sums)
+}
+
+holes_blocks() { stat -c %b "$IMG"; }   # allocated 512-byte blocks
+
+tl_log "nbd-kernel: kernel $(uname -r), server: $SERVER_CMD"
+
+# ---- modules -----------------------------------------------------------------------------
+require "load modules nbd loop ext4" load_modules nbd loop ext4
+[ -b "$DEV" ] || die "$DEV exists"
+
+# ---- server ------------------------------------------------------------------------------
+mkdir -p "$IMG_DIR" "$MNT"
+rm -f "$IMG" "$SOCK"
+truncate -s "$SIZE" "$IMG" || die "create sparse image $IMG"
+tl_log "starting server"
+sh -c "exec $SERVER_CMD" >"$SERVER_LOG" 2>&1 &
+SPID=$!
+require "server answers on $SOCK" wait_for_socket_server "$SOCK" 60 "$SPID"
+check "nbdinfo size is 256 MiB" test "$(nbdinfo --size "nbd+unix:///?socket=$SOCK")" = "$SIZE"
+
+# ---- session 1: one connection ----------------------------------------------------------
+tl_log "session 1: nbd-client, one connection"
+require "nbd-client connect" quietly connect
+check "device size is 256 MiB" test "$(bytes_of "$DEV")" = "$SIZE"
+check "device is 4096-byte logical blocks" test "$(blockdev --getss "$DEV")" = 4096
+
+require "mkfs.ext4 (${FS_SIZE_MIB} MiB)" mkfs.ext4 -q -F -b 4096 "$DEV" "${FS_SIZE_MIB}M"
+require "mount ext4" mount -t ext4 "$DEV" "$MNT"
+require "write files" write_files
+(cd "$MNT" && find . -type f | sort | xargs sha256sum) >/tmp/sums
+tl_log "$(wc -l </tmp/sums) files, $(du -sk "$MNT" | cut -f1) KiB"
+check "read back files before umount" sums_ok "$MNT"
+require "umount" umount "$MNT"
+check "e2fsck -fn clean after session 1" quietly e2fsck -fn "$DEV"
+
+# raw writes outside the file system, then read them back through a fresh page cache
+dd if=/dev/urandom of=/tmp/raw.bin bs=1M count=$((RAW_LEN / MiB)) status=none
+RAW_SHA=$(sha256sum </tmp/raw.bin | cut -d' ' -f1)
+require "raw write at ${RAW_OFF}" dd if=/tmp/raw.bin of="$DEV" bs=1M seek=$((RAW_OFF / MiB)) \
+  oflag=direct conv=fsync status=none
+check "raw read back" test "$(sha_range "$DEV" "$RAW_OFF" "$RAW_LEN")" = "$RAW_SHA"
+check "tail after raw range reads zero" is_zero "$DEV" $((RAW_OFF + RAW_LEN)) $((SIZE - RAW_OFF - RAW_LEN))
+
+SUM1=$(sha_range "$DEV" 0 "$SIZE")
+require "nbd-client -d" quietly disconnect
+
+# ---- session 2: multiple connections ----------------------------------------------------
+tl_log "session 2: nbd-client -C $NBD_CONNECTIONS"
+require "nbd-client connect -C $NBD_CONNECTIONS" quietly connect -C "$NBD_CONNECTIONS"
+check "server sees $NBD_CONNECTIONS connections" test "$(count_conns)" = "$NBD_CONNECTIONS"
+check "device size is 256 MiB (multi-conn)" test "$(bytes_of "$DEV")" = "$SIZE"
+check "device content unchanged across reconnect" test "$(sha_range "$DEV" 0 "$SIZE")" = "$SUM1"
+require "mount ext4 again" mount -t ext4 "$DEV" "$MNT"
+check "files intact after reconnect" sums_ok "$MNT"
+# parallel writers over the multiple connections
+PIDS=
+for i in 1 2 3 4; do
+  dd if=/dev/urandom of="$MNT/par$i.bin" bs=256k count=16 oflag=direct status=none &
+  PIDS="$PIDS $!"
+done
+wait_ok=0
+for j in $PIDS; do wait "$j" || wait_ok=1; done
+check "parallel writes" test "$wait_ok" = 0
+sync
+(cd "$MNT" && sha256sum par*.bin) >>/tmp/sums
+echo 3 >/proc/sys/vm/drop_caches
+check "all files read back (multi-conn)" sums_ok "$MNT"
+require "umount (multi-conn)" umount "$MNT"
+check "e2fsck -fn clean after session 2" quietly e2fsck -fn "$DEV"
+check "raw range intact" test "$(sha_range "$DEV" "$RAW_OFF" "$RAW_LEN")" = "$RAW_SHA"
+
+# discard the raw range: must read back as zeroes and leave a hole in the image
+BLK_BEFORE=$(holes_blocks)
+require "blkdiscard ${RAW_LEN} at ${RAW_OFF}" blkdiscard -o "$RAW_OFF" -l "$RAW_LEN" "$DEV"
+check "discarded range reads zero" is_zero "$DEV" "$RAW_OFF" "$RAW_LEN"
+check "discarded range reads zero (O_DIRECT)" \
+  test "$(sha_range "$DEV" "$RAW_OFF" "$RAW_LEN")" = "$(head -c "$RAW_LEN" /dev/zero | sha256sum | cut -d' ' -f1)"
+BLK_AFTER=$(holes_blocks)
+tl_log "image allocated: $((BLK_BEFORE / 2)) KiB before discard, $((BLK_AFTER / 2)) KiB after"
+if [ "$EXPECT_HOLE" = 1 ]; then
+  check "image file shrank by the discarded range" test $((BLK_BEFORE - BLK_AFTER)) -ge $((RAW_LEN / 512))
+fi
+
+DEV_SHA=$(sha_range "$DEV" 0 "$SIZE")
+require "nbd-client -d (multi-conn)" quietly disconnect
+
+# ---- server shutdown --------------------------------------------------------------------
+tl_log "stopping server with SIGTERM"
+stop_process "$SPID" 30
+rc=$?
+SPID=
+check "server exits 0 on SIGTERM" test "$rc" = 0
+
+# ---- the image file itself ----------------------------------------------------------------
+check "image file == device content" test "$(sha256sum <"$IMG" | cut -d' ' -f1)" = "$DEV_SHA"
+check "image size unchanged" test "$(stat -c %s "$IMG")" = "$SIZE"
+check "image discarded range is zero" is_zero "$IMG" "$RAW_OFF" "$RAW_LEN"
+LOOPDEV=$(losetup -r -f --show "$IMG") || die "losetup -r $IMG"
+check "e2fsck -fn image via loop" quietly e2fsck -fn "$LOOPDEV"
+if mount -t ext4 -o ro "$LOOPDEV" "$MNT"; then
+  check "files in the image (loop mount)" sums_ok "$MNT"
+  umount "$MNT"
+else
+  fail "loop mount of the image"
+fi
+losetup -d "$LOOPDEV"; LOOPDEV=
+
+tl_summary || exit 1
+echo "nbd-kernel: ALL PASSED"

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Installs everything Thinline's test suite needs on a fresh Debian bookworm machine (run as root).
+# Idempotent: a second run only checks. Used by `make test` / .ci/run and by developers.
+set -euo pipefail
+
+need_root() { [ "$(id -u)" = 0 ] || { echo "install-deps: run as root (apt-get)" >&2; exit 1; }; }
+
+# qemu 10 (whose NBD client speaks extended headers) comes from bookworm-backports; Debian 12's
+# own qemu-system-x86 would downgrade qemu-utils to 7.2.
+backports=/etc/apt/sources.list.d/thinline-backports.sources
+if [ ! -f "$backports" ] && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  need_root
+  cat >"$backports" <<SRC
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+
+packages=(libnbd-bin python3-libnbd nbdkit fio nbd-client busybox-static kmod cpio e2fsprogs
+          util-linux xxd)
+backports_packages=(qemu-system-x86 qemu-utils)
+
+missing=()
+for p in "${packages[@]}" "${backports_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+# qemu-utils must be 10.x (backports), not bookworm's 7.2.
+if ! qemu-img --version 2>/dev/null | grep -q 'version 1[0-9]\.'; then missing+=(qemu-utils); fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+  need_root
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${packages[@]}"
+  apt-get install -y -q --no-install-recommends -t bookworm-backports "${backports_packages[@]}"
+fi
+
+# The guest kernel for the kernel tests (tests/kernel/): a Debian kernel package, unpacked.
+kdir=${THINLINE_KERNEL_DIR:-/var/cache/thinline/kernel}
+if [ ! -f "$kdir/ready" ]; then
+  need_root
+  mkdir -p "$kdir"
+  tmp=$(mktemp -d)
+  (
+    cd "$tmp"
+    apt-get update -q >/dev/null 2>&1 || true
+    # linux-image-amd64 is a metapackage: download the image it depends on.
+    image=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+    [ -n "$image" ] || { echo "install-deps: cannot find the linux-image package" >&2; exit 1; }
+    apt-get download "$image"
+    rm -rf "$kdir/root"; mkdir -p "$kdir/root"
+    dpkg -x ./*.deb "$kdir/root"
+  )
+  rm -rf "$tmp"
+  ver=$(ls "$kdir/root/lib/modules" | head -1)
+  depmod -b "$kdir/root" "$ver"
+  echo "$ver" >"$kdir/ready"
+fi
+
+echo "install-deps: ok (qemu $(qemu-img --version | head -1 | awk '{print $3}'), kernel $(cat "$kdir/ready"))"
