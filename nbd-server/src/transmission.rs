@@ -487,7 +487,7 @@ fn encode_read(mut b: ReplyBuilder, offset: u64, chunks: Vec<ReadChunk>, df: boo
                 let len = c.len();
                 match c {
                     ReadChunk::Data(d) => {
-                        b.chunk(flags, reply::OFFSET_DATA, &pos.to_be_bytes(), Some(d))
+                        b.chunk(flags, reply::OFFSET_DATA, &pos.to_be_bytes(), Some(d));
                     }
                     ReadChunk::Zero(n) => {
                         let mut p = [0u8; 12];
@@ -526,7 +526,7 @@ async fn block_status(
             .await
         {
             Ok(extents) => {
-                answers.push((id, normalise_extents(extents, length, max, b.mode, minimum)))
+                answers.push((id, normalise_extents(extents, length, max, b.mode, minimum)));
             }
             Err(e) => return Err((b, e)),
         }
@@ -578,7 +578,7 @@ fn normalise_extents(
         covered += len;
         match out.last_mut() {
             Some(prev) if prev.flags == e.flags && prev.length.saturating_add(len) <= limit => {
-                prev.length += len
+                prev.length += len;
             }
             _ => out.push(Extent {
                 length: len,

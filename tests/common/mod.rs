@@ -1,0 +1,316 @@
+//! Shared harness for the integration tests: start `thinline serve`, run real clients.
+//!
+//! Tools a test needs are checked with [`require`]: outside CI a missing tool skips the
+//! test with a message; with `CI=true` it fails, because the test command installs
+//! everything (tests/scripts/install-deps.sh).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// True if every tool is on PATH. In CI a missing tool is a failure, elsewhere a skip.
+pub fn require(tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| which(t).is_none())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("missing test tools {missing:?}: run tests/scripts/install-deps.sh as root");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg}");
+    }
+    eprintln!("SKIP: {msg}");
+    false
+}
+
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// A temporary directory with a sparse raw image in it.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub image: PathBuf,
+    pub size: u64,
+}
+
+impl Fixture {
+    /// A sparse image of `size` bytes with a pattern written at a few places.
+    pub fn new(size: u64) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("disk.img");
+        let f = std::fs::File::create(&image).unwrap();
+        f.set_len(size).unwrap();
+        use std::os::unix::fs::FileExt;
+        for (i, (off, _)) in data_ranges(size).into_iter().enumerate() {
+            let block: Vec<u8> = (0..65536u32)
+                .map(|x| (x as u8) ^ (i as u8 * 37 + 1))
+                .collect();
+            f.write_all_at(&block, off).unwrap();
+        }
+        Fixture { dir, image, size }
+    }
+
+    /// Where `new` wrote data: `(offset, length)`, 64 KiB each.
+    pub fn data_ranges(&self) -> Vec<(u64, u64)> {
+        data_ranges(self.size)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn data_ranges(size: u64) -> Vec<(u64, u64)> {
+    vec![
+        (0, 65536),
+        ((size / 3) & !0xffff, 65536),
+        (size - 65536, 65536),
+    ]
+}
+
+/// A running `thinline serve`.
+pub struct Served {
+    pub child: Child,
+    pub socket: Option<PathBuf>,
+    pub tcp: Option<String>,
+    /// The server's stderr (logs), collected in the background.
+    pub log: Arc<Mutex<String>>,
+}
+
+pub fn thinline() -> &'static str {
+    env!("CARGO_BIN_EXE_thinline")
+}
+
+impl Served {
+    /// Starts `thinline serve --json ARGS` and waits until it listens.
+    pub fn start(args: &[&str]) -> Served {
+        let mut child = Command::new(thinline())
+            .arg("serve")
+            .arg("--json")
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn thinline");
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        if line.is_empty() {
+            let status = child.wait().unwrap();
+            panic!(
+                "thinline serve exited ({status}) before listening:\n{}",
+                log.lock().unwrap()
+            );
+        }
+        let report: serde_json::Value =
+            serde_json::from_str(&line).expect("serve --json prints one JSON line");
+        let mut socket = None;
+        let mut tcp = None;
+        for l in report["listening"].as_array().unwrap() {
+            let l = l.as_str().unwrap();
+            if l.starts_with('/') {
+                socket = Some(PathBuf::from(l));
+            } else {
+                tcp = Some(l.to_owned());
+            }
+        }
+        Served {
+            child,
+            socket,
+            tcp,
+            log,
+        }
+    }
+
+    /// Serves `image` on a unix socket in `dir` with extra args.
+    pub fn unix(dir: &Path, extra: &[&str], images: &[&str]) -> Served {
+        let sock = dir.join("nbd.sock");
+        let mut args = vec!["--socket", sock.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(images);
+        Served::start(&args)
+    }
+
+    /// Serves on TCP on a free loopback port.
+    pub fn tcp(extra: &[&str], images: &[&str]) -> Served {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut args = vec!["--listen", addr.as_str()];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(images);
+        Served::start(&args)
+    }
+
+    /// NBD URI of `export` on the unix socket (or TCP if there is no socket).
+    pub fn uri(&self, export: &str) -> String {
+        match (&self.socket, &self.tcp) {
+            (Some(s), _) => format!("nbd+unix:///{export}?socket={}", s.display()),
+            (None, Some(t)) => format!("nbd://{t}/{export}"),
+            _ => unreachable!(),
+        }
+    }
+
+    pub fn tcp_uri(&self, export: &str) -> String {
+        format!(
+            "nbd://{}/{export}",
+            self.tcp.as_ref().expect("listening on TCP")
+        )
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM and returns the exit status (waiting at most `timeout`).
+    pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        signal(&self.child, libc::SIGTERM);
+        wait_timeout(&mut self.child, timeout).unwrap_or_else(|| {
+            let _ = self.child.kill();
+            panic!(
+                "thinline did not exit within {timeout:?} of SIGTERM:\n{}",
+                self.log()
+            );
+        })
+    }
+
+    /// Waits for a log line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn signal(child: &Child, sig: i32) {
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn stdout(cmd: &mut Command) -> String {
+    String::from_utf8(run(cmd).stdout).unwrap()
+}
+
+/// Runs an `nbdsh` script (libnbd's Python shell) with `URI` defined. nbdsh runs
+/// `python3 -m nbd`, so Debian's python (with the bindings) must come first on PATH.
+pub fn nbdsh(uri: &str, script: &str) -> String {
+    let program = format!("URI = {uri:?}\n{script}\n");
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    stdout(
+        Command::new("nbdsh")
+            .env("PATH", path)
+            .arg("-c")
+            .arg(program),
+    )
+}
+
+pub fn has_python_nbd() -> bool {
+    if Command::new("/usr/bin/python3")
+        .args(["-c", "import nbd"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return true;
+    }
+    let msg = "python3-libnbd is missing: run tests/scripts/install-deps.sh as root";
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg}");
+    }
+    eprintln!("SKIP: {msg}");
+    false
+}
+
+/// Resident set size of a process in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+pub fn read_file(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: install the test dependencies (Debian packages,
+# the guest kernel), check formatting and lints, run every test (unit, integration with
+# real NBD clients, hostile clients, the kernel VM test), a bounded fuzz run, and
+# compile the benchmarks.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+if [ "$(id -u)" = 0 ]; then
+  tests/scripts/install-deps.sh
+elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+  sudo tests/scripts/install-deps.sh
+else
+  echo "test-all: not root and no passwordless sudo: assuming the dependencies are installed" >&2
+fi
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+step "rustdoc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked -q
+step "tests (nextest)"
+cargo nextest run --workspace --locked --profile ci
+step "doc tests"
+cargo test --workspace --doc --locked -q
+step "benchmarks compile"
+cargo bench --workspace --no-run --locked -q
+if [ -x tests/scripts/fuzz-smoke.sh ]; then
+  step "fuzz smoke run"
+  tests/scripts/fuzz-smoke.sh
+fi
+step "all tests passed"
