@@ -533,6 +533,7 @@ fn fio_nbd_engine_random_writes_verify_with_crc32c() {
                 "--verify=crc32c",
                 "--do_verify=1",
                 "--verify_fatal=1",
+                "--verify_state_save=0",
                 "--output-format=json",
             ])
             .arg(format!("--uri={}", served.uri(""))),

@@ -443,7 +443,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn encode_read(mut b: ReplyBuilder, offset: u64, chunks: Vec<ReadChunk>, df: bool) -> Vec<Bytes> {
-    let all_zero = chunks.iter().all(|c| matches!(c, ReadChunk::Zero(_)));
     let total: u64 = chunks.iter().map(ReadChunk::len).sum();
     match b.mode {
         ReplyMode::Simple => {
@@ -457,7 +456,7 @@ fn encode_read(mut b: ReplyBuilder, offset: u64, chunks: Vec<ReadChunk>, df: boo
                 }
             }
         }
-        _ if df && !all_zero && chunks.len() > 1 => {
+        _ if df && chunks.len() > 1 => {
             // One unfragmented data chunk, holes written out as zeroes.
             let mut h = Vec::with_capacity(40);
             proto::encode_chunk_header(
