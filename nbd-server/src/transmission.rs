@@ -9,8 +9,9 @@
 //!
 //! The reader never waits for a reply: each valid request runs in its own task, so
 //! many requests are in flight and replies go out as they complete. Memory is bounded
-//! by a server-wide byte budget acquired before a payload is read or a read buffer is
-//! allocated, and by a per-connection cap on requests in flight. On shutdown new
+//! by a per-connection and a server-wide byte budget acquired before a payload is read
+//! or a read buffer is allocated, and released only when the reply is written, and by
+//! a per-connection cap on requests (and replies) in flight. On shutdown new
 //! requests get `ESHUTDOWN`, requests in flight finish, and the connection closes
 //! after a grace period (or when the client disconnects).
 
@@ -32,14 +33,31 @@ use crate::server::Shared;
 /// Requests in flight per connection; the reader waits when this many are running.
 const MAX_IN_FLIGHT: u32 = 128;
 
+/// Memory one connection may hold in payloads and read buffers (KiB): one maximum
+/// payload of 32 MiB always fits, and many connections share the server-wide budget.
+const CONNECTION_BUDGET_KIB: u64 = 64 * 1024;
+
+/// How long a closing connection may take to deliver its last replies.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Most extents sent in one block-status chunk.
 const MAX_EXTENTS_PER_CHUNK: usize = 1 << 16;
 
 /// One encoded reply (possibly several chunks), written as a unit.
 struct Reply {
     segments: Vec<Bytes>,
-    /// Budget held until the reply is on the wire.
-    _budget: Option<OwnedSemaphorePermit>,
+    /// The request's in-flight slot and memory budget, released once the reply has
+    /// been handed to the socket: a client that does not read its replies stops its
+    /// own reader, not the server.
+    _hold: Hold,
+}
+
+/// Permits a request holds until its reply is written.
+#[derive(Default)]
+struct Hold {
+    _slot: Option<OwnedSemaphorePermit>,
+    _connection_budget: Option<OwnedSemaphorePermit>,
+    _server_budget: Option<OwnedSemaphorePermit>,
 }
 
 /// Builds the chunks of one reply in the negotiated mode.
@@ -156,6 +174,8 @@ struct Connection {
     session: Session,
     limits: SessionLimits,
     replies: mpsc::UnboundedSender<Reply>,
+    /// This connection's share of the memory budget (KiB units).
+    budget: Arc<Semaphore>,
     peer: String,
 }
 
@@ -173,7 +193,7 @@ pub(crate) async fn run<R, W>(
 {
     let (tx, rx) = mpsc::unbounded_channel();
     let broken = CancellationToken::new();
-    let writer_task = tokio::spawn(write_replies(writer, rx, broken.clone()));
+    let mut writer_task = tokio::spawn(write_replies(writer, rx, broken.clone()));
     let b = session.export.block_sizes();
     let limits = SessionLimits {
         size: session.export.size(),
@@ -188,6 +208,7 @@ pub(crate) async fn run<R, W>(
         session,
         limits,
         replies: tx,
+        budget: Arc::new(Semaphore::new(CONNECTION_BUDGET_KIB as usize)),
         peer,
     });
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize));
@@ -216,10 +237,24 @@ pub(crate) async fn run<R, W>(
         }
     };
     debug!(peer = %conn.peer, export = %conn.session.export_name, reason = %ended, "closing connection");
-    // Wait for requests in flight; they hold sender clones, so the writer drains them.
-    let _ = in_flight.acquire_many(MAX_IN_FLIGHT).await;
+    // Let requests in flight finish and their replies go out, but never wait forever
+    // for a client that does not read: after the drain time the socket is dropped.
+    let drain = if shared.shutdown.is_cancelled() {
+        grace
+    } else {
+        DRAIN_TIMEOUT
+    };
+    let start = tokio::time::Instant::now();
+    let drained = tokio::time::timeout(drain, in_flight.acquire_many(MAX_IN_FLIGHT))
+        .await
+        .is_ok();
+    let peer = conn.peer.clone();
     drop(conn);
-    let _ = writer_task.await;
+    let left = drain.saturating_sub(start.elapsed());
+    if !drained || tokio::time::timeout(left, &mut writer_task).await.is_err() {
+        writer_task.abort();
+        warn!(%peer, "replies could not be delivered in time (client not reading); connection dropped");
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -259,8 +294,9 @@ async fn next_request<R: AsyncRead + Unpin>(
             return Step::End("bad request magic".into());
         }
     };
+    // Shutdown may have begun while this request was on its way.
     let limits = SessionLimits {
-        shutting_down,
+        shutting_down: shutting_down || shared.shutdown.is_cancelled(),
         ..conn.limits
     };
     let mut verdict = request::check(&header, &limits);
@@ -309,10 +345,19 @@ async fn next_request<R: AsyncRead + Unpin>(
                 info!(peer = %conn.peer, command = %proto::command_name(header.command), offset = header.offset,
                       length = header.length, errno, %reason, "request refused");
             }
+            // Refusals take an in-flight slot too, so that a client sending bad requests
+            // without reading the answers cannot queue replies without bound.
+            let Ok(slot) = Arc::clone(in_flight).acquire_owned().await else {
+                return Step::End("connection closing".into());
+            };
             let b = ReplyBuilder::new(conn.session.mode, header.cookie, header.offset);
+            let hold = Hold {
+                _slot: Some(slot),
+                ..Hold::default()
+            };
             let _ = conn.replies.send(Reply {
                 segments: b.error(errno, &reason, None),
-                _budget: None,
+                _hold: hold,
             });
             Step::Continue
         }
@@ -325,7 +370,20 @@ async fn next_request<R: AsyncRead + Unpin>(
                 Command::Read { length, .. } | Command::Write { length, .. } => u64::from(length),
                 _ => 0,
             };
-            let budget = shared.budget(budget_bytes).await;
+            let connection_budget = if budget_bytes > 0 {
+                let units = budget_bytes.div_ceil(1024).min(CONNECTION_BUDGET_KIB) as u32;
+                Arc::clone(&conn.budget)
+                    .acquire_many_owned(units)
+                    .await
+                    .ok()
+            } else {
+                None
+            };
+            let hold = Hold {
+                _slot: Some(slot),
+                _connection_budget: connection_budget,
+                _server_budget: shared.budget(budget_bytes).await,
+            };
             let mut payload = None;
             if let Command::Write { length, .. } = command {
                 let mut buf = BytesMut::zeroed(length as usize);
@@ -341,9 +399,8 @@ async fn next_request<R: AsyncRead + Unpin>(
                 let segments = execute(&conn, header, command, payload, selected).await;
                 let _ = conn.replies.send(Reply {
                     segments,
-                    _budget: budget,
+                    _hold: hold,
                 });
-                drop(slot);
             });
             Step::Continue
         }
