@@ -92,8 +92,8 @@ tl_summary() {
 
 _tl_insmod() { # PATH [OPTIONS...]  -> 0 loaded or already there
   _tl_p=$1; shift
-  _tl_n=$(basename "$_tl_p"); _tl_n=${_tl_n%%.ko*}
-  _tl_sys=$(echo "$_tl_n" | tr - _)
+  _tl_n=${_tl_p##*/}; _tl_n=${_tl_n%%.ko*}
+  case "$_tl_n" in *-*) _tl_sys=$(echo "$_tl_n" | tr - _) ;; *) _tl_sys=$_tl_n ;; esac
   [ -d "/sys/module/$_tl_sys/sections" ] || [ -e "/sys/module/$_tl_sys/initstate" ] && return 0
   case "$_tl_p" in
     *.ko) ;;

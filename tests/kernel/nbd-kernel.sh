@@ -8,10 +8,12 @@
 # the server, and the image file itself holding exactly what the device showed.
 #
 # Configuration (environment, or a file nbd-kernel.env in the work directory, which is sourced):
-#   THINLINE_BIN  the thinline binary (default /work/main/target/release/thinline)
+#   THINLINE_BIN  the thinline binary (default target/release/thinline of this repository)
 #   SERVER_CMD    the server command, run with `sh -c "exec $SERVER_CMD"`, with $SOCK and $IMG set
 #                 (default: "$THINLINE_BIN" serve --socket "$SOCK" "$IMG"). For a stand-in:
-#                 qemu-nbd -f raw --cache=none --aio=threads --discard=unmap -t -e 4 -k "$SOCK" "$IMG"
+#                 qemu-nbd -f raw --discard=unmap -t -e 4 -k "$SOCK" "$IMG"
+#                 (-t: survive the first disconnect; -e 4: multi-conn; no --cache=none: the
+#                 guest's tmpfs has no O_DIRECT)
 #   IMG_DIR       where the image lives (default /tmp: tmpfs in the guest, supports holes)
 #   NBD_CONNECTIONS  connections for the second session (default 4)
 #   EXPECT_HOLE   1 (default): the discarded range must be deallocated in the image file
@@ -21,7 +23,7 @@ set -u
 [ -f /mnt/nbd-kernel.env ] && . /mnt/nbd-kernel.env
 . "${THINLINE_GUEST_LIB:-${THINLINE_KERNEL_TESTS:-/work/main/tests/kernel}/guest-lib.sh}"
 
-THINLINE_BIN=${THINLINE_BIN:-/work/main/target/release/thinline}
+THINLINE_BIN=${THINLINE_BIN:-${THINLINE_KERNEL_TESTS:-/work/main/tests/kernel}/../../target/release/thinline}
 IMG_DIR=${IMG_DIR:-/tmp}
 NBD_CONNECTIONS=${NBD_CONNECTIONS:-4}
 EXPECT_HOLE=${EXPECT_HOLE:-1}
@@ -83,6 +85,17 @@ sums_ok() { # DIR
   (cd "$1" && sha256sum --quiet -c /tmp/sums)
 }
 
+copy_device() { # $DEV -> /tmp/devcopy (sparse), two readers in parallel (one per guest CPU)
+  rm -f /tmp/devcopy
+  truncate -s "$SIZE" /tmp/devcopy
+  half=$((SIZE / MiB / 2))
+  dd if="$DEV" of=/tmp/devcopy bs=1M count="$half" iflag=direct conv=sparse,notrunc status=none &
+  p1=$!
+  dd if="$DEV" of=/tmp/devcopy bs=1M skip="$half" seek="$half" iflag=direct conv=sparse,notrunc \
+    status=none || { wait "$p1"; return 1; }
+  wait "$p1"
+}
+
 holes_blocks() { stat -c %b "$IMG"; }   # allocated 512-byte blocks
 
 tl_log "nbd-kernel: kernel $(uname -r), server: $SERVER_CMD"
@@ -122,9 +135,9 @@ RAW_SHA=$(sha256sum </tmp/raw.bin | cut -d' ' -f1)
 require "raw write at ${RAW_OFF}" dd if=/tmp/raw.bin of="$DEV" bs=1M seek=$((RAW_OFF / MiB)) \
   oflag=direct conv=fsync status=none
 check "raw read back" test "$(sha_range "$DEV" "$RAW_OFF" "$RAW_LEN")" = "$RAW_SHA"
-check "tail after raw range reads zero" is_zero "$DEV" $((RAW_OFF + RAW_LEN)) $((SIZE - RAW_OFF - RAW_LEN))
+check "never-written range after it reads zero" is_zero "$DEV" $((RAW_OFF + RAW_LEN)) $((4 * MiB))
+check "never-written last 4 MiB read zero" is_zero "$DEV" $((SIZE - 4 * MiB)) $((4 * MiB))
 
-SUM1=$(sha_range "$DEV" 0 "$SIZE")
 require "nbd-client -d" quietly disconnect
 
 # ---- session 2: multiple connections ----------------------------------------------------
@@ -132,7 +145,6 @@ tl_log "session 2: nbd-client -C $NBD_CONNECTIONS"
 require "nbd-client connect -C $NBD_CONNECTIONS" quietly connect -C "$NBD_CONNECTIONS"
 check "server sees $NBD_CONNECTIONS connections" test "$(count_conns)" = "$NBD_CONNECTIONS"
 check "device size is 256 MiB (multi-conn)" test "$(bytes_of "$DEV")" = "$SIZE"
-check "device content unchanged across reconnect" test "$(sha_range "$DEV" 0 "$SIZE")" = "$SUM1"
 require "mount ext4 again" mount -t ext4 "$DEV" "$MNT"
 check "files intact after reconnect" sums_ok "$MNT"
 # parallel writers over the multiple connections
@@ -154,7 +166,7 @@ check "raw range intact" test "$(sha_range "$DEV" "$RAW_OFF" "$RAW_LEN")" = "$RA
 
 # discard the raw range: must read back as zeroes and leave a hole in the image
 BLK_BEFORE=$(holes_blocks)
-require "blkdiscard ${RAW_LEN} at ${RAW_OFF}" blkdiscard -o "$RAW_OFF" -l "$RAW_LEN" "$DEV"
+require "blkdiscard ${RAW_LEN} at ${RAW_OFF}" blkdiscard -f -o "$RAW_OFF" -l "$RAW_LEN" "$DEV"
 check "discarded range reads zero" is_zero "$DEV" "$RAW_OFF" "$RAW_LEN"
 check "discarded range reads zero (O_DIRECT)" \
   test "$(sha_range "$DEV" "$RAW_OFF" "$RAW_LEN")" = "$(head -c "$RAW_LEN" /dev/zero | sha256sum | cut -d' ' -f1)"
@@ -164,7 +176,9 @@ if [ "$EXPECT_HOLE" = 1 ]; then
   check "image file shrank by the discarded range" test $((BLK_BEFORE - BLK_AFTER)) -ge $((RAW_LEN / 512))
 fi
 
-DEV_SHA=$(sha_range "$DEV" 0 "$SIZE")
+# a copy of the whole device as the kernel reads it (sparse in tmpfs), to compare with the image file
+tl_log "copying the device"
+require "copy of $DEV" copy_device
 require "nbd-client -d (multi-conn)" quietly disconnect
 
 # ---- server shutdown --------------------------------------------------------------------
@@ -175,8 +189,9 @@ SPID=
 check "server exits 0 on SIGTERM" test "$rc" = 0
 
 # ---- the image file itself ----------------------------------------------------------------
-check "image file == device content" test "$(sha256sum <"$IMG" | cut -d' ' -f1)" = "$DEV_SHA"
 check "image size unchanged" test "$(stat -c %s "$IMG")" = "$SIZE"
+check "image file == device content (cmp)" cmp "$IMG" /tmp/devcopy
+rm -f /tmp/devcopy
 check "image discarded range is zero" is_zero "$IMG" "$RAW_OFF" "$RAW_LEN"
 LOOPDEV=$(losetup -r -f --show "$IMG") || die "losetup -r $IMG"
 check "e2fsck -fn image via loop" quietly e2fsck -fn "$LOOPDEV"
