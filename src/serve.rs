@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde::Serialize;
 use thinline_nbd::export::Export;
-use thinline_nbd::raw::{RawExport, RawOptions};
+use thinline_nbd::raw::{IoEngine, RawExport, RawOptions};
 use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
 
 /// Serve raw images and block devices over NBD.
@@ -52,6 +52,30 @@ pub struct ServeArgs {
     /// Print the exports and their NBD URIs as one JSON object on stdout once listening.
     #[arg(long)]
     json: bool,
+
+    /// How reads that miss the page cache, writes that would block, FUA writes and
+    /// flushes are run: io-uring, a thread pool, or auto (io-uring when the kernel
+    /// allows it, else threads). Page-cache hits are always served inline.
+    #[arg(long, value_enum, value_name = "ENGINE", default_value_t = IoEngineArg::Auto)]
+    io_engine: IoEngineArg,
+}
+
+/// `--io-engine` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum IoEngineArg {
+    Auto,
+    IoUring,
+    Threads,
+}
+
+impl From<IoEngineArg> for IoEngine {
+    fn from(arg: IoEngineArg) -> Self {
+        match arg {
+            IoEngineArg::Auto => IoEngine::Auto,
+            IoEngineArg::IoUring => IoEngine::IoUring,
+            IoEngineArg::Threads => IoEngine::Threads,
+        }
+    }
 }
 
 const EXAMPLES: &str = "\
@@ -145,6 +169,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let options = RawOptions {
         read_only: args.read_only,
         minimum_block_size: args.min_block_size,
+        io_engine: args.io_engine.into(),
     };
     let mut exports = ExportSet::new();
     let mut opened: Vec<(String, PathBuf, u64, bool)> = Vec::new();

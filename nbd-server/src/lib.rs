@@ -39,5 +39,6 @@ pub mod raw;
 pub mod request;
 pub mod server;
 mod transmission;
+mod uring;
 
 pub use error::{Error, Result, io_errno};

@@ -1,13 +1,17 @@
 //! The raw export: a regular file or a block device served byte for byte.
 //!
 //! Reads of data already in the page cache are done inline with `preadv2(RWF_NOWAIT)`,
-//! which never blocks; anything else runs on tokio's blocking pool with positional
-//! I/O, so a slow disk never stalls the connection tasks. Allocation comes from
-//! `SEEK_DATA`/`SEEK_HOLE` (regular files), trims punch holes (or `BLKDISCARD` on block
-//! devices), zeroing punches or uses `FALLOC_FL_ZERO_RANGE` / `BLKZEROOUT` depending on
-//! `NO_HOLE`, and flush is `fdatasync`. All connections share the one file description,
-//! so the kernel's page cache makes a flush on any connection cover writes acknowledged
-//! on every connection: the export is multi-conn safe.
+//! which never blocks (writes likewise with `pwritev2(RWF_NOWAIT)`). The rest of the
+//! data path (cache misses, writes that would block, FUA writes, flushes) goes to the
+//! [`IoEngine`]: io_uring when the kernel allows it, so the request task submits the I/O
+//! itself and no thread is handed anything, or else tokio's blocking pool with
+//! positional I/O. Either way a slow disk never stalls the connection tasks.
+//!
+//! Allocation comes from `SEEK_DATA`/`SEEK_HOLE` (regular files), trims punch holes (or
+//! `BLKDISCARD` on block devices), zeroing punches or uses `FALLOC_FL_ZERO_RANGE` /
+//! `BLKZEROOUT` depending on `NO_HOLE`, and flush is `fdatasync`. All connections share
+//! the one file description, so the kernel's page cache makes a flush on any connection
+//! cover writes acknowledged on every connection: the export is multi-conn safe.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};
@@ -24,7 +28,23 @@ use rustix::io::{Errno, ReadWriteFlags};
 
 use crate::export::{BlockSizes, Capabilities, Export, Extent, ReadChunk, ZeroFlags};
 use crate::proto::state;
+use crate::uring::{self, IoUringEngine};
 use crate::{Error, Result};
+
+/// The engine for I/O the inline `RWF_NOWAIT` path cannot do: page-cache misses, writes
+/// that would block, FUA writes and flushes. Trims, zeroing and cache hints always run
+/// on the blocking pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IoEngine {
+    /// io_uring if the kernel allows it (5.6 or later, not disabled by sysctl or
+    /// seccomp), else the thread pool.
+    #[default]
+    Auto,
+    /// io_uring; opening the export fails if it is unavailable.
+    IoUring,
+    /// tokio's blocking thread pool with `pread`/`pwrite`/`fdatasync`.
+    Threads,
+}
 
 /// How to open a raw export.
 #[derive(Debug, Clone, Default)]
@@ -34,6 +54,8 @@ pub struct RawOptions {
     /// Advertise this minimum block size instead of the natural one (1 for files, the
     /// logical sector size for block devices). Must be a power of two up to 64 KiB.
     pub minimum_block_size: Option<u32>,
+    /// How I/O that cannot be done inline is run.
+    pub io_engine: IoEngine,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +77,8 @@ pub struct RawExport {
     /// Cleared the first time `RWF_NOWAIT` turns out to be unsupported.
     nowait_reads: AtomicBool,
     nowait_writes: AtomicBool,
+    /// The io_uring engine, or `None` for the thread pool.
+    uring: Option<IoUringEngine>,
 }
 
 /// Largest zero-filled buffer used when zeroes must really be written.
@@ -98,6 +122,23 @@ impl RawExport {
         };
         let minimum = options.minimum_block_size.unwrap_or(logical).max(1);
         let preferred = physical.max(minimum).max(4096);
+        let uring = match options.io_engine {
+            IoEngine::Threads => None,
+            IoEngine::IoUring => {
+                Some(IoUringEngine::new(uring::DEFAULT_DEPTH).map_err(|e| open_err(e.into_io()))?)
+            }
+            IoEngine::Auto => match IoUringEngine::new(uring::DEFAULT_DEPTH) {
+                Ok(engine) => Some(engine),
+                Err(e) => {
+                    tracing::debug!(
+                        path = %path.display(),
+                        cause = %e.cause(),
+                        "io_uring is unavailable; using the thread pool for I/O"
+                    );
+                    None
+                }
+            },
+        };
         Ok(RawExport {
             file: Arc::new(file),
             path: path.to_owned(),
@@ -112,7 +153,17 @@ impl RawExport {
             rotational,
             nowait_reads: AtomicBool::new(true),
             nowait_writes: AtomicBool::new(true),
+            uring,
         })
+    }
+
+    /// The engine in use: [`IoEngine::IoUring`] or [`IoEngine::Threads`].
+    pub fn io_engine(&self) -> IoEngine {
+        if self.uring.is_some() {
+            IoEngine::IoUring
+        } else {
+            IoEngine::Threads
+        }
     }
 
     /// The path this export serves.
@@ -176,26 +227,48 @@ impl RawExport {
         let size = self.size;
         let path = self.path.clone();
         let start = offset + done as u64;
+        let rest_len = (length - done) as u64;
         let rest = buf.split_off(done);
-        let rest = self
-            .blocking("read", start, (length - done) as u64, move |file| {
-                let mut rest = rest;
-                read_exact_at(file, &mut rest, start)?;
-                Ok(rest)
-            })
-            .await
-            .map_err(|e| match e {
-                Error::Io { source, .. } if source.kind() == io::ErrorKind::UnexpectedEof => {
-                    Error::ShortRead {
-                        path,
-                        offset: start,
-                        size,
-                    }
+        let rest = match &self.uring {
+            Some(engine) => engine
+                .read_exact_at(&self.file, rest, start)
+                .await
+                .map_err(|e| self.io_error("read", start, rest_len, e)),
+            None => {
+                self.blocking("read", start, rest_len, move |file| {
+                    let mut rest = rest;
+                    read_exact_at(file, &mut rest, start)?;
+                    Ok(rest)
+                })
+                .await
+            }
+        }
+        .map_err(|e| match e {
+            Error::Io { source, .. } if source.kind() == io::ErrorKind::UnexpectedEof => {
+                Error::ShortRead {
+                    path,
+                    offset: start,
+                    size,
                 }
-                other => other,
-            })?;
+            }
+            other => other,
+        })?;
         buf.unsplit(rest);
         Ok(buf.freeze())
+    }
+
+    /// Where data starts in `[offset, end)` (`end` if nowhere); `offset` for block
+    /// devices and filesystems without hole support.
+    fn first_data(&self, offset: u64, end: u64) -> io::Result<u64> {
+        if self.kind == Kind::BlockDevice {
+            return Ok(offset);
+        }
+        match rustix::fs::seek(&*self.file, SeekFrom::Data(offset)) {
+            Ok(d) => Ok(d.clamp(offset, end)),
+            Err(Errno::NXIO) => Ok(end),
+            Err(Errno::INVAL | Errno::OPNOTSUPP) => Ok(offset),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Data and hole extents of `[offset, end)` (holes only exist in regular files).
@@ -355,24 +428,20 @@ impl Export for RawExport {
     }
 
     async fn read(&self, offset: u64, length: u32) -> Result<Vec<ReadChunk>> {
+        // One SEEK_DATA per read: a leading hole goes out as zeroes without being read,
+        // the rest is read as data (a hole inside it reads as zeroes). Walking every
+        // extent with SEEK_HOLE would scan to the end of the file on ext4 for each read.
         let end = offset + u64::from(length);
-        let extents = self
-            .allocation(offset, end, MAX_EXTENTS)
+        let data = self
+            .first_data(offset, end)
             .map_err(|e| self.io_error("seek", offset, u64::from(length), e))?;
-        let mut chunks = Vec::with_capacity(extents.len());
-        let mut pos = offset;
-        for (len, hole) in extents {
-            if hole {
-                chunks.push(ReadChunk::Zero(len));
-            } else {
-                chunks.push(ReadChunk::Data(self.read_data(pos, len as usize).await?));
-            }
-            pos += len;
+        let mut chunks = Vec::with_capacity(2);
+        if data > offset {
+            chunks.push(ReadChunk::Zero(data - offset));
         }
-        if pos < end {
-            // More extents than MAX_EXTENTS: read the tail as data.
+        if data < end {
             chunks.push(ReadChunk::Data(
-                self.read_data(pos, (end - pos) as usize).await?,
+                self.read_data(data, (end - data) as usize).await?,
             ));
         }
         Ok(chunks)
@@ -411,6 +480,14 @@ impl Export for RawExport {
         }
         let rest = data.slice(done..);
         let start = offset + done as u64;
+        if let Some(engine) = &self.uring {
+            // FUA is `RWF_DSYNC` on this write: durable, as NBD asks, without syncing
+            // everything else dirty in the file.
+            return engine
+                .write_all_at(&self.file, rest, start, fua)
+                .await
+                .map_err(|e| self.io_error("write", offset, length, e));
+        }
         self.blocking("write", offset, length, move |file| {
             file.write_all_at(&rest, start)?;
             if fua {
@@ -424,6 +501,12 @@ impl Export for RawExport {
     async fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
+        }
+        if let Some(engine) = &self.uring {
+            return engine
+                .fdatasync(&self.file)
+                .await
+                .map_err(|e| self.io_error("flush", 0, self.size, e));
         }
         self.blocking("flush", 0, self.size, |file| file.sync_data())
             .await
@@ -569,83 +652,212 @@ mod tests {
         f
     }
 
-    #[tokio::test]
-    async fn read_returns_written_bytes_and_zero_for_holes() {
-        let f = sparse_file(4 << 20, &[(1 << 20, &[0xab; 4096])]);
-        let export = RawExport::open(f.path(), &RawOptions::default()).unwrap();
-        let chunks = export.read(1 << 20, 8192).await.unwrap();
+    fn flatten(chunks: &[ReadChunk]) -> Vec<u8> {
         let mut flat = Vec::new();
-        for c in &chunks {
+        for c in chunks {
             match c {
                 ReadChunk::Data(b) => flat.extend_from_slice(b),
                 ReadChunk::Zero(n) => flat.extend(std::iter::repeat_n(0, *n as usize)),
             }
         }
-        assert_eq!(&flat[..4096], &[0xab; 4096][..]);
-        assert_eq!(&flat[4096..], &[0u8; 4096][..]);
+        flat
     }
 
-    #[tokio::test]
-    async fn block_status_reports_holes_in_a_sparse_file() {
-        let f = sparse_file(4 << 20, &[(0, &[1; 65536])]);
-        let export = RawExport::open(f.path(), &RawOptions::default()).unwrap();
-        let extents = export.block_status(0, 0, 4 << 20, 100).await.unwrap();
-        assert_eq!(extents.iter().map(|e| e.length).sum::<u64>(), 4 << 20);
-        assert_eq!(extents[0].flags, 0, "the written start is data");
-        assert_eq!(
-            extents.last().unwrap().flags,
-            u64::from(state::HOLE | state::ZERO)
-        );
+    /// How a test's reads and writes reach the file.
+    #[derive(Debug, Clone, Copy)]
+    enum Via {
+        /// The default: `RWF_NOWAIT` inline first, the automatic engine behind it.
+        Inline,
+        /// Everything through the thread pool (the inline path is turned off).
+        Threads,
+        /// Everything through io_uring (the inline path is turned off).
+        IoUring,
     }
 
-    #[tokio::test]
-    async fn trim_punches_a_hole_that_reads_as_zeroes() {
-        let f = sparse_file(1 << 20, &[(0, &[7; 1 << 20])]);
-        let export = RawExport::open(f.path(), &RawOptions::default()).unwrap();
-        export.trim(0, 1 << 20, false).await.unwrap();
-        let chunks = export.read(0, 4096).await.unwrap();
-        assert!(chunks.iter().all(|c| match c {
-            ReadChunk::Zero(_) => true,
-            ReadChunk::Data(b) => b.iter().all(|&x| x == 0),
-        }));
-    }
-
-    #[tokio::test]
-    async fn write_zeroes_with_no_hole_keeps_the_range_allocated() {
-        let f = sparse_file(1 << 20, &[(0, &[7; 1 << 20])]);
-        let export = RawExport::open(f.path(), &RawOptions::default()).unwrap();
-        let flags = ZeroFlags {
-            no_hole: true,
-            ..ZeroFlags::default()
+    /// Opens `path` with `options` for the data path `via`; `None` (and a message) if
+    /// io_uring is unavailable here.
+    fn open_via(path: &Path, via: Via, options: RawOptions) -> Option<RawExport> {
+        let io_engine = match via {
+            Via::Inline => IoEngine::Auto,
+            Via::Threads => IoEngine::Threads,
+            Via::IoUring => IoEngine::IoUring,
         };
-        export.write_zeroes(0, 65536, flags).await.unwrap();
-        let mut buf = vec![1u8; 65536];
-        f.as_file().read_exact_at(&mut buf, 0).unwrap();
-        assert!(buf.iter().all(|&x| x == 0));
-        let extents = export.block_status(0, 0, 65536, 10).await.unwrap();
-        assert_eq!(
-            extents[0].flags & u64::from(state::HOLE),
-            0,
-            "no hole was punched"
-        );
+        let export = match RawExport::open(
+            path,
+            &RawOptions {
+                io_engine,
+                ..options
+            },
+        ) {
+            Ok(export) => export,
+            Err(e) if matches!(via, Via::IoUring) && matches!(e, Error::Open { .. }) => {
+                eprintln!("skipping: {e}: {:?}", std::error::Error::source(&e));
+                return None;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        if !matches!(via, Via::Inline) {
+            export.nowait_reads.store(false, Ordering::Relaxed);
+            export.nowait_writes.store(false, Ordering::Relaxed);
+        }
+        Some(export)
     }
 
-    #[tokio::test]
-    async fn writes_to_a_read_only_export_are_refused() {
-        let f = sparse_file(4096, &[]);
-        let export = RawExport::open(
-            f.path(),
-            &RawOptions {
+    /// `open_via`, returning from the test when it skips.
+    macro_rules! open {
+        ($path:expr, $via:expr) => {
+            open!($path, $via, RawOptions::default())
+        };
+        ($path:expr, $via:expr, $options:expr) => {
+            match open_via($path, $via, $options) {
+                Some(export) => export,
+                None => return,
+            }
+        };
+    }
+
+    /// Defines each test once per data path, in modules `inline`, `threads` and
+    /// `io_uring`; the body gets the path as its one argument.
+    macro_rules! data_path_tests {
+        ($(async fn $name:ident($via:ident: Via) $body:block)*) => {
+            mod inline {
+                use super::*;
+                $(#[tokio::test] async fn $name() { let $via = Via::Inline; $body })*
+            }
+            mod threads {
+                use super::*;
+                $(#[tokio::test] async fn $name() { let $via = Via::Threads; $body })*
+            }
+            mod io_uring {
+                use super::*;
+                $(#[tokio::test] async fn $name() { let $via = Via::IoUring; $body })*
+            }
+        };
+    }
+
+    data_path_tests! {
+        async fn read_returns_written_bytes_and_zero_for_holes(via: Via) {
+            let f = sparse_file(4 << 20, &[(1 << 20, &[0xab; 4096])]);
+            let export = open!(f.path(), via);
+            let chunks = export.read(1 << 20, 8192).await.unwrap();
+            let flat = flatten(&chunks);
+            assert_eq!(&flat[..4096], &[0xab; 4096][..]);
+            assert_eq!(&flat[4096..], &[0u8; 4096][..]);
+        }
+
+        async fn block_status_reports_holes_in_a_sparse_file(via: Via) {
+            let f = sparse_file(4 << 20, &[(0, &[1; 65536])]);
+            let export = open!(f.path(), via);
+            let extents = export.block_status(0, 0, 4 << 20, 100).await.unwrap();
+            assert_eq!(extents.iter().map(|e| e.length).sum::<u64>(), 4 << 20);
+            assert_eq!(extents[0].flags, 0, "the written start is data");
+            assert_eq!(
+                extents.last().unwrap().flags,
+                u64::from(state::HOLE | state::ZERO)
+            );
+        }
+
+        async fn trim_punches_a_hole_that_reads_as_zeroes(via: Via) {
+            let f = sparse_file(1 << 20, &[(0, &[7; 1 << 20])]);
+            let export = open!(f.path(), via);
+            export.trim(0, 1 << 20, false).await.unwrap();
+            let chunks = export.read(0, 4096).await.unwrap();
+            assert!(chunks.iter().all(|c| match c {
+                ReadChunk::Zero(_) => true,
+                ReadChunk::Data(b) => b.iter().all(|&x| x == 0),
+            }));
+        }
+
+        async fn write_zeroes_with_no_hole_keeps_the_range_allocated(via: Via) {
+            let f = sparse_file(1 << 20, &[(0, &[7; 1 << 20])]);
+            let export = open!(f.path(), via);
+            let flags = ZeroFlags {
+                no_hole: true,
+                ..ZeroFlags::default()
+            };
+            export.write_zeroes(0, 65536, flags).await.unwrap();
+            let mut buf = vec![1u8; 65536];
+            f.as_file().read_exact_at(&mut buf, 0).unwrap();
+            assert!(buf.iter().all(|&x| x == 0));
+            let extents = export.block_status(0, 0, 65536, 10).await.unwrap();
+            assert_eq!(
+                extents[0].flags & u64::from(state::HOLE),
+                0,
+                "no hole was punched"
+            );
+        }
+
+        async fn writes_to_a_read_only_export_are_refused(via: Via) {
+            let f = sparse_file(4096, &[]);
+            let options = RawOptions {
                 read_only: true,
                 ..Default::default()
-            },
-        )
-        .unwrap();
-        let err = export
-            .write(0, Bytes::from_static(b"x"), false)
-            .await
-            .unwrap_err();
-        assert_eq!(err.nbd_errno(), crate::proto::errno::EPERM);
+            };
+            let export = open!(f.path(), via, options);
+            let err = export
+                .write(0, Bytes::from_static(b"x"), false)
+                .await
+                .unwrap_err();
+            assert_eq!(err.nbd_errno(), crate::proto::errno::EPERM);
+        }
+
+        async fn a_write_reads_back_across_a_hole_boundary(via: Via) {
+            // 3 blocks at 1 MiB - 4 KiB: the first lands in data, the rest in a hole.
+            let f = sparse_file(4 << 20, &[(0, &[9; 1 << 20])]);
+            let export = open!(f.path(), via);
+            let data = Bytes::from((0..3 * 4096u32).map(|i| i as u8).collect::<Vec<u8>>());
+            export.write((1 << 20) - 4096, data.clone(), false).await.unwrap();
+            let chunks = export.read((1 << 20) - 4096, 3 * 4096).await.unwrap();
+            assert_eq!(flatten(&chunks), data);
+        }
+
+        async fn a_fua_write_is_in_the_file_when_acknowledged(via: Via) {
+            let f = sparse_file(1 << 20, &[]);
+            let export = open!(f.path(), via);
+            export
+                .write(8192, Bytes::from_static(b"forced unit access"), true)
+                .await
+                .unwrap();
+            let mut buf = [0u8; 18];
+            f.as_file().read_exact_at(&mut buf, 8192).unwrap();
+            assert_eq!(&buf, b"forced unit access");
+        }
+
+        async fn flush_after_writes_succeeds(via: Via) {
+            let f = sparse_file(1 << 20, &[]);
+            let export = open!(f.path(), via);
+            export.write(0, Bytes::from(vec![5; 65536]), false).await.unwrap();
+            export.flush().await.unwrap();
+        }
+
+        async fn reading_past_a_file_that_shrank_is_a_short_read(via: Via) {
+            let f = sparse_file(8192, &[(0, &[3; 8192])]);
+            let export = open!(f.path(), via);
+            f.as_file().set_len(4096).unwrap();
+            let err = export.read_data(0, 8192).await.unwrap_err();
+            assert!(
+                matches!(err, Error::ShortRead { size: 8192, .. }),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_threads_engine_is_used_when_asked_for() {
+        let f = sparse_file(4096, &[]);
+        let options = RawOptions {
+            io_engine: IoEngine::Threads,
+            ..Default::default()
+        };
+        let export = RawExport::open(f.path(), &options).unwrap();
+        assert_eq!(export.io_engine(), IoEngine::Threads);
+    }
+
+    #[test]
+    fn the_io_uring_engine_is_used_when_asked_for() {
+        let f = sparse_file(4096, &[]);
+        let export = open!(f.path(), Via::IoUring);
+        assert_eq!(export.io_engine(), IoEngine::IoUring);
     }
 
     #[test]
