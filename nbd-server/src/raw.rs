@@ -97,8 +97,8 @@ const MAX_INLINE_WRITE: usize = 1 << 20;
 /// An inline write slower than this (dirty-page throttling, a journal commit) sends
 /// writes to the I/O engine for `INLINE_WRITE_BACKOFF`, so a stalling disk cannot keep
 /// blocking the runtime's worker threads.
-const SLOW_INLINE_WRITE: Duration = Duration::from_millis(2);
-const INLINE_WRITE_BACKOFF: Duration = Duration::from_secs(1);
+const SLOW_INLINE_WRITE: Duration = Duration::from_millis(10);
+const INLINE_WRITE_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Largest zero-filled buffer used when zeroes must really be written.
 const ZERO_WRITE_CHUNK: u64 = 1 << 20;

@@ -218,29 +218,27 @@ pub fn check(h: &RequestHeader, s: &SessionLimits) -> Verdict {
                 );
             }
             if caps.read_only {
-                return refuse(errno::EPERM, "the export is read-only", payload);
+                return skip_or_close(errno::EPERM, "the export is read-only".into());
             }
             if h.length == 0 {
                 return refuse(errno::EINVAL, "zero-length write", 0);
             }
             if end.is_none_or(|e| e > s.size) {
-                return refuse(
+                return skip_or_close(
                     errno::ENOSPC,
                     format!(
                         "write of {} bytes at offset {} is beyond the end ({})",
                         h.length, h.offset, s.size
                     ),
-                    payload,
                 );
             }
             if misaligned(h.offset, h.length) {
-                return refuse(
+                return skip_or_close(
                     errno::EINVAL,
                     format!(
                         "write is not aligned to the minimum block size {}",
                         s.minimum_block
                     ),
-                    payload,
                 );
             }
             Verdict::Run(Command::Write {
@@ -564,6 +562,15 @@ mod tests {
         let mut l = limits();
         l.mode = ReplyMode::Extended;
         let v = check(&req(cmd::WRITE, 0, 0, 1 << 40), &l);
+        assert!(matches!(v, Verdict::Disconnect(_)), "{v:?}");
+    }
+
+    #[test]
+    fn huge_write_to_a_read_only_export_with_a_huge_max_payload_closes_instead_of_skipping() {
+        let mut l = limits();
+        l.capabilities.read_only = true;
+        l.maximum_payload = u32::MAX;
+        let v = check(&req(cmd::WRITE, 0, 0, 1 << 31), &l);
         assert!(matches!(v, Verdict::Disconnect(_)), "{v:?}");
     }
 

@@ -15,7 +15,9 @@
 //! requests get `ESHUTDOWN`, requests in flight finish, and the connection closes
 //! after a grace period (or when the client disconnects).
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -395,13 +397,21 @@ async fn next_request<R: AsyncRead + Unpin>(
                 payload = Some(buf.freeze());
             }
             let conn = Arc::clone(conn);
-            tokio::spawn(async move {
+            let mut request = Box::pin(async move {
                 let segments = execute(&conn, header, command, payload, selected).await;
                 let _ = conn.replies.send(Reply {
                     segments,
                     _hold: hold,
                 });
             });
+            // Run the request here until it first waits: page-cache reads and buffered
+            // writes finish without ever leaving this task (no hand-off to another
+            // worker thread). Only a request that really waits gets a task of its own.
+            let finished =
+                std::future::poll_fn(|cx| Poll::Ready(request.as_mut().poll(cx).is_ready())).await;
+            if !finished {
+                tokio::spawn(request);
+            }
             Step::Continue
         }
     }
