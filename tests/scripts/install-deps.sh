@@ -20,7 +20,7 @@ SRC
 fi
 
 packages=(libnbd-bin python3-libnbd nbdkit fio nbd-client busybox-static kmod cpio e2fsprogs
-          util-linux xxd)
+          util-linux mount xxd)
 backports_packages=(qemu-system-x86 qemu-utils)
 
 missing=()
