@@ -100,6 +100,9 @@ const MAX_INLINE_WRITE: usize = 1 << 20;
 const SLOW_INLINE_WRITE: Duration = Duration::from_millis(10);
 const INLINE_WRITE_BACKOFF: Duration = Duration::from_millis(200);
 
+/// Reads at least this long look for a leading hole (sent as `OFFSET_HOLE`).
+const HOLE_PROBE_MIN: u32 = 64 * 1024;
+
 /// Largest zero-filled buffer used when zeroes must really be written.
 const ZERO_WRITE_CHUNK: u64 = 1 << 20;
 
@@ -472,10 +475,15 @@ impl Export for RawExport {
         // One SEEK_DATA per read: a leading hole goes out as zeroes without being read,
         // the rest is read as data (a hole inside it reads as zeroes). Walking every
         // extent with SEEK_HOLE would scan to the end of the file on ext4 for each read.
+        // Reads shorter than `HOLE_PROBE_MIN` skip the probe: a syscall per small read
+        // costs more than sending a few KiB of zeroes now and then.
         let end = offset + u64::from(length);
-        let data = self
-            .first_data(offset, end)
-            .map_err(|e| self.io_error("seek", offset, u64::from(length), e))?;
+        let data = if length < HOLE_PROBE_MIN {
+            offset
+        } else {
+            self.first_data(offset, end)
+                .map_err(|e| self.io_error("seek", offset, u64::from(length), e))?
+        };
         let mut chunks = Vec::with_capacity(2);
         if data > offset {
             chunks.push(ReadChunk::Zero(data - offset));
