@@ -25,12 +25,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// The backing store changed size or shrank under the export.
-    #[error("{path} ended at offset {offset}, inside the export's {size} bytes")]
+    /// The backing store shrank under the export: a read inside the export hit its end.
+    #[error(
+        "{path} is shorter than the export ({size} bytes): a read from offset {offset} reached its end"
+    )]
     ShortRead {
         /// File or device.
         path: PathBuf,
-        /// Where the data stopped.
+        /// Where the read that hit the end started.
         offset: u64,
         /// The export's size.
         size: u64,

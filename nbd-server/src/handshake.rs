@@ -392,6 +392,7 @@ impl Negotiation<'_> {
         }
         if req.items.contains(&info::DESCRIPTION) {
             if let Some(d) = export.description() {
+                // At most 4 bytes per char: never over the 4096-byte string limit.
                 let d: String = d.chars().take(proto::MAX_STRING_LEN / 4).collect();
                 self.reply(
                     option,

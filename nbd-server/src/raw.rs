@@ -1,13 +1,15 @@
 //! The raw export: a regular file or a block device served byte for byte.
 //!
 //! Reads of data already in the page cache are done inline with `preadv2(RWF_NOWAIT)`,
-//! which never blocks (writes likewise with `pwritev2(RWF_NOWAIT)`). The rest of the
-//! data path (cache misses, writes that would block, FUA writes, flushes) goes to the
-//! [`IoEngine`]: io_uring when the kernel allows it, so the request task submits the I/O
-//! itself and no thread is handed anything, or else tokio's blocking pool with
-//! positional I/O. Either way a slow disk never stalls the connection tasks.
+//! which never blocks. Buffered writes up to 1 MiB are done inline too (with
+//! `RWF_NOWAIT` where the filesystem supports it, else a plain `pwrite`), until one of
+//! them stalls for 10 ms: then writes go to the engine for 200 ms. The rest of the data
+//! path (cache misses, FUA writes, large writes, flushes) goes to the [`IoEngine`]:
+//! io_uring when the kernel allows it, so the request task submits the I/O itself and
+//! no thread is handed anything, or else tokio's blocking pool with positional I/O.
 //!
-//! Allocation comes from `SEEK_DATA`/`SEEK_HOLE` (regular files), trims punch holes (or
+//! Allocation comes from `SEEK_DATA`/`SEEK_HOLE` (regular files; reads of 64 KiB or
+//! more probe for a leading hole with one `SEEK_DATA`), trims punch holes (or
 //! `BLKDISCARD` on block devices), zeroing punches or uses `FALLOC_FL_ZERO_RANGE` /
 //! `BLKZEROOUT` depending on `NO_HOLE`, and flush is `fdatasync`. All connections share
 //! the one file description, so the kernel's page cache makes a flush on any connection
