@@ -20,7 +20,7 @@ SRC
 fi
 
 packages=(libnbd-bin python3-libnbd nbdkit fio nbd-client busybox-static kmod cpio e2fsprogs
-          util-linux mount xxd)
+          util-linux mount xxd libvhdi-utils libvmdk-utils libqcow-utils fuse3 python3-vmdkstream)
 backports_packages=(qemu-system-x86 qemu-utils)
 
 missing=()

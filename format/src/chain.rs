@@ -1,0 +1,681 @@
+//! An opened image: the top layer and its backing chain, mapped and read as one disk.
+//!
+//! [`Image::open`] detects the top image's format (or takes it from the caller), then
+//! follows backing references: the parent's format comes from the child (qcow2's
+//! backing-format extension; VHD and VMDK parents are their own format), never from
+//! the parent's content; relative names resolve against the child's directory; loops,
+//! chains deeper than [`MAX_CHAIN_DEPTH`] and parents whose identity does not match
+//! what the child recorded (VHD UUID, VMDK CID) are refused.
+//!
+//! [`Image::map`] resolves a guest range through the chain into [`Extent`]s: the plan
+//! the I/O layers execute. [`Image::read`] executes it synchronously (for `convert`,
+//! tests and fuzzing); [`Image::allocation`] turns it into block status.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::cache::{DEFAULT_BUDGET, MetadataCache};
+use crate::compress::decompress;
+use crate::layer::{
+    CheckReport, Compression, Fetch, Format, Layer, LayerInfo, OpenContext, Segment, SegmentKind,
+};
+use crate::storage::{FileStorage, Storage, read_exact};
+use crate::{Error, Result, qcow2, raw, vhd, vmdk};
+
+/// Longest backing chain opened (the top image counts): deep enough for any real
+/// snapshot chain, short enough that a hostile chain cannot exhaust file descriptors.
+pub const MAX_CHAIN_DEPTH: usize = 16;
+
+/// What to do with a qcow2 backing file whose format the overlay does not declare.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UndeclaredBacking {
+    /// Refuse to open the chain (the default): guessing the format from the backing
+    /// file's content lets a guest that wrote a qcow2 header into a raw disk make the
+    /// host read arbitrary files, and treating a qcow2 backing as raw serves metadata
+    /// as data. `qemu-img rebase -u -F FORMAT` fixes the image.
+    #[default]
+    Refuse,
+    /// Treat the backing file as raw, as qemu did before it required `-F`.
+    Raw,
+}
+
+/// How to open an image.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// The top image's format; `None` detects it from the content.
+    pub format: Option<Format>,
+    /// Longest chain accepted.
+    pub max_depth: usize,
+    /// Bytes of metadata tables kept in memory for the whole chain.
+    pub cache_budget: usize,
+    /// Policy for qcow2 backing files without a declared format.
+    pub undeclared_backing: UndeclaredBacking,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            format: None,
+            max_depth: MAX_CHAIN_DEPTH,
+            cache_budget: DEFAULT_BUDGET,
+            undeclared_backing: UndeclaredBacking::Refuse,
+        }
+    }
+}
+
+/// Where the bytes of one [`Extent`] are, resolved through the chain. `layer` indexes
+/// [`Image::layers`] (0 is the top image).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// Stored as-is at `offset` in `layers[layer].files()[file]`.
+    Data {
+        /// The layer holding the data.
+        layer: usize,
+        /// Index into that layer's files.
+        file: usize,
+        /// Host offset.
+        offset: u64,
+        /// Holes of the file are holes of the image (see [`SegmentKind::Data`]).
+        raw: bool,
+    },
+    /// Inside a compressed unit; see [`SegmentKind::Compressed`].
+    Compressed {
+        /// The layer holding the data.
+        layer: usize,
+        /// Index into that layer's files.
+        file: usize,
+        /// Host offset of the compressed stream.
+        offset: u64,
+        /// Upper bound of the stream's length.
+        compressed_length: u64,
+        /// Encoding.
+        compression: Compression,
+        /// Decompressed unit size.
+        unit_size: u64,
+        /// Offset of the extent inside the decompressed unit.
+        skip: u64,
+    },
+    /// Reads as zeroes because `layer` says so.
+    Zero {
+        /// The layer providing the zeroes.
+        layer: usize,
+    },
+    /// Allocated in no layer: reads as zeroes.
+    Unallocated,
+}
+
+/// `length` guest bytes at one [`Place`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Bytes covered.
+    pub length: u64,
+    /// Where they are.
+    pub place: Place,
+}
+
+impl Extent {
+    /// The `qemu:allocation-depth` of the extent: 1 for the top image, 2 for its
+    /// backing, …, 0 when no layer allocates it.
+    pub fn depth(&self) -> u32 {
+        match self.place {
+            Place::Data { layer, .. } | Place::Compressed { layer, .. } | Place::Zero { layer } => {
+                layer as u32 + 1
+            }
+            Place::Unallocated => 0,
+        }
+    }
+
+    /// True if the extent reads as zeroes without any I/O.
+    pub fn is_zero(&self) -> bool {
+        matches!(self.place, Place::Zero { .. } | Place::Unallocated)
+    }
+}
+
+/// Block status of a range: `base:allocation` flags plus allocation depth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Allocation {
+    /// Bytes covered.
+    pub length: u64,
+    /// No storage is allocated (`NBD_STATE_HOLE`).
+    pub hole: bool,
+    /// Reads as zeroes (`NBD_STATE_ZERO`).
+    pub zero: bool,
+    /// 0 = allocated in no layer, 1 = the top image, 2 = its backing, …
+    pub depth: u32,
+}
+
+/// An image and its backing chain, opened read-only.
+#[derive(Debug)]
+pub struct Image {
+    layers: Vec<Box<dyn Layer>>,
+    cache: Arc<MetadataCache>,
+}
+
+/// Recognises a format from the first bytes of a file (and the last 512 for fixed VHD).
+pub fn detect(storage: &dyn Storage) -> Result<Format> {
+    let mut head = [0u8; 64];
+    let n = (storage.size().min(head.len() as u64)) as usize;
+    read_exact(storage, "format magic", &mut head[..n], 0)?;
+    let head = &head[..n];
+    if head.starts_with(b"QFI\xfb") {
+        return Ok(Format::Qcow2);
+    }
+    if head.starts_with(b"conectix") {
+        return Ok(Format::Vhd);
+    }
+    if head.starts_with(b"KDMV")
+        || head.starts_with(b"COWD")
+        || head.starts_with(&0xcafe_babe_u32.to_le_bytes())
+        || head.starts_with(b"# Disk DescriptorFile")
+        || head.starts_with(b"# Disk Descriptor File")
+    {
+        return Ok(Format::Vmdk);
+    }
+    if head.starts_with(b"vhdxfile") {
+        return Err(Error::unsupported(
+            storage.name(),
+            "vhdx",
+            "VHDX images are not supported; convert with `qemu-img convert -O qcow2`",
+        ));
+    }
+    if head.starts_with(b"LUKS\xba\xbe") {
+        return Err(Error::unsupported(
+            storage.name(),
+            "raw",
+            "the file is LUKS-encrypted; Thinline never serves ciphertext",
+        ));
+    }
+    if storage.size() >= 1024 {
+        let mut tail = [0u8; 8];
+        read_exact(storage, "VHD footer", &mut tail, storage.size() - 512)?;
+        if &tail == b"conectix" {
+            return Ok(Format::Vhd);
+        }
+    }
+    Ok(Format::Raw)
+}
+
+fn open_layer(
+    storage: Arc<dyn Storage>,
+    format: Format,
+    ctx: &OpenContext,
+) -> Result<Box<dyn Layer>> {
+    Ok(match format {
+        Format::Raw => Box::new(raw::RawLayer::open(storage)),
+        Format::Qcow2 => qcow2::open(storage, ctx)?,
+        Format::Vhd => vhd::open(storage, ctx)?,
+        Format::Vmdk => vmdk::open(storage, ctx)?,
+    })
+}
+
+fn bad_plan(layer: &dyn Layer, offset: u64, why: &str) -> Error {
+    Error::invalid(
+        layer.files()[0].name(),
+        layer.format().name(),
+        format!("mapping at guest offset {offset} failed: {why}"),
+    )
+}
+
+impl Image {
+    /// Opens the image at `path` and its backing chain.
+    pub fn open(path: &Path, options: &OpenOptions) -> Result<Image> {
+        Image::open_storage(FileStorage::open(path)?, options)
+    }
+
+    /// Opens the image in `storage` and its backing chain.
+    pub fn open_storage(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<Image> {
+        let cache = MetadataCache::new(options.cache_budget);
+        let ctx = OpenContext {
+            cache: cache.clone(),
+        };
+        let format = match options.format {
+            Some(format) => format,
+            None => detect(&*storage)?,
+        };
+        let mut seen = HashSet::new();
+        seen.insert(storage.identity());
+        let mut layers = vec![open_layer(storage, format, &ctx)?];
+        loop {
+            let child = layers.last().expect("at least the top layer");
+            let Some(backing) = child.backing().cloned() else {
+                break;
+            };
+            let child_name = child.files()[0].name().to_owned();
+            if layers.len() >= options.max_depth {
+                return Err(Error::chain(
+                    &child_name,
+                    format!(
+                        "the chain is deeper than the limit of {} images",
+                        options.max_depth
+                    ),
+                ));
+            }
+            let format = match (backing.format, options.undeclared_backing) {
+                (Some(format), _) => format,
+                (None, UndeclaredBacking::Raw) => Format::Raw,
+                (None, UndeclaredBacking::Refuse) => {
+                    return Err(Error::chain(
+                        &child_name,
+                        format!(
+                            "the backing file {:?} has no declared format and Thinline does not guess \
+                             formats from content; declare it with `qemu-img rebase -u -b NAME -F FORMAT`",
+                            backing.names.first().map(String::as_str).unwrap_or("")
+                        ),
+                    ));
+                }
+            };
+            let mut failures = Vec::new();
+            let mut parent_storage = None;
+            for name in &backing.names {
+                match child.files()[0].open_related(name) {
+                    Ok(s) => {
+                        parent_storage = Some(s);
+                        break;
+                    }
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            let Some(parent_storage) = parent_storage else {
+                return Err(Error::chain(
+                    &child_name,
+                    format!(
+                        "cannot open the backing file: {}",
+                        if failures.is_empty() {
+                            "no name recorded".to_owned()
+                        } else {
+                            failures.join("; ")
+                        }
+                    ),
+                ));
+            };
+            if !seen.insert(parent_storage.identity()) {
+                return Err(Error::chain(
+                    &child_name,
+                    format!(
+                        "backing loop: {} is already in the chain",
+                        parent_storage.name()
+                    ),
+                ));
+            }
+            let parent = open_layer(parent_storage, format, &ctx)?;
+            if let Some(expect) = backing.expect {
+                let found = parent.identity();
+                if found != Some(expect) {
+                    return Err(Error::chain(
+                        &child_name,
+                        format!(
+                            "the parent {} is not the image this one was made from (expected {:?}, found {:?})",
+                            parent.files()[0].name(),
+                            expect,
+                            found
+                        ),
+                    ));
+                }
+            }
+            layers.push(parent);
+        }
+        Ok(Image { layers, cache })
+    }
+
+    /// The layers, top image first.
+    pub fn layers(&self) -> &[Box<dyn Layer>] {
+        &self.layers
+    }
+
+    /// Guest-visible size (the top image's).
+    pub fn size(&self) -> u64 {
+        self.layers[0].virtual_size()
+    }
+
+    /// The chain's metadata cache.
+    pub fn cache(&self) -> &Arc<MetadataCache> {
+        &self.cache
+    }
+
+    /// Descriptions of every layer, top first.
+    pub fn info(&self) -> Vec<LayerInfo> {
+        self.layers.iter().map(|l| l.info()).collect()
+    }
+
+    /// Checks every layer's metadata.
+    pub fn check(&self) -> Vec<(String, Result<CheckReport>)> {
+        self.layers
+            .iter()
+            .map(|l| {
+                let mut report = CheckReport::default();
+                let r = l.check(&mut report).map(|()| report);
+                (l.files()[0].name().to_owned(), r)
+            })
+            .collect()
+    }
+
+    /// Resolves `[offset, offset + length)` through the chain, appending at most about
+    /// `max_extents` extents to `out` (merged where contiguous). Returns the number of
+    /// bytes covered, which is `length` unless the extent limit was reached.
+    pub fn map(
+        &self,
+        offset: u64,
+        length: u64,
+        fetch: Fetch,
+        max_extents: usize,
+        out: &mut Vec<Extent>,
+    ) -> Result<u64> {
+        let end = offset
+            .checked_add(length)
+            .filter(|&end| end <= self.size())
+            .ok_or_else(|| {
+                bad_plan(
+                    &*self.layers[0],
+                    offset,
+                    "the range lies beyond the virtual size",
+                )
+            })?;
+        let start_len = out.len();
+        let limit = start_len.saturating_add(max_extents.max(1));
+        self.map_layer(0, offset, end - offset, fetch, limit, out)
+    }
+
+    fn map_layer(
+        &self,
+        index: usize,
+        offset: u64,
+        length: u64,
+        fetch: Fetch,
+        limit: usize,
+        out: &mut Vec<Extent>,
+    ) -> Result<u64> {
+        let Some(layer) = self.layers.get(index) else {
+            push(
+                out,
+                Extent {
+                    length,
+                    place: Place::Unallocated,
+                },
+            );
+            return Ok(length);
+        };
+        let end = offset + length;
+        let inside_end = end.min(layer.virtual_size());
+        let mut pos = offset;
+        let mut segments: Vec<Segment> = Vec::new();
+        while pos < inside_end {
+            if out.len() >= limit {
+                return Ok(pos - offset);
+            }
+            segments.clear();
+            layer.map(pos, inside_end - pos, fetch, &mut segments)?;
+            let total: u64 = segments.iter().map(|s| s.length).sum();
+            if segments.is_empty()
+                || total == 0
+                || total > inside_end - pos
+                || segments.iter().any(|s| s.length == 0)
+            {
+                return Err(bad_plan(
+                    &**layer,
+                    pos,
+                    "the format returned an inconsistent plan",
+                ));
+            }
+            for segment in &segments {
+                let place = match segment.kind {
+                    SegmentKind::Data { file, offset, raw } => Place::Data {
+                        layer: index,
+                        file,
+                        offset,
+                        raw,
+                    },
+                    SegmentKind::Compressed {
+                        file,
+                        offset,
+                        compressed_length,
+                        compression,
+                        unit_size,
+                        skip,
+                    } => Place::Compressed {
+                        layer: index,
+                        file,
+                        offset,
+                        compressed_length,
+                        compression,
+                        unit_size,
+                        skip,
+                    },
+                    SegmentKind::Zero => Place::Zero { layer: index },
+                    SegmentKind::Backing => {
+                        let done =
+                            self.map_layer(index + 1, pos, segment.length, fetch, limit, out)?;
+                        pos += done;
+                        if done < segment.length {
+                            return Ok(pos - offset);
+                        }
+                        continue;
+                    }
+                };
+                push(
+                    out,
+                    Extent {
+                        length: segment.length,
+                        place,
+                    },
+                );
+                pos += segment.length;
+            }
+        }
+        if end > pos {
+            // Past the end of a backing image shorter than its child: zeroes, and
+            // (as in qemu) allocated at this layer, because its end decides them.
+            push(
+                out,
+                Extent {
+                    length: end - pos,
+                    place: Place::Zero { layer: index },
+                },
+            );
+        }
+        Ok(length)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (blocking I/O on the calling thread).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut extents = Vec::new();
+        self.map(
+            offset,
+            buf.len() as u64,
+            Fetch::Allowed,
+            usize::MAX,
+            &mut extents,
+        )?;
+        let mut pos = 0usize;
+        for extent in &extents {
+            let len = extent.length as usize;
+            self.read_extent(extent, &mut buf[pos..pos + len])?;
+            pos += len;
+        }
+        Ok(())
+    }
+
+    /// Fills `buf` (exactly `extent.length` bytes) with the extent's bytes.
+    pub fn read_extent(&self, extent: &Extent, buf: &mut [u8]) -> Result<()> {
+        match extent.place {
+            Place::Data {
+                layer,
+                file,
+                offset,
+                ..
+            } => read_exact(&*self.layers[layer].files()[file], "data", buf, offset),
+            Place::Compressed { layer, skip, .. } => {
+                let unit = self.decompress_extent(extent)?;
+                let _ = layer;
+                let skip = skip as usize;
+                buf.copy_from_slice(&unit[skip..skip + buf.len()]);
+                Ok(())
+            }
+            Place::Zero { .. } | Place::Unallocated => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Decompresses the whole unit a compressed extent lies in.
+    pub fn decompress_extent(&self, extent: &Extent) -> Result<Vec<u8>> {
+        let Place::Compressed {
+            layer,
+            file,
+            offset,
+            compressed_length,
+            compression,
+            unit_size,
+            skip,
+        } = extent.place
+        else {
+            return Err(bad_plan(&*self.layers[0], 0, "not a compressed extent"));
+        };
+        let storage = &*self.layers[layer].files()[file];
+        let bad = |reason: String| Error::Decompress {
+            path: storage.name().to_owned(),
+            offset,
+            reason,
+        };
+        // Bounded by the format (at most a few MiB); checked again here.
+        if unit_size > 64 << 20
+            || skip
+                .checked_add(extent.length)
+                .is_none_or(|e| e > unit_size)
+        {
+            return Err(bad(format!(
+                "a unit of {unit_size} bytes cannot hold the extent"
+            )));
+        }
+        let available = storage
+            .size()
+            .saturating_sub(offset)
+            .min(compressed_length)
+            .min(unit_size * 2 + 4096);
+        if available == 0 {
+            return Err(bad(
+                "the compressed data lies beyond the end of the file".to_owned()
+            ));
+        }
+        let mut input = vec![0; available as usize];
+        read_exact(storage, "compressed data", &mut input, offset)?;
+        let mut unit = vec![0; unit_size as usize];
+        decompress(compression, &input, &mut unit).map_err(bad)?;
+        Ok(unit)
+    }
+
+    /// Block status of `[offset, offset + length)`: at most about `max` entries,
+    /// contiguous from `offset`, merged where equal.
+    pub fn allocation(
+        &self,
+        offset: u64,
+        length: u64,
+        fetch: Fetch,
+        max: usize,
+    ) -> Result<Vec<Allocation>> {
+        let mut extents = Vec::new();
+        self.map(offset, length, fetch, max, &mut extents)?;
+        let mut out: Vec<Allocation> = Vec::new();
+        let mut add = |a: Allocation| match out.last_mut() {
+            Some(last) if (last.hole, last.zero, last.depth) == (a.hole, a.zero, a.depth) => {
+                last.length += a.length
+            }
+            _ => out.push(a),
+        };
+        for extent in &extents {
+            let depth = extent.depth();
+            match extent.place {
+                Place::Data {
+                    layer,
+                    file,
+                    offset,
+                    raw,
+                } => {
+                    let storage = &*self.layers[layer].files()[file];
+                    let end = offset + extent.length;
+                    let mut pos = offset;
+                    while pos < end {
+                        let io_err = |source| Error::Io {
+                            path: storage.name().to_owned(),
+                            op: "allocation probe",
+                            offset: pos,
+                            length: end - pos,
+                            source,
+                        };
+                        let data = storage
+                            .next_data(pos)
+                            .map_err(io_err)?
+                            .unwrap_or(end)
+                            .min(end);
+                        if data > pos {
+                            add(Allocation {
+                                length: data - pos,
+                                hole: raw,
+                                zero: true,
+                                depth,
+                            });
+                            pos = data;
+                            continue;
+                        }
+                        let hole = storage.next_hole(pos).map_err(io_err)?.clamp(pos + 1, end);
+                        add(Allocation {
+                            length: hole - pos,
+                            hole: false,
+                            zero: false,
+                            depth,
+                        });
+                        pos = hole;
+                    }
+                }
+                Place::Compressed { .. } => add(Allocation {
+                    length: extent.length,
+                    hole: false,
+                    zero: false,
+                    depth,
+                }),
+                Place::Zero { .. } | Place::Unallocated => {
+                    add(Allocation {
+                        length: extent.length,
+                        hole: true,
+                        zero: true,
+                        depth,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Appends `extent`, merging it into the previous one when they continue each other.
+fn push(out: &mut Vec<Extent>, extent: Extent) {
+    if let Some(last) = out.last_mut() {
+        let merged = match (&mut last.place, extent.place) {
+            (
+                Place::Data {
+                    layer,
+                    file,
+                    offset,
+                    raw,
+                },
+                Place::Data {
+                    layer: l2,
+                    file: f2,
+                    offset: o2,
+                    raw: r2,
+                },
+            ) => *layer == l2 && *file == f2 && *raw == r2 && *offset + last.length == o2,
+            (Place::Zero { layer }, Place::Zero { layer: l2 }) => *layer == l2,
+            (Place::Unallocated, Place::Unallocated) => true,
+            _ => false,
+        };
+        if merged {
+            last.length += extent.length;
+            return;
+        }
+    }
+    out.push(extent);
+}

@@ -1,0 +1,121 @@
+//! The crate's error type. Every variant names the file (or URI) it is about, so an
+//! operator reading one line knows which image of a chain is at fault and why.
+
+use std::io;
+
+/// Errors of `thinline-format`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading an image file failed.
+    #[error("{path}: {op} of {length} bytes at offset {offset} failed: {source}")]
+    Io {
+        /// File or URI.
+        path: String,
+        /// What was being read (`header`, `L2 table`, `data`, …).
+        op: &'static str,
+        /// Byte offset in the file.
+        offset: u64,
+        /// Bytes requested.
+        length: u64,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A file could not be opened.
+    #[error("{path}: cannot open: {source}")]
+    Open {
+        /// File or URI.
+        path: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The image is malformed: a field out of range, a table outside the file, a bad
+    /// checksum, a marker where none can be.
+    #[error("{path}: invalid {format} image: {reason}")]
+    Invalid {
+        /// File or URI.
+        path: String,
+        /// `qcow2`, `vhd`, `vmdk`, `raw`.
+        format: &'static str,
+        /// What is wrong, with the offending value.
+        reason: String,
+    },
+    /// The image is well formed but uses something Thinline refuses to serve
+    /// (encryption, unknown incompatible features, an unsupported extent type).
+    #[error("{path}: unsupported {format} image: {reason}")]
+    Unsupported {
+        /// File or URI.
+        path: String,
+        /// `qcow2`, `vhd`, `vmdk`, `raw`.
+        format: &'static str,
+        /// What is refused and why.
+        reason: String,
+    },
+    /// The backing chain cannot be opened safely: a loop, too deep, a missing or
+    /// mismatched parent, a backing file without a declared format.
+    #[error("{path}: backing chain: {reason}")]
+    Chain {
+        /// The image whose backing is at fault.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Compressed data did not decompress to a full cluster or grain.
+    #[error("{path}: compressed data at offset {offset} is damaged: {reason}")]
+    Decompress {
+        /// File or URI.
+        path: String,
+        /// Host offset of the compressed data.
+        offset: u64,
+        /// What the decompressor said.
+        reason: String,
+    },
+    /// Mapping needs metadata that is not cached and the caller asked not to do I/O
+    /// ([`crate::Fetch::CachedOnly`]). Callers retry with [`crate::Fetch::Allowed`]
+    /// somewhere blocking is fine.
+    #[error("metadata not cached")]
+    NotCached,
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Builds [`Error::Invalid`].
+    pub fn invalid(path: &str, format: &'static str, reason: impl Into<String>) -> Self {
+        Error::Invalid {
+            path: path.to_owned(),
+            format,
+            reason: reason.into(),
+        }
+    }
+
+    /// Builds [`Error::Unsupported`].
+    pub fn unsupported(path: &str, format: &'static str, reason: impl Into<String>) -> Self {
+        Error::Unsupported {
+            path: path.to_owned(),
+            format,
+            reason: reason.into(),
+        }
+    }
+
+    /// Builds [`Error::Chain`].
+    pub fn chain(path: &str, reason: impl Into<String>) -> Self {
+        Error::Chain {
+            path: path.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The `errno` an NBD client should see for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { source, .. } | Error::Open { source, .. } => {
+                source.raw_os_error().unwrap_or(libc::EIO)
+            }
+            _ => libc::EIO,
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! Where image bytes come from: a small synchronous positional-read trait.
+//!
+//! Format code reads headers and tables through [`Storage`] and never does I/O any other
+//! way, so the same parser works on a local file, an HTTP object or an NBD upstream (the
+//! async layers implement the trait for those). Files named inside an image (backing
+//! files, external data files, VMDK extents) are opened *relative to the storage that
+//! names them* with [`Storage::open_related`], never relative to the process's working
+//! directory.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustix::fs::SeekFrom;
+use rustix::io::Errno;
+
+use crate::{Error, Result};
+
+/// A read-only, fixed-size byte store.
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// The name used in errors and reports: a path or a URI without credentials.
+    fn name(&self) -> &str;
+
+    /// Size in bytes, pinned when the storage was opened.
+    fn size(&self) -> u64;
+
+    /// Reads up to `buf.len()` bytes at `offset`; returns fewer only at the end.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+
+    /// The first offset at or after `offset` that holds data (`None`: only holes
+    /// follow). Stores without hole information say `Some(offset)`.
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        Ok((offset < self.size()).then_some(offset))
+    }
+
+    /// The first offset at or after `offset` that is a hole (the size if none).
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        let _ = offset;
+        Ok(self.size())
+    }
+
+    /// Opens a file named inside this one (a backing file, a data file, an extent):
+    /// relative names are resolved against this storage's directory.
+    fn open_related(&self, name: &str) -> Result<Arc<dyn Storage>>;
+
+    /// A key that is equal for two storages exactly when they are the same object
+    /// (device and inode for files), for backing-loop detection.
+    fn identity(&self) -> String;
+
+    /// The open file behind this storage, for callers with a faster I/O path.
+    fn as_file(&self) -> Option<&File> {
+        None
+    }
+}
+
+/// Reads exactly `buf.len()` bytes at `offset`, or fails naming `what` and the file.
+pub fn read_exact(
+    storage: &dyn Storage,
+    what: &'static str,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match storage.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                return Err(Error::Io {
+                    path: storage.name().to_owned(),
+                    op: what,
+                    offset,
+                    length: buf.len() as u64,
+                    source: io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the file ends at {} bytes", storage.size()),
+                    ),
+                });
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(Error::Io {
+                    path: storage.name().to_owned(),
+                    op: what,
+                    offset,
+                    length: buf.len() as u64,
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads `length` bytes at `offset` into a new buffer, refusing ranges that do not lie
+/// inside the file (so no allocation is sized from an untrusted field beyond the file).
+pub fn read_vec(
+    storage: &dyn Storage,
+    what: &'static str,
+    offset: u64,
+    length: u64,
+) -> Result<Vec<u8>> {
+    let end = offset.checked_add(length);
+    if end.is_none_or(|end| end > storage.size()) {
+        return Err(Error::Io {
+            path: storage.name().to_owned(),
+            op: what,
+            offset,
+            length,
+            source: io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the range lies beyond the end of the file ({} bytes)",
+                    storage.size()
+                ),
+            ),
+        });
+    }
+    let mut buf = vec![0; length as usize];
+    read_exact(storage, what, &mut buf, offset)?;
+    Ok(buf)
+}
+
+/// A local file (or block device) opened read-only.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+    name: String,
+    size: u64,
+    identity: String,
+    regular: bool,
+}
+
+impl FileStorage {
+    /// Opens `path` read-only. Opening never changes the file or its times.
+    pub fn open(path: &Path) -> Result<Arc<dyn Storage>> {
+        Ok(Arc::new(Self::open_file(path)?))
+    }
+
+    /// Like [`FileStorage::open`], returning the concrete type.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let name = path.display().to_string();
+        let open_err = |source| Error::Open {
+            path: name.clone(),
+            source,
+        };
+        let file = File::open(path).map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        let regular = meta.file_type().is_file();
+        let size = if regular {
+            meta.len()
+        } else {
+            rustix::fs::seek(&file, SeekFrom::End(0)).map_err(|e| open_err(e.into()))?
+        };
+        Ok(FileStorage {
+            file,
+            path: path.to_owned(),
+            name,
+            size,
+            identity: format!("{}:{}", meta.dev(), meta.ino()),
+            regular,
+        })
+    }
+
+    /// The path the file was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Names that are URIs or qemu `json:` specifications rather than file names: a file
+/// storage refuses to treat them as paths.
+fn looks_like_uri(name: &str) -> bool {
+    name.starts_with("json:")
+        || name.split_once("://").is_some_and(|(scheme, _)| {
+            !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        })
+}
+
+impl Storage for FileStorage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset >= self.size {
+            return Ok(0);
+        }
+        let len = buf
+            .len()
+            .min(usize::try_from(self.size - offset).unwrap_or(usize::MAX));
+        self.file.read_at(&mut buf[..len], offset)
+    }
+
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        if offset >= self.size {
+            return Ok(None);
+        }
+        if !self.regular {
+            return Ok(Some(offset));
+        }
+        match rustix::fs::seek(&self.file, SeekFrom::Data(offset)) {
+            Ok(d) if d >= self.size => Ok(None),
+            Ok(d) => Ok(Some(d.max(offset))),
+            Err(Errno::NXIO) => Ok(None),
+            Err(Errno::INVAL | Errno::OPNOTSUPP) => Ok(Some(offset)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        if offset >= self.size || !self.regular {
+            return Ok(self.size);
+        }
+        match rustix::fs::seek(&self.file, SeekFrom::Hole(offset)) {
+            Ok(h) => Ok(h.clamp(offset, self.size)),
+            Err(Errno::NXIO | Errno::INVAL | Errno::OPNOTSUPP) => Ok(self.size),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn open_related(&self, name: &str) -> Result<Arc<dyn Storage>> {
+        if looks_like_uri(name) {
+            return Err(Error::chain(
+                &self.name,
+                format!(
+                    "{name:?} is a URI or json: specification, not a file name; only file names are followed"
+                ),
+            ));
+        }
+        if name.is_empty() {
+            return Err(Error::chain(&self.name, "an empty file name"));
+        }
+        let path = Path::new(name);
+        let resolved = if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.path
+                .parent()
+                .unwrap_or_else(|| Path::new("."))
+                .join(path)
+        };
+        FileStorage::open(&resolved)
+    }
+
+    fn identity(&self) -> String {
+        self.identity.clone()
+    }
+
+    fn as_file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+}
+
+/// An in-memory image, for tests and fuzzing. Related files are looked up by name in
+/// the map it was built with.
+#[derive(Debug, Clone)]
+pub struct MemoryStorage {
+    name: String,
+    data: Arc<Vec<u8>>,
+    siblings: Arc<std::collections::BTreeMap<String, Arc<Vec<u8>>>>,
+}
+
+impl MemoryStorage {
+    /// A storage named `name` holding `data`, with no related files.
+    pub fn new(name: &str, data: Vec<u8>) -> Arc<dyn Storage> {
+        Arc::new(MemoryStorage {
+            name: name.to_owned(),
+            data: Arc::new(data),
+            siblings: Arc::default(),
+        })
+    }
+
+    /// A storage named `name` whose related files are `files` (which may include itself).
+    pub fn with_files(
+        name: &str,
+        files: std::collections::BTreeMap<String, Vec<u8>>,
+    ) -> Option<Arc<dyn Storage>> {
+        let siblings: std::collections::BTreeMap<_, _> =
+            files.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+        let data = siblings.get(name)?.clone();
+        Some(Arc::new(MemoryStorage {
+            name: name.to_owned(),
+            data,
+            siblings: Arc::new(siblings),
+        }))
+    }
+}
+
+impl Storage for MemoryStorage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let Ok(start) = usize::try_from(offset) else {
+            return Ok(0);
+        };
+        if start >= self.data.len() {
+            return Ok(0);
+        }
+        let n = buf.len().min(self.data.len() - start);
+        buf[..n].copy_from_slice(&self.data[start..start + n]);
+        Ok(n)
+    }
+
+    fn open_related(&self, name: &str) -> Result<Arc<dyn Storage>> {
+        match self.siblings.get(name) {
+            Some(data) => Ok(Arc::new(MemoryStorage {
+                name: name.to_owned(),
+                data: data.clone(),
+                siblings: self.siblings.clone(),
+            })),
+            None => Err(Error::Open {
+                path: name.to_owned(),
+                source: io::Error::from(io::ErrorKind::NotFound),
+            }),
+        }
+    }
+
+    fn identity(&self) -> String {
+        format!("memory:{}", self.name)
+    }
+}
