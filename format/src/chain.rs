@@ -581,7 +581,7 @@ impl Image {
         let mut out: Vec<Allocation> = Vec::new();
         let mut add = |a: Allocation| match out.last_mut() {
             Some(last) if (last.hole, last.zero, last.depth) == (a.hole, a.zero, a.depth) => {
-                last.length += a.length
+                last.length += a.length;
             }
             _ => out.push(a),
         };

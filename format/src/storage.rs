@@ -273,7 +273,7 @@ pub struct MemoryStorage {
 
 impl MemoryStorage {
     /// A storage named `name` holding `data`, with no related files.
-    pub fn new(name: &str, data: Vec<u8>) -> Arc<dyn Storage> {
+    pub fn open(name: &str, data: Vec<u8>) -> Arc<dyn Storage> {
         Arc::new(MemoryStorage {
             name: name.to_owned(),
             data: Arc::new(data),
