@@ -2,15 +2,17 @@
 //! own module and calls library code.
 //!
 //! Exit codes: 0 success (including a clean shutdown on SIGTERM/SIGINT), 1 runtime
-//! failure (an image cannot be opened, a socket cannot be bound, …), 2 invalid usage.
+//! failure (an image cannot be opened or is refused, a socket cannot be bound, …), 2
+//! invalid usage; `image check` adds 3 (only warnings found) and 4 (errors found).
 
+mod image;
 mod serve;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Serve VM disk templates over NBD.
+/// Serve VM disk templates (raw, qcow2, VHD, VMDK) over NBD, and inspect them.
 #[derive(Debug, Parser)]
 #[command(name = "thinline", version, about, propagate_version = true)]
 struct Cli {
@@ -24,16 +26,18 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Serve(serve::ServeArgs),
+    Image(image::ImageArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(args).map(|()| 0),
+        Command::Image(args) => image::run(args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(status) => ExitCode::from(status),
         Err(e) => {
             eprintln!("thinline: error: {e:#}");
             ExitCode::from(1)

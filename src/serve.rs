@@ -7,21 +7,32 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
+use thinline_format::{FileStorage, Format, detect};
 use thinline_nbd::export::Export;
+use thinline_nbd::image::{ImageExport, ImageOptions};
 use thinline_nbd::raw::{IoEngine, RawExport, RawOptions};
+
+use crate::image::OpenArgs;
 use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
 
-/// Serve raw images and block devices over NBD.
+/// Serve disk images (raw, qcow2, VHD, VMDK) and block devices over NBD.
 ///
 /// Each IMAGE becomes one export; `NAME=IMAGE` names it (otherwise its file name is
-/// used), and the first image is also the default export "". Without IMAGE, a sparse
-/// 1 GiB sample image is created (or reused) in $TMPDIR and served.
+/// used), and the first image is also the default export "". The format is detected
+/// from the content unless --format says otherwise. Raw images and block devices are
+/// served read-write (unless -r); qcow2, VHD and VMDK images are served read-only as
+/// the raw disk they describe, backing chain included, with block status in
+/// `base:allocation` and `qemu:allocation-depth`. Without IMAGE, a sparse 1 GiB sample
+/// image is created (or reused) in $TMPDIR and served.
 #[derive(Debug, Args)]
 #[command(after_long_help = EXAMPLES)]
 pub struct ServeArgs {
-    /// Images to export: a raw file or a block device, optionally named NAME=IMAGE.
+    /// Images to export: image files or block devices, optionally named NAME=IMAGE.
     #[arg(value_name = "[NAME=]IMAGE")]
     images: Vec<String>,
+
+    #[command(flatten)]
+    open: OpenArgs,
 
     /// Listen on a unix socket (mode 0660; a stale socket is replaced, anything else
     /// at PATH is refused).
@@ -88,10 +99,28 @@ Examples:
   thinline serve --listen 0.0.0.0:10809 -r --max-connections 8 base=base.img data=/dev/vg/data
   qemu-img info nbd://127.0.0.1:10809/base
 
+  # A qcow2 template with its backing chain, read-only, with allocation depth
+  thinline serve --socket /run/thinline/tmpl.sock template.qcow2
+  nbdinfo --map=qemu:allocation-depth 'nbd+unix:///?socket=/run/thinline/tmpl.sock'
+
+  # Force the format (a raw disk that happens to start with a qcow2 magic)
+  thinline serve --format raw --socket /run/thinline/disk.sock disk.img
+
   # Attach with the kernel client (4 connections: the exports are multi-conn safe)
   nbd-client -unix /run/thinline/disk.sock /dev/nbd0 -b 4096 -C 4
 
 Stop with SIGTERM or Ctrl-C: requests in flight finish, data is flushed, exit status 0.";
+
+/// An export opened from the command line, for the report.
+#[derive(Debug)]
+struct Opened {
+    name: String,
+    path: PathBuf,
+    format: Format,
+    backing_chain: Vec<String>,
+    size: u64,
+    read_only: bool,
+}
 
 /// Size of the sample image created when no image is given.
 const SAMPLE_SIZE: u64 = 1 << 30;
@@ -100,6 +129,9 @@ const SAMPLE_SIZE: u64 = 1 << 30;
 struct ExportReport {
     name: String,
     path: PathBuf,
+    format: Format,
+    /// Files of the backing chain below the image, top first.
+    backing_chain: Vec<String>,
     size: u64,
     read_only: bool,
     uris: Vec<String>,
@@ -172,7 +204,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         io_engine: args.io_engine.into(),
     };
     let mut exports = ExportSet::new();
-    let mut opened: Vec<(String, PathBuf, u64, bool)> = Vec::new();
+    let mut opened: Vec<Opened> = Vec::new();
     for spec in &images {
         let (name, path) = parse_image_spec(spec);
         let path = Path::new(path);
@@ -188,14 +220,39 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                     )
                 })?,
         };
-        let export = RawExport::open(path, &options)?;
-        opened.push((
-            name.clone(),
-            path.to_owned(),
-            export.size(),
-            export.capabilities().read_only,
-        ));
-        exports.add(&name, Arc::new(export))?;
+        let format = match args.open.format.format() {
+            Some(format) => format,
+            None => detect(&*FileStorage::open(path)?)?,
+        };
+        let (export, backing_chain): (Arc<dyn Export>, Vec<String>) = if format == Format::Raw {
+            (Arc::new(RawExport::open(path, &options)?), Vec::new())
+        } else {
+            let image_options = ImageOptions {
+                open: thinline_format::OpenOptions {
+                    format: Some(format),
+                    ..args.open.options()
+                },
+                io_engine: options.io_engine,
+            };
+            let export = ImageExport::open(path, &image_options)?;
+            if !args.read_only {
+                tracing::info!(image = %path.display(), %format, "{format} images are served read-only");
+            }
+            let chain = export.image().layers()[1..]
+                .iter()
+                .map(|l| l.files()[0].name().to_owned())
+                .collect();
+            (Arc::new(export), chain)
+        };
+        opened.push(Opened {
+            name: name.clone(),
+            path: path.to_owned(),
+            format,
+            backing_chain,
+            size: export.size(),
+            read_only: export.capabilities().read_only,
+        });
+        exports.add(&name, export)?;
     }
 
     let config = ServerConfig {
@@ -222,7 +279,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             exports: opened
                 .iter()
                 .enumerate()
-                .map(|(i, (name, path, size, read_only))| {
+                .map(|(i, o)| {
+                    let Opened {
+                        name,
+                        path,
+                        format,
+                        backing_chain,
+                        size,
+                        read_only,
+                    } = o;
                     let mut uris = Vec::new();
                     for l in &listeners {
                         for n in if i == 0 {
@@ -245,6 +310,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                     ExportReport {
                         name: name.clone(),
                         path: path.clone(),
+                        format: *format,
+                        backing_chain: backing_chain.clone(),
                         size: *size,
                         read_only: *read_only,
                         uris,
@@ -275,11 +342,15 @@ fn print_report(report: &ServeReport, json: bool) -> anyhow::Result<()> {
         };
         writeln!(
             out,
-            "serving {:?}: {} ({} bytes, {mode})",
+            "serving {:?}: {} ({}, {} bytes, {mode})",
             e.name,
             e.path.display(),
+            e.format,
             e.size
         )?;
+        for b in &e.backing_chain {
+            writeln!(out, "  backed by {b}")?;
+        }
     }
     let first = &report.exports[0];
     let uri = &first.uris[0];

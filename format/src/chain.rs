@@ -576,27 +576,88 @@ impl Image {
         fetch: Fetch,
         max: usize,
     ) -> Result<Vec<Allocation>> {
+        let mut out: Vec<Allocation> = Vec::new();
+        self.classify(offset, length, fetch, max, |e| {
+            let a = Allocation {
+                length: e.length,
+                hole: e.hole,
+                zero: e.zero,
+                depth: e.depth,
+            };
+            match out.last_mut() {
+                Some(last) if (last.hole, last.zero, last.depth) == (a.hole, a.zero, a.depth) => {
+                    last.length += a.length;
+                }
+                _ => out.push(a),
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Map entries like `qemu-img map --output=json` for `[offset, offset + length)`,
+    /// with host locations, merged where flags match and locations continue.
+    pub fn map_entries(
+        &self,
+        offset: u64,
+        length: u64,
+        fetch: Fetch,
+        max: usize,
+    ) -> Result<Vec<MapEntry>> {
+        let mut out: Vec<MapEntry> = Vec::new();
+        self.classify(offset, length, fetch, max, |e| {
+            if let Some(last) = out.last_mut() {
+                let same = (last.hole, last.zero, last.depth, last.compressed)
+                    == (e.hole, e.zero, e.depth, e.compressed)
+                    && match (last.location, e.location) {
+                        (None, None) => true,
+                        (Some((l1, f1, o1)), Some((l2, f2, o2))) => {
+                            l1 == l2 && f1 == f2 && o1 + last.length == o2
+                        }
+                        _ => false,
+                    };
+                if same {
+                    last.length += e.length;
+                    return;
+                }
+            }
+            out.push(e);
+        })?;
+        Ok(out)
+    }
+
+    /// Maps a range and calls `emit` with each piece's block status, in order.
+    fn classify(
+        &self,
+        offset: u64,
+        length: u64,
+        fetch: Fetch,
+        max: usize,
+        mut emit: impl FnMut(MapEntry),
+    ) -> Result<()> {
         let mut extents = Vec::new();
         self.map(offset, length, fetch, max, &mut extents)?;
-        let mut out: Vec<Allocation> = Vec::new();
-        let mut add = |a: Allocation| match out.last_mut() {
-            Some(last) if (last.hole, last.zero, last.depth) == (a.hole, a.zero, a.depth) => {
-                last.length += a.length;
-            }
-            _ => out.push(a),
-        };
+        let mut start = offset;
         for extent in &extents {
             let depth = extent.depth();
+            let plain = |length, hole, zero, compressed| MapEntry {
+                start: 0,
+                length,
+                depth,
+                hole,
+                zero,
+                compressed,
+                location: None,
+            };
             match extent.place {
                 Place::Data {
                     layer,
                     file,
-                    offset,
+                    offset: host,
                     raw,
                 } => {
                     let storage = &*self.layers[layer].files()[file];
-                    let end = offset + extent.length;
-                    let mut pos = offset;
+                    let end = host + extent.length;
+                    let mut pos = host;
                     while pos < end {
                         let io_err = |source| Error::Io {
                             path: storage.name().to_owned(),
@@ -610,44 +671,52 @@ impl Image {
                             .map_err(io_err)?
                             .unwrap_or(end)
                             .min(end);
-                        if data > pos {
-                            add(Allocation {
-                                length: data - pos,
-                                hole: raw,
-                                zero: true,
-                                depth,
-                            });
-                            pos = data;
-                            continue;
-                        }
-                        let hole = storage.next_hole(pos).map_err(io_err)?.clamp(pos + 1, end);
-                        add(Allocation {
-                            length: hole - pos,
-                            hole: false,
-                            zero: false,
-                            depth,
+                        let (next, hole, zero) = if data > pos {
+                            (data, raw, true)
+                        } else {
+                            let hole = storage.next_hole(pos).map_err(io_err)?.clamp(pos + 1, end);
+                            (hole, false, false)
+                        };
+                        emit(MapEntry {
+                            start: start + (pos - host),
+                            location: Some((layer, file, pos)),
+                            ..plain(next - pos, hole, zero, false)
                         });
-                        pos = hole;
+                        pos = next;
                     }
                 }
-                Place::Compressed { .. } => add(Allocation {
-                    length: extent.length,
-                    hole: false,
-                    zero: false,
-                    depth,
+                Place::Compressed { .. } => emit(MapEntry {
+                    start,
+                    ..plain(extent.length, false, false, true)
                 }),
-                Place::Zero { .. } | Place::Unallocated => {
-                    add(Allocation {
-                        length: extent.length,
-                        hole: true,
-                        zero: true,
-                        depth,
-                    });
-                }
+                Place::Zero { .. } | Place::Unallocated => emit(MapEntry {
+                    start,
+                    ..plain(extent.length, true, true, false)
+                }),
             }
+            start += extent.length;
         }
-        Ok(out)
+        Ok(())
     }
+}
+
+/// One run of `image map`: block status plus where the bytes are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MapEntry {
+    /// Guest offset.
+    pub start: u64,
+    /// Bytes covered.
+    pub length: u64,
+    /// 0 = allocated in no layer, 1 = the top image, 2 = its backing, …
+    pub depth: u32,
+    /// No storage is allocated.
+    pub hole: bool,
+    /// Reads as zeroes.
+    pub zero: bool,
+    /// Stored compressed.
+    pub compressed: bool,
+    /// (layer, file index, host offset) of uncompressed data.
+    pub location: Option<(usize, usize, u64)>,
 }
 
 /// Appends `extent`, merging it into the previous one when they continue each other.

@@ -82,6 +82,9 @@ pub enum Error {
         /// Why.
         reason: &'static str,
     },
+    /// An image could not be opened, mapped or decoded.
+    #[error(transparent)]
+    Format(#[from] thinline_format::Error),
     /// No exports were configured.
     #[error("no exports configured")]
     NoExports,
@@ -111,6 +114,7 @@ impl Error {
             Error::Io { source, .. } => io_errno(source),
             Error::FastZeroUnsupported { .. } => errno::ENOTSUP,
             Error::ReadOnly { .. } => errno::EPERM,
+            Error::Format(thinline_format::Error::Io { source, .. }) => io_errno(source),
             _ => errno::EIO,
         }
     }

@@ -10,6 +10,8 @@
 //! - [`request`]: turns request headers into commands or the spec's error.
 //! - [`export`]: the [`Export`](export::Export) trait every served disk implements.
 //! - [`raw`]: raw files and block devices.
+//! - [`image`]: qcow2, VHD, VMDK and raw images with backing chains, read-only, through
+//!   `thinline-format`'s mapping plans.
 //! - [`server`]: listeners, connection limits, graceful shutdown.
 //!
 //! Serving a file takes a few lines:
@@ -33,7 +35,9 @@
 
 mod error;
 pub mod export;
+mod fileio;
 mod handshake;
+pub mod image;
 pub mod proto;
 pub mod raw;
 pub mod request;

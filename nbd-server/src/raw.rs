@@ -16,7 +16,7 @@
 //! cover writes acknowledged on every connection: the export is multi-conn safe.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -32,6 +32,7 @@ use rustix::io::{Errno, ReadWriteFlags};
 use tracing::debug;
 
 use crate::export::{BlockSizes, Capabilities, Export, Extent, ReadChunk, ZeroFlags};
+use crate::fileio;
 use crate::proto::state;
 use crate::uring::{self, IoUringEngine};
 use crate::{Error, Result};
@@ -225,63 +226,26 @@ impl RawExport {
 
     /// Reads exactly `length` bytes at `offset`, inline if the page cache has them.
     async fn read_data(&self, offset: u64, length: usize) -> Result<Bytes> {
-        let mut buf = BytesMut::zeroed(length);
-        let mut done = 0;
-        if self.nowait_reads.load(Ordering::Relaxed) {
-            while done < length {
-                let mut iov = [IoSliceMut::new(&mut buf[done..])];
-                match rustix::io::preadv2(
-                    &*self.file,
-                    &mut iov,
-                    offset + done as u64,
-                    ReadWriteFlags::NOWAIT,
-                ) {
-                    Ok(0) => break,
-                    Ok(n) => done += n,
-                    Err(Errno::AGAIN) => break,
-                    Err(Errno::INTR) => {}
-                    Err(Errno::OPNOTSUPP | Errno::INVAL | Errno::NOSYS) => {
-                        self.nowait_reads.store(false, Ordering::Relaxed);
-                        break;
-                    }
-                    Err(e) => return Err(self.io_error("read", offset, length as u64, e.into())),
-                }
-            }
-        }
-        if done == length {
-            return Ok(buf.freeze());
-        }
-        let size = self.size;
-        let path = self.path.clone();
-        let start = offset + done as u64;
-        let rest_len = (length - done) as u64;
-        let rest = buf.split_off(done);
-        let rest = match &self.uring {
-            Some(engine) => engine
-                .read_exact_at(&self.file, rest, start)
-                .await
-                .map_err(|e| self.io_error("read", start, rest_len, e)),
-            None => {
-                self.blocking("read", start, rest_len, move |file| {
-                    let mut rest = rest;
-                    read_exact_at(file, &mut rest, start)?;
-                    Ok(rest)
-                })
-                .await
-            }
-        }
-        .map_err(|e| match e {
-            Error::Io { source, .. } if source.kind() == io::ErrorKind::UnexpectedEof => {
+        fileio::read_exact(
+            &self.file,
+            self.uring.as_ref(),
+            &self.nowait_reads,
+            offset,
+            length,
+        )
+        .await
+        .map(BytesMut::freeze)
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
                 Error::ShortRead {
-                    path,
-                    offset: start,
-                    size,
+                    path: self.path.clone(),
+                    offset,
+                    size: self.size,
                 }
+            } else {
+                self.io_error("read", offset, length as u64, e)
             }
-            other => other,
-        })?;
-        buf.unsplit(rest);
-        Ok(buf.freeze())
+        })
     }
 
     fn since_opened(&self) -> u64 {
@@ -324,21 +288,6 @@ impl RawExport {
         }
         allocation_extents(&self.file, offset, end, max)
     }
-}
-
-fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
-    while !buf.is_empty() {
-        match file.read_at(buf, offset) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => {
-                buf = &mut buf[n..];
-                offset += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Walks `SEEK_DATA`/`SEEK_HOLE` over `[offset, end)`; `(length, is_hole)` pairs.

@@ -34,6 +34,11 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 cd "$fuzz_dir"
+# The image targets start from small images made by qemu-img (not kept in git).
+if [ ! -d seeds/qcow2 ] || [ ! -d seeds/vhd ] || [ ! -d seeds/vmdk ]; then
+  log "making image seeds with qemu-img"
+  seeds/make-image-seeds.sh >/dev/null
+fi
 mapfile -t all_targets < <(cargo fuzz list)
 if [ $# -gt 0 ]; then targets=("$@"); else targets=("${all_targets[@]}"); fi
 [ ${#targets[@]} -gt 0 ] || { log "no fuzz targets found in $fuzz_dir"; exit 1; }

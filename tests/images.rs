@@ -1,0 +1,792 @@
+//! Image exports end to end: qcow2, VHD, VMDK and raw images (and chains across them)
+//! made by qemu-img, served by `thinline serve` and checked with real clients against
+//! qemu: `qemu-img compare` for the bytes, `nbdinfo --map` against `qemu-nbd -A` for
+//! where data lives, plus the CLI (`thinline image …`), read-only guarantees and a
+//! randomised property test.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const TOOLS: &[&str] = &["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"];
+
+fn q(dir: &Path, args: &[&str]) {
+    run(Command::new("qemu-img").args(args).current_dir(dir));
+}
+
+fn qio(dir: &Path, fmt: &str, path: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", fmt]).current_dir(dir);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(path);
+    run(&mut c);
+}
+
+/// One fixture: a path and its qemu format name.
+struct Img {
+    name: &'static str,
+    path: PathBuf,
+    qemu_fmt: &'static str,
+}
+
+/// Fixtures across formats and chains, in `dir`.
+fn fixtures(dir: &Path) -> Vec<Img> {
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_owned();
+    q(dir, &["create", "-q", "-f", "raw", &p("base.raw"), "64M"]);
+    qio(
+        dir,
+        "raw",
+        &p("base.raw"),
+        &[
+            "write -P 0xaa 0 1M",
+            "write -P 0xbb 10M 3M",
+            "write -z 20M 1M",
+            "write -P 0xcd 33554943 70001",
+        ],
+    );
+    // qcow2 overlay over raw: data, zero (both kinds), discard, odd partial writes.
+    q(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            &p("ovl.qcow2"),
+            "64M",
+        ],
+    );
+    qio(
+        dir,
+        "qcow2",
+        &p("ovl.qcow2"),
+        &[
+            "write -P 0x11 0 64k",
+            "write -z 64k 64k",
+            "write -z -u 128k 64k",
+            "discard 10M 64k",
+            "write -P 0x22 12345 3000",
+            "write -P 0x33 40M 1M",
+        ],
+    );
+    // Compressed qcow2 and a VHD, a VMDK sparse and a streamOptimized VMDK of the base.
+    q(
+        dir,
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            &p("base.raw"),
+            &p("comp.qcow2"),
+        ],
+    );
+    q(
+        dir,
+        &[
+            "convert",
+            "-O",
+            "vpc",
+            "-o",
+            "subformat=dynamic,force_size=on",
+            &p("base.raw"),
+            &p("dyn.vhd"),
+        ],
+    );
+    q(
+        dir,
+        &[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=monolithicSparse",
+            &p("base.raw"),
+            &p("sparse.vmdk"),
+        ],
+    );
+    q(
+        dir,
+        &[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            &p("base.raw"),
+            &p("stream.vmdk"),
+        ],
+    );
+    // A chain across formats: qcow2 over VHD over raw, and qcow2 over VMDK.
+    q(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "dyn.vhd",
+            "-F",
+            "vpc",
+            &p("over-vhd.qcow2"),
+            "64M",
+        ],
+    );
+    qio(
+        dir,
+        "qcow2",
+        &p("over-vhd.qcow2"),
+        &["write -P 0x44 1M 2M", "write -z 11M 128k"],
+    );
+    q(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "sparse.vmdk",
+            "-F",
+            "vmdk",
+            &p("over-vmdk.qcow2"),
+            "64M",
+        ],
+    );
+    qio(
+        dir,
+        "qcow2",
+        &p("over-vmdk.qcow2"),
+        &["write -P 0x55 30M 100k"],
+    );
+    // Extended L2 over a backing file, and a backing file shorter than its overlay.
+    q(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=128k",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            &p("el2.qcow2"),
+            "64M",
+        ],
+    );
+    qio(
+        dir,
+        "qcow2",
+        &p("el2.qcow2"),
+        &[
+            "write -P 0xcc 4k 4k",
+            "write -z 1M 64k",
+            "write -z -u 10M 128k",
+        ],
+    );
+    q(dir, &["create", "-q", "-f", "raw", &p("small.raw"), "10M"]);
+    qio(dir, "raw", &p("small.raw"), &["write -P 0x66 0 10M"]);
+    q(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "small.raw",
+            "-F",
+            "raw",
+            &p("short.qcow2"),
+            "64M",
+        ],
+    );
+    qio(
+        dir,
+        "qcow2",
+        &p("short.qcow2"),
+        &["write -P 0x77 5M 64k", "write -P 0x78 30M 64k"],
+    );
+    let img = |name: &'static str, qemu_fmt: &'static str| Img {
+        name,
+        path: dir.join(name),
+        qemu_fmt,
+    };
+    vec![
+        img("base.raw", "raw"),
+        img("ovl.qcow2", "qcow2"),
+        img("comp.qcow2", "qcow2"),
+        img("dyn.vhd", "vpc"),
+        img("sparse.vmdk", "vmdk"),
+        img("stream.vmdk", "vmdk"),
+        img("over-vhd.qcow2", "qcow2"),
+        img("over-vmdk.qcow2", "qcow2"),
+        img("el2.qcow2", "qcow2"),
+        img("short.qcow2", "qcow2"),
+    ]
+}
+
+/// `qemu-nbd -r -A` serving one image on a unix socket.
+struct QemuNbd {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl QemuNbd {
+    fn start(image: &Path, qemu_fmt: &str, socket: PathBuf) -> QemuNbd {
+        let child = Command::new("qemu-nbd")
+            .args(["-r", "-A", "-t", "-f", qemu_fmt, "-k"])
+            .arg(&socket)
+            .arg(image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn qemu-nbd");
+        let q = QemuNbd { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let ok = Command::new("nbdinfo")
+                .args(["--size", &q.uri()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return q;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("qemu-nbd did not start serving {}", image.display());
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `nbdinfo --map[=CONTEXT] --json` as merged `(offset, length, type)` runs.
+fn nbd_map(uri: &str, context: &str) -> Vec<(u64, u64, u64)> {
+    let map_arg = if context.is_empty() {
+        "--map".to_owned()
+    } else {
+        format!("--map={context}")
+    };
+    let out = stdout(Command::new("nbdinfo").args([map_arg.as_str(), "--json", uri]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+    for e in v.as_array().unwrap() {
+        let (offset, length, kind) = (
+            e["offset"].as_u64().unwrap(),
+            e["length"].as_u64().unwrap(),
+            e["type"].as_u64().unwrap(),
+        );
+        match runs.last_mut() {
+            Some(last) if last.2 == kind && last.0 + last.1 == offset => last.1 += length,
+            _ => runs.push((offset, length, kind)),
+        }
+    }
+    runs
+}
+
+fn assert_same_map(what: &str, ours: &[(u64, u64, u64)], theirs: &[(u64, u64, u64)]) {
+    if ours != theirs {
+        let i = ours
+            .iter()
+            .zip(theirs)
+            .position(|(a, b)| a != b)
+            .unwrap_or(ours.len().min(theirs.len()));
+        panic!(
+            "{what}: first difference at run {i}: thinline {:?}, qemu-nbd {:?}\nthinline: {ours:?}\nqemu-nbd: {theirs:?}",
+            ours.get(i),
+            theirs.get(i)
+        );
+    }
+}
+
+#[test]
+fn served_images_match_qemu_bytes_and_maps() {
+    if !require(TOOLS) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let images = fixtures(dir.path());
+    let specs: Vec<String> = images
+        .iter()
+        .map(|i| format!("{}={}", i.name, i.path.display()))
+        .collect();
+    let spec_refs: Vec<&str> = specs.iter().map(String::as_str).collect();
+    let served = Served::unix(dir.path(), &[], &spec_refs);
+    for (n, img) in images.iter().enumerate() {
+        let uri = served.uri(img.name);
+        let out = run(Command::new("qemu-img")
+            .args(["compare", "-f", img.qemu_fmt, "-F", "raw"])
+            .arg(&img.path)
+            .arg(&uri));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("identical"),
+            "{}: {:?}",
+            img.name,
+            out
+        );
+        let qemu = QemuNbd::start(
+            &img.path,
+            img.qemu_fmt,
+            dir.path().join(format!("q{n}.sock")),
+        );
+        for context in ["", "qemu:allocation-depth"] {
+            assert_same_map(
+                &format!(
+                    "{} {}",
+                    img.name,
+                    if context.is_empty() {
+                        "base:allocation"
+                    } else {
+                        context
+                    }
+                ),
+                &nbd_map(&uri, context),
+                &nbd_map(&qemu.uri(), context),
+            );
+        }
+    }
+}
+
+#[test]
+fn image_cli_converts_maps_and_checks_like_qemu() {
+    if !require(TOOLS) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for img in fixtures(dir.path()) {
+        let ours = dir.path().join(format!("{}.thinline.raw", img.name));
+        let theirs = dir.path().join(format!("{}.qemu.raw", img.name));
+        run(Command::new(thinline())
+            .args(["image", "convert", "-O", "raw"])
+            .arg(&img.path)
+            .arg(&ours));
+        q(
+            dir.path(),
+            &[
+                "convert",
+                "-f",
+                img.qemu_fmt,
+                "-O",
+                "raw",
+                img.path.to_str().unwrap(),
+                theirs.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            read_file(&ours) == read_file(&theirs),
+            "{}: converted bytes differ from qemu-img convert",
+            img.name
+        );
+        // Sparse: no more blocks allocated than qemu's output.
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = (
+            std::fs::metadata(&ours).unwrap().blocks(),
+            std::fs::metadata(&theirs).unwrap().blocks(),
+        );
+        assert!(
+            a <= b + 8,
+            "{}: output not sparse ({a} blocks, qemu {b})",
+            img.name
+        );
+
+        let info: serde_json::Value = serde_json::from_str(&stdout(
+            Command::new(thinline())
+                .args(["image", "info", "--json"])
+                .arg(&img.path),
+        ))
+        .unwrap();
+        let qinfo: serde_json::Value = serde_json::from_str(&stdout(
+            Command::new("qemu-img")
+                .args([
+                    "info",
+                    "--output=json",
+                    "--backing-chain",
+                    "-f",
+                    img.qemu_fmt,
+                ])
+                .arg(&img.path),
+        ))
+        .unwrap();
+        let qchain = qinfo.as_array().unwrap();
+        assert_eq!(
+            info["virtual_size"], qchain[0]["virtual-size"],
+            "{}: virtual size",
+            img.name
+        );
+        assert_eq!(
+            info["chain"].as_array().unwrap().len(),
+            qchain.len(),
+            "{}: chain length",
+            img.name
+        );
+
+        let map: serde_json::Value = serde_json::from_str(&stdout(
+            Command::new(thinline())
+                .args(["image", "map", "--json"])
+                .arg(&img.path),
+        ))
+        .unwrap();
+        let total: u64 = map
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["length"].as_u64().unwrap())
+            .sum();
+        assert_eq!(
+            total,
+            info["virtual_size"].as_u64().unwrap(),
+            "{}: map covers the disk",
+            img.name
+        );
+
+        let status = Command::new(thinline())
+            .args(["image", "check"])
+            .arg(&img.path)
+            .status()
+            .unwrap();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{}: check of a clean image",
+            img.name
+        );
+    }
+}
+
+/// Every file of every fixture, with its bytes and mtime.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>, std::time::SystemTime)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file() && !p.extension().is_some_and(|e| e == "sock"))
+        .map(|p| {
+            let m = std::fs::metadata(&p).unwrap().modified().unwrap();
+            let bytes = read_file(&p);
+            (p, bytes, m)
+        })
+        .collect();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    files
+}
+
+#[test]
+fn inspecting_and_serving_never_changes_a_template() {
+    if !require(TOOLS) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let images = fixtures(dir.path());
+    // Make the dirty/corrupt cases too: a dirty lazy-refcount image and a corrupt one.
+    let before = snapshot(dir.path());
+    let out = tempfile::tempdir().unwrap();
+    for img in &images {
+        for args in [&["info", "--json"][..], &["map"][..], &["check"][..]] {
+            let _ = Command::new(thinline())
+                .arg("image")
+                .args(args)
+                .arg(&img.path)
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+        }
+        let raw = out.path().join("x.raw");
+        run(Command::new(thinline())
+            .args(["image", "convert", "-O", "raw"])
+            .arg(&img.path)
+            .arg(&raw));
+    }
+    let specs: Vec<String> = images
+        .iter()
+        .map(|i| format!("{}={}", i.name, i.path.display()))
+        .collect();
+    let spec_refs: Vec<&str> = specs.iter().map(String::as_str).collect();
+    {
+        let sock_dir = tempfile::tempdir().unwrap();
+        let mut served = Served::unix(sock_dir.path(), &[], &spec_refs);
+        for img in &images {
+            let uri = served.uri(img.name);
+            run(Command::new("nbdcopy").arg(&uri).arg("null:"));
+            // Writes are refused: templates are read-only.
+            let w = Command::new("qemu-io")
+                .args(["-f", "raw", "-c", "write 0 4k", &uri])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&w.stdout).to_string()
+                + &String::from_utf8_lossy(&w.stderr);
+            assert!(
+                !w.status.success()
+                    || text.contains("read-only")
+                    || text.contains("Operation not permitted"),
+                "{}: write was not refused: {text}",
+                img.name
+            );
+        }
+        served.terminate(Duration::from_secs(10));
+    }
+    let after = snapshot(dir.path());
+    assert_eq!(before.len(), after.len());
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(b.0, a.0);
+        assert!(b.1 == a.1, "{} changed", b.0.display());
+        assert_eq!(b.2, a.2, "{} mtime changed", b.0.display());
+    }
+}
+
+#[test]
+fn refused_images_name_the_file_and_reason_and_serve_nothing() {
+    if !require(TOOLS) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_owned();
+    q(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=sec0,data=pass",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0",
+            &p("luks.qcow2"),
+            "16M",
+        ],
+    );
+    q(d, &["create", "-q", "-f", "qcow2", &p("a.qcow2"), "16M"]);
+    q(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "a.qcow2",
+            "-F",
+            "qcow2",
+            &p("b.qcow2"),
+            "16M",
+        ],
+    );
+    q(
+        d,
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "b.qcow2",
+            "-F",
+            "qcow2",
+            "-f",
+            "qcow2",
+            &p("a.qcow2"),
+        ],
+    );
+    q(d, &["create", "-q", "-f", "raw", &p("base.raw"), "16M"]);
+    q(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "missing.raw",
+            "-F",
+            "raw",
+            "-u",
+            &p("orphan.qcow2"),
+            "16M",
+        ],
+    );
+    for (image, words) in [
+        ("luks.qcow2", &["luks.qcow2", "encrypt"][..]),
+        ("a.qcow2", &["loop"][..]),
+        ("orphan.qcow2", &["orphan.qcow2", "missing.raw"][..]),
+    ] {
+        for cmd in [&["image", "info"][..], &["serve", "--socket"][..]] {
+            let mut c = Command::new(thinline());
+            c.args(cmd);
+            if cmd[0] == "serve" {
+                c.arg(d.join("refused.sock"));
+            }
+            let out = c.arg(d.join(image)).stdin(Stdio::null()).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+            assert_eq!(out.status.code(), Some(1), "{image} {cmd:?}: {err}");
+            for w in words {
+                assert!(
+                    err.contains(&w.to_lowercase()),
+                    "{image} {cmd:?}: error does not mention {w:?}: {err}"
+                );
+            }
+            assert!(
+                !d.join("refused.sock").exists(),
+                "{image}: nothing is served"
+            );
+        }
+    }
+}
+
+/// A small xorshift PRNG: the property test is reproducible from the printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[test]
+fn random_chains_with_random_writes_read_like_qemu() {
+    if !require(TOOLS) {
+        return;
+    }
+    let seed = std::env::var("THINLINE_PROPTEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("property test seed: {seed} (THINLINE_PROPTEST_SEED={seed} reproduces it)");
+    let mut rng = Rng(seed);
+    const SIZE: u64 = 16 << 20;
+    for round in 0..6 {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let depth = 1 + rng.below(4);
+        // The bottom layer's format, then overlays: qcow2 over anything, vmdk over vmdk.
+        let mut layers: Vec<(String, &'static str)> = Vec::new();
+        let mut history = String::new();
+        for level in 0..depth {
+            let (name, fmt) = if level == 0 {
+                match rng.below(4) {
+                    0 => ("l0.raw".to_owned(), "raw"),
+                    1 => ("l0.qcow2".to_owned(), "qcow2"),
+                    2 => ("l0.vhd".to_owned(), "vpc"),
+                    _ => ("l0.vmdk".to_owned(), "vmdk"),
+                }
+            } else if layers.last().unwrap().1 == "vmdk" && rng.below(2) == 0 {
+                (format!("l{level}.vmdk"), "vmdk")
+            } else {
+                (format!("l{level}.qcow2"), "qcow2")
+            };
+            let path = d.join(&name).to_str().unwrap().to_owned();
+            let size = SIZE.to_string();
+            let mut args = vec!["create", "-q", "-f", fmt];
+            let cluster = format!("cluster_size={}", 512u64 << rng.below(12));
+            if fmt == "vpc" {
+                args.extend(["-o", "force_size=on"]);
+            }
+            if fmt == "qcow2" {
+                args.extend(["-o", cluster.as_str()]);
+            }
+            let below;
+            if let Some((parent, pfmt)) = layers.last() {
+                below = parent.clone();
+                args.extend(["-b", below.as_str(), "-F", pfmt]);
+            }
+            args.extend([path.as_str(), size.as_str()]);
+            q(d, &args);
+            history.push_str(&format!("{args:?}\n"));
+            let mut cmds = Vec::new();
+            for _ in 0..(1 + rng.below(12)) {
+                let off = rng.below(SIZE - 1);
+                let len = (1 + rng.below(300_000)).min(SIZE - off);
+                let (off, len) = if fmt == "raw" || rng.below(2) == 0 {
+                    (off, len)
+                } else {
+                    (off & !511, (len + 511) & !511)
+                };
+                let len = len.min(SIZE - off);
+                cmds.push(match rng.below(5) {
+                    0 if fmt == "qcow2" => format!("write -z {off} {len}"),
+                    1 if fmt == "qcow2" => format!(
+                        "discard {} {}",
+                        off & !511,
+                        ((len + 511) & !511).min(SIZE - (off & !511))
+                    ),
+                    _ => format!("write -P {} {off} {len}", 1 + rng.below(254)),
+                });
+            }
+            let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+            history.push_str(&format!("{cmds:?}\n"));
+            qio(d, fmt, &path, &refs);
+            layers.push((name, fmt));
+        }
+        let (top, fmt) = layers.last().unwrap();
+        let top = d.join(top);
+        let ours = d.join("ours.raw");
+        let theirs = d.join("theirs.raw");
+        let out = Command::new(thinline())
+            .args(["image", "convert", "-O", "raw"])
+            .arg(&top)
+            .arg(&ours)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "round {round} (seed {seed}): convert failed: {}\n{history}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        q(
+            d,
+            &[
+                "convert",
+                "-f",
+                fmt,
+                "-O",
+                "raw",
+                top.to_str().unwrap(),
+                theirs.to_str().unwrap(),
+            ],
+        );
+        let (a, b) = (read_file(&ours), read_file(&theirs));
+        if a != b {
+            let i = a.iter().zip(&b).position(|(x, y)| x != y).unwrap_or(0);
+            panic!(
+                "round {round} (seed {seed}): byte {i} differs: thinline {:#x}, qemu {:#x}\n{history}",
+                a.get(i).copied().unwrap_or(0),
+                b.get(i).copied().unwrap_or(0)
+            );
+        }
+    }
+}
