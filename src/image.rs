@@ -385,7 +385,7 @@ fn check(args: &CheckArgs) -> anyhow::Result<u8> {
             },
             Err(e) => LayerCheck {
                 path,
-                failure: Some(e.to_string()),
+                failure: Some(e.detail()),
                 errors: Vec::new(),
                 warnings: Vec::new(),
                 stats: Vec::new(),

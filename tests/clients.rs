@@ -44,7 +44,10 @@ fn nbdinfo_json_reports_every_flag_and_context_of_a_writable_export() {
     }
     assert_eq!(e["is_read_only"], false);
     assert_eq!(e["export-size"], 64 * MIB);
-    assert_eq!(e["contexts"], serde_json::json!(["base:allocation"]));
+    assert_eq!(
+        e["contexts"],
+        serde_json::json!(["base:allocation", "qemu:allocation-depth"])
+    );
     assert_eq!(e["block_size_minimum"], 1);
     assert_eq!(e["block_size_preferred"], 4096);
     assert_eq!(e["block_size_maximum"], 32 * MIB);
@@ -75,7 +78,10 @@ fn nbdinfo_json_reports_a_read_only_export_over_tcp() {
     ] {
         assert_eq!(e[flag], true, "{flag} in {e:#}");
     }
-    assert_eq!(e["contexts"], serde_json::json!(["base:allocation"]));
+    assert_eq!(
+        e["contexts"],
+        serde_json::json!(["base:allocation", "qemu:allocation-depth"])
+    );
 }
 
 #[test]
@@ -308,13 +314,18 @@ h.set_opt_mode(True)
 h.connect_uri(URI)
 found = []
 h.opt_list_meta_context(lambda name: found.append(name))
-assert found == ["base:allocation"], found
+assert found == ["base:allocation", "qemu:allocation-depth"], found
 h.add_meta_context("base:")
 wild = []
 h.opt_list_meta_context(lambda name: wild.append(name))
 assert wild == ["base:allocation"], wild
 h.clear_meta_contexts()
-h.add_meta_context("qemu:allocation-depth")
+h.add_meta_context("qemu:")
+qemu = []
+h.opt_list_meta_context(lambda name: qemu.append(name))
+assert qemu == ["qemu:allocation-depth"], qemu
+h.clear_meta_contexts()
+h.add_meta_context("qemu:dirty-bitmap:none")
 none = []
 h.opt_list_meta_context(lambda name: none.append(name))
 assert none == [], none

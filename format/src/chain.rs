@@ -275,7 +275,7 @@ impl Image {
                         parent_storage = Some(s);
                         break;
                     }
-                    Err(e) => failures.push(e.to_string()),
+                    Err(e) => failures.push(e.detail()),
                 }
             }
             let Some(parent_storage) = parent_storage else {

@@ -8,7 +8,7 @@ use std::io;
 #[non_exhaustive]
 pub enum Error {
     /// Reading an image file failed.
-    #[error("{path}: {op} of {length} bytes at offset {offset} failed: {source}")]
+    #[error("{path}: {op} of {length} bytes at offset {offset} failed")]
     Io {
         /// File or URI.
         path: String,
@@ -23,7 +23,7 @@ pub enum Error {
         source: io::Error,
     },
     /// A file could not be opened.
-    #[error("{path}: cannot open: {source}")]
+    #[error("{path}: cannot open")]
     Open {
         /// File or URI.
         path: String,
@@ -107,6 +107,19 @@ impl Error {
             path: path.to_owned(),
             reason: reason.into(),
         }
+    }
+
+    /// The message with every cause appended (`a: b: c`), for places that keep only
+    /// a string.
+    pub fn detail(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        text
     }
 
     /// The `errno` an NBD client should see for this error.

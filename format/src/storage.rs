@@ -150,6 +150,12 @@ impl FileStorage {
         let file = File::open(path).map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
         let regular = meta.file_type().is_file();
+        if !regular && !std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+            return Err(open_err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file or a block device",
+            )));
+        }
         let size = if regular {
             meta.len()
         } else {

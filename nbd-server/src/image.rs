@@ -23,13 +23,10 @@ use bytes::{Bytes, BytesMut};
 use thinline_format::{Allocation, Extent, Fetch, Image, OpenOptions, Place};
 
 use crate::export::{BlockSizes, Capabilities, Export, Extent as NbdExtent, ReadChunk, ZeroFlags};
-use crate::proto::{BASE_ALLOCATION, state};
+use crate::proto::{ALLOCATION_DEPTH, BASE_ALLOCATION, state};
 use crate::raw::IoEngine;
 use crate::uring::{self, IoUringEngine};
 use crate::{Error, Result, fileio};
-
-/// The `qemu:allocation-depth` metadata context.
-pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 
 const CONTEXTS: [&str; 2] = [BASE_ALLOCATION, ALLOCATION_DEPTH];
 

@@ -237,6 +237,10 @@ pub mod state {
 /// The one standard metadata context.
 pub const BASE_ALLOCATION: &str = "base:allocation";
 
+/// qemu's metadata context: per extent, the depth in the backing chain that allocates
+/// it (0 = none, 1 = the top image, 2 = its backing, …).
+pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+
 /// Longest string the spec allows (export names, queries, messages).
 pub const MAX_STRING_LEN: usize = 4096;
 

@@ -33,7 +33,7 @@ use tracing::debug;
 
 use crate::export::{BlockSizes, Capabilities, Export, Extent, ReadChunk, ZeroFlags};
 use crate::fileio;
-use crate::proto::state;
+use crate::proto::{ALLOCATION_DEPTH, BASE_ALLOCATION, state};
 use crate::uring::{self, IoUringEngine};
 use crate::{Error, Result};
 
@@ -616,13 +616,21 @@ impl Export for RawExport {
         .await
     }
 
+    fn meta_contexts(&self) -> &[&'static str] {
+        &[BASE_ALLOCATION, ALLOCATION_DEPTH]
+    }
+
     async fn block_status(
         &self,
-        _context: usize,
+        context: usize,
         offset: u64,
         length: u64,
         max_extents: usize,
     ) -> Result<Vec<Extent>> {
+        if context == 1 {
+            // A raw file is one layer that allocates everything, as qemu-nbd -A says.
+            return Ok(vec![Extent { length, flags: 1 }]);
+        }
         let end = offset + length;
         let extents = self
             .allocation(offset, end, max_extents.clamp(1, MAX_EXTENTS))

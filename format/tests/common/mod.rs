@@ -60,13 +60,27 @@ pub fn qemu_raw(path: &Path, fmt: &str) -> Vec<u8> {
     let out = tempfile::NamedTempFile::new().unwrap();
     let out_path = out.path().to_str().unwrap().to_owned();
     let dir = path.parent().unwrap();
-    qemu_img(dir, &["convert", "-f", fmt, "-O", "raw", path.to_str().unwrap(), &out_path]);
+    qemu_img(
+        dir,
+        &[
+            "convert",
+            "-f",
+            fmt,
+            "-O",
+            "raw",
+            path.to_str().unwrap(),
+            &out_path,
+        ],
+    );
     std::fs::read(&out_path).unwrap()
 }
 
 /// Opens `path` with default options (format detected unless given).
 pub fn open(path: &Path, format: Option<thinline_format::Format>) -> Image {
-    let options = OpenOptions { format, ..OpenOptions::default() };
+    let options = OpenOptions {
+        format,
+        ..OpenOptions::default()
+    };
     Image::open(path, &options).unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 
@@ -104,13 +118,26 @@ pub fn assert_same_bytes(what: &str, ours: &[u8], theirs: &[u8]) {
 
 /// The image read through Thinline equals `qemu-img convert -O raw`, with reads of
 /// several sizes and alignments.
-pub fn assert_reads_like_qemu(path: &Path, qemu_fmt: &str, format: Option<thinline_format::Format>) {
+pub fn assert_reads_like_qemu(
+    path: &Path,
+    qemu_fmt: &str,
+    format: Option<thinline_format::Format>,
+) {
     let expected = qemu_raw(path, qemu_fmt);
     let image = open(path, format);
-    assert_eq!(image.size() as usize, expected.len(), "{}: virtual size", path.display());
+    assert_eq!(
+        image.size() as usize,
+        expected.len(),
+        "{}: virtual size",
+        path.display()
+    );
     for (chunk, skew) in [(1 << 20, 0), (4096 + 512, 777), (65536 * 3, 511)] {
         let ours = read_all(&image, chunk, skew);
-        assert_same_bytes(&format!("{} (chunk {chunk}, skew {skew})", path.display()), &ours, &expected);
+        assert_same_bytes(
+            &format!("{} (chunk {chunk}, skew {skew})", path.display()),
+            &ours,
+            &expected,
+        );
     }
 }
 
@@ -142,7 +169,13 @@ fn merge(runs: Vec<(u64, u64, MapClass)>) -> Vec<(u64, u64, MapClass)> {
 pub fn qemu_map(path: &Path, qemu_fmt: &str) -> Vec<(u64, u64, MapClass)> {
     let out = qemu_img(
         path.parent().unwrap(),
-        &["map", "--output=json", "-f", qemu_fmt, path.to_str().unwrap()],
+        &[
+            "map",
+            "--output=json",
+            "-f",
+            qemu_fmt,
+            path.to_str().unwrap(),
+        ],
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let runs = v
@@ -197,7 +230,11 @@ pub fn assert_map_like_qemu(path: &Path, qemu_fmt: &str, format: Option<thinline
     let ours = our_map(&image);
     let theirs = qemu_map(path, qemu_fmt);
     if ours != theirs {
-        let i = ours.iter().zip(&theirs).position(|(a, b)| a != b).unwrap_or(ours.len().min(theirs.len()));
+        let i = ours
+            .iter()
+            .zip(&theirs)
+            .position(|(a, b)| a != b)
+            .unwrap_or(ours.len().min(theirs.len()));
         panic!(
             "{}: map differs from qemu-img map at run {i}:\n thinline {:?}\n qemu     {:?}\nfull thinline: {ours:?}\nfull qemu: {theirs:?}",
             path.display(),
@@ -209,7 +246,10 @@ pub fn assert_map_like_qemu(path: &Path, qemu_fmt: &str, format: Option<thinline
 
 /// A scratch directory for fixtures.
 pub fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("thinline-fmt-").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("thinline-fmt-")
+        .tempdir()
+        .unwrap()
 }
 
 /// `dir/name` as a string.
@@ -231,7 +271,12 @@ pub fn make_base_raw(dir: &Path) -> PathBuf {
         dir,
         "raw",
         base.to_str().unwrap(),
-        &["write -P 0xaa 0 1M", "write -P 0xbb 10M 3M", "write -z 20M 1M", "write -P 0xcd 33554943 70001"],
+        &[
+            "write -P 0xaa 0 1M",
+            "write -P 0xbb 10M 3M",
+            "write -z 20M 1M",
+            "write -P 0xcd 33554943 70001",
+        ],
     );
     base
 }
