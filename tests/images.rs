@@ -518,7 +518,7 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>, std::time::SystemTime)> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file() && !p.extension().is_some_and(|e| e == "sock"))
+        .filter(|p| p.is_file() && p.extension().is_none_or(|e| e != "sock"))
         .map(|p| {
             let m = std::fs::metadata(&p).unwrap().modified().unwrap();
             let bytes = read_file(&p);

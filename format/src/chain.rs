@@ -465,8 +465,9 @@ impl Image {
             }
         }
         if end > pos {
-            // Past the end of a backing image shorter than its child: zeroes, and
-            // (as in qemu) allocated at this layer, because its end decides them.
+            // Past the end of a backing image shorter than its child: zeroes, counted
+            // as allocated at this layer (its end decides them), which is what qemu-nbd
+            // reports as allocation depth (`qemu-img map` says "not present" instead).
             push(
                 out,
                 Extent {
