@@ -256,7 +256,19 @@ impl Storage for FileStorage {
                 .unwrap_or_else(|| Path::new("."))
                 .join(path)
         };
-        FileStorage::open(&resolved)
+        let file = FileStorage::open_file(&resolved)?;
+        // An image names other files (backing files, data files, extents); a hostile
+        // template must not be able to make the server read a host device that way.
+        if !file.regular {
+            return Err(Error::chain(
+                &self.name,
+                format!(
+                    "{} is a device, not a regular file; images may only refer to regular files",
+                    resolved.display()
+                ),
+            ));
+        }
+        Ok(Arc::new(file))
     }
 
     fn identity(&self) -> String {
