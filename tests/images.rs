@@ -873,3 +873,119 @@ fn damaged_metadata_fails_that_read_only_and_the_server_stays_up() {
         "the log names the file and the reason:\n{log}"
     );
 }
+
+/// Runs `thinline ARGS` with a deadline; returns the exit code (`None`: killed by a
+/// signal, which is a crash) and stderr.
+fn run_bounded(
+    args: &[&str],
+    image: &Path,
+    extra: &[&Path],
+    deadline: Duration,
+) -> (Option<i32>, String) {
+    let mut child = Command::new(thinline())
+        .args(args)
+        .arg(image)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (status.code(), err);
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            panic!(
+                "thinline {args:?} {} hung for {deadline:?}",
+                image.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn damaged_images_give_errors_never_crashes_or_hangs() {
+    if !require(TOOLS) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let images = fixtures(d);
+    let out = d.join("out.raw");
+    let mut rng = Rng(0x5eed_d00d);
+    let mut outcomes = [0usize; 2];
+    for img in images.iter().filter(|i| i.qemu_fmt != "raw") {
+        let original = read_file(&img.path);
+        for variant in 0..24 {
+            let mut bytes = original.clone();
+            match variant % 3 {
+                // Truncated anywhere.
+                0 => bytes.truncate(rng.below(bytes.len() as u64) as usize),
+                // Bit flips in the first 64 KiB (headers, tables, descriptors).
+                1 => {
+                    for _ in 0..1 + rng.below(8) {
+                        let at = rng.below(bytes.len().min(65536) as u64) as usize;
+                        bytes[at] ^= 1 << rng.below(8);
+                    }
+                }
+                // A 64-bit field anywhere in the first 4 KiB set to a huge or tiny value.
+                _ => {
+                    let at = (rng.below(bytes.len().min(4096) as u64 - 8) & !7) as usize;
+                    let v = [u64::MAX, 1 << 62, 0x7fff_ffff, 0][rng.below(4) as usize];
+                    bytes[at..at + 8].copy_from_slice(&v.to_be_bytes());
+                }
+            }
+            let damaged = d.join(format!("damaged-{variant}-{}", img.name));
+            std::fs::write(&damaged, &bytes).unwrap();
+            for args in [
+                &["image", "convert", "-O", "raw"][..],
+                &["image", "check"][..],
+            ] {
+                let extra: &[&Path] = if args[1] == "convert" {
+                    &[out.as_path()]
+                } else {
+                    &[]
+                };
+                let (code, err) = run_bounded(args, &damaged, extra, Duration::from_secs(120));
+                assert!(
+                    matches!(code, Some(0 | 1 | 3 | 4)),
+                    "{args:?} on {} (variant {variant}) crashed ({code:?}): {err}",
+                    img.name
+                );
+                assert!(!err.contains("panicked"), "{args:?} {}: {err}", img.name);
+                if code == Some(1) {
+                    // The error names a file of the chain.
+                    assert!(
+                        err.contains(".qcow2")
+                            || err.contains(".vhd")
+                            || err.contains(".vmdk")
+                            || err.contains(".raw"),
+                        "{args:?} {}: {err}",
+                        img.name
+                    );
+                    outcomes[1] += 1;
+                } else {
+                    outcomes[0] += 1;
+                }
+            }
+            std::fs::remove_file(&damaged).unwrap();
+        }
+    }
+    eprintln!(
+        "damaged images: {} opened and read, {} refused with an error",
+        outcomes[0], outcomes[1]
+    );
+    assert!(outcomes[1] > 0, "some damage must be detected");
+}
