@@ -507,9 +507,8 @@ impl Image {
                 offset,
                 ..
             } => read_exact(&*self.layers[layer].files()[file], "data", buf, offset),
-            Place::Compressed { layer, skip, .. } => {
+            Place::Compressed { skip, .. } => {
                 let unit = self.decompress_extent(extent)?;
-                let _ = layer;
                 let skip = skip as usize;
                 buf.copy_from_slice(&unit[skip..skip + buf.len()]);
                 Ok(())
@@ -521,7 +520,9 @@ impl Image {
         }
     }
 
-    /// Decompresses the whole unit a compressed extent lies in.
+    /// Decompresses the unit a compressed extent lies in, up to the extent's end (the
+    /// rest of the unit is not needed: decoding stops there, which halves the work of a
+    /// random 4 KiB read on average).
     pub fn decompress_extent(&self, extent: &Extent) -> Result<Vec<u8>> {
         let Place::Compressed {
             layer,
@@ -563,7 +564,7 @@ impl Image {
         }
         let mut input = vec![0; available as usize];
         read_exact(storage, "compressed data", &mut input, offset)?;
-        let mut unit = vec![0; unit_size as usize];
+        let mut unit = vec![0; (skip + extent.length) as usize];
         decompress(compression, &input, &mut unit).map_err(bad)?;
         Ok(unit)
     }

@@ -56,8 +56,31 @@ fn inflate(input: &[u8], out: &mut [u8], zlib_header: bool) -> Result<(), String
 }
 
 fn unzstd(input: &[u8], out: &mut [u8]) -> Result<(), String> {
-    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-    let mut decoder = Decoder::new().map_err(|e| format!("zstd: {e}"))?;
+    use std::cell::RefCell;
+    use zstd::stream::raw::Decoder;
+    thread_local! {
+        // A decoder context per thread: creating one costs more than decoding a cluster.
+        static DECODER: RefCell<Option<Decoder<'static>>> = const { RefCell::new(None) };
+    }
+    DECODER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let decoder = match slot.as_mut() {
+            Some(d) => {
+                zstd::stream::raw::Operation::reinit(d).map_err(|e| format!("zstd: {e}"))?;
+                d
+            }
+            None => slot.insert(Decoder::new().map_err(|e| format!("zstd: {e}"))?),
+        };
+        unzstd_with(decoder, input, out)
+    })
+}
+
+fn unzstd_with(
+    decoder: &mut zstd::stream::raw::Decoder<'static>,
+    input: &[u8],
+    out: &mut [u8],
+) -> Result<(), String> {
+    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
     let mut inbuf = InBuffer::around(input);
     let mut outbuf = OutBuffer::around(out);
     loop {

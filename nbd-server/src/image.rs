@@ -142,17 +142,23 @@ impl ImageExport {
         blocking(move || Ok(image.allocation(offset, length, Fetch::Allowed, max)?)).await
     }
 
-    async fn read_extent(&self, extent: Extent) -> Result<ReadChunk> {
-        match extent.place {
-            Place::Zero { .. } | Place::Unallocated => Ok(ReadChunk::Zero(extent.length)),
-            Place::Data {
-                layer,
-                file,
-                offset,
-                ..
-            } => {
-                let length = extent.length as usize;
-                if let Some(f) = &self.files[layer][file] {
+    /// Reads a run of extents: zeroes without I/O, data in local files through
+    /// [`fileio`], anything else (compressed units, non-file storage) on the blocking
+    /// pool in one task.
+    async fn read_run(&self, run: &[Extent]) -> Result<ReadChunk> {
+        if let [extent] = run {
+            match extent.place {
+                Place::Zero { .. } | Place::Unallocated => {
+                    return Ok(ReadChunk::Zero(extent.length));
+                }
+                Place::Data {
+                    layer,
+                    file,
+                    offset,
+                    ..
+                } if self.files[layer][file].is_some() => {
+                    let f = self.files[layer][file].as_ref().expect("checked above");
+                    let length = extent.length as usize;
                     return fileio::read_exact(
                         f,
                         self.uring.as_ref(),
@@ -172,24 +178,23 @@ impl ImageExport {
                         })
                     });
                 }
-                let image = Arc::clone(&self.image);
-                blocking(move || {
-                    let mut buf = BytesMut::zeroed(length);
-                    image.read_extent(&extent, &mut buf)?;
-                    Ok(ReadChunk::Data(buf.freeze()))
-                })
-                .await
-            }
-            Place::Compressed { .. } => {
-                let image = Arc::clone(&self.image);
-                blocking(move || {
-                    let mut buf = BytesMut::zeroed(extent.length as usize);
-                    image.read_extent(&extent, &mut buf)?;
-                    Ok(ReadChunk::Data(buf.freeze()))
-                })
-                .await
+                _ => {}
             }
         }
+        let batch = run.to_vec();
+        let image = Arc::clone(&self.image);
+        blocking(move || {
+            let total = batch.iter().map(|e| e.length as usize).sum();
+            let mut buf = BytesMut::zeroed(total);
+            let mut pos = 0;
+            for extent in &batch {
+                let len = extent.length as usize;
+                image.read_extent(extent, &mut buf[pos..pos + len])?;
+                pos += len;
+            }
+            Ok(ReadChunk::Data(buf.freeze()))
+        })
+        .await
     }
 }
 
@@ -253,10 +258,18 @@ impl Export for ImageExport {
 
     async fn read(&self, offset: u64, length: u32) -> Result<Vec<ReadChunk>> {
         let extents = self.map(offset, u64::from(length), usize::MAX).await?;
-        let mut chunks = Vec::with_capacity(extents.len());
-        for extent in extents {
-            let chunk = self.read_extent(extent).await?;
-            match (chunks.last_mut(), chunk) {
+        let mut chunks: Vec<ReadChunk> = Vec::with_capacity(extents.len());
+        let mut rest = &extents[..];
+        while !rest.is_empty() {
+            // Consecutive compressed extents are decoded together in one blocking task.
+            let n = rest
+                .iter()
+                .take_while(|e| matches!(e.place, Place::Compressed { .. }))
+                .count()
+                .max(1);
+            let produced = self.read_run(&rest[..n]).await?;
+            rest = &rest[n..];
+            match (chunks.last_mut(), produced) {
                 (Some(ReadChunk::Zero(n)), ReadChunk::Zero(m)) => *n += m,
                 (_, chunk) => chunks.push(chunk),
             }
