@@ -30,7 +30,7 @@ fn qio(dir: &Path, fmt: &str, path: &str, cmds: &[&str]) {
 
 /// One fixture: a path and its qemu format name.
 struct Img {
-    name: &'static str,
+    name: String,
     path: PathBuf,
     qemu_fmt: &'static str,
 }
@@ -222,7 +222,7 @@ fn fixtures(dir: &Path) -> Vec<Img> {
         &["write -P 0x77 5M 64k", "write -P 0x78 30M 64k"],
     );
     let img = |name: &'static str, qemu_fmt: &'static str| Img {
-        name,
+        name: name.to_owned(),
         path: dir.join(name),
         qemu_fmt,
     };
@@ -345,21 +345,18 @@ fn assert_same_map(
     }
 }
 
-#[test]
-fn served_images_match_qemu_bytes_and_maps() {
-    if !require(TOOLS) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let images = fixtures(dir.path());
+/// Serves `images` in one `thinline serve` and checks each against qemu: `qemu-img
+/// compare` through NBD, `nbdinfo --map` and `--map=qemu:allocation-depth` against
+/// `qemu-nbd -r -A`, and `thinline image convert` against `qemu-img convert`.
+fn check_served_like_qemu(dir: &Path, images: &[Img]) {
     let specs: Vec<String> = images
         .iter()
         .map(|i| format!("{}={}", i.name, i.path.display()))
         .collect();
     let spec_refs: Vec<&str> = specs.iter().map(String::as_str).collect();
-    let served = Served::unix(dir.path(), &[], &spec_refs);
+    let served = Served::unix(dir, &[], &spec_refs);
     for (n, img) in images.iter().enumerate() {
-        let uri = served.uri(img.name);
+        let uri = served.uri(&img.name);
         let out = run(Command::new("qemu-img")
             .args(["compare", "-f", img.qemu_fmt, "-F", "raw"])
             .arg(&img.path)
@@ -370,28 +367,368 @@ fn served_images_match_qemu_bytes_and_maps() {
             img.name,
             out
         );
-        let qemu = QemuNbd::start(
-            &img.path,
-            img.qemu_fmt,
-            dir.path().join(format!("q{n}.sock")),
-        );
+        let qemu = QemuNbd::start(&img.path, img.qemu_fmt, dir.join(format!("q{n}.sock")));
         for context in ["", "qemu:allocation-depth"] {
+            let label = if context.is_empty() {
+                "base:allocation"
+            } else {
+                context
+            };
             assert_same_map(
-                &format!(
-                    "{} {}",
-                    img.name,
-                    if context.is_empty() {
-                        "base:allocation"
-                    } else {
-                        context
-                    }
-                ),
+                &format!("{} {label}", img.name),
                 &nbd_map(&uri, context),
                 &nbd_map(&qemu.uri(), context),
                 context.is_empty(),
             );
         }
+        drop(qemu);
+        let ours = dir.join("check.thinline.raw");
+        let theirs = dir.join("check.qemu.raw");
+        run(Command::new(thinline())
+            .args(["image", "convert", "-O", "raw"])
+            .arg(&img.path)
+            .arg(&ours));
+        q(
+            dir,
+            &[
+                "convert",
+                "-f",
+                img.qemu_fmt,
+                "-O",
+                "raw",
+                img.path.to_str().unwrap(),
+                theirs.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            read_file(&ours) == read_file(&theirs),
+            "{}: thinline image convert differs from qemu-img convert",
+            img.name
+        );
     }
+}
+
+#[test]
+fn served_images_match_qemu_bytes_and_maps() {
+    if !require(TOOLS) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let images = fixtures(dir.path());
+    check_served_like_qemu(dir.path(), &images);
+}
+
+/// One image per create option the format notes list (qcow2, VHD, VMDK), each written
+/// with data, zeroes and discards at odd offsets.
+fn option_fixtures(d: &Path) -> Vec<Img> {
+    let p = |n: &str| d.join(n).to_str().unwrap().to_owned();
+    let mut out = Vec::new();
+    let writes = [
+        "write -P 0x61 0 64k",
+        "write -P 0x62 1000001 70001",
+        "write -z 3M 128k",
+        "write -P 0x63 5M 1536",
+        "discard 5M 512",
+        "write -P 0x64 7340031 5000",
+    ];
+    let mut make = |name: &str, fmt: &'static str, opts: &str| {
+        let path = p(name);
+        let mut args = vec!["create", "-q", "-f", fmt];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([path.as_str(), "8M"]);
+        q(d, &args);
+        let ops: Vec<&str> = writes
+            .iter()
+            .copied()
+            .filter(|w| fmt == "qcow2" || !w.starts_with("discard"))
+            .collect();
+        qio(d, fmt, &path, &ops);
+        out.push(Img {
+            path: d.join(name),
+            name: name.to_owned(),
+            qemu_fmt: fmt,
+        });
+    };
+    for (i, opts) in [
+        "compat=0.10",
+        "compat=1.1",
+        "cluster_size=512",
+        "cluster_size=4k",
+        "cluster_size=2M",
+        "refcount_bits=1",
+        "refcount_bits=2",
+        "refcount_bits=8",
+        "refcount_bits=32",
+        "refcount_bits=64",
+        "lazy_refcounts=on",
+        "extended_l2=on",
+        "extended_l2=on,cluster_size=2M",
+        "compression_type=zstd",
+        "preallocation=metadata",
+        "preallocation=falloc",
+        "preallocation=full",
+    ]
+    .iter()
+    .enumerate()
+    {
+        make(&format!("opt{i}.qcow2"), "qcow2", opts);
+    }
+    let data = p("ext.data");
+    make("datafile.qcow2", "qcow2", &format!("data_file={data}"));
+    let raw_data = p("extraw.data");
+    make(
+        "datafileraw.qcow2",
+        "qcow2",
+        &format!("data_file={raw_data},data_file_raw=on"),
+    );
+    for sub in ["dynamic", "fixed"] {
+        for force in ["off", "on"] {
+            make(
+                &format!("{sub}-{force}.vhd"),
+                "vpc",
+                &format!("subformat={sub},force_size={force}"),
+            );
+        }
+    }
+    for (i, opts) in [
+        "subformat=monolithicSparse",
+        "subformat=monolithicFlat",
+        "subformat=twoGbMaxExtentSparse",
+        "subformat=twoGbMaxExtentFlat",
+        "zeroed_grain=on",
+        "compat6=on",
+        "adapter_type=lsilogic,hwversion=4",
+    ]
+    .iter()
+    .enumerate()
+    {
+        make(&format!("opt{i}.vmdk"), "vmdk", opts);
+    }
+    // Converted (compressed, stream) images of a written raw base.
+    make("src.raw", "raw", "");
+    let src = p("src.raw");
+    for (name, args) in [
+        ("comp-512.qcow2", "-c -O qcow2 -o cluster_size=512"),
+        ("comp-2m.qcow2", "-c -O qcow2 -o cluster_size=2M"),
+        ("comp-zstd.qcow2", "-c -O qcow2 -o compression_type=zstd"),
+        ("comp-v2.qcow2", "-c -O qcow2 -o compat=0.10"),
+        (
+            "comp-el2.qcow2",
+            "-c -O qcow2 -o extended_l2=on,cluster_size=128k,compression_type=zstd",
+        ),
+        ("stream.vmdk", "-O vmdk -o subformat=streamOptimized"),
+        ("conv.vhd", "-O vpc -o subformat=dynamic"),
+    ] {
+        let mut v = vec!["convert".to_owned()];
+        v.extend(args.split(' ').map(str::to_owned));
+        v.extend([src.clone(), p(name)]);
+        q(d, &v.iter().map(String::as_str).collect::<Vec<_>>());
+        let fmt = if name.ends_with(".qcow2") {
+            "qcow2"
+        } else if name.ends_with(".vmdk") {
+            "vmdk"
+        } else {
+            "vpc"
+        };
+        out.push(Img {
+            path: d.join(name),
+            name: name.to_owned(),
+            qemu_fmt: fmt,
+        });
+    }
+    // State fixtures: snapshots, bitmaps, a dirty image, the corrupt bit, ZERO_ALLOC.
+    q(d, &["create", "-q", "-f", "qcow2", &p("snap.qcow2"), "8M"]);
+    qio(d, "qcow2", &p("snap.qcow2"), &["write -P 0x71 0 1M"]);
+    q(d, &["snapshot", "-c", "s1", &p("snap.qcow2")]);
+    qio(d, "qcow2", &p("snap.qcow2"), &["write -P 0x72 512k 1M"]);
+    q(d, &["snapshot", "-c", "s2", &p("snap.qcow2")]);
+    qio(d, "qcow2", &p("snap.qcow2"), &["write -z 0 64k"]);
+    q(
+        d,
+        &["create", "-q", "-f", "qcow2", &p("bitmaps.qcow2"), "8M"],
+    );
+    q(
+        d,
+        &[
+            "bitmap",
+            "--add",
+            "--granularity",
+            "64k",
+            &p("bitmaps.qcow2"),
+            "bm0",
+        ],
+    );
+    qio(
+        d,
+        "qcow2",
+        &p("bitmaps.qcow2"),
+        &["write -P 0x73 100k 300k"],
+    );
+    q(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            &p("dirty.qcow2"),
+            "8M",
+        ],
+    );
+    // qemu-io's `abort` kills it (SIGABRT) with the dirty bit still set.
+    let _ = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 64k", "-c", "abort"])
+        .arg(d.join("dirty.qcow2"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    assert_eq!(
+        read_file(&d.join("dirty.qcow2"))[79] & 1,
+        1,
+        "the dirty bit is set"
+    );
+    q(
+        d,
+        &["create", "-q", "-f", "qcow2", &p("corrupt.qcow2"), "8M"],
+    );
+    qio(d, "qcow2", &p("corrupt.qcow2"), &["write -P 0x74 0 64k"]);
+    let mut c = read_file(&d.join("corrupt.qcow2"));
+    c[79] |= 0x02;
+    std::fs::write(d.join("corrupt.qcow2"), c).unwrap();
+    q(
+        d,
+        &["create", "-q", "-f", "qcow2", &p("zalloc.qcow2"), "8M"],
+    );
+    qio(
+        d,
+        "qcow2",
+        &p("zalloc.qcow2"),
+        &["write -P 0x55 0 128k", "write -z 0 64k"],
+    );
+    for name in [
+        "snap.qcow2",
+        "bitmaps.qcow2",
+        "dirty.qcow2",
+        "corrupt.qcow2",
+        "zalloc.qcow2",
+    ] {
+        out.push(Img {
+            path: d.join(name),
+            name: name.to_owned(),
+            qemu_fmt: "qcow2",
+        });
+    }
+    // Children: a VMDK delta, a v2 qcow2 overlay, a 4-level chain across formats.
+    q(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-b",
+            "opt0.vmdk",
+            "-F",
+            "vmdk",
+            &p("delta.vmdk"),
+            "8M",
+        ],
+    );
+    qio(d, "vmdk", &p("delta.vmdk"), &["write -P 0x75 2M 100k"]);
+    q(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "-b",
+            "src.raw",
+            "-F",
+            "raw",
+            &p("v2ovl.qcow2"),
+            "8M",
+        ],
+    );
+    qio(
+        d,
+        "qcow2",
+        &p("v2ovl.qcow2"),
+        &["write -P 0x76 123457 4000"],
+    );
+    q(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "dynamic-on.vhd",
+            "-F",
+            "vpc",
+            &p("c1.qcow2"),
+            "8M",
+        ],
+    );
+    qio(
+        d,
+        "qcow2",
+        &p("c1.qcow2"),
+        &["write -P 0x77 6M 300k", "write -z 0 4k"],
+    );
+    q(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "-b",
+            "c1.qcow2",
+            "-F",
+            "qcow2",
+            &p("c2.qcow2"),
+            "8M",
+        ],
+    );
+    qio(
+        d,
+        "qcow2",
+        &p("c2.qcow2"),
+        &["write -P 0x78 6100k 10k", "discard 1M 64k"],
+    );
+    for (name, fmt) in [
+        ("delta.vmdk", "vmdk"),
+        ("v2ovl.qcow2", "qcow2"),
+        ("c2.qcow2", "qcow2"),
+    ] {
+        out.push(Img {
+            path: d.join(name),
+            name: name.to_owned(),
+            qemu_fmt: fmt,
+        });
+    }
+    out
+}
+
+#[test]
+fn every_create_option_serves_like_qemu() {
+    if !require(TOOLS) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let images = option_fixtures(dir.path());
+    assert!(images.len() > 45, "{} fixtures", images.len());
+    check_served_like_qemu(dir.path(), &images);
 }
 
 #[test]
@@ -564,7 +901,7 @@ fn inspecting_and_serving_never_changes_a_template() {
         let sock_dir = tempfile::tempdir().unwrap();
         let mut served = Served::unix(sock_dir.path(), &["-r"], &spec_refs);
         for img in &images {
-            let uri = served.uri(img.name);
+            let uri = served.uri(&img.name);
             run(Command::new("nbdcopy").arg(&uri).arg("null:"));
             // Writes are refused: templates are read-only.
             let w = Command::new("qemu-io")
