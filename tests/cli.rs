@@ -1,5 +1,5 @@
-//! Command-line contract of `thinline serve`: help, usage errors (exit 2), start-up
-//! failures that name the file and the reason (exit 1).
+//! Command-line contract of `thinline serve` and `thinline image`: help, usage errors (exit 2),
+//! start-up failures that name the file and the reason (exit 1), `image check` statuses.
 
 mod common;
 
@@ -97,4 +97,135 @@ fn min_block_size_must_be_a_power_of_two() {
     let o = thinline(&["serve", "--min-block-size", "3000", "x.img"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("power of two"), "{}", stderr(&o));
+}
+
+#[test]
+fn image_help_lists_every_command_with_examples() {
+    let o = thinline(&["image", "--help"]);
+    assert!(o.status.success());
+    let help = String::from_utf8_lossy(&o.stdout).to_string();
+    for cmd in ["info", "map", "check", "convert"] {
+        assert!(help.contains(cmd), "{cmd} missing from:\n{help}");
+        let o = thinline(&["image", cmd, "--help"]);
+        let sub = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(
+            o.status.success() && sub.contains("Examples:"),
+            "{cmd}:\n{sub}"
+        );
+        assert!(sub.contains("--format"), "{cmd} has --format:\n{sub}");
+    }
+    let serve = String::from_utf8_lossy(&thinline(&["serve", "--help"]).stdout).to_string();
+    assert!(
+        serve.contains("--format") && serve.contains("--undeclared-backing"),
+        "{serve}"
+    );
+}
+
+fn qemu_img(args: &[&str]) {
+    let o = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn image_check_exit_status_says_clean_or_warnings() {
+    if !common::require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let clean = dir.path().join("clean.qcow2");
+    let dirty = dir.path().join("dirty.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", clean.to_str().unwrap(), "8M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        dirty.to_str().unwrap(),
+        "8M",
+    ]);
+    // qemu-io's `abort` leaves the lazy-refcount image dirty with stale refcounts.
+    let _ = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 0 64k",
+            "-c",
+            "abort",
+            dirty.to_str().unwrap(),
+        ])
+        .output();
+    let o = thinline(&["image", "check", clean.to_str().unwrap()]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = thinline(&["image", "check", "--json", dirty.to_str().unwrap()]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["clean"], false);
+    assert_eq!(report["errors"], 0);
+    assert!(report["warnings"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn forced_format_that_does_not_match_is_refused() {
+    let fx = common::Fixture::new(1 << 20);
+    let sock = fx.path("s.sock");
+    let img = fx.image.to_str().unwrap();
+    for (format, words) in [
+        ("qcow2", "no qcow2 magic"),
+        ("vhd", "conectix"),
+        ("vmdk", "vmdk"),
+    ] {
+        let o = thinline(&[
+            "serve",
+            "--format",
+            format,
+            "--socket",
+            sock.to_str().unwrap(),
+            img,
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{format}");
+        assert!(
+            stderr(&o).contains(img) && stderr(&o).contains(words),
+            "{format}: {}",
+            stderr(&o)
+        );
+        assert!(!sock.exists());
+    }
+}
+
+#[test]
+fn convert_refuses_to_overwrite_its_input() {
+    let fx = common::Fixture::new(1 << 20);
+    let img = fx.image.to_str().unwrap();
+    let before = std::fs::read(&fx.image).unwrap();
+    let o = thinline(&["image", "convert", "-O", "raw", img, img]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("refusing to overwrite"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        std::fs::read(&fx.image).unwrap() == before,
+        "the input is unchanged"
+    );
 }
