@@ -27,75 +27,18 @@
 #                  unset = let the scheduler place them (QD1 latency is placement-sensitive)
 set -euo pipefail
 
-script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo_root=$(cd "$script_dir/.." && pwd)
+bench_name=compare-servers
+# shellcheck source=lib/bench-common.sh
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/bench-common.sh"
 
-die() { echo "compare-servers: $*" >&2; exit 1; }
-log() { echo "compare-servers: $*" >&2; }
-
-usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
-
-quick=0
-require_thinline=0
-cli_repeat= cli_runtime= cli_size= cli_results= cli_servers=
 while [ $# -gt 0 ]; do
-  case "$1" in
-    --quick) quick=1 ;;
-    --repeat) cli_repeat=${2:?--repeat needs a value}; shift ;;
-    --runtime) cli_runtime=${2:?--runtime needs a value}; shift ;;
-    --size) cli_size=${2:?--size needs a value}; shift ;;
-    --results-dir) cli_results=${2:?--results-dir needs a value}; shift ;;
-    --servers) cli_servers=${2:?--servers needs a value}; shift ;;
-    --require-thinline) require_thinline=1 ;;
-    -h|--help) usage; exit 0 ;;
-    *) usage >&2; die "unknown argument: $1" ;;
-  esac
-  shift
+  parse_common_opt "$@"
+  shift "$opt_args"
 done
 
-RUNTIME=${RUNTIME:-10}
-IMAGE_SIZE=${IMAGE_SIZE:-1G}
-if [ "$quick" = 1 ]; then RUNTIME=3; IMAGE_SIZE=256M; fi
-RUNTIME=${cli_runtime:-$RUNTIME}
-IMAGE_SIZE=${cli_size:-$IMAGE_SIZE}
-RAMP_TIME=${RAMP_TIME:-2}
-REPEAT=${cli_repeat:-${REPEAT:-1}}
-NUMJOBS=${NUMJOBS:-1}
-SERVERS=${cli_servers:-${SERVERS:-thinline,qemu-uring,qemu-default,nbdkit}}
-READY_TIMEOUT=${READY_TIMEOUT:-30}
-SERVER_CPUS=${SERVER_CPUS:-}
-FIO_CPUS=${FIO_CPUS:-}
-server_prefix= fio_prefix=()
-if [ -n "$SERVER_CPUS$FIO_CPUS" ]; then command -v taskset >/dev/null || die "SERVER_CPUS/FIO_CPUS need taskset (util-linux)"; fi
-[ -z "$SERVER_CPUS" ] || server_prefix="taskset -c $(printf '%q' "$SERVER_CPUS") "
-[ -z "$FIO_CPUS" ] || fio_prefix=(taskset -c "$FIO_CPUS")
-THINLINE_BIN=${THINLINE_BIN:-target/release/thinline}
-# Relative paths: taken from the current directory if the file is there, else from the repo root;
-# a bare name is looked up on PATH.
-case "$THINLINE_BIN" in
-  /*) ;;
-  */*) [ -e "$THINLINE_BIN" ] && THINLINE_BIN=$(pwd)/$THINLINE_BIN || THINLINE_BIN=$repo_root/$THINLINE_BIN ;;
-  *) THINLINE_BIN=$(command -v "$THINLINE_BIN" || echo "$THINLINE_BIN") ;;
-esac
-timestamp=$(date +%Y%m%d-%H%M%S)
-RESULTS_DIR=${cli_results:-${RESULTS_DIR:-$repo_root/target/bench-results/compare-servers-$timestamp}}
-IMAGE_DIR=${IMAGE_DIR:-$repo_root/target/bench-tmp}
-
-for v in RUNTIME RAMP_TIME REPEAT NUMJOBS READY_TIMEOUT; do
-  [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a non-negative integer (got '${!v}')"
-done
-[ "$REPEAT" -ge 1 ] && [ "$NUMJOBS" -ge 1 ] && [ "$RUNTIME" -ge 1 ] || die "RUNTIME, REPEAT, NUMJOBS must be >= 1"
-
-# IMAGE_SIZE: 1G, 256M, 1GiB, 512MiB, 1073741824 (suffixes are powers of 1024).
-size_str=${IMAGE_SIZE%B}; size_str=${size_str%i}
-image_bytes=$(numfmt --from=iec "$size_str" 2>/dev/null) || die "bad IMAGE_SIZE '$IMAGE_SIZE'"
-[ "$image_bytes" -ge $((64 * 1024 * 1024)) ] || die "IMAGE_SIZE must be at least 64M"
-[ $((image_bytes % 1048576)) -eq 0 ] || die "IMAGE_SIZE must be a multiple of 1 MiB"
-
-for tool in fio nbdinfo qemu-nbd nbdkit python3 numfmt; do
-  command -v "$tool" >/dev/null || die "'$tool' not found (tests/scripts/install-deps.sh installs the tools)"
-done
-fio --enghelp=nbd 2>/dev/null | grep -q '^uri' || die "this fio has no nbd engine (need fio >= 3.16 built with libnbd)"
+known_servers=thinline,qemu-uring,qemu-default,nbdkit
+read_settings "$known_servers"
+check_tools fio nbdinfo qemu-nbd nbdkit python3 numfmt
 
 # --- servers --------------------------------------------------------------------------------
 # Each entry: display name | command template ({SOCK}, {IMAGE}). All allow several connections
@@ -110,34 +53,8 @@ cmd[qemu-uring]="qemu-nbd -f raw -t -e 8 --cache=none --aio=io_uring -k {SOCK} {
 cmd[qemu-default]="qemu-nbd -f raw -t -e 8 -k {SOCK} {IMAGE}"
 # -f: stay in the foreground so $! is the server; --exit-with-parent: no orphan if we die hard.
 cmd[nbdkit]="nbdkit -f --exit-with-parent -U {SOCK} file {IMAGE}"
-if [ -n "${THINLINE_CMD:-}" ]; then
-  cmd[thinline]=$THINLINE_CMD
-  thinline_desc="THINLINE_CMD stand-in: $THINLINE_CMD"
-else
-  cmd[thinline]="$(printf '%q' "$THINLINE_BIN") serve --socket {SOCK} {IMAGE}"
-  thinline_desc="$THINLINE_BIN"
-fi
-
-IFS=, read -r -a servers <<<"$SERVERS"
-for s in "${servers[@]}"; do
-  [ -n "${cmd[$s]+x}" ] || die "unknown server '$s' in SERVERS (known: thinline,qemu-uring,qemu-default,nbdkit)"
-done
-
-have_thinline=1
-if [[ " ${servers[*]} " == *" thinline "* ]] && [ -z "${THINLINE_CMD:-}" ] && [ ! -x "$THINLINE_BIN" ]; then
-  have_thinline=0
-  msg="thinline binary not found or not executable: $THINLINE_BIN
-  build it (cargo build --release), point THINLINE_BIN at it, or set THINLINE_CMD
-  (e.g. THINLINE_CMD='qemu-nbd -f raw -t -e 8 -k {SOCK} {IMAGE}' to test this script)."
-  if [ "$require_thinline" = 1 ]; then die "$msg"; fi
-  log "WARNING: $msg
-  Continuing with the other servers only; thinline columns and ratios will be n/a."
-  kept=()
-  for s in "${servers[@]}"; do [ "$s" = thinline ] || kept+=("$s"); done
-  servers=("${kept[@]}")
-  thinline_desc="(not run: $THINLINE_BIN missing)"
-fi
-[ ${#servers[@]} -gt 0 ] || die "no servers left to benchmark"
+set_thinline_cmd "serve --socket {SOCK} {IMAGE}"
+select_servers "$known_servers" 'qemu-nbd -f raw -t -e 8 -k {SOCK} {IMAGE}'
 
 # --- jobs -----------------------------------------------------------------------------------
 # name | fio arguments
@@ -149,79 +66,12 @@ job_args[randwrite-4k-qd32]="--rw=randwrite --bs=4k --iodepth=32"
 job_args[seqread-1m-qd8]="--rw=read --bs=1M --iodepth=8"
 
 # --- state + cleanup ------------------------------------------------------------------------
-mkdir -p "$RESULTS_DIR" "$IMAGE_DIR"
-RESULTS_DIR=$(cd "$RESULTS_DIR" && pwd)
-# Short path for the sockets (sun_path is limited to 107 bytes).
-sock_dir=$(mktemp -d /tmp/thinline-bench.XXXXXX)
+init_state
 image=$IMAGE_DIR/compare-servers-$$.raw
-server_pid=
-fio_pid=
-sock=
-
-stop_server() {
-  local pid=$server_pid
-  [ -n "$pid" ] || return 0
-  server_pid=
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null || true
-    local i
-    for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then
-      log "server pid $pid ignored SIGTERM for 5 s; sending SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-  fi
-  wait "$pid" 2>/dev/null || true
-  [ -z "$sock" ] || rm -f "$sock"
-}
-
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM HUP
-  if [ -n "$fio_pid" ]; then
-    kill -TERM "$fio_pid" 2>/dev/null || true
-    wait "$fio_pid" 2>/dev/null || true
-  fi
-  stop_server
-  rm -rf "$sock_dir"
+remove_images() {
   if [ "${KEEP_IMAGE:-0}" != 1 ]; then rm -f "$image"; else log "kept image $image"; fi
-  exit "$rc"
 }
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT
-trap 'exit 143' TERM HUP
-
-# start_server KEY LOGFILE: starts it fresh on a new socket and waits until it answers NBD.
-start_server() {
-  local key=$1 logfile=$2 c
-  sock=$sock_dir/$key.sock
-  rm -f "$sock"
-  c=${cmd[$key]}
-  c=${c//\{SOCK\}/$(printf '%q' "$sock")}
-  c=${c//\{IMAGE\}/$(printf '%q' "$image")}
-  c=$server_prefix$c
-  echo "+ $c" >"$logfile"
-  # exec in the background subshell (taskset execs too), so $! is the server process itself.
-  (eval "exec $c") </dev/null >>"$logfile" 2>&1 &
-  server_pid=$!
-  local uri="nbd+unix:///?socket=$sock" deadline=$((SECONDS + READY_TIMEOUT)) size
-  while :; do
-    if ! kill -0 "$server_pid" 2>/dev/null; then
-      wait "$server_pid" 2>/dev/null || true
-      server_pid=
-      log "server '$key' exited before answering; its log ($logfile):"
-      tail -n 20 "$logfile" >&2
-      return 1
-    fi
-    # The socket file appears before the server listens: only a real NBD answer counts.
-    if size=$(nbdinfo --size "$uri" 2>/dev/null); then
-      [ "$size" = "$image_bytes" ] || { log "server '$key' reports size $size, expected $image_bytes"; return 1; }
-      return 0
-    fi
-    [ $SECONDS -lt $deadline ] || { log "server '$key' did not answer within ${READY_TIMEOUT}s; log: $logfile"; return 1; }
-    sleep 0.1
-  done
-}
+set_traps
 
 # Same page-cache state for every run: flush dirty pages from earlier write runs, then read the
 # whole image (also re-populates pages that O_DIRECT writes from qemu-nbd --cache=none dropped).
@@ -231,33 +81,8 @@ warm_cache() {
 }
 
 # --- environment header ---------------------------------------------------------------------
-cpu_model=$(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*//p' | head -n1)
-[ -n "$cpu_model" ] || cpu_model=$(sed -n 's/^model name[[:space:]]*:[[:space:]]*//p' /proc/cpuinfo | head -n1)
-fio_ver=$(fio --version 2>&1 | head -n1)
-qemu_ver=$(qemu-nbd --version 2>&1 | head -n1)
+collect_env
 nbdkit_ver=$(nbdkit --version 2>&1 | head -n1)  # "nbdkit 1.32.5"
-libnbd_ver=$(nbdinfo --version 2>&1 | sed -n 's/^libnbd //p' | head -n1)
-fs_type=$(findmnt -n -o FSTYPE -T "$IMAGE_DIR" 2>/dev/null || stat -f -c %T "$IMAGE_DIR" 2>/dev/null || echo '?')
-load_start=$(cut -d' ' -f1-3 /proc/loadavg)
-mem_total=$(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)
-
-thinline_ver=n/a
-if [ "$have_thinline" = 1 ] && [ -z "${THINLINE_CMD:-}" ]; then
-  thinline_ver=$("$THINLINE_BIN" --version 2>/dev/null | head -n1 || true)
-  [ -n "$thinline_ver" ] || thinline_ver="(--version gave nothing)"
-fi
-if git_rev=$(git -C "$repo_root" rev-parse --short HEAD 2>/dev/null); then
-  git -C "$repo_root" diff --quiet HEAD 2>/dev/null || git_rev="$git_rev + uncommitted changes"
-else
-  git_rev="no commit yet"
-fi
-
-rounds_desc="1 round"
-[ "$REPEAT" -eq 1 ] || rounds_desc="$REPEAT rounds (each metric: median over rounds)"
-server_lines=
-for s in "${servers[@]}"; do
-  server_lines+="- ${label[$s]}: \`${cmd[$s]}\`"$'\n'
-done
 
 {
   echo "## NBD server comparison ($(date -u '+%Y-%m-%d %H:%M:%S UTC'))"
@@ -272,10 +97,6 @@ done
   printf '%s' "$server_lines" | sed 's/^/  /'
 } >"$RESULTS_DIR/header.md"
 
-if awk -v n="$(nproc)" '{ exit !($1 > 0.5 * n) }' /proc/loadavg; then
-  log "WARNING: load average is $load_start on $(nproc) CPUs: other work is running, results will be noisy"
-fi
-
 # --- image ----------------------------------------------------------------------------------
 log "results: $RESULTS_DIR"
 log "writing $(numfmt --to=iec-i --suffix=B "$image_bytes") image $image (random data, fully allocated)"
@@ -287,7 +108,6 @@ cat "$image" >/dev/null
 n_servers=${#servers[@]}
 total_runs=$(( ${#job_names[@]} * REPEAT * n_servers ))
 run_no=0
-failures=0
 for job in "${job_names[@]}"; do
   for ((round = 1; round <= REPEAT; round++)); do
     # Rotate the starting server each round so no server is always first after a job change.
@@ -297,27 +117,10 @@ for job in "${job_names[@]}"; do
       base=$RESULTS_DIR/$job.$s.r$round
       log "[$run_no/$total_runs] $job round $round: ${label[$s]}"
       warm_cache
-      if ! start_server "$s" "$base.server.log"; then
+      if ! start_server "$s" "$base.server.log" "$image" "$image_bytes"; then
         failures=$((failures + 1)); stop_server; continue
       fi
-      # fio runs in the background and we wait for its PID, so a signal runs the trap at once
-      # (bash defers traps until a foreground child exits).
-      # shellcheck disable=SC2086  # job_args are intentionally split
-      "${fio_prefix[@]}" fio --name="$job" --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
-          ${job_args[$job]} --numjobs="$NUMJOBS" --group_reporting \
-          --time_based --runtime="$RUNTIME" --ramp_time="$RAMP_TIME" \
-          --lat_percentiles=1 --output-format=json --output="$base.json" \
-          </dev/null >"$base.fio.log" 2>&1 &
-      fio_pid=$!
-      fio_rc=0
-      wait "$fio_pid" || fio_rc=$?
-      fio_pid=
-      if [ "$fio_rc" -ne 0 ]; then
-        log "fio failed (exit $fio_rc) for $job / $s (see $base.fio.log)"
-        tail -n 5 "$base.fio.log" >&2 || true
-        rm -f "$base.json"
-        failures=$((failures + 1))
-      fi
+      run_fio "$job" "$base" "$job / $s"
       stop_server
     done
   done
@@ -325,73 +128,23 @@ done
 
 # --- report ---------------------------------------------------------------------------------
 server_keys=$(IFS=,; echo "${servers[*]}")
-labels_tsv=$(for s in thinline qemu-uring qemu-default nbdkit; do printf '%s\t%s\n' "$s" "${label[$s]}"; done)
-python3 - "$RESULTS_DIR" "$server_keys" "${job_names[*]}" "$labels_tsv" >"$RESULTS_DIR/table.md" <<'PY'
-import json, os, statistics, sys
-
+labels_tsv=$(IFS=,; for s in $known_servers; do printf '%s\t%s\n' "$s" "${label[$s]}"; done)
+write_table "$RESULTS_DIR" "$server_keys" "${job_names[*]}" "$labels_tsv" <<'PY'
 results_dir, server_keys, job_names, labels_tsv = sys.argv[1:5]
 servers = [s for s in server_keys.split(",") if s]
 jobs = job_names.split()
 labels = dict(line.split("\t", 1) for line in labels_tsv.splitlines() if line)
 peers = ["qemu-uring", "qemu-default", "nbdkit"]
 
-def load(path):
-    with open(path) as f:
-        text = f.read()
-    # Some fio builds print engine messages ("fio: connected to NBD server") before the JSON.
-    return json.loads(text[text.index("{"):])
-
-def metrics(job, server):
-    prefix = f"{job}.{server}.r"
-    rows = []
-    for name in sorted(os.listdir(results_dir)):
-        if not (name.startswith(prefix) and name.endswith(".json")):
-            continue
-        j = load(os.path.join(results_dir, name))["jobs"][0]
-        if j.get("error"):
-            continue
-        d = j["write"] if "write" in j["job options"].get("rw", "") else j["read"]
-        lat = d["lat_ns"]
-        rows.append({
-            "iops": d["iops"],
-            "mibs": d["bw_bytes"] / 1048576.0,
-            "mean_us": lat["mean"] / 1000.0,
-            "p99_us": lat.get("percentile", {}).get("99.000000", float("nan")) / 1000.0,
-        })
-    if not rows:
-        return None
-    # Median of each metric independently over the rounds.
-    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-
-def fmt(x, digits=0):
-    if x is None or x != x:
-        return "n/a"
-    return f"{x:,.{digits}f}"
-
-def ratio(a, b):
-    if not a or not b:
-        return "n/a"
-    return f"{a['iops'] / b['iops']:.2f}×"
-
-data = {(j, s): metrics(j, s) for j in jobs for s in servers}
-out = []
-out.append("| Job | Server | IOPS | MiB/s | Mean lat (µs) | p99 lat (µs) | thinline ÷ this (IOPS) |")
-out.append("|---|---|---:|---:|---:|---:|---:|")
+data = {(j, s): metrics(results_dir, f"{j}.{s}.r") for j in jobs for s in servers}
+out = table_head(["Job"])
 for j in jobs:
-    tl = data.get((j, "thinline"))
     for s in servers:
-        m = data[(j, s)]
-        r = "—" if s == "thinline" else ratio(tl, m)
-        if m is None:
-            out.append(f"| {j} | {labels[s]} | failed | | | | {r} |")
-            continue
-        out.append(f"| {j} | {labels[s]} | {fmt(m['iops'])} | {fmt(m['mibs'], 1)} | "
-                   f"{fmt(m['mean_us'], 1)} | {fmt(m['p99_us'], 1)} | {r} |")
+        out.append(table_row([j], s, labels[s], data[(j, s)], data.get((j, "thinline"))))
 out.append("")
 present = [p for p in peers if p in servers]
 if present:
-    out.append("IOPS ratio thinline ÷ peer (>1.00× = thinline faster):")
-    out.append("")
+    out += RATIO_INTRO
     out.append("| Job | " + " | ".join(f"÷ {labels[p]}" for p in present) + " |")
     out.append("|---|" + "---:|" * len(present))
     for j in jobs:
@@ -400,13 +153,4 @@ if present:
 print("\n".join(out))
 PY
 
-echo "- Load average after the runs: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$RESULTS_DIR/header.md"
-{ cat "$RESULTS_DIR/header.md"; echo; cat "$RESULTS_DIR/table.md"; } >"$RESULTS_DIR/report.md"
-echo
-cat "$RESULTS_DIR/report.md"
-echo
-log "raw fio JSON, server/fio logs and report.md are in $RESULTS_DIR"
-if [ "$failures" -gt 0 ]; then
-  log "$failures run(s) failed"
-  exit 1
-fi
+finish_report

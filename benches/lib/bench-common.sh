@@ -1,0 +1,375 @@
+# shellcheck shell=bash
+# Shared parts of the NBD benchmark scripts benches/compare-servers.sh and
+# benches/compare-formats.sh: option and environment handling, starting and stopping servers,
+# cleanup, the fio run, the environment header and the report. Each script keeps its own servers,
+# jobs, images and tables.
+#
+# Source it right after `set -euo pipefail`, with bench_name set (the prefix of messages and of the
+# default results folder). The sourcing script must define before use:
+#   label, cmd     associative arrays: server key -> table label / command template ({SOCK},
+#                  {IMAGE}, optionally {FMT})
+#   job_args       associative array: job name -> fio arguments
+#   remove_images  function run by cleanup at exit (the scratch images are the script's own)
+# Not a script of its own: no `set` here, the sourcing script's options apply.
+
+# The script that sourced this file: its header comment is the usage text.
+bench_script=${BASH_SOURCE[1]}
+# Two levels up from benches/lib.
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+
+die() { echo "$bench_name: $*" >&2; exit 1; }
+log() { echo "$bench_name: $*" >&2; }
+
+usage() { sed -n '2,/^set -euo/p' "$bench_script" | sed '$d; s/^# \{0,1\}//'; }
+
+# --- options and settings -------------------------------------------------------------------
+quick=0
+require_thinline=0
+cli_repeat= cli_runtime= cli_size= cli_results= cli_servers=
+
+# parse_common_opt ARGS...: handles the option in $1 (an option both scripts have) and sets
+# opt_args to how many arguments it took; anything unknown ends the script with the usage text.
+# Script-specific options are matched by the caller before it gets here.
+parse_common_opt() {
+  opt_args=1
+  case "$1" in
+    --quick) quick=1 ;;
+    --repeat) cli_repeat=${2:?--repeat needs a value}; opt_args=2 ;;
+    --runtime) cli_runtime=${2:?--runtime needs a value}; opt_args=2 ;;
+    --size) cli_size=${2:?--size needs a value}; opt_args=2 ;;
+    --results-dir) cli_results=${2:?--results-dir needs a value}; opt_args=2 ;;
+    --servers) cli_servers=${2:?--servers needs a value}; opt_args=2 ;;
+    --require-thinline) require_thinline=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) usage >&2; die "unknown argument: $1" ;;
+  esac
+}
+
+# read_settings DEFAULT_SERVERS: the settings both scripts share, from options, then environment,
+# then defaults; checks them and sets image_bytes, server_prefix and fio_prefix.
+read_settings() {
+  RUNTIME=${RUNTIME:-10}
+  IMAGE_SIZE=${IMAGE_SIZE:-1G}
+  if [ "$quick" = 1 ]; then RUNTIME=3; IMAGE_SIZE=256M; fi
+  RUNTIME=${cli_runtime:-$RUNTIME}
+  IMAGE_SIZE=${cli_size:-$IMAGE_SIZE}
+  RAMP_TIME=${RAMP_TIME:-2}
+  REPEAT=${cli_repeat:-${REPEAT:-1}}
+  NUMJOBS=${NUMJOBS:-1}
+  SERVERS=${cli_servers:-${SERVERS:-$1}}
+  READY_TIMEOUT=${READY_TIMEOUT:-30}
+  SERVER_CPUS=${SERVER_CPUS:-}
+  FIO_CPUS=${FIO_CPUS:-}
+  server_prefix= fio_prefix=()
+  if [ -n "$SERVER_CPUS$FIO_CPUS" ]; then command -v taskset >/dev/null || die "SERVER_CPUS/FIO_CPUS need taskset (util-linux)"; fi
+  [ -z "$SERVER_CPUS" ] || server_prefix="taskset -c $(printf '%q' "$SERVER_CPUS") "
+  [ -z "$FIO_CPUS" ] || fio_prefix=(taskset -c "$FIO_CPUS")
+  THINLINE_BIN=${THINLINE_BIN:-target/release/thinline}
+  # Relative paths: taken from the current directory if the file is there, else from the repo
+  # root; a bare name is looked up on PATH.
+  case "$THINLINE_BIN" in
+    /*) ;;
+    */*) [ -e "$THINLINE_BIN" ] && THINLINE_BIN=$(pwd)/$THINLINE_BIN || THINLINE_BIN=$repo_root/$THINLINE_BIN ;;
+    *) THINLINE_BIN=$(command -v "$THINLINE_BIN" || echo "$THINLINE_BIN") ;;
+  esac
+  local timestamp
+  timestamp=$(date +%Y%m%d-%H%M%S)
+  RESULTS_DIR=${cli_results:-${RESULTS_DIR:-$repo_root/target/bench-results/$bench_name-$timestamp}}
+  IMAGE_DIR=${IMAGE_DIR:-$repo_root/target/bench-tmp}
+
+  local v
+  for v in RUNTIME RAMP_TIME REPEAT NUMJOBS READY_TIMEOUT; do
+    [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a non-negative integer (got '${!v}')"
+  done
+  [ "$REPEAT" -ge 1 ] && [ "$NUMJOBS" -ge 1 ] && [ "$RUNTIME" -ge 1 ] || die "RUNTIME, REPEAT, NUMJOBS must be >= 1"
+
+  # IMAGE_SIZE: 1G, 256M, 1GiB, 512MiB, 1073741824 (suffixes are powers of 1024).
+  local size_str=${IMAGE_SIZE%B}; size_str=${size_str%i}
+  image_bytes=$(numfmt --from=iec "$size_str" 2>/dev/null) || die "bad IMAGE_SIZE '$IMAGE_SIZE'"
+  [ "$image_bytes" -ge $((64 * 1024 * 1024)) ] || die "IMAGE_SIZE must be at least 64M"
+  [ $((image_bytes % 1048576)) -eq 0 ] || die "IMAGE_SIZE must be a multiple of 1 MiB"
+}
+
+# check_tools TOOL...: every TOOL is on PATH, and fio can speak NBD.
+check_tools() {
+  local tool
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null || die "'$tool' not found (tests/scripts/install-deps.sh installs the tools)"
+  done
+  fio --enghelp=nbd 2>/dev/null | grep -q '^uri' || die "this fio has no nbd engine (need fio >= 3.16 built with libnbd)"
+}
+
+# --- servers --------------------------------------------------------------------------------
+# set_thinline_cmd SERVE_ARGS: cmd[thinline] is "$THINLINE_BIN SERVE_ARGS", or THINLINE_CMD when
+# set; thinline_desc says which for the header.
+set_thinline_cmd() {
+  if [ -n "${THINLINE_CMD:-}" ]; then
+    cmd[thinline]=$THINLINE_CMD
+    thinline_desc="THINLINE_CMD stand-in: $THINLINE_CMD"
+  else
+    cmd[thinline]="$(printf '%q' "$THINLINE_BIN") $1"
+    thinline_desc="$THINLINE_BIN"
+  fi
+}
+
+# select_servers KNOWN STAND_IN: splits SERVERS into the servers array, each one of KNOWN (a comma
+# list, for the message). A missing thinline binary drops thinline (have_thinline=0) with a warning
+# that suggests STAND_IN as THINLINE_CMD, or ends the script under --require-thinline.
+select_servers() {
+  local known=$1 stand_in=$2 s msg
+  IFS=, read -r -a servers <<<"$SERVERS"
+  for s in "${servers[@]}"; do
+    [ -n "${cmd[$s]+x}" ] || die "unknown server '$s' in SERVERS (known: $known)"
+  done
+
+  have_thinline=1
+  if [[ " ${servers[*]} " == *" thinline "* ]] && [ -z "${THINLINE_CMD:-}" ] && [ ! -x "$THINLINE_BIN" ]; then
+    have_thinline=0
+    msg="thinline binary not found or not executable: $THINLINE_BIN
+  build it (cargo build --release), point THINLINE_BIN at it, or set THINLINE_CMD
+  (e.g. THINLINE_CMD='$stand_in' to test this script)."
+    if [ "$require_thinline" = 1 ]; then die "$msg"; fi
+    log "WARNING: $msg
+  Continuing with the other servers only; thinline columns and ratios will be n/a."
+    local kept=()
+    for s in "${servers[@]}"; do [ "$s" = thinline ] || kept+=("$s"); done
+    servers=("${kept[@]}")
+    thinline_desc="(not run: $THINLINE_BIN missing)"
+  fi
+  [ ${#servers[@]} -gt 0 ] || die "no servers left to benchmark"
+}
+
+# --- state + cleanup ------------------------------------------------------------------------
+# init_state: creates the results and image folders (RESULTS_DIR made absolute) and the socket
+# folder.
+init_state() {
+  mkdir -p "$RESULTS_DIR" "$IMAGE_DIR"
+  RESULTS_DIR=$(cd "$RESULTS_DIR" && pwd)
+  # Short path for the sockets (sun_path is limited to 107 bytes).
+  sock_dir=$(mktemp -d /tmp/thinline-bench.XXXXXX)
+  server_pid=
+  fio_pid=
+  sock=
+  failures=0
+}
+
+stop_server() {
+  local pid=$server_pid
+  [ -n "$pid" ] || return 0
+  server_pid=
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    local i
+    for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "server pid $pid ignored SIGTERM for 5 s; sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  fi
+  wait "$pid" 2>/dev/null || true
+  [ -z "$sock" ] || rm -f "$sock"
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM HUP
+  if [ -n "$fio_pid" ]; then
+    kill -TERM "$fio_pid" 2>/dev/null || true
+    wait "$fio_pid" 2>/dev/null || true
+  fi
+  stop_server
+  rm -rf "$sock_dir"
+  remove_images
+  exit "$rc"
+}
+
+# set_traps: from here on, any exit stops fio and the server and removes the scratch files (call it
+# once remove_images knows the image paths).
+set_traps() {
+  trap cleanup EXIT
+  trap 'log "interrupted"; exit 130' INT
+  trap 'exit 143' TERM HUP
+}
+
+# start_server KEY LOGFILE IMAGE SIZE [WHAT FMT]: starts server KEY fresh on a new socket, serving
+# IMAGE, and waits until it answers NBD with SIZE bytes. With FMT, {FMT} in the command becomes FMT
+# and WHAT names the image in the size mismatch message.
+start_server() {
+  local key=$1 logfile=$2 img=$3 want=$4 what=${5:-} c
+  sock=$sock_dir/$key.sock
+  rm -f "$sock"
+  c=${cmd[$key]}
+  c=${c//\{SOCK\}/$(printf '%q' "$sock")}
+  c=${c//\{IMAGE\}/$(printf '%q' "$img")}
+  [ $# -lt 6 ] || c=${c//\{FMT\}/$6}
+  c=$server_prefix$c
+  echo "+ $c" >"$logfile"
+  # exec in the background subshell (taskset execs too), so $! is the server process itself.
+  (eval "exec $c") </dev/null >>"$logfile" 2>&1 &
+  server_pid=$!
+  local uri="nbd+unix:///?socket=$sock" deadline=$((SECONDS + READY_TIMEOUT)) size
+  while :; do
+    if ! kill -0 "$server_pid" 2>/dev/null; then
+      wait "$server_pid" 2>/dev/null || true
+      server_pid=
+      log "server '$key' exited before answering; its log ($logfile):"
+      tail -n 20 "$logfile" >&2
+      return 1
+    fi
+    # The socket file appears before the server listens: only a real NBD answer counts.
+    if size=$(nbdinfo --size "$uri" 2>/dev/null); then
+      [ "$size" = "$want" ] || { log "server '$key' reports size $size${what:+ for $what}, expected $want"; return 1; }
+      return 0
+    fi
+    [ $SECONDS -lt $deadline ] || { log "server '$key' did not answer within ${READY_TIMEOUT}s; log: $logfile"; return 1; }
+    sleep 0.1
+  done
+}
+
+# run_fio JOB OUT WHAT [FIO_ARGS...]: runs fio job JOB against the server on $sock: JSON to
+# OUT.json, its output to OUT.fio.log; FIO_ARGS follow the job's own arguments. A failed run is
+# logged (WHAT names it), counted in failures and leaves no JSON behind.
+run_fio() {
+  local job=$1 out=$2 what=$3 fio_rc=0
+  shift 3
+  # fio runs in the background and we wait for its PID, so a signal runs the trap at once
+  # (bash defers traps until a foreground child exits).
+  # shellcheck disable=SC2086  # job_args are intentionally split
+  "${fio_prefix[@]}" fio --name="$job" --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
+      ${job_args[$job]} "$@" --numjobs="$NUMJOBS" --group_reporting \
+      --time_based --runtime="$RUNTIME" --ramp_time="$RAMP_TIME" \
+      --lat_percentiles=1 --output-format=json --output="$out.json" \
+      </dev/null >"$out.fio.log" 2>&1 &
+  fio_pid=$!
+  wait "$fio_pid" || fio_rc=$?
+  fio_pid=
+  if [ "$fio_rc" -ne 0 ]; then
+    log "fio failed (exit $fio_rc) for $what (see $out.fio.log)"
+    tail -n 5 "$out.fio.log" >&2 || true
+    rm -f "$out.json"
+    failures=$((failures + 1))
+  fi
+}
+
+# --- environment header ---------------------------------------------------------------------
+# collect_env: what the header says about the host, the common tools, Thinline and the run
+# (rounds_desc, server_lines); warns when the machine is already busy.
+collect_env() {
+  cpu_model=$(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*//p' | head -n1)
+  [ -n "$cpu_model" ] || cpu_model=$(sed -n 's/^model name[[:space:]]*:[[:space:]]*//p' /proc/cpuinfo | head -n1)
+  fio_ver=$(fio --version 2>&1 | head -n1)
+  qemu_ver=$(qemu-nbd --version 2>&1 | head -n1)
+  libnbd_ver=$(nbdinfo --version 2>&1 | sed -n 's/^libnbd //p' | head -n1)
+  fs_type=$(findmnt -n -o FSTYPE -T "$IMAGE_DIR" 2>/dev/null || stat -f -c %T "$IMAGE_DIR" 2>/dev/null || echo '?')
+  load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+  mem_total=$(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)
+
+  thinline_ver=n/a
+  if [ "$have_thinline" = 1 ] && [ -z "${THINLINE_CMD:-}" ]; then
+    thinline_ver=$("$THINLINE_BIN" --version 2>/dev/null | head -n1 || true)
+    [ -n "$thinline_ver" ] || thinline_ver="(--version gave nothing)"
+  fi
+  if git_rev=$(git -C "$repo_root" rev-parse --short HEAD 2>/dev/null); then
+    git -C "$repo_root" diff --quiet HEAD 2>/dev/null || git_rev="$git_rev + uncommitted changes"
+  else
+    git_rev="no commit yet"
+  fi
+
+  rounds_desc="1 round"
+  [ "$REPEAT" -eq 1 ] || rounds_desc="$REPEAT rounds (each metric: median over rounds)"
+  server_lines=
+  local s
+  for s in "${servers[@]}"; do
+    server_lines+="- ${label[$s]}: \`${cmd[$s]}\`"$'\n'
+  done
+
+  if awk -v n="$(nproc)" '{ exit !($1 > 0.5 * n) }' /proc/loadavg; then
+    log "WARNING: load average is $load_start on $(nproc) CPUs: other work is running, results will be noisy"
+  fi
+}
+
+# --- report ---------------------------------------------------------------------------------
+# Python helpers for the report table, put in front of each script's own table code.
+report_helpers_py() {
+  cat <<'PY'
+import json, os, statistics, sys
+
+def load(path):
+    with open(path) as f:
+        text = f.read()
+    # Some fio builds print engine messages ("fio: connected to NBD server") before the JSON.
+    return json.loads(text[text.index("{"):])
+
+def metrics(results_dir, prefix):
+    """IOPS, MiB/s, mean and p99 latency of the fio JSON files named prefix*.json (one per
+    round), or None when every round failed."""
+    rows = []
+    for name in sorted(os.listdir(results_dir)):
+        if not (name.startswith(prefix) and name.endswith(".json")):
+            continue
+        j = load(os.path.join(results_dir, name))["jobs"][0]
+        if j.get("error"):
+            continue
+        d = j["write"] if "write" in j["job options"].get("rw", "") else j["read"]
+        lat = d["lat_ns"]
+        rows.append({
+            "iops": d["iops"],
+            "mibs": d["bw_bytes"] / 1048576.0,
+            "mean_us": lat["mean"] / 1000.0,
+            "p99_us": lat.get("percentile", {}).get("99.000000", float("nan")) / 1000.0,
+        })
+    if not rows:
+        return None
+    # Median of each metric independently over the rounds.
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+def fmt_num(x, digits=0):
+    if x is None or x != x:
+        return "n/a"
+    return f"{x:,.{digits}f}"
+
+def ratio(a, b):
+    if not a or not b:
+        return "n/a"
+    return f"{a['iops'] / b['iops']:.2f}×"
+
+def table_head(lead):
+    """The two header lines of the main table; lead: the column names before "Server"."""
+    return ["| " + " | ".join(lead) + " | Server | IOPS | MiB/s | Mean lat (µs) | p99 lat (µs) | "
+            "thinline ÷ this (IOPS) |",
+            "|---|" + "---|" * len(lead) + "---:|---:|---:|---:|---:|"]
+
+def table_row(lead, server, label, m, tl):
+    """One row of the main table: the lead cells, server (label), its metrics m and the ratio of
+    thinline's metrics tl to them."""
+    r = "—" if server == "thinline" else ratio(tl, m)
+    cells = " | ".join(lead)
+    if m is None:
+        return f"| {cells} | {label} | failed | | | | {r} |"
+    return (f"| {cells} | {label} | {fmt_num(m['iops'])} | {fmt_num(m['mibs'], 1)} | "
+            f"{fmt_num(m['mean_us'], 1)} | {fmt_num(m['p99_us'], 1)} | {r} |")
+
+RATIO_INTRO = ["IOPS ratio thinline ÷ peer (>1.00× = thinline faster):", ""]
+PY
+}
+
+# write_table ARGS... <<'PY' ...: runs the script's table code (stdin) after the helpers, with ARGS
+# in sys.argv[1:], into RESULTS_DIR/table.md.
+write_table() {
+  { report_helpers_py; cat; } | python3 - "$@" >"$RESULTS_DIR/table.md"
+}
+
+# finish_report: puts header.md and table.md together as report.md, prints it, and exits 1 if any
+# run failed.
+finish_report() {
+  echo "- Load average after the runs: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$RESULTS_DIR/header.md"
+  { cat "$RESULTS_DIR/header.md"; echo; cat "$RESULTS_DIR/table.md"; } >"$RESULTS_DIR/report.md"
+  echo
+  cat "$RESULTS_DIR/report.md"
+  echo
+  log "raw fio JSON, server/fio logs and report.md are in $RESULTS_DIR"
+  if [ "$failures" -gt 0 ]; then
+    log "$failures run(s) failed"
+    exit 1
+  fi
+}
