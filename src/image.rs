@@ -71,6 +71,26 @@ pub struct OpenArgs {
     /// What to do with a qcow2 backing file whose format the overlay does not record.
     #[arg(long, value_enum, value_name = "POLICY", default_value_t = UndeclaredBackingArg::Refuse)]
     pub undeclared_backing: UndeclaredBackingArg,
+
+    /// Memory for metadata tables (L2 tables, bitmaps, grain tables) per image chain, in
+    /// bytes or with a K, M or G suffix; least recently used tables are dropped beyond it.
+    #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_size)]
+    pub metadata_cache: usize,
+}
+
+/// Parses `4096`, `64K`, `32M`, `1G` (powers of 1024).
+fn parse_size(text: &str) -> Result<usize, String> {
+    let (digits, shift) = match text.as_bytes().last() {
+        Some(b'K' | b'k') => (&text[..text.len() - 1], 10),
+        Some(b'M' | b'm') => (&text[..text.len() - 1], 20),
+        Some(b'G' | b'g') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (a number with an optional K, M or G)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 impl OpenArgs {
@@ -82,6 +102,7 @@ impl OpenArgs {
                 UndeclaredBackingArg::Refuse => UndeclaredBacking::Refuse,
                 UndeclaredBackingArg::Raw => UndeclaredBacking::Raw,
             },
+            cache_budget: self.metadata_cache,
             ..OpenOptions::default()
         }
     }
@@ -556,6 +577,16 @@ fn write_sparse(out: &File, data: &[u8], offset: u64) -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("32m"), Ok(32 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("").is_err());
+    }
 
     #[test]
     fn sizes_are_human() {

@@ -1326,3 +1326,72 @@ fn damaged_images_give_errors_never_crashes_or_hangs() {
     );
     assert!(outcomes[1] > 0, "some damage must be detected");
 }
+
+#[test]
+fn tiny_metadata_cache_under_concurrent_clients_reads_like_qemu() {
+    if !require(&["qemu-img", "qemu-io", "nbdcopy", "nbdinfo"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_owned();
+    // 512-byte clusters: every 32 KiB of guest space has its own L2 table, so a 4 KiB
+    // cache (8 tables) is evicted constantly while four connections read in parallel.
+    q(d, &["create", "-q", "-f", "raw", &p("base.raw"), "64M"]);
+    qio(d, "raw", &p("base.raw"), &["write -P 0x31 0 64M"]);
+    q(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            &p("top.qcow2"),
+            "64M",
+        ],
+    );
+    let mut cmds = Vec::new();
+    for i in 0..200u64 {
+        cmds.push(format!(
+            "write -P {} {} {}",
+            1 + i % 250,
+            i * 327_673 % (63 << 20),
+            512 + i * 97 % 20_000
+        ));
+    }
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qio(d, "qcow2", &p("top.qcow2"), &refs);
+    let served = Served::unix(d, &["--metadata-cache", "4K"], &[&p("top.qcow2")]);
+    let ours = d.join("ours.raw");
+    run(Command::new("nbdcopy")
+        .args(["--connections=4", "--requests=16", "--request-size=65536"])
+        .arg(served.uri(""))
+        .arg(&ours));
+    q(
+        d,
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            &p("top.qcow2"),
+            &p("theirs.raw"),
+        ],
+    );
+    assert!(
+        read_file(&ours) == read_file(&d.join("theirs.raw")),
+        "bytes differ from qemu-img convert"
+    );
+    let bad = Command::new(thinline())
+        .args(["image", "info", "--metadata-cache", "12Q", &p("top.qcow2")])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2), "a bad size is a usage error");
+}
