@@ -4,7 +4,7 @@
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -119,8 +119,8 @@ struct InfoArgs {
     json: bool,
     #[command(flatten)]
     open: OpenArgs,
-    /// The image.
-    image: PathBuf,
+    /// The image: a path or a file:///path URI.
+    image: String,
 }
 
 /// Show where an image's data lives, like `qemu-img map`.
@@ -139,8 +139,8 @@ struct MapArgs {
     json: bool,
     #[command(flatten)]
     open: OpenArgs,
-    /// The image.
-    image: PathBuf,
+    /// The image: a path or a file:///path URI.
+    image: String,
 }
 
 /// Check an image's metadata for consistency (read-only, nothing is repaired).
@@ -157,8 +157,8 @@ struct CheckArgs {
     json: bool,
     #[command(flatten)]
     open: OpenArgs,
-    /// The image.
-    image: PathBuf,
+    /// The image: a path or a file:///path URI.
+    image: String,
 }
 
 /// Output formats of `image convert`.
@@ -187,8 +187,8 @@ struct ConvertArgs {
     json: bool,
     #[command(flatten)]
     open: OpenArgs,
-    /// The image to read.
-    image: PathBuf,
+    /// The image to read: a path or a file:///path URI.
+    image: String,
     /// The file to write (created or truncated).
     output: PathBuf,
 }
@@ -208,8 +208,9 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
     }
 }
 
-fn open(path: &Path, args: &OpenArgs) -> anyhow::Result<Image> {
-    Ok(Image::open(path, &args.options())?)
+fn open(location: &str, args: &OpenArgs) -> anyhow::Result<Image> {
+    let thinline_nbd::source::Source::File(path) = thinline_nbd::source::parse(location)?;
+    Ok(Image::open(&path, &args.options())?)
 }
 
 #[derive(Debug, Serialize)]

@@ -1,6 +1,6 @@
 //! `thinline serve`: export images over NBD on a unix socket and/or TCP.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +27,8 @@ use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
 #[derive(Debug, Args)]
 #[command(after_long_help = EXAMPLES)]
 pub struct ServeArgs {
-    /// Images to export: image files or block devices, optionally named NAME=IMAGE.
+    /// Images to export: image files or block devices (a path or a file:///path URI),
+    /// optionally named NAME=IMAGE.
     #[arg(value_name = "[NAME=]IMAGE")]
     images: Vec<String>,
 
@@ -206,8 +207,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut exports = ExportSet::new();
     let mut opened: Vec<Opened> = Vec::new();
     for spec in &images {
-        let (name, path) = parse_image_spec(spec);
-        let path = Path::new(path);
+        let (name, location) = parse_image_spec(spec);
+        let thinline_nbd::source::Source::File(path) = thinline_nbd::source::parse(location)?;
+        let path = path.as_path();
         let name = match name {
             Some(n) => n.to_owned(),
             None => path

@@ -229,3 +229,35 @@ fn convert_refuses_to_overwrite_its_input() {
         "the input is unchanged"
     );
 }
+
+#[test]
+fn file_uris_are_local_images_and_remote_schemes_are_refused_without_secrets() {
+    let fx = common::Fixture::new(1 << 20);
+    let uri = format!("file://{}", fx.image.display());
+    let o = thinline(&["image", "info", "--json", &uri]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(info["virtual_size"], 1 << 20);
+    let sock = fx.path("s.sock");
+    for bad in [
+        "https://user:secret@example.com/t.qcow2?X-Amz-Signature=abc",
+        "s3://bucket/key",
+    ] {
+        for cmd in [
+            &["image", "info"][..],
+            &["serve", "--socket", sock.to_str().unwrap()][..],
+        ] {
+            let mut args = cmd.to_vec();
+            args.push(bad);
+            let o = thinline(&args);
+            assert_eq!(o.status.code(), Some(1), "{args:?}");
+            let err = stderr(&o);
+            assert!(err.contains("not supported yet"), "{err}");
+            assert!(
+                !err.contains("secret") && !err.contains("Signature"),
+                "{err}"
+            );
+            assert!(!sock.exists());
+        }
+    }
+}

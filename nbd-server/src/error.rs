@@ -85,6 +85,14 @@ pub enum Error {
     /// An image could not be opened, mapped or decoded.
     #[error(transparent)]
     Format(#[from] thinline_format::Error),
+    /// A template location names a source that cannot be served.
+    #[error("cannot serve {uri}: {reason}")]
+    UnsupportedSource {
+        /// The location, without credentials or query.
+        uri: String,
+        /// Why.
+        reason: String,
+    },
     /// No exports were configured.
     #[error("no exports configured")]
     NoExports,

@@ -13,6 +13,7 @@
 //! - [`image`]: qcow2, VHD, VMDK and raw images with backing chains, read-only, through
 //!   `thinline-format`'s mapping plans.
 //! - [`server`]: listeners, connection limits, graceful shutdown.
+//! - [`source`]: template locations (paths and `file://` URIs; remote schemes later).
 //!
 //! Serving a file takes a few lines:
 //!
@@ -42,6 +43,7 @@ pub mod proto;
 pub mod raw;
 pub mod request;
 pub mod server;
+pub mod source;
 mod transmission;
 mod uring;
 
