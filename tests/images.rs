@@ -345,6 +345,28 @@ fn assert_same_map(
     }
 }
 
+/// `thinline image convert -O raw` and `qemu-img convert -O raw` of `img` into `dir`;
+/// asserts they are byte for byte equal and returns (thinline's, qemu's) output.
+fn convert_like_qemu(dir: &Path, img: &Img) -> (PathBuf, PathBuf) {
+    let ours = dir.join(format!("{}.thinline.raw", img.name));
+    let theirs = dir.join(format!("{}.qemu.raw", img.name));
+    run(Command::new(thinline())
+        .args(["image", "convert", "-O", "raw"])
+        .arg(&img.path)
+        .arg(&ours));
+    let (path, out) = (img.path.to_str().unwrap(), theirs.to_str().unwrap());
+    q(
+        dir,
+        &["convert", "-f", img.qemu_fmt, "-O", "raw", path, out],
+    );
+    assert!(
+        read_file(&ours) == read_file(&theirs),
+        "{}: thinline image convert differs from qemu-img convert",
+        img.name
+    );
+    (ours, theirs)
+}
+
 /// Serves `images` in one `thinline serve` and checks each against qemu: `qemu-img
 /// compare` through NBD, `nbdinfo --map` and `--map=qemu:allocation-depth` against
 /// `qemu-nbd -r -A`, and `thinline image convert` against `qemu-img convert`.
@@ -382,29 +404,9 @@ fn check_served_like_qemu(dir: &Path, images: &[Img]) {
             );
         }
         drop(qemu);
-        let ours = dir.join("check.thinline.raw");
-        let theirs = dir.join("check.qemu.raw");
-        run(Command::new(thinline())
-            .args(["image", "convert", "-O", "raw"])
-            .arg(&img.path)
-            .arg(&ours));
-        q(
-            dir,
-            &[
-                "convert",
-                "-f",
-                img.qemu_fmt,
-                "-O",
-                "raw",
-                img.path.to_str().unwrap(),
-                theirs.to_str().unwrap(),
-            ],
-        );
-        assert!(
-            read_file(&ours) == read_file(&theirs),
-            "{}: thinline image convert differs from qemu-img convert",
-            img.name
-        );
+        let (ours, theirs) = convert_like_qemu(dir, img);
+        std::fs::remove_file(ours).unwrap();
+        std::fs::remove_file(theirs).unwrap();
     }
 }
 
@@ -738,29 +740,7 @@ fn image_cli_converts_maps_and_checks_like_qemu() {
     }
     let dir = tempfile::tempdir().unwrap();
     for img in fixtures(dir.path()) {
-        let ours = dir.path().join(format!("{}.thinline.raw", img.name));
-        let theirs = dir.path().join(format!("{}.qemu.raw", img.name));
-        run(Command::new(thinline())
-            .args(["image", "convert", "-O", "raw"])
-            .arg(&img.path)
-            .arg(&ours));
-        q(
-            dir.path(),
-            &[
-                "convert",
-                "-f",
-                img.qemu_fmt,
-                "-O",
-                "raw",
-                img.path.to_str().unwrap(),
-                theirs.to_str().unwrap(),
-            ],
-        );
-        assert!(
-            read_file(&ours) == read_file(&theirs),
-            "{}: converted bytes differ from qemu-img convert",
-            img.name
-        );
+        let (ours, theirs) = convert_like_qemu(dir.path(), &img);
         // Sparse: no more blocks allocated than qemu's output.
         use std::os::unix::fs::MetadataExt;
         let (a, b) = (

@@ -121,6 +121,42 @@ pub struct Segment {
     pub kind: SegmentKind,
 }
 
+/// Appends `segment` to `out`, merging it into the last segment when that one was
+/// pushed by the same `map` call (`out.len() > first`) and `segment` continues it: the
+/// same kind, and for data the same file and the next host byte. Every format's `map`
+/// uses this, so plans come out as few, long segments.
+pub fn push_segment(out: &mut Vec<Segment>, first: usize, segment: Segment) {
+    if segment.length == 0 {
+        return;
+    }
+    if out.len() > first
+        && let Some(last) = out.last_mut()
+    {
+        let continues = match (last.kind, segment.kind) {
+            (SegmentKind::Zero, SegmentKind::Zero)
+            | (SegmentKind::Backing, SegmentKind::Backing) => true,
+            (
+                SegmentKind::Data {
+                    file: f1,
+                    offset: o1,
+                    raw: r1,
+                },
+                SegmentKind::Data {
+                    file: f2,
+                    offset: o2,
+                    raw: r2,
+                },
+            ) => f1 == f2 && r1 == r2 && o1 + last.length == o2,
+            _ => false,
+        };
+        if continues {
+            last.length += segment.length;
+            return;
+        }
+    }
+    out.push(segment);
+}
+
 /// The identity a child expects of its parent, checked when a chain is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -123,6 +123,25 @@ pub fn read_vec(
     Ok(buf)
 }
 
+/// Percent-decodes a URL path (`%20` → space); `None` on a malformed escape or bytes
+/// that are not UTF-8. Shared by VHD `MacX` locators and the server's `file://` URIs.
+pub fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// A local file (or block device) opened read-only.
 #[derive(Debug)]
 pub struct FileStorage {

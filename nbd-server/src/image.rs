@@ -109,12 +109,12 @@ impl ImageExport {
         &self.image
     }
 
-    /// Maps a range, from the cache inline or on the blocking pool on a miss.
-    async fn map(&self, offset: u64, length: u64, max: usize) -> Result<Vec<Extent>> {
+    /// Maps a whole read, from the cache inline or on the blocking pool on a miss.
+    async fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
         let mut extents = Vec::new();
         match self
             .image
-            .map(offset, length, Fetch::CachedOnly, max, &mut extents)
+            .map(offset, length, Fetch::CachedOnly, usize::MAX, &mut extents)
         {
             Ok(_) => return Ok(extents),
             Err(thinline_format::Error::NotCached) => {}
@@ -123,7 +123,7 @@ impl ImageExport {
         let image = Arc::clone(&self.image);
         blocking(move || {
             let mut extents = Vec::new();
-            image.map(offset, length, Fetch::Allowed, max, &mut extents)?;
+            image.map(offset, length, Fetch::Allowed, usize::MAX, &mut extents)?;
             Ok(extents)
         })
         .await
@@ -257,7 +257,7 @@ impl Export for ImageExport {
     }
 
     async fn read(&self, offset: u64, length: u32) -> Result<Vec<ReadChunk>> {
-        let extents = self.map(offset, u64::from(length), usize::MAX).await?;
+        let extents = self.map(offset, u64::from(length)).await?;
         let mut chunks: Vec<ReadChunk> = Vec::with_capacity(extents.len());
         let mut rest = &extents[..];
         while !rest.is_empty() {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::cache::MetadataCache;
 use crate::layer::{
     Backing, CheckReport, Compression, Fetch, Format, Layer, LayerInfo, OpenContext, Segment,
-    SegmentKind,
+    SegmentKind, push_segment,
 };
 use crate::storage::{Storage, read_vec};
 use crate::{Error, Result};
@@ -215,28 +215,7 @@ impl Qcow2Layer {
             Run::Zero => SegmentKind::Zero,
             Run::Backing => SegmentKind::Backing,
         };
-        if out.len() > first
-            && let Some(last) = out.last_mut()
-        {
-            let merge = match (last.kind, kind) {
-                (
-                    SegmentKind::Data { file, offset, .. },
-                    SegmentKind::Data {
-                        file: f2,
-                        offset: o2,
-                        ..
-                    },
-                ) => file == f2 && offset + last.length == o2,
-                (SegmentKind::Zero, SegmentKind::Zero) => true,
-                (SegmentKind::Backing, SegmentKind::Backing) => true,
-                _ => false,
-            };
-            if merge {
-                last.length += length;
-                return Ok(());
-            }
-        }
-        out.push(Segment { length, kind });
+        push_segment(out, first, Segment { length, kind });
         Ok(())
     }
 

@@ -3,6 +3,8 @@
 //! name in the dynamic header, turned into an ordered list of names to try relative
 //! to the child's directory.
 
+use crate::storage::percent_decode;
+
 /// Longest locator payload read: a Windows path is at most 32767 UTF-16 units.
 pub const MAX_LOCATOR_LENGTH: u32 = 65_536;
 
@@ -84,25 +86,6 @@ pub fn decode_locator(kind: LocatorKind, data: &[u8]) -> Option<String> {
         )?,
     };
     (!text.is_empty()).then_some(text)
-}
-
-/// Percent-decodes a URL path (`%20` → space); `None` on a malformed escape or bytes
-/// that are not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// A name as the child's storage can open it, or (for paths only meaningful on the

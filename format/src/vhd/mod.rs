@@ -34,7 +34,7 @@ use std::sync::Arc;
 use crate::cache::MetadataCache;
 use crate::layer::{
     Backing, CheckReport, Fetch, Format, Layer, LayerInfo, OpenContext, ParentIdentity, Segment,
-    SegmentKind,
+    SegmentKind, push_segment,
 };
 use crate::storage::{Storage, read_exact, read_vec};
 use crate::{Error, Result};
@@ -516,38 +516,9 @@ fn bit_run(bitmap: &[u8], start: usize, end: usize) -> (bool, usize) {
     (value, pos.min(end) - start)
 }
 
-/// Appends `segment`, merging it into the previous one this call pushed when they
-/// continue each other.
+/// Appends `segment` (see [`push_segment`]).
 fn push(out: &mut Vec<Segment>, first: usize, segment: Segment) {
-    let last = if out.len() > first {
-        out.last_mut()
-    } else {
-        None
-    };
-    if let Some(last) = last {
-        let merged = match (last.kind, segment.kind) {
-            (SegmentKind::Zero, SegmentKind::Zero)
-            | (SegmentKind::Backing, SegmentKind::Backing) => true,
-            (
-                SegmentKind::Data {
-                    file: f1,
-                    offset: o1,
-                    raw: r1,
-                },
-                SegmentKind::Data {
-                    file: f2,
-                    offset: o2,
-                    raw: r2,
-                },
-            ) => f1 == f2 && r1 == r2 && o1 + last.length == o2,
-            _ => false,
-        };
-        if merged {
-            last.length += segment.length;
-            return;
-        }
-    }
-    out.push(segment);
+    push_segment(out, first, segment);
 }
 
 impl VhdLayer {

@@ -9,7 +9,9 @@
 use std::sync::Arc;
 
 use crate::cache::MetadataCache;
-use crate::layer::{CheckReport, Compression, Fetch, OpenContext, Segment, SegmentKind};
+use crate::layer::{
+    CheckReport, Compression, Fetch, OpenContext, Segment, SegmentKind, push_segment,
+};
 use crate::storage::{Storage, read_exact, read_vec};
 use crate::{Error, Result};
 
@@ -908,36 +910,7 @@ impl SparseExtent {
     }
 }
 
-/// Pushes a segment, merging it with the previous one pushed by the same call when
-/// they continue each other.
+/// Pushes a segment (see [`push_segment`]).
 fn push(out: &mut Vec<Segment>, first: usize, length: u64, kind: SegmentKind) {
-    if length == 0 {
-        return;
-    }
-    if out.len() > first
-        && let Some(last) = out.last_mut()
-    {
-        let merge = match (last.kind, kind) {
-            (SegmentKind::Backing, SegmentKind::Backing)
-            | (SegmentKind::Zero, SegmentKind::Zero) => true,
-            (
-                SegmentKind::Data {
-                    file: f1,
-                    offset: o1,
-                    raw: r1,
-                },
-                SegmentKind::Data {
-                    file: f2,
-                    offset: o2,
-                    raw: r2,
-                },
-            ) => f1 == f2 && r1 == r2 && o1 + last.length == o2,
-            _ => false,
-        };
-        if merge {
-            last.length += length;
-            return;
-        }
-    }
-    out.push(Segment { length, kind });
+    push_segment(out, first, Segment { length, kind });
 }
