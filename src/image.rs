@@ -76,10 +76,13 @@ pub struct OpenArgs {
     /// bytes or with a K, M or G suffix; least recently used tables are dropped beyond it.
     #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_size)]
     pub metadata_cache: usize,
+
+    #[command(flatten)]
+    pub remote: crate::remote::RemoteArgs,
 }
 
 /// Parses `4096`, `64K`, `32M`, `1G` (powers of 1024).
-fn parse_size(text: &str) -> Result<usize, String> {
+pub fn parse_size(text: &str) -> Result<usize, String> {
     let (digits, shift) = match text.as_bytes().last() {
         Some(b'K' | b'k') => (&text[..text.len() - 1], 10),
         Some(b'M' | b'm') => (&text[..text.len() - 1], 20),
@@ -119,7 +122,8 @@ struct InfoArgs {
     json: bool,
     #[command(flatten)]
     open: OpenArgs,
-    /// The image: a path or a file:///path URI.
+    /// The image: a path, a file:///path URI or a remote URI (http(s)://, s3://, nfs://,
+    /// nbd://, nbd+unix://, or a scheme with a handler).
     image: String,
 }
 
@@ -139,7 +143,8 @@ struct MapArgs {
     json: bool,
     #[command(flatten)]
     open: OpenArgs,
-    /// The image: a path or a file:///path URI.
+    /// The image: a path, a file:///path URI or a remote URI (http(s)://, s3://, nfs://,
+    /// nbd://, nbd+unix://, or a scheme with a handler).
     image: String,
 }
 
@@ -157,7 +162,8 @@ struct CheckArgs {
     json: bool,
     #[command(flatten)]
     open: OpenArgs,
-    /// The image: a path or a file:///path URI.
+    /// The image: a path, a file:///path URI or a remote URI (http(s)://, s3://, nfs://,
+    /// nbd://, nbd+unix://, or a scheme with a handler).
     image: String,
 }
 
@@ -209,8 +215,13 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
 }
 
 fn open(location: &str, args: &OpenArgs) -> anyhow::Result<Image> {
-    let thinline_nbd::source::Source::File(path) = thinline_nbd::source::parse(location)?;
-    Ok(Image::open(&path, &args.options())?)
+    let source = thinline_nbd::source::parse(location)?;
+    if let thinline_nbd::source::Source::File(path) = &source {
+        return Ok(Image::open(path, &args.options())?);
+    }
+    let runtime = crate::remote::runtime()?;
+    let storage = source.open(&args.remote.config()?, runtime.handle())?;
+    Ok(Image::open_storage(storage, &args.options())?)
 }
 
 #[derive(Debug, Serialize)]

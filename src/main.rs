@@ -6,6 +6,7 @@
 //! invalid usage; `image check` adds 3 (only warnings found) and 4 (errors found).
 
 mod image;
+mod remote;
 mod serve;
 
 use std::process::ExitCode;

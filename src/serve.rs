@@ -14,6 +14,7 @@ use thinline_nbd::raw::{IoEngine, RawExport, RawOptions};
 
 use crate::image::OpenArgs;
 use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
+use thinline_nbd::source::Source;
 
 /// Serve disk images (raw, qcow2, VHD, VMDK) and block devices over NBD.
 ///
@@ -116,7 +117,7 @@ Stop with SIGTERM or Ctrl-C: requests in flight finish, data is flushed, exit st
 #[derive(Debug)]
 struct Opened {
     name: String,
-    path: PathBuf,
+    path: String,
     format: Format,
     backing_chain: Vec<String>,
     size: u64,
@@ -129,7 +130,8 @@ const SAMPLE_SIZE: u64 = 1 << 30;
 #[derive(Debug, Serialize)]
 struct ExportReport {
     name: String,
-    path: PathBuf,
+    /// The file, or the URI without credentials or query.
+    path: String,
     format: Format,
     /// Files of the backing chain below the image, top first.
     backing_chain: Vec<String>,
@@ -204,51 +206,72 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         minimum_block_size: args.min_block_size,
         io_engine: args.io_engine.into(),
     };
+    let runtime = crate::remote::runtime()?;
+    let mut remote_config = None;
     let mut exports = ExportSet::new();
     let mut opened: Vec<Opened> = Vec::new();
     for spec in &images {
         let (name, location) = parse_image_spec(spec);
-        let thinline_nbd::source::Source::File(path) = thinline_nbd::source::parse(location)?;
-        let path = path.as_path();
+        let source = thinline_nbd::source::parse(location)?;
+        let shown = source.shown();
         let name = match name {
             Some(n) => n.to_owned(),
-            None => path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .with_context(|| {
-                    format!(
-                        "{} has no file name to use as the export name; use NAME=IMAGE",
-                        path.display()
+            None => default_export_name(&source).with_context(|| {
+                format!("{shown} has no file name to use as the export name; use NAME=IMAGE")
+            })?,
+        };
+        let image_options = |format| ImageOptions {
+            open: thinline_format::OpenOptions {
+                format: Some(format),
+                ..args.open.options()
+            },
+            io_engine: options.io_engine,
+        };
+        let (export, format, backing_chain): (Arc<dyn Export>, Format, Vec<String>) = match &source
+        {
+            Source::File(path) => {
+                let format = match args.open.format.format() {
+                    Some(format) => format,
+                    None => detect(&*FileStorage::open(path)?)?,
+                };
+                if format == Format::Raw {
+                    (
+                        Arc::new(RawExport::open(path, &options)?),
+                        format,
+                        Vec::new(),
                     )
-                })?,
-        };
-        let format = match args.open.format.format() {
-            Some(format) => format,
-            None => detect(&*FileStorage::open(path)?)?,
-        };
-        let (export, backing_chain): (Arc<dyn Export>, Vec<String>) = if format == Format::Raw {
-            (Arc::new(RawExport::open(path, &options)?), Vec::new())
-        } else {
-            let image_options = ImageOptions {
-                open: thinline_format::OpenOptions {
-                    format: Some(format),
-                    ..args.open.options()
-                },
-                io_engine: options.io_engine,
-            };
-            let export = ImageExport::open(path, &image_options)?;
-            if !args.read_only {
-                tracing::info!(image = %path.display(), %format, "{format} images are served read-only");
+                } else {
+                    let export = ImageExport::open(path, &image_options(format))?;
+                    if !args.read_only {
+                        tracing::info!(image = %shown, %format, "{format} images are served read-only");
+                    }
+                    let chain = backing_names(&export);
+                    (Arc::new(export), format, chain)
+                }
             }
-            let chain = export.image().layers()[1..]
-                .iter()
-                .map(|l| l.files()[0].name().to_owned())
-                .collect();
-            (Arc::new(export), chain)
+            _ => {
+                let config = match &remote_config {
+                    Some(c) => Arc::clone(c),
+                    None => Arc::clone(remote_config.insert(args.open.remote.config()?)),
+                };
+                let storage = source.open(&config, runtime.handle())?;
+                let format = match args.open.format.format() {
+                    Some(format) => format,
+                    None => detect(&*storage)?,
+                };
+                let image =
+                    thinline_format::Image::open_storage(storage, &image_options(format).open)?;
+                let export = ImageExport::from_image(image, options.io_engine)?;
+                let chain = backing_names(&export);
+                (Arc::new(export), format, chain)
+            }
         };
+        if !matches!(source, Source::File(_)) && !args.read_only {
+            tracing::info!(image = %shown, "remote templates are served read-only");
+        }
         opened.push(Opened {
             name: name.clone(),
-            path: path.to_owned(),
+            path: shown,
             format,
             backing_chain,
             size: export.size(),
@@ -262,11 +285,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         handshake_timeout: Duration::from_secs_f64(args.handshake_timeout),
         ..ServerConfig::default()
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("thinline")
-        .build()
-        .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let mut listeners = Vec::new();
         if let Some(path) = &args.socket {
@@ -345,10 +363,7 @@ fn print_report(report: &ServeReport, json: bool) -> anyhow::Result<()> {
         writeln!(
             out,
             "serving {:?}: {} ({}, {} bytes, {mode})",
-            e.name,
-            e.path.display(),
-            e.format,
-            e.size
+            e.name, e.path, e.format, e.size
         )?;
         for b in &e.backing_chain {
             writeln!(out, "  backed by {b}")?;
@@ -372,6 +387,29 @@ fn print_report(report: &ServeReport, json: bool) -> anyhow::Result<()> {
     }
     writeln!(out, "stop with Ctrl-C or SIGTERM")?;
     Ok(out.flush()?)
+}
+
+/// The names of the files below the top image, for the report.
+fn backing_names(export: &ImageExport) -> Vec<String> {
+    export.image().layers()[1..]
+        .iter()
+        .map(|l| l.files()[0].name().to_owned())
+        .collect()
+}
+
+/// The export name used when none is given: the last component of the path.
+fn default_export_name(source: &Source) -> Option<String> {
+    match source {
+        Source::File(path) => path.file_name().map(|n| n.to_string_lossy().into_owned()),
+        _ => {
+            let shown = source.shown();
+            let path = shown.split_once("://").map_or("", |(_, rest)| rest);
+            let path = path.split_once('/').map_or("", |(_, p)| p);
+            let last = path.rsplit('/').next().unwrap_or("");
+            let last = thinline_format::storage::percent_decode(last).unwrap_or_default();
+            (!last.is_empty()).then_some(last)
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -231,7 +231,7 @@ fn convert_refuses_to_overwrite_its_input() {
 }
 
 #[test]
-fn file_uris_are_local_images_and_remote_schemes_are_refused_without_secrets() {
+fn file_uris_are_local_images_and_unreachable_remotes_fail_without_secrets() {
     let fx = common::Fixture::new(1 << 20);
     let uri = format!("file://{}", fx.image.display());
     let o = thinline(&["image", "info", "--json", &uri]);
@@ -239,20 +239,35 @@ fn file_uris_are_local_images_and_remote_schemes_are_refused_without_secrets() {
     let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(info["virtual_size"], 1 << 20);
     let sock = fx.path("s.sock");
-    for bad in [
-        "https://user:secret@example.com/t.qcow2?X-Amz-Signature=abc",
-        "s3://bucket/key",
+    let closed = common::free_port();
+    let unreachable = format!("https://user:secret@127.0.0.1:{closed}/t.qcow2?X-Amz-Signature=abc");
+    let handlers = tempfile::tempdir().unwrap();
+    for (bad, expected) in [
+        (
+            unreachable.as_str(),
+            format!("https://127.0.0.1:{closed}/t.qcow2"),
+        ),
+        (
+            "smb://user:secret@filer/t.vhd",
+            "no built-in source".to_owned(),
+        ),
     ] {
         for cmd in [
             &["image", "info"][..],
             &["serve", "--socket", sock.to_str().unwrap()][..],
         ] {
             let mut args = cmd.to_vec();
-            args.push(bad);
+            args.extend([
+                "--retries",
+                "0",
+                "--handler-dir",
+                handlers.path().to_str().unwrap(),
+                bad,
+            ]);
             let o = thinline(&args);
             assert_eq!(o.status.code(), Some(1), "{args:?}");
             let err = stderr(&o);
-            assert!(err.contains("not supported yet"), "{err}");
+            assert!(err.contains(&expected), "{err}");
             assert!(
                 !err.contains("secret") && !err.contains("Signature"),
                 "{err}"

@@ -54,6 +54,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn as_file(&self) -> Option<&File> {
         None
     }
+
+    /// The concrete storage, for callers with a faster path for some kinds (the NBD
+    /// server reads remote objects asynchronously this way).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// Reads exactly `buf.len()` bytes at `offset`, or fails naming `what` and the file.
@@ -198,7 +204,7 @@ impl FileStorage {
 
 /// Names that are URIs or qemu `json:` specifications rather than file names: a file
 /// storage refuses to treat them as paths.
-fn looks_like_uri(name: &str) -> bool {
+pub fn looks_like_uri(name: &str) -> bool {
     name.starts_with("json:")
         || name.split_once("://").is_some_and(|(scheme, _)| {
             !scheme.is_empty()

@@ -25,6 +25,8 @@ use thinline_format::{Allocation, Extent, Fetch, Image, OpenOptions, Place};
 use crate::export::{BlockSizes, Capabilities, Export, Extent as NbdExtent, ReadChunk, ZeroFlags};
 use crate::proto::{ALLOCATION_DEPTH, BASE_ALLOCATION, state};
 use crate::raw::IoEngine;
+use crate::remote::fetch::FetchEngine;
+use crate::remote::storage::RemoteStorage;
 use crate::uring::{self, IoUringEngine};
 use crate::{Error, Result, fileio};
 
@@ -49,6 +51,8 @@ pub struct ImageExport {
     name: String,
     /// `files[layer][file]`: the open file behind each storage, when it is a local file.
     files: Vec<Vec<Option<Arc<File>>>>,
+    /// `remotes[layer][file]`: the fetch engine behind each remote storage.
+    remotes: Vec<Vec<Option<Arc<FetchEngine>>>>,
     nowait_reads: AtomicBool,
     uring: Option<IoUringEngine>,
     block_sizes: BlockSizes,
@@ -65,8 +69,20 @@ impl ImageExport {
     pub fn from_image(image: Image, io_engine: IoEngine) -> Result<Self> {
         let name = image.layers()[0].files()[0].name().to_owned();
         let mut files = Vec::new();
+        let mut remotes = Vec::new();
         for layer in image.layers() {
             let mut layer_files = Vec::new();
+            remotes.push(
+                layer
+                    .files()
+                    .iter()
+                    .map(|s| {
+                        s.as_any()
+                            .and_then(|a| a.downcast_ref::<RemoteStorage>())
+                            .map(|r| Arc::clone(r.engine()))
+                    })
+                    .collect(),
+            );
             for storage in layer.files() {
                 let file = match storage.as_file() {
                     Some(f) => Some(Arc::new(f.try_clone().map_err(|source| Error::Open {
@@ -94,6 +110,7 @@ impl ImageExport {
             image: Arc::new(image),
             name,
             files,
+            remotes,
             nowait_reads: AtomicBool::new(true),
             uring,
             block_sizes: BlockSizes {
@@ -178,6 +195,15 @@ impl ImageExport {
                         })
                     });
                 }
+                Place::Data {
+                    layer,
+                    file,
+                    offset,
+                    ..
+                } if self.remotes[layer][file].is_some() => {
+                    let engine = self.remotes[layer][file].as_ref().expect("checked above");
+                    return Ok(ReadChunk::Data(engine.read(offset, extent.length).await?));
+                }
                 _ => {}
             }
         }
@@ -258,18 +284,27 @@ impl Export for ImageExport {
 
     async fn read(&self, offset: u64, length: u32) -> Result<Vec<ReadChunk>> {
         let extents = self.map(offset, u64::from(length)).await?;
-        let mut chunks: Vec<ReadChunk> = Vec::with_capacity(extents.len());
+        // Consecutive compressed extents are decoded together in one blocking task;
+        // the runs are read concurrently (remote units are fetched in parallel).
+        let mut runs = Vec::new();
         let mut rest = &extents[..];
         while !rest.is_empty() {
-            // Consecutive compressed extents are decoded together in one blocking task.
             let n = rest
                 .iter()
                 .take_while(|e| matches!(e.place, Place::Compressed { .. }))
                 .count()
                 .max(1);
-            let produced = self.read_run(&rest[..n]).await?;
+            runs.push(&rest[..n]);
             rest = &rest[n..];
-            match (chunks.last_mut(), produced) {
+        }
+        let produced = if let [run] = runs.as_slice() {
+            vec![self.read_run(run).await?]
+        } else {
+            futures_util::future::try_join_all(runs.iter().map(|run| self.read_run(run))).await?
+        };
+        let mut chunks: Vec<ReadChunk> = Vec::with_capacity(produced.len());
+        for chunk in produced {
+            match (chunks.last_mut(), chunk) {
                 (Some(ReadChunk::Zero(n)), ReadChunk::Zero(m)) => *n += m,
                 (_, chunk) => chunks.push(chunk),
             }

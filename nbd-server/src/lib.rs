@@ -13,7 +13,11 @@
 //! - [`image`]: qcow2, VHD, VMDK and raw images with backing chains, read-only, through
 //!   `thinline-format`'s mapping plans.
 //! - [`server`]: listeners, connection limits, graceful shutdown.
-//! - [`source`]: template locations (paths and `file://` URIs; remote schemes later).
+//! - [`source`]: template locations (paths, `file://` URIs, remote URIs, handler schemes).
+//! - [`remote`]: remote template sources read by byte ranges (HTTP(S), S3, NFS, NBD)
+//!   behind one fetch engine (coalescing, readahead, retries, shared in-flight fetches).
+//! - [`client`]: an NBD client, for templates behind another NBD server and for the
+//!   copy-on-read proxy's upstream.
 //!
 //! Serving a file takes a few lines:
 //!
@@ -34,6 +38,7 @@
 
 #![warn(missing_docs)]
 
+pub mod client;
 mod error;
 pub mod export;
 mod fileio;
@@ -41,6 +46,7 @@ mod handshake;
 pub mod image;
 pub mod proto;
 pub mod raw;
+pub mod remote;
 pub mod request;
 pub mod server;
 pub mod source;

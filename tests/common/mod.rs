@@ -6,6 +6,9 @@
 
 #![allow(dead_code)]
 
+pub mod faults;
+pub mod images;
+pub mod servers;
 pub mod wire;
 
 use std::io::{BufRead, BufReader, Read};

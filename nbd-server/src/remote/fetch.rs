@@ -1,0 +1,693 @@
+//! The fetch engine in front of every remote object: reads become few, large,
+//! parallel, retried range requests.
+//!
+//! - A read is rounded out to whole *fetch units* (default 1 MiB), so a 4 KiB read is
+//!   never a 4 KiB request; adjacent missing units are merged into one request (up to
+//!   [`MAX_MERGED_UNITS`]).
+//! - A unit being fetched is never fetched twice: later readers (any connection) wait
+//!   for the same request.
+//! - Fetched units stay in a bounded LRU memory ([`RemoteConfig::memory_budget`]), so
+//!   format metadata, compressed grains and neighbouring reads are served from memory.
+//! - Sequential streams (up to [`MAX_STREAMS`] at once) get readahead with a window
+//!   that doubles up to [`RemoteConfig::max_readahead`].
+//! - At most [`RemoteConfig::max_in_flight`] requests run at once, shared by every
+//!   connection of the export; demand reads queue fairly with readahead.
+//! - Transient failures are retried with exponential backoff and jitter; when the
+//!   attempts run out only that read fails, and the next read tries again. An object
+//!   that changed under the export fails every later fetch (units already in memory
+//!   are of the pinned version and still served).
+//!
+//! The state lock is never held across an await or any I/O.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use futures_util::future::Shared;
+use tokio::sync::Semaphore;
+
+use super::{FetchError, FetchErrorKind, RangeBackend, RemoteConfig};
+
+/// Most units one request fetches.
+pub const MAX_MERGED_UNITS: u64 = 4;
+
+/// Most sequential streams tracked for readahead.
+pub const MAX_STREAMS: usize = 8;
+
+type FetchFuture = Shared<Pin<Box<dyn Future<Output = Result<Bytes, FetchError>> + Send>>>;
+
+/// Counters of one engine, for logs and status output.
+#[derive(Debug, Default)]
+pub struct FetchStats {
+    /// Reads answered entirely from memory.
+    pub hits: AtomicU64,
+    /// Range requests sent (attempts, retries included).
+    pub requests: AtomicU64,
+    /// Requests that were retries.
+    pub retries: AtomicU64,
+    /// Bytes received from the backend.
+    pub bytes_fetched: AtomicU64,
+    /// Units fetched by readahead.
+    pub readahead_units: AtomicU64,
+}
+
+/// A unit that is being fetched: the request's future and where the unit starts in
+/// its body.
+#[derive(Clone)]
+struct Pending {
+    fetch: FetchFuture,
+    /// Byte offset of the unit inside the request's body.
+    skip: usize,
+    /// Which request registered it, so a failed request only clears its own units.
+    request: u64,
+}
+
+/// A sequential reader: where it will read next and how far ahead to fetch.
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    /// The unit after the last one read.
+    next_unit: u64,
+    /// Readahead window in units (0 until the stream proves sequential).
+    window: u64,
+    /// Units below this are already fetched or requested by readahead.
+    requested_until: u64,
+    last_used: u64,
+}
+
+#[derive(Default)]
+struct State {
+    /// Fetched units: unit index → (bytes, last use stamp).
+    ready: HashMap<u64, (Bytes, u64)>,
+    /// Last use stamp → unit index, oldest first.
+    by_age: BTreeMap<u64, u64>,
+    pending: HashMap<u64, Pending>,
+    streams: Vec<Stream>,
+    clock: u64,
+    next_request: u64,
+    /// Set once the object changed; every later fetch fails with it.
+    changed: Option<FetchError>,
+}
+
+impl State {
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    fn get_ready(&mut self, unit: u64) -> Option<Bytes> {
+        let now = self.tick();
+        let (bytes, stamp) = self.ready.get_mut(&unit)?;
+        self.by_age.remove(stamp);
+        *stamp = now;
+        self.by_age.insert(now, unit);
+        Some(bytes.clone())
+    }
+
+    fn insert_ready(&mut self, unit: u64, bytes: Bytes, capacity: usize) {
+        let now = self.tick();
+        if let Some((_, old)) = self.ready.insert(unit, (bytes, now)) {
+            self.by_age.remove(&old);
+        }
+        self.by_age.insert(now, unit);
+        while self.ready.len() > capacity {
+            let Some((_, oldest)) = self.by_age.pop_first() else {
+                break;
+            };
+            self.ready.remove(&oldest);
+        }
+    }
+}
+
+/// Where one unit of a read comes from.
+enum Piece {
+    Ready(Bytes),
+    Pending(Pending),
+}
+
+/// Reads of one remote object, coalesced, shared, cached and retried.
+pub struct FetchEngine {
+    backend: Arc<dyn RangeBackend>,
+    unit: u64,
+    units: u64,
+    capacity_units: usize,
+    max_readahead_units: u64,
+    attempts: u32,
+    backoff_base: Duration,
+    backoff_max: Duration,
+    permits: Arc<Semaphore>,
+    state: Mutex<State>,
+    stats: Arc<FetchStats>,
+}
+
+impl fmt::Debug for FetchEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FetchEngine")
+            .field("uri", &self.backend.uri())
+            .field("unit", &self.unit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FetchEngine {
+    /// An engine for `backend` with the unit, limits and retry policy of `config`.
+    pub fn new(backend: Arc<dyn RangeBackend>, config: &RemoteConfig) -> Arc<Self> {
+        let unit = config.fetch_unit.max(4096).next_power_of_two();
+        let size = backend.size();
+        Arc::new(FetchEngine {
+            unit,
+            units: size.div_ceil(unit),
+            capacity_units: usize::try_from(config.memory_budget / unit)
+                .unwrap_or(usize::MAX)
+                .max(2 * MAX_MERGED_UNITS as usize),
+            max_readahead_units: config.max_readahead / unit,
+            attempts: config.attempts.max(1),
+            backoff_base: config.backoff_base,
+            backoff_max: config.backoff_max.max(config.backoff_base),
+            permits: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
+            state: Mutex::new(State::default()),
+            stats: Arc::new(FetchStats::default()),
+            backend,
+        })
+    }
+
+    /// The object behind the engine.
+    pub fn backend(&self) -> &Arc<dyn RangeBackend> {
+        &self.backend
+    }
+
+    /// The object's size.
+    pub fn size(&self) -> u64 {
+        self.backend.size()
+    }
+
+    /// The fetch unit in bytes.
+    pub fn unit(&self) -> u64 {
+        self.unit
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> &FetchStats {
+        &self.stats
+    }
+
+    /// Reads `length` bytes at `offset`; the range must lie inside the object.
+    pub async fn read(self: &Arc<Self>, offset: u64, length: u64) -> Result<Bytes, FetchError> {
+        let size = self.size();
+        if length == 0 {
+            return Ok(Bytes::new());
+        }
+        if offset.checked_add(length).is_none_or(|end| end > size) {
+            return Err(FetchError::new(
+                FetchErrorKind::Permanent,
+                "read",
+                self.backend.uri(),
+                Some((offset, length)),
+                format!("the range is outside the object ({size} bytes)"),
+            ));
+        }
+        let first = offset / self.unit;
+        let last = (offset + length - 1) / self.unit;
+        let pieces = self.plan(first, last)?;
+        let mut parts = Vec::with_capacity(pieces.len());
+        for piece in pieces {
+            parts.push(match piece {
+                Piece::Ready(bytes) => bytes,
+                Piece::Pending(p) => {
+                    let body = p.fetch.await?;
+                    let end = (p.skip + self.unit as usize).min(body.len());
+                    body.slice(p.skip..end)
+                }
+            });
+        }
+        let start = (offset - first * self.unit) as usize;
+        if let [only] = parts.as_slice() {
+            return Ok(only.slice(start..start + length as usize));
+        }
+        let mut out = BytesMut::with_capacity(length as usize);
+        let mut skip = start;
+        let mut left = length as usize;
+        for part in &parts {
+            let take = (part.len() - skip).min(left);
+            out.extend_from_slice(&part[skip..skip + take]);
+            left -= take;
+            skip = 0;
+        }
+        Ok(out.freeze())
+    }
+
+    /// Finds each unit of `first..=last` in memory or in flight, starts requests for
+    /// the missing ones (merged) and for readahead, and returns what to wait for.
+    fn plan(self: &Arc<Self>, first: u64, last: u64) -> Result<Vec<Piece>, FetchError> {
+        let mut state = self.state.lock().expect("fetch state lock poisoned");
+        let mut pieces = Vec::with_capacity((last - first + 1) as usize);
+        let mut missing_from = None;
+        let mut all_ready = true;
+        for unit in first..=last {
+            if let Some(bytes) = state.get_ready(unit) {
+                self.flush_missing(&mut state, &mut missing_from, unit, &mut pieces)?;
+                pieces.push(Piece::Ready(bytes));
+            } else if let Some(p) = state.pending.get(&unit).cloned() {
+                all_ready = false;
+                self.flush_missing(&mut state, &mut missing_from, unit, &mut pieces)?;
+                pieces.push(Piece::Pending(p));
+            } else {
+                all_ready = false;
+                missing_from.get_or_insert(unit);
+            }
+        }
+        self.flush_missing(&mut state, &mut missing_from, last + 1, &mut pieces)?;
+        if all_ready {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        self.readahead(&mut state, first, last);
+        Ok(pieces)
+    }
+
+    /// Starts requests for the missing units `from..end` and adds them to `pieces`.
+    fn flush_missing(
+        self: &Arc<Self>,
+        state: &mut State,
+        missing_from: &mut Option<u64>,
+        end: u64,
+        pieces: &mut Vec<Piece>,
+    ) -> Result<(), FetchError> {
+        let Some(mut unit) = missing_from.take() else {
+            return Ok(());
+        };
+        if let Some(e) = &state.changed {
+            return Err(e.clone());
+        }
+        while unit < end {
+            let count = (end - unit).min(MAX_MERGED_UNITS);
+            for p in self.start_fetch(state, unit, count) {
+                pieces.push(Piece::Pending(p));
+            }
+            unit += count;
+        }
+        Ok(())
+    }
+
+    /// Registers one request for units `first..first + count` and spawns it.
+    fn start_fetch(self: &Arc<Self>, state: &mut State, first: u64, count: u64) -> Vec<Pending> {
+        let request = state.next_request;
+        state.next_request += 1;
+        let offset = first * self.unit;
+        let length = (count * self.unit).min(self.size() - offset);
+        let engine = Arc::clone(self);
+        let task = tokio::spawn(async move { engine.fetch(request, first, offset, length).await });
+        let uri = self.backend.uri().to_owned();
+        let fetch: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
+            task.await.unwrap_or_else(|e| {
+                Err(FetchError::new(
+                    FetchErrorKind::Transient,
+                    "read",
+                    &uri,
+                    Some((offset, length)),
+                    format!("the fetch task failed: {e}"),
+                ))
+            })
+        });
+        let fetch = fetch.shared();
+        (0..count)
+            .map(|i| {
+                let p = Pending {
+                    fetch: fetch.clone(),
+                    skip: (i * self.unit) as usize,
+                    request,
+                };
+                state.pending.insert(first + i, p.clone());
+                p
+            })
+            .collect()
+    }
+
+    /// Tracks sequential streams and requests the units ahead of one.
+    fn readahead(self: &Arc<Self>, state: &mut State, first: u64, last: u64) {
+        if self.max_readahead_units == 0 {
+            return;
+        }
+        let now = state.tick();
+        let found = state
+            .streams
+            .iter()
+            .position(|s| first == s.next_unit || first + 1 == s.next_unit);
+        let stream = match found {
+            Some(i) => {
+                let s = &mut state.streams[i];
+                s.last_used = now;
+                if last < s.next_unit {
+                    return; // Still inside the unit read last time.
+                }
+                s.next_unit = last + 1;
+                s.window = (s.window * 2).max(2).min(self.max_readahead_units);
+                *s
+            }
+            None => {
+                let s = Stream {
+                    next_unit: last + 1,
+                    window: 0,
+                    requested_until: last + 1,
+                    last_used: now,
+                };
+                if state.streams.len() < MAX_STREAMS {
+                    state.streams.push(s);
+                } else if let Some(oldest) = state.streams.iter_mut().min_by_key(|s| s.last_used) {
+                    *oldest = s;
+                }
+                return;
+            }
+        };
+        let target = (stream.next_unit + stream.window).min(self.units);
+        let mut unit = stream.requested_until.max(stream.next_unit);
+        let Some(i) = found else { return };
+        state.streams[i].requested_until = target.max(unit);
+        if state.changed.is_some() {
+            return;
+        }
+        while unit < target {
+            if state.pending.contains_key(&unit) || state.ready.contains_key(&unit) {
+                unit += 1;
+                continue;
+            }
+            let mut count = 1;
+            while count < MAX_MERGED_UNITS
+                && unit + count < target
+                && !state.pending.contains_key(&(unit + count))
+                && !state.ready.contains_key(&(unit + count))
+            {
+                count += 1;
+            }
+            self.stats
+                .readahead_units
+                .fetch_add(count, Ordering::Relaxed);
+            self.start_fetch(state, unit, count);
+            unit += count;
+        }
+    }
+
+    /// Runs one request with retries, then files its units as ready (or forgets them
+    /// on failure so the next read tries again).
+    async fn fetch(
+        self: Arc<Self>,
+        request: u64,
+        first: u64,
+        offset: u64,
+        length: u64,
+    ) -> Result<Bytes, FetchError> {
+        let result = self.fetch_with_retries(offset, length).await;
+        let mut state = self.state.lock().expect("fetch state lock poisoned");
+        let count = length.div_ceil(self.unit);
+        for i in 0..count {
+            if state
+                .pending
+                .get(&(first + i))
+                .is_some_and(|p| p.request == request)
+            {
+                state.pending.remove(&(first + i));
+            }
+        }
+        match &result {
+            Ok(body) => {
+                for i in 0..count {
+                    let start = (i * self.unit) as usize;
+                    let end = (start + self.unit as usize).min(body.len());
+                    state.insert_ready(first + i, body.slice(start..end), self.capacity_units);
+                }
+            }
+            Err(e) if e.kind == FetchErrorKind::Changed => {
+                if state.changed.is_none() {
+                    tracing::error!(
+                        "{e}; the export keeps failing reads of data it has not fetched yet"
+                    );
+                    state.changed = Some(e.clone());
+                }
+            }
+            Err(e) => tracing::error!("{e}; giving up on this read"),
+        }
+        result
+    }
+
+    async fn fetch_with_retries(&self, offset: u64, length: u64) -> Result<Bytes, FetchError> {
+        let mut attempt = 1;
+        loop {
+            let permit = self
+                .permits
+                .acquire()
+                .await
+                .expect("the semaphore is never closed");
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let result = self.backend.read(offset, length).await;
+            drop(permit);
+            match result {
+                Ok(body) if body.len() as u64 == length => {
+                    self.stats
+                        .bytes_fetched
+                        .fetch_add(length, Ordering::Relaxed);
+                    return Ok(body);
+                }
+                Ok(body) => {
+                    // Backends check lengths; this is a backstop.
+                    let e = FetchError::new(
+                        FetchErrorKind::Transient,
+                        "read",
+                        self.backend.uri(),
+                        Some((offset, length)),
+                        format!("short body: {} of {length} bytes", body.len()),
+                    );
+                    if attempt >= self.attempts {
+                        return Err(e);
+                    }
+                    tracing::warn!("{e}; retrying (attempt {attempt} of {})", self.attempts);
+                }
+                Err(e) if e.is_transient() && attempt < self.attempts => {
+                    tracing::warn!("{e}; retrying (attempt {attempt} of {})", self.attempts);
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::time::sleep(self.backoff(attempt)).await;
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            attempt += 1;
+        }
+    }
+
+    /// Delay before retry number `attempt`: doubling from the base, capped, with
+    /// jitter between half and all of it.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let full = self
+            .backoff_base
+            .saturating_mul(1 << (attempt - 1).min(20))
+            .min(self.backoff_max);
+        full.mul_f64(0.5 + 0.5 * jitter())
+    }
+}
+
+/// A number in `[0, 1)` that differs between calls and processes.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use std::sync::atomic::AtomicU32;
+
+    /// An in-memory object that records requests and fails on demand.
+    #[derive(Debug)]
+    struct Recorder {
+        data: Bytes,
+        requests: Mutex<Vec<(u64, u64)>>,
+        failures_left: AtomicU32,
+        fail_kind: FetchErrorKind,
+        delay: Duration,
+    }
+
+    impl Recorder {
+        fn new(size: usize) -> Arc<Self> {
+            let data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 4096) as u8).collect();
+            Arc::new(Recorder {
+                data: data.into(),
+                requests: Mutex::new(Vec::new()),
+                failures_left: AtomicU32::new(0),
+                fail_kind: FetchErrorKind::Transient,
+                delay: Duration::from_millis(20),
+            })
+        }
+        fn requests(&self) -> Vec<(u64, u64)> {
+            self.requests.lock().unwrap().clone()
+        }
+    }
+
+    #[async_trait]
+    impl RangeBackend for Recorder {
+        fn uri(&self) -> &str {
+            "mem://recorder"
+        }
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn identity(&self) -> &str {
+            "test"
+        }
+        async fn read(&self, offset: u64, length: u64) -> Result<Bytes, FetchError> {
+            self.requests.lock().unwrap().push((offset, length));
+            tokio::time::sleep(self.delay).await;
+            if self
+                .failures_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(FetchError::new(
+                    self.fail_kind,
+                    "read",
+                    self.uri(),
+                    Some((offset, length)),
+                    "injected",
+                ));
+            }
+            Ok(self.data.slice(offset as usize..(offset + length) as usize))
+        }
+        async fn open_related(&self, _: &str) -> Result<Arc<dyn RangeBackend>, FetchError> {
+            unreachable!()
+        }
+    }
+
+    fn config() -> RemoteConfig {
+        RemoteConfig {
+            fetch_unit: 64 << 10,
+            backoff_base: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(5),
+            attempts: 3,
+            ..RemoteConfig::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_reads_become_one_unit_request_shared_by_concurrent_readers() {
+        let backend = Recorder::new(1 << 20);
+        let engine = FetchEngine::new(backend.clone(), &config());
+        let reads = (0..8).map(|i| {
+            let engine = Arc::clone(&engine);
+            tokio::spawn(async move { engine.read(100 + i * 4096, 4096).await })
+        });
+        for (i, r) in futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            let start = 100 + i * 4096;
+            assert_eq!(r.unwrap().unwrap(), backend.data.slice(start..start + 4096));
+        }
+        assert_eq!(backend.requests(), vec![(0, 64 << 10)]);
+        // Served from memory afterwards.
+        engine.read(5000, 10).await.unwrap();
+        assert_eq!(backend.requests().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn adjacent_misses_merge_and_the_tail_unit_is_short() {
+        let size = (64 << 10) * 5 + 123;
+        let backend = Recorder::new(size);
+        let engine = FetchEngine::new(backend.clone(), &config());
+        let got = engine.read(10, size as u64 - 20).await.unwrap();
+        assert_eq!(got, backend.data.slice(10..size - 10));
+        let mut requests = backend.requests();
+        requests.sort_unstable();
+        assert_eq!(
+            requests,
+            vec![(0, 4 * (64 << 10)), (4 * (64 << 10), (64 << 10) + 123)]
+        );
+        assert!(engine.read(size as u64 - 5, 10).await.is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transient_failures_are_retried_then_reported_and_the_next_read_recovers() {
+        let backend = Recorder::new(1 << 20);
+        backend.failures_left.store(2, Ordering::SeqCst);
+        let engine = FetchEngine::new(backend.clone(), &config());
+        assert_eq!(engine.read(0, 10).await.unwrap(), backend.data.slice(0..10));
+        assert_eq!(backend.requests().len(), 3);
+
+        backend.failures_left.store(3, Ordering::SeqCst);
+        let e = engine.read(200 << 10, 10).await.unwrap_err();
+        assert!(e.to_string().contains("injected"), "{e}");
+        assert!(e.to_string().contains("mem://recorder bytes"), "{e}");
+        assert_eq!(
+            engine.read(200 << 10, 10).await.unwrap(),
+            backend.data.slice((200 << 10)..(200 << 10) + 10)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_changed_object_fails_every_later_fetch_but_memory_still_serves() {
+        let mut backend = Recorder::new(1 << 20);
+        Arc::get_mut(&mut backend).unwrap().fail_kind = FetchErrorKind::Changed;
+        let engine = FetchEngine::new(backend.clone(), &config());
+        engine.read(0, 10).await.unwrap();
+        backend.failures_left.store(1, Ordering::SeqCst);
+        assert_eq!(
+            engine.read(300 << 10, 1).await.unwrap_err().kind,
+            FetchErrorKind::Changed
+        );
+        let before = backend.requests().len();
+        assert_eq!(
+            engine.read(400 << 10, 1).await.unwrap_err().kind,
+            FetchErrorKind::Changed
+        );
+        assert_eq!(
+            backend.requests().len(),
+            before,
+            "no request after a change"
+        );
+        engine.read(0, 10).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sequential_reads_grow_a_readahead_window() {
+        let backend = Recorder::new(4 << 20);
+        let engine = FetchEngine::new(backend.clone(), &config());
+        let unit = 64 << 10;
+        for i in 0..8u64 {
+            engine.read(i * unit, unit).await.unwrap();
+        }
+        // Readahead requested units beyond the 8 read.
+        let highest = backend.requests().iter().map(|r| r.0 + r.1).max().unwrap();
+        assert!(highest > 8 * unit, "{highest}");
+        // A random read elsewhere starts no readahead.
+        let backend = Recorder::new(4 << 20);
+        let engine = FetchEngine::new(backend.clone(), &config());
+        engine.read(3 << 20, 10).await.unwrap();
+        engine.read(1 << 20, 10).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(backend.requests().len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory_stays_within_its_budget() {
+        let backend = Recorder::new(4 << 20);
+        let engine = FetchEngine::new(
+            backend.clone(),
+            &RemoteConfig {
+                memory_budget: 8 * (64 << 10),
+                ..config()
+            },
+        );
+        for i in (0..64u64).rev() {
+            engine.read(i * (64 << 10), 1).await.unwrap();
+        }
+        assert!(engine.state.lock().unwrap().ready.len() <= 8);
+    }
+}

@@ -1,0 +1,504 @@
+//! HTTP and HTTPS objects: range GETs on a keep-alive pool (HTTP/2 when the server
+//! offers it through TLS ALPN), pinned to the object seen at open.
+//!
+//! Opening sends `Range: bytes=0-0`: a `206` with `Content-Range: bytes 0-0/SIZE`
+//! gives the size; a `200` means the server ignores ranges and is refused (serving it
+//! would download the whole object for every read). The identity is the strong ETag,
+//! else Last-Modified. Every later GET is conditional on it (`If-Match` for an ETag,
+//! `If-Range` for a date) and its `Content-Range`, ETag and Last-Modified are checked,
+//! so an object replaced under a running export fails with
+//! [`FetchErrorKind::Changed`] instead of mixing old and new bytes.
+//!
+//! Credentials in the URL (`https://user:pass@host/…`) are sent as Basic
+//! authentication and never appear in messages; the query (a pre-signed URL's
+//! signature) is sent but never shown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use reqwest::{Client, StatusCode, Url};
+
+use super::{FetchError, FetchErrorKind, RangeBackend, RemoteConfig};
+use crate::source::redact;
+
+/// What the object is pinned to.
+#[derive(Debug, Clone)]
+enum Validator {
+    /// A strong ETag: `If-Match`.
+    ETag(String),
+    /// A Last-Modified date: `If-Range`.
+    LastModified(String),
+    /// Neither: only the size is checked.
+    None,
+}
+
+/// An HTTP(S) object.
+#[derive(Debug)]
+pub struct HttpBackend {
+    client: Client,
+    /// The URL requested, without user information.
+    url: Url,
+    credentials: Option<(String, String)>,
+    /// The URL as shown in messages.
+    shown: String,
+    size: u64,
+    validator: Validator,
+    /// The ETag seen at open, weak or strong, compared with every response.
+    etag: Option<String>,
+    last_modified: Option<String>,
+    identity: String,
+    first_byte_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+/// Builds the client shared by an object and the files it names.
+fn client(config: &RemoteConfig) -> Result<Client, String> {
+    Client::builder()
+        .connect_timeout(config.connect_timeout)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(config.max_in_flight.max(1))
+        .tcp_nodelay(true)
+        .http2_adaptive_window(true)
+        .user_agent(concat!("thinline/", env!("CARGO_PKG_VERSION")))
+        .no_proxy()
+        .build()
+        .map_err(|e| error_text(&e))
+}
+
+/// Opens `uri` (`http://` or `https://`).
+pub async fn open(uri: &str, config: &RemoteConfig) -> Result<Arc<dyn RangeBackend>, FetchError> {
+    let shown = redact(uri);
+    let url = Url::parse(uri).map_err(|e| {
+        FetchError::new(
+            FetchErrorKind::Permanent,
+            "open",
+            &shown,
+            None,
+            format!("not a valid URL: {e}"),
+        )
+    })?;
+    let client = client(config)
+        .map_err(|e| FetchError::new(FetchErrorKind::Permanent, "open", &shown, None, e))?;
+    Ok(Arc::new(HttpBackend::open(client, url, config).await?))
+}
+
+impl HttpBackend {
+    async fn open(client: Client, mut url: Url, config: &RemoteConfig) -> Result<Self, FetchError> {
+        let credentials = (!url.username().is_empty()).then(|| {
+            let decode = |s: &str| {
+                thinline_format::storage::percent_decode(s).unwrap_or_else(|| s.to_owned())
+            };
+            (decode(url.username()), decode(url.password().unwrap_or("")))
+        });
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        let shown = redact(url.as_str());
+        let mut backend = HttpBackend {
+            client,
+            url,
+            credentials,
+            shown,
+            size: 0,
+            validator: Validator::None,
+            etag: None,
+            last_modified: None,
+            identity: String::new(),
+            first_byte_timeout: config.first_byte_timeout,
+            idle_timeout: config.idle_timeout,
+        };
+        let shown = backend.shown.clone();
+        let fail = |kind, message: String| FetchError::new(kind, "open", &shown, None, message);
+        let response = backend
+            .send(0, 1, false)
+            .await
+            .map_err(|(kind, m)| fail(kind, m))?;
+        let status = response.status();
+        match status {
+            StatusCode::PARTIAL_CONTENT => {}
+            StatusCode::OK => {
+                return Err(fail(
+                    FetchErrorKind::Permanent,
+                    "the server does not support range requests (it answered a range request with the whole object, status 200); serve the template from a server that does".to_owned(),
+                ));
+            }
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                return Err(fail(
+                    FetchErrorKind::Permanent,
+                    "the object is empty (416 Range Not Satisfiable for its first byte)".to_owned(),
+                ));
+            }
+            s => return Err(fail(status_kind(s), status_text(s))),
+        }
+        let headers = response.headers();
+        let (start, end, total) =
+            content_range(headers).map_err(|m| fail(FetchErrorKind::Permanent, m))?;
+        if (start, end) != (0, 0) {
+            return Err(fail(
+                FetchErrorKind::Permanent,
+                format!("asked for bytes 0-0, the server sent bytes {start}-{end}"),
+            ));
+        }
+        backend.size = total;
+        backend.etag = header_text(headers, &header::ETAG);
+        backend.last_modified = header_text(headers, &header::LAST_MODIFIED);
+        backend.validator = match (&backend.etag, &backend.last_modified) {
+            (Some(etag), _) if !etag.starts_with("W/") => Validator::ETag(etag.clone()),
+            (_, Some(date)) => Validator::LastModified(date.clone()),
+            _ => Validator::None,
+        };
+        backend.identity = match &backend.validator {
+            Validator::ETag(e) => format!("size:{total},etag:{e}"),
+            Validator::LastModified(d) => format!("size:{total},last-modified:{d}"),
+            Validator::None => {
+                tracing::warn!(
+                    uri = %backend.shown,
+                    "the server sends neither a strong ETag nor Last-Modified: only a change of size can be detected"
+                );
+                format!("size:{total}")
+            }
+        };
+        // Finish the one-byte body so the connection goes back to the pool.
+        let _ = response.bytes().await;
+        Ok(backend)
+    }
+
+    /// Sends a GET for `length` bytes at `offset` and waits for the response headers.
+    async fn send(
+        &self,
+        offset: u64,
+        length: u64,
+        conditional: bool,
+    ) -> Result<reqwest::Response, (FetchErrorKind, String)> {
+        let mut request = self.client.get(self.url.clone()).header(
+            header::RANGE,
+            format!("bytes={offset}-{}", offset + length - 1),
+        );
+        if let Some((user, password)) = &self.credentials {
+            request = request.basic_auth(user, Some(password));
+        }
+        if conditional {
+            match &self.validator {
+                Validator::ETag(etag) => request = request.header(header::IF_MATCH, etag),
+                Validator::LastModified(date) => {
+                    request = request.header(header::IF_RANGE, date);
+                }
+                Validator::None => {}
+            }
+        }
+        match tokio::time::timeout(self.first_byte_timeout, request.send()).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err((FetchErrorKind::Transient, error_text(&e))),
+            Err(_) => Err((
+                FetchErrorKind::Transient,
+                format!(
+                    "no response within {:?} (first-byte timeout)",
+                    self.first_byte_timeout
+                ),
+            )),
+        }
+    }
+
+    /// Checks that a 206 response is the range asked for, of the pinned object.
+    fn check_response(
+        &self,
+        headers: &HeaderMap,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), (FetchErrorKind, String)> {
+        let (start, end, total) =
+            content_range(headers).map_err(|m| (FetchErrorKind::Transient, m))?;
+        if total != self.size {
+            return Err((
+                FetchErrorKind::Changed,
+                format!(
+                    "the object changed since it was opened: its size is now {total} bytes, not {}",
+                    self.size
+                ),
+            ));
+        }
+        if let (Some(pinned), Some(now)) = (&self.etag, header_text(headers, &header::ETAG)) {
+            if *pinned != now {
+                return Err((
+                    FetchErrorKind::Changed,
+                    format!("the object changed since it was opened: ETag {now}, pinned {pinned}"),
+                ));
+            }
+        }
+        if let (Some(pinned), Some(now)) = (
+            &self.last_modified,
+            header_text(headers, &header::LAST_MODIFIED),
+        ) {
+            if *pinned != now {
+                return Err((
+                    FetchErrorKind::Changed,
+                    format!(
+                        "the object changed since it was opened: Last-Modified {now}, pinned {pinned}"
+                    ),
+                ));
+            }
+        }
+        if (start, end) != (offset, offset + length - 1) {
+            return Err((
+                FetchErrorKind::Transient,
+                format!("the server sent bytes {start}-{end} instead"),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn read_once(&self, offset: u64, length: u64) -> Result<Bytes, (FetchErrorKind, String)> {
+        let mut response = self.send(offset, length, true).await?;
+        let status = response.status();
+        match status {
+            StatusCode::PARTIAL_CONTENT => {}
+            StatusCode::OK => {
+                return Err(match self.validator {
+                    Validator::LastModified(_) => (
+                        FetchErrorKind::Changed,
+                        "the object changed since it was opened (If-Range failed: the server sent the whole new object)".to_owned(),
+                    ),
+                    _ => (
+                        FetchErrorKind::Permanent,
+                        "the server ignored the Range header (status 200)".to_owned(),
+                    ),
+                });
+            }
+            StatusCode::PRECONDITION_FAILED => {
+                return Err((
+                    FetchErrorKind::Changed,
+                    "the object changed since it was opened (412 Precondition Failed: its ETag no longer matches)".to_owned(),
+                ));
+            }
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                return Err((
+                    FetchErrorKind::Changed,
+                    "the object changed since it was opened: it is shorter now (416 Range Not Satisfiable)".to_owned(),
+                ));
+            }
+            StatusCode::NOT_FOUND | StatusCode::GONE => {
+                return Err((
+                    FetchErrorKind::Changed,
+                    format!(
+                        "the object is gone since it was opened ({})",
+                        status_text(status)
+                    ),
+                ));
+            }
+            s => return Err((status_kind(s), status_text(s))),
+        }
+        self.check_response(response.headers(), offset, length)?;
+        let mut body = BytesMut::with_capacity(length as usize);
+        loop {
+            let chunk = match tokio::time::timeout(self.idle_timeout, response.chunk()).await {
+                Ok(Ok(Some(chunk))) => chunk,
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => {
+                    return Err((
+                        FetchErrorKind::Transient,
+                        format!(
+                            "the body broke off after {} of {length} bytes: {}",
+                            body.len(),
+                            error_text(&e)
+                        ),
+                    ));
+                }
+                Err(_) => {
+                    return Err((
+                        FetchErrorKind::Transient,
+                        format!(
+                            "the body stalled for {:?} after {} of {length} bytes (idle timeout)",
+                            self.idle_timeout,
+                            body.len()
+                        ),
+                    ));
+                }
+            };
+            if body.len() + chunk.len() > length as usize {
+                return Err((
+                    FetchErrorKind::Transient,
+                    format!("the body is longer than the {length} bytes asked for"),
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if body.len() as u64 != length {
+            return Err((
+                FetchErrorKind::Transient,
+                format!("short body: {} of {length} bytes", body.len()),
+            ));
+        }
+        Ok(body.freeze())
+    }
+}
+
+#[async_trait]
+impl RangeBackend for HttpBackend {
+    fn uri(&self) -> &str {
+        &self.shown
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    async fn read(&self, offset: u64, length: u64) -> Result<Bytes, FetchError> {
+        self.read_once(offset, length)
+            .await
+            .map_err(|(kind, message)| {
+                FetchError::new(kind, "read", &self.shown, Some((offset, length)), message)
+            })
+    }
+
+    async fn open_related(&self, name: &str) -> Result<Arc<dyn RangeBackend>, FetchError> {
+        let mut url = self.url.join(name).map_err(|e| {
+            FetchError::new(
+                FetchErrorKind::Permanent,
+                "open",
+                &self.shown,
+                None,
+                format!("cannot resolve {name:?} against the image's URL: {e}"),
+            )
+        })?;
+        url.set_query(None);
+        if let Some((user, password)) = &self.credentials {
+            let _ = url.set_username(user);
+            let _ = url.set_password(Some(password));
+        }
+        let config = RemoteConfig {
+            first_byte_timeout: self.first_byte_timeout,
+            idle_timeout: self.idle_timeout,
+            ..RemoteConfig::default()
+        };
+        Ok(Arc::new(
+            HttpBackend::open(self.client.clone(), url, &config).await?,
+        ))
+    }
+}
+
+/// Parses `Content-Range: bytes START-END/TOTAL`.
+fn content_range(headers: &HeaderMap) -> Result<(u64, u64, u64), String> {
+    let value = headers
+        .get(header::CONTENT_RANGE)
+        .ok_or("a 206 response without Content-Range")?;
+    let text = value.to_str().map_err(|_| "an unreadable Content-Range")?;
+    let parse = || -> Option<(u64, u64, u64)> {
+        let rest = text.strip_prefix("bytes ")?;
+        let (range, total) = rest.split_once('/')?;
+        let (start, end) = range.split_once('-')?;
+        let (start, end, total) = (
+            start.trim().parse().ok()?,
+            end.trim().parse().ok()?,
+            total.trim().parse().ok()?,
+        );
+        (start <= end && end < total).then_some((start, end, total))
+    };
+    parse().ok_or_else(|| format!("a malformed Content-Range {text:?}"))
+}
+
+fn header_text(headers: &HeaderMap, name: &header::HeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v: &HeaderValue| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Whether a failure status is worth retrying.
+fn status_kind(status: StatusCode) -> FetchErrorKind {
+    if status.is_server_error()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
+    {
+        FetchErrorKind::Transient
+    } else {
+        FetchErrorKind::Permanent
+    }
+}
+
+fn status_text(status: StatusCode) -> String {
+    let hint = match status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            ": access denied; check the credentials"
+        }
+        StatusCode::NOT_FOUND => ": no such object",
+        _ => "",
+    };
+    format!("the server answered {status}{hint}")
+}
+
+/// A reqwest error and its causes, without the URL (which may hold credentials).
+fn error_text(e: &reqwest::Error) -> String {
+    let mut text = String::new();
+    let mut current: Option<&dyn std::error::Error> = Some(e);
+    let mut first = true;
+    while let Some(err) = current {
+        let part = if first {
+            let mut e2 = String::new();
+            if e.is_timeout() {
+                e2.push_str("timed out");
+            } else if e.is_connect() {
+                e2.push_str("cannot connect");
+            } else if e.is_body() || e.is_decode() {
+                e2.push_str("the body failed");
+            } else {
+                e2.push_str("the request failed");
+            }
+            e2
+        } else {
+            err.to_string()
+        };
+        if !part.is_empty() && !text.ends_with(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+        first = false;
+        current = err.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_is_parsed_and_checked() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_RANGE, "bytes 0-0/1048576".parse().unwrap());
+        assert_eq!(content_range(&h).unwrap(), (0, 0, 1 << 20));
+        for bad in [
+            "bytes 5-4/10",
+            "bytes 0-10/10",
+            "bytes */10",
+            "items 0-1/2",
+            "bytes 0-1/x",
+        ] {
+            h.insert(header::CONTENT_RANGE, bad.parse().unwrap());
+            assert!(content_range(&h).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn throttling_and_server_errors_are_transient() {
+        assert_eq!(
+            status_kind(StatusCode::SERVICE_UNAVAILABLE),
+            FetchErrorKind::Transient
+        );
+        assert_eq!(
+            status_kind(StatusCode::TOO_MANY_REQUESTS),
+            FetchErrorKind::Transient
+        );
+        assert_eq!(
+            status_kind(StatusCode::FORBIDDEN),
+            FetchErrorKind::Permanent
+        );
+    }
+}

@@ -1,0 +1,203 @@
+//! Remote template sources: HTTP(S), S3, NFS and NBD objects read by byte ranges.
+//!
+//! Every source implements [`RangeBackend`]: one attempt at reading one range of an
+//! object whose identity (size plus ETag, version or mtime) was pinned when it was
+//! opened. The [`fetch::FetchEngine`] in front of it does everything that is the same
+//! for all sources: rounding reads up to the fetch unit, merging adjacent misses,
+//! sharing in-flight fetches between connections, readahead, the concurrency limit,
+//! retries with backoff, and a bounded memory of recently fetched units.
+//! [`storage::RemoteStorage`] turns the engine into a `thinline_format::Storage`, so
+//! the format code reads headers and tables of remote images unchanged.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// One remote object, read by ranges.
+///
+/// Implementations make exactly one attempt per call and classify failures; retrying,
+/// coalescing and limits live in the fetch engine.
+#[async_trait]
+pub trait RangeBackend: Send + Sync + fmt::Debug + 'static {
+    /// The object's URI without credentials or query, for messages.
+    fn uri(&self) -> &str;
+
+    /// Size in bytes, pinned at open.
+    fn size(&self) -> u64;
+
+    /// What was pinned at open besides the size (`etag:"…"`, `version:…`,
+    /// `mtime:…`), for reports and persistent caches.
+    fn identity(&self) -> &str;
+
+    /// Reads exactly `length` bytes at `offset` (`offset + length <= size`). A body of
+    /// any other length is a [`FetchErrorKind::Transient`] error (short body).
+    async fn read(&self, offset: u64, length: u64) -> Result<Bytes, FetchError>;
+
+    /// Opens an object named inside this one (a backing file, an extent), resolved
+    /// relative to this object's location the way a relative path would be.
+    async fn open_related(&self, name: &str) -> Result<Arc<dyn RangeBackend>, FetchError>;
+}
+
+/// How a failed attempt should be handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchErrorKind {
+    /// Worth retrying: 5xx, 429, SlowDown, timeouts, resets, short bodies.
+    Transient,
+    /// The object is no longer the one pinned at open (ETag, version or size changed).
+    Changed,
+    /// Retrying cannot help: 4xx, refused credentials, unsupported server.
+    Permanent,
+}
+
+/// A failed attempt at opening or reading a remote object.
+///
+/// The message never contains credentials or query signatures: `uri` is redacted by
+/// whoever builds the error.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{op} {uri}{}: {message}", range_text(*.range))]
+pub struct FetchError {
+    /// What to do about it.
+    pub kind: FetchErrorKind,
+    /// `open`, `read`, …
+    pub op: &'static str,
+    /// The object, redacted.
+    pub uri: String,
+    /// `(offset, length)` of the failed read.
+    pub range: Option<(u64, u64)>,
+    /// The cause, in words (status line, system error, timeout, …).
+    pub message: String,
+}
+
+fn range_text(range: Option<(u64, u64)>) -> String {
+    match range {
+        Some((offset, length)) if length > 0 => {
+            format!(" bytes {offset}-{}", offset + length - 1)
+        }
+        Some((offset, _)) => format!(" at {offset}"),
+        None => String::new(),
+    }
+}
+
+impl FetchError {
+    /// An error of `kind` for `op` on `uri`.
+    pub fn new(
+        kind: FetchErrorKind,
+        op: &'static str,
+        uri: &str,
+        range: Option<(u64, u64)>,
+        message: impl Into<String>,
+    ) -> Self {
+        FetchError {
+            kind,
+            op,
+            uri: uri.to_owned(),
+            range,
+            message: message.into(),
+        }
+    }
+
+    /// Whether another attempt may succeed.
+    pub fn is_transient(&self) -> bool {
+        self.kind == FetchErrorKind::Transient
+    }
+}
+
+/// Settings shared by every remote source of a process.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// Reads are rounded out to multiples of this (a power of two).
+    pub fetch_unit: u64,
+    /// Most requests in flight to one object, shared by all connections.
+    pub max_in_flight: usize,
+    /// Largest sequential readahead window.
+    pub max_readahead: u64,
+    /// Memory for fetched units kept for later reads, per object.
+    pub memory_budget: u64,
+    /// Attempts per range before the read fails (1 = no retries).
+    pub attempts: u32,
+    /// First retry delay; doubles each time, with jitter, up to `backoff_max`.
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// Timeout for establishing a connection.
+    pub connect_timeout: Duration,
+    /// Timeout from sending a request to the first byte of the response.
+    pub first_byte_timeout: Duration,
+    /// Longest pause while a body is streaming.
+    pub idle_timeout: Duration,
+    /// S3: endpoint URL of an S3-compatible store (path-style addressing).
+    pub s3_endpoint: Option<String>,
+    /// S3: region (else the standard configuration chain decides).
+    pub s3_region: Option<String>,
+    /// Directory of scheme handler executables.
+    pub handler_dir: std::path::PathBuf,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            fetch_unit: 1 << 20,
+            max_in_flight: 16,
+            max_readahead: 32 << 20,
+            memory_budget: 256 << 20,
+            attempts: 6,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+            first_byte_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            s3_endpoint: None,
+            s3_region: None,
+            handler_dir: "/usr/libexec/thinline/storage".into(),
+        }
+    }
+}
+
+pub mod fetch;
+pub mod handler;
+pub mod http;
+pub mod nbd;
+pub mod nfs;
+pub mod storage;
+
+/// The schemes served by built-in sources.
+pub const BUILT_IN_SCHEMES: [&str; 6] = ["http", "https", "s3", "nfs", "nbd", "nbd+unix"];
+
+/// Opens the object at `uri` with the built-in source for its scheme, retrying
+/// transient failures like reads are retried.
+pub async fn open(uri: &str, config: &RemoteConfig) -> Result<Arc<dyn RangeBackend>, FetchError> {
+    let scheme = uri
+        .split_once("://")
+        .map(|(s, _)| s.to_ascii_lowercase())
+        .unwrap_or_default();
+    let mut attempt = 1;
+    loop {
+        let result = match scheme.as_str() {
+            "http" | "https" => http::open(uri, config).await,
+            "nbd" | "nbd+unix" => nbd::open(uri, config).await,
+            "nfs" => nfs::open(uri, config).await,
+            _ => Err(FetchError::new(
+                FetchErrorKind::Permanent,
+                "open",
+                &crate::source::redact(uri),
+                None,
+                format!("no built-in source for the {scheme:?} scheme"),
+            )),
+        };
+        match result {
+            Err(e) if e.is_transient() && attempt < config.attempts => {
+                tracing::warn!("{e}; retrying (attempt {attempt} of {})", config.attempts);
+                let delay = config
+                    .backoff_base
+                    .saturating_mul(1 << (attempt - 1).min(20))
+                    .min(config.backoff_max);
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}

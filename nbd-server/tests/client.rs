@@ -1,0 +1,1509 @@
+//! The NBD client against real servers (qemu-nbd, nbdkit, Thinline's own server in
+//! process) and against fake servers on unix socket pairs that break the protocol at
+//! every stage.
+//!
+//! Tools are checked with [`require`]: outside CI a missing tool skips the test with a
+//! message; with `CI=true` it fails (tests/scripts/install-deps.sh installs them).
+//! Every test runs under a tokio timeout, so a hang is a failure, not a stuck run.
+
+use std::future::Future;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thinline_nbd::Error;
+use thinline_nbd::client::{Client, ClientOptions, NbdUri};
+use thinline_nbd::proto::{
+    self, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, ReplyMode, RequestHeader, cmd, errno, info, opt,
+    rep, reply, state, tflags,
+};
+use thinline_nbd::raw::{RawExport, RawOptions};
+use thinline_nbd::remote::nbd::NbdBackend;
+use thinline_nbd::remote::{FetchErrorKind, RangeBackend, RemoteConfig};
+use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+// ---------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------
+
+/// True if every tool is on PATH. In CI a missing tool is a failure, elsewhere a skip.
+fn require(tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| which(t).is_none())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("missing test tools {missing:?}: run tests/scripts/install-deps.sh as root");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg}");
+    }
+    eprintln!("SKIP: {msg}");
+    false
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Runs `f` under a deadline: a hang fails the test.
+async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .unwrap_or_else(|_| panic!("test did not finish within {secs} s"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A server process, killed when dropped.
+struct Proc(Child);
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Proc {
+        Proc(
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")),
+        )
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Connects until the server answers (a socket file exists before its server listens).
+async fn connect_when_up(uri: &str, options: &ClientOptions) -> Client {
+    let uri = NbdUri::parse(uri).unwrap();
+    let start = Instant::now();
+    loop {
+        match Client::connect(&uri, options).await {
+            Ok(c) => return c,
+            Err(e) if start.elapsed() > Duration::from_secs(15) => {
+                panic!("server at {uri} never answered: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// A sparse image with data in a few places (pattern bytes) and holes elsewhere.
+struct Image {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+/// Data ranges written by [`image`]: `(offset, length)`.
+const DATA: [(u64, u64); 4] = [
+    (0, 65536),
+    (1 << 20, 3 * 65536),
+    (5 << 20, 65536 + 4096),
+    ((16 << 20) - 65536, 65536),
+];
+const IMAGE_SIZE: u64 = 16 << 20;
+
+fn image() -> Image {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(IMAGE_SIZE).unwrap();
+    let mut bytes = vec![0u8; IMAGE_SIZE as usize];
+    for (i, &(off, len)) in DATA.iter().enumerate() {
+        let block: Vec<u8> = (0..len)
+            .map(|x| ((x * 31 + i as u64 * 17) % 251) as u8 | 1)
+            .collect();
+        f.write_all_at(&block, off).unwrap();
+        bytes[off as usize..(off + len) as usize].copy_from_slice(&block);
+    }
+    f.sync_all().unwrap();
+    Image {
+        _dir: dir,
+        path,
+        bytes,
+    }
+}
+
+/// A small deterministic generator for random ranges.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Reads random ranges (aligned and not, small and large, around the data) and
+/// compares them with `expected`; many reads are in flight at once.
+async fn check_random_reads(client: Arc<Client>, expected: Arc<Vec<u8>>, count: usize) {
+    let size = expected.len() as u64;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let (offset, length) = match i % 4 {
+            // Around the data ranges, unaligned.
+            0 => {
+                let (off, len) = DATA[(rng.next() % DATA.len() as u64) as usize];
+                let start = off.saturating_sub(rng.next() % 5000);
+                let len = (len + rng.next() % 9000).min(size - start);
+                (start, len)
+            }
+            // Anywhere, small.
+            1 => {
+                let off = rng.next() % size;
+                (off, (rng.next() % 70_000 + 1).min(size - off))
+            }
+            // Anywhere, aligned.
+            2 => {
+                let off = (rng.next() % (size / 4096)) * 4096;
+                (off, 4096 * (1 + rng.next() % 64).min((size - off) / 4096))
+            }
+            // Large.
+            _ => {
+                let off = rng.next() % (size / 2);
+                (off, (rng.next() % (4 << 20)).max(1))
+            }
+        };
+        let client = Arc::clone(&client);
+        let expected = Arc::clone(&expected);
+        tasks.spawn(async move {
+            let got = client
+                .read(offset, length)
+                .await
+                .unwrap_or_else(|e| panic!("read {offset}+{length}: {e}"));
+            assert_eq!(got.len() as u64, length);
+            let want = &expected[offset as usize..(offset + length) as usize];
+            assert!(got == want, "data differs in {offset}+{length}");
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+}
+
+/// Whole-file block status: data ranges must not be reported as holes, and the big
+/// gap between them must read as zeroes.
+async fn check_block_status_of_image(client: &Client) {
+    assert!(client.has_block_status());
+    let mut map = Vec::new();
+    let mut pos = 0;
+    while pos < client.size() {
+        let extents = client.block_status(pos, client.size() - pos).await.unwrap();
+        assert!(!extents.is_empty());
+        for (len, flags) in extents {
+            map.push((pos, len, flags));
+            pos += len;
+        }
+    }
+    assert_eq!(pos, client.size());
+    let flags_at = |o: u64| {
+        map.iter()
+            .find(|&&(s, l, _)| s <= o && o < s + l)
+            .map(|&(_, _, f)| f)
+            .unwrap()
+    };
+    for (off, len) in DATA {
+        for o in [off, off + len - 1] {
+            assert_eq!(
+                flags_at(o) & state::HOLE,
+                0,
+                "data at {o} reported as a hole"
+            );
+            assert_eq!(flags_at(o) & state::ZERO, 0, "data at {o} reported as zero");
+        }
+    }
+    for o in [3 << 20, 8 << 20, 12 << 20] {
+        assert_ne!(
+            flags_at(o) & state::ZERO,
+            0,
+            "gap at {o} not reported as zero"
+        );
+    }
+    // An unaligned sub-range starts exactly where asked.
+    let extents = client.block_status(100, 1000).await.unwrap();
+    assert_eq!(extents.iter().map(|e| e.0).sum::<u64>(), 1000);
+}
+
+fn qemu_nbd_unix(file: &Path, format: &str, sock: &Path) -> Proc {
+    Proc::spawn(Command::new("qemu-nbd").args([
+        "-r",
+        "-t",
+        "-e",
+        "8",
+        "-f",
+        format,
+        "-x",
+        "disk",
+        "-k",
+        sock.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ]))
+}
+
+fn nbdkit(sock: &Path, args: &[&str]) -> Proc {
+    Proc::spawn(
+        Command::new("nbdkit")
+            .args(["-f", "--exit-with-parent", "-U", sock.to_str().unwrap()])
+            .args(args),
+    )
+}
+
+fn unix_uri(export: &str, sock: &Path) -> String {
+    format!("nbd+unix:///{export}?socket={}", sock.display())
+}
+
+// ---------------------------------------------------------------------------------------
+// qemu-nbd
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_nbd_raw_over_unix_socket() {
+    if !require(&["qemu-nbd"]) {
+        return;
+    }
+    let img = image();
+    let sock = img.path.with_file_name("q.sock");
+    let _server = qemu_nbd_unix(&img.path, "raw", &sock);
+    within(120, async {
+        let options = ClientOptions {
+            // Small requests, so big reads are split and pipelined.
+            max_request: 1 << 20,
+            ..ClientOptions::default()
+        };
+        let client = connect_when_up(&unix_uri("disk", &sock), &options).await;
+        assert_eq!(client.size(), IMAGE_SIZE);
+        assert!(client.read_only());
+        assert!(client.structured_replies());
+        assert!(client.advertised_block_sizes());
+        let client = Arc::new(client);
+        check_random_reads(Arc::clone(&client), Arc::new(img.bytes.clone()), 200).await;
+        let whole = client.read(0, IMAGE_SIZE).await.unwrap();
+        assert!(whole == img.bytes[..], "whole-image read differs");
+        check_block_status_of_image(&client).await;
+        client.disconnect().await;
+        assert!(client.is_closed());
+        assert!(matches!(
+            client.read(0, 512).await,
+            Err(Error::NbdConnectionLost { .. })
+        ));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_nbd_qcow2_over_tcp() {
+    if !require(&["qemu-nbd", "qemu-img"]) {
+        return;
+    }
+    let img = image();
+    let qcow2 = img.path.with_file_name("disk.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&img.path)
+        .arg(&qcow2)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let port = free_port();
+    let _server = Proc::spawn(Command::new("qemu-nbd").args([
+        "-r",
+        "-t",
+        "-e",
+        "4",
+        "-f",
+        "qcow2",
+        "-x",
+        "disk",
+        "-b",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        qcow2.to_str().unwrap(),
+    ]));
+    within(120, async {
+        let client = connect_when_up(
+            &format!("nbd://127.0.0.1:{port}/disk"),
+            &ClientOptions::default(),
+        )
+        .await;
+        assert_eq!(client.size(), IMAGE_SIZE);
+        assert_eq!(client.server(), format!("127.0.0.1:{port}"));
+        let client = Arc::new(client);
+        check_random_reads(Arc::clone(&client), Arc::new(img.bytes.clone()), 120).await;
+        check_block_status_of_image(&client).await;
+        // A wrong export name is refused with the server's message, naming the export.
+        let uri = NbdUri::parse(&format!("nbd://127.0.0.1:{port}/nope")).unwrap();
+        let e = Client::connect(&uri, &ClientOptions::default())
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            matches!(&e, Error::NbdOptionRefused { code, .. } if *code == rep::ERR_UNKNOWN),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"nope\"") && text.contains("NBD_OPT_GO"),
+            "{text}"
+        );
+        assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// nbdkit
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdkit_pattern_and_memory_with_and_without_structured_replies() {
+    if !require(&["nbdkit"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("p.sock");
+    let _pattern = nbdkit(&sock, &["pattern", "size=3M"]);
+    within(60, async {
+        let client = connect_when_up(&unix_uri("", &sock), &ClientOptions::default()).await;
+        assert_eq!(client.size(), 3 << 20);
+        assert!(client.can_multi_conn());
+        // The pattern plugin: every 8 bytes hold their own offset, big-endian.
+        let data = client.read(12345, 100_000).await.unwrap();
+        for (i, b) in data.iter().enumerate() {
+            let o = 12345 + i as u64;
+            assert_eq!(*b, ((o & !7).to_be_bytes())[(o % 8) as usize], "byte {o}");
+        }
+        client.disconnect().await;
+    })
+    .await;
+
+    let sock = dir.path().join("m.sock");
+    let _memory = nbdkit(&sock, &["--no-sr", "memory", "1M"]);
+    within(60, async {
+        let client = connect_when_up(&unix_uri("", &sock), &ClientOptions::default()).await;
+        assert!(!client.structured_replies(), "nbdkit --no-sr refuses them");
+        assert!(!client.has_block_status());
+        let data = client.read(4096, 300_000).await.unwrap();
+        assert!(data.iter().all(|&b| b == 0));
+        assert!(matches!(
+            client.block_status(0, 4096).await,
+            Err(Error::NbdInvalidRequest { .. })
+        ));
+        // Reads past the end are refused locally.
+        assert!(matches!(
+            client.read((1 << 20) - 10, 11).await,
+            Err(Error::NbdInvalidRequest { .. })
+        ));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdkit_eio_on_a_range_and_by_trigger_file() {
+    if !require(&["nbdkit"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("e.sock");
+    let _eval = nbdkit(
+        &sock,
+        &[
+            "eval",
+            "get_size=echo 1048576",
+            "pread=if [ $4 -ge 524288 ]; then echo 'EIO injected failure' >&2; exit 1; fi; head -c $3 /dev/zero",
+        ],
+    );
+    within(60, async {
+        let client = connect_when_up(&unix_uri("", &sock), &ClientOptions::default()).await;
+        assert!(client.read(0, 65536).await.unwrap().iter().all(|&b| b == 0));
+        let e = client.read(600_000, 4096).await.unwrap_err();
+        let text = e.to_string();
+        assert!(
+            matches!(
+                e,
+                Error::NbdRequest {
+                    errno: errno::EIO,
+                    offset: 600_000,
+                    ..
+                }
+            ),
+            "{text}"
+        );
+        assert!(text.contains("EIO") && text.contains("600000"), "{text}");
+        // The connection survives an error reply.
+        assert!(!client.is_closed());
+        client.read(4096, 4096).await.unwrap();
+
+        // Through the backend: EIO is transient.
+        let backend = NbdBackend::open(&unix_uri("", &sock), &RemoteConfig::default())
+            .await
+            .unwrap();
+        let e = backend.read(524_288, 4096).await.unwrap_err();
+        assert_eq!(e.kind, FetchErrorKind::Transient, "{e}");
+    })
+    .await;
+
+    let img = image();
+    let trigger = dir.path().join("trigger");
+    let sock = dir.path().join("f.sock");
+    let _file = nbdkit(
+        &sock,
+        &[
+            "--filter=error",
+            "file",
+            img.path.to_str().unwrap(),
+            "error-pread=EIO",
+            "error-pread-rate=100%",
+            &format!("error-pread-file={}", trigger.display()),
+        ],
+    );
+    within(60, async {
+        let client = connect_when_up(&unix_uri("", &sock), &ClientOptions::default()).await;
+        assert!(client.read(0, 65536).await.unwrap() == img.bytes[..65536]);
+        std::fs::write(&trigger, b"").unwrap();
+        let e = client.read(0, 65536).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::NbdRequest {
+                    errno: errno::EIO,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        std::fs::remove_file(&trigger).unwrap();
+        assert!(client.read(1 << 20, 4096).await.unwrap() == img.bytes[1 << 20..(1 << 20) + 4096]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_mid_request_fails_pending_reads() {
+    if !require(&["nbdkit"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("d.sock");
+    let mut server = nbdkit(
+        &sock,
+        &["--filter=delay", "pattern", "size=1M", "rdelay=10"],
+    );
+    within(60, async {
+        let client =
+            Arc::new(connect_when_up(&unix_uri("", &sock), &ClientOptions::default()).await);
+        let mut reads = tokio::task::JoinSet::new();
+        for i in 0..8u64 {
+            let c = Arc::clone(&client);
+            reads.spawn(async move { c.read(i * 4096, 4096).await });
+        }
+        // Wait until all are on the wire, then kill the server.
+        let start = Instant::now();
+        while client.in_flight() < 8 && start.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        server.kill();
+        let killed = Instant::now();
+        while let Some(r) = reads.join_next().await {
+            let e = r.unwrap().unwrap_err();
+            assert!(matches!(e, Error::NbdConnectionLost { .. }), "{e}");
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "failures took too long"
+        );
+        assert!(client.is_closed());
+        assert!(client.read(0, 1).await.is_err());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_reconnects_after_the_server_restarts_and_sees_size_changes() {
+    if !require(&["nbdkit"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("r.sock");
+    let uri = unix_uri("", &sock);
+    let mut server = nbdkit(&sock, &["pattern", "size=1M"]);
+    within(60, async {
+        drop(connect_when_up(&uri, &ClientOptions::default()).await);
+        let backend = NbdBackend::open(&uri, &RemoteConfig::default())
+            .await
+            .unwrap();
+        assert_eq!(backend.size(), 1 << 20);
+        assert_eq!(backend.identity(), "size:1048576");
+        assert_eq!(
+            backend.max_connections(),
+            4,
+            "nbdkit pattern allows multi-conn"
+        );
+        assert_eq!(backend.uri(), uri);
+        let e = backend.open_related("base.qcow2").await.unwrap_err();
+        assert_eq!(e.kind, FetchErrorKind::Permanent);
+        assert!(e.to_string().contains("names no related files"), "{e}");
+        // Use every slot.
+        for i in 0..8 {
+            let d = backend.read(i * 8, 8).await.unwrap();
+            assert_eq!(&d[..], &(i * 8).to_be_bytes());
+        }
+        server.kill();
+        let _ = std::fs::remove_file(&sock);
+        let e = backend.read(0, 8).await.unwrap_err();
+        assert_eq!(e.kind, FetchErrorKind::Transient, "{e}");
+        let beyond = backend.read(1 << 20, 1).await.unwrap_err();
+        assert_eq!(beyond.kind, FetchErrorKind::Permanent);
+
+        let mut again = nbdkit(&sock, &["pattern", "size=1M"]);
+        drop(connect_when_up(&uri, &ClientOptions::default()).await);
+        for i in 0..8 {
+            let d = backend.read(4096 + i * 8, 8).await.unwrap();
+            assert_eq!(&d[..], &(4096 + i * 8).to_be_bytes());
+        }
+        again.kill();
+        let _ = std::fs::remove_file(&sock);
+
+        let _bigger = nbdkit(&sock, &["pattern", "size=2M"]);
+        drop(connect_when_up(&uri, &ClientOptions::default()).await);
+        let mut changed = false;
+        for i in 0..4 {
+            if let Err(e) = backend.read(i * 8, 8).await {
+                assert_eq!(e.kind, FetchErrorKind::Changed, "{e}");
+                changed = true;
+            }
+        }
+        assert!(changed, "the new size went unnoticed");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Thinline's own server, in process
+// ---------------------------------------------------------------------------------------
+
+struct InProcess {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<thinline_nbd::Result<()>>,
+    tcp: String,
+    sock: PathBuf,
+}
+
+async fn thinline_server(file: &Path) -> InProcess {
+    let mut exports = ExportSet::new();
+    exports
+        .add(
+            "disk",
+            Arc::new(RawExport::open(file, &RawOptions::default()).unwrap()),
+        )
+        .unwrap();
+    let sock = file.with_file_name("thinline.sock");
+    let unix = Listener::bind_unix(&sock).unwrap();
+    let tcp = Listener::bind_tcp("127.0.0.1:0").await.unwrap();
+    let tcp_addr = tcp.describe();
+    let server = Server::new(exports, ServerConfig::default()).unwrap();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(vec![unix, tcp], async {
+        let _ = rx.await;
+    }));
+    InProcess {
+        stop: Some(stop),
+        task,
+        tcp: tcp_addr,
+        sock,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thinline_server_in_process_over_unix_and_tcp() {
+    let img = image();
+    let mut server = thinline_server(&img.path).await;
+    within(120, async {
+        let expected = Arc::new(img.bytes.clone());
+        for uri in [
+            unix_uri("disk", &server.sock),
+            format!("nbd://{}/disk", server.tcp),
+        ] {
+            let client = Arc::new(connect_when_up(&uri, &ClientOptions::default()).await);
+            assert_eq!(client.size(), IMAGE_SIZE);
+            assert!(client.structured_replies());
+            check_random_reads(Arc::clone(&client), Arc::clone(&expected), 100).await;
+            check_block_status_of_image(&client).await;
+            client.disconnect().await;
+        }
+        let backend = NbdBackend::open(&unix_uri("disk", &server.sock), &RemoteConfig::default())
+            .await
+            .unwrap();
+        assert_eq!(backend.identity(), format!("size:{IMAGE_SIZE}"));
+        let d = backend.read(1 << 20, 65536).await.unwrap();
+        assert!(d == img.bytes[1 << 20..(1 << 20) + 65536]);
+
+        // Graceful shutdown of the server: the client sees the connection end.
+        let client =
+            connect_when_up(&unix_uri("disk", &server.sock), &ClientOptions::default()).await;
+        server.stop.take().unwrap().send(()).unwrap();
+        (&mut server.task).await.unwrap().unwrap();
+        let start = Instant::now();
+        while !client.is_closed() && start.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(client.read(0, 512).await.is_err());
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Fake servers
+// ---------------------------------------------------------------------------------------
+
+/// The byte a fake server serves at `offset`.
+fn pat(offset: u64) -> u8 {
+    (offset.wrapping_mul(7) ^ (offset >> 9)) as u8
+}
+
+fn pattern(offset: u64, len: u64) -> Vec<u8> {
+    (offset..offset + len).map(pat).collect()
+}
+
+const FAKE_SIZE: u64 = 1 << 20;
+const CONTEXT_ID: u32 = 7;
+
+#[derive(Clone)]
+struct FakeConfig {
+    structured: bool,
+    min_block: u32,
+    /// When this option arrives, send these bytes instead of the normal reply.
+    sabotage: Option<(u32, Vec<u8>)>,
+}
+
+impl Default for FakeConfig {
+    fn default() -> Self {
+        FakeConfig {
+            structured: true,
+            min_block: 1,
+            sabotage: None,
+        }
+    }
+}
+
+/// Decides the reply bytes for the requests received so far (`None`: wait for more);
+/// `true` closes the connection after sending.
+type Responder = Box<dyn FnMut(&[RequestHeader]) -> Option<(Vec<u8>, bool)> + Send>;
+
+fn option_reply(option: u32, kind: u32, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    proto::encode_option_reply(&mut out, option, kind, data);
+    out
+}
+
+async fn fake_server(mut s: UnixStream, config: FakeConfig, mut respond: Responder) {
+    let mut greeting = Vec::new();
+    greeting.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&3u16.to_be_bytes());
+    if s.write_all(&greeting).await.is_err() {
+        return;
+    }
+    let mut flags = [0u8; 4];
+    if s.read_exact(&mut flags).await.is_err() {
+        return;
+    }
+    loop {
+        let mut head = [0u8; 16];
+        if s.read_exact(&mut head).await.is_err() {
+            return;
+        }
+        let option = u32::from_be_bytes(head[8..12].try_into().unwrap());
+        let len = u32::from_be_bytes(head[12..16].try_into().unwrap());
+        let mut data = vec![0u8; len as usize];
+        if s.read_exact(&mut data).await.is_err() {
+            return;
+        }
+        if let Some((_, bytes)) = config.sabotage.as_ref().filter(|(o, _)| *o == option) {
+            if bytes.is_empty() {
+                // Close instead of answering.
+                return;
+            }
+            let _ = s.write_all(bytes).await;
+            continue;
+        }
+        let out = match option {
+            opt::STRUCTURED_REPLY if config.structured => option_reply(option, rep::ACK, &[]),
+            opt::SET_META_CONTEXT => {
+                let mut o = option_reply(
+                    option,
+                    rep::META_CONTEXT,
+                    &proto::rep_meta_context(CONTEXT_ID, proto::BASE_ALLOCATION),
+                );
+                o.extend(option_reply(option, rep::ACK, &[]));
+                o
+            }
+            opt::GO => {
+                let mut o = option_reply(
+                    option,
+                    rep::INFO,
+                    &proto::info_block_size(config.min_block, 4096, 1 << 20),
+                );
+                o.extend(option_reply(
+                    option,
+                    rep::INFO,
+                    &proto::info_export(FAKE_SIZE, tflags::HAS_FLAGS | tflags::READ_ONLY),
+                ));
+                o.extend(option_reply(option, rep::ACK, &[]));
+                if s.write_all(&o).await.is_err() {
+                    return;
+                }
+                break;
+            }
+            _ => option_reply(option, rep::ERR_UNSUP, b"not here"),
+        };
+        if s.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+    let mut requests = Vec::new();
+    loop {
+        let mut buf = [0u8; proto::COMPACT_REQUEST_LEN];
+        if s.read_exact(&mut buf).await.is_err() {
+            return;
+        }
+        let req = proto::decode_request(ReplyMode::Structured, &buf).unwrap();
+        if req.command == cmd::DISC {
+            return;
+        }
+        requests.push(req);
+        if let Some((bytes, close)) = respond(&requests) {
+            requests.clear();
+            if s.write_all(&bytes).await.is_err() || close {
+                return;
+            }
+        }
+    }
+}
+
+/// A client connected to a fake server (or the error of its handshake).
+async fn fake(config: FakeConfig, respond: Responder) -> thinline_nbd::Result<Client> {
+    let (c, s) = UnixStream::pair().unwrap();
+    tokio::spawn(fake_server(s, config, respond));
+    Client::from_stream(c, "fake-server", "disk", &ClientOptions::default()).await
+}
+
+fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    proto::encode_chunk_header(
+        &mut out,
+        ReplyMode::Structured,
+        flags,
+        kind,
+        cookie,
+        0,
+        payload.len() as u64,
+    );
+    out.extend_from_slice(payload);
+    out
+}
+
+fn data_chunk(cookie: u64, offset: u64, len: u64, done: bool) -> Vec<u8> {
+    let mut payload = offset.to_be_bytes().to_vec();
+    payload.extend(pattern(offset, len));
+    chunk(u16::from(done), reply::OFFSET_DATA, cookie, &payload)
+}
+
+fn hole_chunk(cookie: u64, offset: u64, len: u32, done: bool) -> Vec<u8> {
+    let mut payload = offset.to_be_bytes().to_vec();
+    payload.extend_from_slice(&len.to_be_bytes());
+    chunk(u16::from(done), reply::OFFSET_HOLE, cookie, &payload)
+}
+
+fn error_chunk(kind: u16, cookie: u64, value: u32, msg: &str, at: Option<u64>) -> Vec<u8> {
+    let mut payload = value.to_be_bytes().to_vec();
+    payload.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    payload.extend_from_slice(msg.as_bytes());
+    if let Some(at) = at {
+        payload.extend_from_slice(&at.to_be_bytes());
+    }
+    chunk(reply::FLAG_DONE, kind, cookie, &payload)
+}
+
+/// Answers every read correctly, in two chunks sent in reverse order.
+fn good() -> Responder {
+    Box::new(|reqs| {
+        let r = reqs[0];
+        let half = r.length / 2;
+        let mut out = data_chunk(r.cookie, r.offset + half, r.length - half, false);
+        if half > 0 {
+            out.extend(data_chunk(r.cookie, r.offset, half, false));
+        }
+        out.extend(chunk(reply::FLAG_DONE, reply::NONE, r.cookie, &[]));
+        Some((out, false))
+    })
+}
+
+/// Answers every request with the bytes `f` makes for it.
+fn each(f: impl Fn(&RequestHeader) -> Vec<u8> + Send + 'static) -> Responder {
+    Box::new(move |reqs| Some((f(&reqs[0]), false)))
+}
+
+#[tokio::test]
+async fn fake_out_of_order_and_interleaved_replies_are_assembled() {
+    within(20, async {
+        // Two requests; the replies come interleaved, the second one first.
+        let respond: Responder = Box::new(|reqs| {
+            if reqs.len() < 2 {
+                return None;
+            }
+            let (a, b) = (reqs[0], reqs[1]);
+            let mut out = data_chunk(b.cookie, b.offset + 100, b.length - 100, false);
+            out.extend(data_chunk(a.cookie, a.offset + 10, a.length - 10, false));
+            out.extend(hole_chunk(b.cookie, b.offset, 100, true));
+            out.extend(data_chunk(a.cookie, a.offset, 10, true));
+            Some((out, false))
+        });
+        let client = fake(FakeConfig::default(), respond).await.unwrap();
+        let (a, b) = tokio::join!(client.read(1000, 5000), client.read(70_000, 3000));
+        assert_eq!(&a.unwrap()[..], &pattern(1000, 5000)[..]);
+        let b = b.unwrap();
+        assert!(b[..100].iter().all(|&x| x == 0), "hole not zero-filled");
+        assert_eq!(&b[100..], &pattern(70_100, 2900)[..]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn fake_reads_are_widened_to_the_minimum_block() {
+    within(20, async {
+        let respond: Responder = Box::new(|reqs| {
+            let r = reqs[0];
+            if r.offset % 512 != 0 || r.length % 512 != 0 {
+                let msg = "misaligned";
+                return Some((
+                    error_chunk(reply::ERROR, r.cookie, errno::EINVAL, msg, None),
+                    false,
+                ));
+            }
+            Some((data_chunk(r.cookie, r.offset, r.length, true), false))
+        });
+        let config = FakeConfig {
+            min_block: 512,
+            ..FakeConfig::default()
+        };
+        let client = fake(config, respond).await.unwrap();
+        assert_eq!(client.block_sizes().minimum, 512);
+        let got = client.read(700, 1000).await.unwrap();
+        assert_eq!(&got[..], &pattern(700, 1000)[..]);
+        let got = client.read(FAKE_SIZE - 3, 3).await.unwrap();
+        assert_eq!(&got[..], &pattern(FAKE_SIZE - 3, 3)[..]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn fake_error_chunks_carry_the_servers_message_and_keep_the_connection() {
+    within(20, async {
+        let client = fake(
+            FakeConfig::default(),
+            each(|r| {
+                if r.offset == 0 {
+                    error_chunk(
+                        reply::ERROR_OFFSET,
+                        r.cookie,
+                        errno::EIO,
+                        "disk on fire\x1b[31m",
+                        Some(r.offset + 5),
+                    )
+                } else {
+                    data_chunk(r.cookie, r.offset, r.length, true)
+                }
+            }),
+        )
+        .await
+        .unwrap();
+        let e = client.read(0, 4096).await.unwrap_err();
+        let text = e.to_string();
+        assert!(
+            matches!(
+                e,
+                Error::NbdRequest {
+                    errno: errno::EIO,
+                    ..
+                }
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("disk on fire") && text.contains("at offset 5"),
+            "{text}"
+        );
+        assert!(
+            !text.contains('\x1b'),
+            "control characters must not reach logs: {text}"
+        );
+        assert!(
+            text.contains("fake-server") && text.contains("\"disk\""),
+            "{text}"
+        );
+        let ok = client.read(4096, 4096).await.unwrap();
+        assert_eq!(&ok[..], &pattern(4096, 4096)[..]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn fake_block_status_is_clipped_to_the_request() {
+    within(20, async {
+        let client = fake(
+            FakeConfig::default(),
+            each(|r| {
+                assert_eq!(r.command, cmd::BLOCK_STATUS);
+                let mut p = CONTEXT_ID.to_be_bytes().to_vec();
+                // 1000 data bytes, then a hole that runs past the request.
+                for (len, flags) in [(1000u32, 0u32), (1 << 19, 3)] {
+                    p.extend_from_slice(&len.to_be_bytes());
+                    p.extend_from_slice(&flags.to_be_bytes());
+                }
+                chunk(reply::FLAG_DONE, reply::BLOCK_STATUS, r.cookie, &p)
+            }),
+        )
+        .await
+        .unwrap();
+        let e = client.block_status(0, 5000).await.unwrap();
+        assert_eq!(e, vec![(1000, 0), (4000, 3)]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn fake_simple_replies_when_structured_replies_are_refused() {
+    within(20, async {
+        let config = FakeConfig {
+            structured: false,
+            ..FakeConfig::default()
+        };
+        let client = fake(
+            config,
+            each(|r| {
+                let mut out = Vec::new();
+                if r.offset == 0 {
+                    proto::encode_simple_reply(&mut out, errno::EPERM, r.cookie);
+                } else {
+                    proto::encode_simple_reply(&mut out, 0, r.cookie);
+                    out.extend(pattern(r.offset, r.length));
+                }
+                out
+            }),
+        )
+        .await
+        .unwrap();
+        assert!(!client.structured_replies());
+        assert!(!client.has_block_status());
+        let got = client.read(512, 3000).await.unwrap();
+        assert_eq!(&got[..], &pattern(512, 3000)[..]);
+        let e = client.read(0, 1).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::NbdRequest {
+                    errno: errno::EPERM,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    })
+    .await;
+}
+
+/// Replies that break the protocol in transmission: each must fail the read, close
+/// the connection and fail later reads, without panicking or hanging.
+#[tokio::test]
+async fn fake_hostile_replies_fail_cleanly() {
+    type Make = fn(&RequestHeader) -> (Vec<u8>, bool);
+    let cases: Vec<(&str, Make)> = vec![
+        ("bad magic", |_| {
+            (vec![0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0], false)
+        }),
+        ("extended header not negotiated", |r| {
+            let mut o = Vec::new();
+            proto::encode_chunk_header(&mut o, ReplyMode::Extended, 1, 0, r.cookie, r.offset, 0);
+            (o, false)
+        }),
+        ("unknown cookie", |r| {
+            (data_chunk(r.cookie + 1000, r.offset, r.length, true), false)
+        }),
+        ("chunk beyond the request", |r| {
+            (data_chunk(r.cookie, r.offset + 1, r.length, true), false)
+        }),
+        ("chunk before the request", |r| {
+            (data_chunk(r.cookie, r.offset - 1, 10, true), false)
+        }),
+        ("offset near u64::MAX", |r| {
+            let mut p = (u64::MAX - 2).to_be_bytes().to_vec();
+            p.extend(vec![0u8; 10]);
+            (chunk(1, reply::OFFSET_DATA, r.cookie, &p), false)
+        }),
+        ("oversized length", |r| {
+            let mut o = Vec::new();
+            proto::encode_chunk_header(
+                &mut o,
+                ReplyMode::Structured,
+                1,
+                reply::OFFSET_DATA,
+                r.cookie,
+                0,
+                u64::from(u32::MAX),
+            );
+            o.extend(r.offset.to_be_bytes());
+            (o, false)
+        }),
+        ("EOF mid-reply", |r| {
+            let mut o = data_chunk(r.cookie, r.offset, r.length, true);
+            o.truncate(o.len() / 2);
+            (o, true)
+        }),
+        ("EOF mid-header", |r| {
+            let mut o = data_chunk(r.cookie, r.offset, r.length, true);
+            o.truncate(9);
+            (o, true)
+        }),
+        ("overlapping chunks", |r| {
+            let mut o = data_chunk(r.cookie, r.offset, 100, false);
+            o.extend(data_chunk(r.cookie, r.offset + 50, r.length - 50, true));
+            (o, false)
+        }),
+        ("incomplete coverage", |r| {
+            let mut o = hole_chunk(r.cookie, r.offset, (r.length / 2) as u32, false);
+            o.extend(chunk(reply::FLAG_DONE, reply::NONE, r.cookie, &[]));
+            (o, false)
+        }),
+        ("zero-length hole", |r| {
+            (hole_chunk(r.cookie, r.offset, 0, true), false)
+        }),
+        ("hole chunk of the wrong size", |r| {
+            (
+                chunk(1, reply::OFFSET_HOLE, r.cookie, &r.offset.to_be_bytes()),
+                false,
+            )
+        }),
+        ("simple reply with data in structured mode", |r| {
+            let mut o = Vec::new();
+            proto::encode_simple_reply(&mut o, 0, r.cookie);
+            o.extend(pattern(r.offset, r.length));
+            (o, false)
+        }),
+        ("error message longer than the chunk", |r| {
+            let mut p = errno::EIO.to_be_bytes().to_vec();
+            p.extend_from_slice(&100u16.to_be_bytes());
+            p.extend_from_slice(b"short");
+            (chunk(1, reply::ERROR, r.cookie, &p), false)
+        }),
+        ("error value 0", |r| {
+            (error_chunk(reply::ERROR, r.cookie, 0, "", None), false)
+        }),
+        ("error offset outside the request", |r| {
+            (
+                error_chunk(
+                    reply::ERROR_OFFSET,
+                    r.cookie,
+                    errno::EIO,
+                    "x",
+                    Some(r.offset + r.length + 1),
+                ),
+                false,
+            )
+        }),
+        ("huge error chunk", |r| {
+            let mut o = Vec::new();
+            proto::encode_chunk_header(
+                &mut o,
+                ReplyMode::Structured,
+                1,
+                reply::ERROR,
+                r.cookie,
+                0,
+                1 << 30,
+            );
+            (o, false)
+        }),
+        ("unknown chunk type", |r| {
+            (chunk(1, 77, r.cookie, b"abc"), false)
+        }),
+        ("block status chunk to a read", |r| {
+            (chunk(1, reply::BLOCK_STATUS, r.cookie, &[0; 12]), false)
+        }),
+        ("NONE with payload", |r| {
+            (chunk(1, reply::NONE, r.cookie, b"x"), false)
+        }),
+        ("NONE without DONE", |r| {
+            (chunk(0, reply::NONE, r.cookie, &[]), false)
+        }),
+        ("chunk after DONE", |r| {
+            let mut o = data_chunk(r.cookie, r.offset, r.length, true);
+            o.extend(chunk(1, reply::NONE, r.cookie, &[]));
+            (o, false)
+        }),
+        ("garbage", |_| {
+            ((0..200u32).map(|i| (i * 37 % 256) as u8).collect(), false)
+        }),
+        ("close without reply", |_| (Vec::new(), true)),
+    ];
+    within(60, async {
+        for (name, make) in cases {
+            let respond: Responder = Box::new(move |reqs| Some(make(&reqs[0])));
+            let client = fake(FakeConfig::default(), respond)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: handshake failed: {e}"));
+            let first = client.read(4096, 1000).await;
+            if name == "chunk after DONE" {
+                // The read itself was fine; the stray chunk kills the connection.
+                assert_eq!(&first.unwrap()[..], &pattern(4096, 1000)[..], "{name}");
+            } else {
+                let e = first.expect_err(name);
+                eprintln!("{name}: {e}");
+                assert!(
+                    matches!(
+                        e,
+                        Error::NbdProtocol { .. } | Error::NbdConnectionLost { .. }
+                    ),
+                    "{name}: {e}"
+                );
+            }
+            let start = Instant::now();
+            while !client.is_closed() && start.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert!(client.is_closed(), "{name}: connection still open");
+            let e = client.read(0, 10).await.expect_err(name);
+            assert!(matches!(e, Error::NbdConnectionLost { .. }), "{name}: {e}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn fake_hostile_block_status_fails_cleanly() {
+    type Make = fn(&RequestHeader) -> Vec<u8>;
+    let cases: Vec<(&str, Make)> = vec![
+        ("zero-length extent", |r| {
+            let mut p = CONTEXT_ID.to_be_bytes().to_vec();
+            p.extend_from_slice(&[0; 8]);
+            chunk(1, reply::BLOCK_STATUS, r.cookie, &p)
+        }),
+        ("unknown context", |r| {
+            let mut p = 99u32.to_be_bytes().to_vec();
+            p.extend_from_slice(&512u32.to_be_bytes());
+            p.extend_from_slice(&0u32.to_be_bytes());
+            chunk(1, reply::BLOCK_STATUS, r.cookie, &p)
+        }),
+        ("extents after the end", |r| {
+            let mut p = CONTEXT_ID.to_be_bytes().to_vec();
+            for _ in 0..2 {
+                p.extend_from_slice(&(r.length as u32).to_be_bytes());
+                p.extend_from_slice(&0u32.to_be_bytes());
+            }
+            chunk(1, reply::BLOCK_STATUS, r.cookie, &p)
+        }),
+        ("ragged length", |r| {
+            let mut p = CONTEXT_ID.to_be_bytes().to_vec();
+            p.extend_from_slice(&[0, 0, 2, 0, 0]);
+            chunk(1, reply::BLOCK_STATUS, r.cookie, &p)
+        }),
+        ("no status chunk", |r| chunk(1, reply::NONE, r.cookie, &[])),
+        ("data chunk to block status", |r| {
+            data_chunk(r.cookie, r.offset, 10, true)
+        }),
+        ("simple success reply", |r| {
+            let mut o = Vec::new();
+            proto::encode_simple_reply(&mut o, 0, r.cookie);
+            o
+        }),
+    ];
+    within(60, async {
+        for (name, make) in cases {
+            let client = fake(FakeConfig::default(), each(make)).await.unwrap();
+            assert!(client.has_block_status());
+            let e = client.block_status(0, 65536).await.expect_err(name);
+            eprintln!("{name}: {e}");
+            assert!(
+                matches!(
+                    e,
+                    Error::NbdProtocol { .. } | Error::NbdConnectionLost { .. }
+                ),
+                "{name}: {e}"
+            );
+        }
+    })
+    .await;
+}
+
+/// Handshakes that break the protocol: each must fail `from_stream` with an error.
+#[tokio::test]
+async fn fake_hostile_handshakes_fail_cleanly() {
+    let greeting = |flags: u16| {
+        let mut g = NBDMAGIC.to_be_bytes().to_vec();
+        g.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        g.extend_from_slice(&flags.to_be_bytes());
+        g
+    };
+    // Raw byte streams sent before any option.
+    let raw: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "not NBD",
+            b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec(),
+            "not an NBD server",
+        ),
+        (
+            "oldstyle",
+            {
+                let mut g = NBDMAGIC.to_be_bytes().to_vec();
+                g.extend_from_slice(&0x0000_4202_8186_1253u64.to_be_bytes());
+                g.extend_from_slice(&[0; 16]);
+                g
+            },
+            "oldstyle",
+        ),
+        (
+            "EOF mid-greeting",
+            NBDMAGIC.to_be_bytes()[..6].to_vec(),
+            "closed the connection",
+        ),
+        ("no fixed newstyle", greeting(0), "fixed newstyle"),
+        (
+            "unknown second magic",
+            {
+                let mut g = NBDMAGIC.to_be_bytes().to_vec();
+                g.extend_from_slice(&[1; 10]);
+                g
+            },
+            "handshake magic",
+        ),
+    ];
+    within(60, async {
+        for (name, bytes, needle) in raw {
+            let (c, mut s) = UnixStream::pair().unwrap();
+            tokio::spawn(async move {
+                let _ = s.write_all(&bytes).await;
+                // Let the client finish; a close right away is one of the cases anyway.
+                let mut sink = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_millis(300), s.read_to_end(&mut sink))
+                    .await;
+            });
+            let e = Client::from_stream(c, "fake-server", "disk", &ClientOptions::default())
+                .await
+                .expect_err(name);
+            eprintln!("{name}: {e}");
+            assert!(e.to_string().contains(needle), "{name}: {e}");
+        }
+
+        // Sabotaged option replies.
+        let bad_magic = {
+            let mut o = option_reply(opt::STRUCTURED_REPLY, rep::ACK, &[]);
+            o[0] ^= 0xff;
+            o
+        };
+        let huge = {
+            let mut o = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+            o.extend_from_slice(&opt::GO.to_be_bytes());
+            o.extend_from_slice(&rep::INFO.to_be_bytes());
+            o.extend_from_slice(&u32::MAX.to_be_bytes());
+            o
+        };
+        let go_refused = option_reply(opt::GO, rep::ERR_UNKNOWN, b"export 'disk' not found\n\x07");
+        let ack_only = option_reply(opt::GO, rep::ACK, &[]);
+        let short_export = {
+            let mut o = option_reply(opt::GO, rep::INFO, &[0, info::EXPORT as u8, 1, 2, 3]);
+            o.extend(option_reply(opt::GO, rep::ACK, &[]));
+            o
+        };
+        let bad_block_sizes = {
+            let mut o = option_reply(
+                opt::GO,
+                rep::INFO,
+                &proto::info_block_size(3, 4096, 1 << 20),
+            );
+            o.extend(option_reply(
+                opt::GO,
+                rep::INFO,
+                &proto::info_export(1 << 20, 1),
+            ));
+            o.extend(option_reply(opt::GO, rep::ACK, &[]));
+            o
+        };
+        let wrong_option = option_reply(opt::LIST, rep::ACK, &[]);
+        let other_context = {
+            let mut o = option_reply(
+                opt::SET_META_CONTEXT,
+                rep::META_CONTEXT,
+                &proto::rep_meta_context(1, "qemu:dirty-bitmap:x"),
+            );
+            o.extend(option_reply(opt::SET_META_CONTEXT, rep::ACK, &[]));
+            o
+        };
+        let sabotaged: Vec<(&str, u32, Vec<u8>, &str)> = vec![
+            (
+                "bad option reply magic",
+                opt::STRUCTURED_REPLY,
+                bad_magic,
+                "magic",
+            ),
+            ("huge option reply", opt::GO, huge, "bytes"),
+            ("GO refused", opt::GO, go_refused, "NBD_REP_ERR_UNKNOWN"),
+            (
+                "ACK without export info",
+                opt::GO,
+                ack_only,
+                "NBD_INFO_EXPORT",
+            ),
+            (
+                "short export info",
+                opt::GO,
+                short_export,
+                "NBD_INFO_EXPORT",
+            ),
+            (
+                "invalid block sizes",
+                opt::GO,
+                bad_block_sizes,
+                "block sizes",
+            ),
+            (
+                "reply names another option",
+                opt::STRUCTURED_REPLY,
+                wrong_option,
+                "NBD_OPT_LIST",
+            ),
+            (
+                "unasked context",
+                opt::SET_META_CONTEXT,
+                other_context,
+                "dirty-bitmap",
+            ),
+            (
+                "SR answered with INFO",
+                opt::STRUCTURED_REPLY,
+                option_reply(opt::STRUCTURED_REPLY, rep::INFO, &[0; 12]),
+                "unexpected",
+            ),
+            (
+                "close after option",
+                opt::GO,
+                Vec::new(),
+                "closed the connection",
+            ),
+        ];
+        for (name, option, bytes, needle) in sabotaged {
+            let config = FakeConfig {
+                sabotage: Some((option, bytes.clone())),
+                ..FakeConfig::default()
+            };
+            let e = fake(config, good()).await.expect_err(name);
+            eprintln!("{name}: {e}");
+            let text = e.to_string();
+            assert!(text.contains(needle), "{name}: {text}");
+            if name == "GO refused" {
+                assert!(
+                    text.contains("fake-server") && text.contains("\"disk\""),
+                    "{text}"
+                );
+                assert!(
+                    text.contains("not found") && !text.contains('\x07'),
+                    "{text}"
+                );
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn connect_and_request_timeouts() {
+    within(30, async {
+        // A listener that accepts and never speaks: the handshake times out.
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("mute.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                conns.push(s);
+            }
+        });
+        let options = ClientOptions {
+            connect_timeout: Duration::from_millis(300),
+            ..ClientOptions::default()
+        };
+        let uri = NbdUri::parse(&unix_uri("x", &sock)).unwrap();
+        let start = Instant::now();
+        let e = Client::connect(&uri, &options).await.unwrap_err();
+        assert!(matches!(e, Error::NbdTimeout { .. }), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        held.abort();
+
+        // A server that never replies: the request times out and the connection closes.
+        let (c, s) = UnixStream::pair().unwrap();
+        tokio::spawn(fake_server(s, FakeConfig::default(), Box::new(|_| None)));
+        let options = ClientOptions {
+            request_timeout: Some(Duration::from_millis(300)),
+            ..ClientOptions::default()
+        };
+        let client = Client::from_stream(c, "fake-server", "disk", &options)
+            .await
+            .unwrap();
+        let (a, b) = tokio::join!(client.read(0, 10), async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            client.read(10, 10).await
+        });
+        assert!(matches!(a, Err(Error::NbdTimeout { .. })), "{a:?}");
+        assert!(b.is_err());
+        assert!(client.is_closed());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dropping_the_client_closes_the_connection() {
+    within(20, async {
+        let (c, s) = UnixStream::pair().unwrap();
+        let server = tokio::spawn(fake_server(s, FakeConfig::default(), good()));
+        let client = Client::from_stream(c, "fake-server", "disk", &ClientOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            &client.read(0, 100).await.unwrap()[..],
+            &pattern(0, 100)[..]
+        );
+        drop(client);
+        // The fake server returns when its connection reaches end of stream.
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server saw no close")
+            .unwrap();
+    })
+    .await;
+}

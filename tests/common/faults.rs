@@ -1,0 +1,267 @@
+//! A fault-injecting HTTP proxy for the remote-source tests: sits between thinline and
+//! a real server (nginx, the S3 server) and, per request, adds latency, answers 503
+//! (or S3's SlowDown), resets the connection, or cuts the body short.
+//!
+//! It understands just enough HTTP/1.1 (request heads, `Content-Length` bodies) to
+//! apply a fault to exactly one request on a keep-alive connection.
+
+use std::collections::VecDeque;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What to do to one request.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Answer with this status and body instead of forwarding.
+    Status(u16, &'static str),
+    /// Close the connection with a TCP reset instead of answering.
+    Reset,
+    /// Forward the response head and half of the body, then close.
+    Truncate,
+}
+
+/// S3's throttling answer.
+pub const SLOW_DOWN: Fault = Fault::Status(
+    503,
+    "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>",
+);
+
+#[derive(Debug, Default)]
+struct Faults {
+    latency: Duration,
+    queue: VecDeque<Fault>,
+    /// Applied to every request while set (after the queue is empty).
+    always: Option<Fault>,
+}
+
+/// A running proxy; stops when dropped.
+#[derive(Debug)]
+pub struct FaultProxy {
+    pub port: u16,
+    faults: Arc<Mutex<Faults>>,
+    requests: Arc<AtomicU64>,
+    injected: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FaultProxy {
+    /// Proxies 127.0.0.1:`upstream`.
+    pub fn start(upstream: u16) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let proxy = FaultProxy {
+            port,
+            faults: Arc::default(),
+            requests: Arc::default(),
+            injected: Arc::default(),
+            stop: Arc::default(),
+        };
+        let (faults, requests, injected, stop) = (
+            Arc::clone(&proxy.faults),
+            Arc::clone(&proxy.requests),
+            Arc::clone(&proxy.injected),
+            Arc::clone(&proxy.stop),
+        );
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let (faults, requests, injected) = (
+                    Arc::clone(&faults),
+                    Arc::clone(&requests),
+                    Arc::clone(&injected),
+                );
+                std::thread::spawn(move || {
+                    let _ = serve(client, upstream, &faults, &requests, &injected);
+                });
+            }
+        });
+        proxy
+    }
+
+    /// `http://127.0.0.1:PORT/path`.
+    pub fn url(&self, path: &str) -> String {
+        format!(
+            "http://127.0.0.1:{}/{}",
+            self.port,
+            path.trim_start_matches('/')
+        )
+    }
+
+    /// Delay before every response head.
+    pub fn set_latency(&self, latency: Duration) {
+        self.faults.lock().unwrap().latency = latency;
+    }
+
+    /// Applies `fault` to the next `count` requests.
+    pub fn inject(&self, fault: Fault, count: usize) {
+        let mut f = self.faults.lock().unwrap();
+        f.queue.extend(std::iter::repeat_n(fault, count));
+    }
+
+    /// Applies `fault` to every request until [`FaultProxy::clear`].
+    pub fn always(&self, fault: Fault) {
+        self.faults.lock().unwrap().always = Some(fault);
+    }
+
+    /// Removes every fault (latency included).
+    pub fn clear(&self) {
+        *self.faults.lock().unwrap() = Faults::default();
+    }
+
+    /// Requests seen so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Faults applied so far.
+    pub fn injected(&self) -> u64 {
+        self.injected.load(Ordering::SeqCst)
+    }
+
+    /// Faults still queued.
+    pub fn queued(&self) -> usize {
+        self.faults.lock().unwrap().queue.len()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Reads an HTTP head (through the blank line); `None` at a clean end of stream.
+fn read_head(r: &mut impl BufRead) -> io::Result<Option<Vec<u8>>> {
+    let mut head = Vec::new();
+    loop {
+        let before = head.len();
+        let n = r.read_until(b'\n', &mut head)?;
+        if n == 0 {
+            return if head.is_empty() {
+                Ok(None)
+            } else {
+                Err(io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+        if &head[before..] == b"\r\n" || &head[before..] == b"\n" {
+            return Ok(Some(head));
+        }
+    }
+}
+
+fn header(head: &[u8], name: &str) -> Option<String> {
+    String::from_utf8_lossy(head).lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_owned())
+    })
+}
+
+fn reset(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a correctly sized `linger` struct.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+fn serve(
+    client: TcpStream,
+    upstream_port: u16,
+    faults: &Mutex<Faults>,
+    requests: &AtomicU64,
+    injected: &AtomicU64,
+) -> io::Result<()> {
+    client.set_nodelay(true)?;
+    let mut client_reader = BufReader::new(client.try_clone()?);
+    let mut client_writer = client;
+    let mut upstream: Option<(BufReader<TcpStream>, TcpStream)> = None;
+    while let Some(request) = read_head(&mut client_reader)? {
+        requests.fetch_add(1, Ordering::SeqCst);
+        let mut body =
+            vec![0; header(&request, "content-length").map_or(0, |v| v.parse().unwrap_or(0))];
+        client_reader.read_exact(&mut body)?;
+        let is_head = request.starts_with(b"HEAD ");
+        let (fault, latency) = {
+            let mut f = faults.lock().unwrap();
+            (f.queue.pop_front().or_else(|| f.always.clone()), f.latency)
+        };
+        if fault.is_some() {
+            injected.fetch_add(1, Ordering::SeqCst);
+        }
+        std::thread::sleep(latency);
+        match fault {
+            Some(Fault::Status(code, text)) => {
+                let reply = format!(
+                    "HTTP/1.1 {code} Injected\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+                client_writer.write_all(reply.as_bytes())?;
+                return Ok(());
+            }
+            Some(Fault::Reset) => {
+                reset(&client_writer);
+                return Ok(());
+            }
+            _ => {}
+        }
+        if upstream.is_none() {
+            let s = TcpStream::connect(("127.0.0.1", upstream_port))?;
+            s.set_nodelay(true)?;
+            upstream = Some((BufReader::new(s.try_clone()?), s));
+        }
+        let (up_reader, up_writer) = upstream.as_mut().unwrap();
+        up_writer.write_all(&request)?;
+        up_writer.write_all(&body)?;
+        let Some(response) = read_head(up_reader)? else {
+            return Ok(());
+        };
+        let status: u16 = String::from_utf8_lossy(&response)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let length = if is_head || status == 204 || status == 304 {
+            Some(0)
+        } else {
+            header(&response, "content-length").and_then(|v| v.parse::<u64>().ok())
+        };
+        client_writer.write_all(&response)?;
+        match (length, &fault) {
+            (Some(n), Some(Fault::Truncate)) => {
+                io::copy(&mut up_reader.by_ref().take(n / 2), &mut client_writer)?;
+                client_writer.flush()?;
+                let _ = client_writer.shutdown(Shutdown::Both);
+                return Ok(());
+            }
+            (Some(n), _) => {
+                io::copy(&mut up_reader.by_ref().take(n), &mut client_writer)?;
+            }
+            (None, _) => {
+                // No length: the body ends when the upstream closes.
+                io::copy(up_reader, &mut client_writer)?;
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! Image fixtures made by qemu-img and qemu-io, shared by the image and remote tests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::run;
+
+pub fn q(dir: &Path, args: &[&str]) {
+    run(Command::new("qemu-img").args(args).current_dir(dir));
+}
+
+pub fn qio(dir: &Path, fmt: &str, path: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", fmt]).current_dir(dir);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(path);
+    run(&mut c);
+}
+
+/// One fixture: a path and its qemu format name.
+pub struct Img {
+    pub name: String,
+    pub path: PathBuf,
+    pub qemu_fmt: &'static str,
+}
+
+/// Fixtures across formats and chains, in `dir`.
+pub fn fixtures(dir: &Path) -> Vec<Img> {
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_owned();
+    q(dir, &["create", "-q", "-f", "raw", &p("base.raw"), "64M"]);
+    qio(
+        dir,
+        "raw",
+        &p("base.raw"),
+        &[
+            "write -P 0xaa 0 1M",
+            "write -P 0xbb 10M 3M",
+            "write -z 20M 1M",
+            "write -P 0xcd 33554943 70001",
+        ],
+    );
+    // qcow2 overlay over raw: data, zero (both kinds), discard, odd partial writes.
+    q(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            &p("ovl.qcow2"),
+            "64M",
+        ],
+    );
+    qio(
+        dir,
+        "qcow2",
+        &p("ovl.qcow2"),
+        &[
+            "write -P 0x11 0 64k",
+            "write -z 64k 64k",
+            "write -z -u 128k 64k",
+            "discard 10M 64k",
+            "write -P 0x22 12345 3000",
+            "write -P 0x33 40M 1M",
+        ],
+    );
+    // Compressed qcow2 and a VHD, a VMDK sparse and a streamOptimized VMDK of the base.
+    q(
+        dir,
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            &p("base.raw"),
+            &p("comp.qcow2"),
+        ],
+    );
+    q(
+        dir,
+        &[
+            "convert",
+            "-O",
+            "vpc",
+            "-o",
+            "subformat=dynamic,force_size=on",
+            &p("base.raw"),
+            &p("dyn.vhd"),
+        ],
+    );
+    q(
+        dir,
+        &[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=monolithicSparse",
+            &p("base.raw"),
+            &p("sparse.vmdk"),
+        ],
+    );
+    q(
+        dir,
+        &[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            &p("base.raw"),
+            &p("stream.vmdk"),
+        ],
+    );
+    // A chain across formats: qcow2 over VHD over raw, and qcow2 over VMDK.
+    q(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "dyn.vhd",
+            "-F",
+            "vpc",
+            &p("over-vhd.qcow2"),
+            "64M",
+        ],
+    );
+    qio(
+        dir,
+        "qcow2",
+        &p("over-vhd.qcow2"),
+        &["write -P 0x44 1M 2M", "write -z 11M 128k"],
+    );
+    q(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "sparse.vmdk",
+            "-F",
+            "vmdk",
+            &p("over-vmdk.qcow2"),
+            "64M",
+        ],
+    );
+    qio(
+        dir,
+        "qcow2",
+        &p("over-vmdk.qcow2"),
+        &["write -P 0x55 30M 100k"],
+    );
+    // Extended L2 over a backing file, and a backing file shorter than its overlay.
+    q(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=128k",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            &p("el2.qcow2"),
+            "64M",
+        ],
+    );
+    qio(
+        dir,
+        "qcow2",
+        &p("el2.qcow2"),
+        &[
+            "write -P 0xcc 4k 4k",
+            "write -z 1M 64k",
+            "write -z -u 10M 128k",
+        ],
+    );
+    q(dir, &["create", "-q", "-f", "raw", &p("small.raw"), "10M"]);
+    qio(dir, "raw", &p("small.raw"), &["write -P 0x66 0 10M"]);
+    q(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "small.raw",
+            "-F",
+            "raw",
+            &p("short.qcow2"),
+            "64M",
+        ],
+    );
+    qio(
+        dir,
+        "qcow2",
+        &p("short.qcow2"),
+        &["write -P 0x77 5M 64k", "write -P 0x78 30M 64k"],
+    );
+    let img = |name: &'static str, qemu_fmt: &'static str| Img {
+        name: name.to_owned(),
+        path: dir.join(name),
+        qemu_fmt,
+    };
+    vec![
+        img("base.raw", "raw"),
+        img("ovl.qcow2", "qcow2"),
+        img("comp.qcow2", "qcow2"),
+        img("dyn.vhd", "vpc"),
+        img("sparse.vmdk", "vmdk"),
+        img("stream.vmdk", "vmdk"),
+        img("over-vhd.qcow2", "qcow2"),
+        img("over-vmdk.qcow2", "qcow2"),
+        img("el2.qcow2", "qcow2"),
+        img("short.qcow2", "qcow2"),
+    ]
+}
