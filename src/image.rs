@@ -534,7 +534,7 @@ fn convert(args: &ConvertArgs) -> anyhow::Result<()> {
                 last_percent = percent;
                 if tty {
                     eprint!("\r    ({percent}/100%)");
-                } else if percent % 10 == 0 {
+                } else if percent.is_multiple_of(10) {
                     eprintln!("converting: {percent}%");
                 }
             }

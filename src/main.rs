@@ -48,12 +48,30 @@ fn main() -> ExitCode {
 
 fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
+    // The AWS configuration chain logs every source it tries (instance metadata when no
+    // region is set, …) as warnings; thinline reports what it needs in its own errors.
     let default = match verbose {
-        0 => "info",
-        1 => "debug",
+        0 => "info,aws_config=error",
+        1 => "debug,aws_config=warn,aws_smithy_runtime=info,hyper_util=info",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let overridden = from_env.is_some();
+    let mut filter = from_env.unwrap_or_else(|| EnvFilter::new(default));
+    // The AWS SDK's debug and trace output names credentials (access key ids) and signed
+    // requests: never more than info from it, whatever RUST_LOG says.
+    let mut caps = vec![
+        "aws_smithy_runtime=info",
+        "aws_runtime=info",
+        "aws_sdk_s3=info",
+        "aws_sigv4=info",
+    ];
+    if overridden {
+        caps.push("aws_config=info");
+    }
+    for directive in caps {
+        filter = filter.add_directive(directive.parse().expect("a valid directive"));
+    }
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)

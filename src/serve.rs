@@ -20,16 +20,18 @@ use thinline_nbd::source::Source;
 ///
 /// Each IMAGE becomes one export; `NAME=IMAGE` names it (otherwise its file name is
 /// used), and the first image is also the default export "". The format is detected
-/// from the content unless --format says otherwise. Raw images and block devices are
-/// served read-write (unless -r); qcow2, VHD and VMDK images are served read-only as
+/// from the content unless --format says otherwise. Local raw images and block devices
+/// are served read-write (unless -r); qcow2, VHD and VMDK images are served read-only as
 /// the raw disk they describe, backing chain included, with block status in
-/// `base:allocation` and `qemu:allocation-depth`. Without IMAGE, a sparse 1 GiB sample
-/// image is created (or reused) in $TMPDIR and served.
+/// `base:allocation` and `qemu:allocation-depth`. Remote templates (http://, https://,
+/// s3://, nfs://, nbd://, nbd+unix://, or any scheme with a handler) are served
+/// read-only, fetched by ranges as clients read them. Without IMAGE, a sparse 1 GiB
+/// sample image is created (or reused) in $TMPDIR and served.
 #[derive(Debug, Args)]
 #[command(after_long_help = EXAMPLES)]
 pub struct ServeArgs {
-    /// Images to export: image files or block devices (a path or a file:///path URI),
-    /// optionally named NAME=IMAGE.
+    /// Images to export: image files or block devices (a path or a file:///path URI) or
+    /// remote templates (a URI), optionally named NAME=IMAGE.
     #[arg(value_name = "[NAME=]IMAGE")]
     images: Vec<String>,
 
@@ -107,6 +109,20 @@ Examples:
 
   # Force the format (a raw disk that happens to start with a qcow2 magic)
   thinline serve --format raw --socket /run/thinline/disk.sock disk.img
+
+  # A qcow2 template on an HTTP server (fetched by 1 MiB ranges, never copied first)
+  thinline serve --socket /run/thinline/tmpl.sock https://images.example.com/debian-12.qcow2
+
+  # A template in S3 (credentials from the standard AWS chain), pinned to one version
+  AWS_REGION=eu-west-1 thinline serve --socket /run/thinline/tmpl.sock \
+      's3://templates/debian-12.qcow2?versionId=3HL4kqtJlcpXroDTDmJ'
+
+  # The same from an S3-compatible store (path-style addressing)
+  thinline serve --s3-endpoint http://minio.lan:9000 --socket /run/t.sock s3://templates/t.vmdk
+
+  # NFS without a kernel mount, and another NBD server as the source
+  thinline serve --socket /run/t.sock nfs://filer/export/templates/t.vhd
+  thinline serve --socket /run/t.sock 'nbd+unix:///tmpl?socket=/run/upstream.sock'
 
   # Attach with the kernel client (4 connections: the exports are multi-conn safe)
   nbd-client -unix /run/thinline/disk.sock /dev/nbd0 -b 4096 -C 4
@@ -187,10 +203,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if !(args.handshake_timeout > 0.0 && args.handshake_timeout.is_finite()) {
         bail!("--handshake-timeout must be a positive number of seconds");
     }
-    if let Some(m) = args.min_block_size {
-        if !m.is_power_of_two() || m > 65536 {
-            bail!("--min-block-size must be a power of two no larger than 65536, not {m}");
-        }
+    if let Some(m) = args.min_block_size
+        && (!m.is_power_of_two() || m > 65536)
+    {
+        bail!("--min-block-size must be a power of two no larger than 65536, not {m}");
     }
     if args.max_connections == Some(0) {
         bail!("--max-connections must be at least 1");

@@ -30,6 +30,18 @@ fn serve_help_lists_every_option_and_examples() {
         "--min-block-size",
         "--json",
         "--io-engine",
+        "--fetch-unit",
+        "--max-in-flight",
+        "--readahead",
+        "--fetch-memory",
+        "--retries",
+        "--connect-timeout",
+        "--first-byte-timeout",
+        "--idle-timeout",
+        "--s3-endpoint",
+        "--s3-region",
+        "--handler-dir",
+        "s3://",
         "Examples:",
     ] {
         assert!(help.contains(option), "{option} missing from:\n{help}");

@@ -1,5 +1,6 @@
-//! Remote templates end to end, against real servers on loopback: nginx for HTTP
-//! (with a fault-injecting proxy in between), and scheme handlers.
+//! Remote templates end to end, against real servers on loopback: nginx for HTTP, moto
+//! for S3 (both with a fault-injecting proxy in between where faults are tested),
+//! nfs-ganesha for NFS, qemu-nbd for NBD, and scheme handlers.
 //!
 //! Every format fixture served from a remote source must read exactly like
 //! `qemu-img` reads the local file; an object replaced under a running export must
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use common::faults::{Fault, FaultProxy};
 use common::images::{Img, fixtures, q};
-use common::servers::{Nginx, require_nginx};
+use common::servers::{Moto, NfsServer, Nginx, require_moto, require_nfs_server, require_nginx};
 use common::*;
 
 const TOOLS: &[&str] = &["qemu-img", "qemu-io", "nbdinfo", "nbdcopy"];
@@ -454,4 +455,292 @@ fn scheme_handlers_attach_serve_and_detach() {
         err.contains("no built-in source") && err.contains("nosuch"),
         "{err}"
     );
+}
+
+/// Credentials and settings for moto (which accepts any key), isolated from the host's
+/// AWS configuration.
+const S3_ENV: [(&str, &str); 5] = [
+    ("AWS_ACCESS_KEY_ID", "AKIATESTKEY"),
+    ("AWS_SECRET_ACCESS_KEY", "s3cr3tTESTvalue"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+    ("AWS_CONFIG_FILE", "/nonexistent/aws-config"),
+    (
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "/nonexistent/aws-credentials",
+    ),
+];
+
+/// Uploads every file of `dir` to `bucket` under `prefix/`.
+fn upload_dir(moto: &Moto, bucket: &str, prefix: &str, dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let name = path.file_name().unwrap().to_str().unwrap();
+            moto.put(bucket, &format!("{prefix}/{name}"), &path);
+        }
+    }
+}
+
+/// Serves every fixture from `uri_of(name)` in one `thinline serve` and compares each
+/// with what qemu-img reads from the local file.
+fn serve_and_compare(
+    images: &[Img],
+    uri_of: impl Fn(&str) -> String,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Served {
+    let specs: Vec<String> = images
+        .iter()
+        .map(|i| format!("{}={}", i.name, uri_of(&i.name)))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let mut args = vec!["--socket", sock.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.extend(specs.iter().map(String::as_str));
+    let served = Served::start_env(&args, env);
+    for img in images {
+        assert_identical(img, &served.uri(&img.name));
+    }
+    std::mem::forget(dir); // the socket lives as long as the server
+    served
+}
+
+#[test]
+fn s3_templates_of_every_format_read_like_qemu_through_faults() {
+    if !require(TOOLS) || !require_moto() {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let images = remote_fixtures(store.path());
+    let moto = Moto::start();
+    moto.create_bucket("templates", false);
+    upload_dir(&moto, "templates", "golden/v1", store.path());
+    let proxy = FaultProxy::start(moto.port);
+    for fault in [common::faults::SLOW_DOWN, Fault::Reset, Fault::Truncate] {
+        proxy.inject(fault, 2);
+    }
+    let endpoint = format!("http://127.0.0.1:{}", proxy.port);
+    let served = serve_and_compare(
+        &images,
+        |name| format!("s3://templates/golden/v1/{name}"),
+        &["--s3-endpoint", &endpoint],
+        &S3_ENV,
+    );
+    assert_eq!(proxy.queued(), 0, "every injected fault was hit");
+    let log = served.log();
+    assert!(log.contains("503"), "{log}");
+    assert!(
+        !log.contains("s3cr3t") && !log.contains("AKIATESTKEY"),
+        "credentials leaked: {log}"
+    );
+}
+
+#[test]
+fn s3_replaced_objects_fail_and_pinned_versions_hold() {
+    if !require(TOOLS) || !require_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    moto.create_bucket("versioned", true);
+    let dir = tempfile::tempdir().unwrap();
+    let v1_file = dir.path().join("v1.raw");
+    let v2_file = dir.path().join("v2.raw");
+    std::fs::write(&v1_file, vec![0x11u8; 4 << 20]).unwrap();
+    std::fs::write(&v2_file, vec![0x22u8; 4 << 20]).unwrap();
+    let v1 = moto
+        .put("versioned", "t.raw", &v1_file)
+        .expect("moto returns a version id when versioning is on");
+    let endpoint = moto.endpoint();
+    let latest = "latest=s3://versioned/t.raw".to_owned();
+    let pinned = format!("pinned=s3://versioned/t.raw?versionId={v1}");
+    let served = Served::start_env(
+        &[
+            "--socket",
+            dir.path().join("nbd.sock").to_str().unwrap(),
+            "--s3-endpoint",
+            &endpoint,
+            "--readahead",
+            "0",
+            &latest,
+            &pinned,
+        ],
+        &S3_ENV,
+    );
+    for export in ["latest", "pinned"] {
+        sh(
+            &served.uri(export),
+            "assert h.pread(4096, 0) == b'\\x11' * 4096\n",
+        );
+    }
+    let v2 = moto.put("versioned", "t.raw", &v2_file).unwrap();
+    assert_ne!(v1, v2);
+    // The export pinned to the ETag seen at open fails on data it has not fetched yet.
+    sh(
+        &served.uri("latest"),
+        "try:\n    h.pread(4096, 1 << 20)\n    assert False, 'read of new data succeeded'\n\
+         except nbd.Error as e:\n    assert e.errnum == errno.EIO, e\n",
+    );
+    assert!(
+        served.wait_for_log("changed since it was opened", Duration::from_secs(10)),
+        "{}",
+        served.log()
+    );
+    // The export pinned to a version keeps reading that version.
+    sh(
+        &served.uri("pinned"),
+        "assert h.pread(4096, 1 << 20) == b'\\x11' * 4096\n\
+         assert h.pread(4096, 2 << 20) == b'\\x11' * 4096\n",
+    );
+    let report = stdout(
+        Command::new(thinline())
+            .args([
+                "image",
+                "info",
+                "--json",
+                "--s3-endpoint",
+                &endpoint,
+                &pinned[7..],
+            ])
+            .envs(S3_ENV),
+    );
+    assert!(report.contains(&format!("versionId={v1}")), "{report}");
+}
+
+#[test]
+fn s3_throttling_beyond_the_budget_fails_one_read_and_recovers() {
+    if !require(TOOLS) || !require_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    moto.create_bucket("tmpl", false);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("t.raw");
+    std::fs::write(&file, vec![0x5au8; 4 << 20]).unwrap();
+    moto.put("tmpl", "t.raw", &file);
+    let proxy = FaultProxy::start(moto.port);
+    let endpoint = format!("http://127.0.0.1:{}", proxy.port);
+    let served = Served::start_env(
+        &[
+            "--socket",
+            dir.path().join("nbd.sock").to_str().unwrap(),
+            "--s3-endpoint",
+            &endpoint,
+            "--retries",
+            "2",
+            "--readahead",
+            "0",
+            "t=s3://tmpl/t.raw",
+        ],
+        &S3_ENV,
+    );
+    proxy.always(common::faults::SLOW_DOWN);
+    sh(
+        &served.uri("t"),
+        "try:\n    h.pread(4096, 2 << 20)\n    assert False, 'read succeeded'\n\
+         except nbd.Error as e:\n    assert e.errnum == errno.EIO, e\n",
+    );
+    let log = served.log();
+    assert!(
+        log.contains("s3://tmpl/t.raw bytes 2097152-3145727") && log.contains("SlowDown"),
+        "{log}"
+    );
+    proxy.clear();
+    sh(
+        &served.uri("t"),
+        "assert h.pread(4096, 2 << 20) == b'\\x5a' * 4096\n",
+    );
+}
+
+#[test]
+fn nfs_templates_of_every_format_read_like_qemu() {
+    if !require(TOOLS) || !require_nfs_server() {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let images = remote_fixtures(store.path());
+    let nfs = NfsServer::start(store.path());
+    serve_and_compare(&images, |name| nfs.uri(name), &[], &[]);
+}
+
+#[test]
+fn nbd_templates_read_like_qemu_and_chains_are_refused() {
+    if !require(&["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"]) {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let images: Vec<Img> = remote_fixtures(store.path())
+        .into_iter()
+        .filter(|i| {
+            [
+                "base.raw",
+                "comp.qcow2",
+                "dyn.vhd",
+                "fixed.vhd",
+                "sparse.vmdk",
+                "stream.vmdk",
+            ]
+            .contains(&i.name.as_str())
+        })
+        .collect();
+    // Each file's bytes, exported raw by qemu-nbd: thinline reads the format through NBD.
+    let mut upstreams = Vec::new();
+    for img in images.iter().chain(std::iter::once(&Img {
+        name: "ovl.qcow2".into(),
+        path: store.path().join("ovl.qcow2"),
+        qemu_fmt: "qcow2",
+    })) {
+        let sock = store.path().join(format!("{}.sock", img.name));
+        let child = Command::new("qemu-nbd")
+            .args(["-r", "-t", "-e", "4", "-f", "raw", "-k"])
+            .arg(&sock)
+            .arg(&img.path)
+            .spawn()
+            .unwrap();
+        upstreams.push(KillOnDrop(child));
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        assert!(wait_until(|| Command::new("nbdinfo")
+            .args(["--size", &uri])
+            .output()
+            .is_ok_and(|o| o.status.success())));
+    }
+    let sock_of = |name: &str| store.path().join(format!("{name}.sock"));
+    serve_and_compare(
+        &images,
+        |name| format!("nbd+unix:///?socket={}", sock_of(name).display()),
+        &[],
+        &[],
+    );
+    // An NBD export names no related files: a qcow2 with a backing file is refused.
+    let out = Command::new(thinline())
+        .args(["image", "info"])
+        .arg(format!(
+            "nbd+unix:///?socket={}",
+            sock_of("ovl.qcow2").display()
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("names no related files"), "{err}");
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_until(mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if ready() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
 }

@@ -1234,7 +1234,7 @@ async fn chunk<R: AsyncRead + Unpin>(
             Ok(())
         }
         (reply::BLOCK_STATUS, Op::BlockStatus) => {
-            if length < 12 || (length - 4) % 8 != 0 || (length - 4) / 8 > MAX_EXTENTS {
+            if length < 12 || !(length - 4).is_multiple_of(8) || (length - 4) / 8 > MAX_EXTENTS {
                 return v(format!("BLOCK_STATUS chunk of {length} bytes"));
             }
             let mut b = vec![0u8; length as usize];

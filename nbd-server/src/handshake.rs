@@ -390,16 +390,16 @@ impl Negotiation<'_> {
         if req.items.contains(&info::NAME) {
             self.reply(option, rep::INFO, &proto::info_string(info::NAME, &name));
         }
-        if req.items.contains(&info::DESCRIPTION) {
-            if let Some(d) = export.description() {
-                // At most 4 bytes per char: never over the 4096-byte string limit.
-                let d: String = d.chars().take(proto::MAX_STRING_LEN / 4).collect();
-                self.reply(
-                    option,
-                    rep::INFO,
-                    &proto::info_string(info::DESCRIPTION, &d),
-                );
-            }
+        if req.items.contains(&info::DESCRIPTION)
+            && let Some(d) = export.description()
+        {
+            // At most 4 bytes per char: never over the 4096-byte string limit.
+            let d: String = d.chars().take(proto::MAX_STRING_LEN / 4).collect();
+            self.reply(
+                option,
+                rep::INFO,
+                &proto::info_string(info::DESCRIPTION, &d),
+            );
         }
         // Block sizes are always sent: they are the truth whether or not asked for.
         let b = export.block_sizes();

@@ -149,7 +149,7 @@ pub fn check(h: &RequestHeader, s: &SessionLimits) -> Verdict {
     let misaligned = |offset: u64, length: u64| {
         let m = u64::from(s.minimum_block.max(1));
         // The last block of an export whose size is not a multiple may be partial.
-        offset % m != 0 || (length % m != 0 && offset + length != s.size)
+        !offset.is_multiple_of(m) || (!length.is_multiple_of(m) && offset + length != s.size)
     };
 
     match h.command {
@@ -393,7 +393,7 @@ pub fn check_block_status_range(
         );
     }
     let m = u64::from(s.minimum_block.max(1));
-    if offset % m != 0 {
+    if !offset.is_multiple_of(m) {
         return refuse(
             errno::EINVAL,
             format!("BLOCK_STATUS is not aligned to the minimum block size {m}"),
@@ -413,7 +413,7 @@ pub fn parse_block_status_payload(
     payload: &[u8],
     meta_contexts: usize,
 ) -> Result<(u64, Vec<u32>), String> {
-    if payload.len() < 12 || (payload.len() - 8) % 4 != 0 {
+    if payload.len() < 12 || !(payload.len() - 8).is_multiple_of(4) {
         return Err(format!(
             "BLOCK_STATUS payload of {} bytes is malformed",
             payload.len()

@@ -338,10 +338,10 @@ async fn next_request<R: AsyncRead + Unpin>(
             reason,
             skip,
         } => {
-            if skip > 0 {
-                if let Err(e) = discard(reader, skip).await {
-                    return Step::End(format!("client went away inside a payload: {e}"));
-                }
+            if skip > 0
+                && let Err(e) = discard(reader, skip).await
+            {
+                return Step::End(format!("client went away inside a payload: {e}"));
             }
             if errno != proto::errno::ESHUTDOWN {
                 info!(peer = %conn.peer, command = %proto::command_name(header.command), offset = header.offset,

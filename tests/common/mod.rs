@@ -100,11 +100,17 @@ pub fn thinline() -> &'static str {
 impl Served {
     /// Starts `thinline serve --json ARGS` and waits until it listens.
     pub fn start(args: &[&str]) -> Served {
+        Served::start_env(args, &[])
+    }
+
+    /// [`Served::start`] with extra environment variables.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Served {
         let mut child = Command::new(thinline())
             .arg("serve")
             .arg("--json")
             .args(args)
             .env("RUST_LOG", "debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

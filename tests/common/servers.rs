@@ -116,3 +116,211 @@ pub fn require_nginx() -> bool {
     eprintln!("SKIP: {msg}");
     false
 }
+
+/// Where install-deps.sh puts moto's venv.
+pub const MOTO_VENV: &str = "/var/cache/thinline/moto";
+
+/// moto's server binary: $THINLINE_MOTO_SERVER, the install-deps venv, or PATH.
+pub fn moto_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("THINLINE_MOTO_SERVER") {
+        return Some(PathBuf::from(p));
+    }
+    let venv = Path::new(MOTO_VENV).join("bin/moto_server");
+    if venv.is_file() {
+        return Some(venv);
+    }
+    super::which("moto_server")
+}
+
+/// Whether moto is installed (a skip outside CI, a failure in CI).
+pub fn require_moto() -> bool {
+    if moto_binary().is_some() {
+        return true;
+    }
+    let msg = "missing test tool moto_server: run tests/scripts/install-deps.sh as root";
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg}");
+    }
+    eprintln!("SKIP: {msg}");
+    false
+}
+
+/// moto's S3 server (a real HTTP implementation of the S3 API, from PyPI) on 127.0.0.1.
+/// It accepts any credentials; objects are uploaded with plain HTTP PUTs.
+#[derive(Debug)]
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = free_port();
+        let mut child = Command::new(moto_binary().expect("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn moto_server");
+        wait_for_port(port, "moto_server", &mut child);
+        Moto { child, port }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn curl(&self, args: &[&str]) -> String {
+        // moto does not check signatures, but refuses some anonymous overwrites.
+        let auth = "Authorization: AWS4-HMAC-SHA256 Credential=AKIATESTKEY/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0";
+        super::stdout(
+            Command::new("curl")
+                .args([
+                    "-sSf",
+                    "-H",
+                    "Expect:",
+                    "-H",
+                    "Content-Type: application/octet-stream",
+                ])
+                .args(["-H", auth])
+                .args(args),
+        )
+    }
+
+    /// Creates `bucket`, with versioning if asked.
+    pub fn create_bucket(&self, bucket: &str, versioning: bool) {
+        self.curl(&["-X", "PUT", &format!("{}/{bucket}", self.endpoint())]);
+        if versioning {
+            self.curl(&[
+                "-X",
+                "PUT",
+                "--data-binary",
+                "<VersioningConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Status>Enabled</Status></VersioningConfiguration>",
+                &format!("{}/{bucket}?versioning", self.endpoint()),
+            ]);
+        }
+    }
+
+    /// Uploads `file` as `bucket/key`; returns the version id, if versioning is on.
+    pub fn put(&self, bucket: &str, key: &str, file: &Path) -> Option<String> {
+        let headers = self.curl(&[
+            "-X",
+            "PUT",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "--data-binary",
+            &format!("@{}", file.display()),
+            &format!("{}/{bucket}/{key}", self.endpoint()),
+        ]);
+        headers.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("x-amz-version-id")
+                .then(|| v.trim().to_owned())
+                .filter(|v| v != "null")
+        })
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// nfs-ganesha exporting a directory read-only over NFSv3 on 127.0.0.1
+/// (tests/scripts/nfs-server.sh; needs root).
+#[derive(Debug)]
+pub struct NfsServer {
+    state: PathBuf,
+    export: PathBuf,
+    pub nfs_port: u16,
+    pub mount_port: u16,
+}
+
+fn nfs_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/nfs-server.sh")
+}
+
+/// Whether the NFS test server can run (a skip outside CI, a failure in CI).
+pub fn require_nfs_server() -> bool {
+    let missing: Vec<&str> = ["ganesha.nfsd", "rpcbind", "rpcinfo", "flock"]
+        .into_iter()
+        .filter(|t| super::which(t).is_none() && !Path::new("/usr/sbin").join(t).is_file())
+        .collect();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let msg = if !missing.is_empty() {
+        format!("missing test tools {missing:?}: run tests/scripts/install-deps.sh as root")
+    } else if !root {
+        "the NFS test server (nfs-ganesha, VFS export) needs root".to_owned()
+    } else {
+        return true;
+    };
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg}");
+    }
+    eprintln!("SKIP: {msg}");
+    false
+}
+
+impl NfsServer {
+    /// Exports `dir` (which must outlive the server).
+    pub fn start(dir: &Path) -> NfsServer {
+        let state = dir.with_extension("nfs-state");
+        let out = Command::new(nfs_script())
+            .env("NFS_SERVER_OWNER", std::process::id().to_string())
+            .env(
+                "PATH",
+                format!(
+                    "/usr/sbin:/sbin:{}",
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .arg("start")
+            .arg(dir)
+            .arg(&state)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nfs-server.sh start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(&state).unwrap();
+        let get = |key: &str| -> String {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .unwrap_or_else(|| panic!("no {key} in {text}"))
+                .to_owned()
+        };
+        NfsServer {
+            nfs_port: get("nfs_port").parse().unwrap(),
+            mount_port: get("mount_port").parse().unwrap(),
+            export: PathBuf::from(get("export")),
+            state,
+        }
+    }
+
+    /// `nfs://127.0.0.1:PORT/EXPORT/NAME?mountport=M`.
+    pub fn uri(&self, name: &str) -> String {
+        format!(
+            "nfs://127.0.0.1:{}{}/{name}?mountport={}",
+            self.nfs_port,
+            self.export.display(),
+            self.mount_port
+        )
+    }
+}
+
+impl Drop for NfsServer {
+    fn drop(&mut self) {
+        let _ = Command::new(nfs_script())
+            .arg("stop")
+            .arg(&self.state)
+            .status();
+    }
+}

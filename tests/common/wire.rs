@@ -525,7 +525,7 @@ impl Chunk {
         match self.typ {
             chunk::BLOCK_STATUS => {
                 assert!(
-                    p.len() >= 12 && (p.len() - 4) % 8 == 0,
+                    p.len() >= 12 && (p.len() - 4).is_multiple_of(8),
                     "BLOCK_STATUS payload of {} bytes is malformed",
                     p.len()
                 );
@@ -540,7 +540,7 @@ impl Chunk {
             }
             chunk::BLOCK_STATUS_EXT => {
                 assert!(
-                    p.len() >= 24 && (p.len() - 8) % 16 == 0,
+                    p.len() >= 24 && (p.len() - 8).is_multiple_of(16),
                     "BLOCK_STATUS_EXT payload of {} bytes is not 8 + a positive multiple of 16",
                     p.len()
                 );

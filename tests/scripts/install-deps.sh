@@ -42,6 +42,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends -t bookworm-backports "${backports_packages[@]}"
 fi
 
+# moto's S3 server for the s3:// tests (tests/common/servers.rs), from PyPI into a venv of
+# Debian's python: a real HTTP implementation of the S3 API with ranges and versioning.
+moto_venv=${THINLINE_MOTO_VENV:-/var/cache/thinline/moto}
+if [ ! -x "$moto_venv/bin/moto_server" ]; then
+  need_root
+  rm -rf "$moto_venv"
+  /usr/bin/python3 -m venv "$moto_venv"
+  "$moto_venv/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5.1,<6'
+fi
+
 # The guest kernel for the kernel tests (tests/kernel/): a Debian kernel package, unpacked.
 kdir=${THINLINE_KERNEL_DIR:-/var/cache/thinline/kernel}
 if [ ! -f "$kdir/ready" ]; then
@@ -64,4 +74,4 @@ if [ ! -f "$kdir/ready" ]; then
   echo "$ver" >"$kdir/ready"
 fi
 
-echo "install-deps: ok (qemu $(qemu-img --version | head -1 | awk '{print $3}'), kernel $(cat "$kdir/ready"))"
+echo "install-deps: ok (qemu $(qemu-img --version | head -1 | awk '{print $3}'), kernel $(cat "$kdir/ready"), moto $("$moto_venv/bin/pip" show moto 2>/dev/null | awk '/^Version/{print $2}'))"

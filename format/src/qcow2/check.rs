@@ -94,7 +94,7 @@ impl Walk<'_> {
     }
 
     fn aligned(&mut self, what: &str, offset: u64) -> bool {
-        if offset % self.cs != 0 {
+        if !offset.is_multiple_of(self.cs) {
             self.f.error(format!(
                 "{what} at offset {offset:#x} is not cluster aligned"
             ));

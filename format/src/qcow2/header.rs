@@ -298,7 +298,7 @@ impl Header {
         }
         if version == 3 {
             let hl = raw.header_length;
-            if hl < V3_MIN_HEADER_LENGTH || hl % 8 != 0 || u64::from(hl) > cluster_size {
+            if hl < V3_MIN_HEADER_LENGTH || !hl.is_multiple_of(8) || u64::from(hl) > cluster_size {
                 return Err(invalid(
                     s,
                     format!(

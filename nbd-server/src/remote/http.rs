@@ -17,11 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Client, StatusCode, Url};
 
-use super::{FetchError, FetchErrorKind, RangeBackend, RemoteConfig};
+use super::{BodyChunks, FetchError, FetchErrorKind, RangeBackend, RemoteConfig, read_body};
 use crate::source::redact;
 
 /// What the object is pinned to.
@@ -219,26 +219,25 @@ impl HttpBackend {
                 ),
             ));
         }
-        if let (Some(pinned), Some(now)) = (&self.etag, header_text(headers, &header::ETAG)) {
-            if *pinned != now {
-                return Err((
-                    FetchErrorKind::Changed,
-                    format!("the object changed since it was opened: ETag {now}, pinned {pinned}"),
-                ));
-            }
+        if let (Some(pinned), Some(now)) = (&self.etag, header_text(headers, &header::ETAG))
+            && *pinned != now
+        {
+            return Err((
+                FetchErrorKind::Changed,
+                format!("the object changed since it was opened: ETag {now}, pinned {pinned}"),
+            ));
         }
         if let (Some(pinned), Some(now)) = (
             &self.last_modified,
             header_text(headers, &header::LAST_MODIFIED),
-        ) {
-            if *pinned != now {
-                return Err((
-                    FetchErrorKind::Changed,
-                    format!(
-                        "the object changed since it was opened: Last-Modified {now}, pinned {pinned}"
-                    ),
-                ));
-            }
+        ) && *pinned != now
+        {
+            return Err((
+                FetchErrorKind::Changed,
+                format!(
+                    "the object changed since it was opened: Last-Modified {now}, pinned {pinned}"
+                ),
+            ));
         }
         if (start, end) != (offset, offset + length - 1) {
             return Err((
@@ -290,47 +289,14 @@ impl HttpBackend {
             s => return Err((status_kind(s), status_text(s))),
         }
         self.check_response(response.headers(), offset, length)?;
-        let mut body = BytesMut::with_capacity(length as usize);
-        loop {
-            let chunk = match tokio::time::timeout(self.idle_timeout, response.chunk()).await {
-                Ok(Ok(Some(chunk))) => chunk,
-                Ok(Ok(None)) => break,
-                Ok(Err(e)) => {
-                    return Err((
-                        FetchErrorKind::Transient,
-                        format!(
-                            "the body broke off after {} of {length} bytes: {}",
-                            body.len(),
-                            error_text(&e)
-                        ),
-                    ));
-                }
-                Err(_) => {
-                    return Err((
-                        FetchErrorKind::Transient,
-                        format!(
-                            "the body stalled for {:?} after {} of {length} bytes (idle timeout)",
-                            self.idle_timeout,
-                            body.len()
-                        ),
-                    ));
-                }
-            };
-            if body.len() + chunk.len() > length as usize {
-                return Err((
-                    FetchErrorKind::Transient,
-                    format!("the body is longer than the {length} bytes asked for"),
-                ));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        if body.len() as u64 != length {
-            return Err((
-                FetchErrorKind::Transient,
-                format!("short body: {} of {length} bytes", body.len()),
-            ));
-        }
-        Ok(body.freeze())
+        read_body(&mut response, length, self.idle_timeout).await
+    }
+}
+
+#[async_trait]
+impl BodyChunks for reqwest::Response {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
+        self.chunk().await.map_err(|e| error_text(&e))
     }
 }
 

@@ -156,11 +156,62 @@ impl Default for RemoteConfig {
     }
 }
 
+/// A response body that arrives in chunks (an HTTP response, an S3 byte stream).
+#[async_trait]
+pub(crate) trait BodyChunks: Send {
+    /// The next chunk, `None` at the end, or why the body broke off.
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, String>;
+}
+
+/// Reads a body that must be exactly `length` bytes, each chunk within `idle`: a stall,
+/// a break, a longer or a shorter body is a transient failure described in words.
+pub(crate) async fn read_body(
+    body: &mut dyn BodyChunks,
+    length: u64,
+    idle: Duration,
+) -> Result<Bytes, (FetchErrorKind, String)> {
+    let transient = |m: String| (FetchErrorKind::Transient, m);
+    let mut data = bytes::BytesMut::with_capacity(length as usize);
+    loop {
+        match tokio::time::timeout(idle, body.next_chunk()).await {
+            Ok(Ok(Some(chunk))) => {
+                if data.len() + chunk.len() > length as usize {
+                    return Err(transient(format!(
+                        "the body is longer than the {length} bytes asked for"
+                    )));
+                }
+                data.extend_from_slice(&chunk);
+            }
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
+                return Err(transient(format!(
+                    "the body broke off after {} of {length} bytes: {e}",
+                    data.len()
+                )));
+            }
+            Err(_) => {
+                return Err(transient(format!(
+                    "the body stalled for {idle:?} after {} of {length} bytes (idle timeout)",
+                    data.len()
+                )));
+            }
+        }
+    }
+    if data.len() as u64 != length {
+        return Err(transient(format!(
+            "short body: {} of {length} bytes",
+            data.len()
+        )));
+    }
+    Ok(data.freeze())
+}
+
 pub mod fetch;
 pub mod handler;
 pub mod http;
 pub mod nbd;
 pub mod nfs;
+pub mod s3;
 pub mod storage;
 
 /// The schemes served by built-in sources.
@@ -179,6 +230,7 @@ pub async fn open(uri: &str, config: &RemoteConfig) -> Result<Arc<dyn RangeBacke
             "http" | "https" => http::open(uri, config).await,
             "nbd" | "nbd+unix" => nbd::open(uri, config).await,
             "nfs" => nfs::open(uri, config).await,
+            "s3" => s3::open(uri, config).await,
             _ => Err(FetchError::new(
                 FetchErrorKind::Permanent,
                 "open",
