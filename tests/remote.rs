@@ -143,8 +143,99 @@ fn http_templates_of_every_format_read_like_qemu() {
     assert_eq!(info["chain"].as_array().unwrap().len(), 2, "{info}");
 }
 
+/// A test CA and a certificate for 127.0.0.1 signed by it, made with openssl in `dir`:
+/// (ca.pem, cert.pem, key.pem).
+fn test_certificates(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let p = |n: &str| dir.join(n);
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=thinline-test-ca",
+        ])
+        .args(ec)
+        .arg("-keyout")
+        .arg(p("ca.key"))
+        .arg("-out")
+        .arg(p("ca.pem")));
+    run(Command::new("openssl")
+        .args(["req", "-subj", "/CN=127.0.0.1"])
+        .args(ec)
+        .arg("-keyout")
+        .arg(p("key.pem"))
+        .arg("-out")
+        .arg(p("leaf.csr")));
+    std::fs::write(
+        p("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+        .arg("-in")
+        .arg(p("leaf.csr"))
+        .arg("-CA")
+        .arg(p("ca.pem"))
+        .arg("-CAkey")
+        .arg(p("ca.key"))
+        .arg("-extfile")
+        .arg(p("ext.cnf"))
+        .arg("-out")
+        .arg(p("cert.pem")));
+    (p("ca.pem"), p("cert.pem"), p("key.pem"))
+}
+
 #[test]
-fn small_reads_become_unit_sized_requests_and_repeat_reads_stay_in_memory() {
+fn https_templates_use_http2_and_untrusted_certificates_are_refused() {
+    if !require(&["qemu-img", "qemu-io", "nbdinfo", "openssl"]) || !require_nginx() {
+        return;
+    }
+    let www = tempfile::tempdir().unwrap();
+    let images: Vec<Img> = fixtures(www.path())
+        .into_iter()
+        .filter(|i| ["ovl.qcow2", "stream.vmdk"].contains(&i.name.as_str()))
+        .collect();
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_certificates(certs.path());
+    let nginx = Nginx::start_tls(www.path(), &cert, &key);
+    let base = format!("https://127.0.0.1:{}", nginx.port);
+    // SSL_CERT_FILE adds the test CA to the trusted roots (as for any system CA bundle).
+    let served = serve_and_compare(
+        &images,
+        |name| format!("{base}/{name}"),
+        &[],
+        &[("SSL_CERT_FILE", ca.to_str().unwrap())],
+    );
+    drop(served);
+    let log = nginx.access_log();
+    assert!(log.contains("\"GET /ovl.qcow2 HTTP/2.0\" 206"), "{log}");
+    assert!(log.contains("\"GET /base.raw HTTP/2.0\" 206"), "{log}");
+    // Without the CA the certificate is refused at once (no retries), clearly.
+    let out = Command::new(thinline())
+        .args(["image", "info", &format!("{base}/ovl.qcow2")])
+        .env_remove("SSL_CERT_FILE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("certificate") && !err.contains("retrying"),
+        "{err}"
+    );
+}
+
+#[test]
+fn small_reads_become_unit_requests_shared_by_every_connection() {
     if !require(TOOLS) || !require_nginx() {
         return;
     }
@@ -173,6 +264,17 @@ fn small_reads_become_unit_sized_requests_and_repeat_reads_stay_in_memory() {
         1,
         "one 1 MiB request serves every 4 KiB read of that unit"
     );
+    // Four connections copying the whole image share fetches: no unit is fetched twice
+    // (7 units were never read; the 8th is in memory).
+    let before = proxy.requests();
+    let copy = dir.path().join("copy.raw");
+    run(Command::new("nbdcopy")
+        .args(["--connections=4", "--requests=16"])
+        .arg(served.uri("t"))
+        .arg(&copy));
+    assert!(read_file(&copy) == data);
+    let fetched = proxy.requests() - before;
+    assert!((1..=7).contains(&fetched), "{fetched} requests for 7 units");
 }
 
 #[test]

@@ -32,6 +32,15 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn start(root: &Path) -> Nginx {
+        Nginx::start_with(root, None)
+    }
+
+    /// nginx with TLS and HTTP/2 (`cert`, `key`: PEM files).
+    pub fn start_tls(root: &Path, cert: &Path, key: &Path) -> Nginx {
+        Nginx::start_with(root, Some((cert, key)))
+    }
+
+    fn start_with(root: &Path, tls: Option<(&Path, &Path)>) -> Nginx {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let d = dir.path().display();
@@ -51,13 +60,20 @@ http {{
   scgi_temp_path {d}/tmp;
   keepalive_requests 100000;
   server {{
-    listen 127.0.0.1:{port};
+    listen 127.0.0.1:{port}{tls_listen};
+    {tls_files}
     root {root};
     location /noranges/ {{ max_ranges 0; }}
   }}
 }}
 ",
-            root = root.display()
+            root = root.display(),
+            tls_listen = if tls.is_some() { " ssl http2" } else { "" },
+            tls_files = tls.map_or(String::new(), |(cert, key)| format!(
+                "ssl_certificate {};\n    ssl_certificate_key {};",
+                cert.display(),
+                key.display()
+            )),
         );
         std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
         let conf = dir.path().join("nginx.conf");

@@ -19,12 +19,12 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
 fi
 
-# nginx-light: the HTTP server of the http:// tests; nfs-ganesha, nfs-ganesha-vfs, rpcbind:
+# nginx-light and openssl: the HTTP(S) server of the http(s):// tests and its test CA; nfs-ganesha, nfs-ganesha-vfs, rpcbind:
 # the userspace NFSv3 server of the nfs:// tests (tests/scripts/nfs-server.sh); curl and
 # python3-venv: the S3 server (moto, from PyPI, in a venv) and uploads to it.
 packages=(libnbd-bin python3-libnbd nbdkit fio nbd-client busybox-static kmod cpio e2fsprogs
           util-linux mount xxd libvhdi-utils libvmdk-utils libqcow-utils fuse3 python3-vmdkstream
-          nginx-light nfs-ganesha nfs-ganesha-vfs rpcbind curl python3-venv)
+          nginx-light openssl nfs-ganesha nfs-ganesha-vfs rpcbind curl python3-venv)
 backports_packages=(qemu-system-x86 qemu-utils)
 
 missing=()

@@ -190,7 +190,16 @@ impl HttpBackend {
         }
         match tokio::time::timeout(self.first_byte_timeout, request.send()).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err((FetchErrorKind::Transient, error_text(&e))),
+            Ok(Err(e)) => {
+                let text = error_text(&e);
+                // A certificate the server will keep presenting: retrying cannot help.
+                let kind = if text.contains("certificate") {
+                    FetchErrorKind::Permanent
+                } else {
+                    FetchErrorKind::Transient
+                };
+                Err((kind, text))
+            }
             Err(_) => Err((
                 FetchErrorKind::Transient,
                 format!(
