@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::faults::{Fault, FaultProxy};
+use common::faults::{Fault, FaultProxy, TcpFaultProxy};
 use common::images::{Img, fixtures, q};
 use common::servers::{Moto, NfsServer, Nginx, require_moto, require_nfs_server, require_nginx};
 use common::*;
@@ -763,6 +763,47 @@ fn nfs_templates_of_every_format_read_like_qemu() {
     let images = remote_fixtures(store.path());
     let nfs = NfsServer::start(store.path());
     serve_and_compare(&images, |name| nfs.uri(name), &[], &[]);
+}
+
+#[test]
+fn nfs_connection_resets_during_a_copy_are_retried_invisibly() {
+    if !require(TOOLS) || !require_nfs_server() {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..(32u32 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(store.path().join("t.raw"), &data).unwrap();
+    let nfs = NfsServer::start(store.path());
+    let proxy = TcpFaultProxy::start(nfs.nfs_port);
+    let uri = nfs.uri("t.raw").replacen(
+        &format!("127.0.0.1:{}/", nfs.nfs_port),
+        &format!("127.0.0.1:{}/", proxy.port),
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let spec = format!("t={uri}");
+    let served = Served::unix(dir.path(), &["--fetch-unit", "256K"], &[&spec]);
+    let copy = dir.path().join("copy.raw");
+    let mut nbdcopy = Command::new("nbdcopy")
+        .arg(served.uri("t"))
+        .arg(&copy)
+        .spawn()
+        .unwrap();
+    let mut resets = 0;
+    while nbdcopy.try_wait().unwrap().is_none() && resets < 20 {
+        std::thread::sleep(Duration::from_millis(30));
+        proxy.reset_all();
+        resets += 1;
+    }
+    assert!(nbdcopy.wait().unwrap().success(), "{}", served.log());
+    assert!(
+        read_file(&copy) == data,
+        "the copy differs from the template"
+    );
+    assert!(
+        proxy.accepted() > 1,
+        "the connections were reset and reopened"
+    );
 }
 
 #[test]

@@ -265,3 +265,81 @@ fn serve(
     }
     Ok(())
 }
+
+/// A plain TCP proxy for protocols other than HTTP (NFS, NBD): forwards bytes both
+/// ways and can reset every connection it carries at once.
+#[derive(Debug)]
+pub struct TcpFaultProxy {
+    pub port: u16,
+    connections: Arc<Mutex<Vec<TcpStream>>>,
+    accepted: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl TcpFaultProxy {
+    /// Proxies 127.0.0.1:`upstream`.
+    pub fn start(upstream: u16) -> TcpFaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy = TcpFaultProxy {
+            port: listener.local_addr().unwrap().port(),
+            connections: Arc::default(),
+            accepted: Arc::default(),
+            stop: Arc::default(),
+        };
+        let (connections, accepted, stop) = (
+            Arc::clone(&proxy.connections),
+            Arc::clone(&proxy.accepted),
+            Arc::clone(&proxy.stop),
+        );
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    reset(&client);
+                    continue;
+                };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                connections
+                    .lock()
+                    .unwrap()
+                    .push(client.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                        let _ = from.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        proxy
+    }
+
+    /// Resets every connection open now (the client sees ECONNRESET).
+    pub fn reset_all(&self) {
+        for c in self.connections.lock().unwrap().drain(..) {
+            reset(&c);
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TcpFaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        self.reset_all();
+    }
+}
