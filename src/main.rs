@@ -31,6 +31,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {
@@ -43,6 +44,18 @@ fn main() -> ExitCode {
             eprintln!("thinline: error: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Fetch units and NBD payloads (up to 32 MiB) are allocated and freed all the time.
+/// By default glibc maps and unmaps each large one and trims the heap eagerly, which
+/// costs a page fault and a zeroed page per 4 KiB every time: keep them in the heap.
+fn tune_allocator() {
+    // SAFETY: mallopt only sets allocator tunables; it runs before any other thread
+    // exists. Unknown parameters are ignored (return 0), never undefined behaviour.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
     }
 }
 

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Shared parts of the NBD benchmark scripts benches/compare-servers.sh and
-# benches/compare-formats.sh: option and environment handling, starting and stopping servers,
+# Shared parts of the NBD benchmark scripts benches/compare-servers.sh, benches/compare-formats.sh
+# and benches/compare-remote.sh: option and environment handling, starting and stopping servers,
 # cleanup, the fio run, the environment header and the report. Each script keeps its own servers,
 # jobs, images and tables.
 #
@@ -228,16 +228,22 @@ start_server() {
 
 # run_fio JOB OUT WHAT [FIO_ARGS...]: runs fio job JOB against the server on $sock: JSON to
 # OUT.json, its output to OUT.fio.log; FIO_ARGS follow the job's own arguments. A failed run is
-# logged (WHAT names it), counted in failures and leaves no JSON behind.
+# logged (WHAT names it), counted in failures and leaves no JSON behind. A job runs for RUNTIME
+# seconds after RAMP_TIME (time_based), unless the sourcing script declared an associative array
+# job_timing with an entry for JOB: then those fio arguments replace the timing.
 run_fio() {
   local job=$1 out=$2 what=$3 fio_rc=0
   shift 3
+  local timing="--time_based --runtime=$RUNTIME --ramp_time=$RAMP_TIME"
+  if declare -p job_timing >/dev/null 2>&1 && [ -n "${job_timing[$job]+x}" ]; then
+    timing=${job_timing[$job]}
+  fi
   # fio runs in the background and we wait for its PID, so a signal runs the trap at once
   # (bash defers traps until a foreground child exits).
-  # shellcheck disable=SC2086  # job_args are intentionally split
+  # shellcheck disable=SC2086  # job_args and timing are intentionally split
   "${fio_prefix[@]}" fio --name="$job" --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
       ${job_args[$job]} "$@" --numjobs="$NUMJOBS" --group_reporting \
-      --time_based --runtime="$RUNTIME" --ramp_time="$RAMP_TIME" \
+      $timing \
       --lat_percentiles=1 --output-format=json --output="$out.json" \
       </dev/null >"$out.fio.log" 2>&1 &
   fio_pid=$!
@@ -258,7 +264,7 @@ collect_env() {
   cpu_model=$(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*//p' | head -n1)
   [ -n "$cpu_model" ] || cpu_model=$(sed -n 's/^model name[[:space:]]*:[[:space:]]*//p' /proc/cpuinfo | head -n1)
   fio_ver=$(fio --version 2>&1 | head -n1)
-  qemu_ver=$(qemu-nbd --version 2>&1 | head -n1)
+  qemu_ver=$(qemu-nbd --version 2>&1 | head -n1 || true)
   libnbd_ver=$(nbdinfo --version 2>&1 | sed -n 's/^libnbd //p' | head -n1)
   fs_type=$(findmnt -n -o FSTYPE -T "$IMAGE_DIR" 2>/dev/null || stat -f -c %T "$IMAGE_DIR" 2>/dev/null || echo '?')
   load_start=$(cut -d' ' -f1-3 /proc/loadavg)

@@ -34,11 +34,22 @@ use tokio::sync::Semaphore;
 
 use super::{FetchError, FetchErrorKind, RangeBackend, RemoteConfig};
 
-/// Most units one request fetches.
+/// Most fetch units one request fetches (adjacent misses and readahead merge up to it).
 pub const MAX_MERGED_UNITS: u64 = 4;
 
 /// Most sequential streams tracked for readahead.
 pub const MAX_STREAMS: usize = 8;
+
+/// Blocks (the granularity of memory and in-flight tracking) per fetch unit.
+const BLOCKS_PER_UNIT: u64 = 16;
+
+/// Every this many random misses, one is fetched at the other size to keep both
+/// timings current.
+const PROBE_EVERY: u64 = 16;
+
+/// A whole unit is fetched for a random miss unless it takes more than this many
+/// times as long as one block (then the link is bandwidth-bound: fetch blocks).
+const LARGE_COST_RATIO: f64 = 4.0;
 
 type FetchFuture = Shared<Pin<Box<dyn Future<Output = Result<Bytes, FetchError>> + Send>>>;
 
@@ -53,43 +64,58 @@ pub struct FetchStats {
     pub retries: AtomicU64,
     /// Bytes received from the backend.
     pub bytes_fetched: AtomicU64,
-    /// Units fetched by readahead.
-    pub readahead_units: AtomicU64,
+    /// Blocks fetched by readahead.
+    pub readahead_blocks: AtomicU64,
 }
 
-/// A unit that is being fetched: the request's future and where the unit starts in
+/// A block that is being fetched: the request's future and where the block starts in
 /// its body.
 #[derive(Clone)]
 struct Pending {
     fetch: FetchFuture,
-    /// Byte offset of the unit inside the request's body.
+    /// Byte offset of the block inside the request's body.
     skip: usize,
-    /// Which request registered it, so a failed request only clears its own units.
+    /// Which request registered it, so a failed request only clears its own blocks.
     request: u64,
 }
 
 /// A sequential reader: where it will read next and how far ahead to fetch.
 #[derive(Debug, Clone, Copy)]
 struct Stream {
-    /// The unit after the last one read.
-    next_unit: u64,
-    /// Readahead window in units (0 until the stream proves sequential).
+    /// The block after the last one read.
+    next_block: u64,
+    /// Readahead window in blocks (0 until the stream proves sequential).
     window: u64,
-    /// Units below this are already fetched or requested by readahead.
+    /// Blocks below this are already fetched or requested by readahead.
     requested_until: u64,
     last_used: u64,
 }
 
+/// Exponentially weighted mean request durations, by size class (seconds).
+#[derive(Debug, Default, Clone, Copy)]
+struct Timings {
+    block: Option<f64>,
+    unit: Option<f64>,
+}
+
+impl Timings {
+    fn record(slot: &mut Option<f64>, seconds: f64) {
+        *slot = Some(slot.map_or(seconds, |mean| 0.8 * mean + 0.2 * seconds));
+    }
+}
+
 #[derive(Default)]
 struct State {
-    /// Fetched units: unit index → (bytes, last use stamp).
+    /// Fetched blocks: block index → (bytes, last use stamp).
     ready: HashMap<u64, (Bytes, u64)>,
-    /// Last use stamp → unit index, oldest first.
+    /// Last use stamp → block index, oldest first.
     by_age: BTreeMap<u64, u64>,
     pending: HashMap<u64, Pending>,
     streams: Vec<Stream>,
     clock: u64,
     next_request: u64,
+    random_misses: u64,
+    timings: Timings,
     /// Set once the object changed; every later fetch fails with it.
     changed: Option<FetchError>,
 }
@@ -100,21 +126,21 @@ impl State {
         self.clock
     }
 
-    fn get_ready(&mut self, unit: u64) -> Option<Bytes> {
+    fn get_ready(&mut self, block: u64) -> Option<Bytes> {
         let now = self.tick();
-        let (bytes, stamp) = self.ready.get_mut(&unit)?;
+        let (bytes, stamp) = self.ready.get_mut(&block)?;
         self.by_age.remove(stamp);
         *stamp = now;
-        self.by_age.insert(now, unit);
+        self.by_age.insert(now, block);
         Some(bytes.clone())
     }
 
-    fn insert_ready(&mut self, unit: u64, bytes: Bytes, capacity: usize) {
+    fn insert_ready(&mut self, block: u64, bytes: Bytes, capacity: usize) {
         let now = self.tick();
-        if let Some((_, old)) = self.ready.insert(unit, (bytes, now)) {
+        if let Some((_, old)) = self.ready.insert(block, (bytes, now)) {
             self.by_age.remove(&old);
         }
-        self.by_age.insert(now, unit);
+        self.by_age.insert(now, block);
         while self.ready.len() > capacity {
             let Some((_, oldest)) = self.by_age.pop_first() else {
                 break;
@@ -122,9 +148,13 @@ impl State {
             self.ready.remove(&oldest);
         }
     }
+
+    fn known(&self, block: u64) -> bool {
+        self.ready.contains_key(&block) || self.pending.contains_key(&block)
+    }
 }
 
-/// Where one unit of a read comes from.
+/// Where one block of a read comes from.
 enum Piece {
     Ready(Bytes),
     Pending(Pending),
@@ -133,10 +163,13 @@ enum Piece {
 /// Reads of one remote object, coalesced, shared, cached and retried.
 pub struct FetchEngine {
     backend: Arc<dyn RangeBackend>,
-    unit: u64,
-    units: u64,
-    capacity_units: usize,
-    max_readahead_units: u64,
+    /// Granularity of memory and in-flight tracking.
+    block: u64,
+    /// Blocks per fetch unit.
+    unit_blocks: u64,
+    blocks: u64,
+    capacity_blocks: usize,
+    max_readahead_blocks: u64,
     attempts: u32,
     backoff_base: Duration,
     backoff_max: Duration,
@@ -149,8 +182,23 @@ impl fmt::Debug for FetchEngine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FetchEngine")
             .field("uri", &self.backend.uri())
-            .field("unit", &self.unit)
+            .field("unit", &self.unit())
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for FetchEngine {
+    fn drop(&mut self) {
+        let s = &self.stats;
+        tracing::info!(
+            uri = %self.backend.uri(),
+            requests = s.requests.load(Ordering::Relaxed),
+            retries = s.retries.load(Ordering::Relaxed),
+            bytes_fetched = s.bytes_fetched.load(Ordering::Relaxed),
+            memory_hits = s.hits.load(Ordering::Relaxed),
+            readahead_blocks = s.readahead_blocks.load(Ordering::Relaxed),
+            "remote object closed"
+        );
     }
 }
 
@@ -158,14 +206,16 @@ impl FetchEngine {
     /// An engine for `backend` with the unit, limits and retry policy of `config`.
     pub fn new(backend: Arc<dyn RangeBackend>, config: &RemoteConfig) -> Arc<Self> {
         let unit = config.fetch_unit.max(4096).next_power_of_two();
+        let block = (unit / BLOCKS_PER_UNIT).max(4096).min(unit);
         let size = backend.size();
         Arc::new(FetchEngine {
-            unit,
-            units: size.div_ceil(unit),
-            capacity_units: usize::try_from(config.memory_budget / unit)
+            block,
+            unit_blocks: unit / block,
+            blocks: size.div_ceil(block),
+            capacity_blocks: usize::try_from(config.memory_budget / block)
                 .unwrap_or(usize::MAX)
-                .max(2 * MAX_MERGED_UNITS as usize),
-            max_readahead_units: config.max_readahead / unit,
+                .max((2 * MAX_MERGED_UNITS * unit / block) as usize),
+            max_readahead_blocks: config.max_readahead / block,
             attempts: config.attempts.max(1),
             backoff_base: config.backoff_base,
             backoff_max: config.backoff_max.max(config.backoff_base),
@@ -188,7 +238,7 @@ impl FetchEngine {
 
     /// The fetch unit in bytes.
     pub fn unit(&self) -> u64 {
-        self.unit
+        self.block * self.unit_blocks
     }
 
     /// The engine's counters.
@@ -211,8 +261,8 @@ impl FetchEngine {
                 format!("the range is outside the object ({size} bytes)"),
             ));
         }
-        let first = offset / self.unit;
-        let last = (offset + length - 1) / self.unit;
+        let first = offset / self.block;
+        let last = (offset + length - 1) / self.block;
         let pieces = self.plan(first, last)?;
         let mut parts = Vec::with_capacity(pieces.len());
         for piece in pieces {
@@ -220,12 +270,12 @@ impl FetchEngine {
                 Piece::Ready(bytes) => bytes,
                 Piece::Pending(p) => {
                     let body = p.fetch.await?;
-                    let end = (p.skip + self.unit as usize).min(body.len());
+                    let end = (p.skip + self.block as usize).min(body.len());
                     body.slice(p.skip..end)
                 }
             });
         }
-        let start = (offset - first * self.unit) as usize;
+        let start = (offset - first * self.block) as usize;
         if let [only] = parts.as_slice() {
             return Ok(only.slice(start..start + length as usize));
         }
@@ -241,64 +291,93 @@ impl FetchEngine {
         Ok(out.freeze())
     }
 
-    /// Finds each unit of `first..=last` in memory or in flight, starts requests for
-    /// the missing ones (merged) and for readahead, and returns what to wait for.
+    /// Finds each block of `first..=last` in memory or in flight, starts requests for
+    /// the missing ones (rounded out to the fetch size, merged) and for readahead, and
+    /// returns what to wait for.
     fn plan(self: &Arc<Self>, first: u64, last: u64) -> Result<Vec<Piece>, FetchError> {
         let mut state = self.state.lock().expect("fetch state lock poisoned");
-        let mut pieces = Vec::with_capacity((last - first + 1) as usize);
-        let mut missing_from = None;
-        let mut all_ready = true;
-        for unit in first..=last {
-            if let Some(bytes) = state.get_ready(unit) {
-                self.flush_missing(&mut state, &mut missing_from, unit, &mut pieces)?;
-                pieces.push(Piece::Ready(bytes));
-            } else if let Some(p) = state.pending.get(&unit).cloned() {
-                all_ready = false;
-                self.flush_missing(&mut state, &mut missing_from, unit, &mut pieces)?;
-                pieces.push(Piece::Pending(p));
+        let sequential = self.track_stream(&mut state, first, last);
+        let missing = (first..=last).any(|b| !state.known(b));
+        if missing && state.changed.is_none() {
+            // Round the read out to the fetch size: whole units for sequential streams
+            // and latency-bound links, blocks when whole units cost far more time.
+            let group = if sequential || !self.small_random_fetches(&mut state) {
+                self.unit_blocks
             } else {
+                1
+            };
+            let from = first / group * group;
+            let to = ((last / group + 1) * group).min(self.blocks);
+            self.fetch_missing(&mut state, from, to, false);
+        }
+        let mut pieces = Vec::with_capacity((last - first + 1) as usize);
+        let mut all_ready = true;
+        for block in first..=last {
+            if let Some(bytes) = state.get_ready(block) {
+                pieces.push(Piece::Ready(bytes));
+            } else if let Some(p) = state.pending.get(&block) {
                 all_ready = false;
-                missing_from.get_or_insert(unit);
+                pieces.push(Piece::Pending(p.clone()));
+            } else {
+                let e = state
+                    .changed
+                    .clone()
+                    .expect("missing blocks were requested");
+                return Err(e);
             }
         }
-        self.flush_missing(&mut state, &mut missing_from, last + 1, &mut pieces)?;
         if all_ready {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
         }
-        self.readahead(&mut state, first, last);
+        if sequential {
+            self.readahead(&mut state, last);
+        }
         Ok(pieces)
     }
 
-    /// Starts requests for the missing units `from..end` and adds them to `pieces`.
-    fn flush_missing(
-        self: &Arc<Self>,
-        state: &mut State,
-        missing_from: &mut Option<u64>,
-        end: u64,
-        pieces: &mut Vec<Piece>,
-    ) -> Result<(), FetchError> {
-        let Some(mut unit) = missing_from.take() else {
-            return Ok(());
+    /// Whether a random miss should fetch single blocks: only when measured whole-unit
+    /// requests take several times as long as block requests. Every
+    /// [`PROBE_EVERY`]th miss uses the other size, to keep both timings current.
+    fn small_random_fetches(&self, state: &mut State) -> bool {
+        state.random_misses += 1;
+        let probe = state.random_misses.is_multiple_of(PROBE_EVERY);
+        let small = match (state.timings.block, state.timings.unit) {
+            (Some(block), Some(unit)) => unit > LARGE_COST_RATIO * block,
+            _ => false,
         };
-        if let Some(e) = &state.changed {
-            return Err(e.clone());
-        }
-        while unit < end {
-            let count = (end - unit).min(MAX_MERGED_UNITS);
-            for p in self.start_fetch(state, unit, count) {
-                pieces.push(Piece::Pending(p));
-            }
-            unit += count;
-        }
-        Ok(())
+        small != probe || (probe && state.timings.block.is_none())
     }
 
-    /// Registers one request for units `first..first + count` and spawns it.
-    fn start_fetch(self: &Arc<Self>, state: &mut State, first: u64, count: u64) -> Vec<Pending> {
+    /// Starts requests for every block of `from..to` that is neither in memory nor in
+    /// flight, merging neighbours up to [`MAX_MERGED_UNITS`] units per request.
+    fn fetch_missing(self: &Arc<Self>, state: &mut State, from: u64, to: u64, readahead: bool) {
+        let max = MAX_MERGED_UNITS * self.unit_blocks;
+        let mut block = from;
+        while block < to {
+            if state.known(block) {
+                block += 1;
+                continue;
+            }
+            let mut count = 1;
+            while count < max && block + count < to && !state.known(block + count) {
+                count += 1;
+            }
+            if readahead {
+                self.stats
+                    .readahead_blocks
+                    .fetch_add(count, Ordering::Relaxed);
+            }
+            self.start_fetch(state, block, count);
+            block += count;
+        }
+    }
+
+    /// Registers one request for blocks `first..first + count` and spawns it.
+    fn start_fetch(self: &Arc<Self>, state: &mut State, first: u64, count: u64) {
         let request = state.next_request;
         state.next_request += 1;
-        let offset = first * self.unit;
-        let length = (count * self.unit).min(self.size() - offset);
+        let offset = first * self.block;
+        let length = (count * self.block).min(self.size() - offset);
         let engine = Arc::clone(self);
         let task = tokio::spawn(async move { engine.fetch(request, first, offset, length).await });
         let uri = self.backend.uri().to_owned();
@@ -314,43 +393,44 @@ impl FetchEngine {
             })
         });
         let fetch = fetch.shared();
-        (0..count)
-            .map(|i| {
-                let p = Pending {
+        for i in 0..count {
+            state.pending.insert(
+                first + i,
+                Pending {
                     fetch: fetch.clone(),
-                    skip: (i * self.unit) as usize,
+                    skip: (i * self.block) as usize,
                     request,
-                };
-                state.pending.insert(first + i, p.clone());
-                p
-            })
-            .collect()
+                },
+            );
+        }
     }
 
-    /// Tracks sequential streams and requests the units ahead of one.
-    fn readahead(self: &Arc<Self>, state: &mut State, first: u64, last: u64) {
-        if self.max_readahead_units == 0 {
-            return;
+    /// Follows sequential streams: true if the read `first..=last` continues one (its
+    /// readahead window grows), false if it starts or restarts one.
+    fn track_stream(&self, state: &mut State, first: u64, last: u64) -> bool {
+        if self.max_readahead_blocks == 0 {
+            return false;
         }
         let now = state.tick();
         let found = state
             .streams
             .iter()
-            .position(|s| first == s.next_unit || first + 1 == s.next_unit);
-        let stream = match found {
+            .position(|s| first == s.next_block || first + 1 == s.next_block);
+        match found {
             Some(i) => {
+                let unit_blocks = self.unit_blocks;
+                let max = self.max_readahead_blocks;
                 let s = &mut state.streams[i];
                 s.last_used = now;
-                if last < s.next_unit {
-                    return; // Still inside the unit read last time.
+                if last >= s.next_block {
+                    s.next_block = last + 1;
+                    s.window = (s.window * 2).max(unit_blocks).min(max);
                 }
-                s.next_unit = last + 1;
-                s.window = (s.window * 2).max(2).min(self.max_readahead_units);
-                *s
+                true
             }
             None => {
                 let s = Stream {
-                    next_unit: last + 1,
+                    next_block: last + 1,
                     window: 0,
                     requested_until: last + 1,
                     last_used: now,
@@ -360,38 +440,32 @@ impl FetchEngine {
                 } else if let Some(oldest) = state.streams.iter_mut().min_by_key(|s| s.last_used) {
                     *oldest = s;
                 }
-                return;
+                false
             }
-        };
-        let target = (stream.next_unit + stream.window).min(self.units);
-        let mut unit = stream.requested_until.max(stream.next_unit);
-        let Some(i) = found else { return };
-        state.streams[i].requested_until = target.max(unit);
-        if state.changed.is_some() {
-            return;
-        }
-        while unit < target {
-            if state.pending.contains_key(&unit) || state.ready.contains_key(&unit) {
-                unit += 1;
-                continue;
-            }
-            let mut count = 1;
-            while count < MAX_MERGED_UNITS
-                && unit + count < target
-                && !state.pending.contains_key(&(unit + count))
-                && !state.ready.contains_key(&(unit + count))
-            {
-                count += 1;
-            }
-            self.stats
-                .readahead_units
-                .fetch_add(count, Ordering::Relaxed);
-            self.start_fetch(state, unit, count);
-            unit += count;
         }
     }
 
-    /// Runs one request with retries, then files its units as ready (or forgets them
+    /// Requests the blocks ahead of the stream that just read up to `last`.
+    fn readahead(self: &Arc<Self>, state: &mut State, last: u64) {
+        let Some(i) = state.streams.iter().position(|s| s.next_block == last + 1) else {
+            return;
+        };
+        let stream = state.streams[i];
+        if state.changed.is_some() || stream.window == 0 {
+            return;
+        }
+        let target = (stream.next_block + stream.window).min(self.blocks);
+        let from = stream.requested_until.max(stream.next_block);
+        // Top the window up in whole merged requests, not one block at a time.
+        let step = (MAX_MERGED_UNITS * self.unit_blocks).min(stream.window);
+        if target < from + step && target < self.blocks {
+            return;
+        }
+        state.streams[i].requested_until = target.max(from);
+        self.fetch_missing(state, from, target, true);
+    }
+
+    /// Runs one request with retries, then files its blocks as ready (or forgets them
     /// on failure so the next read tries again).
     async fn fetch(
         self: Arc<Self>,
@@ -402,7 +476,7 @@ impl FetchEngine {
     ) -> Result<Bytes, FetchError> {
         let result = self.fetch_with_retries(offset, length).await;
         let mut state = self.state.lock().expect("fetch state lock poisoned");
-        let count = length.div_ceil(self.unit);
+        let count = length.div_ceil(self.block);
         for i in 0..count {
             if state
                 .pending
@@ -413,11 +487,16 @@ impl FetchEngine {
             }
         }
         match &result {
-            Ok(body) => {
+            Ok((body, seconds)) => {
+                if count <= 2 {
+                    Timings::record(&mut state.timings.block, *seconds);
+                } else if count == self.unit_blocks {
+                    Timings::record(&mut state.timings.unit, *seconds);
+                }
                 for i in 0..count {
-                    let start = (i * self.unit) as usize;
-                    let end = (start + self.unit as usize).min(body.len());
-                    state.insert_ready(first + i, body.slice(start..end), self.capacity_units);
+                    let start = (i * self.block) as usize;
+                    let end = (start + self.block as usize).min(body.len());
+                    state.insert_ready(first + i, body.slice(start..end), self.capacity_blocks);
                 }
             }
             Err(e) if e.kind == FetchErrorKind::Changed => {
@@ -430,10 +509,15 @@ impl FetchEngine {
             }
             Err(e) => tracing::error!("{e}; giving up on this read"),
         }
-        result
+        result.map(|(body, _)| body)
     }
 
-    async fn fetch_with_retries(&self, offset: u64, length: u64) -> Result<Bytes, FetchError> {
+    /// One request, retried; the body and how long its successful attempt took.
+    async fn fetch_with_retries(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> Result<(Bytes, f64), FetchError> {
         let mut attempt = 1;
         loop {
             let permit = self
@@ -442,14 +526,16 @@ impl FetchEngine {
                 .await
                 .expect("the semaphore is never closed");
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let started = std::time::Instant::now();
             let result = self.backend.read(offset, length).await;
+            let seconds = started.elapsed().as_secs_f64();
             drop(permit);
             match result {
                 Ok(body) if body.len() as u64 == length => {
                     self.stats
                         .bytes_fetched
                         .fetch_add(length, Ordering::Relaxed);
-                    return Ok(body);
+                    return Ok((body, seconds));
                 }
                 Ok(body) => {
                     // Backends check lengths; this is a backstop.
@@ -578,7 +664,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn small_reads_become_one_unit_request_shared_by_concurrent_readers() {
         let backend = Recorder::new(1 << 20);
-        let engine = FetchEngine::new(backend.clone(), &config());
+        let no_readahead = RemoteConfig {
+            max_readahead: 0,
+            ..config()
+        };
+        let engine = FetchEngine::new(backend.clone(), &no_readahead);
         let reads = (0..8).map(|i| {
             let engine = Arc::clone(&engine);
             tokio::spawn(async move { engine.read(100 + i * 4096, 4096).await })
@@ -676,6 +766,66 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn random_misses_fetch_blocks_when_whole_units_cost_much_more() {
+        // A bandwidth-bound link: time grows with size (1 ms per 64 KiB).
+        #[derive(Debug)]
+        struct Slow(Recorder);
+        #[async_trait]
+        impl RangeBackend for Slow {
+            fn uri(&self) -> &str {
+                "mem://slow"
+            }
+            fn size(&self) -> u64 {
+                self.0.size()
+            }
+            fn identity(&self) -> &str {
+                "slow"
+            }
+            async fn read(&self, offset: u64, length: u64) -> Result<Bytes, FetchError> {
+                tokio::time::sleep(Duration::from_millis(length.div_ceil(64 << 10))).await;
+                self.0.requests.lock().unwrap().push((offset, length));
+                Ok(self
+                    .0
+                    .data
+                    .slice(offset as usize..(offset + length) as usize))
+            }
+            async fn open_related(&self, _: &str) -> Result<Arc<dyn RangeBackend>, FetchError> {
+                unreachable!()
+            }
+        }
+        let inner = Arc::try_unwrap(Recorder::new(64 << 20)).unwrap();
+        let backend = Arc::new(Slow(inner));
+        let engine = FetchEngine::new(
+            backend.clone(),
+            &RemoteConfig {
+                fetch_unit: 1 << 20,
+                max_readahead: 0,
+                ..config()
+            },
+        );
+        // Random 4 KiB reads far apart: first whole units, then (once the probe has
+        // timed a block) blocks of 64 KiB.
+        for i in 0..48u64 {
+            let offset = (i * 7919 % 60) << 20;
+            let got = engine.read(offset + 4096, 4096).await.unwrap();
+            assert_eq!(
+                got,
+                backend
+                    .0
+                    .data
+                    .slice((offset + 4096) as usize..(offset + 8192) as usize)
+            );
+        }
+        let requests = backend.0.requests();
+        assert_eq!(requests[0].1, 1 << 20, "{requests:?}");
+        let last: Vec<u64> = requests[requests.len() - 8..].iter().map(|r| r.1).collect();
+        assert!(
+            last.iter().filter(|&&l| l == 64 << 10).count() >= 6,
+            "{requests:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn memory_stays_within_its_budget() {
         let backend = Recorder::new(4 << 20);
         let engine = FetchEngine::new(
@@ -688,6 +838,7 @@ mod tests {
         for i in (0..64u64).rev() {
             engine.read(i * (64 << 10), 1).await.unwrap();
         }
-        assert!(engine.state.lock().unwrap().ready.len() <= 8);
+        let blocks = engine.state.lock().unwrap().ready.len() as u64;
+        assert!(blocks * engine.block <= 8 * (64 << 10), "{blocks} blocks");
     }
 }

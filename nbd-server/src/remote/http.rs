@@ -59,7 +59,6 @@ fn client(config: &RemoteConfig) -> Result<Client, String> {
     Client::builder()
         .connect_timeout(config.connect_timeout)
         .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(config.max_in_flight.max(1))
         .tcp_nodelay(true)
         .http2_adaptive_window(true)
         .user_agent(concat!("thinline/", env!("CARGO_PKG_VERSION")))
