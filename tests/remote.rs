@@ -868,6 +868,56 @@ fn nbd_templates_read_like_qemu_and_chains_are_refused() {
     assert!(err.contains("names no related files"), "{err}");
 }
 
+#[test]
+fn nbd_connection_resets_during_a_copy_are_retried_invisibly() {
+    if !require(&["qemu-nbd", "nbdinfo", "nbdcopy"]) {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..(32u32 << 20)).map(|i| (i * 13 % 249) as u8).collect();
+    let path = store.path().join("t.raw");
+    std::fs::write(&path, &data).unwrap();
+    let port = free_port();
+    let _upstream = KillOnDrop(
+        Command::new("qemu-nbd")
+            .args(["-r", "-t", "-e", "8", "-f", "raw", "-b", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .arg(&path)
+            .spawn()
+            .unwrap(),
+    );
+    let direct = format!("nbd://127.0.0.1:{port}/");
+    assert!(wait_until(|| Command::new("nbdinfo")
+        .args(["--size", &direct])
+        .output()
+        .is_ok_and(|o| o.status.success())));
+    let proxy = TcpFaultProxy::start(port);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = format!("t=nbd://127.0.0.1:{}/", proxy.port);
+    let served = Served::unix(dir.path(), &["--fetch-unit", "256K"], &[&spec]);
+    let copy = dir.path().join("copy.raw");
+    let mut nbdcopy = Command::new("nbdcopy")
+        .arg(served.uri("t"))
+        .arg(&copy)
+        .spawn()
+        .unwrap();
+    let mut resets = 0;
+    while nbdcopy.try_wait().unwrap().is_none() && resets < 20 {
+        std::thread::sleep(Duration::from_millis(30));
+        proxy.reset_all();
+        resets += 1;
+    }
+    assert!(nbdcopy.wait().unwrap().success(), "{}", served.log());
+    assert!(
+        read_file(&copy) == data,
+        "the copy differs from the template"
+    );
+    assert!(
+        proxy.accepted() > 1,
+        "the connections were reset and reopened"
+    );
+}
+
 struct KillOnDrop(std::process::Child);
 
 impl Drop for KillOnDrop {
