@@ -47,9 +47,10 @@ const BLOCKS_PER_UNIT: u64 = 16;
 /// timings current.
 const PROBE_EVERY: u64 = 16;
 
-/// A whole unit is fetched for a random miss unless it takes more than this many
-/// times as long as one block (then the link is bandwidth-bound: fetch blocks).
-const LARGE_COST_RATIO: f64 = 4.0;
+/// The least time ratio (whole unit ÷ block) above which random misses fetch blocks;
+/// the actual bound is higher when memory can hold much of the object (see
+/// [`FetchEngine::new`]).
+const MIN_UNIT_COST_RATIO: f64 = 1.5;
 
 type FetchFuture = Shared<Pin<Box<dyn Future<Output = Result<Bytes, FetchError>> + Send>>>;
 
@@ -170,6 +171,8 @@ pub struct FetchEngine {
     blocks: u64,
     capacity_blocks: usize,
     max_readahead_blocks: u64,
+    /// Random misses fetch blocks once a unit takes longer than this many blocks.
+    unit_cost_ratio: f64,
     attempts: u32,
     backoff_base: Duration,
     backoff_max: Duration,
@@ -216,6 +219,15 @@ impl FetchEngine {
                 .unwrap_or(usize::MAX)
                 .max((2 * MAX_MERGED_UNITS * unit / block) as usize),
             max_readahead_blocks: config.max_readahead / block,
+            // A unit pays off when its other blocks are read later from memory: with a
+            // fraction `h` of the object fitting in memory, a random read hits memory
+            // about `h` of the time, so units are worth up to 1 / (1 - h) blocks' time.
+            // An object that fits entirely always gets whole units.
+            unit_cost_ratio: if config.memory_budget >= size {
+                f64::INFINITY
+            } else {
+                (1.0 / (1.0 - config.memory_budget as f64 / size as f64)).max(MIN_UNIT_COST_RATIO)
+            },
             attempts: config.attempts.max(1),
             backoff_base: config.backoff_base,
             backoff_max: config.backoff_max.max(config.backoff_base),
@@ -336,13 +348,13 @@ impl FetchEngine {
     }
 
     /// Whether a random miss should fetch single blocks: only when measured whole-unit
-    /// requests take several times as long as block requests. Every
+    /// requests take more than `unit_cost_ratio` times as long as block requests. Every
     /// [`PROBE_EVERY`]th miss uses the other size, to keep both timings current.
     fn small_random_fetches(&self, state: &mut State) -> bool {
         state.random_misses += 1;
         let probe = state.random_misses.is_multiple_of(PROBE_EVERY);
         let small = match (state.timings.block, state.timings.unit) {
-            (Some(block), Some(unit)) => unit > LARGE_COST_RATIO * block,
+            (Some(block), Some(unit)) => unit > self.unit_cost_ratio * block,
             _ => false,
         };
         small != probe || (probe && state.timings.block.is_none())
@@ -800,6 +812,7 @@ mod tests {
             &RemoteConfig {
                 fetch_unit: 1 << 20,
                 max_readahead: 0,
+                memory_budget: 8 << 20,
                 ..config()
             },
         );
