@@ -779,7 +779,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn random_misses_fetch_blocks_when_whole_units_cost_much_more() {
-        // A bandwidth-bound link: time grows with size (1 ms per 64 KiB).
+        // A bandwidth-bound link: time grows with size (4 ms per 64 KiB, so a unit costs
+        // 16 blocks' time; scheduling noise on a loaded machine cannot hide that).
         #[derive(Debug)]
         struct Slow(Recorder);
         #[async_trait]
@@ -794,7 +795,7 @@ mod tests {
                 "slow"
             }
             async fn read(&self, offset: u64, length: u64) -> Result<Bytes, FetchError> {
-                tokio::time::sleep(Duration::from_millis(length.div_ceil(64 << 10))).await;
+                tokio::time::sleep(Duration::from_millis(4 * length.div_ceil(64 << 10))).await;
                 self.0.requests.lock().unwrap().push((offset, length));
                 Ok(self
                     .0
