@@ -41,7 +41,7 @@ pub const MAX_MERGED_UNITS: u64 = 4;
 pub const MAX_STREAMS: usize = 8;
 
 /// Blocks (the granularity of memory and in-flight tracking) per fetch unit.
-const BLOCKS_PER_UNIT: u64 = 16;
+const BLOCKS_PER_UNIT: u64 = 64;
 
 /// Every this many random misses, one is fetched at the other size to keep both
 /// timings current.
@@ -779,8 +779,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn random_misses_fetch_blocks_when_whole_units_cost_much_more() {
-        // A bandwidth-bound link: time grows with size (4 ms per 64 KiB, so a unit costs
-        // 16 blocks' time; scheduling noise on a loaded machine cannot hide that).
+        // A bandwidth-bound link: time grows with size (1 ms per 16 KiB: a unit costs
+        // 64 times a block's time, which scheduling noise on a loaded machine cannot hide).
         #[derive(Debug)]
         struct Slow(Recorder);
         #[async_trait]
@@ -795,7 +795,7 @@ mod tests {
                 "slow"
             }
             async fn read(&self, offset: u64, length: u64) -> Result<Bytes, FetchError> {
-                tokio::time::sleep(Duration::from_millis(4 * length.div_ceil(64 << 10))).await;
+                tokio::time::sleep(Duration::from_millis(length.div_ceil(16 << 10))).await;
                 self.0.requests.lock().unwrap().push((offset, length));
                 Ok(self
                     .0
@@ -818,7 +818,7 @@ mod tests {
             },
         );
         // Random 4 KiB reads far apart: first whole units, then (once the probe has
-        // timed a block) blocks of 64 KiB.
+        // timed a block) blocks of 16 KiB.
         for i in 0..48u64 {
             let offset = (i * 7919 % 60) << 20;
             let got = engine.read(offset + 4096, 4096).await.unwrap();
@@ -834,7 +834,7 @@ mod tests {
         assert_eq!(requests[0].1, 1 << 20, "{requests:?}");
         let last: Vec<u64> = requests[requests.len() - 8..].iter().map(|r| r.1).collect();
         assert!(
-            last.iter().filter(|&&l| l == 64 << 10).count() >= 6,
+            last.iter().filter(|&&l| l == 16 << 10).count() >= 6,
             "{requests:?}"
         );
     }
