@@ -193,7 +193,7 @@ struct ConvertArgs {
     json: bool,
     #[command(flatten)]
     open: OpenArgs,
-    /// The image to read: a path or a file:///path URI.
+    /// The image to read: a path, a file:///path URI or a remote URI.
     image: String,
     /// The file to write (created or truncated).
     output: PathBuf,

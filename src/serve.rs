@@ -35,9 +35,6 @@ pub struct ServeArgs {
     #[arg(value_name = "[NAME=]IMAGE")]
     images: Vec<String>,
 
-    #[command(flatten)]
-    open: OpenArgs,
-
     /// Listen on a unix socket (mode 0660; a stale socket is replaced, anything else
     /// at PATH is refused).
     #[arg(long, value_name = "PATH")]
@@ -73,6 +70,10 @@ pub struct ServeArgs {
     /// allows it, else threads). Page-cache hits are always served inline.
     #[arg(long, value_enum, value_name = "ENGINE", default_value_t = IoEngineArg::Auto)]
     io_engine: IoEngineArg,
+
+    // Last: the remote options inside start their own help heading.
+    #[command(flatten)]
+    open: OpenArgs,
 }
 
 /// `--io-engine` values.

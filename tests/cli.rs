@@ -46,6 +46,21 @@ fn serve_help_lists_every_option_and_examples() {
     ] {
         assert!(help.contains(option), "{option} missing from:\n{help}");
     }
+    // Serving options are not listed under the remote-template heading.
+    let heading = help
+        .find("Remote templates (http, https, s3, nfs, nbd, handlers):")
+        .expect("a remote heading");
+    for option in [
+        "--socket <PATH>",
+        "--json",
+        "--read-only",
+        "--metadata-cache",
+    ] {
+        assert!(
+            help.find(option).unwrap() < heading,
+            "{option} under the remote heading:\n{help}"
+        );
+    }
 }
 
 #[test]
