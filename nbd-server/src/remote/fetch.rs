@@ -331,11 +331,16 @@ impl FetchEngine {
                 all_ready = false;
                 pieces.push(Piece::Pending(p.clone()));
             } else {
-                let e = state
-                    .changed
-                    .clone()
-                    .expect("missing blocks were requested");
-                return Err(e);
+                // Missing blocks were requested above unless the object changed.
+                return Err(state.changed.clone().unwrap_or_else(|| {
+                    FetchError::new(
+                        FetchErrorKind::Transient,
+                        "read",
+                        self.backend.uri(),
+                        Some((block * self.block, self.block)),
+                        "the block was neither fetched nor requested",
+                    )
+                }));
             }
         }
         if all_ready {
@@ -351,13 +356,16 @@ impl FetchEngine {
     /// requests take more than `unit_cost_ratio` times as long as block requests. Every
     /// [`PROBE_EVERY`]th miss uses the other size, to keep both timings current.
     fn small_random_fetches(&self, state: &mut State) -> bool {
+        if self.unit_cost_ratio.is_infinite() {
+            return false; // The whole object fits in memory: units always pay off.
+        }
         state.random_misses += 1;
         let probe = state.random_misses.is_multiple_of(PROBE_EVERY);
         let small = match (state.timings.block, state.timings.unit) {
             (Some(block), Some(unit)) => unit > self.unit_cost_ratio * block,
             _ => false,
         };
-        small != probe || (probe && state.timings.block.is_none())
+        small != probe
     }
 
     /// Starts requests for every block of `from..to` that is neither in memory nor in
