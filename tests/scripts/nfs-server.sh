@@ -42,10 +42,23 @@ free_port() {
   die "no free TCP port found"
 }
 
+# Runs "$@" in place of this (sub)shell with every descriptor above 2 closed, so a daemon
+# started here holds neither the start lock (fd 9) nor a caller's pipe (a test waiting for
+# this script's output to end would otherwise wait for the daemon's exit).
+exec_closing_fds() {
+  local fd
+  for fd in /proc/self/fd/*; do
+    fd=${fd##*/}
+    [ "$fd" -gt 2 ] && eval "exec $fd>&-"
+  done
+  exec "$@"
+}
+
 ensure_rpcbind() {
   rpcinfo -p 127.0.0.1 >/dev/null 2>&1 && return 0
   log "starting rpcbind (ganesha needs it to register NFSv3)"
-  rpcbind -w || rpcbind || die "cannot start rpcbind"
+  (exec_closing_fds rpcbind -w) </dev/null >/dev/null 2>&1 ||
+    (exec_closing_fds rpcbind) </dev/null >/dev/null 2>&1 || die "cannot start rpcbind"
   for _ in $(seq 50); do
     rpcinfo -p 127.0.0.1 >/dev/null 2>&1 && return 0
     sleep 0.1
@@ -99,7 +112,7 @@ start() {
   dir=$(cd "$dir" && pwd -P)
 
   exec 9>"$lock"
-  flock 9
+  flock -w 120 9 || die "another start holds $lock for over 120 s (lsof $lock names it)"
   ensure_rpcbind
 
   local state nfs_port mount_port pid attempt
@@ -111,8 +124,8 @@ start() {
     [ "$nfs_port" != "$mount_port" ] || continue
     write_config "$state" "$dir" "$nfs_port" "$mount_port"
     : >"$state/ganesha.log"
-    setsid ganesha.nfsd -F -f "$state/ganesha.conf" -p "$state/ganesha.pid" \
-      -L "$state/ganesha.log" </dev/null >>"$state/ganesha.out" 2>&1 9>&- &
+    (exec_closing_fds setsid ganesha.nfsd -F -f "$state/ganesha.conf" -p "$state/ganesha.pid" \
+      -L "$state/ganesha.log") </dev/null >>"$state/ganesha.out" 2>&1 &
     pid=$!
     local deadline=$((SECONDS + timeout_s))
     while alive "$pid" && [ $SECONDS -lt $deadline ]; do
@@ -130,7 +143,8 @@ STATE
         log "ganesha $pid exports $dir on 127.0.0.1 (nfs $nfs_port, mount $mount_port)"
         if [ -n "${NFS_SERVER_OWNER:-}" ]; then
           # In its own session: whoever kills the owner's process group spares it.
-          setsid "$self" watch "$NFS_SERVER_OWNER" "$pid" "$state" </dev/null >/dev/null 2>&1 9>&- &
+          (exec_closing_fds setsid "$self" watch "$NFS_SERVER_OWNER" "$pid" "$state") \
+            </dev/null >/dev/null 2>&1 &
         fi
         return 0
       fi
