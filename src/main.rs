@@ -5,7 +5,9 @@
 //! failure (an image cannot be opened or is refused, a socket cannot be bound, …), 2
 //! invalid usage; `image check` adds 3 (only warnings found) and 4 (errors found).
 
+mod cache;
 mod image;
+mod proxy;
 mod remote;
 mod serve;
 
@@ -28,6 +30,7 @@ struct Cli {
 enum Command {
     Serve(serve::ServeArgs),
     Image(image::ImageArgs),
+    Proxy(proxy::ProxyArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args).map(|()| 0),
         Command::Image(args) => image::run(args),
+        Command::Proxy(args) => proxy::run(args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

@@ -25,7 +25,8 @@ use thinline_nbd::source::Source;
 /// the raw disk they describe, backing chain included, with block status in
 /// `base:allocation` and `qemu:allocation-depth`. Remote templates (http://, https://,
 /// s3://, nfs://, nbd://, nbd+unix://, or any scheme with a handler) are served
-/// read-only, fetched by ranges as clients read them. Without IMAGE, a sparse 1 GiB
+/// read-only, fetched by ranges as clients read them; with --cache-dir, through a
+/// persistent copy-on-read cache. Without IMAGE, a sparse 1 GiB
 /// sample image is created (or reused) in $TMPDIR and served.
 #[derive(Debug, Args)]
 #[command(after_long_help = EXAMPLES)]
@@ -71,9 +72,18 @@ pub struct ServeArgs {
     #[arg(long, value_enum, value_name = "ENGINE", default_value_t = IoEngineArg::Auto)]
     io_engine: IoEngineArg,
 
-    // Last: the remote options inside start their own help heading.
+    /// Put a copy-on-read cache in front of each image: DIR/NAME-HASH.cache keeps every
+    /// block fetched, durable and keyed by the template's identity, so later reads (and
+    /// later runs) are local. Exports become read-only.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+
+    // Last: the remote and cache options start their own help headings.
     #[command(flatten)]
     open: OpenArgs,
+
+    #[command(flatten)]
+    cache: crate::cache::CacheArgs,
 }
 
 /// `--io-engine` values.
@@ -125,6 +135,12 @@ Examples:
   thinline serve --socket /run/t.sock nfs://filer/export/templates/t.vhd
   thinline serve --socket /run/t.sock 'nbd+unix:///tmpl?socket=/run/upstream.sock'
 
+  # A copy-on-read cache in front of a remote template: every block fetched once,
+  # kept in /var/cache/thinline, reused by later reads and later runs
+  thinline serve --cache-dir /var/cache/thinline --status-socket /run/t.status \
+      --socket /run/t.sock https://images.example.com/debian-12.qcow2
+  thinline proxy status /run/t.status
+
   # Attach with the kernel client (4 connections: the exports are multi-conn safe)
   nbd-client -unix /run/thinline/disk.sock /dev/nbd0 -b 4096 -C 4
 
@@ -139,6 +155,7 @@ struct Opened {
     backing_chain: Vec<String>,
     size: u64,
     read_only: bool,
+    cache: Option<PathBuf>,
 }
 
 /// Size of the sample image created when no image is given.
@@ -154,6 +171,9 @@ struct ExportReport {
     backing_chain: Vec<String>,
     size: u64,
     read_only: bool,
+    /// The copy-on-read cache in front of it (`--cache-dir`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<PathBuf>,
     uris: Vec<String>,
 }
 
@@ -227,6 +247,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut remote_config = None;
     let mut exports = ExportSet::new();
     let mut opened: Vec<Opened> = Vec::new();
+    let mut cached = Vec::new();
+    if let Some(dir) = &args.cache_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create cache directory {}", dir.display()))?;
+    }
+    let cor_options = args.cache.options(
+        args.open.remote.fetch_unit,
+        args.open.remote.max_in_flight,
+        "thinline serve",
+    )?;
     for spec in &images {
         let (name, location) = parse_image_spec(spec);
         let source = thinline_nbd::source::parse(location)?;
@@ -244,32 +274,48 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             },
             io_engine: options.io_engine,
         };
-        let (export, format, backing_chain): (Arc<dyn Export>, Format, Vec<String>) = match &source
-        {
+        let caching = args.cache_dir.is_some();
+        let (export, format, backing_chain, identity): (
+            Arc<dyn Export>,
+            Format,
+            Vec<String>,
+            Option<String>,
+        ) = match &source {
             Source::File(path) => {
                 let format = match args.open.format.format() {
                     Some(format) => format,
                     None => detect(&*FileStorage::open(path)?)?,
                 };
-                if format == Format::Raw {
+                if format == Format::Raw && !caching {
                     (
                         Arc::new(RawExport::open(path, &options)?),
                         format,
                         Vec::new(),
+                        None,
                     )
                 } else {
                     let export = ImageExport::open(path, &image_options(format))?;
-                    if !args.read_only {
+                    if !args.read_only && !caching {
                         tracing::info!(image = %shown, %format, "{format} images are served read-only");
                     }
                     let chain = backing_names(&export);
-                    (Arc::new(export), format, chain)
+                    let identity = export.template_identity();
+                    (Arc::new(export), format, chain, Some(identity))
                 }
             }
             _ => {
                 let config = match &remote_config {
                     Some(c) => Arc::clone(c),
-                    None => Arc::clone(remote_config.insert(args.open.remote.config()?)),
+                    None => {
+                        let mut config = args.open.remote.config()?;
+                        if caching {
+                            // The cache reads ahead itself, and knows what it holds.
+                            let mut c = (*config).clone();
+                            c.max_readahead = 0;
+                            config = Arc::new(c);
+                        }
+                        Arc::clone(remote_config.insert(config))
+                    }
                 };
                 let storage = source.open(&config, runtime.handle())?;
                 let format = match args.open.format.format() {
@@ -280,10 +326,25 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                     thinline_format::Image::open_storage(storage, &image_options(format).open)?;
                 let export = ImageExport::from_image(image, options.io_engine)?;
                 let chain = backing_names(&export);
-                (Arc::new(export), format, chain)
+                let identity = export.template_identity();
+                (Arc::new(export), format, chain, Some(identity))
             }
         };
-        if !matches!(source, Source::File(_)) && !args.read_only {
+        let (export, cache) = match (&args.cache_dir, identity) {
+            (Some(dir), Some(identity)) => {
+                let path = dir.join(thinline_cor::cache::cache_file_name(&shown));
+                let upstream = thinline_cor::ExportUpstream::new(export, shown.clone(), identity);
+                let cor = {
+                    let _enter = runtime.enter();
+                    thinline_cor::CorExport::open(Arc::new(upstream), &path, &cor_options)
+                        .with_context(|| format!("cannot open the cache of {shown}"))?
+                };
+                cached.push((name.clone(), cor.clone()));
+                (Arc::new(cor) as Arc<dyn Export>, Some(path))
+            }
+            _ => (export, None),
+        };
+        if !matches!(source, Source::File(_)) && !args.read_only && cache.is_none() {
             tracing::info!(image = %shown, "remote templates are served read-only");
         }
         opened.push(Opened {
@@ -293,6 +354,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             backing_chain,
             size: export.size(),
             read_only: export.capabilities().read_only,
+            cache,
         });
         exports.add(&name, export)?;
     }
@@ -324,6 +386,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                         backing_chain,
                         size,
                         read_only,
+                        cache,
                     } = o;
                     let mut uris = Vec::new();
                     for l in &listeners {
@@ -351,14 +414,21 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                         backing_chain: backing_chain.clone(),
                         size: *size,
                         read_only: *read_only,
+                        cache: cache.clone(),
                         uris,
                     }
                 })
                 .collect(),
         };
+        if let Some(path) = &args.cache.status_socket {
+            crate::cache::spawn_status(path, cached)?;
+        }
         print_report(&report, args.json)?;
         let server = Server::new(exports, config)?;
         server.run(listeners, shutdown_signal()).await?;
+        if let Some(path) = &args.cache.status_socket {
+            let _ = std::fs::remove_file(path);
+        }
         Ok(())
     })
 }
@@ -384,6 +454,9 @@ fn print_report(report: &ServeReport, json: bool) -> anyhow::Result<()> {
         )?;
         for b in &e.backing_chain {
             writeln!(out, "  backed by {b}")?;
+        }
+        if let Some(c) = &e.cache {
+            writeln!(out, "  cached in {}", c.display())?;
         }
     }
     let first = &report.exports[0];
@@ -429,7 +502,7 @@ fn default_export_name(source: &Source) -> Option<String> {
     }
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

@@ -303,3 +303,62 @@ fn file_uris_are_local_images_and_unreachable_remotes_fail_without_secrets() {
         }
     }
 }
+
+#[test]
+fn proxy_help_lists_every_option_and_examples() {
+    for args in [&["proxy", "--help"][..], &["proxy", "status", "--help"][..]] {
+        let o = thinline(args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let help = String::from_utf8(o.stdout).unwrap();
+        assert!(help.contains("Examples:"), "{help}");
+    }
+    let help = String::from_utf8(thinline(&["proxy", "--help"]).stdout).unwrap();
+    for option in [
+        "--upstream",
+        "--cache <PATH>",
+        "--socket",
+        "--listen",
+        "--template-id",
+        "--chunk-size",
+        "--cache-mismatch",
+        "--prefetch",
+        "--prefetch-rate",
+        "--status-socket",
+        "--retries",
+        "--json",
+        "dmsetup create",
+    ] {
+        assert!(help.contains(option), "{option} missing from:\n{help}");
+    }
+}
+
+#[test]
+fn proxy_without_upstream_or_cache_is_a_usage_error() {
+    let o = thinline(&["proxy", "--cache", "/tmp/x.cache"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--upstream"), "{}", stderr(&o));
+    let o = thinline(&["proxy", "--upstream", "nbd://127.0.0.1/x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+#[test]
+fn proxy_refuses_a_non_nbd_upstream_and_points_to_serve_cache_dir() {
+    let o = thinline(&[
+        "proxy",
+        "--upstream",
+        "https://example.invalid/t.qcow2",
+        "--cache",
+        "/nonexistent/c.cache",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--cache-dir"), "{}", stderr(&o));
+}
+
+#[test]
+fn proxy_status_of_nothing_fails_naming_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("none.sock");
+    let o = thinline(&["proxy", "status", missing.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("none.sock"), "{}", stderr(&o));
+}

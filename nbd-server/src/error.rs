@@ -212,6 +212,23 @@ pub enum Error {
         /// The server's message, prefixed with `": "`, or empty.
         message: String,
     },
+    /// A read or block-status request to a layer below failed (the copy-on-read
+    /// cache's upstream); every reader waiting on it gets this error.
+    #[error("{op} of {length} bytes at offset {offset} from {upstream} failed: {reason}")]
+    Upstream {
+        /// The upstream, without credentials.
+        upstream: String,
+        /// `read` or `block status`.
+        op: &'static str,
+        /// Offset of the request.
+        offset: u64,
+        /// Length of the request.
+        length: u64,
+        /// The NBD error value clients receive.
+        errno: u32,
+        /// Why, with the upstream's own message.
+        reason: String,
+    },
     /// A request the client refuses to send (outside the export, or unsupported).
     #[error(
         "cannot send {op} of {length} bytes at offset {offset} to NBD export {export:?} on {server}: {reason}"
@@ -239,6 +256,7 @@ impl Error {
             Error::Io { source, .. } => io_errno(source),
             Error::FastZeroUnsupported { .. } => errno::ENOTSUP,
             Error::ReadOnly { .. } => errno::EPERM,
+            Error::Upstream { errno, .. } => *errno,
             Error::Format(thinline_format::Error::Io { source, .. }) => io_errno(source),
             _ => errno::EIO,
         }
@@ -250,6 +268,7 @@ impl Error {
             Error::Io { offset, .. }
             | Error::ShortRead { offset, .. }
             | Error::NbdRequest { offset, .. }
+            | Error::Upstream { offset, .. }
             | Error::NbdInvalidRequest { offset, .. } => Some(*offset),
             _ => None,
         }

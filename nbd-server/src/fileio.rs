@@ -88,3 +88,41 @@ pub(crate) fn read_exact_blocking(
     }
     Ok(())
 }
+
+/// A local file read the fast way ([`read_exact`]'s inline page-cache path, then
+/// io_uring or the blocking pool), for layers above this crate such as the
+/// copy-on-read cache.
+#[derive(Debug)]
+pub struct LocalFileReader {
+    file: Arc<File>,
+    uring: Option<IoUringEngine>,
+    nowait: AtomicBool,
+}
+
+impl LocalFileReader {
+    /// Reads `file` with io_uring when the kernel allows it, else with threads.
+    pub fn new(file: Arc<File>) -> Self {
+        LocalFileReader {
+            file,
+            uring: IoUringEngine::new(crate::uring::DEFAULT_DEPTH).ok(),
+            nowait: AtomicBool::new(true),
+        }
+    }
+
+    /// The file being read.
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    /// Reads exactly `length` bytes at `offset`; `UnexpectedEof` if the file ends first.
+    pub async fn read_exact(&self, offset: u64, length: usize) -> io::Result<BytesMut> {
+        read_exact(
+            &self.file,
+            self.uring.as_ref(),
+            &self.nowait,
+            offset,
+            length,
+        )
+        .await
+    }
+}

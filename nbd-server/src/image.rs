@@ -126,6 +126,38 @@ impl ImageExport {
         &self.image
     }
 
+    /// What pins this template's bytes, for caches keyed by it: the format and size,
+    /// then one line per file of the chain: its name and identity (a local file's
+    /// device, inode, size and modification time; a remote object's size and ETag,
+    /// version or modification time). Any change to any layer changes the string.
+    pub fn template_identity(&self) -> String {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = format!(
+            "{} image, {} bytes",
+            self.image.layers()[0].format(),
+            self.image.size()
+        );
+        for (layer, files) in self.image.layers().iter().zip(&self.files) {
+            for (storage, file) in layer.files().iter().zip(files) {
+                let local = file.as_ref().and_then(|f| f.metadata().ok()).map(|m| {
+                    format!(
+                        " size {} mtime {}.{:09}",
+                        m.size(),
+                        m.mtime(),
+                        m.mtime_nsec()
+                    )
+                });
+                out.push_str(&format!(
+                    "\n{}: {}{}",
+                    storage.name(),
+                    storage.identity(),
+                    local.unwrap_or_default()
+                ));
+            }
+        }
+        out
+    }
+
     /// Maps a whole read, from the cache inline or on the blocking pool on a miss.
     async fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
         let mut extents = Vec::new();

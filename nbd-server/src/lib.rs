@@ -54,3 +54,4 @@ mod transmission;
 mod uring;
 
 pub use error::{Error, Result, io_errno};
+pub use fileio::LocalFileReader;

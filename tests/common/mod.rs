@@ -91,6 +91,8 @@ pub struct Served {
     pub tcp: Option<String>,
     /// The server's stderr (logs), collected in the background.
     pub log: Arc<Mutex<String>>,
+    /// What it printed with --json once listening.
+    pub report: serde_json::Value,
 }
 
 pub fn thinline() -> &'static str {
@@ -105,8 +107,14 @@ impl Served {
 
     /// [`Served::start`] with extra environment variables.
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Served {
+        Served::spawn("serve", args, env)
+    }
+
+    /// Starts `thinline SUBCOMMAND --json ARGS` (`serve` or `proxy`) and waits until it
+    /// listens (its first line on stdout, kept in `report`).
+    pub fn spawn(subcommand: &str, args: &[&str], env: &[(&str, &str)]) -> Served {
         let mut child = Command::new(thinline())
-            .arg("serve")
+            .arg(subcommand)
             .arg("--json")
             .args(args)
             .env("RUST_LOG", "debug")
@@ -137,12 +145,12 @@ impl Served {
         if line.is_empty() {
             let status = child.wait().unwrap();
             panic!(
-                "thinline serve exited ({status}) before listening:\n{}",
+                "thinline {subcommand} exited ({status}) before listening:\n{}",
                 log.lock().unwrap()
             );
         }
         let report: serde_json::Value =
-            serde_json::from_str(&line).expect("serve --json prints one JSON line");
+            serde_json::from_str(&line).expect("--json prints one JSON line");
         let mut socket = None;
         let mut tcp = None;
         for l in report["listening"].as_array().unwrap() {
@@ -158,6 +166,7 @@ impl Served {
             socket,
             tcp,
             log,
+            report,
         }
     }
 

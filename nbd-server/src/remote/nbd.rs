@@ -65,6 +65,23 @@ impl NbdBackend {
     /// Parses `uri`, connects once to pin the export's size and learn whether several
     /// connections are allowed.
     pub async fn open(uri: &str, config: &RemoteConfig) -> Result<NbdBackend, FetchError> {
+        Self::open_with(uri, config, false).await
+    }
+
+    /// [`open`](Self::open), also negotiating `base:allocation` so that
+    /// [`block_status`](Self::block_status) reports the server's holes.
+    pub async fn open_with_block_status(
+        uri: &str,
+        config: &RemoteConfig,
+    ) -> Result<NbdBackend, FetchError> {
+        Self::open_with(uri, config, true).await
+    }
+
+    async fn open_with(
+        uri: &str,
+        config: &RemoteConfig,
+        block_status: bool,
+    ) -> Result<NbdBackend, FetchError> {
         let parsed = NbdUri::parse(uri).map_err(|e| {
             let shown = match &e {
                 Error::NbdUri { uri, .. } => uri.clone(),
@@ -78,7 +95,7 @@ impl NbdBackend {
             // NBD has no separate first byte: a reply arrives whole, so allow both.
             request_timeout: Some(config.first_byte_timeout + config.idle_timeout),
             structured_replies: true,
-            block_status: false,
+            block_status,
             ..ClientOptions::default()
         };
         let first = Client::connect(&parsed, &options)
@@ -110,6 +127,31 @@ impl NbdBackend {
     }
 
     /// A live connection of slot `i`, reconnecting if it died.
+    /// `base:allocation` of `[offset, offset + length)` as `(length, flags)` extents
+    /// covering a prefix of the range; one "data" extent when the server does not
+    /// answer block status. One attempt, no retries.
+    pub async fn block_status(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<(u64, u32)>, FetchError> {
+        let range = (offset, length);
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let client = self.client(i, range).await?;
+        if !client.has_block_status() {
+            return Ok(vec![(length, 0)]);
+        }
+        client
+            .block_status(offset, length)
+            .await
+            .map_err(|e| fetch_error("block status", &self.display, Some(range), &e))
+    }
+
+    /// The URI as shown in messages (no credentials).
+    pub fn shown(&self) -> &str {
+        &self.display
+    }
+
     async fn client(&self, i: usize, range: (u64, u64)) -> Result<Arc<Client>, FetchError> {
         let mut slot = self.slots[i].lock().await;
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {

@@ -1,0 +1,885 @@
+//! The copy-on-read export: reads served from the cache when present, else fetched
+//! from the upstream once (whatever the number of readers), returned, written to the
+//! cache and marked present once durable.
+//!
+//! ```text
+//!  read ─► per fetch unit: all chunks present? ──yes──► pread the cache
+//!                 │ no
+//!                 ▼
+//!          in-flight map[unit] ─► exists: wait for it   (one fetch per unit, all clients)
+//!                 │ absent: create, spawn the fetch
+//!                 ▼
+//!          upstream read of the absent chunk runs ─► waiters get the bytes
+//!                 ▼
+//!          pwrite (holes: punched) ─► batcher: fsync, set bits, write map pages,
+//!                                     drop the in-flight entry
+//! ```
+//!
+//! Until a chunk's bit is set, readers get its bytes from the in-flight entry in
+//! memory, never from the cache file, so a chunk is served from the cache only once its
+//! data is durable. The export is read-only: it is a dm-thin external origin and the
+//! cache holds the template, never a clone's writes.
+//!
+//! A cache that cannot be written (ENOSPC, EDQUOT, an I/O error) turns the export into a
+//! pass-through: reads still fetch (and share fetches), nothing more is written, and
+//! the condition is logged once. A failed upstream read fails the reads waiting for it
+//! with the upstream's errno and is never marked; the next read fetches again.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use thinline_nbd::export::{BlockSizes, Capabilities, Export, Extent, ReadChunk, ZeroFlags};
+use thinline_nbd::proto::{ALLOCATION_DEPTH, BASE_ALLOCATION, errno};
+use thinline_nbd::{Error, LocalFileReader, Result};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+
+use crate::cache::{CacheFile, CacheOptions, DEFAULT_CHUNK_SIZE, OnMismatch};
+use crate::prefetch::{PrefetchOptions, PrefetchProgress};
+use crate::status::Status;
+use crate::upstream::Upstream;
+
+const CONTEXTS: [&str; 2] = [BASE_ALLOCATION, ALLOCATION_DEPTH];
+
+/// Default fetch unit: one upstream read fills this many bytes of chunks.
+pub const DEFAULT_FETCH_UNIT: u64 = 1 << 20;
+/// Default number of upstream fetches in flight (demand and prefetch together).
+pub const DEFAULT_MAX_FETCHES: usize = 16;
+/// Filled units wait at most this long for the fsync that makes them present.
+const SYNC_INTERVAL: Duration = Duration::from_millis(20);
+/// Most filled units made durable by one fsync.
+const SYNC_BATCH: usize = 256;
+
+/// How to open a copy-on-read export.
+#[derive(Debug, Clone)]
+pub struct CorOptions {
+    /// Presence granularity of a new cache.
+    pub chunk_size: u64,
+    /// Bytes fetched per miss (a power of two, at least the chunk size).
+    pub fetch_unit: u64,
+    /// Upstream fetches in flight at most.
+    pub max_fetches: usize,
+    /// What to do with a cache made for another template version.
+    pub on_mismatch: OnMismatch,
+    /// Who opens the cache, recorded for a refused second owner.
+    pub holder: String,
+    /// Hydrate the whole template in the background.
+    pub prefetch: Option<PrefetchOptions>,
+}
+
+impl Default for CorOptions {
+    fn default() -> Self {
+        CorOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            fetch_unit: DEFAULT_FETCH_UNIT,
+            max_fetches: DEFAULT_MAX_FETCHES,
+            on_mismatch: OnMismatch::Refuse,
+            holder: format!("pid {}", std::process::id()),
+            prefetch: None,
+        }
+    }
+}
+
+/// Counters, for `status` and the log.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) bytes_served: AtomicU64,
+    pub(crate) upstream_reads: AtomicU64,
+    pub(crate) upstream_bytes: AtomicU64,
+    pub(crate) upstream_errors: AtomicU64,
+    pub(crate) in_flight: AtomicUsize,
+}
+
+/// What one fetch produced: the absent chunk runs of a unit, in order.
+#[derive(Debug)]
+struct Fetched {
+    pieces: Vec<(u64, ReadChunk)>,
+}
+
+type Outcome = std::result::Result<Arc<Fetched>, Arc<Error>>;
+
+/// A unit being fetched, or fetched and waiting to become durable.
+#[derive(Debug)]
+struct InFlight {
+    done: watch::Receiver<Option<Outcome>>,
+}
+
+/// Filled chunks waiting for the fsync that makes them present.
+#[derive(Debug)]
+struct Filled {
+    /// The in-flight entry to drop once marked (`None` for prefetched holes).
+    unit: Option<u64>,
+    /// Chunk ranges `[first, end)`.
+    chunks: Vec<(u64, u64)>,
+    /// Held until durable, which bounds the memory of fetched-but-unmarked units.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) upstream: Arc<dyn Upstream>,
+    pub(crate) cache: Arc<CacheFile>,
+    reader: LocalFileReader,
+    pub(crate) unit: u64,
+    in_flight: Mutex<HashMap<u64, Arc<InFlight>>>,
+    permits: Arc<Semaphore>,
+    filled: mpsc::UnboundedSender<Filled>,
+    pub(crate) stats: Stats,
+    /// Set when the cache cannot be written: reads pass through.
+    pub(crate) passthrough: AtomicBool,
+    /// Demand reads waiting for a fetch; prefetch waits while this is non-zero.
+    pub(crate) demand_waiting: AtomicUsize,
+    pub(crate) demand_idle: tokio::sync::Notify,
+    pub(crate) prefetch: PrefetchProgress,
+    description: String,
+    /// Sequential miss streams: (next unit expected, readahead window in units).
+    streams: Mutex<Vec<(u64, u64)>>,
+    max_fetches: usize,
+}
+
+/// Sequential streams tracked for readahead.
+const STREAMS: usize = 8;
+/// Largest readahead window, in fetch units.
+const MAX_READAHEAD_UNITS: u64 = 16;
+
+/// A template's copy-on-read export (cheap to clone: a handle).
+#[derive(Debug, Clone)]
+pub struct CorExport {
+    inner: Arc<Inner>,
+}
+
+impl CorExport {
+    /// Opens (or creates) the cache at `cache_path` in front of `upstream`. Call from
+    /// within a tokio runtime: the durability batcher (and prefetch) run as tasks.
+    pub fn open(
+        upstream: Arc<dyn Upstream>,
+        cache_path: &Path,
+        options: &CorOptions,
+    ) -> crate::Result<CorExport> {
+        let cache = CacheFile::open(
+            cache_path,
+            &CacheOptions {
+                size: upstream.size(),
+                identity: upstream.identity().to_owned(),
+                chunk_size: options.chunk_size,
+                on_mismatch: options.on_mismatch,
+                holder: options.holder.clone(),
+            },
+        )?;
+        let chunk = cache.chunk_size();
+        if !options.fetch_unit.is_power_of_two() || options.fetch_unit > 32 << 20 {
+            return Err(crate::Error::Invalid(format!(
+                "the fetch unit must be a power of two up to 32 MiB, not {}",
+                options.fetch_unit
+            )));
+        }
+        let unit = options.fetch_unit.max(chunk);
+        let cache = Arc::new(cache);
+        let (filled, rx) = mpsc::unbounded_channel();
+        let description = format!(
+            "copy-on-read cache {} of {}",
+            cache.path().display(),
+            upstream.name()
+        );
+        let inner = Arc::new(Inner {
+            reader: LocalFileReader::new(Arc::clone(cache.file())),
+            upstream,
+            cache: Arc::clone(&cache),
+            unit,
+            in_flight: Mutex::new(HashMap::new()),
+            permits: Arc::new(Semaphore::new(options.max_fetches.max(1))),
+            filled,
+            stats: Stats::default(),
+            passthrough: AtomicBool::new(false),
+            demand_waiting: AtomicUsize::new(0),
+            demand_idle: tokio::sync::Notify::new(),
+            prefetch: PrefetchProgress::default(),
+            description,
+            streams: Mutex::new(Vec::new()),
+            max_fetches: options.max_fetches.max(1),
+        });
+        tracing::info!(
+            cache = %cache.path().display(),
+            upstream = %inner.upstream.name(),
+            present = cache.present_chunks(),
+            chunks = cache.chunks(),
+            chunk_size = chunk,
+            complete = cache.is_complete(),
+            "copy-on-read cache open"
+        );
+        tokio::spawn(batcher(cache, Arc::downgrade(&inner), rx));
+        let export = CorExport { inner };
+        if let Some(p) = &options.prefetch {
+            tokio::spawn(crate::prefetch::run(Arc::clone(&export.inner), p.clone()));
+        }
+        Ok(export)
+    }
+
+    /// The cache.
+    pub fn cache(&self) -> &CacheFile {
+        &self.inner.cache
+    }
+
+    /// The upstream.
+    pub fn upstream(&self) -> &Arc<dyn Upstream> {
+        &self.inner.upstream
+    }
+
+    /// A snapshot of the counters and progress.
+    pub fn status(&self) -> Status {
+        Status::of(&self.inner)
+    }
+
+    /// Fetches whatever of `[offset, offset + length)` is not cached yet and waits
+    /// until it is (or the fetch fails).
+    pub async fn hydrate(&self, offset: u64, length: u64) -> Result<()> {
+        self.inner.hydrate(offset, length, true).await
+    }
+}
+
+impl Inner {
+    fn chunk(&self) -> u64 {
+        self.cache.chunk_size()
+    }
+
+    /// `[first, end)` chunk indexes of `[offset, offset + length)`.
+    fn chunk_range(&self, offset: u64, length: u64) -> (u64, u64) {
+        let c = self.chunk();
+        (offset / c, (offset + length).div_ceil(c))
+    }
+
+    /// Absent chunk runs of unit `u`, as byte ranges clamped to the template.
+    fn absent_runs(&self, u: u64) -> Vec<(u64, u64)> {
+        let c = self.chunk();
+        let size = self.cache.size();
+        let start = u * self.unit;
+        let (first, end) = self.chunk_range(start, self.unit.min(size - start));
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for i in first..end {
+            if self.cache.is_present(i) {
+                continue;
+            }
+            let off = i * c;
+            let len = c.min(size - off);
+            match runs.last_mut() {
+                Some((o, l)) if *o + *l == off => *l += len,
+                _ => runs.push((off, len)),
+            }
+        }
+        runs
+    }
+
+    /// The in-flight entry of unit `u`, created (and its fetch spawned) if needed;
+    /// `None` when every chunk of the unit is present.
+    fn fetch(self: &Arc<Self>, u: u64) -> Option<Arc<InFlight>> {
+        let mut map = self.in_flight.lock().expect("in-flight lock");
+        if let Some(f) = map.get(&u) {
+            return Some(Arc::clone(f));
+        }
+        // Bits are set before entries are removed, so this sees the marks of any entry
+        // that is gone.
+        let runs = self.absent_runs(u);
+        if runs.is_empty() {
+            return None;
+        }
+        let (tx, rx) = watch::channel(None);
+        let entry = Arc::new(InFlight { done: rx });
+        map.insert(u, Arc::clone(&entry));
+        drop(map);
+        tokio::spawn(fetch_unit(Arc::clone(self), u, runs, tx));
+        Some(entry)
+    }
+
+    fn forget(&self, u: u64) {
+        self.in_flight.lock().expect("in-flight lock").remove(&u);
+    }
+
+    /// Waits for an in-flight fetch; demand waits hold prefetch back.
+    async fn wait(
+        &self,
+        entry: &InFlight,
+        demand: bool,
+    ) -> std::result::Result<Arc<Fetched>, Error> {
+        let mut rx = entry.done.clone();
+        if demand {
+            self.demand_waiting.fetch_add(1, Ordering::SeqCst);
+        }
+        let outcome = rx.wait_for(Option::is_some).await.map(|v| v.clone());
+        if demand && self.demand_waiting.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.demand_idle.notify_waiters();
+        }
+        match outcome {
+            Ok(Some(Ok(f))) => Ok(f),
+            Ok(Some(Err(e))) => Err(Error::Upstream {
+                upstream: self.upstream.name().to_owned(),
+                op: "read",
+                offset: e.offset().unwrap_or(0),
+                length: 0,
+                errno: e.nbd_errno(),
+                reason: error_chain(&e),
+            }),
+            _ => Err(Error::Upstream {
+                upstream: self.upstream.name().to_owned(),
+                op: "read",
+                offset: 0,
+                length: 0,
+                errno: errno::EIO,
+                reason: "the fetch was abandoned (shutting down)".into(),
+            }),
+        }
+    }
+
+    async fn cache_read(&self, offset: u64, length: u64) -> Result<ReadChunk> {
+        self.reader
+            .read_exact(offset, length as usize)
+            .await
+            .map(|b| ReadChunk::Data(b.freeze()))
+            .map_err(|source| Error::Io {
+                op: "read cache",
+                path: self.cache.path().to_owned(),
+                offset,
+                length,
+                source,
+            })
+    }
+
+    /// Reads `[offset, offset + length)` inside unit `u`.
+    async fn read_in_unit(
+        self: &Arc<Self>,
+        u: u64,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<ReadChunk>> {
+        let Some(entry) = self.fetch(u) else {
+            return Ok(vec![self.cache_read(offset, length).await?]);
+        };
+        let fetched = self.wait(&entry, true).await?;
+        let mut out = Vec::new();
+        let end = offset + length;
+        let mut pos = offset;
+        for (start, piece) in &fetched.pieces {
+            let piece_end = start + piece.len();
+            if piece_end <= pos || *start >= end {
+                continue;
+            }
+            if *start > pos {
+                // Present before the fetch began: durable, read from the cache.
+                out.push(self.cache_read(pos, start - pos).await?);
+                pos = *start;
+            }
+            let hi = piece_end.min(end);
+            let (a, b) = ((pos - start) as usize, (hi - start) as usize);
+            out.push(match piece {
+                ReadChunk::Data(d) => ReadChunk::Data(d.slice(a..b)),
+                ReadChunk::Zero(_) => ReadChunk::Zero((b - a) as u64),
+            });
+            pos = hi;
+        }
+        if pos < end {
+            out.push(self.cache_read(pos, end - pos).await?);
+        }
+        Ok(out)
+    }
+
+    /// After a miss of units `[first, last]`: if it continues a sequential stream, grow
+    /// that stream's window and start fetching the absent units ahead of it (without
+    /// waiting), while enough fetch permits are free for demand reads.
+    fn read_ahead(self: &Arc<Self>, first: u64, last: u64) {
+        let window = {
+            let mut streams = self.streams.lock().expect("streams lock");
+            match streams
+                .iter()
+                .position(|&(next, _)| first + 1 >= next && first <= next)
+            {
+                Some(i) => {
+                    let (_, w) = streams.remove(i);
+                    let w = (w * 2).clamp(1, MAX_READAHEAD_UNITS);
+                    streams.push((last + 1, w));
+                    w
+                }
+                None => {
+                    if streams.len() == STREAMS {
+                        streams.remove(0);
+                    }
+                    streams.push((last + 1, 0));
+                    0
+                }
+            }
+        };
+        let units = self.cache.size().div_ceil(self.unit);
+        for u in last + 1..(last + 1 + window).min(units) {
+            if self.permits.available_permits() <= self.max_fetches / 4 {
+                break;
+            }
+            let _ = self.fetch(u);
+        }
+    }
+
+    /// Fetches the absent parts of `[offset, offset + length)` and waits for them.
+    pub(crate) async fn hydrate(
+        self: &Arc<Self>,
+        offset: u64,
+        length: u64,
+        demand: bool,
+    ) -> Result<()> {
+        if length == 0 {
+            return Ok(());
+        }
+        let (first, last) = (offset / self.unit, (offset + length - 1) / self.unit);
+        let entries: Vec<_> = (first..=last).filter_map(|u| self.fetch(u)).collect();
+        for e in entries {
+            self.wait(&e, demand).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The whole error chain as one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// True for write errors that mean "the cache is full".
+fn is_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG)
+    )
+}
+
+/// Fetches the absent runs of unit `u`, hands the bytes to the waiters, writes them to
+/// the cache and queues them for marking.
+async fn fetch_unit(
+    inner: Arc<Inner>,
+    u: u64,
+    runs: Vec<(u64, u64)>,
+    tx: watch::Sender<Option<Outcome>>,
+) {
+    let permit = Arc::clone(&inner.permits).acquire_owned().await.ok();
+    inner.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+    let results = futures_util::future::try_join_all(runs.iter().map(|&(off, len)| {
+        let upstream = Arc::clone(&inner.upstream);
+        async move {
+            let chunks = read_skipping_zeroes(&*upstream, off, len).await?;
+            let got: u64 = chunks.iter().map(ReadChunk::len).sum();
+            if got != len {
+                return Err(Error::Upstream {
+                    upstream: upstream.name().to_owned(),
+                    op: "read",
+                    offset: off,
+                    length: len,
+                    errno: errno::EIO,
+                    reason: format!("returned {got} bytes instead of {len}"),
+                });
+            }
+            Ok((off, chunks))
+        }
+    }))
+    .await;
+    inner.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    let pieces = match results {
+        Ok(runs) => {
+            let mut pieces = Vec::new();
+            for (mut off, chunks) in runs {
+                for chunk in chunks {
+                    let len = chunk.len();
+                    pieces.push((off, chunk));
+                    off += len;
+                }
+            }
+            pieces
+        }
+        Err(e) => {
+            inner.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                upstream = %inner.upstream.name(),
+                offset = u * inner.unit,
+                error = %error_chain(&e),
+                "upstream read failed; nothing was cached, the next read tries again"
+            );
+            inner.forget(u);
+            let _ = tx.send(Some(Err(Arc::new(e))));
+            return;
+        }
+    };
+    let data_bytes: u64 = pieces
+        .iter()
+        .filter(|(_, c)| matches!(c, ReadChunk::Data(_)))
+        .map(|(_, c)| c.len())
+        .sum();
+    inner
+        .stats
+        .upstream_reads
+        .fetch_add(runs.len() as u64, Ordering::Relaxed);
+    inner
+        .stats
+        .upstream_bytes
+        .fetch_add(data_bytes, Ordering::Relaxed);
+    let fetched = Arc::new(Fetched { pieces });
+    let _ = tx.send(Some(Ok(Arc::clone(&fetched))));
+
+    if inner.passthrough.load(Ordering::Relaxed) {
+        inner.forget(u);
+        return;
+    }
+    let cache = Arc::clone(&inner.cache);
+    let written = tokio::task::spawn_blocking(move || {
+        for (off, piece) in &fetched.pieces {
+            match piece {
+                ReadChunk::Data(d) if d.iter().all(|&b| b == 0) => {
+                    cache.write_zeroes(*off, d.len() as u64)?;
+                }
+                ReadChunk::Data(d) => cache.write_data(*off, d)?,
+                ReadChunk::Zero(n) => cache.write_zeroes(*off, *n)?,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    match written {
+        Ok(()) => {
+            let chunks = runs
+                .iter()
+                .map(|&(off, len)| inner.chunk_range(off, len))
+                .collect();
+            let _ = inner.filled.send(Filled {
+                unit: Some(u),
+                chunks,
+                _permit: permit,
+            });
+        }
+        Err(e) => {
+            inner.forget(u);
+            enter_passthrough(&inner, &e, "write");
+        }
+    }
+}
+
+/// Reads `[off, off + len)` from the upstream. When its reads do not report holes,
+/// asks block status first and reads only the ranges that are not zero (a failed block
+/// status just reads everything).
+async fn read_skipping_zeroes(
+    upstream: &dyn Upstream,
+    off: u64,
+    len: u64,
+) -> Result<Vec<ReadChunk>> {
+    if upstream.reads_report_holes() {
+        return upstream.read(off, len).await;
+    }
+    let end = off + len;
+    let mut plan: Vec<(u64, u64, bool)> = Vec::new();
+    let mut pos = off;
+    while pos < end {
+        let Ok(extents) = upstream.allocation(pos, end - pos).await else {
+            return upstream.read(off, len).await;
+        };
+        let before = pos;
+        for e in extents {
+            let hi = (pos + e.length).min(end);
+            if hi <= pos {
+                break;
+            }
+            let zero = e.flags & u64::from(thinline_nbd::proto::state::ZERO) != 0;
+            match plan.last_mut() {
+                Some((_, l, z)) if *z == zero => *l += hi - pos,
+                _ => plan.push((pos, hi - pos, zero)),
+            }
+            pos = hi;
+        }
+        if pos == before {
+            return upstream.read(off, len).await;
+        }
+    }
+    if plan.iter().all(|&(_, _, zero)| !zero) {
+        return upstream.read(off, len).await;
+    }
+    let parts =
+        futures_util::future::try_join_all(plan.into_iter().map(|(o, l, zero)| async move {
+            if zero {
+                Ok(vec![ReadChunk::Zero(l)])
+            } else {
+                upstream.read(o, l).await
+            }
+        }))
+        .await?;
+    Ok(parts.into_iter().flatten().collect())
+}
+
+/// Stops writing to the cache after a write or sync failure; logged once.
+fn enter_passthrough(inner: &Inner, e: &std::io::Error, op: &str) {
+    if !inner.passthrough.swap(true, Ordering::SeqCst) {
+        let why = if is_full(e) { "full" } else { "failing" };
+        tracing::error!(
+            cache = %inner.cache.path().display(),
+            error = %e,
+            present = inner.cache.present_chunks(),
+            chunks = inner.cache.chunks(),
+            "cache {why} ({op} failed): reads now pass through to the upstream; \
+             chunks already present stay in use"
+        );
+    }
+}
+
+/// Makes filled chunks durable in batches: one fsync, then the bits, then the map
+/// pages, then the in-flight entries go.
+async fn batcher(
+    cache: Arc<CacheFile>,
+    inner: Weak<Inner>,
+    mut rx: mpsc::UnboundedReceiver<Filled>,
+) {
+    let mut complete_recorded = cache.is_complete();
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + SYNC_INTERVAL;
+        while batch.len() < SYNC_BATCH {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(f)) => batch.push(f),
+                _ => break,
+            }
+        }
+        let c = Arc::clone(&cache);
+        let ranges: Vec<(u64, u64)> = batch
+            .iter()
+            .flat_map(|f| f.chunks.iter().copied())
+            .collect();
+        let synced = tokio::task::spawn_blocking(move || {
+            c.sync()?;
+            let mut pages = Vec::new();
+            for (first, end) in ranges {
+                c.set_present(first, end, &mut pages);
+            }
+            pages.sort_unstable();
+            pages.dedup();
+            c.persist_pages(&pages)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        let strong = inner.upgrade();
+        if let Some(inner) = &strong {
+            if let Err(e) = &synced {
+                enter_passthrough(inner, e, "sync");
+            }
+            let mut map = inner.in_flight.lock().expect("in-flight lock");
+            for f in &batch {
+                if let Some(u) = f.unit {
+                    map.remove(&u);
+                }
+            }
+        }
+        drop(batch);
+        if !complete_recorded && synced.is_ok() && cache.present_chunks() == cache.chunks() {
+            complete_recorded = true;
+            let c = Arc::clone(&cache);
+            match tokio::task::spawn_blocking(move || c.mark_complete()).await {
+                Ok(Ok(())) => tracing::info!(
+                    cache = %cache.path().display(),
+                    bytes = cache.size(),
+                    "cache complete: it holds the whole template and can replace the upstream"
+                ),
+                Ok(Err(e)) => tracing::warn!(error = %error_chain(&e), "cannot record completion"),
+                Err(e) => tracing::warn!(error = %e, "cannot record completion"),
+            }
+        }
+    }
+}
+
+/// Queues chunks already made zero in the cache (prefetched holes) for marking.
+pub(crate) fn queue_zeroed(inner: &Inner, chunks: Vec<(u64, u64)>) {
+    let _ = inner.filled.send(Filled {
+        unit: None,
+        chunks,
+        _permit: None,
+    });
+}
+
+fn read_only(inner: &Inner) -> Error {
+    Error::ReadOnly {
+        path: inner.cache.path().to_owned(),
+    }
+}
+
+#[async_trait]
+impl Export for CorExport {
+    fn size(&self) -> u64 {
+        self.inner.cache.size()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            read_only: true,
+            flush: true,
+            fua: false,
+            trim: false,
+            write_zeroes: false,
+            fast_zero: false,
+            cache: true,
+            multi_conn: true,
+            rotational: false,
+        }
+    }
+
+    fn block_sizes(&self) -> BlockSizes {
+        BlockSizes {
+            minimum: 1,
+            preferred: 4096,
+            maximum_payload: BlockSizes::DEFAULT_MAX_PAYLOAD,
+        }
+    }
+
+    fn description(&self) -> Option<String> {
+        Some(self.inner.description.clone())
+    }
+
+    fn meta_contexts(&self) -> &[&'static str] {
+        &CONTEXTS
+    }
+
+    async fn read(&self, offset: u64, length: u32) -> Result<Vec<ReadChunk>> {
+        let inner = &self.inner;
+        let length = u64::from(length);
+        inner
+            .stats
+            .bytes_served
+            .fetch_add(length, Ordering::Relaxed);
+        let (cf, ce) = inner.chunk_range(offset, length);
+        if inner.cache.all_present(cf, ce) {
+            inner.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(vec![inner.cache_read(offset, length).await?]);
+        }
+        inner.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let end = offset + length;
+        let (first, last) = (offset / inner.unit, (end - 1) / inner.unit);
+        inner.read_ahead(first, last);
+        let parts = futures_util::future::try_join_all((first..=last).map(|u| {
+            let lo = offset.max(u * inner.unit);
+            let hi = end.min((u + 1) * inner.unit);
+            inner.read_in_unit(u, lo, hi - lo)
+        }))
+        .await?;
+        let mut out: Vec<ReadChunk> = Vec::new();
+        for chunk in parts.into_iter().flatten() {
+            match (out.last_mut(), chunk) {
+                (Some(ReadChunk::Zero(n)), ReadChunk::Zero(m)) => *n += m,
+                (_, chunk) => out.push(chunk),
+            }
+        }
+        Ok(merge_data(out))
+    }
+
+    async fn write(&self, _offset: u64, _data: Bytes, _fua: bool) -> Result<()> {
+        Err(read_only(&self.inner))
+    }
+
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn trim(&self, _offset: u64, _length: u64, _fua: bool) -> Result<()> {
+        Err(read_only(&self.inner))
+    }
+
+    async fn write_zeroes(&self, _offset: u64, _length: u64, _flags: ZeroFlags) -> Result<()> {
+        Err(read_only(&self.inner))
+    }
+
+    async fn cache(&self, offset: u64, length: u64) -> Result<()> {
+        self.inner.hydrate(offset, length, true).await
+    }
+
+    async fn block_status(
+        &self,
+        context: usize,
+        offset: u64,
+        length: u64,
+        max_extents: usize,
+    ) -> Result<Vec<Extent>> {
+        let inner = &self.inner;
+        if context == 0 {
+            return inner.upstream.allocation(offset, length).await;
+        }
+        // qemu:allocation-depth: 1 = in the cache, 2 = only upstream.
+        let c = inner.chunk();
+        let end = offset + length;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let i = pos / c;
+            let hi = ((i + 1) * c).min(end);
+            let depth = if inner.cache.is_present(i) { 1 } else { 2 };
+            match out.last_mut() {
+                Some(e) if e.flags == depth => e.length += hi - pos,
+                _ => {
+                    if out.len() == max_extents.max(1) {
+                        break;
+                    }
+                    out.push(Extent {
+                        length: hi - pos,
+                        flags: depth,
+                    });
+                }
+            }
+            pos = hi;
+        }
+        Ok(out)
+    }
+}
+
+/// Joins adjacent data pieces into one buffer when there are several small ones (a read
+/// spanning cached and fetched parts), so replies stay one chunk where possible.
+fn merge_data(chunks: Vec<ReadChunk>) -> Vec<ReadChunk> {
+    if chunks
+        .iter()
+        .filter(|c| matches!(c, ReadChunk::Data(_)))
+        .count()
+        < 2
+    {
+        return chunks;
+    }
+    let mut out = Vec::new();
+    let mut run: Option<BytesMut> = None;
+    for c in chunks {
+        match c {
+            ReadChunk::Data(d) => run.get_or_insert_with(BytesMut::new).extend_from_slice(&d),
+            z @ ReadChunk::Zero(_) => {
+                if let Some(r) = run.take() {
+                    out.push(ReadChunk::Data(r.freeze()));
+                }
+                out.push(z);
+            }
+        }
+    }
+    if let Some(r) = run {
+        out.push(ReadChunk::Data(r.freeze()));
+    }
+    out
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let s = &self.stats;
+        tracing::info!(
+            cache = %self.cache.path().display(),
+            hits = s.hits.load(Ordering::Relaxed),
+            misses = s.misses.load(Ordering::Relaxed),
+            upstream_reads = s.upstream_reads.load(Ordering::Relaxed),
+            upstream_bytes = s.upstream_bytes.load(Ordering::Relaxed),
+            present = self.cache.present_chunks(),
+            chunks = self.cache.chunks(),
+            "copy-on-read cache closed"
+        );
+    }
+}

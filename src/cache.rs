@@ -1,0 +1,93 @@
+//! Options of the copy-on-read cache, shared by `proxy` and `serve --cache-dir`, and
+//! the status socket both can answer.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, ValueEnum};
+use thinline_cor::{CorExport, CorOptions, OnMismatch, PrefetchOptions};
+
+use crate::image::parse_size;
+
+/// How the copy-on-read cache behaves.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Copy-on-read cache")]
+pub struct CacheArgs {
+    /// Presence granularity of a new cache (a power of two, 4K to 16M); an existing
+    /// cache keeps its own.
+    #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_size)]
+    pub chunk_size: usize,
+
+    /// A cache made for another template or version of it: refuse to start, or
+    /// discard its contents and start empty.
+    #[arg(long, value_enum, value_name = "WHAT", default_value_t = Mismatch::Refuse)]
+    pub cache_mismatch: Mismatch,
+
+    /// Hydrate the whole template in the background (skipping zero ranges), yielding
+    /// to client reads; the cache records completion when done.
+    #[arg(long)]
+    pub prefetch: bool,
+
+    /// Most bytes per second prefetch reads from the upstream (K, M, G suffixes; 0: no
+    /// limit).
+    #[arg(long, value_name = "RATE", default_value = "0", value_parser = parse_size)]
+    pub prefetch_rate: usize,
+
+    /// Answer status requests (counters, hydration progress, as JSON) on this unix
+    /// socket; read it with `thinline proxy status PATH`.
+    #[arg(long, value_name = "PATH")]
+    pub status_socket: Option<PathBuf>,
+}
+
+/// `--cache-mismatch` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mismatch {
+    Refuse,
+    Discard,
+}
+
+impl CacheArgs {
+    /// The library options, with `fetch_unit` from the remote options and `holder`
+    /// naming this process.
+    pub fn options(
+        &self,
+        fetch_unit: usize,
+        max_fetches: usize,
+        role: &str,
+    ) -> anyhow::Result<CorOptions> {
+        if !thinline_cor::cache::valid_chunk_size(self.chunk_size as u64) {
+            anyhow::bail!("--chunk-size must be a power of two between 4K and 16M");
+        }
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Ok(CorOptions {
+            chunk_size: self.chunk_size as u64,
+            fetch_unit: fetch_unit as u64,
+            max_fetches,
+            on_mismatch: match self.cache_mismatch {
+                Mismatch::Refuse => OnMismatch::Refuse,
+                Mismatch::Discard => OnMismatch::Discard,
+            },
+            holder: format!(
+                "pid {} ({role}) since unix time {since}",
+                std::process::id()
+            ),
+            prefetch: self.prefetch.then(|| PrefetchOptions {
+                rate: (self.prefetch_rate > 0).then_some(self.prefetch_rate as u64),
+            }),
+        })
+    }
+}
+
+/// Binds the status socket and answers it in the background until the process exits.
+pub fn spawn_status(path: &Path, exports: Vec<(String, CorExport)>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let listener = thinline_cor::status::bind(path)
+        .with_context(|| format!("cannot listen on status socket {}", path.display()))?;
+    tokio::spawn(thinline_cor::status::serve(
+        listener,
+        exports,
+        std::future::pending(),
+    ));
+    Ok(())
+}

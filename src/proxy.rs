@@ -1,0 +1,355 @@
+//! `thinline proxy`: the copy-on-read proxy between a template's NBD server and the
+//! clients of its clones, and `thinline proxy status`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use thinline_cor::{CorExport, NbdUpstream};
+use thinline_nbd::export::Export;
+use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
+
+use crate::cache::CacheArgs;
+use crate::remote::RemoteArgs;
+
+/// Cache a template's NBD export on local storage: fetch each block once, serve it
+/// locally forever after.
+///
+/// The proxy reads the template from --upstream (any NBD server: `thinline serve`,
+/// qemu-nbd, nbdkit) and serves it read-only on --socket (and/or --listen), typically
+/// to the kernel's nbd-client as the external origin of dm-thin clones. Every block it
+/// fetches is written to --cache (a sparse file or a block device, such as a thin
+/// volume, holding the template at its own offsets plus a presence map after it) and
+/// marked present once durable; later reads, by any clone, come from the cache. A
+/// restart reuses every marked block. The cache is keyed by the template's identity
+/// (upstream URI, size, --template-id): a cache of another template is refused.
+#[derive(Debug, Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_long_help = EXAMPLES
+)]
+pub struct ProxyArgs {
+    #[command(subcommand)]
+    action: Option<ProxyAction>,
+
+    /// The template's NBD server: nbd://HOST[:PORT]/EXPORT or
+    /// nbd+unix:///EXPORT?socket=PATH.
+    #[arg(long, value_name = "URI", required = true)]
+    upstream: Option<String>,
+
+    /// The cache: a file (created sparse if missing) or a block device, at least the
+    /// template's size rounded up to 1 MiB plus 8 KiB and one bit per chunk.
+    #[arg(long, value_name = "PATH", required = true)]
+    cache: Option<PathBuf>,
+
+    /// Listen on a unix socket (a stale socket is replaced).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+
+    /// Listen on TCP (default 127.0.0.1:10809 when --socket is not given).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
+
+    /// The export name served (it is also the default export "").
+    #[arg(long, value_name = "NAME", default_value = "")]
+    name: String,
+
+    /// The template's version as the caller knows it (an ETag, a version id, a
+    /// digest): part of the cache's identity, so a cache of another version is
+    /// refused. NBD itself carries no version.
+    #[arg(long, value_name = "ID")]
+    template_id: Option<String>,
+
+    /// Refuse further connections (politely, during the handshake) beyond N.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+
+    /// Print the export, cache and status socket as one JSON object once listening.
+    #[arg(long)]
+    json: bool,
+
+    #[command(flatten)]
+    cache_args: CacheArgs,
+
+    // Last: these start their own help heading.
+    #[command(flatten)]
+    remote: RemoteArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum ProxyAction {
+    Status(StatusArgs),
+}
+
+/// Show a running proxy's (or `serve --cache-dir`'s) cache counters and hydration.
+#[derive(Debug, Args)]
+#[command(after_long_help = STATUS_EXAMPLES)]
+struct StatusArgs {
+    /// The status socket (--status-socket; for `proxy`, default SOCKET.status), or the
+    /// proxy's NBD socket.
+    #[arg(value_name = "SOCKET")]
+    socket: PathBuf,
+
+    /// Print JSON: {"exports": {NAME: {...}}}.
+    #[arg(long)]
+    json: bool,
+}
+
+const EXAMPLES: &str = "\
+Examples:
+  # The original design's data path: template server → proxy → nbd-client → dm-thin
+  thinline serve --socket /run/thinline/up.sock s3://templates/debian-12.qcow2
+  thinline proxy --upstream 'nbd+unix:///?socket=/run/thinline/up.sock' \\
+      --cache /var/lib/thinline/debian-12.cache --socket /run/thinline/tmpl.sock
+  nbd-client -unix /run/thinline/tmpl.sock /dev/nbd0 -b 4096 -readonly
+  dmsetup create clone1 --table \"0 $SECTORS thin /dev/mapper/pool 1 /dev/nbd0\"
+
+  # A thin volume as the cache, hydrated in the background at 50 MB/s
+  thinline proxy --upstream nbd://tmplhost/debian-12 --cache /dev/vg/debian-12-cache \\
+      --socket /run/thinline/tmpl.sock --prefetch --prefetch-rate 50M
+
+  # Hydration progress
+  thinline proxy status /run/thinline/tmpl.sock
+  nbdinfo --map=qemu:allocation-depth 'nbd+unix:///?socket=/run/thinline/tmpl.sock'
+
+The cache is served only for blocks marked present after their data was made durable;
+kill -9 at any moment loses at most blocks not yet marked. Stop with SIGTERM or Ctrl-C.";
+
+const STATUS_EXAMPLES: &str = "\
+Examples:
+  thinline proxy status /run/thinline/tmpl.sock
+  thinline proxy status --json /run/thinline/tmpl.sock.status | jq '.exports[].percent_present'";
+
+/// The status socket of a proxy listening on `socket`.
+pub fn default_status_socket(socket: &Path) -> PathBuf {
+    let mut s = socket.as_os_str().to_owned();
+    s.push(".status");
+    PathBuf::from(s)
+}
+
+#[derive(Debug, Serialize)]
+struct ProxyReport {
+    upstream: String,
+    cache: PathBuf,
+    size: u64,
+    chunks: u64,
+    chunks_present: u64,
+    complete: bool,
+    status_socket: Option<PathBuf>,
+    listening: Vec<String>,
+    uris: Vec<String>,
+}
+
+/// Runs `thinline proxy` (until SIGTERM/SIGINT) or `thinline proxy status`.
+pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
+    if let Some(ProxyAction::Status(status)) = args.action {
+        return show_status(&status);
+    }
+    let Some(upstream_uri) = args.upstream.as_deref() else {
+        bail!("--upstream is required (the template's NBD server)");
+    };
+    let Some(cache_path) = args.cache.as_deref() else {
+        bail!("--cache is required (a file or block device for the cached template)");
+    };
+    if !upstream_uri.starts_with("nbd://") && !upstream_uri.starts_with("nbd+unix://") {
+        bail!(
+            "--upstream must be an NBD URI (nbd://… or nbd+unix://…); to cache an HTTP, \
+             S3, NFS or file template without an extra hop use `thinline serve --cache-dir`"
+        );
+    }
+    if args.max_connections == Some(0) {
+        bail!("--max-connections must be at least 1");
+    }
+    let remote = args.remote.config()?;
+    let role = match &args.socket {
+        Some(s) => format!("thinline proxy --socket {}", s.display()),
+        None => "thinline proxy".to_owned(),
+    };
+    let options =
+        args.cache_args
+            .options(args.remote.fetch_unit, args.remote.max_in_flight, &role)?;
+    let runtime = crate::remote::runtime()?;
+    runtime.block_on(async move {
+        let upstream = NbdUpstream::open(upstream_uri, args.template_id.as_deref(), &remote)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot open upstream {}",
+                    thinline_nbd::source::redact(upstream_uri)
+                )
+            })?;
+        let export = CorExport::open(Arc::new(upstream), cache_path, &options)
+            .with_context(|| format!("cannot open cache {}", cache_path.display()))?;
+
+        let mut listeners = Vec::new();
+        if let Some(path) = &args.socket {
+            listeners.push(Listener::bind_unix(path)?);
+        }
+        if args.listen.is_some() || args.socket.is_none() {
+            let address = args.listen.as_deref().unwrap_or("127.0.0.1:10809");
+            listeners.push(Listener::bind_tcp(address).await?);
+        }
+        let status_socket = args
+            .cache_args
+            .status_socket
+            .clone()
+            .or_else(|| args.socket.as_deref().map(default_status_socket));
+        if let Some(path) = &status_socket {
+            crate::cache::spawn_status(path, vec![(args.name.clone(), export.clone())])?;
+        }
+        let status = export.status();
+        let stats = export.clone();
+        let report = ProxyReport {
+            upstream: status.upstream.clone(),
+            cache: status.cache.clone(),
+            size: status.size,
+            chunks: status.chunks,
+            chunks_present: status.chunks_present,
+            complete: status.complete,
+            status_socket: status_socket.clone(),
+            listening: listeners.iter().map(Listener::describe).collect(),
+            uris: listeners
+                .iter()
+                .map(|l| match l {
+                    Listener::Unix(_, p) => {
+                        format!("nbd+unix:///{}?socket={}", args.name, p.display())
+                    }
+                    Listener::Tcp(_) => format!("nbd://{}/{}", l.describe(), args.name),
+                })
+                .collect(),
+        };
+        print_report(&report, args.json)?;
+
+        let mut exports = ExportSet::new();
+        // The first export is also the default export "".
+        exports.add(&args.name, Arc::new(export) as Arc<dyn Export>)?;
+        let config = ServerConfig {
+            max_connections: args.max_connections,
+            handshake_timeout: Duration::from_secs(10),
+            ..ServerConfig::default()
+        };
+        Server::new(exports, config)?
+            .run(listeners, crate::serve::shutdown_signal())
+            .await?;
+        if let Some(path) = &status_socket {
+            let _ = std::fs::remove_file(path);
+        }
+        let s = stats.status();
+        tracing::info!(
+            hits = s.hits,
+            misses = s.misses,
+            upstream_reads = s.upstream_reads,
+            bytes_from_upstream = s.bytes_from_upstream,
+            chunks_present = s.chunks_present,
+            chunks = s.chunks,
+            "proxy stopped"
+        );
+        Ok(0)
+    })
+}
+
+fn print_report(report: &ProxyReport, json: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(&mut out, report)?;
+        writeln!(out)?;
+        return Ok(out.flush()?);
+    }
+    writeln!(
+        out,
+        "proxying {} ({} bytes) through cache {}: {} of {} chunks present{}",
+        report.upstream,
+        report.size,
+        report.cache.display(),
+        report.chunks_present,
+        report.chunks,
+        if report.complete { " (complete)" } else { "" }
+    )?;
+    for uri in &report.uris {
+        writeln!(out, "serving read-only at {uri}")?;
+    }
+    if let Some(s) = &report.status_socket {
+        writeln!(out, "status: thinline proxy status {}", s.display())?;
+    }
+    Ok(out.flush()?)
+}
+
+fn show_status(args: &StatusArgs) -> anyhow::Result<u8> {
+    let runtime = crate::remote::runtime()?;
+    // Given the NBD socket, ask its status socket; never wait on an NBD handshake.
+    let status_path = default_status_socket(&args.socket);
+    let path = if status_path.exists() {
+        status_path
+    } else {
+        args.socket.clone()
+    };
+    let value = runtime
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), thinline_cor::status::query(&path))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::other(
+                        "no answer within 10 s (is it a status socket?)",
+                    ))
+                })
+        })
+        .with_context(|| format!("cannot read status from {}", path.display()))?;
+    if value.get("exports").is_none() {
+        bail!("{} did not answer with a status", path.display());
+    }
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer(&mut out, &value)?;
+        writeln!(out)?;
+        return Ok(0);
+    }
+    let exports = value["exports"].as_object().cloned().unwrap_or_default();
+    for (name, s) in exports {
+        let status: thinline_cor::Status = serde_json::from_value(s)?;
+        writeln!(
+            out,
+            "export {name:?}: {} → cache {}",
+            status.upstream,
+            status.cache.display()
+        )?;
+        writeln!(
+            out,
+            "  present: {}% ({} of {} chunks of {} bytes){}",
+            status.percent_present,
+            status.chunks_present,
+            status.chunks,
+            status.chunk_size,
+            if status.complete { ", complete" } else { "" }
+        )?;
+        writeln!(
+            out,
+            "  reads: {} hits, {} misses, {} bytes served; upstream: {} reads, {} bytes, {} errors, {} in flight",
+            status.hits,
+            status.misses,
+            status.bytes_served,
+            status.upstream_reads,
+            status.bytes_from_upstream,
+            status.upstream_errors,
+            status.in_flight
+        )?;
+        writeln!(
+            out,
+            "  prefetch: {} ({} bytes fetched, {} bytes of zeroes skipped){}",
+            status.prefetch,
+            status.prefetch_bytes,
+            status.prefetch_zero_bytes,
+            if status.passthrough {
+                "; CACHE NOT WRITABLE: reads pass through"
+            } else {
+                ""
+            }
+        )?;
+    }
+    Ok(0)
+}
