@@ -143,6 +143,57 @@ fn http_templates_of_every_format_read_like_qemu() {
     assert_eq!(info["chain"].as_array().unwrap().len(), 2, "{info}");
 }
 
+#[test]
+fn http_templates_through_a_cache_dir_read_like_qemu_and_a_restart_fetches_nothing() {
+    if !require(TOOLS) || !require_nginx() {
+        return;
+    }
+    let www = tempfile::tempdir().unwrap();
+    let images = remote_fixtures(www.path());
+    let nginx = Nginx::start(www.path());
+    let specs: Vec<String> = images
+        .iter()
+        .map(|i| format!("{}={}", i.name, nginx.url(&i.name)))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let cache_dir = dir.path().join("cache");
+    let status_socket = dir.path().join("status.sock");
+    let mut args = vec![
+        "--cache-dir",
+        cache_dir.to_str().unwrap(),
+        "--status-socket",
+        status_socket.to_str().unwrap(),
+    ];
+    args.extend(specs.iter().map(String::as_str));
+    let status = || -> serde_json::Value {
+        let out = run(Command::new(thinline())
+            .args(["proxy", "status", "--json"])
+            .arg(&status_socket));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    for round in 0..2 {
+        let mut served = Served::unix(dir.path(), &args, &[]);
+        for img in &images {
+            assert_identical(img, &served.uri(&img.name));
+        }
+        let s = status();
+        for img in &images {
+            let e = &s["exports"][&img.name];
+            let fetched = e["bytes_from_upstream"].as_u64().unwrap();
+            if round == 0 {
+                assert!(fetched > 0, "{}: {e}", img.name);
+            } else {
+                // Everything qemu-img read is in the cache from the first run.
+                assert_eq!(fetched, 0, "{}: {e}", img.name);
+                assert_eq!(e["misses"], 0, "{}: {e}", img.name);
+            }
+        }
+        served.terminate(Duration::from_secs(20));
+    }
+    let caches = std::fs::read_dir(&cache_dir).unwrap().count();
+    assert_eq!(caches, images.len(), "one cache per template");
+}
+
 /// A test CA and a certificate for 127.0.0.1 signed by it, made with openssl in `dir`:
 /// (ca.pem, cert.pem, key.pem).
 fn test_certificates(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {

@@ -393,23 +393,21 @@ impl Inner {
     fn read_ahead(self: &Arc<Self>, first: u64, last: u64) {
         let window = {
             let mut streams = self.streams.lock().expect("streams lock");
-            match streams
-                .iter()
-                .position(|&(next, _)| first + 1 >= next && first <= next)
-            {
-                Some(i) => {
-                    let (_, w) = streams.remove(i);
-                    let w = (w * 2).clamp(1, MAX_READAHEAD_UNITS);
-                    streams.push((last + 1, w));
-                    w
+            if let Some(i) = streams.iter().position(|&(next, _)| first == next) {
+                // The stream moved on to the next unit: widen its window.
+                let (_, w) = streams.remove(i);
+                let w = (w * 2).clamp(1, MAX_READAHEAD_UNITS);
+                streams.push((last + 1, w));
+                w
+            } else if streams.iter().any(|&(next, _)| first + 1 == next) {
+                // More of the unit a stream is in (or another reader of it): no change.
+                0
+            } else {
+                if streams.len() == STREAMS {
+                    streams.remove(0);
                 }
-                None => {
-                    if streams.len() == STREAMS {
-                        streams.remove(0);
-                    }
-                    streams.push((last + 1, 0));
-                    0
-                }
+                streams.push((last + 1, 0));
+                0
             }
         };
         let units = self.cache.size().div_ceil(self.unit);
@@ -880,6 +878,198 @@ impl Drop for Inner {
             present = self.cache.present_chunks(),
             chunks = self.cache.chunks(),
             "copy-on-read cache closed"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// A template in memory; counts reads, can hold them or fail them.
+    #[derive(Debug)]
+    struct MemUpstream {
+        data: Vec<u8>,
+        reads: Mutex<Vec<(u64, u64)>>,
+        gate: tokio::sync::Semaphore,
+        fail: AtomicBool,
+    }
+
+    impl MemUpstream {
+        fn new(size: usize, open: bool) -> Arc<Self> {
+            let data = (0..size).map(|i| (i * 7 + i / 4096) as u8).collect();
+            Arc::new(MemUpstream {
+                data,
+                reads: Mutex::new(Vec::new()),
+                gate: tokio::sync::Semaphore::new(if open { 1 << 20 } else { 0 }),
+                fail: AtomicBool::new(false),
+            })
+        }
+    }
+
+    #[async_trait]
+    impl Upstream for MemUpstream {
+        fn name(&self) -> &str {
+            "memory"
+        }
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn identity(&self) -> &str {
+            "memory template v1"
+        }
+        async fn read(&self, offset: u64, length: u64) -> Result<Vec<ReadChunk>> {
+            self.reads.lock().unwrap().push((offset, length));
+            let _permit = self.gate.acquire().await.unwrap();
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(Error::Upstream {
+                    upstream: "memory".into(),
+                    op: "read",
+                    offset,
+                    length,
+                    errno: errno::EIO,
+                    reason: "injected".into(),
+                });
+            }
+            let range = offset as usize..(offset + length) as usize;
+            Ok(vec![ReadChunk::Data(Bytes::copy_from_slice(
+                &self.data[range],
+            ))])
+        }
+        async fn allocation(&self, _offset: u64, length: u64) -> Result<Vec<Extent>> {
+            Ok(vec![Extent { length, flags: 0 }])
+        }
+    }
+
+    async fn read_bytes(e: &CorExport, offset: u64, length: u32) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for c in e.read(offset, length).await? {
+            match c {
+                ReadChunk::Data(d) => out.extend_from_slice(&d),
+                ReadChunk::Zero(n) => out.resize(out.len() + n as usize, 0),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens again once the previous owner's background tasks have let go of the lock.
+    async fn reopen(up: Arc<MemUpstream>, path: &Path, options: &CorOptions) -> CorExport {
+        for _ in 0..200 {
+            match CorExport::open(up.clone(), path, options) {
+                Err(crate::Error::Locked { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                other => return other.unwrap(),
+            }
+        }
+        panic!("the cache stayed locked after its export was dropped");
+    }
+
+    async fn wait_present(e: &CorExport, n: u64) {
+        for _ in 0..500 {
+            if e.cache().present_chunks() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("only {} chunks present", e.cache().present_chunks());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_of_a_unit_being_fetched_share_one_upstream_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = MemUpstream::new(4 << 20, false);
+        let e = CorExport::open(up.clone(), &dir.path().join("c"), &CorOptions::default()).unwrap();
+        let readers: Vec<_> = (0..8u64)
+            .map(|i| {
+                let e = e.clone();
+                tokio::spawn(async move { read_bytes(&e, (1 << 20) + i * 4096, 4096).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        up.gate.add_permits(1 << 20);
+        for (i, r) in readers.into_iter().enumerate() {
+            let off = (1 << 20) + i * 4096;
+            assert_eq!(r.await.unwrap().unwrap(), up.data[off..off + 4096]);
+        }
+        assert_eq!(*up.reads.lock().unwrap(), [(1 << 20, 1 << 20)]);
+        wait_present(&e, 16).await;
+        // Marked: later reads come from the cache file.
+        assert_eq!(
+            read_bytes(&e, 1 << 20, 65536).await.unwrap(),
+            up.data[1 << 20..(1 << 20) + 65536]
+        );
+        assert_eq!(up.reads.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_fetch_fails_its_readers_marks_nothing_and_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = MemUpstream::new(2 << 20, true);
+        up.fail.store(true, Ordering::SeqCst);
+        let e = CorExport::open(up.clone(), &dir.path().join("c"), &CorOptions::default()).unwrap();
+        let err = read_bytes(&e, 100, 5000).await.unwrap_err();
+        assert_eq!(err.nbd_errno(), errno::EIO, "{err}");
+        assert!(err.to_string().contains("memory"), "{err}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(e.cache().present_chunks(), 0);
+        up.fail.store(false, Ordering::SeqCst);
+        assert_eq!(read_bytes(&e, 100, 5000).await.unwrap(), up.data[100..5100]);
+        assert_eq!(e.status().upstream_errors, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_across_cached_and_fetched_units_are_exact_and_present_chunks_are_never_refetched()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 3 << 20;
+        let up = MemUpstream::new(size, true);
+        let options = CorOptions {
+            fetch_unit: 256 << 10,
+            ..CorOptions::default()
+        };
+        let e = CorExport::open(up.clone(), &dir.path().join("c"), &options).unwrap();
+        // Cache two scattered 64 KiB pieces first (each fetches its 256 KiB unit).
+        read_bytes(&e, 300 << 10, 10).await.unwrap();
+        read_bytes(&e, (1 << 20) + 5, 10).await.unwrap();
+        wait_present(&e, 8).await;
+        drop(e);
+        // Reopen with another fetch unit: units now straddle present chunks.
+        let options = CorOptions {
+            fetch_unit: 1 << 20,
+            ..CorOptions::default()
+        };
+        let e = reopen(up.clone(), &dir.path().join("c"), &options).await;
+        up.reads.lock().unwrap().clear();
+        let all = read_bytes(&e, 1, (size - 2) as u32).await.unwrap();
+        assert!(all == up.data[1..size - 1]);
+        let reads = up.reads.lock().unwrap().clone();
+        for &(off, len) in &reads {
+            let hits_cached = |lo: u64, hi: u64| off < hi && lo < off + len;
+            assert!(
+                !hits_cached(256 << 10, 512 << 10)
+                    && !hits_cached(1 << 20, (1 << 20) + (256 << 10)),
+                "present range fetched again: {reads:?}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_are_refused_with_eperm() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = MemUpstream::new(1 << 20, true);
+        let e = CorExport::open(up, &dir.path().join("c"), &CorOptions::default()).unwrap();
+        assert!(e.capabilities().read_only);
+        let err = e
+            .write(0, Bytes::from_static(b"x"), false)
+            .await
+            .unwrap_err();
+        assert_eq!(err.nbd_errno(), errno::EPERM);
+        assert_eq!(
+            e.trim(0, 4096, false).await.unwrap_err().nbd_errno(),
+            errno::EPERM
         );
     }
 }
