@@ -238,6 +238,9 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
         if let Some(path) = &status_socket {
             let _ = std::fs::remove_file(path);
         }
+        if !stats.settle(Duration::from_secs(5)).await {
+            tracing::warn!("fetches still in flight after 5 s; their chunks will be fetched again");
+        }
         let s = stats.status();
         tracing::info!(
             hits = s.hits,

@@ -420,6 +420,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 })
                 .collect(),
         };
+        let settle: Vec<thinline_cor::CorExport> = cached.iter().map(|(_, e)| e.clone()).collect();
         if let Some(path) = &args.cache.status_socket {
             crate::cache::spawn_status(path, cached)?;
         }
@@ -428,6 +429,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         server.run(listeners, shutdown_signal()).await?;
         if let Some(path) = &args.cache.status_socket {
             let _ = std::fs::remove_file(path);
+        }
+        for e in &settle {
+            if !e.settle(Duration::from_secs(5)).await {
+                tracing::warn!(cache = %e.cache().path().display(), "fetches still in flight after 5 s; their chunks will be fetched again");
+            }
         }
         Ok(())
     })

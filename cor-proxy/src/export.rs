@@ -236,6 +236,27 @@ impl CorExport {
         Status::of(&self.inner)
     }
 
+    /// Waits (at most `limit`) until no fetch is in flight or waiting to be marked, so
+    /// a graceful stop keeps what was fetched. Returns false on timeout.
+    pub async fn settle(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self
+                .inner
+                .in_flight
+                .lock()
+                .expect("in-flight lock")
+                .is_empty()
+            {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Fetches whatever of `[offset, offset + length)` is not cached yet and waits
     /// until it is (or the fetch fails).
     pub async fn hydrate(&self, offset: u64, length: u64) -> Result<()> {
