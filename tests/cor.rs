@@ -717,3 +717,83 @@ fn a_full_cache_passes_reads_through_and_never_returns_partial_data() {
     assert_eq!(read_all(&p.uri(""), dir.path()), bytes);
     drop(p);
 }
+
+/// A loop device over a sparse file, detached on drop.
+struct LoopDevice(PathBuf);
+
+impl LoopDevice {
+    fn attach(backing: &Path, size: u64) -> Option<LoopDevice> {
+        std::fs::File::create(backing)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(backing)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(LoopDevice(PathBuf::from(
+                String::from_utf8(o.stdout).unwrap().trim(),
+            ))),
+            _ => {
+                let msg = "cannot attach a loop device (the block-device cache test needs root)";
+                if std::env::var("CI").is_ok_and(|v| v == "true") {
+                    panic!("{msg}");
+                }
+                eprintln!("SKIP: {msg}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_block_device_is_a_cache_too_and_one_too_small_is_refused() {
+    let Some((dir, image, bytes)) = setup(8 * MIB, &[(0, 8 * MIB)]) else {
+        return;
+    };
+    let Some(dev) = LoopDevice::attach(&dir.path().join("dev.img"), 10 * MIB) else {
+        return;
+    };
+    let up = Nbdkit::start(dir.path(), &image, &[], &[]);
+    let mut p = proxy(dir.path(), &up.uri(), &dev.0, &[]);
+    assert_eq!(read_all(&p.uri(""), dir.path()), bytes);
+    p.terminate(Duration::from_secs(20));
+    // The template's bytes sit at their own offsets on the device.
+    let mut on_device = vec![0u8; bytes.len()];
+    std::fs::File::open(&dev.0)
+        .unwrap()
+        .read_exact_at(&mut on_device, 0)
+        .unwrap();
+    assert!(on_device == bytes);
+    let fetched = up.reads().len();
+    let p = proxy(dir.path(), &up.uri(), &dev.0, &[]);
+    assert_eq!(p.report["complete"], true, "{}", p.report);
+    assert_eq!(read_all(&p.uri(""), dir.path()), bytes);
+    assert_eq!(
+        up.reads().len(),
+        fetched,
+        "a warm block-device cache went upstream"
+    );
+    drop(p);
+
+    let Some(small) = LoopDevice::attach(&dir.path().join("small.img"), 8 * MIB) else {
+        return;
+    };
+    let err = fails(&[
+        "proxy",
+        "--upstream",
+        &up.uri(),
+        "--cache",
+        small.0.to_str().unwrap(),
+        "--socket",
+        dir.path().join("s.sock").to_str().unwrap(),
+    ]);
+    assert!(err.contains("needs at least"), "{err}");
+}
