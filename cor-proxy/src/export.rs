@@ -108,6 +108,8 @@ type Outcome = std::result::Result<Arc<Fetched>, Arc<Error>>;
 #[derive(Debug)]
 struct InFlight {
     done: watch::Receiver<Option<Outcome>>,
+    /// The fetch unit's `(offset, length)`, for errors.
+    range: (u64, u64),
 }
 
 /// Filled chunks waiting for the fsync that makes them present.
@@ -310,7 +312,11 @@ impl Inner {
             return None;
         }
         let (tx, rx) = watch::channel(None);
-        let entry = Arc::new(InFlight { done: rx });
+        let start = u * self.unit;
+        let entry = Arc::new(InFlight {
+            done: rx,
+            range: (start, self.unit.min(self.cache.size() - start)),
+        });
         map.insert(u, Arc::clone(&entry));
         drop(map);
         tokio::spawn(fetch_unit(Arc::clone(self), u, runs, tx));
@@ -339,17 +345,17 @@ impl Inner {
             Ok(Some(Ok(f))) => Ok(f),
             Ok(Some(Err(e))) => Err(Error::Upstream {
                 upstream: self.upstream.name().to_owned(),
-                op: "read",
-                offset: e.offset().unwrap_or(0),
-                length: 0,
+                op: "fetch",
+                offset: entry.range.0,
+                length: entry.range.1,
                 errno: e.nbd_errno(),
                 reason: error_chain(&e),
             }),
             _ => Err(Error::Upstream {
                 upstream: self.upstream.name().to_owned(),
-                op: "read",
-                offset: 0,
-                length: 0,
+                op: "fetch",
+                offset: entry.range.0,
+                length: entry.range.1,
                 errno: errno::EIO,
                 reason: "the fetch was abandoned (shutting down)".into(),
             }),
