@@ -26,6 +26,10 @@ use crate::remote::RemoteArgs;
 /// marked present once durable; later reads, by any clone, come from the cache. A
 /// restart reuses every marked block. The cache is keyed by the template's identity
 /// (upstream URI, size, --template-id): a cache of another template is refused.
+///
+/// Of the remote-template options, --fetch-unit (bytes fetched per miss),
+/// --max-in-flight (upstream fetches at once), --retries and the timeouts apply to the
+/// upstream.
 #[derive(Debug, Args)]
 #[command(
     args_conflicts_with_subcommands = true,
