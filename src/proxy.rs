@@ -40,7 +40,7 @@ pub struct ProxyArgs {
     #[command(subcommand)]
     action: Option<ProxyAction>,
 
-    /// The template's NBD server: nbd://HOST[:PORT]/EXPORT or
+    /// The template's NBD server: nbd://HOST:PORT/EXPORT (the port defaults to 10809) or
     /// nbd+unix:///EXPORT?socket=PATH.
     #[arg(long, value_name = "URI", required = true)]
     upstream: Option<String>,

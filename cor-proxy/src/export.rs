@@ -986,7 +986,7 @@ mod tests {
         for _ in 0..200 {
             match CorExport::open(up.clone(), path, options) {
                 Err(crate::Error::Locked { .. }) => {
-                    tokio::time::sleep(Duration::from_millis(10)).await
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 other => return other.unwrap(),
             }

@@ -89,7 +89,7 @@ pub(crate) fn read_exact_blocking(
     Ok(())
 }
 
-/// A local file read the fast way ([`read_exact`]'s inline page-cache path, then
+/// A local file read the fast way (the inline page-cache path of the raw export, then
 /// io_uring or the blocking pool), for layers above this crate such as the
 /// copy-on-read cache.
 #[derive(Debug)]
