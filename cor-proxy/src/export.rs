@@ -143,6 +143,8 @@ pub(crate) struct Inner {
     /// Sequential miss streams: (next unit expected, readahead window in units).
     streams: Mutex<Vec<(u64, u64)>>,
     max_fetches: usize,
+    /// The upstream's allocation as far as it was asked (NBD upstreams).
+    known: Mutex<KnownAllocation>,
 }
 
 /// Sequential streams tracked for readahead.
@@ -205,6 +207,7 @@ impl CorExport {
             description,
             streams: Mutex::new(Vec::new()),
             max_fetches: options.max_fetches.max(1),
+            known: Mutex::new(KnownAllocation::default()),
         });
         tracing::info!(
             cache = %cache.path().display(),
@@ -497,8 +500,9 @@ async fn fetch_unit(
     inner.stats.in_flight.fetch_add(1, Ordering::Relaxed);
     let results = futures_util::future::try_join_all(runs.iter().map(|&(off, len)| {
         let upstream = Arc::clone(&inner.upstream);
+        let inner = &inner;
         async move {
-            let chunks = read_skipping_zeroes(&*upstream, off, len).await?;
+            let chunks = inner.read_skipping_zeroes(off, len).await?;
             let got: u64 = chunks.iter().map(ReadChunk::len).sum();
             if got != len {
                 return Err(Error::Upstream {
@@ -594,54 +598,85 @@ async fn fetch_unit(
     }
 }
 
-/// Reads `[off, off + len)` from the upstream. When its reads do not report holes,
-/// asks block status first and reads only the ranges that are not zero (a failed block
-/// status just reads everything).
-async fn read_skipping_zeroes(
-    upstream: &dyn Upstream,
-    off: u64,
-    len: u64,
-) -> Result<Vec<ReadChunk>> {
-    if upstream.reads_report_holes() {
-        return upstream.read(off, len).await;
+/// Block status is asked for this much of the template at a time, and remembered.
+const ALLOCATION_QUERY: u64 = 1 << 30;
+
+/// What the upstream said about its allocation, remembered (the template never
+/// changes): extent start → (length, reads as zero).
+#[derive(Debug, Default)]
+pub(crate) struct KnownAllocation {
+    extents: std::collections::BTreeMap<u64, (u64, bool)>,
+}
+
+impl KnownAllocation {
+    /// The remembered extent containing `pos`: `(start, length, zero)`.
+    fn at(&self, pos: u64) -> Option<(u64, u64, bool)> {
+        let (&start, &(len, zero)) = self.extents.range(..=pos).next_back()?;
+        (pos < start + len).then_some((start, len, zero))
     }
-    let end = off + len;
-    let mut plan: Vec<(u64, u64, bool)> = Vec::new();
-    let mut pos = off;
-    while pos < end {
-        let Ok(extents) = upstream.allocation(pos, end - pos).await else {
-            return upstream.read(off, len).await;
-        };
-        let before = pos;
-        for e in extents {
-            let hi = (pos + e.length).min(end);
-            if hi <= pos {
-                break;
-            }
-            let zero = e.flags & u64::from(thinline_nbd::proto::state::ZERO) != 0;
+}
+
+impl Inner {
+    /// `[off, off + len)` split into `(offset, length, zero)` runs from the upstream's
+    /// block status, asked once per gigabyte and remembered; `None` if it cannot say.
+    async fn zero_plan(&self, off: u64, len: u64) -> Option<Vec<(u64, u64, bool)>> {
+        let end = off + len;
+        let mut plan: Vec<(u64, u64, bool)> = Vec::new();
+        let mut pos = off;
+        while pos < end {
+            let known = self.known.lock().expect("allocation lock").at(pos);
+            let Some((start, length, zero)) = known else {
+                let ask = (self.cache.size() - pos).min(ALLOCATION_QUERY);
+                let extents = self.upstream.allocation(pos, ask).await.ok()?;
+                let mut known = self.known.lock().expect("allocation lock");
+                let mut p = pos;
+                for e in extents {
+                    if e.length == 0 || p >= self.cache.size() {
+                        break;
+                    }
+                    let length = e.length.min(self.cache.size() - p);
+                    let zero = e.flags & u64::from(thinline_nbd::proto::state::ZERO) != 0;
+                    known.extents.insert(p, (length, zero));
+                    p += length;
+                }
+                if p == pos {
+                    return None;
+                }
+                continue;
+            };
+            let hi = (start + length).min(end);
             match plan.last_mut() {
                 Some((_, l, z)) if *z == zero => *l += hi - pos,
                 _ => plan.push((pos, hi - pos, zero)),
             }
             pos = hi;
         }
-        if pos == before {
+        Some(plan)
+    }
+
+    /// Reads `[off, off + len)` from the upstream. When its reads do not report holes,
+    /// the remembered block status decides, and ranges that read as zero are not read
+    /// (without block status everything is read).
+    async fn read_skipping_zeroes(&self, off: u64, len: u64) -> Result<Vec<ReadChunk>> {
+        let upstream = &*self.upstream;
+        if upstream.reads_report_holes() {
             return upstream.read(off, len).await;
         }
+        let plan = match self.zero_plan(off, len).await {
+            Some(plan) if plan.iter().any(|&(_, _, zero)| zero) => plan,
+            _ => return upstream.read(off, len).await,
+        };
+        let parts =
+            futures_util::future::try_join_all(plan.into_iter().map(|(o, l, zero)| async move {
+                if zero {
+                    Ok(vec![ReadChunk::Zero(l)])
+                } else {
+                    upstream.read(o, l).await
+                }
+            }))
+            .await?;
+        Ok(parts.into_iter().flatten().collect())
     }
-    if plan.iter().all(|&(_, _, zero)| !zero) {
-        return upstream.read(off, len).await;
-    }
-    let parts =
-        futures_util::future::try_join_all(plan.into_iter().map(|(o, l, zero)| async move {
-            if zero {
-                Ok(vec![ReadChunk::Zero(l)])
-            } else {
-                upstream.read(o, l).await
-            }
-        }))
-        .await?;
-    Ok(parts.into_iter().flatten().collect())
 }
 
 /// Stops writing to the cache after a write or sync failure; logged once.
@@ -922,6 +957,9 @@ mod tests {
         reads: Mutex<Vec<(u64, u64)>>,
         gate: tokio::sync::Semaphore,
         fail: AtomicBool,
+        /// Reads return zeroes as data, block status names this zero range.
+        zero_range: Option<(u64, u64)>,
+        allocation_calls: AtomicUsize,
     }
 
     impl MemUpstream {
@@ -932,6 +970,8 @@ mod tests {
                 reads: Mutex::new(Vec::new()),
                 gate: tokio::sync::Semaphore::new(if open { 1 << 20 } else { 0 }),
                 fail: AtomicBool::new(false),
+                zero_range: None,
+                allocation_calls: AtomicUsize::new(0),
             })
         }
     }
@@ -965,8 +1005,28 @@ mod tests {
                 &self.data[range],
             ))])
         }
-        async fn allocation(&self, _offset: u64, length: u64) -> Result<Vec<Extent>> {
-            Ok(vec![Extent { length, flags: 0 }])
+        async fn allocation(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+            self.allocation_calls.fetch_add(1, Ordering::SeqCst);
+            let Some((zs, zl)) = self.zero_range else {
+                return Ok(vec![Extent { length, flags: 0 }]);
+            };
+            let zero =
+                u64::from(thinline_nbd::proto::state::HOLE | thinline_nbd::proto::state::ZERO);
+            let mut out = Vec::new();
+            for (s, e, flags) in [(0, zs, 0), (zs, zs + zl, zero), (zs + zl, self.size(), 0)] {
+                let (lo, hi) = (s.max(offset), e.min(offset + length));
+                if lo < hi {
+                    out.push(Extent {
+                        length: hi - lo,
+                        flags,
+                    });
+                }
+            }
+            Ok(out)
+        }
+
+        fn reads_report_holes(&self) -> bool {
+            self.zero_range.is_none()
         }
     }
 
@@ -1079,6 +1139,25 @@ mod tests {
                 !hits_cached(256 << 10, 512 << 10)
                     && !hits_cached(1 << 20, (1 << 20) + (256 << 10)),
                 "present range fetched again: {reads:?}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn block_status_is_asked_once_and_zero_ranges_are_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut up = MemUpstream::new(8 << 20, true);
+        let zs = (2 << 20) + 8192;
+        Arc::get_mut(&mut up).unwrap().zero_range = Some((zs, 3 << 20));
+        Arc::get_mut(&mut up).unwrap().data[zs as usize..(zs + (3 << 20)) as usize].fill(0);
+        let e = CorExport::open(up.clone(), &dir.path().join("c"), &CorOptions::default()).unwrap();
+        let all = read_bytes(&e, 0, 8 << 20).await.unwrap();
+        assert!(all == up.data);
+        assert_eq!(up.allocation_calls.load(Ordering::SeqCst), 1);
+        for &(off, len) in up.reads.lock().unwrap().iter() {
+            assert!(
+                off + len <= zs || off >= zs + (3 << 20),
+                "read {off}+{len} of the zero range"
             );
         }
     }
