@@ -189,14 +189,8 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
         let export = CorExport::open(Arc::new(upstream), cache_path, &options)
             .with_context(|| format!("cannot open cache {}", cache_path.display()))?;
 
-        let mut listeners = Vec::new();
-        if let Some(path) = &args.socket {
-            listeners.push(Listener::bind_unix(path)?);
-        }
-        if args.listen.is_some() || args.socket.is_none() {
-            let address = args.listen.as_deref().unwrap_or("127.0.0.1:10809");
-            listeners.push(Listener::bind_tcp(address).await?);
-        }
+        let listeners =
+            crate::serve::bind_listeners(args.socket.as_deref(), args.listen.as_deref()).await?;
         let status_socket = args
             .cache_args
             .status_socket
@@ -218,12 +212,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
             listening: listeners.iter().map(Listener::describe).collect(),
             uris: listeners
                 .iter()
-                .map(|l| match l {
-                    Listener::Unix(_, p) => {
-                        format!("nbd+unix:///{}?socket={}", args.name, p.display())
-                    }
-                    Listener::Tcp(_) => format!("nbd://{}/{}", l.describe(), args.name),
-                })
+                .map(|l| crate::serve::export_uri(l, &args.name))
                 .collect(),
         };
         print_report(&report, args.json)?;

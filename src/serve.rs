@@ -207,6 +207,33 @@ fn sample_image() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Binds `--socket` and/or `--listen` (TCP 127.0.0.1:10809 when neither is given).
+pub(crate) async fn bind_listeners(
+    socket: Option<&std::path::Path>,
+    listen: Option<&str>,
+) -> anyhow::Result<Vec<Listener>> {
+    let mut listeners = Vec::new();
+    if let Some(path) = socket {
+        listeners.push(Listener::bind_unix(path)?);
+    }
+    if listen.is_some() || socket.is_none() {
+        listeners.push(Listener::bind_tcp(listen.unwrap_or("127.0.0.1:10809")).await?);
+    }
+    Ok(listeners)
+}
+
+/// The NBD URI of export `name` on `listener`.
+pub(crate) fn export_uri(listener: &Listener, name: &str) -> String {
+    match listener {
+        Listener::Unix(_, p) => format!(
+            "nbd+unix:///{}?socket={}",
+            percent_encode(name),
+            p.display()
+        ),
+        Listener::Tcp(_) => format!("nbd://{}/{}", listener.describe(), percent_encode(name)),
+    }
+}
+
 fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
@@ -365,14 +392,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ..ServerConfig::default()
     };
     runtime.block_on(async move {
-        let mut listeners = Vec::new();
-        if let Some(path) = &args.socket {
-            listeners.push(Listener::bind_unix(path)?);
-        }
-        if args.listen.is_some() || args.socket.is_none() {
-            let address = args.listen.as_deref().unwrap_or("127.0.0.1:10809");
-            listeners.push(Listener::bind_tcp(address).await?);
-        }
+        let listeners = bind_listeners(args.socket.as_deref(), args.listen.as_deref()).await?;
         let report = ServeReport {
             listening: listeners.iter().map(Listener::describe).collect(),
             exports: opened
@@ -390,22 +410,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                     } = o;
                     let mut uris = Vec::new();
                     for l in &listeners {
-                        for n in if i == 0 {
-                            vec!["", name.as_str()]
-                        } else {
-                            vec![name.as_str()]
-                        } {
-                            uris.push(match l {
-                                Listener::Unix(_, p) => format!(
-                                    "nbd+unix:///{}?socket={}",
-                                    percent_encode(n),
-                                    p.display()
-                                ),
-                                Listener::Tcp(_) => {
-                                    format!("nbd://{}/{}", l.describe(), percent_encode(n))
-                                }
-                            });
+                        if i == 0 {
+                            uris.push(export_uri(l, ""));
                         }
+                        uris.push(export_uri(l, name));
                     }
                     ExportReport {
                         name: name.clone(),

@@ -644,26 +644,6 @@ fn device_size(file: &File) -> io::Result<u64> {
     Ok(size)
 }
 
-/// Summary of a cache read without opening it for use (for `proxy status` without a
-/// running proxy).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct CacheSummary {
-    /// The template's size.
-    pub size: u64,
-    /// Presence granularity.
-    pub chunk_size: u64,
-    /// Chunks in the template.
-    pub chunks: u64,
-    /// Chunks present.
-    pub present_chunks: u64,
-    /// The completion flag.
-    pub complete: bool,
-    /// The identity recorded.
-    pub identity: String,
-    /// The last holder recorded.
-    pub holder: String,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use thinline_nbd::export::{BlockSizes, Capabilities, Export, Extent, ReadChunk, ZeroFlags};
 use thinline_nbd::proto::{ALLOCATION_DEPTH, BASE_ALLOCATION, errno};
 use thinline_nbd::{Error, LocalFileReader, Result};
@@ -837,7 +837,7 @@ impl Export for CorExport {
                 (_, chunk) => out.push(chunk),
             }
         }
-        Ok(merge_data(out))
+        Ok(out)
     }
 
     async fn write(&self, _offset: u64, _data: Bytes, _fua: bool) -> Result<()> {
@@ -896,36 +896,6 @@ impl Export for CorExport {
         }
         Ok(out)
     }
-}
-
-/// Joins adjacent data pieces into one buffer when there are several small ones (a read
-/// spanning cached and fetched parts), so replies stay one chunk where possible.
-fn merge_data(chunks: Vec<ReadChunk>) -> Vec<ReadChunk> {
-    if chunks
-        .iter()
-        .filter(|c| matches!(c, ReadChunk::Data(_)))
-        .count()
-        < 2
-    {
-        return chunks;
-    }
-    let mut out = Vec::new();
-    let mut run: Option<BytesMut> = None;
-    for c in chunks {
-        match c {
-            ReadChunk::Data(d) => run.get_or_insert_with(BytesMut::new).extend_from_slice(&d),
-            z @ ReadChunk::Zero(_) => {
-                if let Some(r) = run.take() {
-                    out.push(ReadChunk::Data(r.freeze()));
-                }
-                out.push(z);
-            }
-        }
-    }
-    if let Some(r) = run {
-        out.push(ReadChunk::Data(r.freeze()));
-    }
-    out
 }
 
 impl Drop for Inner {
