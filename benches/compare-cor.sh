@@ -41,7 +41,8 @@
 #   THINLINE_BIN thinline binary (default target/release/thinline; CARGO_TARGET_DIR honoured)
 #   REPLAY_BIN   replay tool (default target/release/examples/replay-trace; built when missing)
 #   RESULTS_DIR  default <repo>/target/bench-results/compare-cor-<timestamp>
-#   WORK_DIR     scratch folder for the image, copies and caches (default <repo>/target/bench-tmp;
+#   WORK_DIR     scratch folder for the image, copies, caches and nbdkit's overlays (default
+#                <repo>/target/bench-tmp; a tmpfs such as /dev/shm/bench keeps a shared disk's noise out;
 #                needs about 3× the image size)
 #   READY_TIMEOUT seconds to wait for a server to answer (default 30)
 set -euo pipefail
@@ -250,10 +251,10 @@ for lat in "${latencies[@]}"; do
           replay "$out"; proxy_status "$out"; halt "$last_pid"
           [ "$c" != prefetch ] || rm -f "$cache" ;;
         nbdkit-cow)
-          start sut "$out.server.log" nbdkit -f -U "$sut_sock" --filter=cow nbd socket="$up_sock" cow-on-read=true
+          start sut "$out.server.log" env TMPDIR="$work" nbdkit -f -U "$sut_sock" --filter=cow nbd socket="$up_sock" cow-on-read=true
           replay "$out"; halt "$last_pid" ;;
         nbdkit-cache)
-          start sut "$out.server.log" nbdkit -f -U "$sut_sock" --filter=cache nbd socket="$up_sock" cache-on-read=true
+          start sut "$out.server.log" env TMPDIR="$work" nbdkit -f -U "$sut_sock" --filter=cache nbd socket="$up_sock" cache-on-read=true
           replay "$out"; halt "$last_pid" ;;
         local)
           start sut "$out.server.log" "$THINLINE_BIN" serve --socket "$sut_sock" "$image"

@@ -22,6 +22,13 @@ pub struct CacheArgs {
     #[arg(long, value_enum, value_name = "WHAT", default_value_t = Mismatch::Refuse)]
     pub cache_mismatch: Mismatch,
 
+    /// On a miss, also fetch this many fetch units on each side of it, in parallel
+    /// and only while fetch slots are free (file systems keep related blocks close:
+    /// on a high-latency upstream a neighbour costs bandwidth now instead of a round
+    /// trip later). 0 on a slow link, where the bandwidth matters more.
+    #[arg(long, value_name = "UNITS", default_value_t = thinline_cor::export::DEFAULT_FETCH_AROUND)]
+    pub fetch_around: u64,
+
     /// Hydrate the whole template in the background (skipping zero ranges), yielding
     /// to client reads; the cache records completion when done.
     #[arg(long)]
@@ -64,6 +71,7 @@ impl CacheArgs {
             chunk_size: self.chunk_size as u64,
             fetch_unit: fetch_unit as u64,
             max_fetches,
+            fetch_around: self.fetch_around,
             on_mismatch: match self.cache_mismatch {
                 Mismatch::Refuse => OnMismatch::Refuse,
                 Mismatch::Discard => OnMismatch::Discard,

@@ -325,14 +325,15 @@ fn show_status(args: &StatusArgs) -> anyhow::Result<u8> {
         )?;
         writeln!(
             out,
-            "  reads: {} hits, {} misses, {} bytes served; upstream: {} reads, {} bytes, {} errors, {} in flight",
+            "  reads: {} hits, {} misses, {} bytes served; upstream: {} reads, {} bytes, {} errors, {} in flight, {} fetched ahead of reads",
             status.hits,
             status.misses,
             status.bytes_served,
             status.upstream_reads,
             status.bytes_from_upstream,
             status.upstream_errors,
-            status.in_flight
+            status.in_flight,
+            status.speculative_fetches
         )?;
         writeln!(
             out,

@@ -49,6 +49,8 @@ const CONTEXTS: [&str; 2] = [BASE_ALLOCATION, ALLOCATION_DEPTH];
 pub const DEFAULT_FETCH_UNIT: u64 = 1 << 20;
 /// Default number of upstream fetches in flight (demand and prefetch together).
 pub const DEFAULT_MAX_FETCHES: usize = 16;
+/// Default number of units fetched on each side of a missed one.
+pub const DEFAULT_FETCH_AROUND: u64 = 4;
 /// Filled units wait at most this long for the fsync that makes them present.
 const SYNC_INTERVAL: Duration = Duration::from_millis(20);
 /// Most filled units made durable by one fsync.
@@ -63,6 +65,11 @@ pub struct CorOptions {
     pub fetch_unit: u64,
     /// Upstream fetches in flight at most.
     pub max_fetches: usize,
+    /// Units fetched on each side of a missed unit, in parallel with it and only
+    /// while fetch slots are free: file systems keep related blocks close, and on a
+    /// high-latency upstream a neighbour fetched now costs bandwidth, not a round
+    /// trip later. 0 turns it off.
+    pub fetch_around: u64,
     /// What to do with a cache made for another template version.
     pub on_mismatch: OnMismatch,
     /// Who opens the cache, recorded for a refused second owner.
@@ -77,6 +84,7 @@ impl Default for CorOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             fetch_unit: DEFAULT_FETCH_UNIT,
             max_fetches: DEFAULT_MAX_FETCHES,
+            fetch_around: DEFAULT_FETCH_AROUND,
             on_mismatch: OnMismatch::Refuse,
             holder: format!("pid {}", std::process::id()),
             prefetch: None,
@@ -93,6 +101,8 @@ pub(crate) struct Stats {
     pub(crate) upstream_reads: AtomicU64,
     pub(crate) upstream_bytes: AtomicU64,
     pub(crate) upstream_errors: AtomicU64,
+    /// Fetches started ahead of a read: readahead and neighbours of a miss.
+    pub(crate) speculative_fetches: AtomicU64,
     pub(crate) in_flight: AtomicUsize,
 }
 
@@ -103,6 +113,11 @@ struct Fetched {
 }
 
 type Outcome = std::result::Result<Arc<Fetched>, Arc<Error>>;
+/// Where a fetch announces its outcome, and where readers wait for it.
+type OutcomeTx = watch::Sender<Option<Outcome>>;
+type OutcomeRx = watch::Receiver<Option<Outcome>>;
+/// Byte ranges `(offset, length)`.
+type Runs = Vec<(u64, u64)>;
 
 /// A unit being fetched, or fetched and waiting to become durable.
 #[derive(Debug)]
@@ -110,6 +125,10 @@ struct InFlight {
     done: watch::Receiver<Option<Outcome>>,
     /// The fetch unit's `(offset, length)`, for errors.
     range: (u64, u64),
+    /// For a fetch a client read started: the chunk-aligned `[start, end)` that read
+    /// needed, fetched by its own upstream requests, and their outcome, so readers
+    /// inside it do not wait for the rest of the unit to arrive.
+    first: Option<((u64, u64), OutcomeRx)>,
 }
 
 /// Filled chunks waiting for the fsync that makes them present.
@@ -143,8 +162,11 @@ pub(crate) struct Inner {
     /// Sequential miss streams: (next unit expected, readahead window in units).
     streams: Mutex<Vec<(u64, u64)>>,
     max_fetches: usize,
+    fetch_around: u64,
     /// The upstream's allocation as far as it was asked (NBD upstreams).
     known: Mutex<KnownAllocation>,
+    /// Held while asking the upstream's block status, so one question is asked once.
+    asking: tokio::sync::Mutex<()>,
 }
 
 /// Sequential streams tracked for readahead.
@@ -207,7 +229,9 @@ impl CorExport {
             description,
             streams: Mutex::new(Vec::new()),
             max_fetches: options.max_fetches.max(1),
+            fetch_around: options.fetch_around,
             known: Mutex::new(KnownAllocation::default()),
+            asking: tokio::sync::Mutex::new(()),
         });
         tracing::info!(
             cache = %cache.path().display(),
@@ -222,6 +246,9 @@ impl CorExport {
         let export = CorExport { inner };
         if let Some(p) = &options.prefetch {
             tokio::spawn(crate::prefetch::run(Arc::clone(&export.inner), p.clone()));
+        }
+        if !export.inner.cache.is_complete() && !export.inner.upstream.reads_report_holes() {
+            tokio::spawn(learn_allocation(Arc::downgrade(&export.inner)));
         }
         Ok(export)
     }
@@ -304,6 +331,12 @@ impl Inner {
     /// The in-flight entry of unit `u`, created (and its fetch spawned) if needed;
     /// `None` when every chunk of the unit is present.
     fn fetch(self: &Arc<Self>, u: u64) -> Option<Arc<InFlight>> {
+        self.fetch_for(u, None)
+    }
+
+    /// [`Self::fetch`] for a client read of `[offset, end)` in unit `u`: a new fetch
+    /// requests the chunks that read needs first, on their own.
+    fn fetch_for(self: &Arc<Self>, u: u64, read: Option<(u64, u64)>) -> Option<Arc<InFlight>> {
         let mut map = self.in_flight.lock().expect("in-flight lock");
         if let Some(f) = map.get(&u) {
             return Some(Arc::clone(f));
@@ -316,13 +349,31 @@ impl Inner {
         }
         let (tx, rx) = watch::channel(None);
         let start = u * self.unit;
+        let c = self.chunk();
+        // The read's chunks, when they are not the whole unit's absent part anyway.
+        let first = read
+            .map(|(lo, hi)| {
+                (
+                    lo / c * c,
+                    hi.div_ceil(c).saturating_mul(c).min(self.cache.size()),
+                )
+            })
+            .filter(|&(lo, hi)| {
+                runs.first().is_some_and(|&(o, _)| o < lo)
+                    || runs.last().is_some_and(|&(o, l)| o + l > hi)
+            })
+            .map(|range| (range, watch::channel(None)));
         let entry = Arc::new(InFlight {
             done: rx,
             range: (start, self.unit.min(self.cache.size() - start)),
+            first: first.as_ref().map(|(range, (_, rx))| (*range, rx.clone())),
         });
         map.insert(u, Arc::clone(&entry));
         drop(map);
-        tokio::spawn(fetch_unit(Arc::clone(self), u, runs, tx));
+        let first = first.map(|(range, (tx, _))| (range, tx));
+        // Counted from now (waiting for a fetch slot included) until its data arrives.
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(fetch_unit(Arc::clone(self), u, runs, first, tx));
         Some(entry)
     }
 
@@ -336,7 +387,30 @@ impl Inner {
         entry: &InFlight,
         demand: bool,
     ) -> std::result::Result<Arc<Fetched>, Error> {
-        let mut rx = entry.done.clone();
+        self.wait_on(entry, entry.done.clone(), demand).await
+    }
+
+    /// Waits for the part of an in-flight fetch that covers `[offset, end)`: the
+    /// read's own first requests when they cover it, else the whole unit.
+    async fn wait_for_range(
+        &self,
+        entry: &InFlight,
+        offset: u64,
+        end: u64,
+    ) -> std::result::Result<Arc<Fetched>, Error> {
+        let rx = match &entry.first {
+            Some(((lo, hi), rx)) if *lo <= offset && end <= *hi => rx.clone(),
+            _ => entry.done.clone(),
+        };
+        self.wait_on(entry, rx, true).await
+    }
+
+    async fn wait_on(
+        &self,
+        entry: &InFlight,
+        mut rx: OutcomeRx,
+        demand: bool,
+    ) -> std::result::Result<Arc<Fetched>, Error> {
         if demand {
             self.demand_waiting.fetch_add(1, Ordering::SeqCst);
         }
@@ -379,17 +453,18 @@ impl Inner {
             })
     }
 
-    /// Reads `[offset, offset + length)` inside unit `u`.
+    /// Reads `[offset, offset + length)` inside a unit whose fetch is `entry` (`None`:
+    /// every chunk of the unit is present).
     async fn read_in_unit(
-        self: &Arc<Self>,
-        u: u64,
+        &self,
+        entry: Option<Arc<InFlight>>,
         offset: u64,
         length: u64,
     ) -> Result<Vec<ReadChunk>> {
-        let Some(entry) = self.fetch(u) else {
+        let Some(entry) = entry else {
             return Ok(vec![self.cache_read(offset, length).await?]);
         };
-        let fetched = self.wait(&entry, true).await?;
+        let fetched = self.wait_for_range(&entry, offset, offset + length).await?;
         let mut out = Vec::new();
         let end = offset + length;
         let mut pos = offset;
@@ -441,11 +516,39 @@ impl Inner {
             }
         };
         let units = self.cache.size().div_ceil(self.unit);
-        for u in last + 1..(last + 1 + window).min(units) {
+        self.speculate(last + 1..(last + 1 + window).min(units));
+    }
+
+    /// After a miss of units `[first, last]`: fetch `fetch_around` units on each side,
+    /// nearest first, the following ones before the preceding ones.
+    fn fetch_around(self: &Arc<Self>, first: u64, last: u64) {
+        let k = self.fetch_around;
+        if k == 0 {
+            return;
+        }
+        let units = self.cache.size().div_ceil(self.unit);
+        let after = last + 1..(last + 1 + k).min(units);
+        let before = (first.saturating_sub(k)..first).rev();
+        self.speculate(after.chain(before));
+    }
+
+    /// Starts fetches of `units` that are not cached or in flight, without waiting,
+    /// while more than a quarter of the fetch slots stay free for demand reads.
+    fn speculate(self: &Arc<Self>, units: impl Iterator<Item = u64>) {
+        for u in units {
             if self.permits.available_permits() <= self.max_fetches / 4 {
                 break;
             }
-            let _ = self.fetch(u);
+            let already = self
+                .in_flight
+                .lock()
+                .expect("in-flight lock")
+                .contains_key(&u);
+            if !already && self.fetch(u).is_some() {
+                self.stats
+                    .speculative_fetches
+                    .fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -488,49 +591,99 @@ fn is_full(e: &std::io::Error) -> bool {
     )
 }
 
-/// Fetches the absent runs of unit `u`, hands the bytes to the waiters, writes them to
-/// the cache and queues them for marking.
+/// `runs` split at `[lo, hi)`: the parts inside it, and the rest.
+fn split_runs(runs: &[(u64, u64)], (lo, hi): (u64, u64)) -> (Runs, Runs) {
+    let (mut inside, mut rest) = (Vec::new(), Vec::new());
+    for &(off, len) in runs {
+        let end = off + len;
+        let (a, b) = (off.max(lo), end.min(hi));
+        if a >= b {
+            rest.push((off, len));
+            continue;
+        }
+        if off < a {
+            rest.push((off, a - off));
+        }
+        inside.push((a, b - a));
+        if b < end {
+            rest.push((b, end - b));
+        }
+    }
+    (inside, rest)
+}
+
+/// Reads `runs` from the upstream, one request each (zero ranges skipped), as
+/// `(offset, chunk)` pieces in order.
+async fn read_runs(inner: &Inner, runs: &[(u64, u64)]) -> Result<Vec<(u64, ReadChunk)>> {
+    let results = futures_util::future::try_join_all(runs.iter().map(|&(off, len)| async move {
+        let chunks = inner.read_skipping_zeroes(off, len).await?;
+        let got: u64 = chunks.iter().map(ReadChunk::len).sum();
+        if got != len {
+            return Err(Error::Upstream {
+                upstream: inner.upstream.name().to_owned(),
+                op: "read",
+                offset: off,
+                length: len,
+                errno: errno::EIO,
+                reason: format!("returned {got} bytes instead of {len}"),
+            });
+        }
+        Ok((off, chunks))
+    }))
+    .await?;
+    let mut pieces = Vec::new();
+    for (mut off, chunks) in results {
+        for chunk in chunks {
+            let len = chunk.len();
+            pieces.push((off, chunk));
+            off += len;
+        }
+    }
+    Ok(pieces)
+}
+
+/// Fetches the absent runs of unit `u` (the part a client read needs, `first`, in
+/// requests of its own, sent first and announced as soon as they arrive), hands the
+/// bytes to the waiters, writes them to the cache and queues them for marking.
 async fn fetch_unit(
     inner: Arc<Inner>,
     u: u64,
     runs: Vec<(u64, u64)>,
-    tx: watch::Sender<Option<Outcome>>,
+    first: Option<((u64, u64), OutcomeTx)>,
+    tx: OutcomeTx,
 ) {
     let permit = Arc::clone(&inner.permits).acquire_owned().await.ok();
-    inner.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-    let results = futures_util::future::try_join_all(runs.iter().map(|&(off, len)| {
-        let upstream = Arc::clone(&inner.upstream);
-        let inner = &inner;
-        async move {
-            let chunks = inner.read_skipping_zeroes(off, len).await?;
-            let got: u64 = chunks.iter().map(ReadChunk::len).sum();
-            if got != len {
-                return Err(Error::Upstream {
-                    upstream: upstream.name().to_owned(),
-                    op: "read",
-                    offset: off,
-                    length: len,
-                    errno: errno::EIO,
-                    reason: format!("returned {got} bytes instead of {len}"),
-                });
+    let mut requests = runs.len();
+    let results = match first {
+        None => read_runs(&inner, &runs).await.map_err(Arc::new),
+        Some((range, first_tx)) => {
+            let (needed, rest) = split_runs(&runs, range);
+            requests = needed.len() + rest.len();
+            let needed = async {
+                let r = read_runs(&inner, &needed).await.map_err(Arc::new);
+                let _ = first_tx.send(Some(match &r {
+                    Ok(pieces) => Ok(Arc::new(Fetched {
+                        pieces: pieces.clone(),
+                    })),
+                    Err(e) => Err(Arc::clone(e)),
+                }));
+                r
+            };
+            let (needed, rest) = tokio::join!(needed, read_runs(&inner, &rest));
+            match (needed, rest) {
+                (Ok(mut pieces), Ok(rest)) => {
+                    pieces.extend(rest);
+                    pieces.sort_unstable_by_key(|(off, _)| *off);
+                    Ok(pieces)
+                }
+                (Err(e), _) => Err(e),
+                (_, Err(e)) => Err(Arc::new(e)),
             }
-            Ok((off, chunks))
         }
-    }))
-    .await;
+    };
     inner.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     let pieces = match results {
-        Ok(runs) => {
-            let mut pieces = Vec::new();
-            for (mut off, chunks) in runs {
-                for chunk in chunks {
-                    let len = chunk.len();
-                    pieces.push((off, chunk));
-                    off += len;
-                }
-            }
-            pieces
-        }
+        Ok(pieces) => pieces,
         Err(e) => {
             inner.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
@@ -540,7 +693,7 @@ async fn fetch_unit(
                 "upstream read failed; nothing was cached, the next read tries again"
             );
             inner.forget(u);
-            let _ = tx.send(Some(Err(Arc::new(e))));
+            let _ = tx.send(Some(Err(e)));
             return;
         }
     };
@@ -552,7 +705,7 @@ async fn fetch_unit(
     inner
         .stats
         .upstream_reads
-        .fetch_add(runs.len() as u64, Ordering::Relaxed);
+        .fetch_add(requests as u64, Ordering::Relaxed);
     inner
         .stats
         .upstream_bytes
@@ -626,6 +779,16 @@ impl Inner {
         while pos < end {
             let known = self.known.lock().expect("allocation lock").at(pos);
             let Some((start, length, zero)) = known else {
+                let _asking = self.asking.lock().await;
+                if self
+                    .known
+                    .lock()
+                    .expect("allocation lock")
+                    .at(pos)
+                    .is_some()
+                {
+                    continue;
+                }
                 let ask = (self.cache.size() - pos).min(ALLOCATION_QUERY);
                 let extents = self.upstream.allocation(pos, ask).await.ok()?;
                 let mut known = self.known.lock().expect("allocation lock");
@@ -676,6 +839,27 @@ impl Inner {
             }))
             .await?;
         Ok(parts.into_iter().flatten().collect())
+    }
+}
+
+/// Asks the upstream's block status for the whole template once the export opens, a
+/// gigabyte at a time, so the first misses of a boot do not wait for it. Stops when the
+/// export is dropped or the upstream cannot say.
+async fn learn_allocation(inner: std::sync::Weak<Inner>) {
+    let mut pos = 0;
+    loop {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let size = inner.cache.size();
+        if pos >= size {
+            return;
+        }
+        let length = (size - pos).min(ALLOCATION_QUERY);
+        if inner.zero_plan(pos, length).await.is_none() {
+            return;
+        }
+        pos += length;
     }
 }
 
@@ -823,13 +1007,22 @@ impl Export for CorExport {
         inner.stats.misses.fetch_add(1, Ordering::Relaxed);
         let end = offset + length;
         let (first, last) = (offset / inner.unit, (end - 1) / inner.unit);
+        // The read's own units first, so their requests go out ahead of speculation.
+        let entries: Vec<_> = (first..=last)
+            .map(|u| {
+                let (lo, hi) = (offset.max(u * inner.unit), end.min((u + 1) * inner.unit));
+                inner.fetch_for(u, Some((lo, hi)))
+            })
+            .collect();
         inner.read_ahead(first, last);
-        let parts = futures_util::future::try_join_all((first..=last).map(|u| {
-            let lo = offset.max(u * inner.unit);
-            let hi = end.min((u + 1) * inner.unit);
-            inner.read_in_unit(u, lo, hi - lo)
-        }))
-        .await?;
+        inner.fetch_around(first, last);
+        let parts =
+            futures_util::future::try_join_all((first..=last).zip(entries).map(|(u, e)| {
+                let lo = offset.max(u * inner.unit);
+                let hi = end.min((u + 1) * inner.unit);
+                inner.read_in_unit(e, lo, hi - lo)
+            }))
+            .await?;
         let mut out: Vec<ReadChunk> = Vec::new();
         for chunk in parts.into_iter().flatten() {
             match (out.last_mut(), chunk) {
@@ -1000,6 +1193,14 @@ mod tests {
         }
     }
 
+    /// Options without speculation, for tests that count upstream reads exactly.
+    fn no_speculation() -> CorOptions {
+        CorOptions {
+            fetch_around: 0,
+            ..CorOptions::default()
+        }
+    }
+
     async fn read_bytes(e: &CorExport, offset: u64, length: u32) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         for c in e.read(offset, length).await? {
@@ -1035,10 +1236,10 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn readers_of_a_unit_being_fetched_share_one_upstream_read() {
+    async fn readers_of_a_unit_being_fetched_share_one_fetch_answered_by_its_first_request() {
         let dir = tempfile::tempdir().unwrap();
         let up = MemUpstream::new(4 << 20, false);
-        let e = CorExport::open(up.clone(), &dir.path().join("c"), &CorOptions::default()).unwrap();
+        let e = CorExport::open(up.clone(), &dir.path().join("c"), &no_speculation()).unwrap();
         let readers: Vec<_> = (0..8u64)
             .map(|i| {
                 let e = e.clone();
@@ -1046,19 +1247,105 @@ mod tests {
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        up.gate.add_permits(1 << 20);
+        // One fetch of the unit: the chunk the first read needs, on its own and first,
+        // then the rest of the unit.
+        let (mib, chunk) = (1 << 20, 64 << 10);
+        assert_eq!(
+            *up.reads.lock().unwrap(),
+            [(mib, chunk), (mib + chunk, mib - chunk)]
+        );
+        // Releasing only the first request answers every reader inside that chunk.
+        up.gate.add_permits(1);
         for (i, r) in readers.into_iter().enumerate() {
             let off = (1 << 20) + i * 4096;
             assert_eq!(r.await.unwrap().unwrap(), up.data[off..off + 4096]);
         }
-        assert_eq!(*up.reads.lock().unwrap(), [(1 << 20, 1 << 20)]);
+        assert_eq!(
+            e.cache().present_chunks(),
+            0,
+            "marked before the unit arrived"
+        );
+        up.gate.add_permits(1 << 20);
+        assert_eq!(up.reads.lock().unwrap().len(), 2);
         wait_present(&e, 16).await;
         // Marked: later reads come from the cache file.
         assert_eq!(
             read_bytes(&e, 1 << 20, 65536).await.unwrap(),
             up.data[1 << 20..(1 << 20) + 65536]
         );
-        assert_eq!(up.reads.lock().unwrap().len(), 1);
+        assert_eq!(up.reads.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn runs_split_at_the_needed_range_cover_the_same_bytes() {
+        let runs = [(0, 100), (200, 100), (400, 50)];
+        let (inside, rest) = split_runs(&runs, (250, 420));
+        assert_eq!(inside, [(250, 50), (400, 20)]);
+        assert_eq!(rest, [(0, 100), (200, 50), (420, 30)]);
+        let (inside, rest) = split_runs(&runs, (100, 200));
+        assert!(inside.is_empty());
+        assert_eq!(rest, runs);
+        let (inside, rest) = split_runs(&runs, (0, 1000));
+        assert_eq!(inside, runs);
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_miss_also_fetches_its_neighbours_and_a_hit_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = MemUpstream::new(8 << 20, false);
+        let options = CorOptions {
+            fetch_around: 2,
+            ..CorOptions::default()
+        };
+        let e = CorExport::open(up.clone(), &dir.path().join("c"), &options).unwrap();
+        let reader = {
+            let e = e.clone();
+            tokio::spawn(async move { read_bytes(&e, (4 << 20) + 100, 4096).await })
+        };
+        for _ in 0..500 {
+            if up.reads.lock().unwrap().len() >= 6 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut reads = up.reads.lock().unwrap().clone();
+        reads.sort_unstable();
+        let (mib, chunk) = (1 << 20, 64 << 10);
+        // The missed unit 4 as its needed chunk and the rest; 2, 3, 5 and 6 whole.
+        let expected = [
+            (2 * mib, mib),
+            (3 * mib, mib),
+            (4 * mib, chunk),
+            (4 * mib + chunk, mib - chunk),
+            (5 * mib, mib),
+            (6 * mib, mib),
+        ];
+        assert_eq!(reads, expected);
+        up.gate.add_permits(1 << 20);
+        let off = (4 << 20) + 100;
+        assert_eq!(reader.await.unwrap().unwrap(), up.data[off..off + 4096]);
+        assert_eq!(e.status().speculative_fetches, 4);
+        // Every chunk of units 2..=6 becomes present; reading them costs nothing more.
+        wait_present(&e, 5 * 16).await;
+        let off = (2 << 20) + 5;
+        assert_eq!(
+            read_bytes(&e, off as u64, 3 << 20).await.unwrap(),
+            up.data[off..off + (3 << 20)]
+        );
+        assert_eq!(up.reads.lock().unwrap().len(), 6);
+        // A miss at the template's end: neighbours are clamped to the template.
+        read_bytes(&e, (8 << 20) - 10, 10).await.unwrap();
+        // The read is answered by its own request; the rest of the unit may still be
+        // on its way.
+        wait_present(&e, 6 * 16).await;
+        let mut reads = up.reads.lock().unwrap()[6..].to_vec();
+        reads.sort_unstable();
+        assert_eq!(
+            reads,
+            [(7 * mib, mib - chunk), (8 * mib - chunk, chunk)],
+            "unit 7 only: 5 and 6 are present, 8 is past the end"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1066,7 +1353,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let up = MemUpstream::new(2 << 20, true);
         up.fail.store(true, Ordering::SeqCst);
-        let e = CorExport::open(up.clone(), &dir.path().join("c"), &CorOptions::default()).unwrap();
+        let e = CorExport::open(up.clone(), &dir.path().join("c"), &no_speculation()).unwrap();
         let err = read_bytes(&e, 100, 5000).await.unwrap_err();
         assert_eq!(err.nbd_errno(), errno::EIO, "{err}");
         assert!(err.to_string().contains("memory"), "{err}");
@@ -1085,7 +1372,7 @@ mod tests {
         let up = MemUpstream::new(size, true);
         let options = CorOptions {
             fetch_unit: 256 << 10,
-            ..CorOptions::default()
+            ..no_speculation()
         };
         let e = CorExport::open(up.clone(), &dir.path().join("c"), &options).unwrap();
         // Cache two scattered 64 KiB pieces first (each fetches its 256 KiB unit).
@@ -1096,7 +1383,7 @@ mod tests {
         // Reopen with another fetch unit: units now straddle present chunks.
         let options = CorOptions {
             fetch_unit: 1 << 20,
-            ..CorOptions::default()
+            ..no_speculation()
         };
         let e = reopen(up.clone(), &dir.path().join("c"), &options).await;
         up.reads.lock().unwrap().clear();
@@ -1120,7 +1407,7 @@ mod tests {
         let zs = (2 << 20) + 8192;
         Arc::get_mut(&mut up).unwrap().zero_range = Some((zs, 3 << 20));
         Arc::get_mut(&mut up).unwrap().data[zs as usize..(zs + (3 << 20)) as usize].fill(0);
-        let e = CorExport::open(up.clone(), &dir.path().join("c"), &CorOptions::default()).unwrap();
+        let e = CorExport::open(up.clone(), &dir.path().join("c"), &no_speculation()).unwrap();
         let all = read_bytes(&e, 0, 8 << 20).await.unwrap();
         assert!(all == up.data);
         assert_eq!(up.allocation_calls.load(Ordering::SeqCst), 1);

@@ -43,7 +43,11 @@ pub struct Status {
     pub bytes_from_upstream: u64,
     /// Upstream reads that failed.
     pub upstream_errors: u64,
-    /// Upstream fetches in flight now.
+    /// Fetches started ahead of client reads (sequential readahead and the
+    /// neighbours of a miss, `--fetch-around`).
+    #[serde(default)]
+    pub speculative_fetches: u64,
+    /// Fetches started whose data has not arrived yet (waiting for a fetch slot included).
     pub in_flight: usize,
     /// The cache cannot be written (full or failing): reads pass through.
     pub passthrough: bool,
@@ -79,6 +83,7 @@ impl Status {
             upstream_reads: s.upstream_reads.load(Ordering::Relaxed),
             bytes_from_upstream: s.upstream_bytes.load(Ordering::Relaxed),
             upstream_errors: s.upstream_errors.load(Ordering::Relaxed),
+            speculative_fetches: s.speculative_fetches.load(Ordering::Relaxed),
             in_flight: s.in_flight.load(Ordering::Relaxed),
             passthrough: inner.passthrough.load(Ordering::Relaxed),
             prefetch: state_name(inner.prefetch.state.load(Ordering::Relaxed)).to_owned(),
