@@ -22,10 +22,11 @@ pub struct CacheArgs {
     #[arg(long, value_enum, value_name = "WHAT", default_value_t = Mismatch::Refuse)]
     pub cache_mismatch: Mismatch,
 
-    /// On a miss, also fetch this many fetch units on each side of it, in parallel
-    /// and only while fetch slots are free (file systems keep related blocks close:
-    /// on a high-latency upstream a neighbour costs bandwidth now instead of a round
-    /// trip later). 0 on a slow link, where the bandwidth matters more.
+    /// On a miss, also fetch up to this many fetch units on each side of it, in
+    /// parallel and only while fetch slots are free (file systems keep related blocks
+    /// close: on a high-latency upstream a neighbour costs bandwidth now instead of a
+    /// round trip later). Fewer when the upstream moves fewer units than that in one
+    /// round trip (measured on every miss); 0: never.
     #[arg(long, value_name = "UNITS", default_value_t = thinline_cor::export::DEFAULT_FETCH_AROUND)]
     pub fetch_around: u64,
 

@@ -325,7 +325,7 @@ fn show_status(args: &StatusArgs) -> anyhow::Result<u8> {
         )?;
         writeln!(
             out,
-            "  reads: {} hits, {} misses, {} bytes served; upstream: {} reads, {} bytes, {} errors, {} in flight, {} fetched ahead of reads",
+            "  reads: {} hits, {} misses, {} bytes served; upstream: {} reads, {} bytes, {} errors, {} in flight, {} fetched ahead of reads (now {} units around a miss)",
             status.hits,
             status.misses,
             status.bytes_served,
@@ -333,7 +333,8 @@ fn show_status(args: &StatusArgs) -> anyhow::Result<u8> {
             status.bytes_from_upstream,
             status.upstream_errors,
             status.in_flight,
-            status.speculative_fetches
+            status.speculative_fetches,
+            status.fetch_around
         )?;
         writeln!(
             out,

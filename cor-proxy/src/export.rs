@@ -163,6 +163,8 @@ pub(crate) struct Inner {
     streams: Mutex<Vec<(u64, u64)>>,
     max_fetches: usize,
     fetch_around: u64,
+    /// Round trip and transfer time of the upstream, for `fetch_around`.
+    link: Mutex<LinkEstimate>,
     /// The upstream's allocation as far as it was asked (NBD upstreams).
     known: Mutex<KnownAllocation>,
     /// Held while asking the upstream's block status, so one question is asked once.
@@ -230,6 +232,7 @@ impl CorExport {
             streams: Mutex::new(Vec::new()),
             max_fetches: options.max_fetches.max(1),
             fetch_around: options.fetch_around,
+            link: Mutex::new(LinkEstimate::default()),
             known: Mutex::new(KnownAllocation::default()),
             asking: tokio::sync::Mutex::new(()),
         });
@@ -522,7 +525,7 @@ impl Inner {
     /// After a miss of units `[first, last]`: fetch `fetch_around` units on each side,
     /// nearest first, the following ones before the preceding ones.
     fn fetch_around(self: &Arc<Self>, first: u64, last: u64) {
-        let k = self.fetch_around;
+        let k = self.fetch_around_now();
         if k == 0 {
             return;
         }
@@ -530,6 +533,16 @@ impl Inner {
         let after = last + 1..(last + 1 + k).min(units);
         let before = (first.saturating_sub(k)..first).rev();
         self.speculate(after.chain(before));
+    }
+
+    /// Units fetched on each side of a miss now: `fetch_around`, fewer when moving a
+    /// unit takes the upstream longer than a round trip divided by that many.
+    pub(crate) fn fetch_around_now(&self) -> u64 {
+        self.link
+            .lock()
+            .expect("link lock")
+            .units_per_round_trip()
+            .map_or(self.fetch_around, |n| n.min(self.fetch_around))
     }
 
     /// Starts fetches of `units` that are not cached or in flight, without waiting,
@@ -659,8 +672,12 @@ async fn fetch_unit(
         Some((range, first_tx)) => {
             let (needed, rest) = split_runs(&runs, range);
             requests = needed.len() + rest.len();
+            let rest_bytes: u64 = rest.iter().map(|r| r.1).sum();
+            let started = std::time::Instant::now();
+            let mut needed_took = Duration::ZERO;
             let needed = async {
                 let r = read_runs(&inner, &needed).await.map_err(Arc::new);
+                needed_took = started.elapsed();
                 let _ = first_tx.send(Some(match &r {
                     Ok(pieces) => Ok(Arc::new(Fetched {
                         pieces: pieces.clone(),
@@ -672,6 +689,15 @@ async fn fetch_unit(
             let (needed, rest) = tokio::join!(needed, read_runs(&inner, &rest));
             match (needed, rest) {
                 (Ok(mut pieces), Ok(rest)) => {
+                    // Both went out together: the small request took a round trip, the
+                    // rest a round trip plus its transfer.
+                    if rest_bytes >= inner.unit / 2 {
+                        inner.link.lock().expect("link lock").record(
+                            needed_took,
+                            started.elapsed().saturating_sub(needed_took),
+                            rest_bytes as f64 / inner.unit as f64,
+                        );
+                    }
                     pieces.extend(rest);
                     pieces.sort_unstable_by_key(|(off, _)| *off);
                     Ok(pieces)
@@ -751,6 +777,48 @@ async fn fetch_unit(
     }
 }
 
+/// What the fetches measured of the upstream: how long a round trip takes, and how
+/// long moving one fetch unit takes on top of it (moving averages).
+#[derive(Debug, Default)]
+struct LinkEstimate {
+    round_trip_s: f64,
+    unit_transfer_s: f64,
+    samples: u32,
+}
+
+impl LinkEstimate {
+    /// Weight of a new sample in the averages.
+    const WEIGHT: f64 = 0.25;
+
+    /// One demand fetch: its small first request took `round_trip`, the rest of the
+    /// unit (`units` fetch units of data) arrived `transfer` after it.
+    fn record(&mut self, round_trip: Duration, transfer: Duration, units: f64) {
+        let rtt = round_trip.as_secs_f64();
+        let per_unit = transfer.as_secs_f64() / units.max(f64::MIN_POSITIVE);
+        if self.samples == 0 {
+            (self.round_trip_s, self.unit_transfer_s) = (rtt, per_unit);
+        } else {
+            self.round_trip_s += Self::WEIGHT * (rtt - self.round_trip_s);
+            self.unit_transfer_s += Self::WEIGHT * (per_unit - self.unit_transfer_s);
+        }
+        self.samples = self.samples.saturating_add(1);
+    }
+
+    /// How many units the upstream moves in one round trip (`None` before the first
+    /// measurement): fetching that many more per miss costs less than the round trip
+    /// of a later miss it may save.
+    fn units_per_round_trip(&self) -> Option<u64> {
+        if self.samples == 0 {
+            return None;
+        }
+        if self.unit_transfer_s <= 0.0 {
+            return Some(u64::MAX);
+        }
+        // Float to integer casts saturate.
+        Some((self.round_trip_s / self.unit_transfer_s) as u64)
+    }
+}
+
 /// Block status is asked for this much of the template at a time, and remembered.
 const ALLOCATION_QUERY: u64 = 1 << 30;
 
@@ -789,20 +857,10 @@ impl Inner {
                 {
                     continue;
                 }
-                let ask = (self.cache.size() - pos).min(ALLOCATION_QUERY);
-                let extents = self.upstream.allocation(pos, ask).await.ok()?;
-                let mut known = self.known.lock().expect("allocation lock");
-                let mut p = pos;
-                for e in extents {
-                    if e.length == 0 || p >= self.cache.size() {
-                        break;
-                    }
-                    let length = e.length.min(self.cache.size() - p);
-                    let zero = e.flags & u64::from(thinline_nbd::proto::state::ZERO) != 0;
-                    known.extents.insert(p, (length, zero));
-                    p += length;
-                }
-                if p == pos {
+                // Whole aligned gigabytes, so each is asked once whoever asks first; a
+                // reply that stops short of `pos` is followed by a question at `pos`.
+                let base = pos - pos % ALLOCATION_QUERY;
+                if self.learn(base).await? <= pos && self.learn(pos).await? <= pos {
                     return None;
                 }
                 continue;
@@ -815,6 +873,39 @@ impl Inner {
             pos = hi;
         }
         Some(plan)
+    }
+
+    /// Asks the upstream's block status from `at` (a gigabyte at most) and remembers
+    /// the answer; returns where it ends (`None` if the upstream cannot say).
+    async fn learn(&self, at: u64) -> Option<u64> {
+        let size = self.cache.size();
+        let extents = self
+            .upstream
+            .allocation(at, (size - at).min(ALLOCATION_QUERY))
+            .await
+            .ok()?;
+        let mut known = self.known.lock().expect("allocation lock");
+        let mut p = at;
+        for e in extents {
+            if e.length == 0 || p >= size {
+                break;
+            }
+            let length = e.length.min(size - p);
+            let zero = e.flags & u64::from(thinline_nbd::proto::state::ZERO) != 0;
+            // Extents starting inside this one came from a shorter answer: this one
+            // covers them, and lookups take the nearest start.
+            let inside: Vec<u64> = known
+                .extents
+                .range(p..p + length)
+                .map(|(&k, _)| k)
+                .collect();
+            for k in inside {
+                known.extents.remove(&k);
+            }
+            known.extents.insert(p, (length, zero));
+            p += length;
+        }
+        Some(p)
     }
 
     /// Reads `[off, off + len)` from the upstream. When its reads do not report holes,
@@ -1274,6 +1365,27 @@ mod tests {
             up.data[1 << 20..(1 << 20) + 65536]
         );
         assert_eq!(up.reads.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn speculation_shrinks_when_moving_a_unit_costs_more_than_a_round_trip() {
+        let ms = Duration::from_millis;
+        let mut link = LinkEstimate::default();
+        assert_eq!(link.units_per_round_trip(), None);
+        // 20 ms away, 1 MiB in 2 ms (a fast link).
+        link.record(ms(20), ms(2), 1.0);
+        assert_eq!(link.units_per_round_trip(), Some(10));
+        // Then 1 MiB takes 84 ms (100 Mbit/s): the average follows within a few misses.
+        for _ in 0..12 {
+            link.record(ms(20), ms(84), 1.0);
+        }
+        assert_eq!(link.units_per_round_trip(), Some(0));
+        // Half a unit in 4 ms is 8 ms per unit: two units per 20 ms round trip.
+        let mut link = LinkEstimate::default();
+        link.record(ms(20), ms(4), 0.5);
+        assert_eq!(link.units_per_round_trip(), Some(2));
+        link.record(ms(20), Duration::ZERO, 1.0);
+        assert!(link.units_per_round_trip().unwrap() >= 2);
     }
 
     #[test]

@@ -47,6 +47,10 @@ pub struct Status {
     /// neighbours of a miss, `--fetch-around`).
     #[serde(default)]
     pub speculative_fetches: u64,
+    /// Units a miss fetches on each side now: `--fetch-around`, or fewer when the
+    /// upstream moves fewer units than that in one round trip.
+    #[serde(default)]
+    pub fetch_around: u64,
     /// Fetches started whose data has not arrived yet (waiting for a fetch slot included).
     pub in_flight: usize,
     /// The cache cannot be written (full or failing): reads pass through.
@@ -84,6 +88,7 @@ impl Status {
             bytes_from_upstream: s.upstream_bytes.load(Ordering::Relaxed),
             upstream_errors: s.upstream_errors.load(Ordering::Relaxed),
             speculative_fetches: s.speculative_fetches.load(Ordering::Relaxed),
+            fetch_around: inner.fetch_around_now(),
             in_flight: s.in_flight.load(Ordering::Relaxed),
             passthrough: inner.passthrough.load(Ordering::Relaxed),
             prefetch: state_name(inner.prefetch.state.load(Ordering::Relaxed)).to_owned(),
