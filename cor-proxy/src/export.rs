@@ -65,10 +65,11 @@ pub struct CorOptions {
     pub fetch_unit: u64,
     /// Upstream fetches in flight at most.
     pub max_fetches: usize,
-    /// Units fetched on each side of a missed unit, in parallel with it and only
-    /// while fetch slots are free: file systems keep related blocks close, and on a
-    /// high-latency upstream a neighbour fetched now costs bandwidth, not a round
-    /// trip later. 0 turns it off.
+    /// Units fetched at most on each side of a missed unit, in parallel with it and
+    /// only while fetch slots are free: file systems keep related blocks close, and on
+    /// a high-latency upstream a neighbour fetched now costs bandwidth, not a round
+    /// trip later. Fewer when the upstream moves fewer units in one round trip (as
+    /// measured by the misses); 0 turns it off.
     pub fetch_around: u64,
     /// What to do with a cache made for another template version.
     pub on_mismatch: OnMismatch,
