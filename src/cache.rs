@@ -26,7 +26,7 @@ pub struct CacheArgs {
     /// parallel and only while fetch slots are free (file systems keep related blocks
     /// close: on a high-latency upstream a neighbour costs bandwidth now instead of a
     /// round trip later). Fewer when the upstream moves fewer units than that in one
-    /// round trip (measured on every miss); 0: never.
+    /// round trip (measured by the misses); 0: never.
     #[arg(long, value_name = "UNITS", default_value_t = thinline_cor::export::DEFAULT_FETCH_AROUND)]
     pub fetch_around: u64,
 

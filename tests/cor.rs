@@ -170,7 +170,6 @@ fn status(socket: &Path) -> serde_json::Value {
         .clone()
 }
 
-/// Reads the whole export with nbdcopy.
 /// Waits until the proxy has no upstream fetch in flight.
 fn settle(socket: &Path) {
     let start = Instant::now();
@@ -184,6 +183,7 @@ fn settle(socket: &Path) {
     }
 }
 
+/// Reads the whole export with nbdcopy.
 fn read_all(uri: &str, dir: &Path) -> Vec<u8> {
     let out = dir.join("copy.raw");
     let _ = std::fs::remove_file(&out);

@@ -132,6 +132,26 @@ struct InFlight {
     first: Option<((u64, u64), OutcomeRx)>,
 }
 
+/// What asking for a unit's fetch found.
+enum UnitFetch {
+    /// Every chunk of the unit is present.
+    Present,
+    /// A fetch was already in flight.
+    Joined(Arc<InFlight>),
+    /// This call started the fetch.
+    Started(Arc<InFlight>),
+}
+
+impl UnitFetch {
+    /// The fetch to wait for, if any.
+    fn entry(self) -> Option<Arc<InFlight>> {
+        match self {
+            UnitFetch::Present => None,
+            UnitFetch::Joined(e) | UnitFetch::Started(e) => Some(e),
+        }
+    }
+}
+
 /// Filled chunks waiting for the fsync that makes them present.
 #[derive(Debug)]
 struct Filled {
@@ -335,21 +355,21 @@ impl Inner {
     /// The in-flight entry of unit `u`, created (and its fetch spawned) if needed;
     /// `None` when every chunk of the unit is present.
     fn fetch(self: &Arc<Self>, u: u64) -> Option<Arc<InFlight>> {
-        self.fetch_for(u, None)
+        self.fetch_for(u, None).entry()
     }
 
     /// [`Self::fetch`] for a client read of `[offset, end)` in unit `u`: a new fetch
     /// requests the chunks that read needs first, on their own.
-    fn fetch_for(self: &Arc<Self>, u: u64, read: Option<(u64, u64)>) -> Option<Arc<InFlight>> {
+    fn fetch_for(self: &Arc<Self>, u: u64, read: Option<(u64, u64)>) -> UnitFetch {
         let mut map = self.in_flight.lock().expect("in-flight lock");
         if let Some(f) = map.get(&u) {
-            return Some(Arc::clone(f));
+            return UnitFetch::Joined(Arc::clone(f));
         }
         // Bits are set before entries are removed, so this sees the marks of any entry
         // that is gone.
         let runs = self.absent_runs(u);
         if runs.is_empty() {
-            return None;
+            return UnitFetch::Present;
         }
         let (tx, rx) = watch::channel(None);
         let start = u * self.unit;
@@ -378,7 +398,7 @@ impl Inner {
         // Counted from now (waiting for a fetch slot included) until its data arrives.
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(fetch_unit(Arc::clone(self), u, runs, first, tx));
-        Some(entry)
+        UnitFetch::Started(entry)
     }
 
     fn forget(&self, u: u64) {
@@ -553,12 +573,7 @@ impl Inner {
             if self.permits.available_permits() <= self.max_fetches / 4 {
                 break;
             }
-            let already = self
-                .in_flight
-                .lock()
-                .expect("in-flight lock")
-                .contains_key(&u);
-            if !already && self.fetch(u).is_some() {
+            if matches!(self.fetch_for(u, None), UnitFetch::Started(_)) {
                 self.stats
                     .speculative_fetches
                     .fetch_add(1, Ordering::Relaxed);
@@ -848,22 +863,7 @@ impl Inner {
         while pos < end {
             let known = self.known.lock().expect("allocation lock").at(pos);
             let Some((start, length, zero)) = known else {
-                let _asking = self.asking.lock().await;
-                if self
-                    .known
-                    .lock()
-                    .expect("allocation lock")
-                    .at(pos)
-                    .is_some()
-                {
-                    continue;
-                }
-                // Whole aligned gigabytes, so each is asked once whoever asks first; a
-                // reply that stops short of `pos` is followed by a question at `pos`.
-                let base = pos - pos % ALLOCATION_QUERY;
-                if self.learn(base).await? <= pos && self.learn(pos).await? <= pos {
-                    return None;
-                }
+                self.learn_around(pos).await?;
                 continue;
             };
             let hi = (start + length).min(end);
@@ -874,6 +874,28 @@ impl Inner {
             pos = hi;
         }
         Some(plan)
+    }
+
+    /// Makes the extent containing `pos` known, asking the upstream unless someone else
+    /// did meanwhile: for the whole aligned gigabyte around `pos`, so each is asked once
+    /// whoever asks first, then at `pos` if that reply stopped short of it. `None` if
+    /// the upstream cannot say.
+    async fn learn_around(&self, pos: u64) -> Option<()> {
+        let _asking = self.asking.lock().await;
+        if self
+            .known
+            .lock()
+            .expect("allocation lock")
+            .at(pos)
+            .is_some()
+        {
+            return Some(());
+        }
+        let base = pos - pos % ALLOCATION_QUERY;
+        if self.learn(base).await? <= pos && self.learn(pos).await? <= pos {
+            return None;
+        }
+        Some(())
     }
 
     /// Asks the upstream's block status from `at` (a gigabyte at most) and remembers
@@ -938,20 +960,15 @@ impl Inner {
 /// gigabyte at a time, so the first misses of a boot do not wait for it. Stops when the
 /// export is dropped or the upstream cannot say.
 async fn learn_allocation(inner: std::sync::Weak<Inner>) {
-    let mut pos = 0;
+    let mut base = 0;
     loop {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let size = inner.cache.size();
-        if pos >= size {
+        if base >= inner.cache.size() || inner.learn_around(base).await.is_none() {
             return;
         }
-        let length = (size - pos).min(ALLOCATION_QUERY);
-        if inner.zero_plan(pos, length).await.is_none() {
-            return;
-        }
-        pos += length;
+        base += ALLOCATION_QUERY;
     }
 }
 
@@ -1100,21 +1117,20 @@ impl Export for CorExport {
         let end = offset + length;
         let (first, last) = (offset / inner.unit, (end - 1) / inner.unit);
         // The read's own units first, so their requests go out ahead of speculation.
-        let entries: Vec<_> = (first..=last)
+        let spans: Vec<_> = (first..=last)
             .map(|u| {
                 let (lo, hi) = (offset.max(u * inner.unit), end.min((u + 1) * inner.unit));
-                inner.fetch_for(u, Some((lo, hi)))
+                (inner.fetch_for(u, Some((lo, hi))).entry(), lo, hi)
             })
             .collect();
         inner.read_ahead(first, last);
         inner.fetch_around(first, last);
-        let parts =
-            futures_util::future::try_join_all((first..=last).zip(entries).map(|(u, e)| {
-                let lo = offset.max(u * inner.unit);
-                let hi = end.min((u + 1) * inner.unit);
-                inner.read_in_unit(e, lo, hi - lo)
-            }))
-            .await?;
+        let parts = futures_util::future::try_join_all(
+            spans
+                .into_iter()
+                .map(|(entry, lo, hi)| inner.read_in_unit(entry, lo, hi - lo)),
+        )
+        .await?;
         let mut out: Vec<ReadChunk> = Vec::new();
         for chunk in parts.into_iter().flatten() {
             match (out.last_mut(), chunk) {
