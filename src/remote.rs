@@ -49,6 +49,27 @@ pub struct RemoteArgs {
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     pub idle_timeout: f64,
 
+    /// HTTP and S3: the slowest accepted transfer (bytes per second; K, M suffixes): a
+    /// request must be complete within --first-byte-timeout plus its length at this
+    /// rate, else it is retried (then that read gets EIO), so a server that trickles
+    /// cannot hold a read for long. (An NBD request must be answered within
+    /// --first-byte-timeout plus --idle-timeout.)
+    #[arg(long, value_name = "RATE", default_value = "64K", value_parser = parse_size)]
+    pub min_rate: usize,
+
+    /// HTTP: also follow redirects to HOST (`host`, `host:port`, `*.domain`, or `*` for
+    /// any host but link-local and cloud metadata addresses); by default only redirects
+    /// within the template's own scheme, host and port are followed. Credentials are
+    /// never sent to another host. Repeatable.
+    #[arg(long, value_name = "HOST")]
+    pub allow_redirect: Vec<String>,
+
+    /// HTTP: credentials for Basic authentication from a netrc file (`machine HOST login
+    /// USER password PASS`; mode 600 or stricter), so they stay off the command line,
+    /// which every local user can read. Credentials in the URI take precedence.
+    #[arg(long, value_name = "FILE", env = "THINLINE_NETRC_FILE")]
+    pub netrc_file: Option<PathBuf>,
+
     /// S3: endpoint of an S3-compatible store (path-style addressing); else
     /// $AWS_ENDPOINT_URL, else AWS.
     #[arg(long, value_name = "URL")]
@@ -85,6 +106,16 @@ impl RemoteArgs {
         if self.max_in_flight == 0 {
             anyhow::bail!("--max-in-flight must be at least 1");
         }
+        if self.min_rate == 0 {
+            anyhow::bail!("--min-rate must be at least 1 byte per second");
+        }
+        let http_credentials = match &self.netrc_file {
+            Some(path) => Some(Arc::new(
+                thinline_nbd::remote::credentials::Netrc::load(path)
+                    .map_err(|e| anyhow::anyhow!("--netrc-file: {e}"))?,
+            )),
+            None => None,
+        };
         Ok(Arc::new(RemoteConfig {
             fetch_unit: self.fetch_unit as u64,
             max_in_flight: self.max_in_flight,
@@ -94,6 +125,9 @@ impl RemoteArgs {
             connect_timeout: seconds("connect-timeout", self.connect_timeout)?,
             first_byte_timeout: seconds("first-byte-timeout", self.first_byte_timeout)?,
             idle_timeout: seconds("idle-timeout", self.idle_timeout)?,
+            min_rate: self.min_rate as u64,
+            redirect_hosts: self.allow_redirect.clone(),
+            http_credentials,
             s3_endpoint: self.s3_endpoint.clone(),
             s3_region: self.s3_region.clone(),
             handler_dir: self.handler_dir.clone(),

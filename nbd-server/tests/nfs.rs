@@ -259,6 +259,18 @@ async fn related_names_resolve_next_to_the_image() {
     let abs = disk.open_related(absolute.to_str().unwrap()).await.unwrap();
     check_reads(&*abs, &base, &mut rng, 5).await;
 
+    // Names that would leave the export, or the server, are refused without a lookup.
+    for (name, reason) in [
+        ("../../../etc/passwd", "outside the export"),
+        ("/etc/passwd", "outside the export"),
+        ("nfs://127.0.0.2/srv/base.img", "scheme"),
+        ("//127.0.0.2/srv/base.img", "network-path"),
+    ] {
+        let refused = disk.open_related(name).await.unwrap_err();
+        assert_eq!(refused.kind, FetchErrorKind::Permanent, "{refused}");
+        assert!(refused.to_string().contains(reason), "{name}: {refused}");
+    }
+
     let missing = disk.open_related("nope.img").await.unwrap_err();
     assert_eq!(missing.kind, FetchErrorKind::Permanent, "{missing}");
     assert!(missing.to_string().contains("nope.img"), "{missing}");

@@ -124,10 +124,13 @@ fn run(program: &Path, op: &str, uri: &str) -> std::result::Result<String, Strin
         }
     };
     let stdout = String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned();
-    let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default())
+    let mut stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default())
         .replace(uri, &shown)
         .trim()
         .to_owned();
+    for secret in crate::source::secrets(uri) {
+        stderr = stderr.replace(secret, "<redacted>");
+    }
     if !status.success() {
         let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();

@@ -9,9 +9,17 @@
 //! so an object replaced under a running export fails with
 //! [`FetchErrorKind::Changed`] instead of mixing old and new bytes.
 //!
-//! Credentials in the URL (`https://user:pass@host/…`) are sent as Basic
-//! authentication and never appear in messages; the query (a pre-signed URL's
-//! signature) is sent but never shown.
+//! Credentials in the URL (`https://user:pass@host/…`) or, better, in a netrc file
+//! ([`super::credentials`]) are sent as Basic authentication and never appear in
+//! messages; the query (a pre-signed URL's signature) is sent but never shown.
+//!
+//! What a hostile server cannot do: redirects are followed only within the object's
+//! origin (scheme, host, port) unless the operator allows other hosts, never from
+//! HTTPS to HTTP, never to link-local or cloud metadata addresses through a wildcard,
+//! and no `Referer` (which would carry a pre-signed query) is ever sent; a body longer
+//! than asked for fails at once, one slower than `min_rate` fails at its deadline; an
+//! object larger than [`super::MAX_OBJECT_SIZE`] is refused; names inside an image
+//! resolve only to paths of the same origin ([`super::related`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +29,10 @@ use bytes::Bytes;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Client, StatusCode, Url};
 
-use super::{BodyChunks, FetchError, FetchErrorKind, RangeBackend, RemoteConfig, read_body};
+use super::credentials::Credentials;
+use super::{
+    BodyChunks, FetchError, FetchErrorKind, RangeBackend, RemoteConfig, check_size, read_body,
+};
 use crate::source::redact;
 
 /// What the object is pinned to.
@@ -41,7 +52,7 @@ pub struct HttpBackend {
     client: Client,
     /// The URL requested, without user information.
     url: Url,
-    credentials: Option<(String, String)>,
+    credentials: Option<Credentials>,
     /// The URL as shown in messages.
     shown: String,
     size: u64,
@@ -50,9 +61,11 @@ pub struct HttpBackend {
     etag: Option<String>,
     last_modified: Option<String>,
     identity: String,
-    first_byte_timeout: Duration,
-    idle_timeout: Duration,
+    config: RemoteConfig,
 }
+
+/// Most redirects followed for one request.
+const MAX_REDIRECTS: usize = 10;
 
 /// Builds the client shared by an object and the files it names.
 fn client(config: &RemoteConfig) -> Result<Client, String> {
@@ -63,6 +76,8 @@ fn client(config: &RemoteConfig) -> Result<Client, String> {
         .http2_adaptive_window(true)
         .user_agent(concat!("thinline/", env!("CARGO_PKG_VERSION")))
         .no_proxy()
+        .referer(false)
+        .redirect(redirect_policy(config.redirect_hosts.clone()))
         .build()
         .map_err(|e| error_text(&e))
 }
@@ -81,17 +96,30 @@ pub async fn open(uri: &str, config: &RemoteConfig) -> Result<Arc<dyn RangeBacke
     })?;
     let client = client(config)
         .map_err(|e| FetchError::new(FetchErrorKind::Permanent, "open", &shown, None, e))?;
-    Ok(Arc::new(HttpBackend::open(client, url, config).await?))
+    let decode =
+        |s: &str| thinline_format::storage::percent_decode(s).unwrap_or_else(|| s.to_owned());
+    let credentials = if url.username().is_empty() {
+        url.host_str()
+            .and_then(|host| config.http_credentials.as_ref()?.lookup(host))
+            .cloned()
+    } else {
+        Some(Credentials::new(
+            decode(url.username()),
+            decode(url.password().unwrap_or("")),
+        ))
+    };
+    Ok(Arc::new(
+        HttpBackend::open_with(client, url, credentials, config).await?,
+    ))
 }
 
 impl HttpBackend {
-    async fn open(client: Client, mut url: Url, config: &RemoteConfig) -> Result<Self, FetchError> {
-        let credentials = (!url.username().is_empty()).then(|| {
-            let decode = |s: &str| {
-                thinline_format::storage::percent_decode(s).unwrap_or_else(|| s.to_owned())
-            };
-            (decode(url.username()), decode(url.password().unwrap_or("")))
-        });
+    async fn open_with(
+        client: Client,
+        mut url: Url,
+        credentials: Option<Credentials>,
+        config: &RemoteConfig,
+    ) -> Result<Self, FetchError> {
         let _ = url.set_username("");
         let _ = url.set_password(None);
         let shown = redact(url.as_str());
@@ -105,12 +133,12 @@ impl HttpBackend {
             etag: None,
             last_modified: None,
             identity: String::new(),
-            first_byte_timeout: config.first_byte_timeout,
-            idle_timeout: config.idle_timeout,
+            config: config.clone(),
         };
         let shown = backend.shown.clone();
         let fail = |kind, message: String| FetchError::new(kind, "open", &shown, None, message);
-        let response = backend
+        let deadline = tokio::time::Instant::now() + config.request_deadline(1);
+        let mut response = backend
             .send(0, 1, false)
             .await
             .map_err(|(kind, m)| fail(kind, m))?;
@@ -140,6 +168,7 @@ impl HttpBackend {
                 format!("asked for bytes 0-0, the server sent bytes {start}-{end}"),
             ));
         }
+        check_size(&shown, total)?;
         backend.size = total;
         backend.etag = header_text(headers, &header::ETAG);
         backend.last_modified = header_text(headers, &header::LAST_MODIFIED);
@@ -159,8 +188,11 @@ impl HttpBackend {
                 format!("size:{total}")
             }
         };
-        // Finish the one-byte body so the connection goes back to the pool.
-        let _ = response.bytes().await;
+        // Read the one-byte body (bounded in size and time) so the connection goes back
+        // to the pool.
+        read_body(&mut response, 1, config.idle_timeout, deadline)
+            .await
+            .map_err(|(kind, m)| fail(kind, m))?;
         Ok(backend)
     }
 
@@ -175,8 +207,8 @@ impl HttpBackend {
             header::RANGE,
             format!("bytes={offset}-{}", offset + length - 1),
         );
-        if let Some((user, password)) = &self.credentials {
-            request = request.basic_auth(user, Some(password));
+        if let Some(credentials) = &self.credentials {
+            request = request.basic_auth(&credentials.user, Some(credentials.password()));
         }
         if conditional {
             match &self.validator {
@@ -187,12 +219,14 @@ impl HttpBackend {
                 Validator::None => {}
             }
         }
-        match tokio::time::timeout(self.first_byte_timeout, request.send()).await {
+        let first_byte_timeout = self.config.first_byte_timeout;
+        match tokio::time::timeout(first_byte_timeout, request.send()).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => {
                 let text = error_text(&e);
-                // A certificate the server will keep presenting: retrying cannot help.
-                let kind = if text.contains("certificate") {
+                // A certificate the server will keep presenting, or a redirect it will
+                // keep sending: retrying cannot help.
+                let kind = if e.is_redirect() || text.contains("certificate") {
                     FetchErrorKind::Permanent
                 } else {
                     FetchErrorKind::Transient
@@ -201,10 +235,7 @@ impl HttpBackend {
             }
             Err(_) => Err((
                 FetchErrorKind::Transient,
-                format!(
-                    "no response within {:?} (first-byte timeout)",
-                    self.first_byte_timeout
-                ),
+                format!("no response within {first_byte_timeout:?} (first-byte timeout)"),
             )),
         }
     }
@@ -257,6 +288,7 @@ impl HttpBackend {
     }
 
     async fn read_once(&self, offset: u64, length: u64) -> Result<Bytes, (FetchErrorKind, String)> {
+        let deadline = tokio::time::Instant::now() + self.config.request_deadline(length);
         let mut response = self.send(offset, length, true).await?;
         let status = response.status();
         match status {
@@ -297,7 +329,7 @@ impl HttpBackend {
             s => return Err((status_kind(s), status_text(s))),
         }
         self.check_response(response.headers(), offset, length)?;
-        read_body(&mut response, length, self.idle_timeout).await
+        read_body(&mut response, length, self.config.idle_timeout, deadline).await
     }
 }
 
@@ -331,28 +363,112 @@ impl RangeBackend for HttpBackend {
     }
 
     async fn open_related(&self, name: &str) -> Result<Arc<dyn RangeBackend>, FetchError> {
-        let mut url = self.url.join(name).map_err(|e| {
+        // The name comes from the image: only its path is used, so the scheme, host,
+        // port and credentials stay the template's own.
+        let base = thinline_format::storage::percent_decode(self.url.path())
+            .unwrap_or_else(|| self.url.path().to_owned());
+        let path = super::related::resolve(&base, name).map_err(|reason| {
             FetchError::new(
                 FetchErrorKind::Permanent,
                 "open",
                 &self.shown,
                 None,
-                format!("cannot resolve {name:?} against the image's URL: {e}"),
+                format!("refusing the related name {}: {reason}", redact(name)),
             )
         })?;
+        let mut url = self.url.clone();
+        url.set_path(&super::related::encode_path(&path));
         url.set_query(None);
-        if let Some((user, password)) = &self.credentials {
-            let _ = url.set_username(user);
-            let _ = url.set_password(Some(password));
-        }
-        let config = RemoteConfig {
-            first_byte_timeout: self.first_byte_timeout,
-            idle_timeout: self.idle_timeout,
-            ..RemoteConfig::default()
-        };
+        url.set_fragment(None);
         Ok(Arc::new(
-            HttpBackend::open(self.client.clone(), url, &config).await?,
+            HttpBackend::open_with(
+                self.client.clone(),
+                url,
+                self.credentials.clone(),
+                &self.config,
+            )
+            .await?,
         ))
+    }
+}
+
+/// Follows redirects within the origin of the first URL, and to `allowed` hosts.
+fn redirect_policy(allowed: Vec<String>) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() > MAX_REDIRECTS {
+            return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+        }
+        let refusal = match attempt.previous().first() {
+            Some(origin) => redirect_refusal(origin, attempt.url(), &allowed),
+            None => None,
+        };
+        match refusal {
+            Some(reason) => attempt.error(reason),
+            None => attempt.follow(),
+        }
+    })
+}
+
+/// Why a redirect from a request to `origin` on to `next` is not followed, if it is not.
+fn redirect_refusal(origin: &Url, next: &Url, allowed: &[String]) -> Option<String> {
+    let host = next.host_str().unwrap_or("");
+    let port = next.port_or_known_default().unwrap_or(0);
+    let target = format!("{}://{host}:{port}", next.scheme());
+    if next.scheme() != origin.scheme() {
+        return Some(format!(
+            "a redirect to {target} changes the scheme from {}; not followed",
+            origin.scheme()
+        ));
+    }
+    if host == origin.host_str().unwrap_or("") && Some(port) == origin.port_or_known_default() {
+        return None;
+    }
+    let named = |pattern: &str| {
+        pattern.eq_ignore_ascii_case(host)
+            || pattern.eq_ignore_ascii_case(&format!("{host}:{port}"))
+    };
+    let wildcard = |pattern: &str| {
+        pattern == "*"
+            || pattern.strip_prefix("*.").is_some_and(|suffix| {
+                host.len() > suffix.len() + 1
+                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+            })
+    };
+    if allowed.iter().any(|p| named(p)) {
+        return None;
+    }
+    if allowed.iter().any(|p| wildcard(p)) {
+        if metadata_or_link_local(next) {
+            return Some(format!(
+                "a redirect to {target} (a link-local or cloud metadata address) is not followed unless that host is allowed by name"
+            ));
+        }
+        return None;
+    }
+    Some(format!(
+        "a redirect to another origin ({target}) is not followed; allow its host with --allow-redirect HOST"
+    ))
+}
+
+/// Link-local addresses (169.254.0.0/16, fe80::/10) and the names and addresses cloud
+/// instance metadata services answer on.
+fn metadata_or_link_local(url: &Url) -> bool {
+    use std::net::{IpAddr, Ipv6Addr};
+    let host = url.host_str().unwrap_or("");
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
+    match literal.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => v4.is_link_local(),
+        Ok(IpAddr::V6(v6)) => {
+            (v6.segments()[0] & 0xffc0) == 0xfe80
+                || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_link_local())
+                // AWS's IPv6 instance metadata address.
+                || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+        }
+        Err(_) => {
+            let name = host.trim_end_matches('.').to_ascii_lowercase();
+            ["metadata", "metadata.google.internal", "instance-data"].contains(&name.as_str())
+        }
     }
 }
 
@@ -458,6 +574,52 @@ mod tests {
             h.insert(header::CONTENT_RANGE, bad.parse().unwrap());
             assert!(content_range(&h).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn redirects_stay_in_the_origin_unless_a_host_is_allowed() {
+        let origin = Url::parse("https://images.example.com/t.qcow2?sig=x").unwrap();
+        let refused = |next: &str, allowed: &[&str]| {
+            let allowed: Vec<String> = allowed.iter().map(|a| (*a).to_owned()).collect();
+            redirect_refusal(&origin, &Url::parse(next).unwrap(), &allowed)
+        };
+        assert_eq!(refused("https://images.example.com/other", &[]), None);
+        assert_eq!(refused("https://images.example.com:443/x", &[]), None);
+        for (next, allowed, reason) in [
+            ("https://cdn.example.net/t", &[][..], "another origin"),
+            ("https://images.example.com:8443/t", &[], "another origin"),
+            ("http://images.example.com/t", &["*"], "changes the scheme"),
+            ("https://169.254.169.254/latest", &["*"], "link-local"),
+            ("https://[fe80::1]/x", &["*"], "link-local"),
+            ("https://[fd00:ec2::254]/x", &["*"], "metadata"),
+            ("https://metadata.google.internal/x", &["*"], "metadata"),
+            (
+                "https://evil.example.net/t",
+                &["*.cdn.example.net"],
+                "another origin",
+            ),
+        ] {
+            let why = refused(next, allowed).unwrap_or_default();
+            assert!(why.contains(reason), "{next}: {why:?}");
+        }
+        assert_eq!(
+            refused("https://cdn.example.net/t", &["cdn.example.net"]),
+            None
+        );
+        assert_eq!(
+            refused("https://a.cdn.example.net/t", &["*.cdn.example.net"]),
+            None
+        );
+        assert_eq!(
+            refused("https://cdn.example.net:443/t", &["CDN.example.net:443"]),
+            None
+        );
+        assert_eq!(refused("https://anything.example.org/t", &["*"]), None);
+        // Named explicitly, even a metadata address is the operator's choice.
+        assert_eq!(
+            refused("https://169.254.169.254/x", &["169.254.169.254"]),
+            None
+        );
     }
 
     #[test]

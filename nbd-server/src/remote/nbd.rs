@@ -102,6 +102,7 @@ impl NbdBackend {
             .await
             .map_err(|e| fetch_error("open", &display, None, &e))?;
         let size = first.size();
+        super::check_size(&display, size)?;
         let count = if first.can_multi_conn() {
             MAX_CONNECTIONS.min(config.max_in_flight.max(1))
         } else {

@@ -213,35 +213,27 @@ impl RangeBackend for NfsBackend {
     }
 
     async fn open_related(&self, name: &str) -> Result<Arc<dyn RangeBackend>, FetchError> {
-        let shown = format!("{} (relative to {})", redact(name), self.uri);
-        let fail = |f: Fail| FetchError::new(f.kind, "open", &shown, None, f.message);
-        if name.is_empty() {
-            return Err(fail(Fail::permanent("the name is empty")));
-        }
-        if let Some((scheme, _)) = name.split_once("://") {
-            if scheme.eq_ignore_ascii_case("nfs") {
-                return open(name, &self.session.config).await;
-            }
-            return Err(fail(Fail::permanent(format!(
-                "a {scheme}:// location cannot be opened from an NFS image"
-            ))));
-        }
-        let path = if name.starts_with('/') {
-            normalize(name)
-        } else {
-            normalize(&format!("{}/{name}", self.dir))
+        // Inside this export of this server only: a name cannot reach another server,
+        // another export, or climb above this one.
+        let refuse = |reason: String| {
+            FetchError::new(
+                FetchErrorKind::Permanent,
+                "open",
+                &self.uri,
+                None,
+                format!("refusing the related name {}: {reason}", redact(name)),
+            )
         };
+        let path = super::related::resolve(&format!("{}/_", self.dir), name).map_err(refuse)?;
+        if !within(&self.session.export, &path) {
+            return Err(refuse(format!(
+                "it resolves to {path:?}, outside the export {:?}",
+                self.session.export
+            )));
+        }
         let uri = self.session.uri_for(&path);
-        let session = if within(&self.session.export, &path) {
-            self.session.clone()
-        } else {
-            let mut target = self.session.target.clone();
-            target.path = path.clone();
-            Session::connect(&target, &self.session.config)
-                .await
-                .map_err(|f| FetchError::new(f.kind, "open", &uri, None, f.message))?
-        };
-        let backend = session
+        let backend = self
+            .session
             .open_path(&path, uri.clone())
             .await
             .map_err(|f| FetchError::new(f.kind, "open", &uri, None, f.message))?;
@@ -555,26 +547,12 @@ fn best_export<'a>(exports: &'a [String], path: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
-/// `path` %-encoded for a URI.
-fn encode_path(path: &str) -> String {
-    let mut out = String::with_capacity(path.len());
-    for b in path.bytes() {
-        if b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,;=:@".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 // ---------------------------------------------------------------------------------------
 // A mounted export
 
 /// One mounted export: addresses, root handle, credential and the connection pool.
 struct Session {
     target: Target,
-    config: RemoteConfig,
     export: String,
     root_fh: Bytes,
     rtmax: u32,
@@ -622,7 +600,6 @@ impl Session {
         let connections = config.max_in_flight.clamp(1, MAX_CONNECTIONS);
         let mut session = Session {
             target: target.clone(),
-            config: config.clone(),
             export,
             root_fh,
             rtmax: DEFAULT_READ,
@@ -634,7 +611,11 @@ impl Session {
 
     /// The URI of `path` on this server, for messages.
     fn uri_for(&self, path: &str) -> String {
-        format!("nfs://{}{}", self.target.authority, encode_path(path))
+        format!(
+            "nfs://{}{}",
+            self.target.authority,
+            super::related::encode_path(path)
+        )
     }
 
     /// Opens the regular file at `path` (inside this session's export).
@@ -645,6 +626,13 @@ impl Session {
                 NF3DIR => "it is a directory, not a file".to_owned(),
                 t => format!("it is not a regular file (NFS type {t})"),
             }));
+        }
+        if attr.size > super::MAX_OBJECT_SIZE {
+            return Err(Fail::permanent(format!(
+                "the server says the file is {} bytes, more than the largest size files and NBD clients can address ({})",
+                attr.size,
+                super::MAX_OBJECT_SIZE
+            )));
         }
         let identity = format!("mtime:{},fileid:{}", time_text(attr.mtime), attr.fileid);
         let dir = normalize(&format!("{path}/.."));
@@ -1476,8 +1464,7 @@ mod tests {
     }
 
     #[test]
-    fn paths_encode_for_messages() {
-        assert_eq!(encode_path("/a b/%?#/ü"), "/a%20b/%25%3F%23/%C3%BC");
+    fn paths_normalise_without_climbing_above_the_root() {
         assert_eq!(normalize("a/../../b/"), "/b");
     }
 

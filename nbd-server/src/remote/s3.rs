@@ -11,7 +11,6 @@
 //! engine retries, with the same policy for every source.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
@@ -22,7 +21,9 @@ use aws_sdk_s3::config::{BehaviorVersion, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use bytes::Bytes;
 
-use super::{BodyChunks, FetchError, FetchErrorKind, RangeBackend, RemoteConfig, read_body};
+use super::{
+    BodyChunks, FetchError, FetchErrorKind, RangeBackend, RemoteConfig, check_size, read_body,
+};
 use crate::source::redact;
 
 /// `s3://bucket/key` split, with the optional version.
@@ -95,7 +96,7 @@ pub struct S3Backend {
     size: u64,
     pin: Pin,
     identity: String,
-    idle_timeout: Duration,
+    config: RemoteConfig,
 }
 
 /// The endpoint of an S3-compatible store, if one is configured.
@@ -144,9 +145,7 @@ pub async fn open(uri: &str, config: &RemoteConfig) -> Result<Arc<dyn RangeBacke
         |message: String| FetchError::new(FetchErrorKind::Permanent, "open", &shown, None, message);
     let location = parse(uri).map_err(permanent)?;
     let client = client(config).await.map_err(permanent)?;
-    Ok(Arc::new(
-        S3Backend::open(client, location, config.idle_timeout).await?,
-    ))
+    Ok(Arc::new(S3Backend::open(client, location, config).await?))
 }
 
 /// The URI for messages: no credentials, and only the `versionId` of the query.
@@ -162,7 +161,7 @@ impl S3Backend {
     async fn open(
         client: Client,
         location: S3Location,
-        idle_timeout: Duration,
+        config: &RemoteConfig,
     ) -> Result<Self, FetchError> {
         let shown = match &location.version {
             Some(v) => format!("s3://{}/{}?versionId={v}", location.bucket, location.key),
@@ -196,6 +195,7 @@ impl S3Backend {
         if size == 0 {
             return Err(fail("the object is empty"));
         }
+        check_size(&shown, size)?;
         let etag = head.e_tag().map(str::to_owned);
         let pin = match (&location.version, &etag) {
             (Some(v), _) => Pin::Version(v.clone()),
@@ -213,11 +213,12 @@ impl S3Backend {
             size,
             pin,
             identity,
-            idle_timeout,
+            config: config.clone(),
         })
     }
 
     async fn read_once(&self, offset: u64, length: u64) -> Result<Bytes, (FetchErrorKind, String)> {
+        let deadline = tokio::time::Instant::now() + self.config.request_deadline(length);
         let mut request = self
             .client
             .get_object()
@@ -255,7 +256,7 @@ impl S3Backend {
             }
         }
         let mut body = output.body;
-        read_body(&mut body, length, self.idle_timeout).await
+        read_body(&mut body, length, self.config.idle_timeout, deadline).await
     }
 }
 
@@ -289,46 +290,27 @@ impl RangeBackend for S3Backend {
     }
 
     async fn open_related(&self, name: &str) -> Result<Arc<dyn RangeBackend>, FetchError> {
-        let key = resolve_key(&self.location.key, name).ok_or_else(|| {
-            FetchError::new(
-                FetchErrorKind::Permanent,
-                "open",
-                &self.shown,
-                None,
-                format!("{name:?} climbs above the bucket"),
-            )
-        })?;
+        // Inside the same bucket only; a leading `/` starts at the bucket's root.
+        let path = super::related::resolve(&format!("/{}", self.location.key), name).map_err(
+            |reason| {
+                FetchError::new(
+                    FetchErrorKind::Permanent,
+                    "open",
+                    &self.shown,
+                    None,
+                    format!("refusing the related name {}: {reason}", redact(name)),
+                )
+            },
+        )?;
         let location = S3Location {
             bucket: self.location.bucket.clone(),
-            key,
+            key: path[1..].to_owned(),
             version: None,
         };
         Ok(Arc::new(
-            S3Backend::open(self.client.clone(), location, self.idle_timeout).await?,
+            S3Backend::open(self.client.clone(), location, &self.config).await?,
         ))
     }
-}
-
-/// `name` resolved against the "directory" of `key` (`/`-separated, `..` allowed
-/// within the bucket; a leading `/` starts at the bucket's root).
-fn resolve_key(key: &str, name: &str) -> Option<String> {
-    let mut parts: Vec<&str> = if name.starts_with('/') {
-        Vec::new()
-    } else {
-        let mut p: Vec<&str> = key.split('/').collect();
-        p.pop();
-        p
-    };
-    for part in name.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                parts.pop()?;
-            }
-            p => parts.push(p),
-        }
-    }
-    (!parts.is_empty()).then(|| parts.join("/"))
 }
 
 /// Classifies an SDK failure and says what happened, without the request URL.
@@ -401,17 +383,5 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn related_keys_resolve_like_paths_inside_the_bucket() {
-        assert_eq!(
-            resolve_key("a/b/top.qcow2", "base.raw").unwrap(),
-            "a/b/base.raw"
-        );
-        assert_eq!(resolve_key("a/b/top.qcow2", "../c/x").unwrap(), "a/c/x");
-        assert_eq!(resolve_key("a/top.qcow2", "/x/y").unwrap(), "x/y");
-        assert_eq!(resolve_key("top.qcow2", "base").unwrap(), "base");
-        assert!(resolve_key("top.qcow2", "../base").is_none());
     }
 }
