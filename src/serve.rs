@@ -21,7 +21,9 @@ use thinline_nbd::source::Source;
 /// Each IMAGE becomes one export; `NAME=IMAGE` names it (otherwise its file name is
 /// used), and the first image is also the default export "". The format is detected
 /// from the content unless --format says otherwise. Local raw images and block devices
-/// are served read-write (unless -r); qcow2, VHD and VMDK images are served read-only as
+/// are served read-write (unless -r); when their format was detected rather than given,
+/// writes that would make them detect as another format (a qcow2, VMDK or VHD header
+/// written by a guest) are refused with EPERM: give --format raw to allow them. qcow2, VHD and VMDK images are served read-only as
 /// the raw disk they describe, backing chain included, with block status in
 /// `base:allocation` and `qemu:allocation-depth`. Remote templates (http://, https://,
 /// s3://, nfs://, nbd://, nbd+unix://, or any scheme with a handler) are served
@@ -269,6 +271,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         read_only: args.read_only,
         minimum_block_size: args.min_block_size,
         io_engine: args.io_engine.into(),
+        guard_probed_format: false,
     };
     let runtime = crate::remote::runtime()?;
     let mut remote_config = None;
@@ -314,6 +317,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                     None => detect(&*FileStorage::open(path)?)?,
                 };
                 if format == Format::Raw && !caching {
+                    // A detected raw format must stay raw (see RawOptions).
+                    let options = RawOptions {
+                        guard_probed_format: args.open.format.format().is_none(),
+                        ..options.clone()
+                    };
                     (
                         Arc::new(RawExport::open(path, &options)?),
                         format,

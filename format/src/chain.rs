@@ -154,17 +154,35 @@ pub struct Image {
     cache: Arc<MetadataCache>,
 }
 
-/// Recognises a format from the first bytes of a file (and the last 512 for fixed VHD).
-pub fn detect(storage: &dyn Storage) -> Result<Format> {
-    let mut head = [0u8; 64];
-    let n = (storage.size().min(head.len() as u64)) as usize;
-    read_exact(storage, "format magic", &mut head[..n], 0)?;
-    let head = &head[..n];
+/// Format detection reads this many bytes at offset 0.
+pub const PROBE_HEAD_LEN: u64 = 64;
+/// ... and, in files of at least [`PROBE_TAIL_MIN_SIZE`] bytes, this many at
+/// `size - PROBE_TAIL_FROM_END` (a fixed VHD's footer).
+pub const PROBE_TAIL_LEN: u64 = 8;
+/// Where the tail probe starts, counted from the end.
+pub const PROBE_TAIL_FROM_END: u64 = 512;
+/// Smallest file whose tail is probed.
+pub const PROBE_TAIL_MIN_SIZE: u64 = 1024;
+
+/// What format detection makes of a file's probed bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probed {
+    /// A format Thinline reads ([`Format::Raw`] when nothing else matched).
+    Format(Format),
+    /// A format Thinline refuses: its name and why.
+    Refused(&'static str, &'static str),
+}
+
+/// Recognises a format from the first [`PROBE_HEAD_LEN`] bytes of a file (`head`, fewer
+/// if the file is shorter) and, for files of at least [`PROBE_TAIL_MIN_SIZE`] bytes, the
+/// [`PROBE_TAIL_LEN`] bytes at `size - PROBE_TAIL_FROM_END` (`tail`). Pure, so a writer
+/// can ask what a write would turn a raw file into before making it.
+pub fn probe(head: &[u8], tail: Option<&[u8]>) -> Probed {
     if head.starts_with(b"QFI\xfb") {
-        return Ok(Format::Qcow2);
+        return Probed::Format(Format::Qcow2);
     }
     if head.starts_with(b"conectix") {
-        return Ok(Format::Vhd);
+        return Probed::Format(Format::Vhd);
     }
     if head.starts_with(b"KDMV")
         || head.starts_with(b"COWD")
@@ -172,30 +190,47 @@ pub fn detect(storage: &dyn Storage) -> Result<Format> {
         || head.starts_with(b"# Disk DescriptorFile")
         || head.starts_with(b"# Disk Descriptor File")
     {
-        return Ok(Format::Vmdk);
+        return Probed::Format(Format::Vmdk);
     }
     if head.starts_with(b"vhdxfile") {
-        return Err(Error::unsupported(
-            storage.name(),
+        return Probed::Refused(
             "vhdx",
             "VHDX images are not supported; convert with `qemu-img convert -O qcow2`",
-        ));
+        );
     }
     if head.starts_with(b"LUKS\xba\xbe") {
-        return Err(Error::unsupported(
-            storage.name(),
-            "raw",
+        return Probed::Refused(
+            "luks",
             "the file is LUKS-encrypted; Thinline never serves ciphertext",
-        ));
+        );
     }
-    if storage.size() >= 1024 {
-        let mut tail = [0u8; 8];
-        read_exact(storage, "VHD footer", &mut tail, storage.size() - 512)?;
-        if &tail == b"conectix" {
-            return Ok(Format::Vhd);
-        }
+    if tail == Some(b"conectix".as_slice()) {
+        return Probed::Format(Format::Vhd);
     }
-    Ok(Format::Raw)
+    Probed::Format(Format::Raw)
+}
+
+/// Recognises a format from the first bytes of a file (and the last 512 for fixed VHD).
+pub fn detect(storage: &dyn Storage) -> Result<Format> {
+    let mut head = [0u8; PROBE_HEAD_LEN as usize];
+    let n = (storage.size().min(PROBE_HEAD_LEN)) as usize;
+    read_exact(storage, "format magic", &mut head[..n], 0)?;
+    let mut tail = [0u8; PROBE_TAIL_LEN as usize];
+    let tail = if storage.size() >= PROBE_TAIL_MIN_SIZE {
+        read_exact(
+            storage,
+            "VHD footer",
+            &mut tail,
+            storage.size() - PROBE_TAIL_FROM_END,
+        )?;
+        Some(&tail[..])
+    } else {
+        None
+    };
+    match probe(&head[..n], tail) {
+        Probed::Format(format) => Ok(format),
+        Probed::Refused(format, reason) => Err(Error::unsupported(storage.name(), format, reason)),
+    }
 }
 
 fn open_layer(

@@ -159,28 +159,94 @@ pub struct FileStorage {
     regular: bool,
 }
 
+/// What [`open_checked`] may open besides regular files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allow {
+    /// Regular files only (names written inside images).
+    RegularFiles,
+    /// Regular files and block devices (what the operator names).
+    BlockDevices,
+}
+
+/// Opens `path` (read-only, or read-write with `write`) after checking its type without
+/// opening it: a FIFO would block the open forever, and opening a device can have side
+/// effects (a tape rewinds), so anything but a regular file (or, with
+/// [`Allow::BlockDevices`], a block device) is refused by name before `open`. The open
+/// itself is non-blocking and the descriptor's type and inode must match what was
+/// checked, so swapping a FIFO in between cannot hang or fool it.
+pub fn open_checked(
+    path: &Path,
+    write: bool,
+    allow: Allow,
+) -> io::Result<(File, std::fs::Metadata)> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let allowed =
+        |t: std::fs::FileType| t.is_file() || (allow == Allow::BlockDevices && t.is_block_device());
+    let refuse = |t: std::fs::FileType| {
+        let what = if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO (named pipe)"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_char_device() {
+            "a character device"
+        } else if t.is_block_device() {
+            "a block device"
+        } else {
+            "not a regular file"
+        };
+        let wanted = match allow {
+            Allow::RegularFiles => "only regular files are opened",
+            Allow::BlockDevices => "only regular files and block devices are opened",
+        };
+        io::Error::new(io::ErrorKind::InvalidInput, format!("{what}; {wanted}"))
+    };
+    let checked = std::fs::metadata(path)?;
+    if !allowed(checked.file_type()) {
+        return Err(refuse(checked.file_type()));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !allowed(meta.file_type()) {
+        return Err(refuse(meta.file_type()));
+    }
+    if (meta.dev(), meta.ino()) != (checked.dev(), checked.ino()) {
+        return Err(io::Error::other(
+            "the file was replaced while it was being opened",
+        ));
+    }
+    // Regular files and block devices ignore O_NONBLOCK for I/O; clear it anyway so the
+    // descriptor behaves like any other.
+    let flags = rustix::fs::fcntl_getfl(&file)?;
+    rustix::fs::fcntl_setfl(&file, flags - rustix::fs::OFlags::NONBLOCK)?;
+    Ok((file, meta))
+}
+
 impl FileStorage {
-    /// Opens `path` read-only. Opening never changes the file or its times.
+    /// Opens `path` read-only: a regular file or a block device. Opening never changes
+    /// the file or its times.
     pub fn open(path: &Path) -> Result<Arc<dyn Storage>> {
         Ok(Arc::new(Self::open_file(path)?))
     }
 
     /// Like [`FileStorage::open`], returning the concrete type.
     pub fn open_file(path: &Path) -> Result<Self> {
+        Self::open_allowing(path, Allow::BlockDevices)
+    }
+
+    fn open_allowing(path: &Path, allow: Allow) -> Result<Self> {
         let name = path.display().to_string();
         let open_err = |source| Error::Open {
             path: name.clone(),
             source,
         };
-        let file = File::open(path).map_err(open_err)?;
-        let meta = file.metadata().map_err(open_err)?;
+        let (file, meta) = open_checked(path, false, allow).map_err(open_err)?;
         let regular = meta.file_type().is_file();
-        if !regular && !std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
-            return Err(open_err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a regular file or a block device",
-            )));
-        }
         let size = if regular {
             meta.len()
         } else {
@@ -281,18 +347,9 @@ impl Storage for FileStorage {
                 .unwrap_or_else(|| Path::new("."))
                 .join(path)
         };
-        let file = FileStorage::open_file(&resolved)?;
         // An image names other files (backing files, data files, extents); a hostile
-        // template must not be able to make the server read a host device that way.
-        if !file.regular {
-            return Err(Error::chain(
-                &self.name,
-                format!(
-                    "{} is a device, not a regular file; images may only refer to regular files",
-                    resolved.display()
-                ),
-            ));
-        }
+        // template must not be able to make the server open a device or a FIFO that way.
+        let file = FileStorage::open_allowing(&resolved, Allow::RegularFiles)?;
         Ok(Arc::new(file))
     }
 

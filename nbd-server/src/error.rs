@@ -62,11 +62,18 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// An image is neither a regular file nor a block device.
-    #[error("{path} is not a regular file or a block device")]
-    NotAFileOrDevice {
+    /// A write to a raw image whose format was detected would make the next detection
+    /// find another format (a guest writing an image header).
+    #[error(
+        "refusing a write at offset {offset} of {path}: the raw image would be detected as {format} at the next start (its format was detected, not given; serve it with --format raw to allow this)"
+    )]
+    FormatChangeRefused {
         /// The image path.
         path: PathBuf,
+        /// Byte offset of the write.
+        offset: u64,
+        /// The format detection would find.
+        format: &'static str,
     },
     /// Two exports were given the same name.
     #[error("export name {name:?} is used twice")]
@@ -255,7 +262,7 @@ impl Error {
         match self {
             Error::Io { source, .. } => io_errno(source),
             Error::FastZeroUnsupported { .. } => errno::ENOTSUP,
-            Error::ReadOnly { .. } => errno::EPERM,
+            Error::ReadOnly { .. } | Error::FormatChangeRefused { .. } => errno::EPERM,
             Error::Upstream { errno, .. } => *errno,
             Error::Format(thinline_format::Error::Io { source, .. }) => io_errno(source),
             _ => errno::EIO,

@@ -15,7 +15,7 @@
 //! the one file description, so the kernel's page cache makes a flush on any connection
 //! cover writes acknowledged on every connection: the export is multi-conn safe.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
@@ -30,6 +30,11 @@ use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
 
 use tracing::debug;
+
+use thinline_format::Format;
+use thinline_format::chain::{
+    PROBE_HEAD_LEN, PROBE_TAIL_FROM_END, PROBE_TAIL_LEN, PROBE_TAIL_MIN_SIZE, Probed, probe,
+};
 
 use crate::export::{BlockSizes, Capabilities, Export, Extent, ReadChunk, ZeroFlags};
 use crate::fileio;
@@ -62,6 +67,23 @@ pub struct RawOptions {
     pub minimum_block_size: Option<u32>,
     /// How I/O that cannot be done inline is run.
     pub io_engine: IoEngine,
+    /// The format was detected from the content, not given: refuse writes that would
+    /// make the next detection find another format (see [`ProbeGuard`]).
+    pub guard_probed_format: bool,
+}
+
+/// Keeps a raw image whose format was *probed* raw. A guest owns the bytes of its disk:
+/// if it could write a qcow2, VMDK or VHD signature where detection looks, the next
+/// start with the same command line would open the file as that format, and a header
+/// naming a backing file such as `/etc/shadow` would serve a host file to the guest
+/// (qemu's CVE-2008-2004). So writes that would make detection find anything but raw
+/// are refused with EPERM and a log line. Writes to the probed bytes are serialized
+/// (rare: the first 64 bytes and 8 bytes 512 from the end), so two writes cannot each
+/// pass the check and together form a signature; zeroing needs no check, since no
+/// signature contains a zero byte.
+#[derive(Debug, Default)]
+struct ProbeGuard {
+    serialize: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +112,8 @@ pub struct RawExport {
     opened: Instant,
     /// The io_uring engine, or `None` for the thread pool.
     uring: Option<IoUringEngine>,
+    /// Present when the format was probed (see [`ProbeGuard`]).
+    probe_guard: Option<ProbeGuard>,
 }
 
 /// Buffered writes up to this size are done inline on the connection's task: the page
@@ -120,12 +144,13 @@ impl RawExport {
             path: path.to_owned(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!options.read_only)
-            .open(path)
-            .map_err(open_err)?;
-        let meta = file.metadata().map_err(open_err)?;
+        // Checked before opening: a FIFO at PATH must not hang the start.
+        let (file, meta) = thinline_format::storage::open_checked(
+            path,
+            !options.read_only,
+            thinline_format::storage::Allow::BlockDevices,
+        )
+        .map_err(open_err)?;
         let file_type = meta.file_type();
         let (kind, size, logical, physical, rotational) = if file_type.is_file() {
             (Kind::RegularFile, meta.len(), 1, 4096, false)
@@ -141,9 +166,10 @@ impl RawExport {
                 is_rotational(meta.rdev()),
             )
         } else {
-            return Err(Error::NotAFileOrDevice {
-                path: path.to_owned(),
-            });
+            return Err(open_err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file or a block device",
+            )));
         };
         let minimum = options.minimum_block_size.unwrap_or(logical).max(1);
         let preferred = physical.max(minimum).max(4096);
@@ -182,6 +208,7 @@ impl RawExport {
             offload_writes_until: AtomicU64::new(0),
             opened: Instant::now(),
             uring,
+            probe_guard: options.guard_probed_format.then(ProbeGuard::default),
         })
     }
 
@@ -287,6 +314,113 @@ impl RawExport {
             return Ok(vec![(end - offset, false)]);
         }
         allocation_extents(&self.file, offset, end, max)
+    }
+
+    /// Writes `data` at `offset`: inline when the page cache takes it at once, else on
+    /// the I/O engine.
+    async fn write_data(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        let length = data.len() as u64;
+        let mut done = 0;
+        if !fua && self.nowait_writes.load(Ordering::Relaxed) {
+            while done < data.len() {
+                let iov = [IoSlice::new(&data[done..])];
+                match rustix::io::pwritev2(
+                    &*self.file,
+                    &iov,
+                    offset + done as u64,
+                    ReadWriteFlags::NOWAIT,
+                ) {
+                    Ok(n) => done += n,
+                    Err(Errno::AGAIN) => break,
+                    Err(Errno::INTR) => {}
+                    Err(Errno::OPNOTSUPP | Errno::INVAL | Errno::NOSYS) => {
+                        self.nowait_writes.store(false, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(e) => return Err(self.io_error("write", offset, length, e.into())),
+                }
+            }
+            if done == data.len() {
+                return Ok(());
+            }
+        }
+        let rest = data.slice(done..);
+        let start = offset + done as u64;
+        if !fua && self.inline_writes_allowed(rest.len()) {
+            let began = Instant::now();
+            let result = self.file.write_all_at(&rest, start);
+            self.note_inline_write(began.elapsed());
+            return result.map_err(|e| self.io_error("write", offset, length, e));
+        }
+        if let Some(engine) = &self.uring {
+            // FUA is `RWF_DSYNC` on this write: durable, as NBD asks, without syncing
+            // everything else dirty in the file.
+            return engine
+                .write_all_at(&self.file, rest, start, fua)
+                .await
+                .map_err(|e| self.io_error("write", offset, length, e));
+        }
+        self.blocking("write", offset, length, move |file| {
+            file.write_all_at(&rest, start)?;
+            if fua {
+                file.sync_data()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// True if a write of `length` bytes at `offset` changes bytes format detection reads.
+    fn touches_probed_bytes(&self, offset: u64, length: u64) -> bool {
+        let end = offset + length;
+        let overlaps = |start: u64, len: u64| offset < start + len && start < end;
+        overlaps(0, PROBE_HEAD_LEN)
+            || (self.size >= PROBE_TAIL_MIN_SIZE
+                && overlaps(self.size - PROBE_TAIL_FROM_END, PROBE_TAIL_LEN))
+    }
+
+    /// Fails with [`Error::FormatChangeRefused`] if the image, with `data` written at
+    /// `offset`, would be detected as anything but raw. Call with the guard held.
+    async fn refuse_format_change(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let head_len = PROBE_HEAD_LEN.min(self.size);
+        let mut head = self.read_data(0, head_len as usize).await?.to_vec();
+        overlay(&mut head, 0, offset, data);
+        let tail = if self.size >= PROBE_TAIL_MIN_SIZE {
+            let at = self.size - PROBE_TAIL_FROM_END;
+            let mut tail = self.read_data(at, PROBE_TAIL_LEN as usize).await?.to_vec();
+            overlay(&mut tail, at, offset, data);
+            Some(tail)
+        } else {
+            None
+        };
+        let found = match probe(&head, tail.as_deref()) {
+            Probed::Format(Format::Raw) => return Ok(()),
+            Probed::Format(format) => format.name(),
+            Probed::Refused(name, _) => name,
+        };
+        tracing::warn!(
+            path = %self.path.display(),
+            offset,
+            length = data.len(),
+            "refused a write that would make this raw image (its format was detected, not given) detect as {found}; serve it with --format raw to allow such writes"
+        );
+        Err(Error::FormatChangeRefused {
+            path: self.path.clone(),
+            offset,
+            format: found,
+        })
+    }
+}
+
+/// Copies the part of `data` (written at `offset`) that falls in `buf` (which holds
+/// the bytes at `buf_at`) into `buf`.
+fn overlay(buf: &mut [u8], buf_at: u64, offset: u64, data: &[u8]) {
+    let start = offset.max(buf_at);
+    let end = (offset + data.len() as u64).min(buf_at + buf.len() as u64);
+    if start < end {
+        let (b, d) = ((start - buf_at) as usize, (start - offset) as usize);
+        let n = (end - start) as usize;
+        buf[b..b + n].copy_from_slice(&data[d..d + n]);
     }
 }
 
@@ -453,55 +587,14 @@ impl Export for RawExport {
                 path: self.path.clone(),
             });
         }
-        let length = data.len() as u64;
-        let mut done = 0;
-        if !fua && self.nowait_writes.load(Ordering::Relaxed) {
-            while done < data.len() {
-                let iov = [IoSlice::new(&data[done..])];
-                match rustix::io::pwritev2(
-                    &*self.file,
-                    &iov,
-                    offset + done as u64,
-                    ReadWriteFlags::NOWAIT,
-                ) {
-                    Ok(n) => done += n,
-                    Err(Errno::AGAIN) => break,
-                    Err(Errno::INTR) => {}
-                    Err(Errno::OPNOTSUPP | Errno::INVAL | Errno::NOSYS) => {
-                        self.nowait_writes.store(false, Ordering::Relaxed);
-                        break;
-                    }
-                    Err(e) => return Err(self.io_error("write", offset, length, e.into())),
-                }
-            }
-            if done == data.len() {
-                return Ok(());
-            }
+        if let Some(guard) = &self.probe_guard
+            && self.touches_probed_bytes(offset, data.len() as u64)
+        {
+            let _serialized = guard.serialize.lock().await;
+            self.refuse_format_change(offset, &data).await?;
+            return self.write_data(offset, data, fua).await;
         }
-        let rest = data.slice(done..);
-        let start = offset + done as u64;
-        if !fua && self.inline_writes_allowed(rest.len()) {
-            let began = Instant::now();
-            let result = self.file.write_all_at(&rest, start);
-            self.note_inline_write(began.elapsed());
-            return result.map_err(|e| self.io_error("write", offset, length, e));
-        }
-        if let Some(engine) = &self.uring {
-            // FUA is `RWF_DSYNC` on this write: durable, as NBD asks, without syncing
-            // everything else dirty in the file.
-            return engine
-                .write_all_at(&self.file, rest, start, fua)
-                .await
-                .map_err(|e| self.io_error("write", offset, length, e));
-        }
-        self.blocking("write", offset, length, move |file| {
-            file.write_all_at(&rest, start)?;
-            if fua {
-                file.sync_data()?;
-            }
-            Ok(())
-        })
-        .await
+        self.write_data(offset, data, fua).await
     }
 
     async fn flush(&self) -> Result<()> {
