@@ -98,21 +98,18 @@ impl Status {
     }
 }
 
-/// Binds the status socket at `path`, replacing a stale socket (anything else at
-/// `path` is refused).
-pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::FileTypeExt;
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
-        Ok(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
-            ));
-        }
-        Err(_) => {}
-    }
-    tokio::net::UnixListener::bind(path)
+/// Binds the status socket at `path` with mode 0660 (owner and group may read the
+/// status), replacing a stale socket and refusing a live one or any other file.
+pub fn bind(
+    path: &Path,
+) -> std::result::Result<tokio::net::UnixListener, Box<thinline_nbd::Error>> {
+    let listener = thinline_nbd::server::bind_unix_socket(path, 0o660)?;
+    let listen_err = |source| thinline_nbd::Error::Listen {
+        address: path.display().to_string(),
+        source,
+    };
+    listener.set_nonblocking(true).map_err(listen_err)?;
+    Ok(tokio::net::UnixListener::from_std(listener).map_err(listen_err)?)
 }
 
 /// Answers status requests on `listener` until `shutdown` resolves.

@@ -161,35 +161,15 @@ impl Listener {
         Ok(Listener::Tcp(l))
     }
 
-    /// Binds a unix socket with mode 0660. A stale socket file (nobody listening) is
-    /// replaced; a live socket or any other file at `path` is refused.
+    /// Binds a unix socket with mode 0660 (see [`bind_unix_socket`]).
     pub fn bind_unix(path: &Path) -> Result<Listener> {
+        let l = bind_unix_socket(path, 0o660)?;
         let listen_err = |source| Error::Listen {
             address: path.display().to_string(),
             source,
         };
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.file_type().is_socket() => {
-                if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(Error::SocketPathInUse {
-                        path: path.to_owned(),
-                        reason: "another server is listening there",
-                    });
-                }
-                std::fs::remove_file(path).map_err(listen_err)?;
-            }
-            Ok(_) => {
-                return Err(Error::SocketPathInUse {
-                    path: path.to_owned(),
-                    reason: "a file that is not a socket is there",
-                });
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(listen_err(e)),
-        }
-        let l = UnixListener::bind(path).map_err(listen_err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-            .map_err(listen_err)?;
+        l.set_nonblocking(true).map_err(listen_err)?;
+        let l = UnixListener::from_std(l).map_err(listen_err)?;
         Ok(Listener::Unix(l, path.to_owned()))
     }
 
@@ -202,6 +182,84 @@ impl Listener {
             Listener::Unix(_, p) => p.display().to_string(),
         }
     }
+}
+
+/// Binds a unix socket at `path` that has `mode` from the moment it appears there.
+///
+/// A stale socket file (nobody listening) is replaced; a live socket or any other file
+/// at `path` is refused. The socket is bound inside a private (0700) directory beside
+/// `path`, given `mode`, then renamed into place, so it never exists with the mode the
+/// umask would give it: a client of another user cannot connect in between, whatever
+/// the umask, and no process-wide umask is changed under other threads.
+pub fn bind_unix_socket(path: &Path, mode: u32) -> Result<std::os::unix::net::UnixListener> {
+    let listen_err = |source| Error::Listen {
+        address: path.display().to_string(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(Error::SocketPathInUse {
+                    path: path.to_owned(),
+                    reason: "another server is listening there",
+                });
+            }
+            std::fs::remove_file(path).map_err(listen_err)?;
+        }
+        Ok(_) => {
+            return Err(Error::SocketPathInUse {
+                path: path.to_owned(),
+                reason: "a file that is not a socket is there",
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(listen_err(e)),
+    }
+    let name = path.file_name().ok_or_else(|| {
+        listen_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the socket path names no file",
+        ))
+    })?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let private = parent.join(format!(
+        ".{}.{}-{nanos}.bind",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&private)
+        .map_err(listen_err)?;
+    let bound = (|| {
+        // The umask may have taken bits from 0700; set it exactly.
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))?;
+        let inside = private.join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&inside)?;
+        std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(mode))?;
+        match rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &inside,
+            rustix::fs::CWD,
+            path,
+            rustix::fs::RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => Ok(listener),
+            // Filesystems without RENAME_NOREPLACE: the path was checked free above.
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+                std::fs::rename(&inside, path).map(|()| listener)
+            }
+            Err(e) => Err(e.into()),
+        }
+    })();
+    let _ = std::fs::remove_file(private.join("s"));
+    let _ = std::fs::remove_dir(&private);
+    bound.map_err(listen_err)
 }
 
 /// An NBD server over a set of exports.
