@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod faults;
+pub mod hostile_http;
 pub mod images;
 pub mod servers;
 pub mod wire;
