@@ -6,7 +6,9 @@
 
 #![allow(dead_code)]
 
+pub mod fake_nbd;
 pub mod faults;
+pub mod hostile_nfs;
 pub mod images;
 pub mod servers;
 pub mod wire;
