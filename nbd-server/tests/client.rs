@@ -17,7 +17,7 @@ use thinline_nbd::Error;
 use thinline_nbd::client::{Client, ClientOptions, NbdUri};
 use thinline_nbd::proto::{
     self, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, ReplyMode, RequestHeader, cmd, errno, info, opt,
-    rep, reply, state, tflags,
+    rep, reply, state,
 };
 use thinline_nbd::raw::{RawExport, RawOptions};
 use thinline_nbd::remote::nbd::NbdBackend;
@@ -680,195 +680,22 @@ async fn thinline_server_in_process_over_unix_and_tcp() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Fake servers
+// Fake servers (shared with the end-to-end tests of the repository)
 // ---------------------------------------------------------------------------------------
 
-/// The byte a fake server serves at `offset`.
-fn pat(offset: u64) -> u8 {
-    (offset.wrapping_mul(7) ^ (offset >> 9)) as u8
-}
+#[path = "../../tests/common/fake_nbd.rs"]
+mod fake_nbd;
 
-fn pattern(offset: u64, len: u64) -> Vec<u8> {
-    (offset..offset + len).map(pat).collect()
-}
-
-const FAKE_SIZE: u64 = 1 << 20;
-const CONTEXT_ID: u32 = 7;
-
-#[derive(Clone)]
-struct FakeConfig {
-    structured: bool,
-    min_block: u32,
-    /// When this option arrives, send these bytes instead of the normal reply.
-    sabotage: Option<(u32, Vec<u8>)>,
-}
-
-impl Default for FakeConfig {
-    fn default() -> Self {
-        FakeConfig {
-            structured: true,
-            min_block: 1,
-            sabotage: None,
-        }
-    }
-}
-
-/// Decides the reply bytes for the requests received so far (`None`: wait for more);
-/// `true` closes the connection after sending.
-type Responder = Box<dyn FnMut(&[RequestHeader]) -> Option<(Vec<u8>, bool)> + Send>;
-
-fn option_reply(option: u32, kind: u32, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    proto::encode_option_reply(&mut out, option, kind, data);
-    out
-}
-
-async fn fake_server(mut s: UnixStream, config: FakeConfig, mut respond: Responder) {
-    let mut greeting = Vec::new();
-    greeting.extend_from_slice(&NBDMAGIC.to_be_bytes());
-    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    greeting.extend_from_slice(&3u16.to_be_bytes());
-    if s.write_all(&greeting).await.is_err() {
-        return;
-    }
-    let mut flags = [0u8; 4];
-    if s.read_exact(&mut flags).await.is_err() {
-        return;
-    }
-    loop {
-        let mut head = [0u8; 16];
-        if s.read_exact(&mut head).await.is_err() {
-            return;
-        }
-        let option = u32::from_be_bytes(head[8..12].try_into().unwrap());
-        let len = u32::from_be_bytes(head[12..16].try_into().unwrap());
-        let mut data = vec![0u8; len as usize];
-        if s.read_exact(&mut data).await.is_err() {
-            return;
-        }
-        if let Some((_, bytes)) = config.sabotage.as_ref().filter(|(o, _)| *o == option) {
-            if bytes.is_empty() {
-                // Close instead of answering.
-                return;
-            }
-            let _ = s.write_all(bytes).await;
-            continue;
-        }
-        let out = match option {
-            opt::STRUCTURED_REPLY if config.structured => option_reply(option, rep::ACK, &[]),
-            opt::SET_META_CONTEXT => {
-                let mut o = option_reply(
-                    option,
-                    rep::META_CONTEXT,
-                    &proto::rep_meta_context(CONTEXT_ID, proto::BASE_ALLOCATION),
-                );
-                o.extend(option_reply(option, rep::ACK, &[]));
-                o
-            }
-            opt::GO => {
-                let mut o = option_reply(
-                    option,
-                    rep::INFO,
-                    &proto::info_block_size(config.min_block, 4096, 1 << 20),
-                );
-                o.extend(option_reply(
-                    option,
-                    rep::INFO,
-                    &proto::info_export(FAKE_SIZE, tflags::HAS_FLAGS | tflags::READ_ONLY),
-                ));
-                o.extend(option_reply(option, rep::ACK, &[]));
-                if s.write_all(&o).await.is_err() {
-                    return;
-                }
-                break;
-            }
-            _ => option_reply(option, rep::ERR_UNSUP, b"not here"),
-        };
-        if s.write_all(&out).await.is_err() {
-            return;
-        }
-    }
-    let mut requests = Vec::new();
-    loop {
-        let mut buf = [0u8; proto::COMPACT_REQUEST_LEN];
-        if s.read_exact(&mut buf).await.is_err() {
-            return;
-        }
-        let req = proto::decode_request(ReplyMode::Structured, &buf).unwrap();
-        if req.command == cmd::DISC {
-            return;
-        }
-        requests.push(req);
-        if let Some((bytes, close)) = respond(&requests) {
-            requests.clear();
-            if s.write_all(&bytes).await.is_err() || close {
-                return;
-            }
-        }
-    }
-}
+use fake_nbd::{
+    CONTEXT_ID, FAKE_SIZE, FakeConfig, Responder, chunk, data_chunk, each, error_chunk,
+    fake_server, good, hole_chunk, option_reply, pattern,
+};
 
 /// A client connected to a fake server (or the error of its handshake).
 async fn fake(config: FakeConfig, respond: Responder) -> thinline_nbd::Result<Client> {
     let (c, s) = UnixStream::pair().unwrap();
     tokio::spawn(fake_server(s, config, respond));
     Client::from_stream(c, "fake-server", "disk", &ClientOptions::default()).await
-}
-
-fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    proto::encode_chunk_header(
-        &mut out,
-        ReplyMode::Structured,
-        flags,
-        kind,
-        cookie,
-        0,
-        payload.len() as u64,
-    );
-    out.extend_from_slice(payload);
-    out
-}
-
-fn data_chunk(cookie: u64, offset: u64, len: u64, done: bool) -> Vec<u8> {
-    let mut payload = offset.to_be_bytes().to_vec();
-    payload.extend(pattern(offset, len));
-    chunk(u16::from(done), reply::OFFSET_DATA, cookie, &payload)
-}
-
-fn hole_chunk(cookie: u64, offset: u64, len: u32, done: bool) -> Vec<u8> {
-    let mut payload = offset.to_be_bytes().to_vec();
-    payload.extend_from_slice(&len.to_be_bytes());
-    chunk(u16::from(done), reply::OFFSET_HOLE, cookie, &payload)
-}
-
-fn error_chunk(kind: u16, cookie: u64, value: u32, msg: &str, at: Option<u64>) -> Vec<u8> {
-    let mut payload = value.to_be_bytes().to_vec();
-    payload.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-    payload.extend_from_slice(msg.as_bytes());
-    if let Some(at) = at {
-        payload.extend_from_slice(&at.to_be_bytes());
-    }
-    chunk(reply::FLAG_DONE, kind, cookie, &payload)
-}
-
-/// Answers every read correctly, in two chunks sent in reverse order.
-fn good() -> Responder {
-    Box::new(|reqs| {
-        let r = reqs[0];
-        let half = r.length / 2;
-        let mut out = data_chunk(r.cookie, r.offset + half, r.length - half, false);
-        if half > 0 {
-            out.extend(data_chunk(r.cookie, r.offset, half, false));
-        }
-        out.extend(chunk(reply::FLAG_DONE, reply::NONE, r.cookie, &[]));
-        Some((out, false))
-    })
-}
-
-/// Answers every request with the bytes `f` makes for it.
-fn each(f: impl Fn(&RequestHeader) -> Vec<u8> + Send + 'static) -> Responder {
-    Box::new(move |reqs| Some((f(&reqs[0]), false)))
 }
 
 #[tokio::test]

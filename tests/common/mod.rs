@@ -6,8 +6,10 @@
 
 #![allow(dead_code)]
 
+pub mod fake_nbd;
 pub mod faults;
 pub mod hostile_http;
+pub mod hostile_nfs;
 pub mod images;
 pub mod servers;
 pub mod wire;

@@ -38,10 +38,12 @@
 //! A read is split at the server's largest read size (FSINFO `rtmax`, at most 1 MiB)
 //! and the pieces are read in parallel over a small pool of TCP connections (one call
 //! at a time each, at most [`MAX_CONNECTIONS`]), shared by every object opened from the
-//! same mount. Short READ replies are continued. A connection that fails, times out or
-//! is abandoned by a cancelled read is dropped, never reused; the next call opens a new
-//! one. As root the client connects from a reserved port (600–1023), which Linux's
-//! `nfsd` requires by default; otherwise from any port.
+//! same mount. Short READ replies are continued, up to 64 READs for one piece. Every
+//! reply must arrive whole within the first-byte plus the idle timeout, however slowly
+//! it trickles in. A connection that fails, times out or is abandoned by a cancelled
+//! read is dropped, never reused; the next call opens a new one. As root the client
+//! connects from a reserved port (600–1023), which Linux's `nfsd` requires by default;
+//! otherwise from any port.
 //!
 //! # Errors
 //!
@@ -88,6 +90,9 @@ const DEFAULT_READ: u32 = 32 << 10;
 const MAX_REPLY: usize = 1 << 20;
 /// Room for the RPC header and attributes of a READ reply besides the data.
 const READ_OVERHEAD: usize = 4096;
+/// READ calls for one span of at most `rtmax` bytes: short replies are continued, but a
+/// server that answers a byte at a time must not hold a read for a million calls.
+const MAX_READS_PER_SPAN: usize = 64;
 /// Symbolic links followed while resolving one path.
 const MAX_SYMLINKS: usize = 40;
 /// NFSv3 file handles are at most 64 bytes.
@@ -253,6 +258,11 @@ async fn read_span(
     let mut parts: Vec<Bytes> = Vec::new();
     let mut done = 0u64;
     while done < length {
+        if parts.len() >= MAX_READS_PER_SPAN {
+            return Err(Fail::transient(format!(
+                "the server returned {done} of {length} bytes in {MAX_READS_PER_SPAN} short READs"
+            )));
+        }
         let want = (length - done).min(u64::from(session.rtmax)) as u32;
         let reply = session.read(fh, offset + done, want).await?;
         if let Some(attr) = &reply.attr {
@@ -1001,6 +1011,9 @@ struct Timeouts {
     connect: Duration,
     first_byte: Duration,
     idle: Duration,
+    /// For a whole reply: the first byte's wait plus one idle pause, as NBD's request
+    /// timeout (a READ is at most 1 MiB).
+    reply: Duration,
 }
 
 impl From<&RemoteConfig> for Timeouts {
@@ -1009,6 +1022,7 @@ impl From<&RemoteConfig> for Timeouts {
             connect: c.connect_timeout,
             first_byte: c.first_byte_timeout,
             idle: c.idle_timeout,
+            reply: c.first_byte_timeout + c.idle_timeout,
         }
     }
 }
@@ -1133,33 +1147,17 @@ impl Conn {
             Ok(Ok(())) => {}
         }
 
-        let mut body = Vec::new();
-        let mut first = true;
-        let mut fragments = 0;
-        loop {
-            fragments += 1;
-            if fragments > 4096 {
-                return Err(malformed("a reply in more than 4096 fragments"));
-            }
-            let mut mark = [0u8; 4];
-            let wait = if first { t.first_byte } else { t.idle };
-            self.read_full(&mut mark, wait, t.idle).await?;
-            first = false;
-            let mark = u32::from_be_bytes(mark);
-            let len = (mark & 0x7fff_ffff) as usize;
-            if body.len() + len > max_reply {
-                return Err(malformed(&format!(
-                    "a reply of more than {max_reply} bytes"
+        // The whole reply, not just each piece of it, has a deadline: a server that
+        // trickles one byte just inside the idle timeout would hold the call forever.
+        let body = match tokio::time::timeout(t.reply, self.receive(max_reply, t)).await {
+            Err(_) => {
+                return Err(Fail::transient(format!(
+                    "the reply did not arrive whole within {:?}",
+                    t.reply
                 )));
             }
-            let start = body.len();
-            body.resize(start + len, 0);
-            self.read_full(&mut body[start..], t.idle, t.idle).await?;
-            if mark & 0x8000_0000 != 0 {
-                break;
-            }
-        }
-
+            Ok(body) => body?,
+        };
         let mut d = Dec::new(&body);
         if d.u32()? != xid {
             return Err(malformed("the reply is for another call"));
@@ -1222,6 +1220,37 @@ impl Conn {
             body: Bytes::from(body),
             start,
         })
+    }
+
+    /// Reads one reply record (all its fragments, at most `max_reply` bytes).
+    async fn receive(&mut self, max_reply: usize, t: &Timeouts) -> Result<Vec<u8>, Fail> {
+        let mut body = Vec::new();
+        let mut first = true;
+        let mut fragments = 0;
+        loop {
+            fragments += 1;
+            if fragments > 4096 {
+                return Err(malformed("a reply in more than 4096 fragments"));
+            }
+            let mut mark = [0u8; 4];
+            let wait = if first { t.first_byte } else { t.idle };
+            self.read_full(&mut mark, wait, t.idle).await?;
+            first = false;
+            let mark = u32::from_be_bytes(mark);
+            let len = (mark & 0x7fff_ffff) as usize;
+            if body.len() + len > max_reply {
+                return Err(malformed(&format!(
+                    "a reply of more than {max_reply} bytes"
+                )));
+            }
+            let start = body.len();
+            body.resize(start + len, 0);
+            self.read_full(&mut body[start..], t.idle, t.idle).await?;
+            if mark & 0x8000_0000 != 0 {
+                break;
+            }
+        }
+        Ok(body)
     }
 
     /// Fills `buf`, waiting at most `first` for the first bytes and `idle` between reads.
@@ -1513,6 +1542,52 @@ mod tests {
             .unwrap();
         let mut d = reply.decoder();
         assert_eq!((d.u32().unwrap(), d.u32().unwrap()), (0, 0x1234_5678));
+        server.await.unwrap();
+    }
+
+    /// A server that announces a reply and then sends it a byte every 50 ms, well
+    /// inside the idle timeout.
+    #[tokio::test]
+    async fn a_reply_trickled_inside_the_idle_timeout_still_times_out_whole() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 8];
+            s.read_exact(&mut head).await.unwrap();
+            s.write_all(&(0x8000_0000u32 | 1000).to_be_bytes())
+                .await
+                .unwrap();
+            s.write_all(&head[4..8]).await.unwrap(); // xid
+            for _ in 0..996 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if s.write_all(&[0]).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let config = RemoteConfig {
+            first_byte_timeout: Duration::from_millis(300),
+            idle_timeout: Duration::from_millis(300),
+            ..RemoteConfig::default()
+        };
+        let t = Timeouts::from(&config);
+        let mut conn = Conn::connect(addr, &t).await.unwrap();
+        // Without a deadline for the whole reply this takes 50 s.
+        let cred = auth_none();
+        let call = conn.call(NFS_PROG, NFS_VERS, 0, &cred, &[], 4096, &t);
+        let failed = tokio::time::timeout(Duration::from_secs(20), call)
+            .await
+            .expect("the call ended")
+            .err()
+            .expect("the call failed");
+        assert_eq!(failed.kind, FetchErrorKind::Transient);
+        assert!(
+            failed.message.contains("did not arrive whole"),
+            "{}",
+            failed.message
+        );
+        drop(conn);
         server.await.unwrap();
     }
 }
