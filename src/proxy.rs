@@ -215,6 +215,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
                 .map(|l| crate::serve::export_uri(l, &args.name))
                 .collect(),
         };
+        let shutdown = crate::serve::shutdown_signal();
         print_report(&report, args.json)?;
 
         let mut exports = ExportSet::new();
@@ -226,7 +227,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
             ..ServerConfig::default()
         };
         Server::new(exports, config)?
-            .run(listeners, crate::serve::shutdown_signal())
+            .run(listeners, shutdown)
             .await?;
         if let Some(path) = &status_socket {
             let _ = std::fs::remove_file(path);

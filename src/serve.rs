@@ -193,19 +193,38 @@ fn parse_image_spec(spec: &str) -> (Option<&str>, &str) {
     }
 }
 
+/// The sample image in `$TMPDIR`, created sparse (mode 0600) if missing. `$TMPDIR` is
+/// usually shared: another user could have put a symbolic link to some file of ours
+/// there, or a file of theirs, to have it served read-write. Only a regular file this
+/// user owns is reused; a new one is created exclusively.
 fn sample_image() -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let path = std::env::temp_dir().join("thinline-sample.img");
-    if !path.exists() {
-        let f = std::fs::File::create(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        f.set_len(SAMPLE_SIZE)
-            .with_context(|| format!("cannot size {}", path.display()))?;
-        eprintln!(
-            "thinline: created a sparse {} GiB sample image at {}",
-            SAMPLE_SIZE >> 30,
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.file_type().is_file() && meta.uid() == me => return Ok(path),
+        Ok(_) => bail!(
+            "{} exists but is not a regular file owned by this user (a symbolic link or another user's file is never served as the sample); remove it or name an image",
             path.display()
-        );
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot stat {}", path.display())),
     }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.set_len(SAMPLE_SIZE)
+        .with_context(|| format!("cannot size {}", path.display()))?;
+    eprintln!(
+        "thinline: created a sparse {} GiB sample image at {}",
+        SAMPLE_SIZE >> 30,
+        path.display()
+    );
     Ok(path)
 }
 
@@ -440,9 +459,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         if let Some(path) = &args.cache.status_socket {
             crate::cache::spawn_status(path, cached)?;
         }
+        // Signals are caught from before the report: whoever starts the daemon may stop
+        // it as soon as it says it listens.
+        let shutdown = shutdown_signal();
         print_report(&report, args.json)?;
         let server = Server::new(exports, config)?;
-        server.run(listeners, shutdown_signal()).await?;
+        server.run(listeners, shutdown).await?;
         if let Some(path) = &args.cache.status_socket {
             let _ = std::fs::remove_file(path);
         }
@@ -524,18 +546,24 @@ fn default_export_name(source: &Source) -> Option<String> {
     }
 }
 
-pub(crate) async fn shutdown_signal() {
+/// Resolves at the first SIGTERM or SIGINT. The handlers are installed when this is
+/// called (inside the runtime), not when the future is first polled, so a signal that
+/// arrives in between is not lost (nor kills the process with its default action).
+pub(crate) fn shutdown_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let signals = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = signals else {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
 

@@ -177,7 +177,10 @@ fn a_fifo_or_a_device_named_as_a_backing_file_is_refused_at_once() {
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: mkfifo reads a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    for (backing, what) in [("fifo", "FIFO"), ("/dev/zero", "character device")] {
+    for (backing, what) in [
+        ("fifo", "FIFO (named pipe)"),
+        ("/dev/zero", "character device"),
+    ] {
         overlay_naming(dir.path(), backing, "1M");
         let top = dir.path().join("top.qcow2");
         let run = thinline_within(
@@ -187,7 +190,7 @@ fn a_fifo_or_a_device_named_as_a_backing_file_is_refused_at_once() {
         );
         assert!(!run.status.success());
         assert!(
-            run.stderr.contains(what) && run.stderr.contains("only regular files"),
+            run.stderr.contains(&format!("{what}, not a regular file")),
             "{backing}: {}",
             run.stderr
         );
@@ -607,4 +610,40 @@ fn sockets_have_mode_0660_from_the_moment_they_appear_whatever_the_umask() {
         .filter(|n| n.ends_with(".bind"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_sample_image_planted_by_another_user_is_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    std::os::unix::fs::symlink(&victim, tmp.join("thinline-sample.img")).unwrap();
+    let sock = dir.path().join("s");
+    let run = thinline_within(
+        Duration::from_secs(20),
+        &["serve", "--socket", sock.to_str().unwrap()],
+        &[("TMPDIR", tmp.to_str().unwrap())],
+    );
+    assert!(!run.status.success());
+    assert!(
+        run.stderr.contains("not a regular file owned by this user"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    // Without anything planted, the sample is made private to its owner.
+    std::fs::remove_file(tmp.join("thinline-sample.img")).unwrap();
+    let mut served = Served::start_env(
+        &["--socket", sock.to_str().unwrap()],
+        &[("TMPDIR", tmp.to_str().unwrap())],
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(tmp.join("thinline-sample.img"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(served.terminate(Duration::from_secs(10)).success());
 }

@@ -194,13 +194,13 @@ pub fn open_checked(
         } else if t.is_block_device() {
             "a block device"
         } else {
-            "not a regular file"
+            "an unknown kind of file"
         };
         let wanted = match allow {
-            Allow::RegularFiles => "only regular files are opened",
-            Allow::BlockDevices => "only regular files and block devices are opened",
+            Allow::RegularFiles => "not a regular file",
+            Allow::BlockDevices => "not a regular file or a block device",
         };
-        io::Error::new(io::ErrorKind::InvalidInput, format!("{what}; {wanted}"))
+        io::Error::new(io::ErrorKind::InvalidInput, format!("{what}, {wanted}"))
     };
     let checked = std::fs::metadata(path)?;
     if !allowed(checked.file_type()) {
