@@ -184,14 +184,17 @@ impl Listener {
     }
 }
 
-/// Binds a unix socket at `path` that has `mode` from the moment it appears there.
+/// Binds a unix socket at `path` that never has more permissions than `mode`.
 ///
 /// A stale socket file (nobody listening) is replaced; a live socket or any other file
-/// at `path` is refused. The socket is bound inside a private (0700) directory beside
-/// `path`, given `mode`, then renamed into place, so it never exists with the mode the
-/// umask would give it: a client of another user cannot connect in between, whatever
-/// the umask, and no process-wide umask is changed under other threads.
+/// at `path` is refused. Linux creates a socket file with the socket's own inode mode
+/// less the umask, so the mode is set on the socket before `bind` (the file appears with
+/// `mode` less the umask, never more) and the file is then given exactly `mode`. A
+/// permissive umask cannot open a window for another user, no process-wide umask is
+/// changed under other threads, and the socket keeps its own path (as `ss -x` and
+/// `/proc/net/unix` show it).
 pub fn bind_unix_socket(path: &Path, mode: u32) -> Result<std::os::unix::net::UnixListener> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
     let listen_err = |source| Error::Listen {
         address: path.display().to_string(),
         source,
@@ -215,51 +218,21 @@ pub fn bind_unix_socket(path: &Path, mode: u32) -> Result<std::os::unix::net::Un
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(listen_err(e)),
     }
-    let name = path.file_name().ok_or_else(|| {
-        listen_err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "the socket path names no file",
-        ))
-    })?;
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
+    let bind = || -> std::io::Result<std::os::unix::net::UnixListener> {
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )?;
+        rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(mode))?;
+        rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
+        // Give back what the umask took (never more than `mode`).
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        rustix::net::listen(&fd, 1024)?;
+        Ok(std::os::unix::net::UnixListener::from(fd))
     };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let private = parent.join(format!(
-        ".{}.{}-{nanos}.bind",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
-        .create(&private)
-        .map_err(listen_err)?;
-    let bound = (|| {
-        // The umask may have taken bits from 0700; set it exactly.
-        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))?;
-        let inside = private.join("s");
-        let listener = std::os::unix::net::UnixListener::bind(&inside)?;
-        std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(mode))?;
-        match rustix::fs::renameat_with(
-            rustix::fs::CWD,
-            &inside,
-            rustix::fs::CWD,
-            path,
-            rustix::fs::RenameFlags::NOREPLACE,
-        ) {
-            Ok(()) => Ok(listener),
-            // Filesystems without RENAME_NOREPLACE: the path was checked free above.
-            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
-                std::fs::rename(&inside, path).map(|()| listener)
-            }
-            Err(e) => Err(e.into()),
-        }
-    })();
-    let _ = std::fs::remove_file(private.join("s"));
-    let _ = std::fs::remove_dir(&private);
-    bound.map_err(listen_err)
+    bind().map_err(listen_err)
 }
 
 /// An NBD server over a set of exports.
