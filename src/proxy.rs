@@ -452,6 +452,11 @@ fn show_status(args: &StatusArgs) -> anyhow::Result<u8> {
         )?;
         writeln!(
             out,
+            "  checksums: {} cached chunks did not match (fetched again)",
+            status.checksum_errors
+        )?;
+        writeln!(
+            out,
             "  prefetch: {} ({} bytes fetched, {} bytes of zeroes skipped){}",
             status.prefetch,
             status.prefetch_bytes,
