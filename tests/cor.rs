@@ -1002,7 +1002,10 @@ fn a_block_device_is_a_cache_too_and_one_too_small_is_refused() {
         .unwrap();
     assert!(on_device == bytes);
     let fetched = up.reads().len();
-    let p = proxy(dir.path(), &up.uri(), &dev.0, &[]);
+    // A link to a block device (as LVM's /dev/VG/LV is) is followed.
+    let link = dir.path().join("lv");
+    std::os::unix::fs::symlink(&dev.0, &link).unwrap();
+    let p = proxy(dir.path(), &up.uri(), &link, &[]);
     assert_eq!(p.report["complete"], true, "{}", p.report);
     assert_eq!(read_all(&p.uri(""), dir.path()), bytes);
     assert_eq!(
@@ -1011,6 +1014,12 @@ fn a_block_device_is_a_cache_too_and_one_too_small_is_refused() {
         "a warm block-device cache went upstream"
     );
     drop(p);
+    // A device's template size is not known from its length: scrub asks for it.
+    let err = fails(&["proxy", "scrub", dev.0.to_str().unwrap()]);
+    assert!(err.contains("--size"), "{err}");
+    let (code, out) = scrub(&["--size", "8M", link.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("128 of 128 chunks present, 0 bad"), "{out}");
 
     let Some(small) = LoopDevice::attach(&dir.path().join("small.img"), 8 * MIB) else {
         return;

@@ -862,6 +862,11 @@ impl CacheFile {
         (first..end).all(|i| self.is_verified(i))
     }
 
+    /// True if a chunk of `[first, end)` is present but not verified yet.
+    pub fn needs_verify(&self, first: u64, end: u64) -> bool {
+        (first..end).any(|i| self.is_present(i) && !self.is_verified(i))
+    }
+
     /// Sets the bits of `[first, end)` in memory; returns the map pages to persist.
     /// Call only after the chunks' data and checksums are durable. The chunks count as
     /// verified: their checksums were computed from the bytes this process wrote.
@@ -900,14 +905,19 @@ impl CacheFile {
         Ok(())
     }
 
-    /// Records that every chunk is present (durably).
+    /// Records that every chunk is present (durably), if they still all are (a bad
+    /// chunk may have been forgotten meanwhile: see [`Self::clear_chunks`]).
     pub fn mark_complete(&self) -> Result<()> {
         self.file.sync_data().map_err(|source| Error::Io {
             path: self.path.clone(),
             op: "sync presence map",
             source,
         })?;
-        self.write_superblock(|sb| sb.flags |= FLAG_COMPLETE)
+        self.write_superblock(|sb| {
+            if self.present_chunks() == self.chunks() {
+                sb.flags |= FLAG_COMPLETE;
+            }
+        })
     }
 
     /// Writes template bytes at their offset.
@@ -1034,6 +1044,8 @@ impl CacheFile {
         self.persist_pages(&pages)
             .map_err(io("write presence map"))?;
         self.file.sync_data().map_err(io("sync presence map"))?;
+        // `present` dropped above, so a `mark_complete` from now on leaves the flag
+        // alone; one that ran before set it, and it is cleared here.
         if self.is_complete() {
             self.write_superblock(|sb| sb.flags &= !FLAG_COMPLETE)?;
         }

@@ -1138,6 +1138,7 @@ async fn batcher(
         if synced.is_ok() && cache.present_chunks() == cache.chunks() && !cache.is_complete() {
             let c = Arc::clone(&cache);
             match tokio::task::spawn_blocking(move || c.mark_complete()).await {
+                Ok(Ok(())) if !cache.is_complete() => {}
                 Ok(Ok(())) => tracing::info!(
                     cache = %cache.path().display(),
                     bytes = cache.size(),
@@ -1210,7 +1211,7 @@ impl Export for CorExport {
             .fetch_add(length, Ordering::Relaxed);
         let (cf, ce) = inner.chunk_range(offset, length);
         let mut hit = inner.cache.all_verified(cf, ce);
-        if !hit {
+        if !hit && inner.cache.needs_verify(cf, ce) {
             // Chunks read from disk the first time are checked; bad ones are fetched.
             inner.verify(cf, ce).await?;
             hit = inner.cache.all_verified(cf, ce);
