@@ -862,6 +862,16 @@ impl CacheFile {
         (first..end).all(|i| self.is_verified(i))
     }
 
+    /// Checks `data`, the bytes of present chunk `i` read from disk, against its
+    /// checksum; marks the chunk verified if it matches.
+    pub(crate) fn check_chunk(&self, i: u64, data: &[u8]) -> bool {
+        let good = crc32c::crc32c(data) == self.sums[i as usize].load(Ordering::Relaxed);
+        if good {
+            self.verified[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Release);
+        }
+        good
+    }
+
     /// True if a chunk of `[first, end)` is present but not verified yet.
     pub fn needs_verify(&self, first: u64, end: u64) -> bool {
         (first..end).any(|i| self.is_present(i) && !self.is_verified(i))

@@ -472,10 +472,14 @@ impl Inner {
     }
 
     async fn cache_read(&self, offset: u64, length: u64) -> Result<ReadChunk> {
+        self.cache_bytes(offset, length).await.map(ReadChunk::Data)
+    }
+
+    async fn cache_bytes(&self, offset: u64, length: u64) -> Result<Bytes> {
         self.reader
             .read_exact(offset, length as usize)
             .await
-            .map(|b| ReadChunk::Data(b.freeze()))
+            .map(|b| b.freeze())
             .map_err(|source| Error::Io {
                 op: "read cache",
                 path: self.cache.path().to_owned(),
@@ -535,28 +539,54 @@ impl Inner {
         self.read_skipping_zeroes(offset, length).await
     }
 
-    /// Checks the present chunks of `[first, end)` not yet read from disk by this
-    /// process against their checksums; a bad one is logged and forgotten (its bit
-    /// cleared in memory and on disk), so it is fetched again.
-    async fn verify(&self, first: u64, end: u64) -> Result<()> {
-        let cache = Arc::clone(&self.cache);
-        let checked = tokio::task::spawn_blocking(move || {
-            let bad = cache.verify(first, end)?;
-            if !bad.is_empty() {
-                let chunks: Vec<u64> = bad.iter().map(|&(c, _)| c).collect();
-                cache.clear_chunks(&chunks).map_err(std::io::Error::other)?;
+    /// Checks the present chunks of `[offset, offset + length)` (chunks `[first, end)`)
+    /// not yet read from disk by this process against their checksums, reading the
+    /// chunks whole; a bad one is logged and forgotten (its bit cleared in memory and on
+    /// disk), so it is fetched again. Returns the range's bytes when every chunk of it
+    /// is present and good, so the read needs no second pass.
+    async fn verify(
+        &self,
+        offset: u64,
+        length: u64,
+        (first, end): (u64, u64),
+    ) -> Result<Option<Bytes>> {
+        let c = self.chunk();
+        let start = first * c;
+        let span = (end * c).min(self.cache.size()) - start;
+        let data = self.cache_bytes(start, span).await?;
+        let mut bad = Vec::new();
+        let mut whole = true;
+        for i in first..end {
+            if !self.cache.is_present(i) {
+                whole = false;
+                continue;
             }
-            Ok::<_, std::io::Error>(bad)
-        })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-        let bad = checked.map_err(|source| Error::Io {
-            op: "verify cache",
-            path: self.cache.path().to_owned(),
-            offset: first * self.chunk(),
-            length: (end - first) * self.chunk(),
-            source,
-        })?;
+            if self.cache.is_verified(i) {
+                continue;
+            }
+            let lo = ((i - first) * c) as usize;
+            let hi = (lo + c as usize).min(data.len());
+            if !self.cache.check_chunk(i, &data[lo..hi]) {
+                bad.push((i, i * c));
+            }
+        }
+        if bad.is_empty() {
+            let lo = (offset - start) as usize;
+            return Ok(whole.then(|| data.slice(lo..lo + length as usize)));
+        }
+        let cache = Arc::clone(&self.cache);
+        let chunks: Vec<u64> = bad.iter().map(|&(i, _)| i).collect();
+        tokio::task::spawn_blocking(move || cache.clear_chunks(&chunks))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r.map_err(std::io::Error::other))
+            .map_err(|source| Error::Io {
+                op: "forget bad chunks",
+                path: self.cache.path().to_owned(),
+                offset: start,
+                length: span,
+                source,
+            })?;
         for &(chunk, offset) in &bad {
             self.stats.checksum_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
@@ -568,7 +598,7 @@ impl Inner {
                  forged presence map): forgotten and fetched again"
             );
         }
-        Ok(())
+        Ok(None)
     }
 
     /// After a miss of units `[first, last]`: if it continues a sequential stream, grow
@@ -1213,7 +1243,10 @@ impl Export for CorExport {
         let mut hit = inner.cache.all_verified(cf, ce);
         if !hit && inner.cache.needs_verify(cf, ce) {
             // Chunks read from disk the first time are checked; bad ones are fetched.
-            inner.verify(cf, ce).await?;
+            if let Some(data) = inner.verify(offset, length, (cf, ce)).await? {
+                inner.stats.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(vec![ReadChunk::Data(data)]);
+            }
             hit = inner.cache.all_verified(cf, ce);
         }
         if hit {
