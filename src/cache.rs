@@ -18,7 +18,8 @@ pub struct CacheArgs {
     pub chunk_size: usize,
 
     /// A cache made for another template or version of it: refuse to start, or
-    /// discard its contents and start empty.
+    /// discard its contents and start empty. Data that is not a cache is refused
+    /// either way.
     #[arg(long, value_enum, value_name = "WHAT", default_value_t = Mismatch::Refuse)]
     pub cache_mismatch: Mismatch,
 
@@ -84,6 +85,7 @@ impl CacheArgs {
             prefetch: self.prefetch.then(|| PrefetchOptions {
                 rate: (self.prefetch_rate > 0).then_some(self.prefetch_rate as u64),
             }),
+            follow_device_links: false,
         })
     }
 }

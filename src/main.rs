@@ -3,7 +3,8 @@
 //!
 //! Exit codes: 0 success (including a clean shutdown on SIGTERM/SIGINT), 1 runtime
 //! failure (an image cannot be opened or is refused, a socket cannot be bound, …), 2
-//! invalid usage; `image check` adds 3 (only warnings found) and 4 (errors found).
+//! invalid usage; `image check` adds 3 (only warnings found) and 4 (errors found), and
+//! `proxy scrub` 4 (chunks that do not match their checksums found).
 
 mod cache;
 mod image;

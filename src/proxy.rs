@@ -1,5 +1,5 @@
 //! `thinline proxy`: the copy-on-read proxy between a template's NBD server and the
-//! clients of its clones, and `thinline proxy status`.
+//! clients of its clones, `thinline proxy status` and `thinline proxy scrub`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,6 +27,12 @@ use crate::remote::RemoteArgs;
 /// restart reuses every marked block. The cache is keyed by the template's identity
 /// (upstream URI, size, --template-id): a cache of another template is refused.
 ///
+/// Every chunk carries a CRC32C, checked the first time the proxy reads it from disk;
+/// a chunk that does not match is logged and fetched again (`thinline proxy scrub`
+/// checks them all). Data that is not a cache is never overwritten, whatever
+/// --cache-mismatch says; --cache is opened without following a symbolic link, except
+/// one to a block device (such as /dev/VG/LV).
+///
 /// Of the remote-template options, --fetch-unit (bytes fetched per miss),
 /// --max-in-flight (upstream fetches at once), --retries and the timeouts apply to the
 /// upstream.
@@ -46,7 +52,8 @@ pub struct ProxyArgs {
     upstream: Option<String>,
 
     /// The cache: a file (created sparse if missing) or a block device, at least the
-    /// template's size rounded up to 1 MiB plus 8 KiB and one bit per chunk.
+    /// template's size rounded up to 1 MiB plus 8 KiB, one bit and 4 bytes per chunk
+    /// (each rounded up to 4 KiB). A symbolic link is followed only to a block device.
     #[arg(long, value_name = "PATH", required = true)]
     cache: Option<PathBuf>,
 
@@ -87,6 +94,34 @@ pub struct ProxyArgs {
 #[derive(Debug, Subcommand)]
 enum ProxyAction {
     Status(StatusArgs),
+    Scrub(ScrubArgs),
+}
+
+/// Check every cached chunk of a stopped proxy's cache against its checksum.
+///
+/// Reads the whole cached data. Takes the cache's lock: a cache in use is refused,
+/// naming its holder. Exit status: 0 every present chunk matches, 4 bad chunks were
+/// found (with --repair, also forgotten: the next proxy fetches them again), 1 the
+/// cache cannot be checked.
+#[derive(Debug, Args)]
+#[command(after_long_help = SCRUB_EXAMPLES)]
+struct ScrubArgs {
+    /// The cache file or block device.
+    #[arg(value_name = "CACHE")]
+    cache: PathBuf,
+
+    /// Clear the presence bits of bad chunks, so they are fetched again.
+    #[arg(long)]
+    repair: bool,
+
+    /// The template's size in bytes (K, M, G suffixes): needed for a block device; a
+    /// file's is found from its length.
+    #[arg(long, value_name = "SIZE", value_parser = crate::image::parse_size)]
+    size: Option<usize>,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Show a running proxy's (or `serve --cache-dir`'s) cache counters and hydration.
@@ -123,6 +158,11 @@ Examples:
 The cache is served only for blocks marked present after their data was made durable;
 kill -9 at any moment loses at most blocks not yet marked. Stop with SIGTERM or Ctrl-C.";
 
+const SCRUB_EXAMPLES: &str = "\
+Examples:
+  thinline proxy scrub /var/lib/thinline/debian-12.cache
+  thinline proxy scrub --repair --size 10G /dev/vg/debian-12-cache";
+
 const STATUS_EXAMPLES: &str = "\
 Examples:
   thinline proxy status /run/thinline/tmpl.sock
@@ -150,8 +190,10 @@ struct ProxyReport {
 
 /// Runs `thinline proxy` (until SIGTERM/SIGINT) or `thinline proxy status`.
 pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
-    if let Some(ProxyAction::Status(status)) = args.action {
-        return show_status(&status);
+    match args.action {
+        Some(ProxyAction::Status(status)) => return show_status(&status),
+        Some(ProxyAction::Scrub(scrub)) => return run_scrub(&scrub),
+        None => {}
     }
     let Some(upstream_uri) = args.upstream.as_deref() else {
         bail!("--upstream is required (the template's NBD server)");
@@ -173,9 +215,11 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
         Some(s) => format!("thinline proxy --socket {}", s.display()),
         None => "thinline proxy".to_owned(),
     };
-    let options =
+    let mut options =
         args.cache_args
             .options(args.remote.fetch_unit, args.remote.max_in_flight, &role)?;
+    // The operator names the cache: an LVM volume's /dev/VG/LV is a link to its device.
+    options.follow_device_links = true;
     let runtime = crate::remote::runtime()?;
     runtime.block_on(async move {
         let upstream = NbdUpstream::open(upstream_uri, args.template_id.as_deref(), &remote)
@@ -276,6 +320,76 @@ fn print_report(report: &ProxyReport, json: bool) -> anyhow::Result<()> {
     Ok(out.flush()?)
 }
 
+#[derive(Debug, Serialize)]
+struct ScrubOutput {
+    cache: PathBuf,
+    #[serde(flatten)]
+    report: thinline_cor::ScrubReport,
+    repaired: bool,
+}
+
+/// `thinline proxy scrub`: 0 clean, 4 bad chunks found.
+fn run_scrub(args: &ScrubArgs) -> anyhow::Result<u8> {
+    let cache = thinline_cor::CacheFile::open_existing(
+        &args.cache,
+        &thinline_cor::ExistingOptions {
+            size: args.size.map(|s| s as u64),
+            writable: args.repair,
+            follow_device_links: true,
+        },
+    )
+    .with_context(|| format!("cannot scrub cache {}", args.cache.display()))?;
+    let report = cache
+        .scrub()
+        .with_context(|| format!("cannot scrub cache {}", args.cache.display()))?;
+    let bad: Vec<u64> = report.bad.iter().map(|&(c, _)| c).collect();
+    if args.repair {
+        cache
+            .clear_chunks(&bad)
+            .with_context(|| format!("cannot repair cache {}", args.cache.display()))?;
+    }
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let status = if bad.is_empty() { 0 } else { 4 };
+    if args.json {
+        let output = ScrubOutput {
+            cache: args.cache.clone(),
+            report,
+            repaired: args.repair && status != 0,
+        };
+        serde_json::to_writer(&mut out, &output)?;
+        writeln!(out)?;
+        return Ok(status);
+    }
+    writeln!(
+        out,
+        "cache {}: {} of {} chunks present, {} bad",
+        args.cache.display(),
+        report.present,
+        report.chunks,
+        bad.len()
+    )?;
+    for (chunk, offset) in &report.bad {
+        writeln!(
+            out,
+            "bad chunk {chunk} at offset {offset} ({} bytes)",
+            cache.chunk_size()
+        )?;
+    }
+    if status != 0 {
+        writeln!(
+            out,
+            "{}",
+            if args.repair {
+                "their presence bits were cleared: the proxy fetches them again"
+            } else {
+                "run with --repair to clear their presence bits (a proxy also fetches them again when it reads them)"
+            }
+        )?;
+    }
+    Ok(status)
+}
+
 fn show_status(args: &StatusArgs) -> anyhow::Result<u8> {
     let runtime = crate::remote::runtime()?;
     // Given the NBD socket, ask its status socket; never wait on an NBD handshake.
@@ -336,6 +450,11 @@ fn show_status(args: &StatusArgs) -> anyhow::Result<u8> {
             status.in_flight,
             status.speculative_fetches,
             status.fetch_around
+        )?;
+        writeln!(
+            out,
+            "  checksums: {} cached chunks did not match (fetched again)",
+            status.checksum_errors
         )?;
         writeln!(
             out,

@@ -74,9 +74,12 @@ pub struct ServeArgs {
     #[arg(long, value_enum, value_name = "ENGINE", default_value_t = IoEngineArg::Auto)]
     io_engine: IoEngineArg,
 
-    /// Put a copy-on-read cache in front of each image: DIR/NAME-HASH.cache keeps every
-    /// block fetched, durable and keyed by the template's identity, so later reads (and
-    /// later runs) are local. Exports become read-only.
+    /// Put a copy-on-read cache in front of each image: DIR/NAME-HASH-HASH.cache keeps
+    /// every block fetched, durable and checksummed, so later reads (and later runs) are
+    /// local. The name hashes the location and the pinned version (ETag, version id,
+    /// mtime…): each version of a template gets its own cache (older ones are left in
+    /// place and logged). DIR is created private (0700); a symbolic link inside it is
+    /// refused. Exports become read-only.
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
 
@@ -298,7 +301,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut opened: Vec<Opened> = Vec::new();
     let mut cached = Vec::new();
     if let Some(dir) = &args.cache_dir {
-        std::fs::create_dir_all(dir)
+        // Private when Thinline makes it: other local users must not plant files or
+        // links in it.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
             .with_context(|| format!("cannot create cache directory {}", dir.display()))?;
     }
     let cor_options = args.cache.options(
@@ -386,7 +395,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         };
         let (export, cache) = match (&args.cache_dir, identity) {
             (Some(dir), Some(identity)) => {
-                let path = dir.join(thinline_cor::cache::cache_file_name(&shown));
+                let file_name = thinline_cor::cache::cache_file_name(&shown, &identity);
+                let path = dir.join(&file_name);
+                for other in thinline_cor::cache::other_caches_of(dir, &shown, &file_name) {
+                    tracing::info!(
+                        image = %shown,
+                        cache = %path.display(),
+                        other = %other.display(),
+                        "a cache of another version of this template (or of an older Thinline) \
+                         is left in place; remove it when no longer needed"
+                    );
+                }
                 let upstream = thinline_cor::ExportUpstream::new(export, shown.clone(), identity);
                 let cor = {
                     let _enter = runtime.enter();

@@ -474,7 +474,7 @@ fn sha256(data: &[u8]) -> Vec<u8> {
 }
 
 #[test]
-fn a_cache_of_another_template_version_is_refused_or_discarded_on_request() {
+fn a_changed_template_gets_its_own_cache_in_a_cache_dir_and_the_proxy_refuses_another_version() {
     let Some((dir, image, bytes)) = setup(4 * MIB, &[(0, 4 * MIB)]) else {
         return;
     };
@@ -506,15 +506,21 @@ fn a_cache_of_another_template_version_is_refused_or_discarded_on_request() {
         .unwrap();
     f.write_all_at(b"changed!", MIB).unwrap();
     drop(f);
-    let mut args = vec!["serve".to_owned()];
-    args.extend(serve(&[]));
-    let err = fails(&strs(&args));
-    assert!(err.contains("another template or version"), "{err}");
-    let mut s = Served::start(&strs(&serve(&["--cache-mismatch", "discard"])));
+    // With --cache-dir the new version gets a cache of its own; the old one is left,
+    // and named in the log.
+    let old: Vec<_> = std::fs::read_dir(&cache_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(old.len(), 1, "{old:?}");
+    let mut s = Served::start(&strs(&serve(&[])));
     let now = std::fs::read(&image).unwrap();
     assert_ne!(now, bytes);
     assert_eq!(read_all(&s.uri(""), dir.path()), now);
+    assert_ne!(s.report["exports"][0]["cache"], old[0].to_str().unwrap());
+    assert!(s.log().contains(old[0].to_str().unwrap()), "{}", s.log());
     s.terminate(Duration::from_secs(20));
+    assert_eq!(std::fs::read_dir(&cache_dir).unwrap().count(), 2);
 
     // The proxy: the same upstream under another --template-id is another version.
     let mut up = Nbdkit::start(dir.path(), &image, &[], &[]);
@@ -541,6 +547,179 @@ fn a_cache_of_another_template_version_is_refused_or_discarded_on_request() {
         err.contains("another template or version") && err.contains("v1"),
         "{err}"
     );
+}
+
+/// `thinline proxy scrub ARGS`: exit code and stdout.
+fn scrub(args: &[&str]) -> (i32, String) {
+    let out = Command::new(thinline())
+        .args(["proxy", "scrub"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let code = out.status.code().unwrap();
+    assert!(
+        code == 0 || code == 4,
+        "scrub {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (code, stdout)
+}
+
+#[test]
+fn a_scribbled_chunk_is_fetched_again_after_a_restart_and_scrub_finds_and_repairs_it() {
+    let size = 8 * MIB;
+    let Some((dir, image, bytes)) = setup(size, &[(0, 8 * MIB)]) else {
+        return;
+    };
+    let cache = dir.path().join("c.cache");
+    let cache_s = cache.to_str().unwrap();
+    let up = Nbdkit::start(dir.path(), &image, &[], &[]);
+    let mut p = proxy(dir.path(), &up.uri(), &cache, &[]);
+    assert_eq!(read_all(&p.uri(""), dir.path()), bytes);
+    settle(&p.socket.clone().unwrap());
+    // A scrub of a cache in use is refused, naming the holder.
+    let err = fails(&["proxy", "scrub", cache_s]);
+    assert!(
+        err.contains("in use by") && err.contains("thinline proxy"),
+        "{err}"
+    );
+    p.terminate(Duration::from_secs(20));
+    let (code, out) = scrub(&[cache_s]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("128 of 128 chunks present, 0 bad"), "{out}");
+
+    // Bit rot in chunk 10 of the stopped proxy's cache.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cache)
+        .unwrap();
+    f.write_all_at(b"scribble", 10 * CHUNK + 999).unwrap();
+    drop(f);
+    let (code, out) = scrub(&[cache_s]);
+    assert_eq!(code, 4, "{out}");
+    assert!(
+        out.contains(&format!("bad chunk 10 at offset {}", 10 * CHUNK)),
+        "{out}"
+    );
+    let (_, json) = scrub(&["--json", cache_s]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["bad"], serde_json::json!([[10, 10 * CHUNK]]), "{v}");
+
+    // A restarted proxy serves the template's bytes and asks the upstream again.
+    let before = up.reads().len();
+    let p = proxy(dir.path(), &up.uri(), &cache, &[]);
+    assert_eq!(read_all(&p.uri(""), dir.path()), bytes);
+    let again = up.reads()[before..].to_vec();
+    assert!(
+        again
+            .iter()
+            .any(|&(o, l)| o <= 10 * CHUNK && 11 * CHUNK <= o + l),
+        "chunk 10 was not fetched again: {again:?}"
+    );
+    assert!(
+        again
+            .iter()
+            .all(|&(o, l)| o < 11 * CHUNK && 10 * CHUNK < o + l),
+        "good chunks fetched again: {again:?}"
+    );
+    settle(&p.socket.clone().unwrap());
+    let s = status(&p.socket.clone().unwrap());
+    assert_eq!(s["checksum_errors"], 1, "{s}");
+    assert!(
+        p.log().contains("does not match its checksum"),
+        "{}",
+        p.log()
+    );
+    drop(p);
+    assert_eq!(
+        scrub(&[cache_s]).0,
+        0,
+        "the chunk fetched again is right on disk"
+    );
+
+    // --repair forgets a bad chunk; the scrub after it is clean.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cache)
+        .unwrap();
+    f.write_all_at(b"scribble", 77 * CHUNK).unwrap();
+    drop(f);
+    let (code, out) = scrub(&["--repair", cache_s]);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("bad chunk 77 at offset"), "{out}");
+    let (code, out) = scrub(&[cache_s]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("127 of 128 chunks present, 0 bad"), "{out}");
+    assert!(!marked(&cache, size)[77] && marked(&cache, size)[76]);
+}
+
+#[test]
+fn symlinked_and_foreign_caches_are_refused_with_discard_too_and_left_unchanged() {
+    let Some((dir, image, _bytes)) = setup(2 * MIB, &[(0, MIB)]) else {
+        return;
+    };
+    let up = Nbdkit::start(dir.path(), &image, &[], &[]);
+    let victim = dir.path().join("victim");
+    let content: Vec<u8> = (0..3 * MIB).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&victim, &content).unwrap();
+    let link = dir.path().join("link.cache");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    for cache in [&link, &victim] {
+        for mode in ["refuse", "discard"] {
+            let err = fails(&[
+                "proxy",
+                "--upstream",
+                &up.uri(),
+                "--cache",
+                cache.to_str().unwrap(),
+                "--socket",
+                dir.path().join("x.sock").to_str().unwrap(),
+                "--cache-mismatch",
+                mode,
+            ]);
+            let why = if cache == &link {
+                "symbolic link to something other than a block device"
+            } else {
+                "not a Thinline cache"
+            };
+            assert!(err.contains(why), "{err}");
+            assert!(std::fs::read(&victim).unwrap() == content, "victim changed");
+        }
+    }
+
+    // serve --cache-dir: the directory is made private; a link planted at a cache's
+    // name is refused.
+    let cache_dir = dir.path().join("caches");
+    let socket = dir.path().join("s.sock");
+    let args = [
+        "--socket",
+        socket.to_str().unwrap(),
+        "--cache-dir",
+        cache_dir.to_str().unwrap(),
+        "--cache-mismatch",
+        "discard",
+        image.to_str().unwrap(),
+    ];
+    let mut s = Served::start(&args);
+    s.terminate(Duration::from_secs(20));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&cache_dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    let name = std::fs::read_dir(&cache_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::remove_file(&name).unwrap();
+    std::os::unix::fs::symlink(&victim, &name).unwrap();
+    let mut serve = vec!["serve"];
+    serve.extend_from_slice(&args);
+    let err = fails(&serve);
+    assert!(err.contains("symbolic link"), "{err}");
+    assert!(std::fs::read(&victim).unwrap() == content, "victim changed");
 }
 
 #[test]
@@ -823,7 +1002,10 @@ fn a_block_device_is_a_cache_too_and_one_too_small_is_refused() {
         .unwrap();
     assert!(on_device == bytes);
     let fetched = up.reads().len();
-    let p = proxy(dir.path(), &up.uri(), &dev.0, &[]);
+    // A link to a block device (as LVM's /dev/VG/LV is) is followed.
+    let link = dir.path().join("lv");
+    std::os::unix::fs::symlink(&dev.0, &link).unwrap();
+    let p = proxy(dir.path(), &up.uri(), &link, &[]);
     assert_eq!(p.report["complete"], true, "{}", p.report);
     assert_eq!(read_all(&p.uri(""), dir.path()), bytes);
     assert_eq!(
@@ -832,6 +1014,12 @@ fn a_block_device_is_a_cache_too_and_one_too_small_is_refused() {
         "a warm block-device cache went upstream"
     );
     drop(p);
+    // A device's template size is not known from its length: scrub asks for it.
+    let err = fails(&["proxy", "scrub", dev.0.to_str().unwrap()]);
+    assert!(err.contains("--size"), "{err}");
+    let (code, out) = scrub(&["--size", "8M", link.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("128 of 128 chunks present, 0 bad"), "{out}");
 
     let Some(small) = LoopDevice::attach(&dir.path().join("small.img"), 8 * MIB) else {
         return;

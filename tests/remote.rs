@@ -761,6 +761,55 @@ fn s3_replaced_objects_fail_and_pinned_versions_hold() {
 }
 
 #[test]
+fn two_versions_of_one_s3_key_get_their_own_caches_and_serve_at_once() {
+    if !require(TOOLS) || !require_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    moto.create_bucket("twoversions", true);
+    let dir = tempfile::tempdir().unwrap();
+    let (v1_file, v2_file) = (dir.path().join("v1.raw"), dir.path().join("v2.raw"));
+    std::fs::write(&v1_file, vec![0x11u8; 2 << 20]).unwrap();
+    std::fs::write(&v2_file, vec![0x22u8; 2 << 20]).unwrap();
+    let v1 = moto.put("twoversions", "t.raw", &v1_file).unwrap();
+    let v2 = moto.put("twoversions", "t.raw", &v2_file).unwrap();
+    assert_ne!(v1, v2);
+    let cache_dir = dir.path().join("cache");
+    let one = format!("one=s3://twoversions/t.raw?versionId={v1}");
+    let two = format!("two=s3://twoversions/t.raw?versionId={v2}");
+    let served = Served::start_env(
+        &[
+            "--socket",
+            dir.path().join("nbd.sock").to_str().unwrap(),
+            "--s3-endpoint",
+            &moto.endpoint(),
+            "--cache-dir",
+            cache_dir.to_str().unwrap(),
+            &one,
+            &two,
+        ],
+        &S3_ENV,
+    );
+    sh(
+        &served.uri("one"),
+        "assert h.pread(1 << 20, 1 << 20) == b'\\x11' * (1 << 20)\n",
+    );
+    sh(
+        &served.uri("two"),
+        "assert h.pread(1 << 20, 1 << 20) == b'\\x22' * (1 << 20)\n",
+    );
+    let caches: Vec<_> = served.report["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["cache"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(caches.len(), 2);
+    assert_ne!(caches[0], caches[1]);
+    assert_eq!(std::fs::read_dir(&cache_dir).unwrap().count(), 2);
+}
+
+#[test]
 fn s3_throttling_beyond_the_budget_fails_one_read_and_recovers() {
     if !require(TOOLS) || !require_moto() {
         return;

@@ -2,28 +2,37 @@
 //!
 //! ```text
 //!   0                         data_end = size rounded up to 1 MiB
-//!   ├── template bytes ───────┤ superblock A (4 KiB) │ superblock B (4 KiB) │ presence map …
+//!   ├── template bytes ───────┤ superblock A (4 KiB) │ superblock B (4 KiB) │ presence map … │ checksums …
 //! ```
 //!
 //! Keeping the data at its own offsets means a complete cache *is* the template's raw
 //! disk (the agent can point dm-thin's external origin at it); the metadata after it is
 //! outside any read of the template.
 //!
+//! Every chunk has a CRC32C in the checksum table (4 bytes per chunk, little-endian),
+//! so bit rot, a scribbled file or a forged presence bit is caught: a chunk is checked
+//! the first time this process reads it from disk ([`CacheFile::verify`]) and by a
+//! full [`CacheFile::scrub`]; a bad chunk loses its bit and is fetched again.
+//!
 //! Crash safety rests on one rule, enforced by [`CacheFile`]'s callers: a chunk's bit is
-//! written only after its data is durable (`write`, `fdatasync`, then the map page).
-//! Bits only ever go from 0 to 1, so a torn map write leaves a mix of old and new bits,
-//! each of which is safe. Superblock updates alternate between two slots with a
-//! generation number and a CRC, so a torn superblock write leaves the other slot.
+//! written only after its data and its checksum are durable (`write` data and checksum,
+//! `fdatasync`, then the map page). Bits only ever go from 0 to 1 (except for a chunk
+//! found bad), so a torn map write leaves a mix of old and new bits, each of which is
+//! safe. Superblock updates alternate between two slots with a generation number and a
+//! CRC, so a torn superblock write leaves the other slot.
 //!
 //! A cache is keyed by the template's identity and refused (or discarded, by option)
-//! when the identity differs. It has one owner, enforced with `flock`; the owner records
-//! itself in the superblock so a refused second owner can be told who holds it.
+//! when the identity differs. Data that is not a cache is never overwritten, and the
+//! cache is opened without following a symbolic link (except, on request, one to a
+//! block device such as an LVM volume). It has one owner, enforced with `flock`; the
+//! owner records itself in the superblock so a refused second owner can be told who
+//! holds it.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 
@@ -34,7 +43,8 @@ const DATA_ALIGN: u64 = 1 << 20;
 /// Presence-map pages are written in units of this.
 pub(crate) const MAP_PAGE: u64 = 4096;
 const MAGIC: &[u8; 8] = b"THLCOR\0\x01";
-const VERSION: u32 = 1;
+/// Version 2 added the checksum table; version 1 caches are discarded at open.
+const VERSION: u32 = 2;
 const IDENTITY_MAX: usize = 3072;
 const HOLDER_MAX: usize = 896;
 const IDENTITY_AT: usize = 64;
@@ -70,6 +80,30 @@ pub struct CacheOptions {
     pub on_mismatch: OnMismatch,
     /// Who opens it, recorded for a refused second owner ("pid 12 (thinline proxy …)").
     pub holder: String,
+    /// Follow `path` if it is a symbolic link to a block device (an LVM volume's
+    /// `/dev/VG/LV`); any other link is refused. Off for names Thinline makes itself.
+    pub follow_device_links: bool,
+}
+
+/// Why a superblock slot is not one this version uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Invalid {
+    /// A valid superblock of an older format version (a cache; its data cannot be
+    /// verified).
+    Old(u32),
+    /// Anything else, with the reason.
+    Other(String),
+}
+
+/// What the superblock slots of a cache hold.
+#[derive(Debug)]
+enum Found {
+    /// Both slots are zero.
+    Empty,
+    /// A cache of this format.
+    Current(Superblock),
+    /// A cache of an older format version.
+    Old(u32),
 }
 
 /// One decoded superblock slot.
@@ -104,29 +138,38 @@ impl Superblock {
     }
 
     /// Decodes a slot; `Err` says why it is not a valid superblock.
-    fn decode(b: &[u8]) -> std::result::Result<Superblock, String> {
+    fn decode(b: &[u8]) -> std::result::Result<Superblock, Invalid> {
+        let other = |why: &str| Err(Invalid::Other(why.to_owned()));
         if b.len() != SLOT as usize {
-            return Err("short superblock".into());
+            return other("short superblock");
         }
         if &b[0..8] != MAGIC {
-            return Err("no cache magic".into());
+            return other("no cache magic");
         }
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
         let u16_at = |i: usize| usize::from(u16::from_le_bytes([b[i], b[i + 1]]));
         if u32_at(CRC_AT) != crc32fast::hash(&b[..CRC_AT]) {
-            return Err("superblock checksum mismatch".into());
+            return other("superblock checksum mismatch");
         }
-        if u32_at(8) != VERSION {
-            return Err(format!("cache format version {} is unknown", u32_at(8)));
+        match u32_at(8) {
+            VERSION => {}
+            v @ 1..VERSION => return Err(Invalid::Old(v)),
+            v => {
+                return Err(Invalid::Other(format!(
+                    "cache format version {v} is unknown"
+                )));
+            }
         }
         let (identity_len, holder_len) = (u16_at(40), u16_at(42));
         if identity_len > IDENTITY_MAX || holder_len > HOLDER_MAX {
-            return Err("superblock string lengths out of range".into());
+            return other("superblock string lengths out of range");
         }
         let chunk_size = u64_at(28);
         if !valid_chunk_size(chunk_size) {
-            return Err(format!("chunk size {chunk_size} out of range"));
+            return Err(Invalid::Other(format!(
+                "chunk size {chunk_size} out of range"
+            )));
         }
         Ok(Superblock {
             generation: u64_at(12),
@@ -165,6 +208,9 @@ pub(crate) struct Geometry {
     pub(crate) meta: u64,
     pub(crate) map: u64,
     pub(crate) map_bytes: u64,
+    /// The checksum table: a CRC32C per chunk.
+    pub(crate) sums: u64,
+    pub(crate) sums_bytes: u64,
 }
 
 impl Geometry {
@@ -172,19 +218,29 @@ impl Geometry {
         let chunks = size.div_ceil(chunk);
         let meta = size.div_ceil(DATA_ALIGN) * DATA_ALIGN;
         let map_bytes = chunks.div_ceil(8).div_ceil(MAP_PAGE).max(1) * MAP_PAGE;
+        let sums_bytes = (chunks * 4).div_ceil(MAP_PAGE).max(1) * MAP_PAGE;
+        let map = meta + 2 * SLOT;
         Geometry {
             size,
             chunk,
             chunks,
             meta,
-            map: meta + 2 * SLOT,
+            map,
             map_bytes,
+            sums: map + map_bytes,
+            sums_bytes,
         }
     }
 
     /// Bytes the cache file or device must have.
     pub(crate) fn total(&self) -> u64 {
-        self.map + self.map_bytes
+        self.sums + self.sums_bytes
+    }
+
+    /// `(offset, length)` of chunk `i`.
+    fn chunk_span(&self, i: u64) -> (u64, u64) {
+        let off = i * self.chunk;
+        (off, self.chunk.min(self.size - off))
     }
 }
 
@@ -198,13 +254,144 @@ pub struct CacheFile {
     /// One bit per chunk, set only for durable chunks. Written by one task at a time
     /// (the durability batcher); read by everyone.
     bits: Vec<AtomicU64>,
+    /// One bit per chunk: present and known good in this process (fetched by it, or
+    /// read from disk and checked). Always a subset of `bits`.
+    verified: Vec<AtomicU64>,
+    /// The checksum table in memory.
+    sums: Vec<AtomicU32>,
+    /// The checksum of a whole chunk of zeroes.
+    zero_sum: u32,
     present: AtomicU64,
     superblock: std::sync::Mutex<Superblock>,
+    /// Held while map pages are built and written, so pages land in the order their
+    /// contents were taken.
+    map_write: std::sync::Mutex<()>,
     identity: String,
+}
+
+/// What [`CacheFile::scrub`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ScrubReport {
+    /// Chunks in the template.
+    pub chunks: u64,
+    /// Chunks marked present (and so checked).
+    pub present: u64,
+    /// Chunks whose data does not match their checksum: `(chunk, offset)`.
+    pub bad: Vec<(u64, u64)>,
+}
+
+/// How to open an existing cache for [`CacheFile::open_existing`] (`scrub`).
+#[derive(Debug, Clone, Default)]
+pub struct ExistingOptions {
+    /// The template's size; needed for a block device, found from a file's length.
+    pub size: Option<u64>,
+    /// Open for writing (to clear bad chunks' bits).
+    pub writable: bool,
+    /// Follow a symbolic link to a block device.
+    pub follow_device_links: bool,
+}
+
+/// Opens `path` without following a final symbolic link, unless `device_links` and it
+/// leads to a block device.
+fn open_no_follow(path: &Path, writable: bool, create: bool, device_links: bool) -> Result<File> {
+    let mut oo = OpenOptions::new();
+    oo.read(true).write(writable);
+    if create {
+        oo.create(true).truncate(false).mode(0o600);
+    }
+    let refused = |reason: &str| Error::Symlink {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    match oo
+        .clone()
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(f) => Ok(f),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            if !device_links {
+                return Err(refused("it is a symbolic link"));
+            }
+            // Never created through a link; checked after opening, on what was opened.
+            let f = OpenOptions::new()
+                .read(true)
+                .write(writable)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(path)
+                .map_err(|e| {
+                    refused(&format!(
+                        "it is a symbolic link whose target cannot be opened ({e})"
+                    ))
+                })?;
+            let is_device = f.metadata().is_ok_and(|m| m.file_type().is_block_device());
+            if !is_device {
+                return Err(refused(
+                    "it is a symbolic link to something other than a block device",
+                ));
+            }
+            Ok(f)
+        }
+        Err(source) => Err(Error::Io {
+            path: path.to_owned(),
+            op: "open",
+            source,
+        }),
+    }
+}
+
+/// True if a regular file holds no data: empty, or nothing but holes.
+fn holds_no_data(file: &File, length: u64) -> bool {
+    if length == 0 {
+        return true;
+    }
+    matches!(
+        rustix::fs::seek(file, rustix::fs::SeekFrom::Data(0)),
+        Err(rustix::io::Errno::NXIO)
+    )
+}
+
+/// Takes the owner's lock, or says who holds it.
+fn lock(file: &File, path: &Path, size: Option<u64>) -> Result<()> {
+    match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let holder = size
+                .and_then(|size| read_holder(file, size))
+                .unwrap_or_else(|| "another process (it recorded no name)".to_owned());
+            Err(Error::Locked {
+                path: path.to_owned(),
+                holder,
+            })
+        }
+        Err(e) => Err(Error::Io {
+            path: path.to_owned(),
+            op: "lock",
+            source: e.into(),
+        }),
+    }
+}
+
+/// The checksum of `len` zero bytes.
+fn zero_sum(len: u64) -> u32 {
+    static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
+    let mut crc = 0;
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ZEROES.len() as u64);
+        crc = crc32c::crc32c_append(crc, &ZEROES[..n as usize]);
+        left -= n;
+    }
+    crc
 }
 
 impl CacheFile {
     /// Opens (or creates) the cache at `path` for the template described by `options`.
+    ///
+    /// A symbolic link at `path` is refused (unless `follow_device_links` and it leads
+    /// to a block device); data that is not a cache is never overwritten, whatever
+    /// `on_mismatch` says (an empty file, a file of holes or a device whose superblock
+    /// slots are zero counts as empty). A cache of an older format is discarded.
     pub fn open(path: &Path, options: &CacheOptions) -> Result<CacheFile> {
         if !valid_chunk_size(options.chunk_size) {
             return Err(Error::Invalid(format!(
@@ -219,15 +406,7 @@ impl CacheFile {
                 source,
             }
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(io("open"))?;
+        let file = open_no_follow(path, true, true, options.follow_device_links)?;
         let meta = file.metadata().map_err(io("stat"))?;
         let block_device = meta.file_type().is_block_device();
         if !block_device && !meta.file_type().is_file() {
@@ -236,41 +415,27 @@ impl CacheFile {
                 reason: "neither a regular file nor a block device".into(),
             });
         }
-        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => {
-                let holder = read_holder(&file, options.size)
-                    .unwrap_or_else(|| "another process (it recorded no name)".to_owned());
-                return Err(Error::Locked {
-                    path: path.to_owned(),
-                    holder,
-                });
-            }
-            Err(e) => return Err(io("lock")(e.into())),
-        }
+        lock(&file, path, Some(options.size))?;
         let length = if block_device {
             device_size(&file).map_err(io("size"))?
         } else {
             meta.len()
         };
 
-        let mut cache = CacheFile {
-            path: path.to_owned(),
-            file: std::sync::Arc::new(file),
+        let mut cache = CacheFile::new(
+            path,
+            file,
             block_device,
-            geometry: Geometry::new(options.size, options.chunk_size),
-            bits: Vec::new(),
-            present: AtomicU64::new(0),
-            superblock: std::sync::Mutex::new(Superblock {
+            Geometry::new(options.size, options.chunk_size),
+            Superblock {
                 generation: 0,
                 size: options.size,
                 chunk_size: options.chunk_size,
                 flags: 0,
                 identity: options.identity.clone(),
                 holder: options.holder.clone(),
-            }),
-            identity: options.identity.clone(),
-        };
+            },
+        );
         let needed = cache.geometry.total();
         if block_device && length < needed {
             return Err(Error::TooSmall {
@@ -279,23 +444,35 @@ impl CacheFile {
                 have: length,
             });
         }
-        let found = if length == 0 {
-            None
+        let found = if !block_device && holds_no_data(&cache.file, length) {
+            Found::Empty
         } else {
-            match cache.read_superblock(length) {
-                Ok(found) => found,
-                Err(Error::NotACache { .. }) if options.on_mismatch == OnMismatch::Discard => {
-                    tracing::warn!(cache = %path.display(), "overwriting data that is not a cache of this template");
-                    Some(Superblock {
-                        identity: "(not a cache of this template)".into(),
-                        ..cache.superblock.get_mut().expect("not shared yet").clone()
-                    })
+            let found = match cache.read_superblock(length) {
+                // A cache of another size of the template keeps its superblock elsewhere.
+                Err(Error::NotACache { .. }) if !block_device => {
+                    match locate_size(&cache.file, path, length) {
+                        Ok(size) => cache
+                            .read_superblock_at(Geometry::new(size, DEFAULT_CHUNK_SIZE).meta)?,
+                        Err(_) => cache.read_superblock(length)?,
+                    }
                 }
-                Err(e) => return Err(e),
+                other => other?,
+            };
+            match found {
+                Found::Empty if !block_device => {
+                    return Err(Error::NotACache {
+                        path: path.to_owned(),
+                        reason: format!(
+                            "no cache superblock at offset {}, and the file holds data",
+                            cache.geometry.meta
+                        ),
+                    });
+                }
+                found => found,
             }
         };
         let fresh = match found {
-            Some(sb)
+            Found::Current(sb)
                 if sb.size == options.size
                     && sb.identity == truncate(&options.identity, IDENTITY_MAX) =>
             {
@@ -306,14 +483,14 @@ impl CacheFile {
                         "the cache keeps the chunk size it was made with"
                     );
                 }
-                cache.geometry = Geometry::new(options.size, sb.chunk_size);
+                cache.set_geometry(Geometry::new(options.size, sb.chunk_size));
                 *cache.superblock.get_mut().expect("not shared yet") = Superblock {
                     holder: options.holder.clone(),
                     ..sb
                 };
                 false
             }
-            Some(sb) => {
+            Found::Current(sb) => {
                 if options.on_mismatch == OnMismatch::Refuse {
                     return Err(Error::IdentityMismatch {
                         path: path.to_owned(),
@@ -328,7 +505,16 @@ impl CacheFile {
                 );
                 true
             }
-            None => true,
+            Found::Old(version) => {
+                tracing::warn!(
+                    cache = %path.display(),
+                    version,
+                    "discarding a cache of an older format (version {version}, without \
+                     checksums): its data cannot be verified; it is fetched again"
+                );
+                true
+            }
+            Found::Empty => true,
         };
         let geometry = cache.geometry;
         if block_device && length < geometry.total() {
@@ -348,9 +534,128 @@ impl CacheFile {
         Ok(cache)
     }
 
-    /// Reads the newest valid superblock. `Ok(None)` when both slots are zero (a new
+    /// Opens an existing cache of this format as it is, to [`scrub`](Self::scrub) it
+    /// while no one else uses it: takes the owner's lock but records no holder and
+    /// changes nothing. The template's size comes from `options.size`, or for a file
+    /// from its length (refused if more than one layout fits).
+    pub fn open_existing(path: &Path, options: &ExistingOptions) -> Result<CacheFile> {
+        let io = |op: &'static str| {
+            move |source: io::Error| Error::Io {
+                path: path.to_owned(),
+                op,
+                source,
+            }
+        };
+        let file = open_no_follow(path, options.writable, false, options.follow_device_links)?;
+        let meta = file.metadata().map_err(io("stat"))?;
+        let block_device = meta.file_type().is_block_device();
+        if !block_device && !meta.file_type().is_file() {
+            return Err(Error::NotACache {
+                path: path.to_owned(),
+                reason: "neither a regular file nor a block device".into(),
+            });
+        }
+        let length = if block_device {
+            device_size(&file).map_err(io("size"))?
+        } else {
+            meta.len()
+        };
+        let size = match options.size {
+            Some(size) => size,
+            None if block_device => {
+                return Err(Error::Invalid(format!(
+                    "{} is a block device: give the template's size (--size)",
+                    path.display()
+                )));
+            }
+            None => locate_size(&file, path, length)?,
+        };
+        lock(&file, path, Some(size))?;
+        let placeholder = Superblock {
+            generation: 0,
+            size,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            flags: 0,
+            identity: String::new(),
+            holder: String::new(),
+        };
+        let mut cache = CacheFile::new(
+            path,
+            file,
+            block_device,
+            Geometry::new(size, DEFAULT_CHUNK_SIZE),
+            placeholder,
+        );
+        let sb = match cache.read_superblock(length)? {
+            Found::Current(sb) if sb.size == size => sb,
+            Found::Current(sb) => {
+                return Err(Error::NotACache {
+                    path: path.to_owned(),
+                    reason: format!("a cache of a {}-byte template, not {size}", sb.size),
+                });
+            }
+            Found::Old(v) => {
+                return Err(Error::NotACache {
+                    path: path.to_owned(),
+                    reason: format!(
+                        "a cache of the older format version {v}, without checksums (it is \
+                         discarded when a proxy opens it)"
+                    ),
+                });
+            }
+            Found::Empty => {
+                return Err(Error::NotACache {
+                    path: path.to_owned(),
+                    reason: format!("no superblock at offset {}", cache.geometry.meta),
+                });
+            }
+        };
+        let geometry = Geometry::new(size, sb.chunk_size);
+        if length < geometry.total() {
+            return Err(Error::TooSmall {
+                path: path.to_owned(),
+                need: geometry.total(),
+                have: length,
+            });
+        }
+        cache.identity = sb.identity.clone();
+        cache.set_geometry(geometry);
+        *cache.superblock.get_mut().expect("not shared yet") = sb;
+        cache.load_map()?;
+        Ok(cache)
+    }
+
+    fn new(
+        path: &Path,
+        file: File,
+        block_device: bool,
+        geometry: Geometry,
+        superblock: Superblock,
+    ) -> CacheFile {
+        CacheFile {
+            path: path.to_owned(),
+            file: std::sync::Arc::new(file),
+            block_device,
+            geometry,
+            bits: Vec::new(),
+            verified: Vec::new(),
+            sums: Vec::new(),
+            zero_sum: zero_sum(geometry.chunk),
+            present: AtomicU64::new(0),
+            identity: superblock.identity.clone(),
+            superblock: std::sync::Mutex::new(superblock),
+            map_write: std::sync::Mutex::new(()),
+        }
+    }
+
+    fn set_geometry(&mut self, geometry: Geometry) {
+        self.geometry = geometry;
+        self.zero_sum = zero_sum(geometry.chunk);
+    }
+
+    /// Reads the newest valid superblock. `Empty` when both slots are zero (a new
     /// device or an empty region); `Err(NotACache)` when they hold something else.
-    fn read_superblock(&self, length: u64) -> Result<Option<Superblock>> {
+    fn read_superblock(&self, length: u64) -> Result<Found> {
         let g = self.geometry;
         if length < g.meta + 2 * SLOT {
             return Err(Error::NotACache {
@@ -362,27 +667,42 @@ impl CacheFile {
                 ),
             });
         }
+        self.read_superblock_at(g.meta)
+    }
+
+    /// [`Self::read_superblock`] of the slots at `meta`.
+    fn read_superblock_at(&self, meta: u64) -> Result<Found> {
         let mut slots = vec![0u8; 2 * SLOT as usize];
         self.file
-            .read_exact_at(&mut slots, g.meta)
+            .read_exact_at(&mut slots, meta)
             .map_err(|source| Error::Io {
                 path: self.path.clone(),
                 op: "read superblock",
                 source,
             })?;
         if slots.iter().all(|&b| b == 0) {
-            return Ok(None);
+            return Ok(Found::Empty);
         }
         let (a, b) = slots.split_at(SLOT as usize);
         match (Superblock::decode(a), Superblock::decode(b)) {
-            (Ok(a), Ok(b)) => Ok(Some(if a.generation >= b.generation { a } else { b })),
-            (Ok(s), Err(_)) | (Err(_), Ok(s)) => Ok(Some(s)),
-            (Err(why), Err(_)) => {
+            (Ok(a), Ok(b)) => Ok(Found::Current(if a.generation >= b.generation {
+                a
+            } else {
+                b
+            })),
+            (Ok(s), Err(_)) | (Err(_), Ok(s)) => Ok(Found::Current(s)),
+            (Err(Invalid::Old(v)), _) | (_, Err(Invalid::Old(v))) => Ok(Found::Old(v)),
+            (Err(Invalid::Other(a_why)), Err(Invalid::Other(b_why))) => {
+                let why = if &slots[SLOT as usize..SLOT as usize + 8] == MAGIC {
+                    b_why
+                } else {
+                    a_why
+                };
                 // A file sized for another template keeps its metadata elsewhere: treat
                 // any non-cache bytes here as foreign data and refuse to overwrite them.
                 Err(Error::NotACache {
                     path: self.path.clone(),
-                    reason: format!("at offset {}: {why}", g.meta),
+                    reason: format!("at offset {meta}: {why}"),
                 })
             }
         }
@@ -406,9 +726,10 @@ impl CacheFile {
             }
             self.file.set_len(g.total()).map_err(io("extend"))?;
         }
-        self.bits = (0..g.chunks.div_ceil(64))
-            .map(|_| AtomicU64::new(0))
-            .collect();
+        let words = g.chunks.div_ceil(64);
+        self.bits = (0..words).map(|_| AtomicU64::new(0)).collect();
+        self.verified = (0..words).map(|_| AtomicU64::new(0)).collect();
+        self.sums = (0..g.chunks).map(|_| AtomicU32::new(0)).collect();
         self.present.store(0, Ordering::Relaxed);
         let sb = self.superblock.get_mut().expect("not shared yet");
         sb.flags = 0;
@@ -420,14 +741,14 @@ impl CacheFile {
 
     fn load_map(&mut self) -> Result<()> {
         let g = self.geometry;
+        let io = |op| {
+            let path = self.path.clone();
+            move |source| Error::Io { path, op, source }
+        };
         let mut map = vec![0u8; g.map_bytes as usize];
         self.file
             .read_exact_at(&mut map, g.map)
-            .map_err(|source| Error::Io {
-                path: self.path.clone(),
-                op: "read presence map",
-                source,
-            })?;
+            .map_err(io("read presence map"))?;
         let words = g.chunks.div_ceil(64) as usize;
         let mut present = 0u64;
         let mut bits = Vec::with_capacity(words);
@@ -444,7 +765,16 @@ impl CacheFile {
             present += u64::from(word.count_ones());
             bits.push(AtomicU64::new(word));
         }
+        let mut table = vec![0u8; (g.chunks * 4) as usize];
+        self.file
+            .read_exact_at(&mut table, g.sums)
+            .map_err(io("read checksums"))?;
+        self.sums = table
+            .chunks_exact(4)
+            .map(|b| AtomicU32::new(u32::from_le_bytes(b.try_into().expect("4 bytes"))))
+            .collect();
         self.bits = bits;
+        self.verified = (0..words).map(|_| AtomicU64::new(0)).collect();
         self.present.store(present, Ordering::Relaxed);
         Ok(())
     }
@@ -521,13 +851,41 @@ impl CacheFile {
         (first..end).all(|i| self.is_present(i))
     }
 
+    /// True if chunk `i` is present and known good in this process.
+    pub fn is_verified(&self, i: u64) -> bool {
+        self.verified[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+    }
+
+    /// True if every chunk in `[first, end)` is present and known good: the hit path,
+    /// one atomic load per chunk.
+    pub fn all_verified(&self, first: u64, end: u64) -> bool {
+        (first..end).all(|i| self.is_verified(i))
+    }
+
+    /// Checks `data`, the bytes of present chunk `i` read from disk, against its
+    /// checksum; marks the chunk verified if it matches.
+    pub(crate) fn check_chunk(&self, i: u64, data: &[u8]) -> bool {
+        let good = crc32c::crc32c(data) == self.sums[i as usize].load(Ordering::Relaxed);
+        if good {
+            self.verified[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Release);
+        }
+        good
+    }
+
+    /// True if a chunk of `[first, end)` is present but not verified yet.
+    pub fn needs_verify(&self, first: u64, end: u64) -> bool {
+        (first..end).any(|i| self.is_present(i) && !self.is_verified(i))
+    }
+
     /// Sets the bits of `[first, end)` in memory; returns the map pages to persist.
-    /// Call only after the chunks' data is durable.
+    /// Call only after the chunks' data and checksums are durable. The chunks count as
+    /// verified: their checksums were computed from the bytes this process wrote.
     pub(crate) fn set_present(&self, first: u64, end: u64, pages: &mut Vec<u64>) {
         for i in first..end {
-            let word = &self.bits[(i / 64) as usize];
-            let old = word.fetch_or(1 << (i % 64), Ordering::Release);
-            if old & (1 << (i % 64)) == 0 {
+            let (w, bit) = ((i / 64) as usize, 1 << (i % 64));
+            let old = self.bits[w].fetch_or(bit, Ordering::Release);
+            self.verified[w].fetch_or(bit, Ordering::Release);
+            if old & bit == 0 {
                 self.present.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -542,6 +900,7 @@ impl CacheFile {
 
     /// Writes map pages from memory (no sync: a lost mark only costs a re-fetch).
     pub(crate) fn persist_pages(&self, pages: &[u64]) -> io::Result<()> {
+        let _order = self.map_write.lock().expect("map write lock");
         for &p in pages {
             let mut buf = vec![0u8; MAP_PAGE as usize];
             let first_word = (p * MAP_PAGE / 8) as usize;
@@ -556,19 +915,151 @@ impl CacheFile {
         Ok(())
     }
 
-    /// Records that every chunk is present (durably).
+    /// Records that every chunk is present (durably), if they still all are (a bad
+    /// chunk may have been forgotten meanwhile: see [`Self::clear_chunks`]).
     pub fn mark_complete(&self) -> Result<()> {
         self.file.sync_data().map_err(|source| Error::Io {
             path: self.path.clone(),
             op: "sync presence map",
             source,
         })?;
-        self.write_superblock(|sb| sb.flags |= FLAG_COMPLETE)
+        self.write_superblock(|sb| {
+            if self.present_chunks() == self.chunks() {
+                sb.flags |= FLAG_COMPLETE;
+            }
+        })
     }
 
     /// Writes template bytes at their offset.
     pub(crate) fn write_data(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.file.write_all_at(data, offset)
+    }
+
+    /// The checksum of chunk `i` read as zeroes.
+    pub(crate) fn zero_sum_of(&self, i: u64) -> u32 {
+        match self.geometry.chunk_span(i) {
+            (_, len) if len == self.geometry.chunk => self.zero_sum,
+            (_, len) => zero_sum(len),
+        }
+    }
+
+    /// Records the checksums of absent chunks `(chunk, crc)` (sorted) in memory and in
+    /// the table (no sync: the batch's sync makes them durable before any bit).
+    pub(crate) fn write_sums(&self, sums: &[(u64, u32)]) -> io::Result<()> {
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_first = 0;
+        let flush = |first: u64, run: &mut Vec<u8>| {
+            if run.is_empty() {
+                return Ok(());
+            }
+            let r = self.file.write_all_at(run, self.geometry.sums + first * 4);
+            run.clear();
+            r
+        };
+        for (k, &(i, crc)) in sums.iter().enumerate() {
+            self.sums[i as usize].store(crc, Ordering::Relaxed);
+            if k > 0 && sums[k - 1].0 + 1 != i {
+                flush(run_first, &mut run)?;
+            }
+            if run.is_empty() {
+                run_first = i;
+            }
+            run.extend_from_slice(&crc.to_le_bytes());
+        }
+        flush(run_first, &mut run)
+    }
+
+    /// Checks the present chunks of `[first, end)` not yet verified in this process
+    /// against their checksums, reading them from disk; marks the good ones verified
+    /// and returns the bad ones (`(chunk, offset)`), which stay marked: see
+    /// [`Self::clear_chunks`].
+    pub fn verify(&self, first: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+        self.check(first, end, false)
+    }
+
+    /// Checks every present chunk against its checksum (a full read of the cached
+    /// data), before handing the cache to another user (such as dm-thin as an external
+    /// origin) or on an operator's request. Bad chunks stay marked: see
+    /// [`Self::clear_chunks`].
+    pub fn scrub(&self) -> Result<ScrubReport> {
+        let bad = self
+            .check(0, self.geometry.chunks, true)
+            .map_err(|source| Error::Io {
+                path: self.path.clone(),
+                op: "scrub",
+                source,
+            })?;
+        Ok(ScrubReport {
+            chunks: self.geometry.chunks,
+            present: self.present_chunks(),
+            bad,
+        })
+    }
+
+    fn check(&self, first: u64, end: u64, all: bool) -> io::Result<Vec<(u64, u64)>> {
+        // Most bytes read at once.
+        const READ: u64 = 8 << 20;
+        let g = self.geometry;
+        let mut bad = Vec::new();
+        let mut buf = Vec::new();
+        let mut i = first;
+        while i < end {
+            let todo = |i: u64| self.is_present(i) && (all || !self.is_verified(i));
+            if !todo(i) {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < end && todo(j) && (j - i + 1) * g.chunk <= READ {
+                j += 1;
+            }
+            let off = i * g.chunk;
+            let len = (j * g.chunk).min(g.size) - off;
+            buf.resize(len as usize, 0);
+            self.file.read_exact_at(&mut buf, off)?;
+            for (k, data) in buf.chunks(g.chunk as usize).enumerate() {
+                let c = i + k as u64;
+                if crc32c::crc32c(data) == self.sums[c as usize].load(Ordering::Relaxed) {
+                    self.verified[(c / 64) as usize].fetch_or(1 << (c % 64), Ordering::Release);
+                } else {
+                    bad.push((c, c * g.chunk));
+                }
+            }
+            i = j;
+        }
+        Ok(bad)
+    }
+
+    /// Forgets `chunks` (found bad): clears their bits in memory and on disk (synced),
+    /// and the completion flag, so they are fetched again.
+    pub fn clear_chunks(&self, chunks: &[u64]) -> Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let mut pages = Vec::new();
+        for &i in chunks {
+            let (w, bit) = ((i / 64) as usize, 1u64 << (i % 64));
+            self.verified[w].fetch_and(!bit, Ordering::AcqRel);
+            if self.bits[w].fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
+                self.present.fetch_sub(1, Ordering::Relaxed);
+            }
+            pages.push(i / 8 / MAP_PAGE);
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        let io = |op| {
+            let path = self.path.clone();
+            move |source| Error::Io { path, op, source }
+        };
+        self.persist_pages(&pages)
+            .map_err(io("write presence map"))?;
+        self.file.sync_data().map_err(io("sync presence map"))?;
+        // `present` dropped above, so a `mark_complete` from now on leaves the flag
+        // alone; one that ran before set it, and it is cleared here.
+        if self.is_complete() {
+            self.write_superblock(|sb| sb.flags &= !FLAG_COMPLETE)?;
+        }
+        Ok(())
     }
 
     /// Makes `[offset, offset + length)` read as zeroes.
@@ -635,6 +1126,46 @@ fn read_holder(file: &File, size: u64) -> Option<String> {
     (!best.holder.is_empty()).then_some(best.holder)
 }
 
+/// The template size of the cache file `file` of `length` bytes: the superblock sits
+/// at a 1 MiB boundary a little before the end (the map and checksums follow it), at
+/// the one place where its own geometry ends exactly at `length`.
+fn locate_size(file: &File, path: &Path, length: u64) -> Result<u64> {
+    const MIB: u64 = 1 << 20;
+    let mut fits = Vec::new();
+    let mut slots = vec![0u8; 2 * SLOT as usize];
+    let mut k = length / MIB;
+    // Metadata takes at most 16 KiB plus a bit and 4 bytes per 4 KiB chunk.
+    while k > 0 && length - k * MIB <= 64 * 1024 + k * MIB / 1000 {
+        let meta = k * MIB;
+        k -= 1;
+        if meta + 2 * SLOT > length || file.read_exact_at(&mut slots, meta).is_err() {
+            continue;
+        }
+        let (a, b) = slots.split_at(SLOT as usize);
+        for sb in [Superblock::decode(a), Superblock::decode(b)]
+            .into_iter()
+            .flatten()
+        {
+            let g = Geometry::new(sb.size, sb.chunk_size);
+            if g.meta == meta && g.total() == length && !fits.contains(&sb.size) {
+                fits.push(sb.size);
+            }
+        }
+    }
+    match fits[..] {
+        [size] => Ok(size),
+        [] => Err(Error::NotACache {
+            path: path.to_owned(),
+            reason: format!("no superblock of this format fits a {length}-byte file"),
+        }),
+        _ => Err(Error::Invalid(format!(
+            "{}: superblocks of several template sizes ({fits:?}) fit the file; give the \
+             template's size (--size)",
+            path.display()
+        ))),
+    }
+}
+
 /// Size of a block device in bytes.
 fn device_size(file: &File) -> io::Result<u64> {
     use std::io::{Seek, SeekFrom};
@@ -655,7 +1186,56 @@ mod tests {
             chunk_size: DEFAULT_CHUNK_SIZE,
             on_mismatch: OnMismatch::Refuse,
             holder: "pid 1 (test)".into(),
+            follow_device_links: false,
         }
+    }
+
+    fn discard(size: u64, identity: &str) -> CacheOptions {
+        CacheOptions {
+            on_mismatch: OnMismatch::Discard,
+            ..options(size, identity)
+        }
+    }
+
+    /// Log lines emitted (on this thread) while `f` runs.
+    fn logged<R>(f: impl FnOnce() -> R) -> (R, String) {
+        #[derive(Clone, Default)]
+        struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl io::Write for Buffer {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let r = tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8_lossy(&buffer.0.lock().unwrap()).into_owned();
+        (r, text)
+    }
+
+    /// Fills chunks `[first, end)` with `byte` the way the export does: data and
+    /// checksums, sync, then the bits.
+    fn fill(c: &CacheFile, first: u64, end: u64, byte: u8) {
+        let mut sums = Vec::new();
+        for i in first..end {
+            let (off, len) = c.geometry.chunk_span(i);
+            let data = vec![byte; len as usize];
+            c.write_data(off, &data).unwrap();
+            sums.push((i, crc32c::crc32c(&data)));
+        }
+        c.write_sums(&sums).unwrap();
+        c.sync().unwrap();
+        let mut pages = Vec::new();
+        c.set_present(first, end, &mut pages);
+        c.persist_pages(&pages).unwrap();
     }
 
     #[test]
@@ -671,7 +1251,10 @@ mod tests {
         let mut bytes = sb.encode();
         assert_eq!(Superblock::decode(&bytes).unwrap(), sb);
         bytes[100] ^= 1;
-        assert!(Superblock::decode(&bytes).unwrap_err().contains("checksum"));
+        assert!(matches!(
+            Superblock::decode(&bytes).unwrap_err(),
+            Invalid::Other(why) if why.contains("checksum")
+        ));
     }
 
     #[test]
@@ -696,35 +1279,248 @@ mod tests {
         drop(c);
         let e = CacheFile::open(&path, &options(size, "v2")).unwrap_err();
         assert!(matches!(e, Error::IdentityMismatch { .. }), "{e}");
-        let c = CacheFile::open(
-            &path,
-            &CacheOptions {
-                on_mismatch: OnMismatch::Discard,
-                ..options(size, "v2")
-            },
-        )
-        .unwrap();
+        let c = CacheFile::open(&path, &discard(size, "v2")).unwrap();
+        assert_eq!(c.present_chunks(), 0);
+        drop(c);
+        // A cache of another size of the template is found too.
+        let e = CacheFile::open(&path, &options(size + (5 << 20), "v3")).unwrap_err();
+        assert!(matches!(e, Error::IdentityMismatch { .. }), "{e}");
+        let c = CacheFile::open(&path, &discard(size + (5 << 20), "v3")).unwrap();
         assert_eq!(c.present_chunks(), 0);
     }
 
     #[test]
-    fn foreign_data_is_never_overwritten() {
+    fn foreign_data_is_refused_in_both_mismatch_modes_and_left_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, len) in [("short", 3 << 19), ("long", 3 << 20)] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, vec![0xabu8; len]).unwrap();
+            for o in [options(1 << 20, "v1"), discard(1 << 20, "v1")] {
+                let e = CacheFile::open(&path, &o).unwrap_err();
+                assert!(matches!(e, Error::NotACache { .. }), "{e}");
+                assert_eq!(std::fs::read(&path).unwrap(), vec![0xabu8; len]);
+            }
+        }
+        // Data whose superblock slots happen to be zero is data too.
+        let path = dir.path().join("zero-slots");
+        let mut victim = vec![0xcdu8; 3 << 20];
+        victim[1 << 20..(1 << 20) + 8192].fill(0);
+        std::fs::write(&path, &victim).unwrap();
+        let e = CacheFile::open(&path, &discard(1 << 20, "v1")).unwrap_err();
+        assert!(matches!(e, Error::NotACache { .. }), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), victim);
+        // A file of holes (a crash while creating a cache) is empty.
+        let path = dir.path().join("holes");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(3 << 20)
+            .unwrap();
+        CacheFile::open(&path, &options(1 << 20, "v1")).unwrap();
+    }
+
+    #[test]
+    fn a_symlinked_cache_name_is_refused_and_its_target_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        let content = b"precious, and not a cache".repeat(1000);
+        std::fs::write(&victim, &content).unwrap();
+        let link = dir.path().join("c.cache");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let dangling = dir.path().join("d.cache");
+        std::os::unix::fs::symlink(dir.path().join("new"), &dangling).unwrap();
+        let device_links = |o: CacheOptions| CacheOptions {
+            follow_device_links: true,
+            ..o
+        };
+        for o in [
+            options(1 << 20, "v1"),
+            discard(1 << 20, "v1"),
+            device_links(discard(1 << 20, "v1")),
+        ] {
+            for path in [&link, &dangling] {
+                let e = CacheFile::open(path, &o).unwrap_err();
+                assert!(
+                    matches!(e, Error::Symlink { .. }) || o.follow_device_links,
+                    "{e}"
+                );
+                assert!(e.to_string().contains("symbolic link"), "{e}");
+            }
+            assert_eq!(std::fs::read(&victim).unwrap(), content);
+            assert!(!dir.path().join("new").exists(), "created through a link");
+        }
+        let e = CacheFile::open_existing(&link, &ExistingOptions::default()).unwrap_err();
+        assert!(matches!(e, Error::Symlink { .. }), "{e}");
+    }
+
+    /// Rewrites both superblock slots as format `version`.
+    fn set_version(path: &Path, size: u64, version: u32) {
+        let meta = Geometry::new(size, DEFAULT_CHUNK_SIZE).meta;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        for slot in 0..2 {
+            let mut b = vec![0u8; SLOT as usize];
+            f.read_exact_at(&mut b, meta + slot * SLOT).unwrap();
+            if &b[..8] != MAGIC {
+                continue;
+            }
+            b[8..12].copy_from_slice(&version.to_le_bytes());
+            let crc = crc32fast::hash(&b[..CRC_AT]);
+            b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+            f.write_all_at(&b, meta + slot * SLOT).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_cache_of_the_old_format_is_discarded_with_a_log_line_and_a_newer_one_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c");
-        std::fs::write(&path, vec![0xabu8; 3 << 20]).unwrap();
-        let e = CacheFile::open(&path, &options(1 << 20, "v1")).unwrap_err();
-        assert!(matches!(e, Error::NotACache { .. }), "{e}");
-        assert_eq!(std::fs::read(&path).unwrap(), vec![0xabu8; 3 << 20]);
+        let size = 4 << 20;
+        {
+            let c = CacheFile::open(&path, &options(size, "v1")).unwrap();
+            fill(&c, 0, 10, 7);
+        }
+        set_version(&path, size, 1);
+        let (c, log) = logged(|| CacheFile::open(&path, &options(size, "v1")));
+        let c = c.unwrap();
+        assert_eq!(c.present_chunks(), 0, "an unverifiable cache was reused");
+        assert!(log.contains("older format (version 1"), "{log}");
+        fill(&c, 0, 10, 7);
+        drop(c);
+        let before = std::fs::read(&path).unwrap();
+        set_version(&path, size, VERSION + 1);
+        let after = std::fs::read(&path).unwrap();
+        let e = CacheFile::open(&path, &discard(size, "v1")).unwrap_err();
+        assert!(e.to_string().contains("version 3 is unknown"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), after);
+        assert_ne!(before, after);
+    }
+
+    #[test]
+    fn scrub_finds_scribbled_and_forged_chunks_and_repair_forgets_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        let size = (4 << 20) + 1000;
+        let g = Geometry::new(size, DEFAULT_CHUNK_SIZE);
+        {
+            let c = CacheFile::open(&path, &options(size, "v1")).unwrap();
+            fill(&c, 0, g.chunks - 1, 0x11);
+            assert!(c.scrub().unwrap().bad.is_empty());
+            // The short last chunk, as zeroes (a punched hole).
+            let last = g.chunks - 1;
+            let (off, len) = g.chunk_span(last);
+            c.write_zeroes(off, len).unwrap();
+            c.write_sums(&[(last, c.zero_sum_of(last))]).unwrap();
+            let mut pages = Vec::new();
+            c.set_present(last, last + 1, &mut pages);
+            c.persist_pages(&pages).unwrap();
+            c.mark_complete().unwrap();
+            let report = c.scrub().unwrap();
+            assert_eq!((report.chunks, report.present), (g.chunks, g.chunks));
+            assert!(report.bad.is_empty(), "{report:?}");
+        }
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        // Bit rot in chunk 3; chunk 9's checksum forged (as a forged map bit would be).
+        f.write_all_at(b"rot", 3 * DEFAULT_CHUNK_SIZE + 17).unwrap();
+        f.write_all_at(&[0xff; 4], g.sums + 9 * 4).unwrap();
+        drop(f);
+        let open = |writable| {
+            CacheFile::open_existing(
+                &path,
+                &ExistingOptions {
+                    writable,
+                    ..ExistingOptions::default()
+                },
+            )
+            .unwrap()
+        };
+        let c = open(false);
+        assert_eq!(c.size(), size, "the size is found from the file");
+        assert_eq!(c.identity(), "v1");
+        let report = c.scrub().unwrap();
+        let bad = [(3, 3 * DEFAULT_CHUNK_SIZE), (9, 9 * DEFAULT_CHUNK_SIZE)];
+        assert_eq!(report.bad, bad);
+        // Only the owner's lock: a scrub of a cache in use is refused.
+        let e = CacheFile::open(&path, &options(size, "v1")).unwrap_err();
+        assert!(matches!(e, Error::Locked { .. }), "{e}");
+        drop(c);
+        let c = open(true);
+        c.clear_chunks(&[3, 9]).unwrap();
+        assert!(!c.is_complete());
+        drop(c);
+        let c = open(false);
+        let report = c.scrub().unwrap();
+        assert!(report.bad.is_empty(), "{report:?}");
+        assert_eq!(report.present, g.chunks - 2);
+        assert!(!c.is_present(3) && !c.is_present(9) && c.is_present(4));
+    }
+
+    #[test]
+    fn first_reads_are_verified_once_and_bad_chunks_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        let size = 2 << 20;
+        {
+            let c = CacheFile::open(&path, &options(size, "v1")).unwrap();
+            fill(&c, 0, 8, 0x22);
+            // Fetched by this process: verified without reading.
+            assert!(c.all_verified(0, 8) && !c.is_verified(8));
+        }
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0x23], 5 * DEFAULT_CHUNK_SIZE).unwrap();
+        drop(f);
+        let c = CacheFile::open(&path, &options(size, "v1")).unwrap();
+        assert!(c.all_present(0, 8) && !c.is_verified(0));
+        assert_eq!(c.verify(0, 16).unwrap(), [(5, 5 * DEFAULT_CHUNK_SIZE)]);
+        assert!(c.all_verified(0, 5) && !c.is_verified(5) && c.all_verified(6, 8));
+        c.clear_chunks(&[5]).unwrap();
+        assert!(!c.is_present(5));
+        assert_eq!(c.present_chunks(), 7);
+        assert!(c.verify(0, 16).unwrap().is_empty());
     }
 }
 
 /// The file name of a template's cache in a cache directory: a readable part of the
-/// template's last path component plus a hash of its whole location (`shown`, without
-/// credentials), so two templates never share a file.
-pub fn cache_file_name(shown: &str) -> String {
+/// template's last path component, a hash of its location (`shown`, without
+/// credentials) and a hash of its pinned identity (size, ETag, version id, mtime…), so
+/// two templates, or two versions of one (two S3 version ids, two pre-signed URLs of
+/// one key, a file changed in place), never share a file.
+pub fn cache_file_name(shown: &str, identity: &str) -> String {
+    format!(
+        "{}-{}.cache",
+        location_prefix(shown),
+        short_hash(&format!("{shown}\n{identity}"))
+    )
+}
+
+/// Caches in `dir` of the location `shown` other than `current`: those of other
+/// versions of the template (or of an older naming), which are left in place.
+pub fn other_caches_of(dir: &Path, shown: &str, current: &str) -> Vec<PathBuf> {
+    let prefix = location_prefix(shown);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix) && n.ends_with(".cache") && n != current)
+        .map(|n| dir.join(n))
+        .collect();
+    out.sort();
+    out
+}
+
+fn short_hash(s: &str) -> String {
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(shown.as_bytes());
-    let hash: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let digest = sha2::Sha256::digest(s.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `BASE-HASH` of a location: what every cache of it is named after.
+fn location_prefix(shown: &str) -> String {
+    let hash = short_hash(shown);
     let base = shown
         .trim_end_matches('/')
         .rsplit('/')
@@ -742,9 +1538,9 @@ pub fn cache_file_name(shown: &str) -> String {
         .collect::<String>();
     let base = base.trim_start_matches('.');
     if base.is_empty() {
-        format!("{hash}.cache")
+        hash
     } else {
-        format!("{base}-{hash}.cache")
+        format!("{base}-{hash}")
     }
 }
 
@@ -752,14 +1548,32 @@ pub fn cache_file_name(shown: &str) -> String {
 mod name_tests {
     #[test]
     fn cache_names_are_readable_distinct_and_safe() {
-        let a = super::cache_file_name("https://h/t/debian-12.qcow2");
-        let b = super::cache_file_name("https://other/t/debian-12.qcow2");
+        let a = super::cache_file_name("https://h/t/debian-12.qcow2", "etag 1");
+        let b = super::cache_file_name("https://other/t/debian-12.qcow2", "etag 1");
         assert!(
             a.starts_with("debian-12.qcow2-") && a.ends_with(".cache"),
             "{a}"
         );
         assert_ne!(a, b);
-        assert!(!super::cache_file_name("s3://b/../..").contains('/'));
-        assert!(super::cache_file_name("nbd+unix:///?socket=/x").ends_with(".cache"));
+        assert!(!super::cache_file_name("s3://b/../..", "v").contains('/'));
+        assert!(super::cache_file_name("nbd+unix:///?socket=/x", "v").ends_with(".cache"));
+    }
+
+    #[test]
+    fn two_versions_of_one_location_get_two_caches_and_each_finds_the_other() {
+        let shown = "s3://bucket/t/debian-12.qcow2";
+        let v1 = super::cache_file_name(shown, "s3 object, version id 111");
+        let v2 = super::cache_file_name(shown, "s3 object, version id 222");
+        assert_ne!(v1, v2);
+        let dir = tempfile::tempdir().unwrap();
+        for n in [&v1, &v2] {
+            std::fs::write(dir.path().join(n), b"").unwrap();
+        }
+        let other = super::cache_file_name("s3://bucket/t/debian-11.qcow2", "v");
+        std::fs::write(dir.path().join(&other), b"").unwrap();
+        assert_eq!(
+            super::other_caches_of(dir.path(), shown, &v2),
+            [dir.path().join(&v1)]
+        );
     }
 }

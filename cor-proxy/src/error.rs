@@ -42,13 +42,26 @@ pub enum Error {
     },
     /// The path holds data that is not a Thinline cache.
     #[error(
-        "{path} holds data that is not a Thinline cache ({reason}); refusing to overwrite it \
-         (use an empty file, a zeroed device, or --cache-mismatch discard)"
+        "{path} holds data that is not a Thinline cache of this template ({reason}); refusing \
+         to overwrite it, whatever --cache-mismatch says (use another path, an empty file or \
+         a zeroed device)"
     )]
     NotACache {
         /// The cache file or device.
         path: PathBuf,
         /// What was found.
+        reason: String,
+    },
+    /// The cache path is a symbolic link that is not followed.
+    #[error(
+        "cache {path}: {reason}; refusing to follow it (caches are opened without following \
+         links; `thinline proxy --cache` follows only a link to a block device, such as \
+         /dev/VG/LV)"
+    )]
+    Symlink {
+        /// The cache path.
+        path: PathBuf,
+        /// What the link is.
         reason: String,
     },
     /// A block device too small for the template and its metadata.

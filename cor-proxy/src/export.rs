@@ -17,7 +17,10 @@
 //!
 //! Until a chunk's bit is set, readers get its bytes from the in-flight entry in
 //! memory, never from the cache file, so a chunk is served from the cache only once its
-//! data is durable. The export is read-only: it is a dm-thin external origin and the
+//! data is durable. Each chunk's checksum is written with its data; a chunk this
+//! process did not fetch is checked against it the first time it is read from disk,
+//! and one that does not match is logged, forgotten and fetched again (the client gets
+//! the upstream's bytes). The export is read-only: it is a dm-thin external origin and the
 //! cache holds the template, never a clone's writes.
 //!
 //! A cache that cannot be written (ENOSPC, EDQUOT, an I/O error) turns the export into a
@@ -77,6 +80,8 @@ pub struct CorOptions {
     pub holder: String,
     /// Hydrate the whole template in the background.
     pub prefetch: Option<PrefetchOptions>,
+    /// Follow a cache path that is a symbolic link to a block device (`/dev/VG/LV`).
+    pub follow_device_links: bool,
 }
 
 impl Default for CorOptions {
@@ -89,6 +94,7 @@ impl Default for CorOptions {
             on_mismatch: OnMismatch::Refuse,
             holder: format!("pid {}", std::process::id()),
             prefetch: None,
+            follow_device_links: false,
         }
     }
 }
@@ -102,6 +108,7 @@ pub(crate) struct Stats {
     pub(crate) upstream_reads: AtomicU64,
     pub(crate) upstream_bytes: AtomicU64,
     pub(crate) upstream_errors: AtomicU64,
+    pub(crate) checksum_errors: AtomicU64,
     /// Fetches started ahead of a read: readahead and neighbours of a miss.
     pub(crate) speculative_fetches: AtomicU64,
     pub(crate) in_flight: AtomicUsize,
@@ -219,6 +226,7 @@ impl CorExport {
                 chunk_size: options.chunk_size,
                 on_mismatch: options.on_mismatch,
                 holder: options.holder.clone(),
+                follow_device_links: options.follow_device_links,
             },
         )?;
         let chunk = cache.chunk_size();
@@ -464,10 +472,14 @@ impl Inner {
     }
 
     async fn cache_read(&self, offset: u64, length: u64) -> Result<ReadChunk> {
+        self.cache_bytes(offset, length).await.map(ReadChunk::Data)
+    }
+
+    async fn cache_bytes(&self, offset: u64, length: u64) -> Result<Bytes> {
         self.reader
             .read_exact(offset, length as usize)
             .await
-            .map(|b| ReadChunk::Data(b.freeze()))
+            .map(|b| b.freeze())
             .map_err(|source| Error::Io {
                 op: "read cache",
                 path: self.cache.path().to_owned(),
@@ -486,7 +498,7 @@ impl Inner {
         length: u64,
     ) -> Result<Vec<ReadChunk>> {
         let Some(entry) = entry else {
-            return Ok(vec![self.cache_read(offset, length).await?]);
+            return self.read_verified(offset, length).await;
         };
         let fetched = self.wait_for_range(&entry, offset, offset + length).await?;
         let mut out = Vec::new();
@@ -499,7 +511,7 @@ impl Inner {
             }
             if *start > pos {
                 // Present before the fetch began: durable, read from the cache.
-                out.push(self.cache_read(pos, start - pos).await?);
+                out.extend(self.read_verified(pos, start - pos).await?);
                 pos = *start;
             }
             let hi = piece_end.min(end);
@@ -511,9 +523,82 @@ impl Inner {
             pos = hi;
         }
         if pos < end {
-            out.push(self.cache_read(pos, end - pos).await?);
+            out.extend(self.read_verified(pos, end - pos).await?);
         }
         Ok(out)
+    }
+
+    /// Reads a range that was present from the cache if its chunks are verified; else
+    /// (one was found bad meanwhile and is being fetched again) from the upstream.
+    async fn read_verified(&self, offset: u64, length: u64) -> Result<Vec<ReadChunk>> {
+        let (first, end) = self.chunk_range(offset, length);
+        if self.cache.all_verified(first, end) {
+            return Ok(vec![self.cache_read(offset, length).await?]);
+        }
+        self.stats.upstream_reads.fetch_add(1, Ordering::Relaxed);
+        self.read_skipping_zeroes(offset, length).await
+    }
+
+    /// Checks the present chunks of `[offset, offset + length)` (chunks `[first, end)`)
+    /// not yet read from disk by this process against their checksums, reading the
+    /// chunks whole; a bad one is logged and forgotten (its bit cleared in memory and on
+    /// disk), so it is fetched again. Returns the range's bytes when every chunk of it
+    /// is present and good, so the read needs no second pass.
+    async fn verify(
+        &self,
+        offset: u64,
+        length: u64,
+        (first, end): (u64, u64),
+    ) -> Result<Option<Bytes>> {
+        let c = self.chunk();
+        let start = first * c;
+        let span = (end * c).min(self.cache.size()) - start;
+        let data = self.cache_bytes(start, span).await?;
+        let mut bad = Vec::new();
+        let mut whole = true;
+        for i in first..end {
+            if !self.cache.is_present(i) {
+                whole = false;
+                continue;
+            }
+            if self.cache.is_verified(i) {
+                continue;
+            }
+            let lo = ((i - first) * c) as usize;
+            let hi = (lo + c as usize).min(data.len());
+            if !self.cache.check_chunk(i, &data[lo..hi]) {
+                bad.push((i, i * c));
+            }
+        }
+        if bad.is_empty() {
+            let lo = (offset - start) as usize;
+            return Ok(whole.then(|| data.slice(lo..lo + length as usize)));
+        }
+        let cache = Arc::clone(&self.cache);
+        let chunks: Vec<u64> = bad.iter().map(|&(i, _)| i).collect();
+        tokio::task::spawn_blocking(move || cache.clear_chunks(&chunks))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r.map_err(std::io::Error::other))
+            .map_err(|source| Error::Io {
+                op: "forget bad chunks",
+                path: self.cache.path().to_owned(),
+                offset: start,
+                length: span,
+                source,
+            })?;
+        for &(chunk, offset) in &bad {
+            self.stats.checksum_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                cache = %self.cache.path().display(),
+                chunk,
+                offset,
+                length = self.chunk(),
+                "cached chunk does not match its checksum (bit rot, a scribbled file or a \
+                 forged presence map): forgotten and fetched again"
+            );
+        }
+        Ok(None)
     }
 
     /// After a miss of units `[first, last]`: if it continues a sequential stream, grow
@@ -761,6 +846,7 @@ async fn fetch_unit(
     }
     let cache = Arc::clone(&inner.cache);
     let written = tokio::task::spawn_blocking(move || {
+        let sums = chunk_sums(&fetched.pieces, cache.chunk_size(), cache.size());
         for (off, piece) in &fetched.pieces {
             match piece {
                 ReadChunk::Data(d) if d.iter().all(|&b| b == 0) => {
@@ -770,6 +856,8 @@ async fn fetch_unit(
                 ReadChunk::Zero(n) => cache.write_zeroes(*off, *n)?,
             }
         }
+        // Durable with the data, by the batch's sync, before any bit.
+        cache.write_sums(&sums)?;
         Ok::<_, std::io::Error>(())
     })
     .await
@@ -791,6 +879,49 @@ async fn fetch_unit(
             enter_passthrough(&inner, &e, "write");
         }
     }
+}
+
+/// The CRC32C of each whole chunk covered by `pieces` (in order, chunk-aligned runs,
+/// the last chunk of the template short): `(chunk, crc)`.
+fn chunk_sums(pieces: &[(u64, ReadChunk)], chunk: u64, size: u64) -> Vec<(u64, u32)> {
+    static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
+    let mut out = Vec::new();
+    // The chunk being summed and its CRC so far.
+    let mut cur: Option<(u64, u32)> = None;
+    for (off, piece) in pieces {
+        let (mut pos, end) = (*off, off + piece.len());
+        while pos < end {
+            let i = pos / chunk;
+            let chunk_end = ((i + 1) * chunk).min(size);
+            let hi = chunk_end.min(end);
+            let mut crc = match cur {
+                Some((c, crc)) if c == i => crc,
+                _ => 0,
+            };
+            match piece {
+                ReadChunk::Data(d) => {
+                    crc = crc32c::crc32c_append(crc, &d[(pos - off) as usize..(hi - off) as usize]);
+                }
+                ReadChunk::Zero(_) => {
+                    let mut left = hi - pos;
+                    while left > 0 {
+                        let n = left.min(ZEROES.len() as u64);
+                        crc = crc32c::crc32c_append(crc, &ZEROES[..n as usize]);
+                        left -= n;
+                    }
+                }
+            }
+            if hi == chunk_end {
+                out.push((i, crc));
+                cur = None;
+            } else {
+                cur = Some((i, crc));
+            }
+            pos = hi;
+        }
+    }
+    debug_assert!(cur.is_none(), "pieces end inside a chunk");
+    out
 }
 
 /// What the fetches measured of the upstream: how long a round trip takes, and how
@@ -994,7 +1125,6 @@ async fn batcher(
     inner: Weak<Inner>,
     mut rx: mpsc::UnboundedReceiver<Filled>,
 ) {
-    let mut complete_recorded = cache.is_complete();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + SYNC_INTERVAL;
@@ -1034,10 +1164,11 @@ async fn batcher(
             }
         }
         drop(batch);
-        if !complete_recorded && synced.is_ok() && cache.present_chunks() == cache.chunks() {
-            complete_recorded = true;
+        // Not `complete` any more after a bad chunk was forgotten, until fetched again.
+        if synced.is_ok() && cache.present_chunks() == cache.chunks() && !cache.is_complete() {
             let c = Arc::clone(&cache);
             match tokio::task::spawn_blocking(move || c.mark_complete()).await {
+                Ok(Ok(())) if !cache.is_complete() => {}
                 Ok(Ok(())) => tracing::info!(
                     cache = %cache.path().display(),
                     bytes = cache.size(),
@@ -1109,7 +1240,16 @@ impl Export for CorExport {
             .bytes_served
             .fetch_add(length, Ordering::Relaxed);
         let (cf, ce) = inner.chunk_range(offset, length);
-        if inner.cache.all_present(cf, ce) {
+        let mut hit = inner.cache.all_verified(cf, ce);
+        if !hit && inner.cache.needs_verify(cf, ce) {
+            // Chunks read from disk the first time are checked; bad ones are fetched.
+            if let Some(data) = inner.verify(offset, length, (cf, ce)).await? {
+                inner.stats.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(vec![ReadChunk::Data(data)]);
+            }
+            hit = inner.cache.all_verified(cf, ce);
+        }
+        if hit {
             inner.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(vec![inner.cache_read(offset, length).await?]);
         }
@@ -1546,6 +1686,82 @@ mod tests {
                 "read {off}+{len} of the zero range"
             );
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scribbled_and_forged_chunks_are_detected_fetched_again_and_read_right() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        let size = 2 << 20;
+        let up = MemUpstream::new(size, true);
+        let e = CorExport::open(up.clone(), &path, &no_speculation()).unwrap();
+        assert_eq!(
+            read_bytes(&e, 0, 1 << 20).await.unwrap(),
+            up.data[..1 << 20]
+        );
+        wait_present(&e, 16).await;
+        drop(e);
+        let chunk = DEFAULT_CHUNK_SIZE;
+        let g = crate::cache::Geometry::new(size as u64, chunk);
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
+            // Bit rot in chunk 5, which was fetched.
+            f.write_all_at(b"rot", 5 * chunk + 100).unwrap();
+            // A forged bit for chunk 20, never fetched (its bytes read as zeroes).
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, g.map + 2).unwrap();
+            f.write_all_at(&[b[0] | 1 << 4], g.map + 2).unwrap();
+        }
+        let e = reopen(up.clone(), &path, &no_speculation()).await;
+        assert_eq!(e.cache().present_chunks(), 17);
+        up.reads.lock().unwrap().clear();
+        assert!(read_bytes(&e, 0, size as u32).await.unwrap() == up.data);
+        let reads = up.reads.lock().unwrap().clone();
+        for bad in [5, 20] {
+            let off = bad * chunk;
+            assert!(
+                reads.iter().any(|&(o, l)| o <= off && off + chunk <= o + l),
+                "chunk {bad} was not fetched again: {reads:?}"
+            );
+        }
+        assert!(
+            !reads.iter().any(|&(o, _)| o < 5 * chunk),
+            "good chunks fetched again: {reads:?}"
+        );
+        assert_eq!(e.status().checksum_errors, 2);
+        wait_present(&e, 32).await;
+        // Fetched again, and right on disk now.
+        assert!(e.cache().scrub().unwrap().bad.is_empty());
+    }
+
+    #[test]
+    fn chunk_checksums_cover_data_and_zero_pieces_across_their_boundaries() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        // Chunks of 4096 in a 10000-byte template: the last one is short.
+        let pieces = vec![
+            (0, ReadChunk::Data(Bytes::copy_from_slice(&data[..5000]))),
+            (5000, ReadChunk::Zero(1000)),
+            (6000, ReadChunk::Data(Bytes::copy_from_slice(&data[6000..]))),
+        ];
+        let mut whole = data.clone();
+        whole[5000..6000].fill(0);
+        let want: Vec<(u64, u32)> = whole
+            .chunks(4096)
+            .enumerate()
+            .map(|(i, c)| (i as u64, crc32c::crc32c(c)))
+            .collect();
+        assert_eq!(chunk_sums(&pieces, 4096, 10_000), want);
+        // A run that starts at a later chunk.
+        let pieces = vec![(
+            8192,
+            ReadChunk::Data(Bytes::copy_from_slice(&whole[8192..])),
+        )];
+        assert_eq!(chunk_sums(&pieces, 4096, 10_000), want[2..]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

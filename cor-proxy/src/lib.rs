@@ -10,7 +10,8 @@
 //!   Upstream: another NBD server (NbdUpstream) or an export in this process
 //! ```
 //!
-//! - [`cache`]: the on-disk cache: layout, identity, lock, presence map, crash rules.
+//! - [`cache`]: the on-disk cache: layout, identity, lock, presence map, checksums,
+//!   crash rules, scrub.
 //! - [`export`]: the copy-on-read export: shared in-flight fetches, durability batches,
 //!   pass-through when the cache is full, block status.
 //! - [`upstream`]: where misses are read from.
@@ -30,7 +31,7 @@ pub mod prefetch;
 pub mod status;
 pub mod upstream;
 
-pub use cache::{CacheFile, CacheOptions, OnMismatch};
+pub use cache::{CacheFile, CacheOptions, ExistingOptions, OnMismatch, ScrubReport};
 pub use error::{Error, Result};
 pub use export::{CorExport, CorOptions};
 pub use prefetch::PrefetchOptions;

@@ -162,6 +162,20 @@ fn zero_range(inner: &Inner, lo: u64, hi: u64) -> Result<(), Box<thinline_nbd::E
         })?;
         inner.prefetch.zero_bytes.fetch_add(len, Ordering::Relaxed);
     }
+    let sums: Vec<(u64, u32)> = runs
+        .iter()
+        .flat_map(|&(f, e)| f..e)
+        .map(|i| (i, inner.cache.zero_sum_of(i)))
+        .collect();
+    inner.cache.write_sums(&sums).map_err(|source| {
+        Box::new(thinline_nbd::Error::Io {
+            op: "write cache checksums",
+            path: inner.cache.path().to_owned(),
+            offset: runs[0].0 * chunk,
+            length: 0,
+            source,
+        })
+    })?;
     queue_zeroed(inner, runs);
     Ok(())
 }

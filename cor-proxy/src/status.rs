@@ -43,6 +43,9 @@ pub struct Status {
     pub bytes_from_upstream: u64,
     /// Upstream reads that failed.
     pub upstream_errors: u64,
+    /// Cached chunks whose data did not match their checksum (fetched again).
+    #[serde(default)]
+    pub checksum_errors: u64,
     /// Fetches started ahead of client reads (sequential readahead and the
     /// neighbours of a miss, `--fetch-around`).
     #[serde(default)]
@@ -87,6 +90,7 @@ impl Status {
             upstream_reads: s.upstream_reads.load(Ordering::Relaxed),
             bytes_from_upstream: s.upstream_bytes.load(Ordering::Relaxed),
             upstream_errors: s.upstream_errors.load(Ordering::Relaxed),
+            checksum_errors: s.checksum_errors.load(Ordering::Relaxed),
             speculative_fetches: s.speculative_fetches.load(Ordering::Relaxed),
             fetch_around: inner.fetch_around_now(),
             in_flight: s.in_flight.load(Ordering::Relaxed),
