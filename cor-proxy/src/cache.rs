@@ -313,7 +313,18 @@ fn open_no_follow(path: &Path, writable: bool, create: bool, device_links: bool)
             if !device_links {
                 return Err(refused("it is a symbolic link"));
             }
-            // Never created through a link; checked after opening, on what was opened.
+            // Never created through a link. Checked before opening (opening a device can
+            // have side effects, and a FIFO would block) and again on what was opened.
+            let target = std::fs::metadata(path).map_err(|e| {
+                refused(&format!(
+                    "it is a symbolic link whose target cannot be opened ({e})"
+                ))
+            })?;
+            if !target.file_type().is_block_device() {
+                return Err(refused(
+                    "it is a symbolic link to something other than a block device",
+                ));
+            }
             let f = OpenOptions::new()
                 .read(true)
                 .write(writable)
