@@ -767,18 +767,38 @@ async fn fetch_unit(
     tx: OutcomeTx,
 ) {
     let permit = Arc::clone(&inner.permits).acquire_owned().await.ok();
-    let mut requests = runs.len();
+    // Counters are updated before the reply they describe is sent, so a status asked
+    // after a client got its answer always includes it.
+    let count = |requests: usize, fetched: Option<&Vec<(u64, ReadChunk)>>| match fetched {
+        Some(pieces) => {
+            inner
+                .stats
+                .upstream_reads
+                .fetch_add(requests as u64, Ordering::Relaxed);
+            inner
+                .stats
+                .upstream_bytes
+                .fetch_add(data_bytes(pieces), Ordering::Relaxed);
+        }
+        None => {
+            inner.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    };
     let results = match first {
-        None => read_runs(&inner, &runs).await.map_err(Arc::new),
+        None => {
+            let r = read_runs(&inner, &runs).await.map_err(Arc::new);
+            count(runs.len(), r.as_ref().ok());
+            r
+        }
         Some((range, first_tx)) => {
             let (needed, rest) = split_runs(&runs, range);
-            requests = needed.len() + rest.len();
             let rest_bytes: u64 = rest.iter().map(|r| r.1).sum();
             let started = std::time::Instant::now();
             let mut needed_took = Duration::ZERO;
             let needed = async {
                 let r = read_runs(&inner, &needed).await.map_err(Arc::new);
                 needed_took = started.elapsed();
+                count(needed.len(), r.as_ref().ok());
                 let _ = first_tx.send(Some(match &r {
                     Ok(pieces) => Ok(Arc::new(Fetched {
                         pieces: pieces.clone(),
@@ -787,7 +807,19 @@ async fn fetch_unit(
                 }));
                 r
             };
-            let (needed, rest) = tokio::join!(needed, read_runs(&inner, &rest));
+            let rest = async {
+                let r = read_runs(&inner, &rest).await;
+                // One failure per unit: a rest that fails after the needed part failed
+                // (already counted) is the same failed fetch.
+                if let Ok(pieces) = &r {
+                    count(rest.len(), Some(pieces));
+                }
+                r
+            };
+            let (needed, rest) = tokio::join!(needed, rest);
+            if needed.is_ok() && rest.is_err() {
+                inner.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            }
             match (needed, rest) {
                 (Ok(mut pieces), Ok(rest)) => {
                     // Both went out together: the small request took a round trip, the
@@ -812,7 +844,6 @@ async fn fetch_unit(
     let pieces = match results {
         Ok(pieces) => pieces,
         Err(e) => {
-            inner.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 upstream = %inner.upstream.name(),
                 offset = u * inner.unit,
@@ -824,19 +855,6 @@ async fn fetch_unit(
             return;
         }
     };
-    let data_bytes: u64 = pieces
-        .iter()
-        .filter(|(_, c)| matches!(c, ReadChunk::Data(_)))
-        .map(|(_, c)| c.len())
-        .sum();
-    inner
-        .stats
-        .upstream_reads
-        .fetch_add(requests as u64, Ordering::Relaxed);
-    inner
-        .stats
-        .upstream_bytes
-        .fetch_add(data_bytes, Ordering::Relaxed);
     let fetched = Arc::new(Fetched { pieces });
     let _ = tx.send(Some(Ok(Arc::clone(&fetched))));
 
@@ -879,6 +897,15 @@ async fn fetch_unit(
             enter_passthrough(&inner, &e, "write");
         }
     }
+}
+
+/// Bytes of data (not holes) in `pieces`.
+fn data_bytes(pieces: &[(u64, ReadChunk)]) -> u64 {
+    pieces
+        .iter()
+        .filter(|(_, c)| matches!(c, ReadChunk::Data(_)))
+        .map(|(_, c)| c.len())
+        .sum()
 }
 
 /// The CRC32C of each whole chunk covered by `pieces` (in order, chunk-aligned runs,
@@ -1151,19 +1178,8 @@ async fn batcher(
         })
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-        let strong = inner.upgrade();
-        if let Some(inner) = &strong {
-            if let Err(e) = &synced {
-                enter_passthrough(inner, e, "sync");
-            }
-            let mut map = inner.in_flight.lock().expect("in-flight lock");
-            for f in &batch {
-                if let Some(u) = f.unit {
-                    map.remove(&u);
-                }
-            }
-        }
-        drop(batch);
+        // Completion is recorded before the batch's units leave the in-flight map, so
+        // `settle` (a graceful stop) also waits for it.
         // Not `complete` any more after a bad chunk was forgotten, until fetched again.
         if synced.is_ok() && cache.present_chunks() == cache.chunks() && !cache.is_complete() {
             let c = Arc::clone(&cache);
@@ -1178,6 +1194,19 @@ async fn batcher(
                 Err(e) => tracing::warn!(error = %e, "cannot record completion"),
             }
         }
+        let strong = inner.upgrade();
+        if let Some(inner) = &strong {
+            if let Err(e) = &synced {
+                enter_passthrough(inner, e, "sync");
+            }
+            let mut map = inner.in_flight.lock().expect("in-flight lock");
+            for f in &batch {
+                if let Some(u) = f.unit {
+                    map.remove(&u);
+                }
+            }
+        }
+        drop(batch);
     }
 }
 
