@@ -18,8 +18,8 @@
 //! - [`prefetch`]: background hydration with a rate limit, yielding to demand reads.
 //! - [`status`]: counters and progress, and the status socket.
 //!
-//! Why the cache holds the template and never the clone: see DESIGN.md ("why the cache
-//! is per template"). In short, dm-thin has no "write only if still unprovisioned",
+//! Why the cache holds the template and never the clone: see docs/design.md ("Why the cache
+//! holds the template, never the clone"). In short, dm-thin has no "write only if still unprovisioned",
 //! so writing fetched template data into a clone can overwrite a guest write.
 
 #![warn(missing_docs)]
