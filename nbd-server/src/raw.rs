@@ -67,8 +67,9 @@ pub struct RawOptions {
     pub minimum_block_size: Option<u32>,
     /// How I/O that cannot be done inline is run.
     pub io_engine: IoEngine,
-    /// The format was detected from the content, not given: refuse writes that would
-    /// make the next detection find another format (see [`ProbeGuard`]).
+    /// The format was detected from the content, not given: refuse (EPERM) writes that
+    /// would make the next detection find another format, such as a guest writing a
+    /// qcow2 header naming a host file as its backing file.
     pub guard_probed_format: bool,
 }
 

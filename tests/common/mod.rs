@@ -182,11 +182,10 @@ impl Served {
         Served::start(&args)
     }
 
-    /// Serves on TCP on a free loopback port.
+    /// Serves on TCP on a loopback port the kernel chooses when the server binds (read
+    /// back from its report), so servers started in parallel cannot race for one.
     pub fn tcp(extra: &[&str], images: &[&str]) -> Served {
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let mut args = vec!["--listen", addr.as_str()];
+        let mut args = vec!["--listen", "127.0.0.1:0"];
         args.extend_from_slice(extra);
         args.extend_from_slice(images);
         Served::start(&args)
@@ -267,6 +266,8 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process
     None
 }
 
+/// A loopback port nobody listened on a moment ago. Racy (another server may take it
+/// before the caller binds it): only for servers that cannot bind port 0 and report it.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
