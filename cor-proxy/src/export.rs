@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use thinline_nbd::export::{BlockSizes, Capabilities, Export, Extent, ReadChunk, ZeroFlags};
+use thinline_nbd::export::{BlockSizes, Capabilities, Export, Extent, ReadChunk};
 use thinline_nbd::proto::{ALLOCATION_DEPTH, BASE_ALLOCATION, errno};
 use thinline_nbd::{Error, LocalFileReader, Result};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -1219,12 +1219,6 @@ pub(crate) fn queue_zeroed(inner: &Inner, chunks: Vec<(u64, u64)>) {
     });
 }
 
-fn read_only(inner: &Inner) -> Error {
-    Error::ReadOnly {
-        path: inner.cache.path().to_owned(),
-    }
-}
-
 #[async_trait]
 impl Export for CorExport {
     fn size(&self) -> u64 {
@@ -1310,20 +1304,10 @@ impl Export for CorExport {
         Ok(out)
     }
 
-    async fn write(&self, _offset: u64, _data: Bytes, _fua: bool) -> Result<()> {
-        Err(read_only(&self.inner))
-    }
-
-    async fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-
-    async fn trim(&self, _offset: u64, _length: u64, _fua: bool) -> Result<()> {
-        Err(read_only(&self.inner))
-    }
-
-    async fn write_zeroes(&self, _offset: u64, _length: u64, _flags: ZeroFlags) -> Result<()> {
-        Err(read_only(&self.inner))
+    fn refuse_write(&self) -> Error {
+        Error::ReadOnly {
+            path: self.inner.cache.path().to_owned(),
+        }
     }
 
     async fn cache(&self, offset: u64, length: u64) -> Result<()> {

@@ -16,8 +16,8 @@ use std::fmt;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::Result;
 use crate::proto::BASE_ALLOCATION;
+use crate::{Error, Result};
 
 /// What an export can do. The server derives the transmission flags from this and
 /// refuses commands the export cannot serve, so the flags are always truthful.
@@ -133,20 +133,46 @@ pub trait Export: Send + Sync + fmt::Debug + 'static {
     /// Reads `length` bytes at `offset`.
     async fn read(&self, offset: u64, length: u32) -> Result<Vec<ReadChunk>>;
 
-    /// Writes `data` at `offset`; durable before returning if `fua`.
-    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()>;
+    /// The error a read-only export answers every write, trim and zeroing with (EPERM):
+    /// the defaults below use it, so a read-only export implements only this, naming what
+    /// it serves.
+    fn refuse_write(&self) -> Error {
+        Error::ReadOnly {
+            path: self.description().unwrap_or_default().into(),
+        }
+    }
 
-    /// Makes every acknowledged write durable.
-    async fn flush(&self) -> Result<()>;
+    /// Writes `data` at `offset`; durable before returning if `fua`. Read-only exports
+    /// keep the default: [`Export::refuse_write`].
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        let _ = (offset, data, fua);
+        Err(self.refuse_write())
+    }
 
-    /// Discards a range (a hint: contents afterwards are unspecified).
-    async fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<()>;
+    /// Makes every acknowledged write durable (nothing to do for read-only exports).
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
 
-    /// Makes a range read as zeroes.
-    async fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()>;
+    /// Discards a range (a hint: contents afterwards are unspecified). Read-only exports
+    /// keep the default: [`Export::refuse_write`].
+    async fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<()> {
+        let _ = (offset, length, fua);
+        Err(self.refuse_write())
+    }
 
-    /// Prefetches a range (a hint).
-    async fn cache(&self, offset: u64, length: u64) -> Result<()>;
+    /// Makes a range read as zeroes. Read-only exports keep the default:
+    /// [`Export::refuse_write`].
+    async fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()> {
+        let _ = (offset, length, flags);
+        Err(self.refuse_write())
+    }
+
+    /// Prefetches a range (a hint; by default nothing happens).
+    async fn cache(&self, offset: u64, length: u64) -> Result<()> {
+        let _ = (offset, length);
+        Ok(())
+    }
 
     /// Describes `[offset, offset + length)` in metadata context `context`. Returns at
     /// least one extent; the extents start at `offset`, are contiguous, and may cover

@@ -19,10 +19,10 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use thinline_format::{Allocation, Extent, Fetch, Image, OpenOptions, Place};
 
-use crate::export::{BlockSizes, Capabilities, Export, Extent as NbdExtent, ReadChunk, ZeroFlags};
+use crate::export::{BlockSizes, Capabilities, Export, Extent as NbdExtent, ReadChunk};
 use crate::proto::{ALLOCATION_DEPTH, BASE_ALLOCATION, state};
 use crate::raw::IoEngine;
 use crate::remote::fetch::FetchEngine;
@@ -269,10 +269,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     })
 }
 
-fn read_only(name: &str) -> Error {
-    Error::ReadOnly { path: name.into() }
-}
-
 #[async_trait]
 impl Export for ImageExport {
     fn size(&self) -> u64 {
@@ -344,24 +340,10 @@ impl Export for ImageExport {
         Ok(chunks)
     }
 
-    async fn write(&self, _offset: u64, _data: Bytes, _fua: bool) -> Result<()> {
-        Err(read_only(&self.name))
-    }
-
-    async fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-
-    async fn trim(&self, _offset: u64, _length: u64, _fua: bool) -> Result<()> {
-        Err(read_only(&self.name))
-    }
-
-    async fn write_zeroes(&self, _offset: u64, _length: u64, _flags: ZeroFlags) -> Result<()> {
-        Err(read_only(&self.name))
-    }
-
-    async fn cache(&self, _offset: u64, _length: u64) -> Result<()> {
-        Ok(())
+    fn refuse_write(&self) -> Error {
+        Error::ReadOnly {
+            path: self.name.clone().into(),
+        }
     }
 
     async fn block_status(
