@@ -7,10 +7,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
-use thinline_format::{FileStorage, Format, detect};
+use thinline_format::Format;
 use thinline_nbd::export::Export;
-use thinline_nbd::image::{ImageExport, ImageOptions};
-use thinline_nbd::raw::{IoEngine, RawExport, RawOptions};
+use thinline_nbd::open::{OpenExportOptions, OpenedExport, open_export};
+use thinline_nbd::raw::{IoEngine, RawOptions};
 
 use crate::image::OpenArgs;
 use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
@@ -325,74 +325,39 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 format!("{shown} has no file name to use as the export name; use NAME=IMAGE")
             })?,
         };
-        let image_options = |format| ImageOptions {
-            open: thinline_format::OpenOptions {
-                format: Some(format),
-                ..args.open.options()
-            },
-            io_engine: options.io_engine,
-        };
         let caching = args.cache_dir.is_some();
-        let (export, format, backing_chain, identity): (
-            Arc<dyn Export>,
-            Format,
-            Vec<String>,
-            Option<String>,
-        ) = match &source {
-            Source::File(path) => {
-                let format = match args.open.format.format() {
-                    Some(format) => format,
-                    None => detect(&*FileStorage::open(path)?)?,
-                };
-                if format == Format::Raw && !caching {
-                    // A detected raw format must stay raw (see RawOptions).
-                    let options = RawOptions {
-                        guard_probed_format: args.open.format.format().is_none(),
-                        ..options.clone()
-                    };
-                    (
-                        Arc::new(RawExport::open(path, &options)?),
-                        format,
-                        Vec::new(),
-                        None,
-                    )
-                } else {
-                    let export = ImageExport::open(path, &image_options(format))?;
-                    if !args.read_only && !caching {
-                        tracing::info!(image = %shown, %format, "{format} images are served read-only");
+        let remote = match &source {
+            Source::File(_) => None,
+            _ => Some(match &remote_config {
+                Some(c) => Arc::clone(c),
+                None => {
+                    let mut config = args.open.remote.config()?;
+                    if caching {
+                        // The cache reads ahead itself, and knows what it holds.
+                        let mut c = (*config).clone();
+                        c.max_readahead = 0;
+                        config = Arc::new(c);
                     }
-                    let chain = backing_names(&export);
-                    let identity = export.template_identity();
-                    (Arc::new(export), format, chain, Some(identity))
+                    Arc::clone(remote_config.insert(config))
                 }
-            }
-            _ => {
-                let config = match &remote_config {
-                    Some(c) => Arc::clone(c),
-                    None => {
-                        let mut config = args.open.remote.config()?;
-                        if caching {
-                            // The cache reads ahead itself, and knows what it holds.
-                            let mut c = (*config).clone();
-                            c.max_readahead = 0;
-                            config = Arc::new(c);
-                        }
-                        Arc::clone(remote_config.insert(config))
-                    }
-                };
-                let storage = source.open(&config, runtime.handle())?;
-                let format = match args.open.format.format() {
-                    Some(format) => format,
-                    None => detect(&*storage)?,
-                };
-                let image =
-                    thinline_format::Image::open_storage(storage, &image_options(format).open)?;
-                let export = ImageExport::from_image(image, options.io_engine)?;
-                let chain = backing_names(&export);
-                let identity = export.template_identity();
-                (Arc::new(export), format, chain, Some(identity))
-            }
+            }),
         };
+        let OpenedExport {
+            export,
+            format,
+            backing_chain,
+            identity,
+        } = open_export(
+            &source,
+            &OpenExportOptions {
+                format: args.open.format.format(),
+                image: args.open.options(),
+                raw: options.clone(),
+                as_template: caching,
+            },
+            remote.as_ref(),
+            runtime.handle(),
+        )?;
         let (export, cache) = match (&args.cache_dir, identity) {
             (Some(dir), Some(identity)) => {
                 let file_name = thinline_cor::cache::cache_file_name(&shown, &identity);
@@ -417,9 +382,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
             _ => (export, None),
         };
-        if !matches!(source, Source::File(_)) && !args.read_only && cache.is_none() {
-            tracing::info!(image = %shown, "remote templates are served read-only");
-        }
         opened.push(Opened {
             name: name.clone(),
             path: shown,
@@ -540,14 +502,6 @@ fn print_report(report: &ServeReport, json: bool) -> anyhow::Result<()> {
     }
     writeln!(out, "stop with Ctrl-C or SIGTERM")?;
     Ok(out.flush()?)
-}
-
-/// The names of the files below the top image, for the report.
-fn backing_names(export: &ImageExport) -> Vec<String> {
-    export.image().layers()[1..]
-        .iter()
-        .map(|l| l.files()[0].name().to_owned())
-        .collect()
 }
 
 /// The export name used when none is given: the last component of the path.

@@ -439,7 +439,11 @@ fn upstream_eio_reaches_the_client_marks_nothing_and_a_later_read_succeeds() {
     let s = status(&p.socket.clone().unwrap());
     assert_eq!(s["chunks_present"], 0, "{s}");
     assert!(s["upstream_errors"].as_u64().unwrap() >= 1, "{s}");
-    assert!(p.log().contains("upstream read failed"), "{}", p.log());
+    assert!(
+        p.wait_for_log("upstream read failed", Duration::from_secs(10)),
+        "{}",
+        p.log()
+    );
     std::fs::remove_file(&trigger).unwrap();
     let out = common::nbdsh(
         &p.uri(""),
@@ -518,7 +522,11 @@ fn a_changed_template_gets_its_own_cache_in_a_cache_dir_and_the_proxy_refuses_an
     assert_ne!(now, bytes);
     assert_eq!(read_all(&s.uri(""), dir.path()), now);
     assert_ne!(s.report["exports"][0]["cache"], old[0].to_str().unwrap());
-    assert!(s.log().contains(old[0].to_str().unwrap()), "{}", s.log());
+    assert!(
+        s.wait_for_log(old[0].to_str().unwrap(), Duration::from_secs(10)),
+        "{}",
+        s.log()
+    );
     s.terminate(Duration::from_secs(20));
     assert_eq!(std::fs::read_dir(&cache_dir).unwrap().count(), 2);
 
@@ -628,7 +636,7 @@ fn a_scribbled_chunk_is_fetched_again_after_a_restart_and_scrub_finds_and_repair
     let s = status(&p.socket.clone().unwrap());
     assert_eq!(s["checksum_errors"], 1, "{s}");
     assert!(
-        p.log().contains("does not match its checksum"),
+        p.wait_for_log("does not match its checksum", Duration::from_secs(10)),
         "{}",
         p.log()
     );

@@ -441,7 +441,11 @@ fn faults_within_the_retry_budget_are_invisible() {
         "the copy differs from the template"
     );
     assert_eq!(proxy.queued(), 0, "every injected fault was hit");
-    assert!(served.log().contains("retrying"), "{}", served.log());
+    assert!(
+        served.wait_for_log("retrying", Duration::from_secs(10)),
+        "{}",
+        served.log()
+    );
 }
 
 #[test]

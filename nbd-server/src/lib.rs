@@ -14,6 +14,8 @@
 //!   `thinline-format`'s mapping plans.
 //! - [`server`]: listeners, connection limits, graceful shutdown.
 //! - [`source`]: template locations (paths, `file://` URIs, remote URIs, handler schemes).
+//! - [`open`]: a location opened as a servable export (format detected or given, the
+//!   image chain, the raw-file guard), the composition `serve` and the agent share.
 //! - [`remote`]: remote template sources read by byte ranges (HTTP(S), S3, NFS, NBD)
 //!   behind one fetch engine (coalescing, readahead, retries, shared in-flight fetches).
 //! - [`client`]: an NBD client, for templates behind another NBD server and for the
@@ -44,6 +46,7 @@ pub mod export;
 mod fileio;
 mod handshake;
 pub mod image;
+pub mod open;
 pub mod proto;
 pub mod raw;
 pub mod remote;
