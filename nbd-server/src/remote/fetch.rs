@@ -25,13 +25,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use futures_util::future::Shared;
 use tokio::sync::Semaphore;
 
+use super::retry::{self, Backoff};
 use super::{FetchError, FetchErrorKind, RangeBackend, RemoteConfig};
 
 /// Most fetch units one request fetches (adjacent misses and readahead merge up to it).
@@ -174,8 +174,7 @@ pub struct FetchEngine {
     /// Random misses fetch blocks once a unit takes longer than this many blocks.
     unit_cost_ratio: f64,
     attempts: u32,
-    backoff_base: Duration,
-    backoff_max: Duration,
+    backoff: Backoff,
     permits: Arc<Semaphore>,
     state: Mutex<State>,
     stats: Arc<FetchStats>,
@@ -229,8 +228,7 @@ impl FetchEngine {
                 (1.0 / (1.0 - config.memory_budget as f64 / size as f64)).max(MIN_UNIT_COST_RATIO)
             },
             attempts: config.attempts.max(1),
-            backoff_base: config.backoff_base,
-            backoff_max: config.backoff_max.max(config.backoff_base),
+            backoff: Backoff::from_config(config),
             permits: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
             state: Mutex::new(State::default()),
             stats: Arc::new(FetchStats::default()),
@@ -538,71 +536,47 @@ impl FetchEngine {
         offset: u64,
         length: u64,
     ) -> Result<(Bytes, f64), FetchError> {
-        let mut attempt = 1;
-        loop {
-            let permit = self
-                .permits
-                .acquire()
-                .await
-                .expect("the semaphore is never closed");
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let started = std::time::Instant::now();
-            let result = self.backend.read(offset, length).await;
-            let seconds = started.elapsed().as_secs_f64();
-            drop(permit);
-            match result {
-                Ok(body) if body.len() as u64 == length => {
-                    self.stats
-                        .bytes_fetched
-                        .fetch_add(length, Ordering::Relaxed);
-                    return Ok((body, seconds));
+        retry::run(
+            self.attempts,
+            &self.backoff,
+            |attempt| async move {
+                if attempt > 1 {
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(body) => {
+                let permit = self
+                    .permits
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed");
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                let started = std::time::Instant::now();
+                let result = self.backend.read(offset, length).await;
+                let seconds = started.elapsed().as_secs_f64();
+                drop(permit);
+                match result {
+                    Ok(body) if body.len() as u64 == length => {
+                        self.stats
+                            .bytes_fetched
+                            .fetch_add(length, Ordering::Relaxed);
+                        Ok((body, seconds))
+                    }
                     // Backends check lengths; this is a backstop.
-                    let e = FetchError::new(
+                    Ok(body) => Err(FetchError::new(
                         FetchErrorKind::Transient,
                         "read",
                         self.backend.uri(),
                         Some((offset, length)),
                         format!("short body: {} of {length} bytes", body.len()),
-                    );
-                    if attempt >= self.attempts {
-                        return Err(e);
-                    }
-                    tracing::warn!("{e}; retrying (attempt {attempt} of {})", self.attempts);
+                    )),
+                    Err(e) => Err(e),
                 }
-                Err(e) if e.is_transient() && attempt < self.attempts => {
-                    tracing::warn!("{e}; retrying (attempt {attempt} of {})", self.attempts);
-                }
-                Err(e) => return Err(e),
-            }
-            tokio::time::sleep(self.backoff(attempt)).await;
-            self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            attempt += 1;
-        }
+            },
+            |e, attempt| {
+                tracing::warn!("{e}; retrying (attempt {attempt} of {})", self.attempts);
+            },
+        )
+        .await
     }
-
-    /// Delay before retry number `attempt`: doubling from the base, capped, with
-    /// jitter between half and all of it.
-    fn backoff(&self, attempt: u32) -> Duration {
-        let full = self
-            .backoff_base
-            .saturating_mul(1 << (attempt - 1).min(20))
-            .min(self.backoff_max);
-        full.mul_f64(0.5 + 0.5 * jitter())
-    }
-}
-
-/// A number in `[0, 1)` that differs between calls and processes.
-fn jitter() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
-    );
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
@@ -610,6 +584,7 @@ mod tests {
     use super::*;
     use async_trait::async_trait;
     use std::sync::atomic::AtomicU32;
+    use std::time::Duration;
 
     /// An in-memory object that records requests and fails on demand.
     #[derive(Debug)]
