@@ -19,7 +19,7 @@
 //!
 //! The state lock is never held across an await or any I/O.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use futures_util::future::Shared;
+use thinline_format::lru::Lru;
 use tokio::sync::Semaphore;
 
 use super::retry::{self, Backoff};
@@ -107,10 +108,8 @@ impl Timings {
 
 #[derive(Default)]
 struct State {
-    /// Fetched blocks: block index → (bytes, last use stamp).
-    ready: HashMap<u64, (Bytes, u64)>,
-    /// Last use stamp → block index, oldest first.
-    by_age: BTreeMap<u64, u64>,
+    /// Fetched blocks by block index, each costing one block of the memory budget.
+    ready: Lru<u64, Bytes>,
     pending: HashMap<u64, Pending>,
     streams: Vec<Stream>,
     clock: u64,
@@ -128,26 +127,11 @@ impl State {
     }
 
     fn get_ready(&mut self, block: u64) -> Option<Bytes> {
-        let now = self.tick();
-        let (bytes, stamp) = self.ready.get_mut(&block)?;
-        self.by_age.remove(stamp);
-        *stamp = now;
-        self.by_age.insert(now, block);
-        Some(bytes.clone())
+        self.ready.get(&block).cloned()
     }
 
-    fn insert_ready(&mut self, block: u64, bytes: Bytes, capacity: usize) {
-        let now = self.tick();
-        if let Some((_, old)) = self.ready.insert(block, (bytes, now)) {
-            self.by_age.remove(&old);
-        }
-        self.by_age.insert(now, block);
-        while self.ready.len() > capacity {
-            let Some((_, oldest)) = self.by_age.pop_first() else {
-                break;
-            };
-            self.ready.remove(&oldest);
-        }
+    fn insert_ready(&mut self, block: u64, bytes: Bytes) {
+        self.ready.insert(block, bytes, 1);
     }
 
     fn known(&self, block: u64) -> bool {
@@ -169,7 +153,6 @@ pub struct FetchEngine {
     /// Blocks per fetch unit.
     unit_blocks: u64,
     blocks: u64,
-    capacity_blocks: usize,
     max_readahead_blocks: u64,
     /// Random misses fetch blocks once a unit takes longer than this many blocks.
     unit_cost_ratio: f64,
@@ -210,13 +193,13 @@ impl FetchEngine {
         let unit = config.fetch_unit.max(4096).next_power_of_two();
         let block = (unit / BLOCKS_PER_UNIT).max(4096).min(unit);
         let size = backend.size();
+        let capacity_blocks = usize::try_from(config.memory_budget / block)
+            .unwrap_or(usize::MAX)
+            .max((2 * MAX_MERGED_UNITS * unit / block) as usize);
         Arc::new(FetchEngine {
             block,
             unit_blocks: unit / block,
             blocks: size.div_ceil(block),
-            capacity_blocks: usize::try_from(config.memory_budget / block)
-                .unwrap_or(usize::MAX)
-                .max((2 * MAX_MERGED_UNITS * unit / block) as usize),
             max_readahead_blocks: config.max_readahead / block,
             // A unit pays off when its other blocks are read later from memory: with a
             // fraction `h` of the object fitting in memory, a random read hits memory
@@ -230,7 +213,10 @@ impl FetchEngine {
             attempts: config.attempts.max(1),
             backoff: Backoff::from_config(config),
             permits: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                ready: Lru::new(capacity_blocks),
+                ..State::default()
+            }),
             stats: Arc::new(FetchStats::default()),
             backend,
         })
@@ -514,7 +500,7 @@ impl FetchEngine {
                 for i in 0..count {
                     let start = (i * self.block) as usize;
                     let end = (start + self.block as usize).min(body.len());
-                    state.insert_ready(first + i, body.slice(start..end), self.capacity_blocks);
+                    state.insert_ready(first + i, body.slice(start..end));
                 }
             }
             Err(e) if e.kind == FetchErrorKind::Changed => {
