@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use thinline_nbd::export::{Export, Extent, ReadChunk};
 use thinline_nbd::proto::{errno, state};
 use thinline_nbd::remote::nbd::NbdBackend;
+use thinline_nbd::remote::retry;
 use thinline_nbd::remote::{FetchError, RangeBackend, RemoteConfig};
 use thinline_nbd::{Error, Result};
 
@@ -131,26 +132,16 @@ impl NbdUpstream {
         offset: u64,
         length: u64,
     ) -> std::result::Result<bytes::Bytes, FetchError> {
-        let mut attempt = 1;
-        loop {
-            match self.backend.read(offset, length).await {
-                Ok(data) => return Ok(data),
-                Err(e) if e.is_transient() && attempt < self.config.attempts => {
-                    let base =
-                        self.config.backoff_base.as_secs_f64() * f64::from(1u32 << attempt.min(16));
-                    let capped = base.min(self.config.backoff_max.as_secs_f64());
-                    // Full jitter from a cheap per-call source.
-                    let nanos = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.subsec_nanos());
-                    let delay = capped * (0.5 + f64::from(nanos % 1000) / 2000.0);
-                    tracing::debug!(upstream = %self.name, offset, length, attempt, error = %e, "retrying upstream read");
-                    tokio::time::sleep(std::time::Duration::from_secs_f64(delay)).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let backend = &self.backend;
+        retry::run(
+            self.config.attempts,
+            &retry::Backoff::from_config(&self.config),
+            move |_| backend.read(offset, length),
+            |e, attempt| {
+                tracing::debug!(upstream = %self.name, offset, length, attempt, error = %e, "retrying upstream read");
+            },
+        )
+        .await
     }
 }
 

@@ -6,13 +6,13 @@
 //! lock is held only to look up or insert, never during I/O: two threads missing the
 //! same table may both read it, and the second insert simply replaces the first.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 
 use crate::layer::Fetch;
+use crate::lru::Lru;
 use crate::{Error, Result};
 
 /// Default budget: 32 MiB maps 256 GiB of a qcow2 image with 64 KiB clusters.
@@ -20,13 +20,8 @@ pub const DEFAULT_BUDGET: usize = 32 << 20;
 
 type Key = (u64, u64);
 
-#[derive(Debug, Default)]
-struct Inner {
-    entries: HashMap<Key, (Arc<[u8]>, u64)>,
-    by_age: BTreeMap<u64, Key>,
-    bytes: usize,
-    tick: u64,
-}
+/// Tables by (owner, host offset); each costs its length in bytes.
+type Inner = Lru<Key, Arc<[u8]>>;
 
 /// Counters for benchmarks and `--json` reports.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -60,7 +55,7 @@ impl MetadataCache {
     pub fn new(budget: usize) -> Arc<Self> {
         Arc::new(MetadataCache {
             budget,
-            inner: Mutex::default(),
+            inner: Mutex::new(Lru::new(budget)),
             next_owner: AtomicU64::new(1),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -76,26 +71,14 @@ impl MetadataCache {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the maps half-updated in a way
-        // that matters (worst case an entry is missing from `by_age`), so recover.
+        // that matters (worst case an entry is missing from the map's age order), so
+        // recover.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The cached block at (`owner`, `offset`), if present.
     pub fn get(&self, owner: u64, offset: u64) -> Option<Arc<[u8]>> {
-        let mut inner = self.lock();
-        inner.tick += 1;
-        let tick = inner.tick;
-        let (data, old) = match inner.entries.get_mut(&(owner, offset)) {
-            Some((data, age)) => {
-                let old = *age;
-                *age = tick;
-                (data.clone(), old)
-            }
-            None => return None,
-        };
-        inner.by_age.remove(&old);
-        inner.by_age.insert(tick, (owner, offset));
-        Some(data)
+        self.lock().get(&(owner, offset)).cloned()
     }
 
     /// The block at (`owner`, `offset`): from the cache, or from `load` (called
@@ -121,30 +104,14 @@ impl MetadataCache {
     }
 
     fn insert(&self, owner: u64, offset: u64, data: Arc<[u8]>) {
-        let mut inner = self.lock();
-        inner.tick += 1;
-        let tick = inner.tick;
         let len = data.len();
-        if let Some((old, age)) = inner.entries.insert((owner, offset), (data, tick)) {
-            inner.bytes -= old.len();
-            inner.by_age.remove(&age);
-        }
-        inner.by_age.insert(tick, (owner, offset));
-        inner.bytes += len;
-        while inner.bytes > self.budget && inner.entries.len() > 1 {
-            let Some((_, key)) = inner.by_age.pop_first() else {
-                break;
-            };
-            if let Some((old, _)) = inner.entries.remove(&key) {
-                inner.bytes -= old.len();
-                self.evictions.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        let evicted = self.lock().insert((owner, offset), data, len);
+        self.evictions.fetch_add(evicted as u64, Ordering::Relaxed);
     }
 
     /// Current counters.
     pub fn stats(&self) -> CacheStats {
-        let bytes = self.lock().bytes as u64;
+        let bytes = self.lock().cost() as u64;
         CacheStats {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),

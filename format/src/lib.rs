@@ -21,6 +21,7 @@ pub mod chain;
 pub mod compress;
 pub mod error;
 pub mod layer;
+pub mod lru;
 pub mod qcow2;
 pub mod raw;
 pub mod storage;

@@ -19,19 +19,20 @@
 //!
 //! The state lock is never held across an await or any I/O.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use futures_util::future::Shared;
+use thinline_format::lru::Lru;
 use tokio::sync::Semaphore;
 
+use super::retry::{self, Backoff};
 use super::{FetchError, FetchErrorKind, RangeBackend, RemoteConfig};
 
 /// Most fetch units one request fetches (adjacent misses and readahead merge up to it).
@@ -107,10 +108,8 @@ impl Timings {
 
 #[derive(Default)]
 struct State {
-    /// Fetched blocks: block index → (bytes, last use stamp).
-    ready: HashMap<u64, (Bytes, u64)>,
-    /// Last use stamp → block index, oldest first.
-    by_age: BTreeMap<u64, u64>,
+    /// Fetched blocks by block index, each costing one block of the memory budget.
+    ready: Lru<u64, Bytes>,
     pending: HashMap<u64, Pending>,
     streams: Vec<Stream>,
     clock: u64,
@@ -128,26 +127,11 @@ impl State {
     }
 
     fn get_ready(&mut self, block: u64) -> Option<Bytes> {
-        let now = self.tick();
-        let (bytes, stamp) = self.ready.get_mut(&block)?;
-        self.by_age.remove(stamp);
-        *stamp = now;
-        self.by_age.insert(now, block);
-        Some(bytes.clone())
+        self.ready.get(&block).cloned()
     }
 
-    fn insert_ready(&mut self, block: u64, bytes: Bytes, capacity: usize) {
-        let now = self.tick();
-        if let Some((_, old)) = self.ready.insert(block, (bytes, now)) {
-            self.by_age.remove(&old);
-        }
-        self.by_age.insert(now, block);
-        while self.ready.len() > capacity {
-            let Some((_, oldest)) = self.by_age.pop_first() else {
-                break;
-            };
-            self.ready.remove(&oldest);
-        }
+    fn insert_ready(&mut self, block: u64, bytes: Bytes) {
+        self.ready.insert(block, bytes, 1);
     }
 
     fn known(&self, block: u64) -> bool {
@@ -169,13 +153,11 @@ pub struct FetchEngine {
     /// Blocks per fetch unit.
     unit_blocks: u64,
     blocks: u64,
-    capacity_blocks: usize,
     max_readahead_blocks: u64,
     /// Random misses fetch blocks once a unit takes longer than this many blocks.
     unit_cost_ratio: f64,
     attempts: u32,
-    backoff_base: Duration,
-    backoff_max: Duration,
+    backoff: Backoff,
     permits: Arc<Semaphore>,
     state: Mutex<State>,
     stats: Arc<FetchStats>,
@@ -211,13 +193,13 @@ impl FetchEngine {
         let unit = config.fetch_unit.max(4096).next_power_of_two();
         let block = (unit / BLOCKS_PER_UNIT).max(4096).min(unit);
         let size = backend.size();
+        let capacity_blocks = usize::try_from(config.memory_budget / block)
+            .unwrap_or(usize::MAX)
+            .max((2 * MAX_MERGED_UNITS * unit / block) as usize);
         Arc::new(FetchEngine {
             block,
             unit_blocks: unit / block,
             blocks: size.div_ceil(block),
-            capacity_blocks: usize::try_from(config.memory_budget / block)
-                .unwrap_or(usize::MAX)
-                .max((2 * MAX_MERGED_UNITS * unit / block) as usize),
             max_readahead_blocks: config.max_readahead / block,
             // A unit pays off when its other blocks are read later from memory: with a
             // fraction `h` of the object fitting in memory, a random read hits memory
@@ -229,10 +211,12 @@ impl FetchEngine {
                 (1.0 / (1.0 - config.memory_budget as f64 / size as f64)).max(MIN_UNIT_COST_RATIO)
             },
             attempts: config.attempts.max(1),
-            backoff_base: config.backoff_base,
-            backoff_max: config.backoff_max.max(config.backoff_base),
+            backoff: Backoff::from_config(config),
             permits: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                ready: Lru::new(capacity_blocks),
+                ..State::default()
+            }),
             stats: Arc::new(FetchStats::default()),
             backend,
         })
@@ -516,7 +500,7 @@ impl FetchEngine {
                 for i in 0..count {
                     let start = (i * self.block) as usize;
                     let end = (start + self.block as usize).min(body.len());
-                    state.insert_ready(first + i, body.slice(start..end), self.capacity_blocks);
+                    state.insert_ready(first + i, body.slice(start..end));
                 }
             }
             Err(e) if e.kind == FetchErrorKind::Changed => {
@@ -538,71 +522,47 @@ impl FetchEngine {
         offset: u64,
         length: u64,
     ) -> Result<(Bytes, f64), FetchError> {
-        let mut attempt = 1;
-        loop {
-            let permit = self
-                .permits
-                .acquire()
-                .await
-                .expect("the semaphore is never closed");
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let started = std::time::Instant::now();
-            let result = self.backend.read(offset, length).await;
-            let seconds = started.elapsed().as_secs_f64();
-            drop(permit);
-            match result {
-                Ok(body) if body.len() as u64 == length => {
-                    self.stats
-                        .bytes_fetched
-                        .fetch_add(length, Ordering::Relaxed);
-                    return Ok((body, seconds));
+        retry::run(
+            self.attempts,
+            &self.backoff,
+            |attempt| async move {
+                if attempt > 1 {
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(body) => {
+                let permit = self
+                    .permits
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed");
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                let started = std::time::Instant::now();
+                let result = self.backend.read(offset, length).await;
+                let seconds = started.elapsed().as_secs_f64();
+                drop(permit);
+                match result {
+                    Ok(body) if body.len() as u64 == length => {
+                        self.stats
+                            .bytes_fetched
+                            .fetch_add(length, Ordering::Relaxed);
+                        Ok((body, seconds))
+                    }
                     // Backends check lengths; this is a backstop.
-                    let e = FetchError::new(
+                    Ok(body) => Err(FetchError::new(
                         FetchErrorKind::Transient,
                         "read",
                         self.backend.uri(),
                         Some((offset, length)),
                         format!("short body: {} of {length} bytes", body.len()),
-                    );
-                    if attempt >= self.attempts {
-                        return Err(e);
-                    }
-                    tracing::warn!("{e}; retrying (attempt {attempt} of {})", self.attempts);
+                    )),
+                    Err(e) => Err(e),
                 }
-                Err(e) if e.is_transient() && attempt < self.attempts => {
-                    tracing::warn!("{e}; retrying (attempt {attempt} of {})", self.attempts);
-                }
-                Err(e) => return Err(e),
-            }
-            tokio::time::sleep(self.backoff(attempt)).await;
-            self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            attempt += 1;
-        }
+            },
+            |e, attempt| {
+                tracing::warn!("{e}; retrying (attempt {attempt} of {})", self.attempts);
+            },
+        )
+        .await
     }
-
-    /// Delay before retry number `attempt`: doubling from the base, capped, with
-    /// jitter between half and all of it.
-    fn backoff(&self, attempt: u32) -> Duration {
-        let full = self
-            .backoff_base
-            .saturating_mul(1 << (attempt - 1).min(20))
-            .min(self.backoff_max);
-        full.mul_f64(0.5 + 0.5 * jitter())
-    }
-}
-
-/// A number in `[0, 1)` that differs between calls and processes.
-fn jitter() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
-    );
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
@@ -610,6 +570,7 @@ mod tests {
     use super::*;
     use async_trait::async_trait;
     use std::sync::atomic::AtomicU32;
+    use std::time::Duration;
 
     /// An in-memory object that records requests and fails on demand.
     #[derive(Debug)]

@@ -271,6 +271,7 @@ pub mod http;
 pub mod nbd;
 pub mod nfs;
 pub mod related;
+pub mod retry;
 pub mod s3;
 pub mod storage;
 
@@ -284,34 +285,30 @@ pub async fn open(uri: &str, config: &RemoteConfig) -> Result<Arc<dyn RangeBacke
         .split_once("://")
         .map(|(s, _)| s.to_ascii_lowercase())
         .unwrap_or_default();
-    let mut attempt = 1;
-    loop {
-        let result = match scheme.as_str() {
-            "http" | "https" => http::open(uri, config).await,
-            "nbd" | "nbd+unix" => nbd::open(uri, config).await,
-            "nfs" => nfs::open(uri, config).await,
-            "s3" => s3::open(uri, config).await,
-            _ => Err(FetchError::new(
-                FetchErrorKind::Permanent,
-                "open",
-                &crate::source::redact(uri),
-                None,
-                format!("no built-in source for the {scheme:?} scheme"),
-            )),
-        };
-        match result {
-            Err(e) if e.is_transient() && attempt < config.attempts => {
-                tracing::warn!("{e}; retrying (attempt {attempt} of {})", config.attempts);
-                let delay = config
-                    .backoff_base
-                    .saturating_mul(1 << (attempt - 1).min(20))
-                    .min(config.backoff_max);
-                tokio::time::sleep(delay).await;
-                attempt += 1;
+    let scheme = scheme.as_str();
+    retry::run(
+        config.attempts,
+        &retry::Backoff::from_config(config),
+        |_| async move {
+            match scheme {
+                "http" | "https" => http::open(uri, config).await,
+                "nbd" | "nbd+unix" => nbd::open(uri, config).await,
+                "nfs" => nfs::open(uri, config).await,
+                "s3" => s3::open(uri, config).await,
+                _ => Err(FetchError::new(
+                    FetchErrorKind::Permanent,
+                    "open",
+                    &crate::source::redact(uri),
+                    None,
+                    format!("no built-in source for the {scheme:?} scheme"),
+                )),
             }
-            result => return result,
-        }
-    }
+        },
+        |e, attempt| {
+            tracing::warn!("{e}; retrying (attempt {attempt} of {})", config.attempts);
+        },
+    )
+    .await
 }
 
 #[cfg(test)]
