@@ -83,6 +83,19 @@ impl ReadChunk {
     }
 }
 
+/// `chunks` in order, with adjacent [`ReadChunk::Zero`] runs merged into one, so an
+/// answer assembled from pieces sends one hole per run of zeroes.
+pub fn merge_zero_runs(chunks: impl IntoIterator<Item = ReadChunk>) -> Vec<ReadChunk> {
+    let mut out: Vec<ReadChunk> = Vec::new();
+    for chunk in chunks {
+        match (out.last_mut(), chunk) {
+            (Some(ReadChunk::Zero(n)), ReadChunk::Zero(m)) => *n += m,
+            (_, chunk) => out.push(chunk),
+        }
+    }
+    out
+}
+
 /// Options of a `write_zeroes` call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ZeroFlags {

@@ -330,14 +330,7 @@ impl Export for ImageExport {
         } else {
             futures_util::future::try_join_all(runs.iter().map(|run| self.read_run(run))).await?
         };
-        let mut chunks: Vec<ReadChunk> = Vec::with_capacity(produced.len());
-        for chunk in produced {
-            match (chunks.last_mut(), chunk) {
-                (Some(ReadChunk::Zero(n)), ReadChunk::Zero(m)) => *n += m,
-                (_, chunk) => chunks.push(chunk),
-            }
-        }
-        Ok(chunks)
+        Ok(crate::export::merge_zero_runs(produced))
     }
 
     fn refuse_write(&self) -> Error {

@@ -351,6 +351,30 @@ fn open_no_follow(path: &Path, writable: bool, create: bool, device_links: bool)
     }
 }
 
+/// [`open_no_follow`], then checks that what was opened is a regular file or a block
+/// device; returns it and its metadata.
+fn open_cache_file(
+    path: &Path,
+    writable: bool,
+    create: bool,
+    device_links: bool,
+) -> Result<(File, std::fs::Metadata)> {
+    let file = open_no_follow(path, writable, create, device_links)?;
+    let meta = file.metadata().map_err(|source| Error::Io {
+        path: path.to_owned(),
+        op: "stat",
+        source,
+    })?;
+    let block_device = meta.file_type().is_block_device();
+    if !block_device && !meta.file_type().is_file() {
+        return Err(Error::NotACache {
+            path: path.to_owned(),
+            reason: "neither a regular file nor a block device".into(),
+        });
+    }
+    Ok((file, meta))
+}
+
 /// True if a regular file holds no data: empty, or nothing but holes.
 fn holds_no_data(file: &File, length: u64) -> bool {
     if length == 0 {
@@ -417,15 +441,8 @@ impl CacheFile {
                 source,
             }
         };
-        let file = open_no_follow(path, true, true, options.follow_device_links)?;
-        let meta = file.metadata().map_err(io("stat"))?;
+        let (file, meta) = open_cache_file(path, true, true, options.follow_device_links)?;
         let block_device = meta.file_type().is_block_device();
-        if !block_device && !meta.file_type().is_file() {
-            return Err(Error::NotACache {
-                path: path.to_owned(),
-                reason: "neither a regular file nor a block device".into(),
-            });
-        }
         lock(&file, path, Some(options.size))?;
         let length = if block_device {
             device_size(&file).map_err(io("size"))?
@@ -557,15 +574,9 @@ impl CacheFile {
                 source,
             }
         };
-        let file = open_no_follow(path, options.writable, false, options.follow_device_links)?;
-        let meta = file.metadata().map_err(io("stat"))?;
+        let (file, meta) =
+            open_cache_file(path, options.writable, false, options.follow_device_links)?;
         let block_device = meta.file_type().is_block_device();
-        if !block_device && !meta.file_type().is_file() {
-            return Err(Error::NotACache {
-                path: path.to_owned(),
-                reason: "neither a regular file nor a block device".into(),
-            });
-        }
         let length = if block_device {
             device_size(&file).map_err(io("size"))?
         } else {

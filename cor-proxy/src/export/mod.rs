@@ -1038,14 +1038,9 @@ impl Export for CorExport {
                 .map(|(entry, lo, hi)| inner.read_in_unit(entry, lo, hi - lo)),
         )
         .await?;
-        let mut out: Vec<ReadChunk> = Vec::new();
-        for chunk in parts.into_iter().flatten() {
-            match (out.last_mut(), chunk) {
-                (Some(ReadChunk::Zero(n)), ReadChunk::Zero(m)) => *n += m,
-                (_, chunk) => out.push(chunk),
-            }
-        }
-        Ok(out)
+        Ok(thinline_nbd::export::merge_zero_runs(
+            parts.into_iter().flatten(),
+        ))
     }
 
     fn refuse_write(&self) -> Error {
