@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 use thinline_cor::{CorExport, CorOptions, OnMismatch, PrefetchOptions};
 
-use crate::image::parse_size;
+use crate::size::parse_size;
 
 /// How the copy-on-read cache behaves.
 #[derive(Debug, Clone, Args)]

@@ -12,6 +12,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use thinline_format::{Fetch, Format, Image, LayerInfo, OpenOptions, UndeclaredBacking};
 
+use crate::size::parse_size;
+
 /// Inspect, map, check and convert disk images.
 #[derive(Debug, Args)]
 pub struct ImageArgs {
@@ -79,21 +81,6 @@ pub struct OpenArgs {
 
     #[command(flatten)]
     pub remote: crate::remote::RemoteArgs,
-}
-
-/// Parses `4096`, `64K`, `32M`, `1G` (powers of 1024).
-pub fn parse_size(text: &str) -> Result<usize, String> {
-    let (digits, shift) = match text.as_bytes().last() {
-        Some(b'K' | b'k') => (&text[..text.len() - 1], 10),
-        Some(b'M' | b'm') => (&text[..text.len() - 1], 20),
-        Some(b'G' | b'g') => (&text[..text.len() - 1], 30),
-        _ => (text, 0),
-    };
-    let n: usize = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size (a number with an optional K, M or G)"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 impl OpenArgs {
@@ -215,8 +202,8 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
 }
 
 fn open(location: &str, args: &OpenArgs) -> anyhow::Result<Image> {
-    let source = thinline_nbd::source::parse(location)?;
-    if let thinline_nbd::source::Source::File(path) = &source {
+    let source = thinline_source::parse(location)?;
+    if let thinline_source::Source::File(path) = &source {
         return Ok(Image::open(path, &args.options())?);
     }
     let runtime = crate::remote::runtime()?;
@@ -487,7 +474,7 @@ fn convert(args: &ConvertArgs) -> anyhow::Result<()> {
     if let Ok(meta) = std::fs::metadata(&args.output) {
         for layer in image.layers() {
             for file in layer.files() {
-                if let Some(f) = file.as_file() {
+                if let Some(f) = file.data_path().file() {
                     let m = f.metadata()?;
                     if (m.dev(), m.ino()) == (meta.dev(), meta.ino()) {
                         bail!(
@@ -589,16 +576,6 @@ fn write_sparse(out: &File, data: &[u8], offset: u64) -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_suffixes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(64 << 10));
-        assert_eq!(parse_size("32m"), Ok(32 << 20));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("").is_err());
-    }
 
     #[test]
     fn sizes_are_human() {

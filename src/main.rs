@@ -11,6 +11,7 @@ mod image;
 mod proxy;
 mod remote;
 mod serve;
+mod size;
 
 use std::process::ExitCode;
 

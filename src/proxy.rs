@@ -116,7 +116,7 @@ struct ScrubArgs {
 
     /// The template's size in bytes (K, M, G suffixes): needed for a block device; a
     /// file's is found from its length.
-    #[arg(long, value_name = "SIZE", value_parser = crate::image::parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
     size: Option<usize>,
 
     /// Print the report as JSON.
@@ -227,7 +227,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
             .with_context(|| {
                 format!(
                     "cannot open upstream {}",
-                    thinline_nbd::source::redact(upstream_uri)
+                    thinline_source::redact::redact(upstream_uri)
                 )
             })?;
         let export = CorExport::open(Arc::new(upstream), cache_path, &options)

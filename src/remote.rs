@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use thinline_nbd::remote::RemoteConfig;
+use thinline_source::RemoteConfig;
 
-use crate::image::parse_size;
+use crate::size::parse_size;
 
 /// How remote templates are fetched.
 #[derive(Debug, Clone, Args)]
@@ -111,7 +111,7 @@ impl RemoteArgs {
         }
         let http_credentials = match &self.netrc_file {
             Some(path) => Some(Arc::new(
-                thinline_nbd::remote::credentials::Netrc::load(path)
+                thinline_source::credentials::Netrc::load(path)
                     .map_err(|e| anyhow::anyhow!("--netrc-file: {e}"))?,
             )),
             None => None,

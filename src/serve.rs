@@ -9,12 +9,12 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 use thinline_format::Format;
 use thinline_nbd::export::Export;
-use thinline_nbd::open::{OpenExportOptions, OpenedExport, open_export};
 use thinline_nbd::raw::{IoEngine, RawOptions};
+use thinline_source::open::{OpenExportOptions, OpenedExport, open_export};
 
 use crate::image::OpenArgs;
 use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
-use thinline_nbd::source::Source;
+use thinline_source::Source;
 
 /// Serve disk images (raw, qcow2, VHD, VMDK) and block devices over NBD.
 ///
@@ -301,13 +301,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut opened: Vec<Opened> = Vec::new();
     let mut cached = Vec::new();
     if let Some(dir) = &args.cache_dir {
-        // Private when Thinline makes it: other local users must not plant files or
-        // links in it.
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
+        thinline_cor::cache_dir::create_cache_dir(dir)
             .with_context(|| format!("cannot create cache directory {}", dir.display()))?;
     }
     let cor_options = args.cache.options(
@@ -317,7 +311,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     )?;
     for spec in &images {
         let (name, location) = parse_image_spec(spec);
-        let source = thinline_nbd::source::parse(location)?;
+        let source = thinline_source::parse(location)?;
         let shown = source.shown();
         let name = match name {
             Some(n) => n.to_owned(),
@@ -360,23 +354,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         )?;
         let (export, cache) = match (&args.cache_dir, identity) {
             (Some(dir), Some(identity)) => {
-                let file_name = thinline_cor::cache::cache_file_name(&shown, &identity);
-                let path = dir.join(&file_name);
-                for other in thinline_cor::cache::other_caches_of(dir, &shown, &file_name) {
-                    tracing::info!(
-                        image = %shown,
-                        cache = %path.display(),
-                        other = %other.display(),
-                        "a cache of another version of this template (or of an older Thinline) \
-                         is left in place; remove it when no longer needed"
-                    );
-                }
-                let upstream = thinline_cor::ExportUpstream::new(export, shown.clone(), identity);
                 let cor = {
                     let _enter = runtime.enter();
-                    thinline_cor::CorExport::open(Arc::new(upstream), &path, &cor_options)
-                        .with_context(|| format!("cannot open the cache of {shown}"))?
+                    thinline_cor::cache_dir::open_cached(
+                        dir,
+                        export,
+                        &shown,
+                        identity,
+                        &cor_options,
+                    )
+                    .with_context(|| format!("cannot open the cache of {shown}"))?
                 };
+                let path = cor.cache().path().to_owned();
                 cached.push((name.clone(), cor.clone()));
                 (Arc::new(cor) as Arc<dyn Export>, Some(path))
             }

@@ -12,6 +12,7 @@
 //!
 //! - [`cache`]: the on-disk cache: layout, identity, lock, presence map, checksums,
 //!   crash rules, scrub.
+//! - [`cache_dir`]: templates cached in a directory, one file per template version.
 //! - [`export`]: the copy-on-read export: shared in-flight fetches, durability batches,
 //!   pass-through when the cache is full, block status.
 //! - [`upstream`]: where misses are read from.
@@ -25,6 +26,7 @@
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod cache_dir;
 mod error;
 pub mod export;
 pub mod prefetch;

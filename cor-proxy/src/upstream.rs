@@ -12,10 +12,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use thinline_nbd::export::{Export, Extent, ReadChunk};
 use thinline_nbd::proto::{errno, state};
-use thinline_nbd::remote::nbd::NbdBackend;
-use thinline_nbd::remote::retry;
-use thinline_nbd::remote::{FetchError, RangeBackend, RemoteConfig};
 use thinline_nbd::{Error, Result};
+use thinline_source::nbd::NbdBackend;
+use thinline_source::retry;
+use thinline_source::{FetchError, RangeBackend, RemoteConfig};
 
 /// The template behind a cache.
 #[async_trait]
@@ -112,7 +112,11 @@ impl NbdUpstream {
     /// identity is the URI, the export's size and `template_id` (an ETag or version the
     /// caller knows; without one a changed template of the same size is not detected).
     pub async fn open(uri: &str, template_id: Option<&str>, config: &RemoteConfig) -> Result<Self> {
-        let backend = Arc::new(NbdBackend::open_with_block_status(uri, config).await?);
+        let backend = Arc::new(
+            NbdBackend::open_with_block_status(uri, config)
+                .await
+                .map_err(|e| thinline_nbd::Error::Source(Box::new(e)))?,
+        );
         let name = backend.shown().to_owned();
         let identity = format!(
             "nbd upstream {name}, {} bytes, template id {}",

@@ -11,9 +11,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 
-use crate::layer::Fetch;
 use crate::lru::Lru;
 use crate::{Error, Result};
+
+/// Whether mapping may read metadata that is not cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetch {
+    /// Read what is missing (blocking I/O through [`Storage`](crate::Storage)).
+    Allowed,
+    /// Fail with [`crate::Error::NotCached`] instead of reading.
+    CachedOnly,
+}
 
 /// Default budget: 32 MiB maps 256 GiB of a qcow2 image with 64 KiB clusters.
 pub const DEFAULT_BUDGET: usize = 32 << 20;

@@ -3,7 +3,7 @@
 //! A layer never reads guest data itself. [`Layer::map`] describes where each byte of a
 //! range is — at a host offset in one of the layer's files, compressed at a host offset,
 //! zero, or not here (ask the backing layer) — and the caller executes that plan with
-//! whatever I/O it has (the sync reader in [`crate::chain`], io_uring in the NBD server).
+//! whatever I/O it has (the sync reader of the chain module, io_uring in the NBD server).
 //! Only metadata (headers, tables, bitmaps) is read inside the format code, through
 //! [`Storage`] and the shared [`MetadataCache`].
 
@@ -13,6 +13,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::Result;
+pub use crate::cache::Fetch;
 use crate::cache::MetadataCache;
 use crate::storage::Storage;
 
@@ -178,15 +179,6 @@ pub struct Backing {
     pub format: Option<Format>,
     /// What the parent's [`Layer::identity`] must be, if the format records it.
     pub expect: Option<ParentIdentity>,
-}
-
-/// Whether mapping may read metadata that is not cached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fetch {
-    /// Read what is missing (blocking I/O through [`Storage`]).
-    Allowed,
-    /// Fail with [`crate::Error::NotCached`] instead of reading.
-    CachedOnly,
 }
 
 /// A description of one layer for `image info` and `image check`.

@@ -19,6 +19,7 @@
 pub mod cache;
 pub mod chain;
 pub mod compress;
+pub mod data_path;
 pub mod error;
 pub mod layer;
 pub mod lru;
@@ -32,6 +33,7 @@ pub use cache::{CacheStats, MetadataCache};
 pub use chain::{
     Allocation, Extent, Image, MAX_CHAIN_DEPTH, OpenOptions, Place, UndeclaredBacking, detect,
 };
+pub use data_path::{DataPath, RangeReader};
 pub use error::{Error, Result};
 pub use layer::{
     Backing, CheckReport, Compression, Fetch, Format, Layer, LayerInfo, OpenContext,

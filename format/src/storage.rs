@@ -17,6 +17,7 @@ use std::sync::Arc;
 use rustix::fs::SeekFrom;
 use rustix::io::Errno;
 
+use crate::data_path::DataPath;
 use crate::{Error, Result};
 
 /// A read-only, fixed-size byte store.
@@ -50,15 +51,10 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// (device and inode for files), for backing-loop detection.
     fn identity(&self) -> String;
 
-    /// The open file behind this storage, for callers with a faster I/O path.
-    fn as_file(&self) -> Option<&File> {
-        None
-    }
-
-    /// The concrete storage, for callers with a faster path for some kinds (the NBD
-    /// server reads remote objects asynchronously this way).
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        None
+    /// How an export reads this storage's data bytes (see [`DataPath`]); the default
+    /// is [`read_at`](Storage::read_at) on a blocking thread.
+    fn data_path(&self) -> DataPath {
+        DataPath::Blocking
     }
 }
 
@@ -151,7 +147,7 @@ pub fn percent_decode(text: &str) -> Option<String> {
 /// A local file (or block device) opened read-only.
 #[derive(Debug)]
 pub struct FileStorage {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
     name: String,
     size: u64,
@@ -253,7 +249,7 @@ impl FileStorage {
             rustix::fs::seek(&file, SeekFrom::End(0)).map_err(|e| open_err(e.into()))?
         };
         Ok(FileStorage {
-            file,
+            file: Arc::new(file),
             path: path.to_owned(),
             name,
             size,
@@ -357,8 +353,8 @@ impl Storage for FileStorage {
         self.identity.clone()
     }
 
-    fn as_file(&self) -> Option<&File> {
-        Some(&self.file)
+    fn data_path(&self) -> DataPath {
+        DataPath::File(Arc::clone(&self.file))
     }
 }
 

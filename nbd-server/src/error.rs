@@ -92,17 +92,10 @@ pub enum Error {
     /// An image could not be opened, mapped or decoded.
     #[error(transparent)]
     Format(#[from] thinline_format::Error),
-    /// A template location names a source that cannot be served.
-    #[error("cannot serve {uri}: {reason}")]
-    UnsupportedSource {
-        /// The location, without credentials or query.
-        uri: String,
-        /// Why.
-        reason: String,
-    },
-    /// A remote template could not be opened or read.
+    /// A template source (a remote object read by ranges, an upstream server) failed;
+    /// its own error says what and where.
     #[error(transparent)]
-    Remote(#[from] crate::remote::FetchError),
+    Source(thinline_format::data_path::RangeError),
     /// No exports were configured.
     #[error("no exports configured")]
     NoExports,

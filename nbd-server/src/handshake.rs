@@ -16,7 +16,7 @@ use crate::proto::{
     self, ClientOption, InfoRequest, MetaContextRequest, ReplyMode, client_flags, handshake_flags,
     info, opt, rep, tflags,
 };
-use crate::server::{ExportSet, Shared};
+use crate::shared::{ExportSet, Shared};
 
 /// Option data longer than this closes the connection instead of being skipped.
 const MAX_SKIPPED_OPTION_LEN: u32 = 32 * 1024 * 1024;

@@ -13,20 +13,17 @@
 //! `qemu:allocation-depth` (0 = in no layer, 1 = the top image, 2 = its backing, …),
 //! the way `qemu-nbd -A` does.
 
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
-use thinline_format::{Allocation, Extent, Fetch, Image, OpenOptions, Place};
+use thinline_format::{Allocation, DataPath, Extent, Fetch, Image, OpenOptions, Place};
 
 use crate::export::{BlockSizes, Capabilities, Export, Extent as NbdExtent, ReadChunk};
 use crate::proto::{ALLOCATION_DEPTH, BASE_ALLOCATION, state};
 use crate::raw::IoEngine;
-use crate::remote::fetch::FetchEngine;
-use crate::remote::storage::RemoteStorage;
 use crate::uring::{self, IoUringEngine};
 use crate::{Error, Result, fileio};
 
@@ -49,10 +46,8 @@ pub struct ImageOptions {
 pub struct ImageExport {
     image: Arc<Image>,
     name: String,
-    /// `files[layer][file]`: the open file behind each storage, when it is a local file.
-    files: Vec<Vec<Option<Arc<File>>>>,
-    /// `remotes[layer][file]`: the fetch engine behind each remote storage.
-    remotes: Vec<Vec<Option<Arc<FetchEngine>>>>,
+    /// `paths[layer][file]`: how each storage's data bytes are read, chosen at open.
+    paths: Vec<Vec<DataPath>>,
     nowait_reads: AtomicBool,
     uring: Option<IoUringEngine>,
     block_sizes: BlockSizes,
@@ -68,33 +63,11 @@ impl ImageExport {
     /// Serves an already opened image.
     pub fn from_image(image: Image, io_engine: IoEngine) -> Result<Self> {
         let name = image.layers()[0].files()[0].name().to_owned();
-        let mut files = Vec::new();
-        let mut remotes = Vec::new();
-        for layer in image.layers() {
-            let mut layer_files = Vec::new();
-            remotes.push(
-                layer
-                    .files()
-                    .iter()
-                    .map(|s| {
-                        s.as_any()
-                            .and_then(|a| a.downcast_ref::<RemoteStorage>())
-                            .map(|r| Arc::clone(r.engine()))
-                    })
-                    .collect(),
-            );
-            for storage in layer.files() {
-                let file = match storage.as_file() {
-                    Some(f) => Some(Arc::new(f.try_clone().map_err(|source| Error::Open {
-                        path: storage.name().into(),
-                        source,
-                    })?)),
-                    None => None,
-                };
-                layer_files.push(file);
-            }
-            files.push(layer_files);
-        }
+        let paths = image
+            .layers()
+            .iter()
+            .map(|layer| layer.files().iter().map(|s| s.data_path()).collect())
+            .collect();
         let uring =
             match io_engine {
                 IoEngine::Threads => None,
@@ -109,8 +82,7 @@ impl ImageExport {
         Ok(ImageExport {
             image: Arc::new(image),
             name,
-            files,
-            remotes,
+            paths,
             nowait_reads: AtomicBool::new(true),
             uring,
             block_sizes: BlockSizes {
@@ -137,9 +109,9 @@ impl ImageExport {
             self.image.layers()[0].format(),
             self.image.size()
         );
-        for (layer, files) in self.image.layers().iter().zip(&self.files) {
-            for (storage, file) in layer.files().iter().zip(files) {
-                let local = file.as_ref().and_then(|f| f.metadata().ok()).map(|m| {
+        for (layer, paths) in self.image.layers().iter().zip(&self.paths) {
+            for (storage, path) in layer.files().iter().zip(paths) {
+                let local = path.file().and_then(|f| f.metadata().ok()).map(|m| {
                     format!(
                         " size {} mtime {}.{:09}",
                         m.size(),
@@ -205,37 +177,37 @@ impl ImageExport {
                     file,
                     offset,
                     ..
-                } if self.files[layer][file].is_some() => {
-                    let f = self.files[layer][file].as_ref().expect("checked above");
-                    let length = extent.length as usize;
-                    return fileio::read_exact(
-                        f,
-                        self.uring.as_ref(),
-                        &self.nowait_reads,
-                        offset,
-                        length,
-                    )
-                    .await
-                    .map(|b| ReadChunk::Data(b.freeze()))
-                    .map_err(|source| {
-                        Error::Format(thinline_format::Error::Io {
-                            path: self.image.layers()[layer].files()[file].name().to_owned(),
-                            op: "read",
+                } => match &self.paths[layer][file] {
+                    DataPath::File(f) => {
+                        let length = extent.length as usize;
+                        return fileio::read_exact(
+                            f,
+                            self.uring.as_ref(),
+                            &self.nowait_reads,
                             offset,
-                            length: length as u64,
-                            source,
-                        })
-                    });
-                }
-                Place::Data {
-                    layer,
-                    file,
-                    offset,
-                    ..
-                } if self.remotes[layer][file].is_some() => {
-                    let engine = self.remotes[layer][file].as_ref().expect("checked above");
-                    return Ok(ReadChunk::Data(engine.read(offset, extent.length).await?));
-                }
+                            length,
+                        )
+                        .await
+                        .map(|b| ReadChunk::Data(b.freeze()))
+                        .map_err(|source| {
+                            Error::Format(thinline_format::Error::Io {
+                                path: self.image.layers()[layer].files()[file].name().to_owned(),
+                                op: "read",
+                                offset,
+                                length: length as u64,
+                                source,
+                            })
+                        });
+                    }
+                    DataPath::Ranges(reader) => {
+                        return reader
+                            .read_range(offset, extent.length)
+                            .await
+                            .map(ReadChunk::Data)
+                            .map_err(Error::Source);
+                    }
+                    DataPath::Blocking => {}
+                },
                 _ => {}
             }
         }

@@ -13,13 +13,14 @@
 //! - [`image`]: qcow2, VHD, VMDK and raw images with backing chains, read-only, through
 //!   `thinline-format`'s mapping plans.
 //! - [`server`]: listeners, connection limits, graceful shutdown.
-//! - [`source`]: template locations (paths, `file://` URIs, remote URIs, handler schemes).
-//! - [`open`]: a location opened as a servable export (format detected or given, the
-//!   image chain, the raw-file guard), the composition `serve` and the agent share.
-//! - [`remote`]: remote template sources read by byte ranges (HTTP(S), S3, NFS, NBD)
-//!   behind one fetch engine (coalescing, readahead, retries, shared in-flight fetches).
 //! - [`client`]: an NBD client, for templates behind another NBD server and for the
-//!   copy-on-read proxy's upstream.
+//!   copy-on-read proxy's upstream; it shares [`proto`] with the server.
+//!
+//! Template locations and remote sources (HTTP(S), S3, NFS, `nbd://`, scheme handlers)
+//! live in `thinline-source`, which depends on this crate, never the reverse: an image
+//! layer's bytes are read through the `DataPath` its storage chose at open (a local
+//! file, an async range reader, or blocking reads), so the image export needs no source
+//! types.
 //!
 //! Serving a file takes a few lines:
 //!
@@ -46,13 +47,11 @@ pub mod export;
 mod fileio;
 mod handshake;
 pub mod image;
-pub mod open;
 pub mod proto;
 pub mod raw;
-pub mod remote;
 pub mod request;
 pub mod server;
-pub mod source;
+mod shared;
 mod transmission;
 mod uring;
 

@@ -13,132 +13,13 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::export::Export;
 use crate::handshake::{self, HandshakeEnd, Refusal};
+use crate::shared::Shared;
+pub use crate::shared::{ExportSet, ServerConfig};
 use crate::{Error, Result, transmission};
-
-/// The exports of one daemon, in order; the first is also the default export `""`.
-#[derive(Debug, Default)]
-pub struct ExportSet {
-    exports: Vec<(String, Arc<dyn Export>)>,
-}
-
-impl ExportSet {
-    /// An empty set.
-    pub fn new() -> Self {
-        ExportSet::default()
-    }
-
-    /// Adds an export under `name`.
-    pub fn add(&mut self, name: &str, export: Arc<dyn Export>) -> Result<()> {
-        if name.len() > crate::proto::MAX_STRING_LEN {
-            return Err(Error::InvalidExportName {
-                name: name.into(),
-                reason: "longer than 4096 bytes",
-            });
-        }
-        if name.contains('\0') {
-            return Err(Error::InvalidExportName {
-                name: name.into(),
-                reason: "contains a NUL byte",
-            });
-        }
-        if self.exports.iter().any(|(n, _)| n == name) {
-            return Err(Error::DuplicateExport { name: name.into() });
-        }
-        self.exports.push((name.to_owned(), export));
-        Ok(())
-    }
-
-    /// Exports in order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<dyn Export>)> {
-        self.exports.iter().map(|(n, e)| (n.as_str(), e))
-    }
-
-    /// Number of exports.
-    pub fn len(&self) -> usize {
-        self.exports.len()
-    }
-
-    /// True if there are no exports.
-    pub fn is_empty(&self) -> bool {
-        self.exports.is_empty()
-    }
-
-    /// Finds an export by name; `""` is the first export. Returns its index, canonical
-    /// name and the export.
-    pub fn lookup(&self, name: &str) -> Option<(usize, &str, &Arc<dyn Export>)> {
-        let index = if name.is_empty() {
-            (!self.exports.is_empty()).then_some(0)
-        } else {
-            self.exports.iter().position(|(n, _)| n == name)
-        }?;
-        let (n, e) = &self.exports[index];
-        Some((index, n.as_str(), e))
-    }
-}
-
-/// Server-wide settings.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// Connections beyond this are refused politely during the handshake.
-    pub max_connections: Option<usize>,
-    /// A client that has not finished the handshake by then is dropped.
-    pub handshake_timeout: Duration,
-    /// After shutdown starts, connections get this long to disconnect.
-    pub shutdown_grace: Duration,
-    /// Bytes of request payloads and read buffers held at once, across connections.
-    pub memory_budget: u64,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            max_connections: None,
-            handshake_timeout: Duration::from_secs(10),
-            shutdown_grace: transmission::DEFAULT_SHUTDOWN_GRACE,
-            memory_budget: 1 << 30,
-        }
-    }
-}
-
-/// Budget units are KiB so that the semaphore's permit count stays small.
-const BUDGET_UNIT: u64 = 1024;
-
-/// Refused connections kept open at once for their polite refusal; beyond this they
-/// are closed straight away.
-const MAX_PENDING_REFUSALS: usize = 256;
-
-/// State shared by all connections.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub exports: ExportSet,
-    pub config: ServerConfig,
-    pub shutdown: CancellationToken,
-    budget: Arc<Semaphore>,
-    budget_units: u64,
-    connections: Option<Arc<Semaphore>>,
-    refusals: Arc<Semaphore>,
-}
-
-impl Shared {
-    /// Waits until `bytes` of memory budget are free and holds them.
-    pub(crate) async fn budget(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
-        if bytes == 0 {
-            return None;
-        }
-        let units = bytes.div_ceil(BUDGET_UNIT).min(self.budget_units) as u32;
-        Arc::clone(&self.budget)
-            .acquire_many_owned(units)
-            .await
-            .ok()
-    }
-}
 
 /// A listening socket.
 #[derive(Debug)]
@@ -247,18 +128,8 @@ impl Server {
         if exports.is_empty() {
             return Err(Error::NoExports);
         }
-        let budget_units = (config.memory_budget / BUDGET_UNIT).max(64 * 1024);
-        let connections = config.max_connections.map(|n| Arc::new(Semaphore::new(n)));
         Ok(Server {
-            shared: Arc::new(Shared {
-                exports,
-                budget: Arc::new(Semaphore::new(budget_units as usize)),
-                budget_units,
-                connections,
-                refusals: Arc::new(Semaphore::new(MAX_PENDING_REFUSALS)),
-                shutdown: CancellationToken::new(),
-                config,
-            }),
+            shared: Arc::new(Shared::new(exports, config)),
         })
     }
 

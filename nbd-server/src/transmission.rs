@@ -30,7 +30,7 @@ use crate::export::{Extent, ReadChunk};
 use crate::handshake::Session;
 use crate::proto::{self, ReplyMode, RequestHeader, errno, reply};
 use crate::request::{self, Command, SessionLimits, Verdict};
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// Requests in flight per connection; the reader waits when this many are running.
 const MAX_IN_FLIGHT: u32 = 128;
@@ -700,9 +700,6 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     let _ = w.flush().await;
     let _ = w.shutdown().await;
 }
-
-/// Grace period default for shutdown.
-pub(crate) const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {

@@ -20,9 +20,9 @@ use thinline_nbd::proto::{
     rep, reply, state,
 };
 use thinline_nbd::raw::{RawExport, RawOptions};
-use thinline_nbd::remote::nbd::NbdBackend;
-use thinline_nbd::remote::{FetchErrorKind, RangeBackend, RemoteConfig};
 use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
+use thinline_source::nbd::NbdBackend;
+use thinline_source::{FetchErrorKind, RangeBackend, RemoteConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 

@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use super::{FetchError, RemoteConfig};
+use crate::{FetchError, RemoteConfig};
 
 /// Exponential backoff: delays doubling from `base`, capped at `max`, with jitter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +88,7 @@ fn jitter() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::remote::FetchErrorKind;
+    use crate::FetchErrorKind;
 
     fn backoff() -> Backoff {
         Backoff {

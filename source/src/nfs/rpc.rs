@@ -16,7 +16,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 
 use super::xdr::{Dec, Enc, Fail, malformed};
-use crate::remote::RemoteConfig;
+use crate::RemoteConfig;
 
 /// Largest reply accepted for calls other than READ (an export list may be long).
 pub(super) const MAX_REPLY: usize = 1 << 20;
@@ -415,7 +415,7 @@ impl Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::remote::FetchErrorKind;
+    use crate::FetchErrorKind;
 
     /// A server that answers one call in three fragments, echoing the xid.
     #[tokio::test]

@@ -6,7 +6,7 @@
 use std::io;
 use std::ops::Range;
 
-use crate::remote::FetchErrorKind;
+use crate::FetchErrorKind;
 
 /// NFSv3 (and MOUNT v3) file handles are at most 64 bytes.
 pub(super) const FHSIZE3: usize = 64;

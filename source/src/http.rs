@@ -29,11 +29,11 @@ use bytes::Bytes;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Client, StatusCode, Url};
 
-use super::credentials::Credentials;
-use super::{
+use crate::credentials::Credentials;
+use crate::redact::redact;
+use crate::{
     BodyChunks, FetchError, FetchErrorKind, RangeBackend, RemoteConfig, check_size, read_body,
 };
-use crate::source::redact;
 
 /// What the object is pinned to.
 #[derive(Debug, Clone)]

@@ -2,9 +2,9 @@
 //!
 //! - a plain path or `file:///path`: a local file or block device;
 //! - `http://`, `https://`, `s3://`, `nfs://`, `nbd://`, `nbd+unix://`: the built-in
-//!   remote sources of [`crate::remote`];
+//!   sources of [`crate::builtin`];
 //! - any other scheme: a handler executable named after the scheme
-//!   ([`crate::remote::handler`]).
+//!   ([`crate::handler`]).
 //!
 //! The URI in every message has its credentials and query removed, so errors never
 //! leak secrets.
@@ -16,10 +16,9 @@ use thinline_format::storage::percent_decode;
 use thinline_format::{FileStorage, Storage};
 use tokio::runtime::Handle;
 
-use crate::remote::fetch::FetchEngine;
-use crate::remote::storage::{RemoteStorage, block_on};
-use crate::remote::{self, BUILT_IN_SCHEMES, RemoteConfig};
-use crate::{Error, Result};
+use crate::builtin::{self, BUILT_IN_SCHEMES};
+use crate::redact::redact;
+use crate::{Error, RemoteConfig, Result, handler};
 
 /// A parsed template location.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,33 +51,10 @@ impl Source {
     pub fn open(&self, config: &Arc<RemoteConfig>, handle: &Handle) -> Result<Arc<dyn Storage>> {
         match self {
             Source::File(path) => Ok(FileStorage::open(path)?),
-            Source::Remote(uri) => open_remote(uri, config, handle),
-            Source::Handler { scheme, uri } => remote::handler::attach(scheme, uri, config, handle),
+            Source::Remote(uri) => builtin::open_storage(uri, config, handle),
+            Source::Handler { scheme, uri } => handler::attach(scheme, uri, config, handle),
         }
     }
-}
-
-/// Opens a built-in remote object and puts a fetch engine in front of it.
-pub(crate) fn open_remote(
-    uri: &str,
-    config: &Arc<RemoteConfig>,
-    handle: &Handle,
-) -> Result<Arc<dyn Storage>> {
-    let owned = uri.to_owned();
-    let cfg = Arc::clone(config);
-    let backend =
-        block_on(handle, async move { remote::open(&owned, &cfg).await }).ok_or_else(|| {
-            Error::UnsupportedSource {
-                uri: redact(uri),
-                reason: "the async runtime is shutting down".to_owned(),
-            }
-        })??;
-    let engine = FetchEngine::new(backend, config);
-    Ok(Arc::new(RemoteStorage::new(
-        engine,
-        handle.clone(),
-        Arc::clone(config),
-    )))
 }
 
 /// The scheme of `spec` if it is a URI (`scheme://…`).
@@ -88,47 +64,6 @@ fn scheme(spec: &str) -> Option<&str> {
     let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
         && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
     valid.then_some(scheme)
-}
-
-/// `uri` without user information, query or fragment, for messages.
-///
-/// Whatever stands between `://` and the *last* `@` is credentials, whether or not the
-/// URI parses: a password may hold `/`, `?` or `#` (`http://alice:pa/ss@host/x`), which
-/// a URI parser would take for the start of the path, query or fragment. When a `?` or
-/// `#` comes before that `@`, either the password or the query holds it, and nothing
-/// after the scheme is shown. Over-redacting an odd URI is fine; showing a secret is not.
-pub fn redact(uri: &str) -> String {
-    let Some((scheme, rest)) = uri.split_once("://") else {
-        return uri.to_owned();
-    };
-    let after_credentials = match rest.rfind('@') {
-        Some(at) if rest[..at].contains(['?', '#']) => return format!("{scheme}://<redacted>"),
-        Some(at) => &rest[at + 1..],
-        None => rest,
-    };
-    let shown = after_credentials.split(['?', '#']).next().unwrap_or("");
-    format!("{scheme}://{shown}")
-}
-
-/// The parts of `uri` that [`redact`] hides (user information, password, query and
-/// fragment), for scrubbing them from text a third party printed (a handler's stderr).
-pub fn secrets(uri: &str) -> Vec<&str> {
-    let Some((_, rest)) = uri.split_once("://") else {
-        return Vec::new();
-    };
-    let mut secrets = Vec::new();
-    if let Some(at) = rest.rfind('@') {
-        let userinfo = &rest[..at];
-        secrets.push(userinfo);
-        if let Some((_, password)) = userinfo.split_once(':') {
-            secrets.push(password);
-        }
-    }
-    if let Some(q) = rest.find(['?', '#']) {
-        secrets.push(&rest[q + 1..]);
-    }
-    secrets.retain(|s| !s.is_empty());
-    secrets
 }
 
 /// Parses a template location: a plain path or a URI.
@@ -208,28 +143,6 @@ mod tests {
                 uri: "smb://u:p@filer/share/t.vhd".into()
             }
         );
-    }
-
-    #[test]
-    fn passwords_with_delimiters_are_never_shown() {
-        for (uri, shown) in [
-            ("http://alice:pa/ss@host/t.raw", "http://host/t.raw"),
-            ("http://alice:pa?ss@host/t.raw", "http://<redacted>"),
-            ("http://alice:pa#ss@host/t.raw", "http://<redacted>"),
-            ("https://a:b@c@host:8443/t?sig=x#f", "https://host:8443/t"),
-            (
-                "https://host/t?X-Amz-Signature=abc@def",
-                "https://<redacted>",
-            ),
-            ("nbd+unix:///e?socket=/run/s", "nbd+unix:///e"),
-            ("/local/path", "/local/path"),
-        ] {
-            assert_eq!(redact(uri), shown, "{uri}");
-        }
-        for secret in ["pa/ss", "pa?ss", "pa#ss"] {
-            let uri = format!("http://alice:{secret}@host/x");
-            assert!(!redact(&uri).contains("ss"), "{uri}: {}", redact(&uri));
-        }
     }
 
     #[test]

@@ -18,8 +18,9 @@ use std::time::Duration;
 use thinline_format::{FileStorage, Storage};
 use tokio::runtime::Handle;
 
-use super::RemoteConfig;
-use crate::source::{open_remote, redact};
+use crate::RemoteConfig;
+use crate::builtin::open_storage;
+use crate::redact::redact;
 use crate::{Error, Result};
 
 /// Longest a handler may take to attach or detach.
@@ -66,7 +67,7 @@ pub fn attach(
     let inner: Arc<dyn Storage> = if target.starts_with("nbd://")
         || target.starts_with("nbd+unix://")
     {
-        open_remote(&target, config, handle)?
+        open_storage(&target, config, handle)?
     } else if Path::new(&target).is_absolute() {
         FileStorage::open(Path::new(&target))?
     } else {
@@ -128,7 +129,7 @@ fn run(program: &Path, op: &str, uri: &str) -> std::result::Result<String, Strin
         .replace(uri, &shown)
         .trim()
         .to_owned();
-    for secret in crate::source::secrets(uri) {
+    for secret in crate::redact::secrets(uri) {
         stderr = stderr.replace(secret, "<redacted>");
     }
     if !status.success() {
@@ -200,11 +201,7 @@ impl Storage for HandlerStorage {
         self.inner.identity()
     }
 
-    fn as_file(&self) -> Option<&std::fs::File> {
-        self.inner.as_file()
-    }
-
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        self.inner.as_any()
+    fn data_path(&self) -> thinline_format::DataPath {
+        self.inner.data_path()
     }
 }

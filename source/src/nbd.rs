@@ -1,5 +1,5 @@
 //! Templates behind another NBD server: `nbd://host[:port]/export` and
-//! `nbd+unix:///export?socket=PATH`, read through [`crate::client`].
+//! `nbd+unix:///export?socket=PATH`, read through `thinline_nbd::client`.
 //!
 //! [`NbdBackend`] keeps a small pool of connections (up to [`MAX_CONNECTIONS`], only
 //! one unless the server sets `NBD_FLAG_CAN_MULTI_CONN`), opened lazily and
@@ -35,10 +35,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{FetchError, FetchErrorKind, RangeBackend, RemoteConfig};
-use crate::Error;
-use crate::client::{Client, ClientOptions, NbdUri};
-use crate::proto::{errno, rep};
+use crate::{FetchError, FetchErrorKind, RangeBackend, RemoteConfig};
+use thinline_nbd::Error;
+use thinline_nbd::client::{Client, ClientOptions, NbdUri};
+use thinline_nbd::proto::{errno, rep};
 
 /// Most connections kept to one export.
 pub const MAX_CONNECTIONS: usize = 4;

@@ -1,13 +1,7 @@
-//! Remote template sources: HTTP(S), S3, NFS and NBD objects read by byte ranges.
-//!
-//! Every source implements [`RangeBackend`]: one attempt at reading one range of an
-//! object whose identity (size plus ETag, version or mtime) was pinned when it was
-//! opened. The [`fetch::FetchEngine`] in front of it does everything that is the same
-//! for all sources: rounding reads up to the fetch unit, merging adjacent misses,
-//! sharing in-flight fetches between connections, readahead, the concurrency limit,
-//! retries with backoff, and a bounded memory of recently fetched units.
-//! [`storage::RemoteStorage`] turns the engine into a `thinline_format::Storage`, so
-//! the format code reads headers and tables of remote images unchanged.
+//! What every remote source implements ([`RangeBackend`]: one attempt at one range of
+//! an object pinned at open), how failures are classified ([`FetchError`]), the
+//! settings shared by all sources ([`RemoteConfig`]), and the bounded body reader
+//! every HTTP-like source uses.
 
 use std::fmt;
 use std::sync::Arc;
@@ -137,7 +131,7 @@ pub struct RemoteConfig {
     /// own origin (scheme, host and port). Credentials are never sent to them.
     pub redirect_hosts: Vec<String>,
     /// HTTP: credentials by host (a netrc file), used when the URI carries none.
-    pub http_credentials: Option<Arc<credentials::Netrc>>,
+    pub http_credentials: Option<Arc<crate::credentials::Netrc>>,
     /// S3: endpoint URL of an S3-compatible store (path-style addressing).
     pub s3_endpoint: Option<String>,
     /// S3: region (else the standard configuration chain decides).
@@ -262,53 +256,6 @@ pub(crate) async fn read_body(
         )));
     }
     Ok(data.freeze())
-}
-
-pub mod credentials;
-pub mod fetch;
-pub mod handler;
-pub mod http;
-pub mod nbd;
-pub mod nfs;
-pub mod related;
-pub mod retry;
-pub mod s3;
-pub mod storage;
-
-/// The schemes served by built-in sources.
-pub const BUILT_IN_SCHEMES: [&str; 6] = ["http", "https", "s3", "nfs", "nbd", "nbd+unix"];
-
-/// Opens the object at `uri` with the built-in source for its scheme, retrying
-/// transient failures like reads are retried.
-pub async fn open(uri: &str, config: &RemoteConfig) -> Result<Arc<dyn RangeBackend>, FetchError> {
-    let scheme = uri
-        .split_once("://")
-        .map(|(s, _)| s.to_ascii_lowercase())
-        .unwrap_or_default();
-    let scheme = scheme.as_str();
-    retry::run(
-        config.attempts,
-        &retry::Backoff::from_config(config),
-        |_| async move {
-            match scheme {
-                "http" | "https" => http::open(uri, config).await,
-                "nbd" | "nbd+unix" => nbd::open(uri, config).await,
-                "nfs" => nfs::open(uri, config).await,
-                "s3" => s3::open(uri, config).await,
-                _ => Err(FetchError::new(
-                    FetchErrorKind::Permanent,
-                    "open",
-                    &crate::source::redact(uri),
-                    None,
-                    format!("no built-in source for the {scheme:?} scheme"),
-                )),
-            }
-        },
-        |e, attempt| {
-            tracing::warn!("{e}; retrying (attempt {attempt} of {})", config.attempts);
-        },
-    )
-    .await
 }
 
 #[cfg(test)]

@@ -74,8 +74,8 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use tokio::task::JoinSet;
 
-use super::{FetchError, FetchErrorKind, RangeBackend, RemoteConfig};
-use crate::source::redact;
+use crate::redact::redact;
+use crate::{FetchError, FetchErrorKind, RangeBackend, RemoteConfig};
 
 use mount::{MOUNT_PROG, MOUNT_VERS, PMAP_PORT, getport, mount};
 use rpc::{AUTH_SYS, MAX_REPLY, NFS_PROG, NFS_VERS, Rpc, Timeouts, auth_none, credential, resolve};

@@ -3,17 +3,18 @@
 //!
 //! The format code is synchronous; each read is handed to the async runtime and the
 //! calling (blocking-pool or main) thread waits for it. The NBD server's data path
-//! skips this adapter and awaits [`RemoteStorage::engine`] directly.
+//! skips this adapter: the storage's [`DataPath`] is the engine itself, awaited there.
 
 use std::io;
 use std::sync::Arc;
 
-use thinline_format::Storage;
+use thinline_format::data_path::RangeRead;
 use thinline_format::storage::looks_like_uri;
+use thinline_format::{DataPath, RangeReader, Storage};
 use tokio::runtime::Handle;
 
-use super::RemoteConfig;
-use super::fetch::FetchEngine;
+use crate::RemoteConfig;
+use crate::fetch::FetchEngine;
 
 /// A remote object read through its fetch engine.
 #[derive(Debug)]
@@ -114,7 +115,17 @@ impl Storage for RemoteStorage {
         self.identity.clone()
     }
 
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        Some(self)
+    fn data_path(&self) -> DataPath {
+        DataPath::Ranges(Arc::new(EngineReader(Arc::clone(&self.engine))))
+    }
+}
+
+/// The fetch engine as a storage's data path: exports await it directly.
+#[derive(Debug)]
+struct EngineReader(Arc<FetchEngine>);
+
+impl RangeReader for EngineReader {
+    fn read_range(&self, offset: u64, length: u64) -> RangeRead<'_> {
+        Box::pin(async move { Ok(self.0.read(offset, length).await?) })
     }
 }

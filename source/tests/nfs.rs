@@ -11,8 +11,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use thinline_nbd::remote::nfs;
-use thinline_nbd::remote::{FetchErrorKind, RangeBackend, RemoteConfig};
+use thinline_source::nfs;
+use thinline_source::{FetchErrorKind, RangeBackend, RemoteConfig};
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/scripts/nfs-server.sh")

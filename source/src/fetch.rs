@@ -32,8 +32,8 @@ use futures_util::future::Shared;
 use thinline_format::lru::Lru;
 use tokio::sync::Semaphore;
 
-use super::retry::{self, Backoff};
-use super::{FetchError, FetchErrorKind, RangeBackend, RemoteConfig};
+use crate::retry::{self, Backoff};
+use crate::{FetchError, FetchErrorKind, RangeBackend, RemoteConfig};
 
 /// Most fetch units one request fetches (adjacent misses and readahead merge up to it).
 pub const MAX_MERGED_UNITS: u64 = 4;

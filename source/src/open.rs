@@ -9,12 +9,11 @@ use std::sync::Arc;
 use thinline_format::{FileStorage, Format, detect};
 use tokio::runtime::Handle;
 
-use crate::Result;
-use crate::export::Export;
-use crate::image::{ImageExport, ImageOptions};
-use crate::raw::{RawExport, RawOptions};
-use crate::remote::RemoteConfig;
-use crate::source::Source;
+use thinline_nbd::export::Export;
+use thinline_nbd::image::{ImageExport, ImageOptions};
+use thinline_nbd::raw::{RawExport, RawOptions};
+
+use crate::{RemoteConfig, Result, Source};
 
 /// How to open a location.
 #[derive(Debug, Clone, Default)]

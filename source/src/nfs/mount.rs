@@ -9,7 +9,7 @@ use bytes::Bytes;
 use super::rpc::{AUTH_NONE, AUTH_SYS, Conn, MAX_REPLY, Timeouts, auth_none};
 use super::uri::{components, normalize, within};
 use super::xdr::{Dec, Enc, FHSIZE3, Fail, malformed};
-use crate::remote::FetchErrorKind;
+use crate::FetchErrorKind;
 
 pub(super) const PMAP_PORT: u16 = 111;
 const PMAP_PROG: u32 = 100_000;

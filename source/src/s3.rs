@@ -21,10 +21,10 @@ use aws_sdk_s3::config::{BehaviorVersion, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use bytes::Bytes;
 
-use super::{
+use crate::redact::redact;
+use crate::{
     BodyChunks, FetchError, FetchErrorKind, RangeBackend, RemoteConfig, check_size, read_body,
 };
-use crate::source::redact;
 
 /// `s3://bucket/key` split, with the optional version.
 #[derive(Debug, Clone, PartialEq, Eq)]
