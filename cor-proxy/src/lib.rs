@@ -13,11 +13,13 @@
 //! - [`cache`]: the on-disk cache: layout, identity, lock, presence map, checksums,
 //!   crash rules, scrub.
 //! - [`cache_dir`]: templates cached in a directory, one file per template version.
-//! - [`export`]: the copy-on-read export: shared in-flight fetches, durability batches,
-//!   pass-through when the cache is full, block status.
+//! - [`export`]: the copy-on-read export: shared in-flight fetches, speculation,
+//!   durability batches, pass-through when the cache is full, block status; its state is
+//!   owned in one place (`export/state.rs`), each concern in a module around it.
 //! - [`upstream`]: where misses are read from.
-//! - [`prefetch`]: background hydration with a rate limit, yielding to demand reads.
-//! - [`status`]: counters and progress, and the status socket.
+//! - [`prefetch`]: background hydration with a rate limit, yielding to demand reads
+//!   (part of [`export`], whose in-flight map it shares).
+//! - [`status`]: the status socket, serving the export's [`Status`] snapshots.
 //!
 //! Why the cache holds the template and never the clone: see docs/design.md ("Why the cache
 //! holds the template, never the clone"). In short, dm-thin has no "write only if still unprovisioned",
@@ -29,7 +31,7 @@ pub mod cache;
 pub mod cache_dir;
 mod error;
 pub mod export;
-pub mod prefetch;
+pub use export::prefetch;
 pub mod status;
 pub mod upstream;
 

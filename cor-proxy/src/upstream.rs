@@ -1,8 +1,8 @@
 //! Where a cache's misses go: the template's raw disk, read by ranges.
 //!
 //! Two upstreams exist: another NBD server (`thinline proxy --upstream nbd+unix://…`),
-//! read through thinline-nbd's fetch engine (retries, readahead, shared in-flight
-//! ranges) with block status from the same connections; and an export in the same
+//! read with thinline-nbd's NBD client and retry policy, exactly the ranges the cache
+//! asks for, with block status from the same connections; and an export in the same
 //! process (`thinline serve --cache-dir`), such as an image over HTTP or S3, without an
 //! extra hop.
 

@@ -1,8 +1,14 @@
 //! What the upstream says of its allocation (block status), asked once per GiB in the
 //! background from start-up and remembered, so zero ranges are punched in the cache
-//! instead of fetched.
+//! instead of fetched. Owns what was learnt; the fetches ask it through
+//! [`Inner::read_skipping_zeroes`].
 
-use super::*;
+use std::sync::Mutex;
+
+use thinline_nbd::Result;
+use thinline_nbd::export::ReadChunk;
+
+use super::Inner;
 
 /// Block status is asked for this much of the template at a time, and remembered.
 const ALLOCATION_QUERY: u64 = 1 << 30;
@@ -10,13 +16,21 @@ const ALLOCATION_QUERY: u64 = 1 << 30;
 /// What the upstream said about its allocation, remembered (the template never
 /// changes): extent start → (length, reads as zero).
 #[derive(Debug, Default)]
-pub(crate) struct KnownAllocation {
+struct KnownAllocation {
     extents: std::collections::BTreeMap<u64, (u64, bool)>,
+}
+
+/// The upstream's allocation as far as it was asked (NBD upstreams).
+#[derive(Debug, Default)]
+pub(super) struct Allocation {
+    known: Mutex<KnownAllocation>,
+    /// Held while asking the upstream's block status, so one question is asked once.
+    asking: tokio::sync::Mutex<()>,
 }
 
 impl KnownAllocation {
     /// The remembered extent containing `pos`: `(start, length, zero)`.
-    pub(super) fn at(&self, pos: u64) -> Option<(u64, u64, bool)> {
+    fn at(&self, pos: u64) -> Option<(u64, u64, bool)> {
         let (&start, &(len, zero)) = self.extents.range(..=pos).next_back()?;
         (pos < start + len).then_some((start, len, zero))
     }
@@ -25,12 +39,17 @@ impl KnownAllocation {
 impl Inner {
     /// `[off, off + len)` split into `(offset, length, zero)` runs from the upstream's
     /// block status, asked once per gigabyte and remembered; `None` if it cannot say.
-    pub(super) async fn zero_plan(&self, off: u64, len: u64) -> Option<Vec<(u64, u64, bool)>> {
+    async fn zero_plan(&self, off: u64, len: u64) -> Option<Vec<(u64, u64, bool)>> {
         let end = off + len;
         let mut plan: Vec<(u64, u64, bool)> = Vec::new();
         let mut pos = off;
         while pos < end {
-            let known = self.known.lock().expect("allocation lock").at(pos);
+            let known = self
+                .allocation()
+                .known
+                .lock()
+                .expect("allocation lock")
+                .at(pos);
             let Some((start, length, zero)) = known else {
                 self.learn_around(pos).await?;
                 continue;
@@ -49,9 +68,10 @@ impl Inner {
     /// did meanwhile: for the whole aligned gigabyte around `pos`, so each is asked once
     /// whoever asks first, then at `pos` if that reply stopped short of it. `None` if
     /// the upstream cannot say.
-    pub(super) async fn learn_around(&self, pos: u64) -> Option<()> {
-        let _asking = self.asking.lock().await;
+    async fn learn_around(&self, pos: u64) -> Option<()> {
+        let _asking = self.allocation().asking.lock().await;
         if self
+            .allocation()
             .known
             .lock()
             .expect("allocation lock")
@@ -69,14 +89,14 @@ impl Inner {
 
     /// Asks the upstream's block status from `at` (a gigabyte at most) and remembers
     /// the answer; returns where it ends (`None` if the upstream cannot say).
-    pub(super) async fn learn(&self, at: u64) -> Option<u64> {
-        let size = self.cache.size();
+    async fn learn(&self, at: u64) -> Option<u64> {
+        let size = self.cache().size();
         let extents = self
-            .upstream
+            .upstream()
             .allocation(at, (size - at).min(ALLOCATION_QUERY))
             .await
             .ok()?;
-        let mut known = self.known.lock().expect("allocation lock");
+        let mut known = self.allocation().known.lock().expect("allocation lock");
         let mut p = at;
         for e in extents {
             if e.length == 0 || p >= size {
@@ -104,7 +124,7 @@ impl Inner {
     /// the remembered block status decides, and ranges that read as zero are not read
     /// (without block status everything is read).
     pub(super) async fn read_skipping_zeroes(&self, off: u64, len: u64) -> Result<Vec<ReadChunk>> {
-        let upstream = &*self.upstream;
+        let upstream = &**self.upstream();
         if upstream.reads_report_holes() {
             return upstream.read(off, len).await;
         }
@@ -134,7 +154,7 @@ pub(super) async fn learn_allocation(inner: std::sync::Weak<Inner>) {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        if base >= inner.cache.size() || inner.learn_around(base).await.is_none() {
+        if base >= inner.cache().size() || inner.learn_around(base).await.is_none() {
             return;
         }
         base += ALLOCATION_QUERY;

@@ -1,21 +1,108 @@
 //! Durability: filled chunks are made durable in batches (one fsync, then the bits,
 //! then the map pages), completion is recorded, and a cache that cannot be written
-//! turns the export into a pass-through.
+//! turns the export into a pass-through. Owns the queue of filled chunks and the
+//! pass-through flag; the batcher is the only code that sets presence bits.
 
-use super::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
-/// Stops writing to the cache after a write or sync failure; logged once.
-pub(super) fn enter_passthrough(inner: &Inner, e: &std::io::Error, op: &str) {
-    if !inner.passthrough.swap(true, Ordering::SeqCst) {
-        let why = if is_full(e) { "full" } else { "failing" };
-        tracing::error!(
-            cache = %inner.cache.path().display(),
-            error = %e,
-            present = inner.cache.present_chunks(),
-            chunks = inner.cache.chunks(),
-            "cache {why} ({op} failed): reads now pass through to the upstream; \
-             chunks already present stay in use"
-        );
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+
+use super::{CacheFile, Inner, error_chain};
+
+/// Filled units wait at most this long for the fsync that makes them present.
+const SYNC_INTERVAL: Duration = Duration::from_millis(20);
+/// Most filled units made durable by one fsync.
+const SYNC_BATCH: usize = 256;
+
+/// Filled chunks waiting for the fsync that makes them present.
+#[derive(Debug)]
+pub(super) struct Filled {
+    /// The in-flight entry to drop once marked (`None` for prefetched holes).
+    unit: Option<u64>,
+    /// Chunk ranges `[first, end)`.
+    chunks: Vec<(u64, u64)>,
+    /// Held until durable, which bounds the memory of fetched-but-unmarked units.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Where filled chunks go to be made durable, and whether the cache is still written.
+#[derive(Debug)]
+pub(super) struct Durability {
+    filled: mpsc::UnboundedSender<Filled>,
+    /// Set when the cache cannot be written: reads pass through.
+    passthrough: AtomicBool,
+}
+
+impl Durability {
+    /// The sending end, and the receiving end for [`batcher`].
+    pub(super) fn new() -> (Durability, mpsc::UnboundedReceiver<Filled>) {
+        let (filled, rx) = mpsc::unbounded_channel();
+        let d = Durability {
+            filled,
+            passthrough: AtomicBool::new(false),
+        };
+        (d, rx)
+    }
+
+    /// True once the cache cannot be written: reads pass through.
+    pub(super) fn is_passthrough(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+    }
+
+    fn send(&self, f: Filled) {
+        let _ = self.filled.send(f);
+    }
+}
+
+/// True for write errors that mean "the cache is full".
+fn is_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG)
+    )
+}
+
+impl Inner {
+    /// Stops writing to the cache after a write or sync failure; logged once.
+    pub(super) fn enter_passthrough(&self, e: &std::io::Error, op: &str) {
+        if !self.durability().passthrough.swap(true, Ordering::SeqCst) {
+            let why = if is_full(e) { "full" } else { "failing" };
+            let cache = self.cache();
+            tracing::error!(
+                cache = %cache.path().display(),
+                error = %e,
+                present = cache.present_chunks(),
+                chunks = cache.chunks(),
+                "cache {why} ({op} failed): reads now pass through to the upstream; \
+                 chunks already present stay in use"
+            );
+        }
+    }
+
+    /// Queues unit `u`'s chunks, written to the cache, for marking; `permit` (its fetch
+    /// slot) is held until they are durable.
+    pub(super) fn queue_filled(
+        &self,
+        u: u64,
+        chunks: Vec<(u64, u64)>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        self.durability().send(Filled {
+            unit: Some(u),
+            chunks,
+            _permit: permit,
+        });
+    }
+
+    /// Queues chunks already made zero in the cache (prefetched holes) for marking.
+    pub(super) fn queue_zeroed(&self, chunks: Vec<(u64, u64)>) {
+        self.durability().send(Filled {
+            unit: None,
+            chunks,
+            _permit: None,
+        });
     }
 }
 
@@ -71,24 +158,12 @@ pub(super) async fn batcher(
         let strong = inner.upgrade();
         if let Some(inner) = &strong {
             if let Err(e) = &synced {
-                enter_passthrough(inner, e, "sync");
+                inner.enter_passthrough(e, "sync");
             }
-            let mut map = inner.in_flight.lock().expect("in-flight lock");
-            for f in &batch {
-                if let Some(u) = f.unit {
-                    map.remove(&u);
-                }
-            }
+            inner
+                .in_flight()
+                .remove(batch.iter().filter_map(|f| f.unit));
         }
         drop(batch);
     }
-}
-
-/// Queues chunks already made zero in the cache (prefetched holes) for marking.
-pub(crate) fn queue_zeroed(inner: &Inner, chunks: Vec<(u64, u64)>) {
-    let _ = inner.filled.send(Filled {
-        unit: None,
-        chunks,
-        _permit: None,
-    });
 }

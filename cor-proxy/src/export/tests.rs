@@ -1,5 +1,10 @@
-use std::sync::atomic::AtomicBool;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use thinline_nbd::proto::errno;
+
+use super::fetch::{chunk_sums, split_runs};
+use super::speculation::LinkEstimate;
 use super::*;
 
 /// A template in memory; counts reads, can hold them or fail them.

@@ -6,14 +6,17 @@
 //! are punched in the cache and marked without any upstream read. When every chunk is
 //! present the cache records completion (see `export::batcher`), which tells the agent
 //! it may swap dm-thin's external origin to the cache.
+//!
+//! Owns the demand gate (demand reads waiting for a fetch, which prefetch yields to)
+//! and prefetch's progress.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use thinline_nbd::proto::state;
 
-use crate::export::{Inner, queue_zeroed};
+use super::Inner;
 
 /// Bytes asked of the upstream's block status at a time.
 const REGION: u64 = 64 << 20;
@@ -29,48 +32,94 @@ pub struct PrefetchOptions {
     pub rate: Option<u64>,
 }
 
-/// Where prefetch is, for `status`.
+/// Demand reads waiting for a fetch; prefetch waits while there is any.
 #[derive(Debug, Default)]
-pub(crate) struct PrefetchProgress {
-    /// 0 off, 1 running, 2 done, 3 failed.
-    pub(crate) state: AtomicU8,
-    pub(crate) bytes: AtomicU64,
-    pub(crate) zero_bytes: AtomicU64,
+pub(super) struct Demand {
+    waiting: AtomicUsize,
+    idle: tokio::sync::Notify,
 }
 
-/// Prefetch states as shown.
-pub(crate) fn state_name(v: u8) -> &'static str {
-    match v {
-        1 => "running",
-        2 => "done",
-        3 => "failed",
-        _ => "off",
+impl Demand {
+    /// A demand read starts waiting for a fetch.
+    pub(super) fn enter(&self) {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A demand read stopped waiting; the last one wakes prefetch.
+    pub(super) fn leave(&self) {
+        if self.waiting.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Returns once no demand read waits (checking at least every 50 ms).
+    async fn idle(&self) {
+        while self.waiting.load(Ordering::SeqCst) > 0 {
+            let idle = self.idle.notified();
+            if self.waiting.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), idle).await;
+        }
     }
 }
 
-pub(crate) async fn run(inner: Arc<Inner>, options: PrefetchOptions) {
-    inner.prefetch.state.store(1, Ordering::Relaxed);
+/// Where prefetch is, for `status`.
+#[derive(Debug, Default)]
+pub(super) struct PrefetchProgress {
+    /// 0 off, 1 running, 2 done, 3 failed.
+    state: AtomicU8,
+    bytes: AtomicU64,
+    zero_bytes: AtomicU64,
+}
+
+impl PrefetchProgress {
+    /// The state as shown: `off`, `running`, `done` or `failed`.
+    pub(super) fn state_name(&self) -> &'static str {
+        match self.state.load(Ordering::Relaxed) {
+            1 => "running",
+            2 => "done",
+            3 => "failed",
+            _ => "off",
+        }
+    }
+
+    /// Bytes fetched or asked for.
+    pub(super) fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes marked as zero without fetching.
+    pub(super) fn zero_bytes(&self) -> u64 {
+        self.zero_bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Hydrates the whole template in the background (spawned by `CorExport::open`).
+pub(super) async fn run(inner: Arc<Inner>, options: PrefetchOptions) {
+    let progress = inner.prefetch_progress();
+    progress.state.store(1, Ordering::Relaxed);
     let started = Instant::now();
     tracing::info!(
-        cache = %inner.cache.path().display(),
+        cache = %inner.cache().path().display(),
         rate = ?options.rate,
         "prefetch started"
     );
     match hydrate_all(&inner, &options, started).await {
         Ok(()) => {
-            inner.prefetch.state.store(2, Ordering::Relaxed);
+            progress.state.store(2, Ordering::Relaxed);
             tracing::info!(
-                cache = %inner.cache.path().display(),
-                fetched_bytes = inner.prefetch.bytes.load(Ordering::Relaxed),
-                zero_bytes = inner.prefetch.zero_bytes.load(Ordering::Relaxed),
+                cache = %inner.cache().path().display(),
+                fetched_bytes = progress.bytes(),
+                zero_bytes = progress.zero_bytes(),
                 seconds = started.elapsed().as_secs_f64(),
                 "prefetch finished"
             );
         }
         Err(e) => {
-            inner.prefetch.state.store(3, Ordering::Relaxed);
+            progress.state.store(3, Ordering::Relaxed);
             tracing::error!(
-                cache = %inner.cache.path().display(),
+                cache = %inner.cache().path().display(),
                 error = %e,
                 "prefetch stopped; demand reads still fetch what they need"
             );
@@ -83,20 +132,20 @@ async fn hydrate_all(
     options: &PrefetchOptions,
     started: Instant,
 ) -> thinline_nbd::Result<()> {
-    let size = inner.cache.size();
-    let chunk = inner.cache.chunk_size();
+    let size = inner.cache().size();
+    let chunk = inner.cache().chunk_size();
     let mut last_log = Instant::now();
     let mut region = 0;
     while region < size {
         let region_end = (region + REGION).min(size);
         let (rf, re) = (region / chunk, region_end.div_ceil(chunk));
-        if inner.cache.all_present(rf, re) {
+        if inner.cache().all_present(rf, re) {
             region = region_end;
             continue;
         }
         let mut pos = region;
         while pos < region_end {
-            let extents = inner.upstream.allocation(pos, region_end - pos).await?;
+            let extents = inner.upstream().allocation(pos, region_end - pos).await?;
             for e in extents {
                 let hi = (pos + e.length).min(region_end);
                 if e.flags & u64::from(state::ZERO) != 0 {
@@ -111,11 +160,11 @@ async fn hydrate_all(
             }
             if last_log.elapsed() >= LOG_EVERY {
                 last_log = Instant::now();
-                let present = inner.cache.present_chunks();
+                let present = inner.cache().present_chunks();
                 tracing::info!(
-                    cache = %inner.cache.path().display(),
-                    percent = format!("{:.1}", 100.0 * present as f64 / inner.cache.chunks().max(1) as f64),
-                    fetched_mib = inner.prefetch.bytes.load(Ordering::Relaxed) >> 20,
+                    cache = %inner.cache().path().display(),
+                    percent = format!("{:.1}", 100.0 * present as f64 / inner.cache().chunks().max(1) as f64),
+                    fetched_mib = inner.prefetch_progress().bytes() >> 20,
                     "prefetch progress"
                 );
             }
@@ -127,17 +176,17 @@ async fn hydrate_all(
 
 /// Marks the absent chunks lying wholly inside `[lo, hi)` as zero, without fetching.
 fn zero_range(inner: &Inner, lo: u64, hi: u64) -> Result<(), Box<thinline_nbd::Error>> {
-    let chunk = inner.cache.chunk_size();
+    let chunk = inner.cache().chunk_size();
     let first = lo.div_ceil(chunk);
     // The template's last chunk may be short: it is whole if the range reaches the end.
-    let end = if hi == inner.cache.size() {
+    let end = if hi == inner.cache().size() {
         hi.div_ceil(chunk)
     } else {
         hi / chunk
     };
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for i in first..end {
-        if inner.cache.is_present(i) {
+        if inner.cache().is_present(i) {
             continue;
         }
         match runs.last_mut() {
@@ -150,33 +199,36 @@ fn zero_range(inner: &Inner, lo: u64, hi: u64) -> Result<(), Box<thinline_nbd::E
     }
     for &(f, e) in &runs {
         let off = f * chunk;
-        let len = (e * chunk).min(inner.cache.size()) - off;
-        inner.cache.write_zeroes(off, len).map_err(|source| {
+        let len = (e * chunk).min(inner.cache().size()) - off;
+        inner.cache().write_zeroes(off, len).map_err(|source| {
             Box::new(thinline_nbd::Error::Io {
                 op: "zero cache",
-                path: inner.cache.path().to_owned(),
+                path: inner.cache().path().to_owned(),
                 offset: off,
                 length: len,
                 source,
             })
         })?;
-        inner.prefetch.zero_bytes.fetch_add(len, Ordering::Relaxed);
+        inner
+            .prefetch_progress()
+            .zero_bytes
+            .fetch_add(len, Ordering::Relaxed);
     }
     let sums: Vec<(u64, u32)> = runs
         .iter()
         .flat_map(|&(f, e)| f..e)
-        .map(|i| (i, inner.cache.zero_sum_of(i)))
+        .map(|i| (i, inner.cache().zero_sum_of(i)))
         .collect();
-    inner.cache.write_sums(&sums).map_err(|source| {
+    inner.cache().write_sums(&sums).map_err(|source| {
         Box::new(thinline_nbd::Error::Io {
             op: "write cache checksums",
-            path: inner.cache.path().to_owned(),
+            path: inner.cache().path().to_owned(),
             offset: runs[0].0 * chunk,
             length: 0,
             source,
         })
     })?;
-    queue_zeroed(inner, runs);
+    inner.queue_zeroed(runs);
     Ok(())
 }
 
@@ -189,40 +241,33 @@ async fn fetch_range(
     hi: u64,
     started: Instant,
 ) -> thinline_nbd::Result<()> {
-    let unit = inner.unit;
+    let unit = inner.unit();
     let mut pending = futures_util::stream::FuturesUnordered::new();
     use futures_util::StreamExt;
     for u in lo / unit..hi.div_ceil(unit) {
-        if inner.passthrough.load(Ordering::Relaxed) {
+        if inner.durability().is_passthrough() {
             return Err(thinline_nbd::Error::Io {
                 op: "prefetch",
-                path: inner.cache.path().to_owned(),
+                path: inner.cache().path().to_owned(),
                 offset: u * unit,
                 length: unit,
                 source: std::io::Error::other("the cache cannot be written (see above)"),
             });
         }
         let start = u * unit;
-        let len = unit.min(inner.cache.size() - start);
+        let len = unit.min(inner.cache().size() - start);
         let (f, e) = (
-            start / inner.cache.chunk_size(),
-            (start + len).div_ceil(inner.cache.chunk_size()),
+            start / inner.cache().chunk_size(),
+            (start + len).div_ceil(inner.cache().chunk_size()),
         );
-        if inner.cache.all_present(f, e) {
+        if inner.cache().all_present(f, e) {
             continue;
         }
         // Demand first: wait while any client read waits for a fetch.
-        while inner.demand_waiting.load(Ordering::SeqCst) > 0 {
-            let idle = inner.demand_idle.notified();
-            if inner.demand_waiting.load(Ordering::SeqCst) == 0 {
-                break;
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(50), idle).await;
-        }
+        inner.demand().idle().await;
         if let Some(rate) = options.rate.filter(|&r| r > 0) {
-            let due = Duration::from_secs_f64(
-                inner.prefetch.bytes.load(Ordering::Relaxed) as f64 / rate as f64,
-            );
+            let due =
+                Duration::from_secs_f64(inner.prefetch_progress().bytes() as f64 / rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 tokio::time::sleep(wait).await;
             }
@@ -230,7 +275,10 @@ async fn fetch_range(
         while pending.len() >= PREFETCH_PARALLEL {
             pending.next().await.expect("not empty")?;
         }
-        inner.prefetch.bytes.fetch_add(len, Ordering::Relaxed);
+        inner
+            .prefetch_progress()
+            .bytes
+            .fetch_add(len, Ordering::Relaxed);
         let inner = Arc::clone(inner);
         pending.push(async move { inner.hydrate(start, len, false).await });
     }
