@@ -175,13 +175,9 @@ impl Inner {
         mut rx: OutcomeRx,
         demand: bool,
     ) -> std::result::Result<Arc<Fetched>, Error> {
-        if demand {
-            self.demand().enter();
-        }
+        let waiting = demand.then(|| self.demand().enter());
         let outcome = rx.wait_for(Option::is_some).await.map(|v| v.clone());
-        if demand {
-            self.demand().leave();
-        }
+        drop(waiting);
         let upstream = || self.upstream().name().to_owned();
         let (offset, length) = entry.range;
         match outcome {

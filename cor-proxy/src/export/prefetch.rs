@@ -40,13 +40,15 @@ pub(super) struct Demand {
 }
 
 impl Demand {
-    /// A demand read starts waiting for a fetch.
-    pub(super) fn enter(&self) {
+    /// A demand read starts waiting for a fetch, until the returned guard is dropped
+    /// (also when the read is cancelled: its client went away).
+    pub(super) fn enter(&self) -> DemandWait<'_> {
         self.waiting.fetch_add(1, Ordering::SeqCst);
+        DemandWait(self)
     }
 
     /// A demand read stopped waiting; the last one wakes prefetch.
-    pub(super) fn leave(&self) {
+    fn leave(&self) {
         if self.waiting.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.idle.notify_waiters();
         }
@@ -61,6 +63,16 @@ impl Demand {
             }
             let _ = tokio::time::timeout(Duration::from_millis(50), idle).await;
         }
+    }
+}
+
+/// A demand read waiting for a fetch; prefetch yields while one exists.
+#[derive(Debug)]
+pub(super) struct DemandWait<'a>(&'a Demand);
+
+impl Drop for DemandWait<'_> {
+    fn drop(&mut self) {
+        self.0.leave();
     }
 }
 
@@ -286,4 +298,33 @@ async fn fetch_range(
         r?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_cancelled_demand_read_does_not_keep_prefetch_waiting() {
+        let demand = Demand::default();
+        let mut read = Box::pin(async {
+            let _waiting = demand.enter();
+            std::future::pending::<()>().await;
+        });
+        tokio::select! {
+            biased;
+            _ = read.as_mut() => unreachable!("the read never finishes"),
+            _ = async {} => {}
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), demand.idle())
+                .await
+                .is_err(),
+            "prefetch must yield while a demand read waits"
+        );
+        drop(read);
+        tokio::time::timeout(Duration::from_secs(5), demand.idle())
+            .await
+            .expect("prefetch went on waiting for a read whose client is gone");
+    }
 }
