@@ -62,14 +62,6 @@ impl Export for MemExport {
         }
     }
 
-    fn block_sizes(&self) -> BlockSizes {
-        BlockSizes {
-            minimum: 1,
-            preferred: 4096,
-            maximum_payload: BlockSizes::DEFAULT_MAX_PAYLOAD,
-        }
-    }
-
     async fn read(&self, offset: u64, length: u32) -> thinline_nbd::Result<Vec<ReadChunk>> {
         let start = offset as usize;
         Ok(vec![ReadChunk::Data(Bytes::copy_from_slice(

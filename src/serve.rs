@@ -151,23 +151,9 @@ Examples:
 
 Stop with SIGTERM or Ctrl-C: requests in flight finish, data is flushed, exit status 0.";
 
-/// An export opened from the command line, for the report.
-#[derive(Debug)]
-struct Opened {
-    name: String,
-    path: String,
-    format: Format,
-    backing_chain: Vec<String>,
-    size: u64,
-    read_only: bool,
-    cache: Option<PathBuf>,
-}
-
-/// Size of the sample image created when no image is given.
-const SAMPLE_SIZE: u64 = 1 << 30;
-
+/// An export opened from the command line, as the report shows it.
 #[derive(Debug, Serialize)]
-struct ExportReport {
+struct Opened {
     name: String,
     /// The file, or the URI without credentials or query.
     path: String,
@@ -179,13 +165,22 @@ struct ExportReport {
     /// The copy-on-read cache in front of it (`--cache-dir`).
     #[serde(skip_serializing_if = "Option::is_none")]
     cache: Option<PathBuf>,
+}
+
+/// Size of the sample image created when no image is given.
+const SAMPLE_SIZE: u64 = 1 << 30;
+
+#[derive(Debug, Serialize)]
+struct ExportReport<'a> {
+    #[serde(flatten)]
+    export: &'a Opened,
     uris: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
-struct ServeReport {
+struct ServeReport<'a> {
     listening: Vec<String>,
-    exports: Vec<ExportReport>,
+    exports: Vec<ExportReport<'a>>,
 }
 
 /// Splits `NAME=IMAGE`; an `=` inside a path (after a `/`) is part of the path.
@@ -395,33 +390,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             exports: opened
                 .iter()
                 .enumerate()
-                .map(|(i, o)| {
-                    let Opened {
-                        name,
-                        path,
-                        format,
-                        backing_chain,
-                        size,
-                        read_only,
-                        cache,
-                    } = o;
+                .map(|(i, export)| {
                     let mut uris = Vec::new();
                     for l in &listeners {
                         if i == 0 {
                             uris.push(export_uri(l, ""));
                         }
-                        uris.push(export_uri(l, name));
+                        uris.push(export_uri(l, &export.name));
                     }
-                    ExportReport {
-                        name: name.clone(),
-                        path: path.clone(),
-                        format: *format,
-                        backing_chain: backing_chain.clone(),
-                        size: *size,
-                        read_only: *read_only,
-                        cache: cache.clone(),
-                        uris,
-                    }
+                    ExportReport { export, uris }
                 })
                 .collect(),
         };
@@ -455,7 +432,7 @@ fn print_report(report: &ServeReport, json: bool) -> anyhow::Result<()> {
         writeln!(out)?;
         return Ok(out.flush()?);
     }
-    for e in &report.exports {
+    for ExportReport { export: e, .. } in &report.exports {
         let mode = if e.read_only {
             "read-only"
         } else {
@@ -485,7 +462,7 @@ fn print_report(report: &ServeReport, json: bool) -> anyhow::Result<()> {
             writeln!(
                 out,
                 "  nbd-client {host} {port} /dev/nbd0 -N '{}' -b 4096",
-                first.name
+                first.export.name
             )?;
         }
     }

@@ -59,6 +59,33 @@ impl BlockSizes {
     pub const DEFAULT_MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 }
 
+impl Default for BlockSizes {
+    /// Any alignment, 4 KiB preferred, the default maximum payload.
+    fn default() -> Self {
+        BlockSizes {
+            minimum: 1,
+            preferred: 4096,
+            maximum_payload: BlockSizes::DEFAULT_MAX_PAYLOAD,
+        }
+    }
+}
+
+impl Capabilities {
+    /// A read-only export with one view for every connection (a flush has nothing to
+    /// make durable); change what differs with struct update syntax.
+    pub const READ_ONLY: Capabilities = Capabilities {
+        read_only: true,
+        flush: true,
+        fua: false,
+        trim: false,
+        write_zeroes: false,
+        fast_zero: false,
+        cache: false,
+        multi_conn: true,
+        rotational: false,
+    };
+}
+
 /// One piece of a read, in order; together the pieces cover the requested range.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadChunk {
@@ -130,7 +157,9 @@ pub trait Export: Send + Sync + fmt::Debug + 'static {
     fn capabilities(&self) -> Capabilities;
 
     /// Block-size constraints.
-    fn block_sizes(&self) -> BlockSizes;
+    fn block_sizes(&self) -> BlockSizes {
+        BlockSizes::default()
+    }
 
     /// A human-readable description for `NBD_INFO_DESCRIPTION`.
     fn description(&self) -> Option<String> {

@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use bytes::BytesMut;
 use thinline_format::{Allocation, DataPath, Extent, Fetch, Image, OpenOptions, Place};
 
-use crate::export::{BlockSizes, Capabilities, Export, Extent as NbdExtent, ReadChunk};
+use crate::export::{Capabilities, Export, Extent as NbdExtent, ReadChunk};
 use crate::proto::{ALLOCATION_DEPTH, BASE_ALLOCATION, state};
 use crate::raw::IoEngine;
 use crate::uring::{self, IoUringEngine};
@@ -50,7 +50,6 @@ pub struct ImageExport {
     paths: Vec<Vec<DataPath>>,
     nowait_reads: AtomicBool,
     uring: Option<IoUringEngine>,
-    block_sizes: BlockSizes,
 }
 
 impl ImageExport {
@@ -85,11 +84,6 @@ impl ImageExport {
             paths,
             nowait_reads: AtomicBool::new(true),
             uring,
-            block_sizes: BlockSizes {
-                minimum: 1,
-                preferred: 4096,
-                maximum_payload: BlockSizes::DEFAULT_MAX_PAYLOAD,
-            },
         })
     }
 
@@ -248,21 +242,7 @@ impl Export for ImageExport {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            read_only: true,
-            flush: true,
-            fua: false,
-            trim: false,
-            write_zeroes: false,
-            fast_zero: false,
-            cache: false,
-            multi_conn: true,
-            rotational: false,
-        }
-    }
-
-    fn block_sizes(&self) -> BlockSizes {
-        self.block_sizes
+        Capabilities::READ_ONLY
     }
 
     fn description(&self) -> Option<String> {

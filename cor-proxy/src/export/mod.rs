@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use thinline_nbd::export::{BlockSizes, Capabilities, Export, Extent, ReadChunk};
+use thinline_nbd::export::{Capabilities, Export, Extent, ReadChunk};
 use thinline_nbd::proto::{ALLOCATION_DEPTH, BASE_ALLOCATION};
 use thinline_nbd::{Error, Result};
 
@@ -366,23 +366,8 @@ impl Export for CorExport {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            read_only: true,
-            flush: true,
-            fua: false,
-            trim: false,
-            write_zeroes: false,
-            fast_zero: false,
             cache: true,
-            multi_conn: true,
-            rotational: false,
-        }
-    }
-
-    fn block_sizes(&self) -> BlockSizes {
-        BlockSizes {
-            minimum: 1,
-            preferred: 4096,
-            maximum_payload: BlockSizes::DEFAULT_MAX_PAYLOAD,
+            ..Capabilities::READ_ONLY
         }
     }
 
