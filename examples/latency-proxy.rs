@@ -1,7 +1,7 @@
 //! A standalone HTTP latency proxy for `benches/compare-remote.sh`: forwards
 //! 127.0.0.1:`--listen` to 127.0.0.1:`--upstream` and waits `--latency-ms` before
 //! forwarding each request, so every response head (first byte) arrives that much
-//! later. It is the fault proxy of the integration tests (`tests/common/faults.rs`):
+//! later. It is the fault proxy of the integration tests (`test-support/src/faults.rs`):
 //! one thread per client connection, HTTP/1.1 keep-alive aware (the delay applies
 //! to every request on a connection, not once per connection), bodies copied 256 KiB
 //! per system call, a small body sent together with its head.
@@ -14,14 +14,12 @@
 //! Prints `listening on 127.0.0.1:PORT` on stdout once it accepts connections
 //! (`--listen 0` picks a free port), then runs until it is killed.
 
-#[allow(dead_code)]
-#[path = "../tests/common/faults.rs"]
-mod faults;
-
 use std::io::Write;
 use std::net::TcpListener;
 use std::process::ExitCode;
 use std::time::Duration;
+
+use thinline_test_support::faults;
 
 const USAGE: &str = "usage: latency-proxy --upstream PORT [--listen PORT] [--latency-ms N]
   --upstream PORT   the HTTP server to forward to, on 127.0.0.1

@@ -269,7 +269,9 @@ fn file_uris_are_local_images_and_unreachable_remotes_fail_without_secrets() {
     let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(info["virtual_size"], 1 << 20);
     let sock = fx.path("s.sock");
-    let closed = common::free_port();
+    // Bound but not listening: connections are refused, and no server can take it.
+    let closed_port = thinline_test_support::ports::ClosedPort::new();
+    let closed = closed_port.port;
     let unreachable = format!("https://user:secret@127.0.0.1:{closed}/t.qcow2?X-Amz-Signature=abc");
     let handlers = tempfile::tempdir().unwrap();
     for (bad, expected) in [

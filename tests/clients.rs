@@ -1,10 +1,13 @@
 //! Independent NBD clients against `thinline serve`: libnbd's tools (nbdinfo, nbdcopy,
 //! nbdsh), qemu (qemu-img, qemu-io; qemu 10 negotiates extended headers, libnbd 1.14
-//! structured replies, so both reply paths are covered) and fio's nbd engine, on unix
+//! structured replies, so both reply paths are covered), fio's nbd engine and the `nbd`
+//! crate (a synchronous Rust client: `NBD_OPT_EXPORT_NAME`, simple replies), on unix
 //! sockets and on TCP.
 
 mod common;
 
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::time::Duration;
@@ -557,4 +560,94 @@ fn fio_nbd_engine_random_writes_verify_with_crc32c() {
         job["read"]["io_bytes"].as_u64().unwrap() >= 32 * MIB,
         "verify read everything back"
     );
+}
+
+/// Connects the `nbd` crate's client (crates.io) to the TCP export of `served`.
+fn nbd_crate_client(served: &Served) -> (TcpStream, nbd::client::Export) {
+    let mut stream = TcpStream::connect(served.tcp.as_deref().expect("listening on TCP")).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let export = nbd::client::handshake(&mut stream, b"").expect("nbd crate handshake");
+    (stream, export)
+}
+
+/// The `nbd` crate is another Rust client of the ecosystem, with the oldest negotiation a
+/// fixed-newstyle client may use: `NBD_OPT_EXPORT_NAME` (no `NBD_OPT_GO`), no
+/// `NO_ZEROES` (so the 124 bytes of zeroes after the export flags must come, and be zero)
+/// and simple replies only.
+#[test]
+fn the_nbd_crate_client_negotiates_reads_known_data_and_reads_back_its_writes() {
+    let fx = Fixture::new(16 * MIB);
+    let original = common::read_file(&fx.image);
+    let served = Served::tcp(&[], &[fx.image.to_str().unwrap()]);
+    let (mut stream, export) = nbd_crate_client(&served);
+    assert_eq!(export.size, 16 * MIB);
+    assert!(!export.readonly);
+    assert!(export.send_flush);
+    assert!(export.send_trim);
+    let mut client = nbd::client::NbdClient::new(&mut stream, &export);
+
+    // Known data, and the holes around it, unaligned.
+    for (off, len) in fx.data_ranges() {
+        let start = off.saturating_sub(1000);
+        let end = (off + len + 1000).min(16 * MIB);
+        let mut got = vec![0u8; (end - start) as usize];
+        client.seek(SeekFrom::Start(start)).unwrap();
+        client.read_exact(&mut got).unwrap();
+        assert!(
+            got == original[start as usize..end as usize],
+            "data differs in {start}..{end}"
+        );
+    }
+
+    // A write at an odd offset across a data range's edge, then a flush: read back
+    // through the same connection and from the file.
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8 ^ 0x5a).collect();
+    let at = 65536 - 777;
+    client.seek(SeekFrom::Start(at)).unwrap();
+    client.write_all(&data).unwrap();
+    client.flush().unwrap();
+    let mut back = vec![0u8; data.len()];
+    client.seek(SeekFrom::Start(at)).unwrap();
+    client.read_exact(&mut back).unwrap();
+    assert!(back == data, "written data does not read back");
+    let on_disk = common::read_file(&fx.image);
+    assert!(on_disk[at as usize..at as usize + data.len()] == data[..]);
+    assert!(on_disk[..at as usize] == original[..at as usize]);
+    drop(stream);
+
+    assert!(
+        served.wait_for_log("option=NBD_OPT_EXPORT_NAME", Duration::from_secs(5)),
+        "{}",
+        served.log()
+    );
+    assert!(
+        served.wait_for_log("mode=Simple", Duration::from_secs(5)),
+        "{}",
+        served.log()
+    );
+}
+
+#[test]
+fn the_nbd_crate_client_sees_a_read_only_export_and_its_writes_are_refused() {
+    let fx = Fixture::new(MIB);
+    let original = common::read_file(&fx.image);
+    let served = Served::tcp(&["-r"], &[fx.image.to_str().unwrap()]);
+    let (mut stream, export) = nbd_crate_client(&served);
+    assert_eq!(export.size, MIB);
+    assert!(export.readonly);
+    assert!(!export.send_trim);
+    let mut client = nbd::client::NbdClient::new(&mut stream, &export);
+    client.seek(SeekFrom::Start(0)).unwrap();
+    assert!(client.write_all(&[0xff; 4096]).is_err());
+    drop(stream);
+    // The refusal reached the client as an error; the image is untouched.
+    assert!(common::read_file(&fx.image) == original);
+    // A new connection still reads the data.
+    let (mut stream, export) = nbd_crate_client(&served);
+    let mut client = nbd::client::NbdClient::new(&mut stream, &export);
+    let mut got = vec![0u8; 65536];
+    client.read_exact(&mut got).unwrap();
+    assert!(got == original[..65536]);
 }

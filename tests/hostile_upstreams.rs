@@ -1,5 +1,5 @@
 //! Hostile upstream servers end to end: `thinline serve` reads templates from an NFS
-//! server ([`common::hostile_nfs`]) and an NBD server ([`common::fake_nbd`]) that lie
+//! server ([`common::hostile_nfs`]) and an NBD server ([`thinline_test_support::fake_nbd`]) that lie
 //! in their replies, and a real NBD client (nbdsh) reads from the daemon.
 //!
 //! For every lie: the read fails with EIO or returns the right bytes (never a wrong
@@ -15,12 +15,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::fake_nbd::{
-    FakeNbdTcp, Responder, chunk, data_chunk, error_chunk, good_reply, hole_chunk, pattern,
-};
 use common::hostile_nfs::{HostileNfs, Lie, NFS_FILE_SIZE, nfs_pattern, one_file_per_lie};
 use common::*;
 use thinline_nbd::proto::{self, RequestHeader, cmd, errno, reply};
+use thinline_test_support::fake_nbd::{
+    FakeNbdTcp, Responder, chunk, data_chunk, error_chunk, good_reply, hole_chunk, pattern,
+};
 
 /// Short timeouts and one retry: a lie costs a few seconds at most.
 const REMOTE: &[&str] = &[

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::images::*;
 use common::*;
+use thinline_test_support::qemu::*;
 
 const TOOLS: &[&str] = &["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"];
 
@@ -130,7 +130,7 @@ fn convert_like_qemu(dir: &Path, img: &Img) -> (PathBuf, PathBuf) {
         .arg(&img.path)
         .arg(&ours));
     let (path, out) = (img.path.to_str().unwrap(), theirs.to_str().unwrap());
-    q(
+    qemu_img(
         dir,
         &["convert", "-f", img.qemu_fmt, "-O", "raw", path, out],
     );
@@ -215,13 +215,13 @@ fn option_fixtures(d: &Path) -> Vec<Img> {
             args.extend(["-o", opts]);
         }
         args.extend([path.as_str(), "8M"]);
-        q(d, &args);
+        qemu_img(d, &args);
         let ops: Vec<&str> = writes
             .iter()
             .copied()
             .filter(|w| fmt == "qcow2" || !w.starts_with("discard"))
             .collect();
-        qio(d, fmt, &path, &ops);
+        qemu_io(d, fmt, &path, &ops);
         out.push(Img {
             path: d.join(name),
             name: name.to_owned(),
@@ -301,7 +301,7 @@ fn option_fixtures(d: &Path) -> Vec<Img> {
         let mut v = vec!["convert".to_owned()];
         v.extend(args.split(' ').map(str::to_owned));
         v.extend([src.clone(), p(name)]);
-        q(d, &v.iter().map(String::as_str).collect::<Vec<_>>());
+        qemu_img(d, &v.iter().map(String::as_str).collect::<Vec<_>>());
         let fmt = if name.ends_with(".qcow2") {
             "qcow2"
         } else if name.ends_with(".vmdk") {
@@ -316,17 +316,17 @@ fn option_fixtures(d: &Path) -> Vec<Img> {
         });
     }
     // State fixtures: snapshots, bitmaps, a dirty image, the corrupt bit, ZERO_ALLOC.
-    q(d, &["create", "-q", "-f", "qcow2", &p("snap.qcow2"), "8M"]);
-    qio(d, "qcow2", &p("snap.qcow2"), &["write -P 0x71 0 1M"]);
-    q(d, &["snapshot", "-c", "s1", &p("snap.qcow2")]);
-    qio(d, "qcow2", &p("snap.qcow2"), &["write -P 0x72 512k 1M"]);
-    q(d, &["snapshot", "-c", "s2", &p("snap.qcow2")]);
-    qio(d, "qcow2", &p("snap.qcow2"), &["write -z 0 64k"]);
-    q(
+    qemu_img(d, &["create", "-q", "-f", "qcow2", &p("snap.qcow2"), "8M"]);
+    qemu_io(d, "qcow2", &p("snap.qcow2"), &["write -P 0x71 0 1M"]);
+    qemu_img(d, &["snapshot", "-c", "s1", &p("snap.qcow2")]);
+    qemu_io(d, "qcow2", &p("snap.qcow2"), &["write -P 0x72 512k 1M"]);
+    qemu_img(d, &["snapshot", "-c", "s2", &p("snap.qcow2")]);
+    qemu_io(d, "qcow2", &p("snap.qcow2"), &["write -z 0 64k"]);
+    qemu_img(
         d,
         &["create", "-q", "-f", "qcow2", &p("bitmaps.qcow2"), "8M"],
     );
-    q(
+    qemu_img(
         d,
         &[
             "bitmap",
@@ -337,13 +337,13 @@ fn option_fixtures(d: &Path) -> Vec<Img> {
             "bm0",
         ],
     );
-    qio(
+    qemu_io(
         d,
         "qcow2",
         &p("bitmaps.qcow2"),
         &["write -P 0x73 100k 300k"],
     );
-    q(
+    qemu_img(
         d,
         &[
             "create",
@@ -368,19 +368,19 @@ fn option_fixtures(d: &Path) -> Vec<Img> {
         1,
         "the dirty bit is set"
     );
-    q(
+    qemu_img(
         d,
         &["create", "-q", "-f", "qcow2", &p("corrupt.qcow2"), "8M"],
     );
-    qio(d, "qcow2", &p("corrupt.qcow2"), &["write -P 0x74 0 64k"]);
+    qemu_io(d, "qcow2", &p("corrupt.qcow2"), &["write -P 0x74 0 64k"]);
     let mut c = read_file(&d.join("corrupt.qcow2"));
     c[79] |= 0x02;
     std::fs::write(d.join("corrupt.qcow2"), c).unwrap();
-    q(
+    qemu_img(
         d,
         &["create", "-q", "-f", "qcow2", &p("zalloc.qcow2"), "8M"],
     );
-    qio(
+    qemu_io(
         d,
         "qcow2",
         &p("zalloc.qcow2"),
@@ -400,7 +400,7 @@ fn option_fixtures(d: &Path) -> Vec<Img> {
         });
     }
     // Children: a VMDK delta, a v2 qcow2 overlay, a 4-level chain across formats.
-    q(
+    qemu_img(
         d,
         &[
             "create",
@@ -415,8 +415,8 @@ fn option_fixtures(d: &Path) -> Vec<Img> {
             "8M",
         ],
     );
-    qio(d, "vmdk", &p("delta.vmdk"), &["write -P 0x75 2M 100k"]);
-    q(
+    qemu_io(d, "vmdk", &p("delta.vmdk"), &["write -P 0x75 2M 100k"]);
+    qemu_img(
         d,
         &[
             "create",
@@ -433,13 +433,13 @@ fn option_fixtures(d: &Path) -> Vec<Img> {
             "8M",
         ],
     );
-    qio(
+    qemu_io(
         d,
         "qcow2",
         &p("v2ovl.qcow2"),
         &["write -P 0x76 123457 4000"],
     );
-    q(
+    qemu_img(
         d,
         &[
             "create",
@@ -454,13 +454,13 @@ fn option_fixtures(d: &Path) -> Vec<Img> {
             "8M",
         ],
     );
-    qio(
+    qemu_io(
         d,
         "qcow2",
         &p("c1.qcow2"),
         &["write -P 0x77 6M 300k", "write -z 0 4k"],
     );
-    q(
+    qemu_img(
         d,
         &[
             "create",
@@ -477,7 +477,7 @@ fn option_fixtures(d: &Path) -> Vec<Img> {
             "8M",
         ],
     );
-    qio(
+    qemu_io(
         d,
         "qcow2",
         &p("c2.qcow2"),
@@ -692,7 +692,7 @@ fn refused_images_name_the_file_and_reason_and_serve_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let p = |n: &str| d.join(n).to_str().unwrap().to_owned();
-    q(
+    qemu_img(
         d,
         &[
             "create",
@@ -707,8 +707,8 @@ fn refused_images_name_the_file_and_reason_and_serve_nothing() {
             "16M",
         ],
     );
-    q(d, &["create", "-q", "-f", "qcow2", &p("a.qcow2"), "16M"]);
-    q(
+    qemu_img(d, &["create", "-q", "-f", "qcow2", &p("a.qcow2"), "16M"]);
+    qemu_img(
         d,
         &[
             "create",
@@ -723,7 +723,7 @@ fn refused_images_name_the_file_and_reason_and_serve_nothing() {
             "16M",
         ],
     );
-    q(
+    qemu_img(
         d,
         &[
             "rebase",
@@ -737,8 +737,8 @@ fn refused_images_name_the_file_and_reason_and_serve_nothing() {
             &p("a.qcow2"),
         ],
     );
-    q(d, &["create", "-q", "-f", "raw", &p("base.raw"), "16M"]);
-    q(
+    qemu_img(d, &["create", "-q", "-f", "raw", &p("base.raw"), "16M"]);
+    qemu_img(
         d,
         &[
             "create",
@@ -851,7 +851,7 @@ fn random_chains_with_random_writes_read_like_qemu() {
                 args.extend(["-b", below.as_str(), "-F", pfmt]);
             }
             args.extend([path.as_str(), size.as_str()]);
-            q(d, &args);
+            qemu_img(d, &args);
             history.push_str(&format!("{args:?}\n"));
             let mut cmds = Vec::new();
             for _ in 0..(1 + rng.below(12)) {
@@ -875,7 +875,7 @@ fn random_chains_with_random_writes_read_like_qemu() {
             }
             let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
             history.push_str(&format!("{cmds:?}\n"));
-            qio(d, fmt, &path, &refs);
+            qemu_io(d, fmt, &path, &refs);
             layers.push((name, fmt));
         }
         let (top, fmt) = layers.last().unwrap();
@@ -893,7 +893,7 @@ fn random_chains_with_random_writes_read_like_qemu() {
             "round {round} (seed {seed}): convert failed: {}\n{history}",
             String::from_utf8_lossy(&out.stderr)
         );
-        q(
+        qemu_img(
             d,
             &[
                 "convert",
@@ -926,8 +926,8 @@ fn damaged_metadata_fails_that_read_only_and_the_server_stays_up() {
     let d = dir.path();
     let img = d.join("damaged.qcow2");
     let path = img.to_str().unwrap();
-    q(d, &["create", "-q", "-f", "qcow2", path, "64M"]);
-    qio(
+    qemu_img(d, &["create", "-q", "-f", "qcow2", path, "64M"]);
+    qemu_io(
         d,
         "qcow2",
         path,
@@ -1092,9 +1092,9 @@ fn tiny_metadata_cache_under_concurrent_clients_reads_like_qemu() {
     let p = |n: &str| d.join(n).to_str().unwrap().to_owned();
     // 512-byte clusters: every 32 KiB of guest space has its own L2 table, so a 4 KiB
     // cache (8 tables) is evicted constantly while four connections read in parallel.
-    q(d, &["create", "-q", "-f", "raw", &p("base.raw"), "64M"]);
-    qio(d, "raw", &p("base.raw"), &["write -P 0x31 0 64M"]);
-    q(
+    qemu_img(d, &["create", "-q", "-f", "raw", &p("base.raw"), "64M"]);
+    qemu_io(d, "raw", &p("base.raw"), &["write -P 0x31 0 64M"]);
+    qemu_img(
         d,
         &[
             "create",
@@ -1121,14 +1121,14 @@ fn tiny_metadata_cache_under_concurrent_clients_reads_like_qemu() {
         ));
     }
     let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    qio(d, "qcow2", &p("top.qcow2"), &refs);
+    qemu_io(d, "qcow2", &p("top.qcow2"), &refs);
     let served = Served::unix(d, &["--metadata-cache", "4K"], &[&p("top.qcow2")]);
     let ours = d.join("ours.raw");
     run(Command::new("nbdcopy")
         .args(["--connections=4", "--requests=16", "--request-size=65536"])
         .arg(served.uri(""))
         .arg(&ours));
-    q(
+    qemu_img(
         d,
         &[
             "convert",

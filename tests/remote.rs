@@ -13,10 +13,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::faults::{Fault, FaultProxy, TcpFaultProxy};
-use common::images::{Img, fixtures, q};
-use common::servers::{Moto, NfsServer, Nginx, require_moto, require_nfs_server, require_nginx};
 use common::*;
+use thinline_test_support::KillOnDrop;
+use thinline_test_support::faults::{Fault, FaultProxy, TcpFaultProxy};
+use thinline_test_support::ports::{loopback_listener, socket_activated};
+use thinline_test_support::qemu::{Img, fixtures, qemu_img};
+use thinline_test_support::servers::{
+    Moto, NfsServer, Nginx, require_moto, require_nfs_server, require_nginx,
+};
 
 const TOOLS: &[&str] = &["qemu-img", "qemu-io", "nbdinfo", "nbdcopy"];
 
@@ -25,7 +29,7 @@ const TOOLS: &[&str] = &["qemu-img", "qemu-io", "nbdinfo", "nbdcopy"];
 fn remote_fixtures(dir: &Path) -> Vec<Img> {
     let mut images = fixtures(dir);
     let p = |n: &str| dir.join(n).to_str().unwrap().to_owned();
-    q(
+    qemu_img(
         dir,
         &[
             "convert",
@@ -37,7 +41,7 @@ fn remote_fixtures(dir: &Path) -> Vec<Img> {
             &p("fixed.vhd"),
         ],
     );
-    q(
+    qemu_img(
         dir,
         &[
             "convert",
@@ -122,7 +126,7 @@ fn http_templates_of_every_format_read_like_qemu() {
             &nginx.url("over-vhd.qcow2"),
         ])
         .arg(&ours));
-    q(
+    qemu_img(
         www.path(),
         &[
             "convert",
@@ -427,7 +431,7 @@ fn faults_within_the_retry_budget_are_invisible() {
     let served = Served::unix(dir.path(), &["--retries", "6"], &[&spec]);
     for fault in [
         Fault::Status(503, "busy"),
-        common::faults::SLOW_DOWN,
+        thinline_test_support::faults::SLOW_DOWN,
         Fault::Status(429, "slow"),
         Fault::Reset,
         Fault::Truncate,
@@ -674,7 +678,11 @@ fn s3_templates_of_every_format_read_like_qemu_through_faults() {
     moto.create_bucket("templates", false);
     upload_dir(&moto, "templates", "golden/v1", store.path());
     let proxy = FaultProxy::start(moto.port);
-    for fault in [common::faults::SLOW_DOWN, Fault::Reset, Fault::Truncate] {
+    for fault in [
+        thinline_test_support::faults::SLOW_DOWN,
+        Fault::Reset,
+        Fault::Truncate,
+    ] {
         proxy.inject(fault, 2);
     }
     let endpoint = format!("http://127.0.0.1:{}", proxy.port);
@@ -840,7 +848,7 @@ fn s3_throttling_beyond_the_budget_fails_one_read_and_recovers() {
         ],
         &S3_ENV,
     );
-    proxy.always(common::faults::SLOW_DOWN);
+    proxy.always(thinline_test_support::faults::SLOW_DOWN);
     sh(
         &served.uri("t"),
         "try:\n    h.pread(4096, 2 << 20)\n    assert False, 'read succeeded'\n\
@@ -961,15 +969,18 @@ fn nbd_connection_resets_during_a_copy_are_retried_invisibly() {
     let data: Vec<u8> = (0..(32u32 << 20)).map(|i| (i * 13 % 249) as u8).collect();
     let path = store.path().join("t.raw");
     std::fs::write(&path, &data).unwrap();
-    let port = free_port();
+    // qemu-nbd gets its listening socket by socket activation: the port is ours from
+    // the start, so no other test can take it.
+    let listener = loopback_listener();
+    let port = listener.local_addr().unwrap().port();
     let _upstream = KillOnDrop(
-        Command::new("qemu-nbd")
-            .args(["-r", "-t", "-e", "8", "-f", "raw", "-b", "127.0.0.1", "-p"])
-            .arg(port.to_string())
+        socket_activated("qemu-nbd", &listener)
+            .args(["-r", "-t", "-e", "8", "-f", "raw"])
             .arg(&path)
             .spawn()
             .unwrap(),
     );
+    drop(listener);
     let direct = format!("nbd://127.0.0.1:{port}/");
     assert!(wait_until(|| Command::new("nbdinfo")
         .args(["--size", &direct])
@@ -1006,15 +1017,6 @@ fn copy_while_resetting(served: &Served, proxy: &TcpFaultProxy, dir: &Path, data
         proxy.accepted() > 1,
         "the connections were reset and reopened"
     );
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn wait_until(mut ready: impl FnMut() -> bool) -> bool {

@@ -2,14 +2,14 @@
 //! process) and against fake servers on unix socket pairs that break the protocol at
 //! every stage.
 //!
-//! Tools are checked with [`require`]: outside CI a missing tool skips the test with a
+//! Tools are checked with `require` (from `thinline-test-support`): outside CI a missing tool skips the test with a
 //! message; with `CI=true` it fails (tests/scripts/install-deps.sh installs them).
 //! Every test runs under a tokio timeout, so a hang is a failure, not a stuck run.
 
 use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,13 @@ use thinline_nbd::raw::{RawExport, RawOptions};
 use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
 use thinline_source::nbd::NbdBackend;
 use thinline_source::{FetchErrorKind, RangeBackend, RemoteConfig};
+use thinline_test_support::KillOnDrop;
+use thinline_test_support::fake_nbd::{
+    CONTEXT_ID, FAKE_SIZE, FakeConfig, Responder, chunk, data_chunk, each, error_chunk,
+    fake_server, good, hole_chunk, option_reply, pattern,
+};
+use thinline_test_support::ports::{loopback_listener, socket_activated};
+use thinline_test_support::require;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -30,70 +37,11 @@ use tokio::net::UnixStream;
 // Harness
 // ---------------------------------------------------------------------------------------
 
-/// True if every tool is on PATH. In CI a missing tool is a failure, elsewhere a skip.
-fn require(tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|t| which(t).is_none())
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("missing test tools {missing:?}: run tests/scripts/install-deps.sh as root");
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg}");
-    }
-    eprintln!("SKIP: {msg}");
-    false
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
-}
-
 /// Runs `f` under a deadline: a hang fails the test.
 async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(secs), f)
         .await
         .unwrap_or_else(|_| panic!("test did not finish within {secs} s"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A server process, killed when dropped.
-struct Proc(Child);
-
-impl Proc {
-    fn spawn(cmd: &mut Command) -> Proc {
-        Proc(
-            cmd.stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")),
-        )
-    }
-
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// Connects until the server answers (a socket file exists before its server listens).
@@ -251,8 +199,8 @@ async fn check_block_status_of_image(client: &Client) {
     assert_eq!(extents.iter().map(|e| e.0).sum::<u64>(), 1000);
 }
 
-fn qemu_nbd_unix(file: &Path, format: &str, sock: &Path) -> Proc {
-    Proc::spawn(Command::new("qemu-nbd").args([
+fn qemu_nbd_unix(file: &Path, format: &str, sock: &Path) -> KillOnDrop {
+    KillOnDrop::spawn(Command::new("qemu-nbd").args([
         "-r",
         "-t",
         "-e",
@@ -267,8 +215,8 @@ fn qemu_nbd_unix(file: &Path, format: &str, sock: &Path) -> Proc {
     ]))
 }
 
-fn nbdkit(sock: &Path, args: &[&str]) -> Proc {
-    Proc::spawn(
+fn nbdkit(sock: &Path, args: &[&str]) -> KillOnDrop {
+    KillOnDrop::spawn(
         Command::new("nbdkit")
             .args(["-f", "--exit-with-parent", "-U", sock.to_str().unwrap()])
             .args(args),
@@ -331,8 +279,10 @@ async fn qemu_nbd_qcow2_over_tcp() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let port = free_port();
-    let _server = Proc::spawn(Command::new("qemu-nbd").args([
+    // Socket activation: qemu-nbd serves on a port this test holds from the start.
+    let listener = loopback_listener();
+    let port = listener.local_addr().unwrap().port();
+    let _server = KillOnDrop::spawn(socket_activated("qemu-nbd", &listener).args([
         "-r",
         "-t",
         "-e",
@@ -341,12 +291,9 @@ async fn qemu_nbd_qcow2_over_tcp() {
         "qcow2",
         "-x",
         "disk",
-        "-b",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
         qcow2.to_str().unwrap(),
     ]));
+    drop(listener);
     within(120, async {
         let client = connect_when_up(
             &format!("nbd://127.0.0.1:{port}/disk"),
@@ -682,14 +629,6 @@ async fn thinline_server_in_process_over_unix_and_tcp() {
 // ---------------------------------------------------------------------------------------
 // Fake servers (shared with the end-to-end tests of the repository)
 // ---------------------------------------------------------------------------------------
-
-#[path = "../../tests/common/fake_nbd.rs"]
-mod fake_nbd;
-
-use fake_nbd::{
-    CONTEXT_ID, FAKE_SIZE, FakeConfig, Responder, chunk, data_chunk, each, error_chunk,
-    fake_server, good, hole_chunk, option_reply, pattern,
-};
 
 /// A client connected to a fake server (or the error of its handshake).
 async fn fake(config: FakeConfig, respond: Responder) -> thinline_nbd::Result<Client> {

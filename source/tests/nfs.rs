@@ -7,83 +7,30 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use thinline_source::nfs;
 use thinline_source::{FetchErrorKind, RangeBackend, RemoteConfig};
+use thinline_test_support::servers::{NfsServer, require_nfs_server};
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/scripts/nfs-server.sh")
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// True if the server can run here. In CI a missing tool is a failure, elsewhere a skip.
-fn require_server() -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let missing: Vec<&str> = ["ganesha.nfsd", "rpcbind", "rpcinfo", "flock"]
-        .into_iter()
-        .filter(|t| !std::env::split_paths(&path).any(|d| d.join(t).is_file()))
-        .collect();
-    let msg = if !missing.is_empty() {
-        format!("missing test tools {missing:?}: run tests/scripts/install-deps.sh as root")
-    } else if !rustix::process::geteuid().is_root() {
-        "the NFS test server (nfs-ganesha, VFS export) needs root".to_owned()
-    } else {
-        return true;
-    };
-    if in_ci() {
-        panic!("{msg}");
-    }
-    eprintln!("SKIP: {msg}");
-    false
-}
-
-/// A running ganesha exporting a temp directory; stopped on drop.
+/// A running ganesha exporting a temp directory that has a `sub` directory; stopped on
+/// drop, before the directory is removed.
 struct Server {
+    nfs: NfsServer,
     dir: tempfile::TempDir,
-    state: PathBuf,
-    nfs_port: u16,
-    mount_port: u16,
 }
 
 impl Server {
     fn start() -> Option<Server> {
-        if !require_server() {
+        if !require_nfs_server() {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().with_extension("nfs-state");
         std::fs::create_dir(dir.path().join("sub")).unwrap();
-        let out = Command::new(script())
-            .env("NFS_SERVER_OWNER", std::process::id().to_string())
-            .arg("start")
-            .arg(dir.path())
-            .arg(&state)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "nfs-server.sh start failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = std::fs::read_to_string(&state).unwrap();
-        let get = |key: &str| -> u16 {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-                .unwrap_or_else(|| panic!("no {key} in {text}"))
-                .parse()
-                .unwrap()
-        };
         Some(Server {
-            nfs_port: get("nfs_port"),
-            mount_port: get("mount_port"),
+            nfs: NfsServer::start(dir.path()),
             dir,
-            state,
         })
     }
 
@@ -93,22 +40,11 @@ impl Server {
 
     /// The URI of `name` (relative to the exported directory).
     fn uri(&self, name: &str) -> String {
-        format!(
-            "nfs://127.0.0.1:{}{}/{name}?mountport={}",
-            self.nfs_port,
-            self.dir.path().canonicalize().unwrap().display(),
-            self.mount_port
-        )
+        self.nfs.uri(name)
     }
 
     fn stop(&self) {
-        let _ = Command::new(script()).arg("stop").arg(&self.state).status();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop();
+        self.nfs.stop();
     }
 }
 

@@ -1,4 +1,6 @@
-//! Shared harness for the integration tests: start `thinline serve`, run real clients.
+//! Harness of the repository's integration tests: start `thinline serve`, run real
+//! clients. Helpers other test crates need too (tool checks, servers, fixtures, proxies)
+//! are in the `thinline-test-support` crate and re-exported here where tests expect them.
 //!
 //! Tools a test needs are checked with [`require`]: outside CI a missing tool skips the
 //! test with a message; with `CI=true` it fails, because the test command installs
@@ -6,44 +8,19 @@
 
 #![allow(dead_code)]
 
-pub mod fake_nbd;
-pub mod faults;
 pub mod hostile_http;
 pub mod hostile_nfs;
-pub mod images;
-pub mod servers;
 pub mod wire;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// True if every tool is on PATH. In CI a missing tool is a failure, elsewhere a skip.
-pub fn require(tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|t| which(t).is_none())
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("missing test tools {missing:?}: run tests/scripts/install-deps.sh as root");
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg}");
-    }
-    eprintln!("SKIP: {msg}");
-    false
-}
-
-pub fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
-}
+// Each test binary uses its own subset.
+#[allow(unused_imports)]
+pub use thinline_test_support::{require, run, signal, skip, stdout, wait_timeout, which};
 
 /// A temporary directory with a sparse raw image in it.
 pub struct Fixture {
@@ -247,55 +224,6 @@ impl Drop for Served {
     }
 }
 
-pub fn signal(child: &Child, sig: i32) {
-    let pid = i32::try_from(child.id()).unwrap();
-    // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
-    unsafe {
-        libc::kill(pid, sig);
-    }
-}
-
-pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if let Some(s) = child.try_wait().unwrap() {
-            return Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
-/// A loopback port nobody listened on a moment ago. Racy (another server may take it
-/// before the caller binds it): only for servers that cannot bind port 0 and report it.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Runs a command, panicking with its output if it fails.
-pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-pub fn stdout(cmd: &mut Command) -> String {
-    String::from_utf8(run(cmd).stdout).unwrap()
-}
-
 /// Runs an `nbdsh` script (libnbd's Python shell) with `URI` defined. nbdsh runs
 /// `python3 -m nbd`, so Debian's python (with the bindings) must come first on PATH.
 pub fn nbdsh(uri: &str, script: &str) -> String {
@@ -317,12 +245,7 @@ pub fn has_python_nbd() -> bool {
     {
         return true;
     }
-    let msg = "python3-libnbd is missing: run tests/scripts/install-deps.sh as root";
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg}");
-    }
-    eprintln!("SKIP: {msg}");
-    false
+    skip("python3-libnbd is missing: run tests/scripts/install-deps.sh as root")
 }
 
 /// Resident set size of a process in KiB.

@@ -43,7 +43,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends -t bookworm-backports "${backports_packages[@]}"
 fi
 
-# moto's S3 server for the s3:// tests (tests/common/servers.rs), from PyPI into a venv of
+# moto's S3 server for the s3:// tests (test-support/src/servers.rs), from PyPI into a venv of
 # Debian's python: a real HTTP implementation of the S3 API with ranges and versioning.
 moto_venv=${THINLINE_MOTO_VENV:-/var/cache/thinline/moto}
 if [ ! -x "$moto_venv/bin/moto_server" ]; then

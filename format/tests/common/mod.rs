@@ -1,58 +1,23 @@
 //! Shared helpers for the format tests: fixtures made with qemu-img/qemu-io at test
-//! time, and comparisons of what Thinline reads and maps against what qemu says.
+//! time, and comparisons of what Thinline reads and maps against what qemu says. The
+//! tool checks and qemu runners are `thinline-test-support`'s.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use thinline_format::{Fetch, Image, OpenOptions};
+pub use thinline_test_support::qemu::{qemu_img, qemu_io};
 
 /// True if `tool` is on PATH. Outside CI a missing tool skips the test (with a
 /// message); in CI (`CI=true`) it fails it, because the test command installs it.
 pub fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{tool} is required in CI (tests/scripts/install-deps.sh installs it)");
-        }
-        eprintln!("skipping: {tool} is not installed");
-    }
-    found
+    thinline_test_support::require(&[tool])
 }
 
-/// Runs a command, panicking with its output if it fails.
+/// Runs `program ARGS` in `cwd`, panicking with its output if it fails.
 pub fn run(program: &str, args: &[&str], cwd: &Path) -> Output {
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// `qemu-img ARGS` in `dir`.
-pub fn qemu_img(dir: &Path, args: &[&str]) -> Output {
-    run("qemu-img", args, dir)
-}
-
-/// `qemu-io -f FMT -c CMD… PATH` in `dir` (each command a separate `-c`).
-pub fn qemu_io(dir: &Path, fmt: &str, path: &str, commands: &[&str]) {
-    let mut args = vec!["-f", fmt];
-    for c in commands {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(path);
-    run("qemu-io", &args, dir);
+    thinline_test_support::run(Command::new(program).args(args).current_dir(cwd))
 }
 
 /// What qemu reads: `qemu-img convert -f FMT -O raw`.

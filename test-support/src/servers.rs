@@ -1,24 +1,40 @@
 //! Real servers for the remote-source tests, started on loopback: nginx (Debian) for
-//! HTTP, moto's server mode for S3.
+//! HTTP, moto's server mode for S3, nfs-ganesha for NFSv3.
+//!
+//! nginx and moto get a listening socket bound by the test ([`crate::ports`]), so their
+//! ports cannot race with other tests'.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::free_port;
+use crate::ports::{LISTEN_FD, loopback_listener, pass_listener};
+use crate::skip;
 
-fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+/// Waits until the HTTP server on `port` answers a request. Its socket listens from the
+/// start (inherited), so a connection alone says nothing: the server must have read the
+/// request.
+fn wait_for_http(port: u16, what: &str, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut byte = [0u8; 1];
+            if s.write_all(b"HEAD / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                .is_ok()
+                && s.read(&mut byte).is_ok_and(|n| n == 1)
+            {
+                return;
+            }
         }
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited with {status} before listening");
+            panic!("{what} exited with {status} before serving");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("{what} did not listen on port {port}");
+    panic!("{what} did not answer on port {port}");
 }
 
 /// nginx serving `root` on 127.0.0.1 with byte ranges, plus `/noranges/` (the same
@@ -42,7 +58,10 @@ impl Nginx {
 
     fn start_with(root: &Path, tls: Option<(&Path, &Path)>) -> Nginx {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        // nginx adopts an inherited socket (listed in $NGINX) whose address matches a
+        // `listen` directive instead of binding one.
+        let listener = loopback_listener();
+        let port = listener.local_addr().unwrap().port();
         let d = dir.path().display();
         let config = format!(
             "user root;
@@ -78,15 +97,17 @@ http {{
         std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
         let conf = dir.path().join("nginx.conf");
         std::fs::write(&conf, config).unwrap();
-        let mut child = Command::new(nginx_binary())
-            .arg("-c")
+        let mut cmd = Command::new(nginx_binary());
+        cmd.arg("-c")
             .arg(&conf)
+            .env("NGINX", format!("{LISTEN_FD};"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn nginx");
-        wait_for_port(port, "nginx", &mut child);
+            .stderr(Stdio::inherit());
+        pass_listener(&mut cmd, &listener);
+        let mut child = cmd.spawn().expect("spawn nginx");
+        drop(listener);
+        wait_for_http(port, "nginx", &mut child);
         Nginx {
             child,
             port,
@@ -111,8 +132,8 @@ http {{
 impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGTERM: the master stops its workers (SIGKILL would orphan them).
-        super::signal(&self.child, libc::SIGTERM);
-        if super::wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
+        crate::signal(&self.child, libc::SIGTERM);
+        if crate::wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
@@ -121,7 +142,7 @@ impl Drop for Nginx {
 
 /// nginx is in /usr/sbin, which is not on every PATH.
 pub fn nginx_binary() -> PathBuf {
-    super::which("nginx").unwrap_or_else(|| PathBuf::from("/usr/sbin/nginx"))
+    crate::which("nginx").unwrap_or_else(|| PathBuf::from("/usr/sbin/nginx"))
 }
 
 /// Whether nginx is installed (a skip outside CI, a failure in CI).
@@ -129,12 +150,7 @@ pub fn require_nginx() -> bool {
     if nginx_binary().is_file() {
         return true;
     }
-    let msg = "missing test tool nginx: run tests/scripts/install-deps.sh as root";
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg}");
-    }
-    eprintln!("SKIP: {msg}");
-    false
+    skip("missing test tool nginx: run tests/scripts/install-deps.sh as root")
 }
 
 /// Where install-deps.sh puts moto's venv.
@@ -149,7 +165,7 @@ pub fn moto_binary() -> Option<PathBuf> {
     if venv.is_file() {
         return Some(venv);
     }
-    super::which("moto_server")
+    crate::which("moto_server")
 }
 
 /// Whether moto is installed (a skip outside CI, a failure in CI).
@@ -157,12 +173,7 @@ pub fn require_moto() -> bool {
     if moto_binary().is_some() {
         return true;
     }
-    let msg = "missing test tool moto_server: run tests/scripts/install-deps.sh as root";
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg}");
-    }
-    eprintln!("SKIP: {msg}");
-    false
+    skip("missing test tool moto_server: run tests/scripts/install-deps.sh as root")
 }
 
 /// moto's S3 server (a real HTTP implementation of the S3 API, from PyPI) on 127.0.0.1.
@@ -175,15 +186,23 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Moto {
-        let port = free_port();
-        let mut child = Command::new(moto_binary().expect("moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        // moto serves with werkzeug's run_simple, which takes over the socket in
+        // $WERKZEUG_SERVER_FD when it believes a reloader started it
+        // (WERKZEUG_RUN_MAIN=true); no reloader runs. `-p` still names the port, which
+        // moto uses in the URLs it makes.
+        let listener = loopback_listener();
+        let port = listener.local_addr().unwrap().port();
+        let mut cmd = Command::new(moto_binary().expect("moto_server"));
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("WERKZEUG_RUN_MAIN", "true")
+            .env("WERKZEUG_SERVER_FD", LISTEN_FD.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn moto_server");
-        wait_for_port(port, "moto_server", &mut child);
+            .stderr(Stdio::null());
+        pass_listener(&mut cmd, &listener);
+        let mut child = cmd.spawn().expect("spawn moto_server");
+        drop(listener);
+        wait_for_http(port, "moto_server", &mut child);
         Moto { child, port }
     }
 
@@ -194,7 +213,7 @@ impl Moto {
     fn curl(&self, args: &[&str]) -> String {
         // moto does not check signatures, but refuses some anonymous overwrites.
         let auth = "Authorization: AWS4-HMAC-SHA256 Credential=AKIATESTKEY/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0";
-        super::stdout(
+        crate::stdout(
             Command::new("curl")
                 .args([
                     "-sSf",
@@ -252,7 +271,8 @@ impl Drop for Moto {
 }
 
 /// nfs-ganesha exporting a directory read-only over NFSv3 on 127.0.0.1
-/// (tests/scripts/nfs-server.sh; needs root).
+/// (tests/scripts/nfs-server.sh; needs root). Ganesha cannot take an inherited socket:
+/// the script picks its ports, and serialises starts with a lock.
 #[derive(Debug)]
 pub struct NfsServer {
     state: PathBuf,
@@ -262,14 +282,14 @@ pub struct NfsServer {
 }
 
 fn nfs_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/nfs-server.sh")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/scripts/nfs-server.sh")
 }
 
 /// Whether the NFS test server can run (a skip outside CI, a failure in CI).
 pub fn require_nfs_server() -> bool {
     let missing: Vec<&str> = ["ganesha.nfsd", "rpcbind", "rpcinfo", "flock"]
         .into_iter()
-        .filter(|t| super::which(t).is_none() && !Path::new("/usr/sbin").join(t).is_file())
+        .filter(|t| crate::which(t).is_none() && !Path::new("/usr/sbin").join(t).is_file())
         .collect();
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
@@ -280,11 +300,7 @@ pub fn require_nfs_server() -> bool {
     } else {
         return true;
     };
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg}");
-    }
-    eprintln!("SKIP: {msg}");
-    false
+    skip(&msg)
 }
 
 impl NfsServer {
@@ -336,11 +352,18 @@ impl NfsServer {
     }
 }
 
-impl Drop for NfsServer {
-    fn drop(&mut self) {
+impl NfsServer {
+    /// Stops the server (it vanishes under its clients); dropping it does too.
+    pub fn stop(&self) {
         let _ = Command::new(nfs_script())
             .arg("stop")
             .arg(&self.state)
             .status();
+    }
+}
+
+impl Drop for NfsServer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

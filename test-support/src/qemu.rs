@@ -1,15 +1,19 @@
-//! Image fixtures made by qemu-img and qemu-io, shared by the image and remote tests.
+//! Image fixtures made by qemu-img and qemu-io at test time, so that the images under
+//! test are qemu's own (the reference the formats are checked against), shared by the
+//! format, image and remote tests.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
-use super::run;
+use crate::run;
 
-pub fn q(dir: &Path, args: &[&str]) {
-    run(Command::new("qemu-img").args(args).current_dir(dir));
+/// `qemu-img ARGS` in `dir`, panicking with its output if it fails.
+pub fn qemu_img(dir: &Path, args: &[&str]) -> Output {
+    run(Command::new("qemu-img").args(args).current_dir(dir))
 }
 
-pub fn qio(dir: &Path, fmt: &str, path: &str, cmds: &[&str]) {
+/// `qemu-io -f FMT -c CMD… PATH` in `dir` (each command a separate `-c`).
+pub fn qemu_io(dir: &Path, fmt: &str, path: &str, cmds: &[&str]) {
     let mut c = Command::new("qemu-io");
     c.args(["-f", fmt]).current_dir(dir);
     for cmd in cmds {
@@ -20,6 +24,7 @@ pub fn qio(dir: &Path, fmt: &str, path: &str, cmds: &[&str]) {
 }
 
 /// One fixture: a path and its qemu format name.
+#[derive(Debug)]
 pub struct Img {
     pub name: String,
     pub path: PathBuf,
@@ -29,8 +34,8 @@ pub struct Img {
 /// Fixtures across formats and chains, in `dir`.
 pub fn fixtures(dir: &Path) -> Vec<Img> {
     let p = |n: &str| dir.join(n).to_str().unwrap().to_owned();
-    q(dir, &["create", "-q", "-f", "raw", &p("base.raw"), "64M"]);
-    qio(
+    qemu_img(dir, &["create", "-q", "-f", "raw", &p("base.raw"), "64M"]);
+    qemu_io(
         dir,
         "raw",
         &p("base.raw"),
@@ -42,7 +47,7 @@ pub fn fixtures(dir: &Path) -> Vec<Img> {
         ],
     );
     // qcow2 overlay over raw: data, zero (both kinds), discard, odd partial writes.
-    q(
+    qemu_img(
         dir,
         &[
             "create",
@@ -57,7 +62,7 @@ pub fn fixtures(dir: &Path) -> Vec<Img> {
             "64M",
         ],
     );
-    qio(
+    qemu_io(
         dir,
         "qcow2",
         &p("ovl.qcow2"),
@@ -71,7 +76,7 @@ pub fn fixtures(dir: &Path) -> Vec<Img> {
         ],
     );
     // Compressed qcow2 and a VHD, a VMDK sparse and a streamOptimized VMDK of the base.
-    q(
+    qemu_img(
         dir,
         &[
             "convert",
@@ -82,7 +87,7 @@ pub fn fixtures(dir: &Path) -> Vec<Img> {
             &p("comp.qcow2"),
         ],
     );
-    q(
+    qemu_img(
         dir,
         &[
             "convert",
@@ -94,7 +99,7 @@ pub fn fixtures(dir: &Path) -> Vec<Img> {
             &p("dyn.vhd"),
         ],
     );
-    q(
+    qemu_img(
         dir,
         &[
             "convert",
@@ -106,7 +111,7 @@ pub fn fixtures(dir: &Path) -> Vec<Img> {
             &p("sparse.vmdk"),
         ],
     );
-    q(
+    qemu_img(
         dir,
         &[
             "convert",
@@ -119,7 +124,7 @@ pub fn fixtures(dir: &Path) -> Vec<Img> {
         ],
     );
     // A chain across formats: qcow2 over VHD over raw, and qcow2 over VMDK.
-    q(
+    qemu_img(
         dir,
         &[
             "create",
@@ -134,13 +139,13 @@ pub fn fixtures(dir: &Path) -> Vec<Img> {
             "64M",
         ],
     );
-    qio(
+    qemu_io(
         dir,
         "qcow2",
         &p("over-vhd.qcow2"),
         &["write -P 0x44 1M 2M", "write -z 11M 128k"],
     );
-    q(
+    qemu_img(
         dir,
         &[
             "create",
@@ -155,14 +160,14 @@ pub fn fixtures(dir: &Path) -> Vec<Img> {
             "64M",
         ],
     );
-    qio(
+    qemu_io(
         dir,
         "qcow2",
         &p("over-vmdk.qcow2"),
         &["write -P 0x55 30M 100k"],
     );
     // Extended L2 over a backing file, and a backing file shorter than its overlay.
-    q(
+    qemu_img(
         dir,
         &[
             "create",
@@ -179,7 +184,7 @@ pub fn fixtures(dir: &Path) -> Vec<Img> {
             "64M",
         ],
     );
-    qio(
+    qemu_io(
         dir,
         "qcow2",
         &p("el2.qcow2"),
@@ -189,9 +194,9 @@ pub fn fixtures(dir: &Path) -> Vec<Img> {
             "write -z -u 10M 128k",
         ],
     );
-    q(dir, &["create", "-q", "-f", "raw", &p("small.raw"), "10M"]);
-    qio(dir, "raw", &p("small.raw"), &["write -P 0x66 0 10M"]);
-    q(
+    qemu_img(dir, &["create", "-q", "-f", "raw", &p("small.raw"), "10M"]);
+    qemu_io(dir, "raw", &p("small.raw"), &["write -P 0x66 0 10M"]);
+    qemu_img(
         dir,
         &[
             "create",
@@ -206,7 +211,7 @@ pub fn fixtures(dir: &Path) -> Vec<Img> {
             "64M",
         ],
     );
-    qio(
+    qemu_io(
         dir,
         "qcow2",
         &p("short.qcow2"),

@@ -4,9 +4,8 @@
 //!
 //! Shared by the client library's tests (`nbd-server/tests/client.rs`, in process over
 //! socket pairs) and the end-to-end tests of `thinline serve nbd://…`
-//! (`tests/hostile_upstreams.rs`, over TCP with [`FakeNbdTcp`]).
-
-#![allow(dead_code)]
+//! (`tests/hostile_upstreams.rs`, over TCP with [`FakeNbdTcp`]). Behind the `nbd`
+//! feature: it speaks through the server's `proto` module and runs on tokio.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,7 +27,7 @@ pub fn pattern(offset: u64, len: u64) -> Vec<u8> {
 pub const FAKE_SIZE: u64 = 1 << 20;
 pub const CONTEXT_ID: u32 = 7;
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct FakeConfig {
     pub structured: bool,
     pub min_block: u32,
@@ -246,6 +245,7 @@ pub type Picker = dyn Fn(&str, u32) -> Option<(u64, Responder)> + Send + Sync;
 
 /// Fake NBD servers on a TCP port of 127.0.0.1, one per connection, in a runtime of
 /// their own; stopped when dropped.
+#[derive(Debug)]
 pub struct FakeNbdTcp {
     pub port: u16,
     /// Connections that negotiated each export so far.

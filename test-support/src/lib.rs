@@ -1,0 +1,134 @@
+//! Helpers shared by Thinline's test crates (`tests/`, `nbd-server/tests`, `format/tests`).
+//!
+//! They lived as copies in each test crate; one crate keeps them in step. What is here:
+//!
+//! - [`require`] and friends: a test that needs an external tool skips with a message
+//!   when it is missing, except in CI (`CI=true`), where the test command installs
+//!   everything (tests/scripts/install-deps.sh) and a missing tool is a failure.
+//! - [`ports`]: servers a test starts listen on a socket the test bound to port 0 and
+//!   hands over, so tests running in parallel never race for a port.
+//! - [`servers`]: real servers started on loopback (nginx, moto's S3, nfs-ganesha).
+//! - [`qemu`]: image fixtures made with qemu-img and qemu-io.
+//! - [`faults`]: the fault-injecting HTTP and TCP proxies.
+//! - `fake_nbd` (feature `nbd`): a fake NBD server that breaks the protocol on demand.
+//! - Process helpers: [`run`], [`stdout`], [`signal`], [`wait_timeout`], [`KillOnDrop`].
+
+#[cfg(feature = "nbd")]
+pub mod fake_nbd;
+pub mod faults;
+pub mod ports;
+pub mod qemu;
+pub mod servers;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// True when running in CI (`CI=true`), where a missing tool fails a test.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Reports that a test cannot run here: a panic in CI, a visible `SKIP:` line elsewhere.
+/// Returns false, for `if !ok { return skip(…) }`-style checks.
+pub fn skip(msg: &str) -> bool {
+    if in_ci() {
+        panic!("{msg}");
+    }
+    eprintln!("SKIP: {msg}");
+    false
+}
+
+/// True if every tool is on PATH. In CI a missing tool is a failure, elsewhere a skip.
+pub fn require(tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| which(t).is_none())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    skip(&format!(
+        "missing test tools {missing:?}: run tests/scripts/install-deps.sh as root"
+    ))
+}
+
+/// Where `tool` is on PATH, if it is.
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// [`run`], returning its stdout as text.
+pub fn stdout(cmd: &mut Command) -> String {
+    String::from_utf8(run(cmd).stdout).unwrap()
+}
+
+/// Sends `sig` to a child process.
+pub fn signal(child: &Child, sig: i32) {
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Waits at most `timeout` for a child to exit.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// A child process (a server), killed and reaped when dropped.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    /// Starts `cmd` with stdin and stdout closed and stderr inherited.
+    pub fn spawn(cmd: &mut Command) -> KillOnDrop {
+        KillOnDrop(
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")),
+        )
+    }
+
+    /// Kills the process now and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
