@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use thinline_nbd::export::{BlockSizes, Capabilities, Export, Extent, ReadChunk, ZeroFlags};
+use thinline_nbd::export::{
+    BlockSizes, Capabilities, Export, Extent, ReadChunk, StatusQuery, ZeroFlags,
+};
 use thinline_nbd::proto::{
     self, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, ReplyMode, RequestHeader, SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC, client_flags, cmd, opt, rep, reply,
@@ -90,13 +92,13 @@ impl Export for MemExport {
         Ok(())
     }
 
-    async fn block_status(
-        &self,
-        _context: usize,
-        _offset: u64,
-        length: u64,
-        _max_extents: usize,
-    ) -> thinline_nbd::Result<Vec<Extent>> {
+    async fn block_status(&self, query: StatusQuery) -> thinline_nbd::Result<Vec<Extent>> {
+        let StatusQuery {
+            context: _,
+            offset: _,
+            length,
+            max_extents: _,
+        } = query;
         Ok(vec![Extent { length, flags: 0 }])
     }
 }

@@ -10,7 +10,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use thinline_nbd::export::{Export, Extent, ReadChunk};
+use thinline_nbd::export::{Export, Extent, ReadChunk, StatusQuery};
 use thinline_nbd::proto::{errno, state};
 use thinline_nbd::{Error, Result};
 use thinline_source::nbd::NbdBackend;
@@ -92,7 +92,14 @@ impl Upstream for ExportUpstream {
     }
 
     async fn allocation(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
-        self.export.block_status(0, offset, length, 1 << 16).await
+        self.export
+            .block_status(StatusQuery {
+                context: 0,
+                offset,
+                length,
+                max_extents: 1 << 16,
+            })
+            .await
     }
 }
 

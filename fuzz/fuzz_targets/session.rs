@@ -37,7 +37,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use thinline_nbd::export::{BlockSizes, Capabilities, Export, Extent, ReadChunk, ZeroFlags};
+use thinline_nbd::export::{BlockSizes, Capabilities, Export, Extent, ReadChunk, StatusQuery, ZeroFlags};
 use thinline_nbd::proto::{
     self, BASE_ALLOCATION, IHAVEOPT, ReplyMode, RequestHeader, client_flags, cmd, cmd_flags, info,
     opt, rep, reply, state,
@@ -234,13 +234,8 @@ impl Export for MemExport {
         Ok(())
     }
 
-    async fn block_status(
-        &self,
-        context: usize,
-        offset: u64,
-        length: u64,
-        max_extents: usize,
-    ) -> thinline_nbd::Result<Vec<Extent>> {
+    async fn block_status(&self, query: StatusQuery) -> thinline_nbd::Result<Vec<Extent>> {
+        let StatusQuery { context, offset, length, max_extents } = query;
         assert!(
             context < self.contexts.len(),
             "unknown context index {context}"

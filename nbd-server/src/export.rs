@@ -43,6 +43,20 @@ pub struct Capabilities {
     pub rotational: bool,
 }
 
+/// A block status question: how `[offset, offset + length)` reads in one metadata
+/// context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusQuery {
+    /// Index into the export's [`Export::meta_contexts`].
+    pub context: usize,
+    /// Where the range starts.
+    pub offset: u64,
+    /// Its length in bytes (not 0).
+    pub length: u64,
+    /// Most extents wanted in the answer (not 0).
+    pub max_extents: usize,
+}
+
 /// Block-size constraints advertised with `NBD_INFO_BLOCK_SIZE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockSizes {
@@ -216,14 +230,8 @@ pub trait Export: Send + Sync + fmt::Debug + 'static {
         Ok(())
     }
 
-    /// Describes `[offset, offset + length)` in metadata context `context`. Returns at
-    /// least one extent; the extents start at `offset`, are contiguous, and may cover
-    /// less than `length` (at most `max_extents` of them).
-    async fn block_status(
-        &self,
-        context: usize,
-        offset: u64,
-        length: u64,
-        max_extents: usize,
-    ) -> Result<Vec<Extent>>;
+    /// Answers `query`. Returns at least one extent; the extents start at the query's
+    /// offset, are contiguous, and may cover less than its length (at most its
+    /// `max_extents` of them).
+    async fn block_status(&self, query: StatusQuery) -> Result<Vec<Extent>>;
 }

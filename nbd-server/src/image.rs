@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use bytes::BytesMut;
 use thinline_format::{Allocation, DataPath, Extent, Fetch, Image, OpenOptions, Place};
 
-use crate::export::{Capabilities, Export, Extent as NbdExtent, ReadChunk};
+use crate::export::{Capabilities, Export, Extent as NbdExtent, ReadChunk, StatusQuery};
 use crate::proto::{ALLOCATION_DEPTH, BASE_ALLOCATION, state};
 use crate::raw::IoEngine;
 use crate::uring::{self, IoUringEngine};
@@ -291,13 +291,13 @@ impl Export for ImageExport {
         }
     }
 
-    async fn block_status(
-        &self,
-        context: usize,
-        offset: u64,
-        length: u64,
-        max_extents: usize,
-    ) -> Result<Vec<NbdExtent>> {
+    async fn block_status(&self, query: StatusQuery) -> Result<Vec<NbdExtent>> {
+        let StatusQuery {
+            context,
+            offset,
+            length,
+            max_extents,
+        } = query;
         let allocation = self
             .allocation(offset, length, max_extents.clamp(1, MAX_EXTENTS))
             .await?;

@@ -36,7 +36,7 @@ use thinline_format::chain::{
     PROBE_HEAD_LEN, PROBE_TAIL_FROM_END, PROBE_TAIL_LEN, PROBE_TAIL_MIN_SIZE, Probed, probe,
 };
 
-use crate::export::{BlockSizes, Capabilities, Export, Extent, ReadChunk, ZeroFlags};
+use crate::export::{BlockSizes, Capabilities, Export, Extent, ReadChunk, StatusQuery, ZeroFlags};
 use crate::fileio;
 use crate::proto::{ALLOCATION_DEPTH, BASE_ALLOCATION, state};
 use crate::uring::{self, IoUringEngine};
@@ -714,13 +714,13 @@ impl Export for RawExport {
         &[BASE_ALLOCATION, ALLOCATION_DEPTH]
     }
 
-    async fn block_status(
-        &self,
-        context: usize,
-        offset: u64,
-        length: u64,
-        max_extents: usize,
-    ) -> Result<Vec<Extent>> {
+    async fn block_status(&self, query: StatusQuery) -> Result<Vec<Extent>> {
+        let StatusQuery {
+            context,
+            offset,
+            length,
+            max_extents,
+        } = query;
         if context == 1 {
             // A raw file is one layer that allocates everything, as qemu-nbd -A says.
             return Ok(vec![Extent { length, flags: 1 }]);
@@ -758,6 +758,15 @@ mod tests {
             f.as_file().write_all_at(bytes, *off).unwrap();
         }
         f
+    }
+
+    fn query(offset: u64, length: u64, max_extents: usize) -> StatusQuery {
+        StatusQuery {
+            context: 0,
+            offset,
+            length,
+            max_extents,
+        }
     }
 
     fn flatten(chunks: &[ReadChunk]) -> Vec<u8> {
@@ -857,7 +866,7 @@ mod tests {
         async fn block_status_reports_holes_in_a_sparse_file(via: Via) {
             let f = sparse_file(4 << 20, &[(0, &[1; 65536])]);
             let export = open!(f.path(), via);
-            let extents = export.block_status(0, 0, 4 << 20, 100).await.unwrap();
+            let extents = export.block_status(query(0, 4 << 20, 100)).await.unwrap();
             assert_eq!(extents.iter().map(|e| e.length).sum::<u64>(), 4 << 20);
             assert_eq!(extents[0].flags, 0, "the written start is data");
             assert_eq!(
@@ -888,7 +897,7 @@ mod tests {
             let mut buf = vec![1u8; 65536];
             f.as_file().read_exact_at(&mut buf, 0).unwrap();
             assert!(buf.iter().all(|&x| x == 0));
-            let extents = export.block_status(0, 0, 65536, 10).await.unwrap();
+            let extents = export.block_status(query(0, 65536, 10)).await.unwrap();
             assert_eq!(
                 extents[0].flags & u64::from(state::HOLE),
                 0,

@@ -26,7 +26,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::export::{Extent, ReadChunk};
+use crate::export::{Extent, ReadChunk, StatusQuery};
 use crate::handshake::Session;
 use crate::proto::{self, ReplyMode, RequestHeader, errno, reply};
 use crate::request::{self, Command, SessionLimits, Verdict};
@@ -588,7 +588,12 @@ async fn block_status(
         match conn
             .session
             .export
-            .block_status(context, offset, length, max)
+            .block_status(StatusQuery {
+                context,
+                offset,
+                length,
+                max_extents: max,
+            })
             .await
         {
             Ok(extents) => {

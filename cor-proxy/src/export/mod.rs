@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use thinline_nbd::export::{Capabilities, Export, Extent, ReadChunk};
+use thinline_nbd::export::{Capabilities, Export, Extent, ReadChunk, StatusQuery};
 use thinline_nbd::proto::{ALLOCATION_DEPTH, BASE_ALLOCATION};
 use thinline_nbd::{Error, Result};
 
@@ -431,13 +431,13 @@ impl Export for CorExport {
         self.inner.hydrate(offset, length, true).await
     }
 
-    async fn block_status(
-        &self,
-        context: usize,
-        offset: u64,
-        length: u64,
-        max_extents: usize,
-    ) -> Result<Vec<Extent>> {
+    async fn block_status(&self, query: StatusQuery) -> Result<Vec<Extent>> {
+        let StatusQuery {
+            context,
+            offset,
+            length,
+            max_extents,
+        } = query;
         let inner = &self.inner;
         if context == 0 {
             return inner.upstream().allocation(offset, length).await;
