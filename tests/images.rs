@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use thinline_test_support::qemu::*;
+use thinline_test_support::rng::Rng;
 
 const TOOLS: &[&str] = &["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"];
 
@@ -779,21 +780,6 @@ fn refused_images_name_the_file_and_reason_and_serve_nothing() {
                 "{image}: nothing is served"
             );
         }
-    }
-}
-
-/// A small xorshift PRNG: the property test is reproducible from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 

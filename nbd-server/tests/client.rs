@@ -30,6 +30,7 @@ use thinline_test_support::fake_nbd::{
 };
 use thinline_test_support::ports::{loopback_listener, socket_activated};
 use thinline_test_support::require;
+use thinline_test_support::rng::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -96,18 +97,6 @@ fn image() -> Image {
     }
 }
 
-/// A small deterministic generator for random ranges.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// Reads random ranges (aligned and not, small and large, around the data) and
 /// compares them with `expected`; many reads are in flight at once.
 async fn check_random_reads(client: Arc<Client>, expected: Arc<Vec<u8>>, count: usize) {
@@ -118,25 +107,25 @@ async fn check_random_reads(client: Arc<Client>, expected: Arc<Vec<u8>>, count: 
         let (offset, length) = match i % 4 {
             // Around the data ranges, unaligned.
             0 => {
-                let (off, len) = DATA[(rng.next() % DATA.len() as u64) as usize];
-                let start = off.saturating_sub(rng.next() % 5000);
-                let len = (len + rng.next() % 9000).min(size - start);
+                let (off, len) = DATA[(rng.next_u64() % DATA.len() as u64) as usize];
+                let start = off.saturating_sub(rng.next_u64() % 5000);
+                let len = (len + rng.next_u64() % 9000).min(size - start);
                 (start, len)
             }
             // Anywhere, small.
             1 => {
-                let off = rng.next() % size;
-                (off, (rng.next() % 70_000 + 1).min(size - off))
+                let off = rng.next_u64() % size;
+                (off, (rng.next_u64() % 70_000 + 1).min(size - off))
             }
             // Anywhere, aligned.
             2 => {
-                let off = (rng.next() % (size / 4096)) * 4096;
-                (off, 4096 * (1 + rng.next() % 64).min((size - off) / 4096))
+                let off = (rng.next_u64() % (size / 4096)) * 4096;
+                (off, 4096 * (1 + rng.next_u64() % 64).min((size - off) / 4096))
             }
             // Large.
             _ => {
-                let off = rng.next() % (size / 2);
-                (off, (rng.next() % (4 << 20)).max(1))
+                let off = rng.next_u64() % (size / 2);
+                (off, (rng.next_u64() % (4 << 20)).max(1))
             }
         };
         let client = Arc::clone(&client);

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use thinline_source::nfs;
 use thinline_source::{FetchErrorKind, RangeBackend, RemoteConfig};
+use thinline_test_support::rng::Rng;
 use thinline_test_support::servers::{NfsServer, require_nfs_server};
 
 /// A running ganesha exporting a temp directory that has a `sub` directory; stopped on
@@ -45,26 +46,6 @@ impl Server {
 
     fn stop(&self) {
         self.nfs.stop();
-    }
-}
-
-/// Deterministic pseudo-random bytes (xorshift).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 

@@ -10,6 +10,7 @@
 //! - [`servers`]: real servers started on loopback (nginx, moto's S3, nfs-ganesha).
 //! - [`qemu`]: image fixtures made with qemu-img and qemu-io.
 //! - [`faults`]: the fault-injecting HTTP and TCP proxies.
+//! - [`rng`]: a deterministic generator for test data and random ranges.
 //! - `fake_nbd` (feature `nbd`): a fake NBD server that breaks the protocol on demand.
 //! - Process helpers: [`run`], [`stdout`], [`signal`], [`wait_timeout`], [`KillOnDrop`].
 
@@ -18,6 +19,7 @@ pub mod fake_nbd;
 pub mod faults;
 pub mod ports;
 pub mod qemu;
+pub mod rng;
 pub mod servers;
 
 use std::path::PathBuf;
