@@ -119,3 +119,36 @@ write("requests", "read", sel + req(READ, 4096, 4096, ext=True))
 write("requests", "write", sel + req(WRITE, 0, 512, FUA, ext=True))
 write("requests", "block-status-payload", sel + req(BS, 0, 12, PAYLOAD_LEN, ext=True) + struct.pack(">QI", 4096, 0))
 write("requests", "compact-write", bytes([5, 3, 4, 0x7E, 1, 1]) + req(WRITE, 0, 512) + b"\0\0\0\0")
+
+# client_replies: 1 selector byte (command, structured, context), offset, length, context
+# id, then records: 0x00/0x02 + an option reply (GO/SET_META), 0x01 + a transmission reply.
+REP = dict(ACK=1, INFO=3, META_CONTEXT=4)
+OPTION_REPLY_MAGIC, SIMPLE_MAGIC, CHUNK_MAGIC = 0x0003E889045565A9, 0x67446698, 0x668E33EF
+DONE, R_DATA, R_HOLE, R_BS, R_ERROR_OFFSET = 1, 1, 2, 5, (1 << 15) | 2
+
+
+def client(sel, offset, length, ctx=1):
+    return struct.pack(">BQII", sel, offset, length, ctx)
+
+
+def option_reply(tag, o, kind, data=b""):
+    return bytes([tag]) + struct.pack(">QIII", OPTION_REPLY_MAGIC, o, kind, len(data)) + data
+
+
+def chunk_reply(flags, kind, payload, cookie=0):
+    return b"\x01" + struct.pack(">IHHQI", CHUNK_MAGIC, flags, kind, cookie, len(payload)) + payload
+
+
+haggle = (option_reply(0, OPT["GO"], REP["INFO"], struct.pack(">HQH", 0, 1 << 20, 1))
+          + option_reply(0, OPT["GO"], REP["INFO"], struct.pack(">HIII", 3, 512, 4096, 1 << 20))
+          + option_reply(0, OPT["GO"], REP["ACK"])
+          + option_reply(2, OPT["SET_META"], REP["META_CONTEXT"], struct.pack(">I", 1) + b"base:allocation"))
+write("client_replies", "read-structured", client(0x0C, 4096, 8192) + haggle
+      + chunk_reply(0, R_DATA, struct.pack(">Q", 4096) + bytes(range(256)) * 16)
+      + chunk_reply(DONE, R_HOLE, struct.pack(">QI", 8192, 4096)))
+write("client_replies", "read-simple", client(0x00, 0, 512) + b"\x01"
+      + struct.pack(">IIQ", SIMPLE_MAGIC, 0, 0) + b"\xab" * 512)
+write("client_replies", "block-status", client(0x0D, 0, 1 << 20)
+      + chunk_reply(DONE, R_BS, struct.pack(">IIIII", 1, 4096, 0, 1 << 20, 3)))
+write("client_replies", "error-offset", client(0x0C, 0, 4096)
+      + chunk_reply(DONE, R_ERROR_OFFSET, struct.pack(">IH", 5, 3) + b"bad" + struct.pack(">Q", 512)))

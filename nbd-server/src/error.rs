@@ -116,102 +116,6 @@ pub enum Error {
         /// What is there.
         reason: &'static str,
     },
-    /// An `nbd://` or `nbd+unix://` URI could not be parsed or is not supported.
-    #[error("invalid NBD URI {uri}: {reason}")]
-    NbdUri {
-        /// The URI without user info, query or fragment.
-        uri: String,
-        /// Why.
-        reason: String,
-    },
-    /// The NBD client could not reach the server.
-    #[error("cannot connect to NBD server {server}")]
-    NbdConnect {
-        /// `host:port` or the unix socket path.
-        server: String,
-        /// The system error.
-        #[source]
-        source: io::Error,
-    },
-    /// The NBD server's handshake broke the protocol or offered nothing usable.
-    #[error("NBD handshake with {server} for export {export:?} failed: {reason}")]
-    NbdHandshake {
-        /// `host:port` or the unix socket path.
-        server: String,
-        /// The export asked for.
-        export: String,
-        /// What went wrong.
-        reason: String,
-    },
-    /// The NBD server refused an option with an `NBD_REP_ERR_*` reply.
-    #[error("NBD server {server} refused {option} for export {export:?} with {reply}: {message}")]
-    NbdOptionRefused {
-        /// `host:port` or the unix socket path.
-        server: String,
-        /// The export asked for.
-        export: String,
-        /// The option (`NBD_OPT_GO`, …).
-        option: String,
-        /// The error reply (`NBD_REP_ERR_UNKNOWN`, …).
-        reply: String,
-        /// Its numeric value (`proto::rep::ERR_*`).
-        code: u32,
-        /// The server's message (control characters replaced).
-        message: String,
-    },
-    /// Connecting or a handshake, or a request, took longer than allowed.
-    #[error("NBD server {server}, export {export:?}: {what} timed out after {after:?}")]
-    NbdTimeout {
-        /// `host:port` or the unix socket path.
-        server: String,
-        /// The export.
-        export: String,
-        /// What timed out (`connect and handshake`, `READ of 4096 bytes at offset 0`).
-        what: String,
-        /// The limit.
-        after: std::time::Duration,
-    },
-    /// The connection to the NBD server is gone; requests in flight on it failed.
-    #[error("connection to NBD server {server} (export {export:?}) lost: {reason}")]
-    NbdConnectionLost {
-        /// `host:port` or the unix socket path.
-        server: String,
-        /// The export.
-        export: String,
-        /// Why (end of stream, reset, protocol violation, client shutdown, …).
-        reason: String,
-    },
-    /// The NBD server sent something the protocol does not allow in transmission.
-    #[error("NBD server {server} (export {export:?}) broke the protocol: {reason}")]
-    NbdProtocol {
-        /// `host:port` or the unix socket path.
-        server: String,
-        /// The export.
-        export: String,
-        /// What it sent.
-        reason: String,
-    },
-    /// The NBD server answered a request with an error.
-    #[error(
-        "NBD server {server} failed {op} of {length} bytes at offset {offset} of export {export:?}: {}{message}",
-        crate::client::errno_text(*errno)
-    )]
-    NbdRequest {
-        /// `host:port` or the unix socket path.
-        server: String,
-        /// The export.
-        export: String,
-        /// `READ` or `BLOCK_STATUS`.
-        op: &'static str,
-        /// Offset of the request.
-        offset: u64,
-        /// Length of the request.
-        length: u64,
-        /// The NBD error value (`EIO` = 5, …).
-        errno: u32,
-        /// The server's message, prefixed with `": "`, or empty.
-        message: String,
-    },
     /// A read or block-status request to a layer below failed (the copy-on-read
     /// cache's upstream); every reader waiting on it gets this error.
     #[error("{op} of {length} bytes at offset {offset} from {upstream} failed: {reason}")]
@@ -227,24 +131,6 @@ pub enum Error {
         /// The NBD error value clients receive.
         errno: u32,
         /// Why, with the upstream's own message.
-        reason: String,
-    },
-    /// A request the client refuses to send (outside the export, or unsupported).
-    #[error(
-        "cannot send {op} of {length} bytes at offset {offset} to NBD export {export:?} on {server}: {reason}"
-    )]
-    NbdInvalidRequest {
-        /// `host:port` or the unix socket path.
-        server: String,
-        /// The export.
-        export: String,
-        /// `READ` or `BLOCK_STATUS`.
-        op: &'static str,
-        /// Offset of the request.
-        offset: u64,
-        /// Length of the request.
-        length: u64,
-        /// Why.
         reason: String,
     },
 }
@@ -267,9 +153,7 @@ impl Error {
         match self {
             Error::Io { offset, .. }
             | Error::ShortRead { offset, .. }
-            | Error::NbdRequest { offset, .. }
-            | Error::Upstream { offset, .. }
-            | Error::NbdInvalidRequest { offset, .. } => Some(*offset),
+            | Error::Upstream { offset, .. } => Some(*offset),
             _ => None,
         }
     }

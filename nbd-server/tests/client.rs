@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use thinline_nbd::Error;
+use thinline_nbd::client::Error;
 use thinline_nbd::client::{Client, ClientOptions, NbdUri};
 use thinline_nbd::proto::{
     self, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, ReplyMode, RequestHeader, cmd, errno, info, opt,
@@ -248,7 +248,7 @@ async fn qemu_nbd_raw_over_unix_socket() {
         assert!(client.is_closed());
         assert!(matches!(
             client.read(0, 512).await,
-            Err(Error::NbdConnectionLost { .. })
+            Err(Error::ConnectionLost { .. })
         ));
     })
     .await;
@@ -301,7 +301,7 @@ async fn qemu_nbd_qcow2_over_tcp() {
             .unwrap_err();
         let text = e.to_string();
         assert!(
-            matches!(&e, Error::NbdOptionRefused { code, .. } if *code == rep::ERR_UNKNOWN),
+            matches!(&e, Error::OptionRefused { code, .. } if *code == rep::ERR_UNKNOWN),
             "{text}"
         );
         assert!(
@@ -349,12 +349,12 @@ async fn nbdkit_pattern_and_memory_with_and_without_structured_replies() {
         assert!(data.iter().all(|&b| b == 0));
         assert!(matches!(
             client.block_status(0, 4096).await,
-            Err(Error::NbdInvalidRequest { .. })
+            Err(Error::InvalidRequest { .. })
         ));
         // Reads past the end are refused locally.
         assert!(matches!(
             client.read((1 << 20) - 10, 11).await,
-            Err(Error::NbdInvalidRequest { .. })
+            Err(Error::InvalidRequest { .. })
         ));
     })
     .await;
@@ -383,7 +383,7 @@ async fn nbdkit_eio_on_a_range_and_by_trigger_file() {
         assert!(
             matches!(
                 e,
-                Error::NbdRequest {
+                Error::Request {
                     errno: errno::EIO,
                     offset: 600_000,
                     ..
@@ -427,7 +427,7 @@ async fn nbdkit_eio_on_a_range_and_by_trigger_file() {
         assert!(
             matches!(
                 e,
-                Error::NbdRequest {
+                Error::Request {
                     errno: errno::EIO,
                     ..
                 }
@@ -469,7 +469,7 @@ async fn server_killed_mid_request_fails_pending_reads() {
         let killed = Instant::now();
         while let Some(r) = reads.join_next().await {
             let e = r.unwrap().unwrap_err();
-            assert!(matches!(e, Error::NbdConnectionLost { .. }), "{e}");
+            assert!(matches!(e, Error::ConnectionLost { .. }), "{e}");
         }
         assert!(
             killed.elapsed() < Duration::from_secs(5),
@@ -620,7 +620,7 @@ async fn thinline_server_in_process_over_unix_and_tcp() {
 // ---------------------------------------------------------------------------------------
 
 /// A client connected to a fake server (or the error of its handshake).
-async fn fake(config: FakeConfig, respond: Responder) -> thinline_nbd::Result<Client> {
+async fn fake(config: FakeConfig, respond: Responder) -> thinline_nbd::client::Result<Client> {
     let (c, s) = UnixStream::pair().unwrap();
     tokio::spawn(fake_server(s, config, respond));
     Client::from_stream(c, "fake-server", "disk", &ClientOptions::default()).await
@@ -705,7 +705,7 @@ async fn fake_error_chunks_carry_the_servers_message_and_keep_the_connection() {
         assert!(
             matches!(
                 e,
-                Error::NbdRequest {
+                Error::Request {
                     errno: errno::EIO,
                     ..
                 }
@@ -784,7 +784,7 @@ async fn fake_simple_replies_when_structured_replies_are_refused() {
         assert!(
             matches!(
                 e,
-                Error::NbdRequest {
+                Error::Request {
                     errno: errno::EPERM,
                     ..
                 }
@@ -942,10 +942,7 @@ async fn fake_hostile_replies_fail_cleanly() {
                 let e = first.expect_err(name);
                 eprintln!("{name}: {e}");
                 assert!(
-                    matches!(
-                        e,
-                        Error::NbdProtocol { .. } | Error::NbdConnectionLost { .. }
-                    ),
+                    matches!(e, Error::Protocol { .. } | Error::ConnectionLost { .. }),
                     "{name}: {e}"
                 );
             }
@@ -955,7 +952,7 @@ async fn fake_hostile_replies_fail_cleanly() {
             }
             assert!(client.is_closed(), "{name}: connection still open");
             let e = client.read(0, 10).await.expect_err(name);
-            assert!(matches!(e, Error::NbdConnectionLost { .. }), "{name}: {e}");
+            assert!(matches!(e, Error::ConnectionLost { .. }), "{name}: {e}");
         }
     })
     .await;
@@ -1006,10 +1003,7 @@ async fn fake_hostile_block_status_fails_cleanly() {
             let e = client.block_status(0, 65536).await.expect_err(name);
             eprintln!("{name}: {e}");
             assert!(
-                matches!(
-                    e,
-                    Error::NbdProtocol { .. } | Error::NbdConnectionLost { .. }
-                ),
+                matches!(e, Error::Protocol { .. } | Error::ConnectionLost { .. }),
                 "{name}: {e}"
             );
         }
@@ -1216,7 +1210,7 @@ async fn connect_and_request_timeouts() {
         let uri = NbdUri::parse(&unix_uri("x", &sock)).unwrap();
         let start = Instant::now();
         let e = Client::connect(&uri, &options).await.unwrap_err();
-        assert!(matches!(e, Error::NbdTimeout { .. }), "{e}");
+        assert!(matches!(e, Error::Timeout { .. }), "{e}");
         assert!(start.elapsed() < Duration::from_secs(5));
         held.abort();
 
@@ -1234,7 +1228,7 @@ async fn connect_and_request_timeouts() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             client.read(10, 10).await
         });
-        assert!(matches!(a, Err(Error::NbdTimeout { .. })), "{a:?}");
+        assert!(matches!(a, Err(Error::Timeout { .. })), "{a:?}");
         assert!(b.is_err());
         assert!(client.is_closed());
     })

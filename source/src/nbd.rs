@@ -35,10 +35,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{FetchError, FetchErrorKind, RangeBackend, RemoteConfig};
-use thinline_nbd::Error;
-use thinline_nbd::client::{Client, ClientOptions, NbdUri};
+use thinline_nbd::client::{Client, ClientOptions, Error, NbdUri};
 use thinline_nbd::proto::{errno, rep};
+
+use crate::{FetchError, FetchErrorKind, RangeBackend, RemoteConfig};
 
 /// Most connections kept to one export.
 pub const MAX_CONNECTIONS: usize = 4;
@@ -84,7 +84,7 @@ impl NbdBackend {
     ) -> Result<NbdBackend, FetchError> {
         let parsed = NbdUri::parse(uri).map_err(|e| {
             let shown = match &e {
-                Error::NbdUri { uri, .. } => uri.clone(),
+                Error::Uri { uri, .. } => uri.clone(),
                 _ => String::new(),
             };
             FetchError::new(FetchErrorKind::Permanent, "open", &shown, None, message(&e))
@@ -240,13 +240,13 @@ fn message(e: &Error) -> String {
 /// How a client error should be handled (see the module documentation).
 pub fn classify(e: &Error) -> FetchErrorKind {
     match e {
-        Error::NbdConnect { .. } | Error::NbdTimeout { .. } | Error::NbdConnectionLost { .. } => {
+        Error::Connect { .. } | Error::Timeout { .. } | Error::ConnectionLost { .. } => {
             FetchErrorKind::Transient
         }
-        Error::NbdOptionRefused { code, .. } if *code == rep::ERR_SHUTDOWN => {
+        Error::OptionRefused { code, .. } if *code == rep::ERR_SHUTDOWN => {
             FetchErrorKind::Transient
         }
-        Error::NbdRequest { errno: value, .. }
+        Error::Request { errno: value, .. }
             if matches!(*value, errno::EIO | errno::ESHUTDOWN | errno::ENOMEM) =>
         {
             FetchErrorKind::Transient
@@ -264,7 +264,7 @@ mod tests {
     use super::*;
 
     fn request_error(value: u32) -> Error {
-        Error::NbdRequest {
+        Error::Request {
             server: "s".into(),
             export: "e".into(),
             op: "READ",
@@ -298,13 +298,13 @@ mod tests {
 
     #[test]
     fn lost_connections_are_transient_protocol_violations_permanent() {
-        let lost = Error::NbdConnectionLost {
+        let lost = Error::ConnectionLost {
             server: "s".into(),
             export: "e".into(),
             reason: "eof".into(),
         };
         assert_eq!(classify(&lost), FetchErrorKind::Transient);
-        let bad = Error::NbdProtocol {
+        let bad = Error::Protocol {
             server: "s".into(),
             export: "e".into(),
             reason: "bad magic".into(),
