@@ -6,7 +6,6 @@
 //! message; with `CI=true` it fails (tests/scripts/install-deps.sh installs them).
 //! Every test runs under a tokio timeout, so a hang is a failure, not a stuck run.
 
-use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,13 +20,12 @@ use thinline_nbd::proto::{
 };
 use thinline_nbd::raw::{RawExport, RawOptions};
 use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
-use thinline_source::nbd::NbdBackend;
-use thinline_source::{FetchErrorKind, RangeBackend, RemoteConfig};
 use thinline_test_support::KillOnDrop;
 use thinline_test_support::fake_nbd::{
     CONTEXT_ID, FAKE_SIZE, FakeConfig, Responder, chunk, data_chunk, each, error_chunk,
     fake_server, good, hole_chunk, option_reply, pattern,
 };
+use thinline_test_support::nbd_servers::{connect_when_up, nbdkit, unix_uri, within};
 use thinline_test_support::ports::{loopback_listener, socket_activated};
 use thinline_test_support::require;
 use thinline_test_support::rng::Rng;
@@ -37,28 +35,6 @@ use tokio::net::UnixStream;
 // ---------------------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------------------
-
-/// Runs `f` under a deadline: a hang fails the test.
-async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {secs} s"))
-}
-
-/// Connects until the server answers (a socket file exists before its server listens).
-async fn connect_when_up(uri: &str, options: &ClientOptions) -> Client {
-    let uri = NbdUri::parse(uri).unwrap();
-    let start = Instant::now();
-    loop {
-        match Client::connect(&uri, options).await {
-            Ok(c) => return c,
-            Err(e) if start.elapsed() > Duration::from_secs(15) => {
-                panic!("server at {uri} never answered: {e}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
 
 /// A sparse image with data in a few places (pattern bytes) and holes elsewhere.
 struct Image {
@@ -120,7 +96,10 @@ async fn check_random_reads(client: Arc<Client>, expected: Arc<Vec<u8>>, count: 
             // Anywhere, aligned.
             2 => {
                 let off = (rng.next_u64() % (size / 4096)) * 4096;
-                (off, 4096 * (1 + rng.next_u64() % 64).min((size - off) / 4096))
+                (
+                    off,
+                    4096 * (1 + rng.next_u64() % 64).min((size - off) / 4096),
+                )
             }
             // Large.
             _ => {
@@ -202,18 +181,6 @@ fn qemu_nbd_unix(file: &Path, format: &str, sock: &Path) -> KillOnDrop {
         sock.to_str().unwrap(),
         file.to_str().unwrap(),
     ]))
-}
-
-fn nbdkit(sock: &Path, args: &[&str]) -> KillOnDrop {
-    KillOnDrop::spawn(
-        Command::new("nbdkit")
-            .args(["-f", "--exit-with-parent", "-U", sock.to_str().unwrap()])
-            .args(args),
-    )
-}
-
-fn unix_uri(export: &str, sock: &Path) -> String {
-    format!("nbd+unix:///{export}?socket={}", sock.display())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -395,13 +362,6 @@ async fn nbdkit_eio_on_a_range_and_by_trigger_file() {
         // The connection survives an error reply.
         assert!(!client.is_closed());
         client.read(4096, 4096).await.unwrap();
-
-        // Through the backend: EIO is transient.
-        let backend = NbdBackend::open(&unix_uri("", &sock), &RemoteConfig::default())
-            .await
-            .unwrap();
-        let e = backend.read(524_288, 4096).await.unwrap_err();
-        assert_eq!(e.kind, FetchErrorKind::Transient, "{e}");
     })
     .await;
 
@@ -481,66 +441,6 @@ async fn server_killed_mid_request_fails_pending_reads() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backend_reconnects_after_the_server_restarts_and_sees_size_changes() {
-    if !require(&["nbdkit"]) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("r.sock");
-    let uri = unix_uri("", &sock);
-    let mut server = nbdkit(&sock, &["pattern", "size=1M"]);
-    within(60, async {
-        drop(connect_when_up(&uri, &ClientOptions::default()).await);
-        let backend = NbdBackend::open(&uri, &RemoteConfig::default())
-            .await
-            .unwrap();
-        assert_eq!(backend.size(), 1 << 20);
-        assert_eq!(backend.identity(), "size:1048576");
-        assert_eq!(
-            backend.max_connections(),
-            4,
-            "nbdkit pattern allows multi-conn"
-        );
-        assert_eq!(backend.uri(), uri);
-        let e = backend.open_related("base.qcow2").await.unwrap_err();
-        assert_eq!(e.kind, FetchErrorKind::Permanent);
-        assert!(e.to_string().contains("names no related files"), "{e}");
-        // Use every slot.
-        for i in 0..8 {
-            let d = backend.read(i * 8, 8).await.unwrap();
-            assert_eq!(&d[..], &(i * 8).to_be_bytes());
-        }
-        server.kill();
-        let _ = std::fs::remove_file(&sock);
-        let e = backend.read(0, 8).await.unwrap_err();
-        assert_eq!(e.kind, FetchErrorKind::Transient, "{e}");
-        let beyond = backend.read(1 << 20, 1).await.unwrap_err();
-        assert_eq!(beyond.kind, FetchErrorKind::Permanent);
-
-        let mut again = nbdkit(&sock, &["pattern", "size=1M"]);
-        drop(connect_when_up(&uri, &ClientOptions::default()).await);
-        for i in 0..8 {
-            let d = backend.read(4096 + i * 8, 8).await.unwrap();
-            assert_eq!(&d[..], &(4096 + i * 8).to_be_bytes());
-        }
-        again.kill();
-        let _ = std::fs::remove_file(&sock);
-
-        let _bigger = nbdkit(&sock, &["pattern", "size=2M"]);
-        drop(connect_when_up(&uri, &ClientOptions::default()).await);
-        let mut changed = false;
-        for i in 0..4 {
-            if let Err(e) = backend.read(i * 8, 8).await {
-                assert_eq!(e.kind, FetchErrorKind::Changed, "{e}");
-                changed = true;
-            }
-        }
-        assert!(changed, "the new size went unnoticed");
-    })
-    .await;
-}
-
 // ---------------------------------------------------------------------------------------
 // Thinline's own server, in process
 // ---------------------------------------------------------------------------------------
@@ -594,13 +494,6 @@ async fn thinline_server_in_process_over_unix_and_tcp() {
             check_block_status_of_image(&client).await;
             client.disconnect().await;
         }
-        let backend = NbdBackend::open(&unix_uri("disk", &server.sock), &RemoteConfig::default())
-            .await
-            .unwrap();
-        assert_eq!(backend.identity(), format!("size:{IMAGE_SIZE}"));
-        let d = backend.read(1 << 20, 65536).await.unwrap();
-        assert!(d == img.bytes[1 << 20..(1 << 20) + 65536]);
-
         // Graceful shutdown of the server: the client sees the connection end.
         let client =
             connect_when_up(&unix_uri("disk", &server.sock), &ClientOptions::default()).await;

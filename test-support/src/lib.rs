@@ -11,12 +11,15 @@
 //! - [`qemu`]: image fixtures made with qemu-img and qemu-io.
 //! - [`faults`]: the fault-injecting HTTP and TCP proxies.
 //! - [`rng`]: a deterministic generator for test data and random ranges.
-//! - `fake_nbd` (feature `nbd`): a fake NBD server that breaks the protocol on demand.
+//! - `fake_nbd` (feature `nbd`): a fake NBD server that breaks the protocol on demand;
+//!   `nbd_servers` (feature `nbd`): nbdkit, and waiting until a server answers.
 //! - Process helpers: [`run`], [`stdout`], [`signal`], [`wait_timeout`], [`KillOnDrop`].
 
 #[cfg(feature = "nbd")]
 pub mod fake_nbd;
 pub mod faults;
+#[cfg(feature = "nbd")]
+pub mod nbd_servers;
 pub mod ports;
 pub mod qemu;
 pub mod rng;

@@ -1,0 +1,47 @@
+//! Real NBD servers for client tests: nbdkit on a unix socket, and waiting until a
+//! server answers (its socket file exists before it listens).
+
+use std::future::Future;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use thinline_nbd::client::{Client, ClientOptions, NbdUri};
+
+use crate::KillOnDrop;
+
+/// `nbdkit -f --exit-with-parent -U SOCK ARGS…`, killed when dropped.
+pub fn nbdkit(sock: &Path, args: &[&str]) -> KillOnDrop {
+    KillOnDrop::spawn(
+        Command::new("nbdkit")
+            .args(["-f", "--exit-with-parent", "-U", sock.to_str().unwrap()])
+            .args(args),
+    )
+}
+
+/// The `nbd+unix://` URI of `export` on the server at `sock`.
+pub fn unix_uri(export: &str, sock: &Path) -> String {
+    format!("nbd+unix:///{export}?socket={}", sock.display())
+}
+
+/// Runs `f` under a deadline: a hang fails the test.
+pub async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .unwrap_or_else(|_| panic!("test did not finish within {secs} s"))
+}
+
+/// Connects until the server answers (15 s at most).
+pub async fn connect_when_up(uri: &str, options: &ClientOptions) -> Client {
+    let uri = NbdUri::parse(uri).unwrap();
+    let start = Instant::now();
+    loop {
+        match Client::connect(&uri, options).await {
+            Ok(c) => return c,
+            Err(e) if start.elapsed() > Duration::from_secs(15) => {
+                panic!("server at {uri} never answered: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
