@@ -12,7 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use thinline_nbd::export::{Export, Extent, ReadChunk, StatusQuery};
 use thinline_nbd::proto::{errno, state};
-use thinline_nbd::{Error, Result};
+use thinline_nbd::{DataError, Error, Result};
 use thinline_source::nbd::NbdBackend;
 use thinline_source::retry;
 use thinline_source::{FetchError, RangeBackend, RemoteConfig};
@@ -80,13 +80,15 @@ impl Upstream for ExportUpstream {
     }
 
     async fn read(&self, offset: u64, length: u64) -> Result<Vec<ReadChunk>> {
-        let length = u32::try_from(length).map_err(|_| Error::Upstream {
-            upstream: self.name.clone(),
-            op: "read",
-            offset,
-            length,
-            errno: errno::EINVAL,
-            reason: "a read larger than 4 GiB".into(),
+        let length = u32::try_from(length).map_err(|_| {
+            Error::from(DataError::upstream(
+                &self.name,
+                "read",
+                offset,
+                length,
+                errno::EINVAL,
+                "a read larger than 4 GiB".to_owned(),
+            ))
         })?;
         self.export.read(offset, length).await
     }
@@ -122,7 +124,7 @@ impl NbdUpstream {
         let backend = Arc::new(
             NbdBackend::open_with_block_status(uri, config)
                 .await
-                .map_err(|e| thinline_nbd::Error::Source(Box::new(e)))?,
+                .map_err(|e| thinline_nbd::Error::from(DataError::source(e)))?,
         );
         let name = backend.shown().to_owned();
         let identity = format!(
@@ -157,14 +159,7 @@ impl NbdUpstream {
 }
 
 fn upstream_error(name: &str, op: &'static str, offset: u64, length: u64, e: &FetchError) -> Error {
-    Error::Upstream {
-        upstream: name.to_owned(),
-        op,
-        offset,
-        length,
-        errno: errno::EIO,
-        reason: e.to_string(),
-    }
+    DataError::upstream(name, op, offset, length, errno::EIO, e.to_string()).into()
 }
 
 #[async_trait]

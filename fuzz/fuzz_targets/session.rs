@@ -37,7 +37,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use thinline_nbd::export::{BlockSizes, Capabilities, Export, Extent, ReadChunk, StatusQuery, ZeroFlags};
+use thinline_nbd::export::{
+    BlockSizes, Capabilities, Export, Extent, ReadChunk, StatusQuery, ZeroFlags,
+};
 use thinline_nbd::proto::{
     self, BASE_ALLOCATION, IHAVEOPT, ReplyMode, RequestHeader, client_flags, cmd, cmd_flags, info,
     opt, rep, reply, state,
@@ -100,13 +102,14 @@ impl MemExport {
     }
 
     fn io_error(&self, op: &'static str, offset: u64, length: u64) -> thinline_nbd::Error {
-        thinline_nbd::Error::Io {
+        thinline_nbd::DataError::io(
             op,
-            path: "mem".into(),
-            offset: offset.max(self.bad),
+            "mem",
+            offset.max(self.bad),
             length,
-            source: std::io::Error::from_raw_os_error(5),
-        }
+            std::io::Error::from_raw_os_error(5),
+        )
+        .into()
     }
 
     fn hits_bad(&self, offset: u64, length: u64) -> bool {
@@ -218,11 +221,7 @@ impl Export for MemExport {
         assert!(!self.read_only, "write zeroes on a read-only export");
         self.check(offset, length);
         if flags.fast && flags.no_hole {
-            return Err(thinline_nbd::Error::FastZeroUnsupported {
-                path: "mem".into(),
-                offset,
-                length,
-            });
+            return Err(thinline_nbd::DataError::not_fast("mem", offset, length).into());
         }
         let mut d = self.data.lock().unwrap();
         d[offset as usize..(offset + length) as usize].fill(0);
@@ -235,7 +234,12 @@ impl Export for MemExport {
     }
 
     async fn block_status(&self, query: StatusQuery) -> thinline_nbd::Result<Vec<Extent>> {
-        let StatusQuery { context, offset, length, max_extents } = query;
+        let StatusQuery {
+            context,
+            offset,
+            length,
+            max_extents,
+        } = query;
         assert!(
             context < self.contexts.len(),
             "unknown context index {context}"

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::proto::BASE_ALLOCATION;
-use crate::{Error, Result};
+use crate::{DataError, Error, Result};
 
 /// What an export can do. The server derives the transmission flags from this and
 /// refuses commands the export cannot serve, so the flags are always truthful.
@@ -193,9 +193,7 @@ pub trait Export: Send + Sync + fmt::Debug + 'static {
     /// the defaults below use it, so a read-only export implements only this, naming what
     /// it serves.
     fn refuse_write(&self) -> Error {
-        Error::ReadOnly {
-            path: self.description().unwrap_or_default().into(),
-        }
+        DataError::read_only(self.description().unwrap_or_default()).into()
     }
 
     /// Writes `data` at `offset`; durable before returning if `fua`. Read-only exports

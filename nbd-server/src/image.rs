@@ -25,7 +25,7 @@ use crate::export::{Capabilities, Export, Extent as NbdExtent, ReadChunk, Status
 use crate::proto::{ALLOCATION_DEPTH, BASE_ALLOCATION, state};
 use crate::raw::IoEngine;
 use crate::uring::{self, IoUringEngine};
-use crate::{Error, Result, fileio};
+use crate::{DataError, Error, Result, fileio};
 
 const CONTEXTS: [&str; 2] = [BASE_ALLOCATION, ALLOCATION_DEPTH];
 
@@ -198,7 +198,7 @@ impl ImageExport {
                             .read_range(offset, extent.length)
                             .await
                             .map(ReadChunk::Data)
-                            .map_err(Error::Source);
+                            .map_err(|e| DataError::source(e).into());
                     }
                     DataPath::Blocking => {}
                 },
@@ -286,9 +286,7 @@ impl Export for ImageExport {
     }
 
     fn refuse_write(&self) -> Error {
-        Error::ReadOnly {
-            path: self.name.clone().into(),
-        }
+        DataError::read_only(&self.name).into()
     }
 
     async fn block_status(&self, query: StatusQuery) -> Result<Vec<NbdExtent>> {

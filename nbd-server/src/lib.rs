@@ -55,5 +55,5 @@ mod shared;
 mod transmission;
 mod uring;
 
-pub use error::{Error, Result, io_errno};
+pub use error::{DataError, DataErrorKind, Error, Result, io_errno};
 pub use fileio::LocalFileReader;

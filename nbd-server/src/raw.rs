@@ -40,7 +40,7 @@ use crate::export::{BlockSizes, Capabilities, Export, Extent, ReadChunk, StatusQ
 use crate::fileio;
 use crate::proto::{ALLOCATION_DEPTH, BASE_ALLOCATION, state};
 use crate::uring::{self, IoUringEngine};
-use crate::{Error, Result};
+use crate::{DataError, Error, Result};
 
 /// The engine for I/O the inline `RWF_NOWAIT` path cannot do: page-cache misses, writes
 /// that would block, FUA writes and flushes. Trims, zeroing and cache hints always run
@@ -228,13 +228,7 @@ impl RawExport {
     }
 
     fn io_error(&self, op: &'static str, offset: u64, length: u64, source: io::Error) -> Error {
-        Error::Io {
-            op,
-            path: self.path.clone(),
-            offset,
-            length,
-            source,
-        }
+        DataError::io(op, self.path.display(), offset, length, source).into()
     }
 
     /// Runs `f` on the blocking pool with the file.
@@ -265,11 +259,7 @@ impl RawExport {
         .map(BytesMut::freeze)
         .map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
-                Error::ShortRead {
-                    path: self.path.clone(),
-                    offset,
-                    size: self.size,
-                }
+                DataError::short_read(self.path.display(), offset, self.size).into()
             } else {
                 self.io_error("read", offset, length as u64, e)
             }
@@ -405,11 +395,7 @@ impl RawExport {
             length = data.len(),
             "refused a write that would make this raw image (its format was detected, not given) detect as {found}; serve it with --format raw to allow such writes"
         );
-        Err(Error::FormatChangeRefused {
-            path: self.path.clone(),
-            offset,
-            format: found,
-        })
+        Err(DataError::format_change(self.path.display(), offset, found).into())
     }
 }
 
@@ -584,9 +570,7 @@ impl Export for RawExport {
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         if self.read_only {
-            return Err(Error::ReadOnly {
-                path: self.path.clone(),
-            });
+            return Err(DataError::read_only(self.path.display()).into());
         }
         if let Some(guard) = &self.probe_guard
             && self.touches_probed_bytes(offset, data.len() as u64)
@@ -614,9 +598,7 @@ impl Export for RawExport {
 
     async fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<()> {
         if self.read_only {
-            return Err(Error::ReadOnly {
-                path: self.path.clone(),
-            });
+            return Err(DataError::read_only(self.path.display()).into());
         }
         let kind = self.kind;
         let sector = u64::from(self.block_sizes.minimum.max(512));
@@ -654,9 +636,7 @@ impl Export for RawExport {
 
     async fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()> {
         if self.read_only {
-            return Err(Error::ReadOnly {
-                path: self.path.clone(),
-            });
+            return Err(DataError::read_only(self.path.display()).into());
         }
         let kind = self.kind;
         let done = self
@@ -693,11 +673,7 @@ impl Export for RawExport {
         if done {
             Ok(())
         } else {
-            Err(Error::FastZeroUnsupported {
-                path: self.path.clone(),
-                offset,
-                length,
-            })
+            Err(DataError::not_fast(self.path.display(), offset, length).into())
         }
     }
 
@@ -954,7 +930,7 @@ mod tests {
             f.as_file().set_len(4096).unwrap();
             let err = export.read_data(0, 8192).await.unwrap_err();
             assert!(
-                matches!(err, Error::ShortRead { size: 8192, .. }),
+                matches!(&err, Error::Data(e) if *e.kind() == crate::DataErrorKind::ShortRead { size: 8192 }),
                 "{err:?}"
             );
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use thinline_nbd::export::ReadChunk;
 use thinline_nbd::proto::errno;
-use thinline_nbd::{Error, Result};
+use thinline_nbd::{DataError, Error, Result};
 
 use super::Inner;
 use super::error_chain;
@@ -51,14 +51,14 @@ async fn read_runs(inner: &Inner, runs: &[(u64, u64)]) -> Result<Vec<(u64, ReadC
         let chunks = inner.read_skipping_zeroes(off, len).await?;
         let got: u64 = chunks.iter().map(ReadChunk::len).sum();
         if got != len {
-            return Err(Error::Upstream {
-                upstream: inner.upstream().name().to_owned(),
-                op: "read",
-                offset: off,
-                length: len,
-                errno: errno::EIO,
-                reason: format!("returned {got} bytes instead of {len}"),
-            });
+            return Err(Error::from(DataError::upstream(
+                inner.upstream().name(),
+                "read",
+                off,
+                len,
+                errno::EIO,
+                format!("returned {got} bytes instead of {len}"),
+            )));
         }
         Ok((off, chunks))
     }))

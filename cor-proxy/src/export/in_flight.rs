@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use thinline_nbd::proto::errno;
-use thinline_nbd::{Error, Result};
+use thinline_nbd::{DataError, Error, Result};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::Inner;
@@ -182,22 +182,22 @@ impl Inner {
         let (offset, length) = entry.range;
         match outcome {
             Ok(Some(Ok(f))) => Ok(f),
-            Ok(Some(Err(e))) => Err(Error::Upstream {
-                upstream: upstream(),
-                op: "fetch",
+            Ok(Some(Err(e))) => Err(Error::from(DataError::upstream(
+                upstream(),
+                "fetch",
                 offset,
                 length,
-                errno: e.nbd_errno(),
-                reason: error_chain(&e),
-            }),
-            _ => Err(Error::Upstream {
-                upstream: upstream(),
-                op: "fetch",
+                e.nbd_errno(),
+                error_chain(&e),
+            ))),
+            _ => Err(Error::from(DataError::upstream(
+                upstream(),
+                "fetch",
                 offset,
                 length,
-                errno: errno::EIO,
-                reason: "the fetch was abandoned (shutting down)".into(),
-            }),
+                errno::EIO,
+                "the fetch was abandoned (shutting down)".to_owned(),
+            ))),
         }
     }
 

@@ -44,7 +44,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use thinline_nbd::export::{Capabilities, Export, Extent, ReadChunk, StatusQuery};
 use thinline_nbd::proto::{ALLOCATION_DEPTH, BASE_ALLOCATION};
-use thinline_nbd::{Error, Result};
+use thinline_nbd::{DataError, Error, Result};
 
 use crate::cache::{CacheFile, CacheOptions, DEFAULT_CHUNK_SIZE, OnMismatch};
 use crate::upstream::Upstream;
@@ -224,12 +224,14 @@ impl Inner {
             .read_exact(offset, length as usize)
             .await
             .map(|b| b.freeze())
-            .map_err(|source| Error::Io {
-                op: "read cache",
-                path: self.cache().path().to_owned(),
-                offset,
-                length,
-                source,
+            .map_err(|source| {
+                Error::from(DataError::io(
+                    "read cache",
+                    self.cache().path().display(),
+                    offset,
+                    length,
+                    source,
+                ))
             })
     }
 
@@ -324,12 +326,14 @@ impl Inner {
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))
             .and_then(|r| r.map_err(std::io::Error::other))
-            .map_err(|source| Error::Io {
-                op: "forget bad chunks",
-                path: self.cache().path().to_owned(),
-                offset: start,
-                length: span,
-                source,
+            .map_err(|source| {
+                Error::from(DataError::io(
+                    "forget bad chunks",
+                    self.cache().path().display(),
+                    start,
+                    span,
+                    source,
+                ))
             })?;
         for &(chunk, offset) in &bad {
             self.stats().checksum_error();
@@ -422,9 +426,7 @@ impl Export for CorExport {
     }
 
     fn refuse_write(&self) -> Error {
-        Error::ReadOnly {
-            path: self.inner.cache().path().to_owned(),
-        }
+        DataError::read_only(self.inner.cache().path().display()).into()
     }
 
     async fn cache(&self, offset: u64, length: u64) -> Result<()> {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use thinline_nbd::DataError;
 use thinline_nbd::proto::state;
 
 use super::Inner;
@@ -213,13 +214,13 @@ fn zero_range(inner: &Inner, lo: u64, hi: u64) -> Result<(), Box<thinline_nbd::E
         let off = f * chunk;
         let len = (e * chunk).min(inner.cache().size()) - off;
         inner.cache().write_zeroes(off, len).map_err(|source| {
-            Box::new(thinline_nbd::Error::Io {
-                op: "zero cache",
-                path: inner.cache().path().to_owned(),
-                offset: off,
-                length: len,
+            Box::new(thinline_nbd::Error::from(DataError::io(
+                "zero cache",
+                inner.cache().path().display(),
+                off,
+                len,
                 source,
-            })
+            )))
         })?;
         inner
             .prefetch_progress()
@@ -232,13 +233,13 @@ fn zero_range(inner: &Inner, lo: u64, hi: u64) -> Result<(), Box<thinline_nbd::E
         .map(|i| (i, inner.cache().zero_sum_of(i)))
         .collect();
     inner.cache().write_sums(&sums).map_err(|source| {
-        Box::new(thinline_nbd::Error::Io {
-            op: "write cache checksums",
-            path: inner.cache().path().to_owned(),
-            offset: runs[0].0 * chunk,
-            length: 0,
+        Box::new(thinline_nbd::Error::from(DataError::io(
+            "write cache checksums",
+            inner.cache().path().display(),
+            runs[0].0 * chunk,
+            0,
             source,
-        })
+        )))
     })?;
     inner.queue_zeroed(runs);
     Ok(())
@@ -258,13 +259,13 @@ async fn fetch_range(
     use futures_util::StreamExt;
     for u in lo / unit..hi.div_ceil(unit) {
         if inner.durability().is_passthrough() {
-            return Err(thinline_nbd::Error::Io {
-                op: "prefetch",
-                path: inner.cache().path().to_owned(),
-                offset: u * unit,
-                length: unit,
-                source: std::io::Error::other("the cache cannot be written (see above)"),
-            });
+            return Err(thinline_nbd::Error::from(DataError::io(
+                "prefetch",
+                inner.cache().path().display(),
+                u * unit,
+                unit,
+                std::io::Error::other("the cache cannot be written (see above)"),
+            )));
         }
         let start = u * unit;
         let len = unit.min(inner.cache().size() - start);

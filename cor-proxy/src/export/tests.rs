@@ -1,6 +1,7 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use thinline_nbd::DataError;
 use thinline_nbd::proto::errno;
 
 use super::fetch::{chunk_sums, split_runs};
@@ -48,14 +49,14 @@ impl Upstream for MemUpstream {
         self.reads.lock().unwrap().push((offset, length));
         let _permit = self.gate.acquire().await.unwrap();
         if self.fail.load(Ordering::SeqCst) {
-            return Err(Error::Upstream {
-                upstream: "memory".into(),
-                op: "read",
+            return Err(Error::from(DataError::upstream(
+                "memory",
+                "read",
                 offset,
                 length,
-                errno: errno::EIO,
-                reason: "injected".into(),
-            });
+                errno::EIO,
+                "injected".to_owned(),
+            )));
         }
         let range = offset as usize..(offset + length) as usize;
         Ok(vec![ReadChunk::Data(Bytes::copy_from_slice(
