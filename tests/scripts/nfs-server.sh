@@ -33,10 +33,16 @@ lock=${TMPDIR:-/tmp}/thinline-nfs-server.lock
 # True if something accepts TCP connections on 127.0.0.1:$1.
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# A port below the kernel's ephemeral range: every other server the tests start binds port
+# 0, which the kernel only assigns from that range, and NFS starts are serialised (below),
+# so a port found free here is not taken by another test before ganesha binds it. (ganesha
+# cannot listen on an inherited socket or report a port it chose itself.)
 free_port() {
-  local p
+  local p low
+  low=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  [ "$low" -gt 11000 ] || die "the ephemeral port range starts at $low; no room below it"
   for _ in $(seq 100); do
-    p=$((20000 + RANDOM % 40000))
+    p=$((10000 + RANDOM % (low - 10000)))
     port_busy "$p" || { echo "$p"; return 0; }
   done
   die "no free TCP port found"
