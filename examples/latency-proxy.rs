@@ -14,6 +14,8 @@
 //! Prints `listening on 127.0.0.1:PORT` on stdout once it accepts connections
 //! (`--listen 0` picks a free port), then runs until it is killed.
 
+mod common;
+
 use std::io::Write;
 use std::net::TcpListener;
 use std::process::ExitCode;
@@ -61,16 +63,9 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
 }
 
 fn main() -> ExitCode {
-    let options = match parse(std::env::args().skip(1)) {
+    let options = match common::parse_args("latency-proxy", USAGE, parse) {
         Ok(o) => o,
-        Err(e) if e.is_empty() => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("latency-proxy: {e}\n{USAGE}");
-            return ExitCode::from(2);
-        }
+        Err(status) => return status,
     };
     let listener = match TcpListener::bind(("127.0.0.1", options.listen)) {
         Ok(l) => l,

@@ -36,6 +36,8 @@
 //! differs. Exit status: 0 on success, 1 if a read failed or a byte differed, 2 on bad
 //! arguments or an unreadable trace.
 
+mod common;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
@@ -338,16 +340,9 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 fn main() -> ExitCode {
-    let options = match parse(std::env::args().skip(1)) {
+    let options = match common::parse_args("replay-trace", USAGE, parse) {
         Ok(o) => o,
-        Err(e) if e.is_empty() => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("replay-trace: {e}\n{USAGE}");
-            return ExitCode::from(2);
-        }
+        Err(status) => return status,
     };
     let trace = match load_trace(&options.trace, options.limit) {
         Ok(t) => t,

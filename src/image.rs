@@ -98,6 +98,22 @@ impl OpenArgs {
     }
 }
 
+/// The image a read-only subcommand opens, and how to open it.
+#[derive(Debug, Args)]
+struct ImageArg {
+    #[command(flatten)]
+    open: OpenArgs,
+    /// The image: a path, a file:///path URI or a remote URI (http(s)://, s3://, nfs://,
+    /// nbd://, nbd+unix://, or a scheme with a handler).
+    image: String,
+}
+
+impl ImageArg {
+    fn open(&self) -> anyhow::Result<Image> {
+        open(&self.image, &self.open)
+    }
+}
+
 /// Show an image's format, size, features and whole backing chain.
 #[derive(Debug, Args)]
 #[command(
@@ -108,10 +124,7 @@ struct InfoArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    open: OpenArgs,
-    /// The image: a path, a file:///path URI or a remote URI (http(s)://, s3://, nfs://,
-    /// nbd://, nbd+unix://, or a scheme with a handler).
-    image: String,
+    image: ImageArg,
 }
 
 /// Show where an image's data lives, like `qemu-img map`.
@@ -129,10 +142,7 @@ struct MapArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    open: OpenArgs,
-    /// The image: a path, a file:///path URI or a remote URI (http(s)://, s3://, nfs://,
-    /// nbd://, nbd+unix://, or a scheme with a handler).
-    image: String,
+    image: ImageArg,
 }
 
 /// Check an image's metadata for consistency (read-only, nothing is repaired).
@@ -148,10 +158,7 @@ struct CheckArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    open: OpenArgs,
-    /// The image: a path, a file:///path URI or a remote URI (http(s)://, s3://, nfs://,
-    /// nbd://, nbd+unix://, or a scheme with a handler).
-    image: String,
+    image: ImageArg,
 }
 
 /// Output formats of `image convert`.
@@ -239,7 +246,7 @@ fn human_size(bytes: u64) -> String {
 }
 
 fn info(args: &InfoArgs) -> anyhow::Result<()> {
-    let image = open(&args.image, &args.open)?;
+    let image = args.image.open()?;
     let chain = image.info();
     let report = InfoReport {
         image: chain[0].path.clone(),
@@ -311,7 +318,7 @@ struct MapRun {
 }
 
 fn map(args: &MapArgs) -> anyhow::Result<()> {
-    let image = open(&args.image, &args.open)?;
+    let image = args.image.open()?;
     let bottom = image.layers().len() as u32 - 1;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if args.json {
@@ -392,7 +399,7 @@ struct LayerCheck {
 }
 
 fn check(args: &CheckArgs) -> anyhow::Result<u8> {
-    let image = open(&args.image, &args.open)?;
+    let image = args.image.open()?;
     let mut layers = Vec::new();
     for (path, result) in image.check() {
         layers.push(match result {

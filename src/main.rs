@@ -53,6 +53,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes a subcommand's report to stdout, flushed: one line of JSON with `json`,
+/// otherwise the text `text` writes.
+fn print_report(
+    report: &impl serde::Serialize,
+    json: bool,
+    text: impl FnOnce(&mut std::io::StdoutLock<'static>) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(&mut out, report)?;
+        writeln!(out)?;
+    } else {
+        text(&mut out)?;
+    }
+    Ok(out.flush()?)
+}
+
 /// Fetch units and NBD payloads (up to 32 MiB) are allocated and freed all the time.
 /// By default glibc maps and unmaps each large one and trims the heap eagerly, which
 /// costs a page fault and a zeroed page per 4 KiB every time: keep them in the heap.

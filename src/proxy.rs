@@ -295,29 +295,25 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
 
 fn print_report(report: &ProxyReport, json: bool) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    if json {
-        serde_json::to_writer(&mut out, report)?;
-        writeln!(out)?;
-        return Ok(out.flush()?);
-    }
-    writeln!(
-        out,
-        "proxying {} ({} bytes) through cache {}: {} of {} chunks present{}",
-        report.upstream,
-        report.size,
-        report.cache.display(),
-        report.chunks_present,
-        report.chunks,
-        if report.complete { " (complete)" } else { "" }
-    )?;
-    for uri in &report.uris {
-        writeln!(out, "serving read-only at {uri}")?;
-    }
-    if let Some(s) = &report.status_socket {
-        writeln!(out, "status: thinline proxy status {}", s.display())?;
-    }
-    Ok(out.flush()?)
+    crate::print_report(report, json, |out| {
+        writeln!(
+            out,
+            "proxying {} ({} bytes) through cache {}: {} of {} chunks present{}",
+            report.upstream,
+            report.size,
+            report.cache.display(),
+            report.chunks_present,
+            report.chunks,
+            if report.complete { " (complete)" } else { "" }
+        )?;
+        for uri in &report.uris {
+            writeln!(out, "serving read-only at {uri}")?;
+        }
+        if let Some(s) = &report.status_socket {
+            writeln!(out, "status: thinline proxy status {}", s.display())?;
+        }
+        Ok(())
+    })
 }
 
 #[derive(Debug, Serialize)]

@@ -426,48 +426,44 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 fn print_report(report: &ServeReport, json: bool) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    if json {
-        serde_json::to_writer(&mut out, report)?;
-        writeln!(out)?;
-        return Ok(out.flush()?);
-    }
-    for ExportReport { export: e, .. } in &report.exports {
-        let mode = if e.read_only {
-            "read-only"
-        } else {
-            "read-write"
-        };
-        writeln!(
-            out,
-            "serving {:?}: {} ({}, {} bytes, {mode})",
-            e.name, e.path, e.format, e.size
-        )?;
-        for b in &e.backing_chain {
-            writeln!(out, "  backed by {b}")?;
-        }
-        if let Some(c) = &e.cache {
-            writeln!(out, "  cached in {}", c.display())?;
-        }
-    }
-    let first = &report.exports[0];
-    let uri = &first.uris[0];
-    writeln!(out, "connect with:")?;
-    writeln!(out, "  nbdinfo '{uri}'")?;
-    writeln!(out, "  qemu-img info '{uri}'")?;
-    for l in &report.listening {
-        if l.starts_with('/') {
-            writeln!(out, "  nbd-client -unix {l} /dev/nbd0 -b 4096")?;
-        } else if let Some((host, port)) = l.rsplit_once(':') {
+    crate::print_report(report, json, |out| {
+        for ExportReport { export: e, .. } in &report.exports {
+            let mode = if e.read_only {
+                "read-only"
+            } else {
+                "read-write"
+            };
             writeln!(
                 out,
-                "  nbd-client {host} {port} /dev/nbd0 -N '{}' -b 4096",
-                first.export.name
+                "serving {:?}: {} ({}, {} bytes, {mode})",
+                e.name, e.path, e.format, e.size
             )?;
+            for b in &e.backing_chain {
+                writeln!(out, "  backed by {b}")?;
+            }
+            if let Some(c) = &e.cache {
+                writeln!(out, "  cached in {}", c.display())?;
+            }
         }
-    }
-    writeln!(out, "stop with Ctrl-C or SIGTERM")?;
-    Ok(out.flush()?)
+        let first = &report.exports[0];
+        let uri = &first.uris[0];
+        writeln!(out, "connect with:")?;
+        writeln!(out, "  nbdinfo '{uri}'")?;
+        writeln!(out, "  qemu-img info '{uri}'")?;
+        for l in &report.listening {
+            if l.starts_with('/') {
+                writeln!(out, "  nbd-client -unix {l} /dev/nbd0 -b 4096")?;
+            } else if let Some((host, port)) = l.rsplit_once(':') {
+                writeln!(
+                    out,
+                    "  nbd-client {host} {port} /dev/nbd0 -N '{}' -b 4096",
+                    first.export.name
+                )?;
+            }
+        }
+        writeln!(out, "stop with Ctrl-C or SIGTERM")?;
+        Ok(())
+    })
 }
 
 /// The export name used when none is given: the last component of the path.

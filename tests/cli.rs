@@ -152,15 +152,7 @@ fn image_help_lists_every_command_with_examples() {
 }
 
 fn qemu_img(args: &[&str]) {
-    let o = std::process::Command::new("qemu-img")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    common::run(Command::new("qemu-img").args(args));
 }
 
 #[test]

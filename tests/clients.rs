@@ -190,12 +190,7 @@ fn nbdinfo_map_reports_data_exactly_where_it_was_written() {
         .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
         .collect();
     assert_eq!(data, fx.data_ranges(), "{map:#}");
-    let total: u64 = map
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["length"].as_u64().unwrap())
-        .sum();
+    let total = common::mapped_length(&map);
     assert_eq!(total, fx.size);
 }
 

@@ -64,13 +64,11 @@ impl Nbdkit {
 
     fn spawn(socket: &Path, args: &[String]) -> Child {
         let _ = std::fs::remove_file(socket);
-        let child = Command::new("nbdkit")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn nbdkit");
+        let child = common::spawn(
+            Command::new("nbdkit").args(args),
+            Stdio::null(),
+            Stdio::inherit(),
+        );
         let start = Instant::now();
         while !socket.exists() {
             assert!(

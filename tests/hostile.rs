@@ -1255,14 +1255,11 @@ fn sigterm_answers_eshutdown_exits_zero_and_removes_the_socket() {
 }
 
 fn serve_expecting_failure(args: &[&str]) -> (std::process::ExitStatus, String) {
-    let mut child = Command::new(common::thinline())
-        .arg("serve")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::spawn(
+        Command::new(common::thinline()).arg("serve").args(args),
+        Stdio::null(),
+        Stdio::piped(),
+    );
     let status = common::wait_timeout(&mut child, Duration::from_secs(10)).unwrap_or_else(|| {
         let _ = child.kill();
         let _ = child.wait();

@@ -59,15 +59,14 @@ fn read_with_nbdsh(uri: &str, offset: u64, length: u64, dir: &Path) -> Outcome {
         out = out.to_str().unwrap()
     );
     let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
-    let mut child = Command::new("nbdsh")
-        .env("PATH", path)
-        .arg("-c")
-        .arg(program)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn nbdsh");
+    let mut child = spawn(
+        Command::new("nbdsh")
+            .env("PATH", path)
+            .arg("-c")
+            .arg(program),
+        Stdio::piped(),
+        Stdio::piped(),
+    );
     let Some(status) = wait_timeout(&mut child, HANG) else {
         let _ = child.kill();
         let _ = child.wait();

@@ -24,15 +24,14 @@ struct QemuNbd {
 
 impl QemuNbd {
     fn start(image: &Path, qemu_fmt: &str, socket: PathBuf) -> QemuNbd {
-        let child = Command::new("qemu-nbd")
-            .args(["-r", "-A", "-t", "-f", qemu_fmt, "-k"])
-            .arg(&socket)
-            .arg(image)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn qemu-nbd");
+        let child = spawn(
+            Command::new("qemu-nbd")
+                .args(["-r", "-A", "-t", "-f", qemu_fmt, "-k"])
+                .arg(&socket)
+                .arg(image),
+            Stdio::null(),
+            Stdio::inherit(),
+        );
         let q = QemuNbd { child, socket };
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
@@ -566,12 +565,7 @@ fn image_cli_converts_maps_and_checks_like_qemu() {
                 .arg(&img.path),
         ))
         .unwrap();
-        let total: u64 = map
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["length"].as_u64().unwrap())
-            .sum();
+        let total = mapped_length(&map);
         // A range reported as zero (or as a hole) reads as zeroes.
         let bytes = read_file(&ours);
         for e in map.as_array().unwrap() {
@@ -960,15 +954,11 @@ fn run_bounded(
     extra: &[&Path],
     deadline: Duration,
 ) -> (Option<i32>, String) {
-    let mut child = Command::new(thinline())
-        .args(args)
-        .arg(image)
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(
+        Command::new(thinline()).args(args).arg(image).args(extra),
+        Stdio::null(),
+        Stdio::piped(),
+    );
     let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -17,7 +17,7 @@ use common::*;
 use thinline_test_support::KillOnDrop;
 use thinline_test_support::faults::{Fault, FaultProxy, TcpFaultProxy};
 use thinline_test_support::ports::{loopback_listener, socket_activated};
-use thinline_test_support::qemu::{Img, fixtures, qemu_img};
+use thinline_test_support::qemu::{Img, fixtures, qemu_convert, qemu_img};
 use thinline_test_support::servers::{
     Moto, NfsServer, Nginx, require_moto, require_nfs_server, require_nginx,
 };
@@ -28,30 +28,13 @@ const TOOLS: &[&str] = &["qemu-img", "qemu-io", "nbdinfo", "nbdcopy"];
 /// a descriptor and extent files (related files fetched relative to the descriptor).
 fn remote_fixtures(dir: &Path) -> Vec<Img> {
     let mut images = fixtures(dir);
-    let p = |n: &str| dir.join(n).to_str().unwrap().to_owned();
-    qemu_img(
+    qemu_convert(dir, "base.raw", "vpc", "subformat=fixed", "fixed.vhd");
+    qemu_convert(
         dir,
-        &[
-            "convert",
-            "-O",
-            "vpc",
-            "-o",
-            "subformat=fixed",
-            &p("base.raw"),
-            &p("fixed.vhd"),
-        ],
-    );
-    qemu_img(
-        dir,
-        &[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=twoGbMaxExtentSparse",
-            &p("base.raw"),
-            &p("split.vmdk"),
-        ],
+        "base.raw",
+        "vmdk",
+        "subformat=twoGbMaxExtentSparse",
+        "split.vmdk",
     );
     for (name, fmt) in [("fixed.vhd", "vpc"), ("split.vmdk", "vmdk")] {
         images.push(Img {

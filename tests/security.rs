@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::hostile_http::{self, HostileHttp, Next};
 use common::{Served, nbdsh, require};
+use thinline_test_support::qemu::qemu_img;
 
 /// What a finished `thinline` run printed.
 struct Run {
@@ -26,14 +27,13 @@ struct Run {
 /// every case here must end on its own, quickly.
 fn thinline_within(limit: Duration, args: &[&str], env: &[(&str, &str)]) -> Run {
     let started = Instant::now();
-    let mut child = Command::new(common::thinline())
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn thinline");
+    let mut child = common::spawn(
+        Command::new(common::thinline())
+            .args(args)
+            .envs(env.iter().copied()),
+        Stdio::piped(),
+        Stdio::piped(),
+    );
     let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
     let out = std::thread::spawn(move || {
         let mut s = String::new();
@@ -59,10 +59,6 @@ fn thinline_within(limit: Duration, args: &[&str], env: &[(&str, &str)]) -> Run 
         stderr: err.join().unwrap(),
         took: started.elapsed(),
     }
-}
-
-fn qemu_img(dir: &Path, args: &[&str]) {
-    common::run(Command::new("qemu-img").current_dir(dir).args(args));
 }
 
 /// A qcow2 overlay of `size` bytes whose backing file is named `backing` (raw), made

@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::{accept_until_stopped, stop_accepting};
+
 /// What to do to one request.
 #[derive(Debug, Clone)]
 pub enum Fault {
@@ -71,21 +73,15 @@ impl FaultProxy {
             Arc::clone(&proxy.injected),
             Arc::clone(&proxy.stop),
         );
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(client) = client else { continue };
-                let (faults, requests, injected) = (
-                    Arc::clone(&faults),
-                    Arc::clone(&requests),
-                    Arc::clone(&injected),
-                );
-                std::thread::spawn(move || {
-                    let _ = serve(client, upstream, &faults, &requests, &injected);
-                });
-            }
+        accept_until_stopped(listener, stop, move |client| {
+            let (faults, requests, injected) = (
+                Arc::clone(&faults),
+                Arc::clone(&requests),
+                Arc::clone(&injected),
+            );
+            std::thread::spawn(move || {
+                let _ = serve(client, upstream, &faults, &requests, &injected);
+            });
         });
         proxy
     }
@@ -138,8 +134,7 @@ impl FaultProxy {
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        stop_accepting(&self.stop, self.port);
     }
 }
 
@@ -332,33 +327,27 @@ impl TcpFaultProxy {
             Arc::clone(&proxy.accepted),
             Arc::clone(&proxy.stop),
         );
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(client) = client else { continue };
-                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
-                    reset(&client);
-                    continue;
-                };
-                accepted.fetch_add(1, Ordering::SeqCst);
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
-                connections
-                    .lock()
-                    .unwrap()
-                    .push(client.try_clone().unwrap());
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    std::thread::spawn(move || {
-                        let _ = io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(Shutdown::Both);
-                        let _ = from.shutdown(Shutdown::Both);
-                    });
-                }
+        accept_until_stopped(listener, stop, move |client| {
+            let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                reset(&client);
+                return;
+            };
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            connections
+                .lock()
+                .unwrap()
+                .push(client.try_clone().unwrap());
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Both);
+                    let _ = from.shutdown(Shutdown::Both);
+                });
             }
         });
         proxy
@@ -379,8 +368,7 @@ impl TcpFaultProxy {
 
 impl Drop for TcpFaultProxy {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        stop_accepting(&self.stop, self.port);
         self.reset_all();
     }
 }

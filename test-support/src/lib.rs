@@ -25,8 +25,11 @@ pub mod qemu;
 pub mod rng;
 pub mod servers;
 
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// True when running in CI (`CI=true`), where a missing tool fails a test.
@@ -109,6 +112,42 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process
     None
 }
 
+/// Starts `cmd` with stdin closed and the given stdout and stderr, panicking if it
+/// cannot start.
+pub fn spawn(cmd: &mut Command, stdout: Stdio, stderr: Stdio) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+/// Accepts connections on `listener` in a thread of its own and hands each to
+/// `handle`, until `stop` is set: it is checked as each connection arrives, so whoever
+/// sets it then connects once to end the loop.
+pub fn accept_until_stopped(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    mut handle: impl FnMut(TcpStream) + Send + 'static,
+) {
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let Ok(conn) = conn else { continue };
+            handle(conn);
+        }
+    });
+}
+
+/// Ends an [`accept_until_stopped`] loop listening on 127.0.0.1:`port`: sets `stop`,
+/// then connects once so that the loop sees it.
+pub fn stop_accepting(stop: &AtomicBool, port: u16) {
+    stop.store(true, Ordering::SeqCst);
+    let _ = TcpStream::connect(("127.0.0.1", port));
+}
+
 /// A child process (a server), killed and reaped when dropped.
 #[derive(Debug)]
 pub struct KillOnDrop(pub Child);
@@ -116,13 +155,7 @@ pub struct KillOnDrop(pub Child);
 impl KillOnDrop {
     /// Starts `cmd` with stdin and stdout closed and stderr inherited.
     pub fn spawn(cmd: &mut Command) -> KillOnDrop {
-        KillOnDrop(
-            cmd.stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")),
-        )
+        KillOnDrop(spawn(cmd, Stdio::null(), Stdio::inherit()))
     }
 
     /// Kills the process now and waits for it.

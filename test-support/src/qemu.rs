@@ -23,6 +23,26 @@ pub fn qemu_io(dir: &Path, fmt: &str, path: &str, cmds: &[&str]) {
     run(&mut c);
 }
 
+/// `qemu-img convert -O FMT -o OPTIONS FROM TO` in `dir`: `from` copied into `to` in
+/// another format.
+pub fn qemu_convert(dir: &Path, from: &str, fmt: &str, options: &str, to: &str) {
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_owned();
+    qemu_img(
+        dir,
+        &["convert", "-O", fmt, "-o", options, &p(from), &p(to)],
+    );
+}
+
+/// `qemu-img create -q -f qcow2 OPTIONS… -b BACKING -F BACKING_FMT NAME 64M` in `dir`: a
+/// 64 MiB qcow2 overlay named `name` whose backing file is `backing`.
+pub fn qcow2_overlay(dir: &Path, options: &[&str], backing: &str, backing_fmt: &str, name: &str) {
+    let path = dir.join(name).to_str().unwrap().to_owned();
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend_from_slice(options);
+    args.extend(["-b", backing, "-F", backing_fmt, &path, "64M"]);
+    qemu_img(dir, &args);
+}
+
 /// One fixture: a path and its qemu format name.
 #[derive(Debug)]
 pub struct Img {
@@ -47,21 +67,7 @@ pub fn fixtures(dir: &Path) -> Vec<Img> {
         ],
     );
     // qcow2 overlay over raw: data, zero (both kinds), discard, odd partial writes.
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            &p("ovl.qcow2"),
-            "64M",
-        ],
-    );
+    qcow2_overlay(dir, &[], "base.raw", "raw", "ovl.qcow2");
     qemu_io(
         dir,
         "qcow2",
@@ -87,79 +93,36 @@ pub fn fixtures(dir: &Path) -> Vec<Img> {
             &p("comp.qcow2"),
         ],
     );
-    qemu_img(
+    qemu_convert(
         dir,
-        &[
-            "convert",
-            "-O",
-            "vpc",
-            "-o",
-            "subformat=dynamic,force_size=on",
-            &p("base.raw"),
-            &p("dyn.vhd"),
-        ],
+        "base.raw",
+        "vpc",
+        "subformat=dynamic,force_size=on",
+        "dyn.vhd",
     );
-    qemu_img(
+    qemu_convert(
         dir,
-        &[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=monolithicSparse",
-            &p("base.raw"),
-            &p("sparse.vmdk"),
-        ],
+        "base.raw",
+        "vmdk",
+        "subformat=monolithicSparse",
+        "sparse.vmdk",
     );
-    qemu_img(
+    qemu_convert(
         dir,
-        &[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=streamOptimized",
-            &p("base.raw"),
-            &p("stream.vmdk"),
-        ],
+        "base.raw",
+        "vmdk",
+        "subformat=streamOptimized",
+        "stream.vmdk",
     );
     // A chain across formats: qcow2 over VHD over raw, and qcow2 over VMDK.
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "dyn.vhd",
-            "-F",
-            "vpc",
-            &p("over-vhd.qcow2"),
-            "64M",
-        ],
-    );
+    qcow2_overlay(dir, &[], "dyn.vhd", "vpc", "over-vhd.qcow2");
     qemu_io(
         dir,
         "qcow2",
         &p("over-vhd.qcow2"),
         &["write -P 0x44 1M 2M", "write -z 11M 128k"],
     );
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "sparse.vmdk",
-            "-F",
-            "vmdk",
-            &p("over-vmdk.qcow2"),
-            "64M",
-        ],
-    );
+    qcow2_overlay(dir, &[], "sparse.vmdk", "vmdk", "over-vmdk.qcow2");
     qemu_io(
         dir,
         "qcow2",
@@ -167,22 +130,12 @@ pub fn fixtures(dir: &Path) -> Vec<Img> {
         &["write -P 0x55 30M 100k"],
     );
     // Extended L2 over a backing file, and a backing file shorter than its overlay.
-    qemu_img(
+    qcow2_overlay(
         dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on,cluster_size=128k",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            &p("el2.qcow2"),
-            "64M",
-        ],
+        &["-o", "extended_l2=on,cluster_size=128k"],
+        "base.raw",
+        "raw",
+        "el2.qcow2",
     );
     qemu_io(
         dir,
@@ -196,21 +149,7 @@ pub fn fixtures(dir: &Path) -> Vec<Img> {
     );
     qemu_img(dir, &["create", "-q", "-f", "raw", &p("small.raw"), "10M"]);
     qemu_io(dir, "raw", &p("small.raw"), &["write -P 0x66 0 10M"]);
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "small.raw",
-            "-F",
-            "raw",
-            &p("short.qcow2"),
-            "64M",
-        ],
-    );
+    qcow2_overlay(dir, &[], "small.raw", "raw", "short.qcow2");
     qemu_io(
         dir,
         "qcow2",

@@ -5,13 +5,13 @@
 //! ports cannot race with other tests'.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::ports::{LISTEN_FD, loopback_listener, pass_listener};
-use crate::skip;
+use crate::{run, skip};
 
 /// Waits until the HTTP server on `port` answers a request. Its socket listens from the
 /// start (inherited), so a connection alone says nothing: the server must have read the
@@ -35,6 +35,17 @@ fn wait_for_http(port: u16, what: &str, child: &mut Child) {
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("{what} did not answer on port {port}");
+}
+
+/// Starts the HTTP server `cmd` on `listener` (passed as [`LISTEN_FD`]) with stdin and
+/// stdout closed and the given stderr, and waits until it answers.
+fn start_http(cmd: &mut Command, listener: TcpListener, stderr: Stdio, what: &str) -> Child {
+    let port = listener.local_addr().unwrap().port();
+    pass_listener(cmd, &listener);
+    let mut child = crate::spawn(cmd, Stdio::null(), stderr);
+    drop(listener);
+    wait_for_http(port, what, &mut child);
+    child
 }
 
 /// nginx serving `root` on 127.0.0.1 with byte ranges, plus `/noranges/` (the same
@@ -97,17 +108,15 @@ http {{
         std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
         let conf = dir.path().join("nginx.conf");
         std::fs::write(&conf, config).unwrap();
-        let mut cmd = Command::new(nginx_binary());
-        cmd.arg("-c")
-            .arg(&conf)
-            .env("NGINX", format!("{LISTEN_FD};"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        pass_listener(&mut cmd, &listener);
-        let mut child = cmd.spawn().expect("spawn nginx");
-        drop(listener);
-        wait_for_http(port, "nginx", &mut child);
+        let child = start_http(
+            Command::new(nginx_binary())
+                .arg("-c")
+                .arg(&conf)
+                .env("NGINX", format!("{LISTEN_FD};")),
+            listener,
+            Stdio::inherit(),
+            "nginx",
+        );
         Nginx {
             child,
             port,
@@ -192,17 +201,15 @@ impl Moto {
         // moto uses in the URLs it makes.
         let listener = loopback_listener();
         let port = listener.local_addr().unwrap().port();
-        let mut cmd = Command::new(moto_binary().expect("moto_server"));
-        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .env("WERKZEUG_RUN_MAIN", "true")
-            .env("WERKZEUG_SERVER_FD", LISTEN_FD.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        pass_listener(&mut cmd, &listener);
-        let mut child = cmd.spawn().expect("spawn moto_server");
-        drop(listener);
-        wait_for_http(port, "moto_server", &mut child);
+        let child = start_http(
+            Command::new(moto_binary().expect("moto_server"))
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .env("WERKZEUG_RUN_MAIN", "true")
+                .env("WERKZEUG_SERVER_FD", LISTEN_FD.to_string()),
+            listener,
+            Stdio::null(),
+            "moto_server",
+        );
         Moto { child, port }
     }
 
@@ -307,7 +314,7 @@ impl NfsServer {
     /// Exports `dir` (which must outlive the server).
     pub fn start(dir: &Path) -> NfsServer {
         let state = dir.with_extension("nfs-state");
-        let out = Command::new(nfs_script())
+        run(Command::new(nfs_script())
             .env("NFS_SERVER_OWNER", std::process::id().to_string())
             .env(
                 "PATH",
@@ -318,14 +325,7 @@ impl NfsServer {
             )
             .arg("start")
             .arg(dir)
-            .arg(&state)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "nfs-server.sh start failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .arg(&state));
         let text = std::fs::read_to_string(&state).unwrap();
         let get = |key: &str| -> String {
             text.lines()

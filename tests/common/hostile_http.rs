@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use thinline_test_support::{accept_until_stopped, stop_accepting};
+
 /// One request head as received.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -79,20 +81,14 @@ impl HostileHttp {
             Arc::clone(&server.connections),
             Arc::clone(&server.stop),
         );
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(stream) = stream else { continue };
-                connections.fetch_add(1, Ordering::SeqCst);
-                let (handler, requests, stop) = (
-                    Arc::clone(&handler),
-                    Arc::clone(&requests),
-                    Arc::clone(&stop),
-                );
-                std::thread::spawn(move || serve_connection(stream, &*handler, &requests, &stop));
-            }
+        accept_until_stopped(listener, Arc::clone(&stop), move |stream| {
+            connections.fetch_add(1, Ordering::SeqCst);
+            let (handler, requests, stop) = (
+                Arc::clone(&handler),
+                Arc::clone(&requests),
+                Arc::clone(&stop),
+            );
+            std::thread::spawn(move || serve_connection(stream, &*handler, &requests, &stop));
         });
         server
     }
@@ -122,8 +118,7 @@ impl HostileHttp {
 
 impl Drop for HostileHttp {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        stop_accepting(&self.stop, self.port);
     }
 }
 

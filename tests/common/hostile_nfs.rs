@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use thinline_test_support::{accept_until_stopped, stop_accepting};
+
 pub const NFS_FILE_SIZE: u64 = 4 << 20;
 const FILE_ID_BASE: u64 = 1000;
 const MTIME: (u32, u32) = (1_700_000_000, 123);
@@ -97,18 +99,11 @@ impl HostileNfs {
             Arc::clone(&server.reads),
             Arc::clone(&server.stop),
         );
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(conn) = conn else { continue };
-                let (files, reads, stop) =
-                    (Arc::clone(&files), Arc::clone(&reads), Arc::clone(&stop));
-                std::thread::spawn(move || {
-                    let _ = serve(conn, &files, &reads, &stop);
-                });
-            }
+        accept_until_stopped(listener, Arc::clone(&stop), move |conn| {
+            let (files, reads, stop) = (Arc::clone(&files), Arc::clone(&reads), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let _ = serve(conn, &files, &reads, &stop);
+            });
         });
         server
     }
@@ -129,8 +124,7 @@ impl HostileNfs {
 
 impl Drop for HostileNfs {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        stop_accepting(&self.stop, self.port);
     }
 }
 

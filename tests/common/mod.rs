@@ -20,7 +20,17 @@ use std::time::{Duration, Instant};
 
 // Each test binary uses its own subset.
 #[allow(unused_imports)]
-pub use thinline_test_support::{require, run, signal, skip, stdout, wait_timeout, which};
+pub use thinline_test_support::{require, run, signal, skip, spawn, stdout, wait_timeout, which};
+
+/// The bytes a JSON map covers (`nbdinfo --map --json`, `thinline image map --json`):
+/// the sum of its entries' lengths.
+pub fn mapped_length(map: &serde_json::Value) -> u64 {
+    map.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum()
+}
 
 /// A temporary directory with a sparse raw image in it.
 pub struct Fixture {
@@ -93,17 +103,16 @@ impl Served {
     /// Starts `thinline SUBCOMMAND --json ARGS` (`serve` or `proxy`) and waits until it
     /// listens (its first line on stdout, kept in `report`).
     pub fn spawn(subcommand: &str, args: &[&str], env: &[(&str, &str)]) -> Served {
-        let mut child = Command::new(thinline())
-            .arg(subcommand)
-            .arg("--json")
-            .args(args)
-            .env("RUST_LOG", "debug")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn thinline");
+        let mut child = spawn(
+            Command::new(thinline())
+                .arg(subcommand)
+                .arg("--json")
+                .args(args)
+                .env("RUST_LOG", "debug")
+                .envs(env.iter().copied()),
+            Stdio::piped(),
+            Stdio::piped(),
+        );
         let log = Arc::new(Mutex::new(String::new()));
         let mut stderr = child.stderr.take().unwrap();
         let sink = Arc::clone(&log);

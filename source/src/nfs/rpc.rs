@@ -417,15 +417,30 @@ mod tests {
     use super::*;
     use crate::FetchErrorKind;
 
-    /// A server that answers one call in three fragments, echoing the xid.
-    #[tokio::test]
-    async fn fragmented_replies_are_reassembled() {
+    /// Listens on a loopback port and runs `serve` on the first connection once the
+    /// call's first 8 bytes (record mark and xid) are read; they are `serve`'s second
+    /// argument.
+    async fn serve_one_call<F>(
+        serve: impl FnOnce(TcpStream, [u8; 8]) -> F + Send + 'static,
+    ) -> (SocketAddr, tokio::task::JoinHandle<()>)
+    where
+        F: Future<Output = ()> + Send,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut head = [0u8; 8];
             s.read_exact(&mut head).await.unwrap();
+            serve(s, head).await;
+        });
+        (addr, server)
+    }
+
+    /// A server that answers one call in three fragments, echoing the xid.
+    #[tokio::test]
+    async fn fragmented_replies_are_reassembled() {
+        let (addr, server) = serve_one_call(|mut s, head| async move {
             let len = (u32::from_be_bytes(head[..4].try_into().unwrap()) & 0x7fff_ffff) as usize;
             let mut rest = vec![0u8; len - 4];
             s.read_exact(&mut rest).await.unwrap();
@@ -441,7 +456,8 @@ mod tests {
                 s.write_all(&mark.to_be_bytes()).await.unwrap();
                 s.write_all(part).await.unwrap();
             }
-        });
+        })
+        .await;
         let t = Timeouts::from(&RemoteConfig::default());
         let mut conn = Conn::connect(addr, &t).await.unwrap();
         let reply = conn
@@ -457,12 +473,7 @@ mod tests {
     /// inside the idle timeout.
     #[tokio::test]
     async fn a_reply_trickled_inside_the_idle_timeout_still_times_out_whole() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut head = [0u8; 8];
-            s.read_exact(&mut head).await.unwrap();
+        let (addr, server) = serve_one_call(|mut s, head| async move {
             s.write_all(&(0x8000_0000u32 | 1000).to_be_bytes())
                 .await
                 .unwrap();
@@ -473,7 +484,8 @@ mod tests {
                     return;
                 }
             }
-        });
+        })
+        .await;
         let config = RemoteConfig {
             first_byte_timeout: Duration::from_millis(300),
             idle_timeout: Duration::from_millis(300),
