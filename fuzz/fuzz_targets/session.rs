@@ -233,18 +233,14 @@ impl Export for MemExport {
         Ok(())
     }
 
-    async fn block_status(&self, query: StatusQuery) -> thinline_nbd::Result<Vec<Extent>> {
-        let StatusQuery {
-            context,
-            offset,
-            length,
-            max_extents,
-        } = query;
+    async fn block_status(&self, q: StatusQuery) -> thinline_nbd::Result<Vec<Extent>> {
+        let (offset, length) = (q.offset, q.length);
         assert!(
-            context < self.contexts.len(),
-            "unknown context index {context}"
+            q.context < self.contexts.len(),
+            "unknown context index {}",
+            q.context
         );
-        assert!(max_extents > 0);
+        assert!(q.max_extents > 0);
         assert!(length > 0);
         self.check(offset, length);
         if self.untidy_extents {
@@ -271,7 +267,7 @@ impl Export for MemExport {
                 ],
                 _ => vec![Extent {
                     length: length * 2 + 7,
-                    flags: context as u64,
+                    flags: q.context as u64,
                 }],
             });
         }
@@ -279,7 +275,7 @@ impl Export for MemExport {
         let end = offset + length;
         let mut out: Vec<Extent> = Vec::new();
         let mut pos = offset;
-        while pos < end && out.len() < max_extents {
+        while pos < end && out.len() < q.max_extents {
             let next = ((pos / GRANULE + 1) * GRANULE).min(end);
             let zero = is_zero(&data[pos as usize..next as usize]);
             let flags = if zero {

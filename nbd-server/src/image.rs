@@ -289,21 +289,16 @@ impl Export for ImageExport {
         DataError::read_only(&self.name).into()
     }
 
-    async fn block_status(&self, query: StatusQuery) -> Result<Vec<NbdExtent>> {
-        let StatusQuery {
-            context,
-            offset,
-            length,
-            max_extents,
-        } = query;
+    async fn block_status(&self, q: StatusQuery) -> Result<Vec<NbdExtent>> {
+        let (offset, length) = (q.offset, q.length);
         let allocation = self
-            .allocation(offset, length, max_extents.clamp(1, MAX_EXTENTS))
+            .allocation(offset, length, q.max_extents.clamp(1, MAX_EXTENTS))
             .await?;
         Ok(allocation
             .into_iter()
             .map(|a| NbdExtent {
                 length: a.length,
-                flags: if context == 0 {
+                flags: if q.context == 0 {
                     u64::from(
                         (if a.hole { state::HOLE } else { 0 })
                             | (if a.zero { state::ZERO } else { 0 }),

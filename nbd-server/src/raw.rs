@@ -690,20 +690,15 @@ impl Export for RawExport {
         &[BASE_ALLOCATION, ALLOCATION_DEPTH]
     }
 
-    async fn block_status(&self, query: StatusQuery) -> Result<Vec<Extent>> {
-        let StatusQuery {
-            context,
-            offset,
-            length,
-            max_extents,
-        } = query;
-        if context == 1 {
+    async fn block_status(&self, q: StatusQuery) -> Result<Vec<Extent>> {
+        let (offset, length) = (q.offset, q.length);
+        if q.context == 1 {
             // A raw file is one layer that allocates everything, as qemu-nbd -A says.
             return Ok(vec![Extent { length, flags: 1 }]);
         }
         let end = offset + length;
         let extents = self
-            .allocation(offset, end, max_extents.clamp(1, MAX_EXTENTS))
+            .allocation(offset, end, q.max_extents.clamp(1, MAX_EXTENTS))
             .map_err(|e| self.io_error("seek", offset, length, e))?;
         Ok(extents
             .into_iter()

@@ -433,15 +433,10 @@ impl Export for CorExport {
         self.inner.hydrate(offset, length, true).await
     }
 
-    async fn block_status(&self, query: StatusQuery) -> Result<Vec<Extent>> {
-        let StatusQuery {
-            context,
-            offset,
-            length,
-            max_extents,
-        } = query;
+    async fn block_status(&self, q: StatusQuery) -> Result<Vec<Extent>> {
+        let (offset, length) = (q.offset, q.length);
         let inner = &self.inner;
-        if context == 0 {
+        if q.context == 0 {
             return inner.upstream().allocation(offset, length).await;
         }
         // qemu:allocation-depth: 1 = in the cache, 2 = only upstream.
@@ -456,7 +451,7 @@ impl Export for CorExport {
             match out.last_mut() {
                 Some(e) if e.flags == depth => e.length += hi - pos,
                 _ => {
-                    if out.len() == max_extents.max(1) {
+                    if out.len() == q.max_extents.max(1) {
                         break;
                     }
                     out.push(Extent {
