@@ -3,7 +3,7 @@
 //!
 //! An entry lives from the fetch's start until its chunks are durable and marked (the
 //! batcher removes it), so a reader never reads a chunk from the cache before its bit
-//! is set. Why this is not thinline-nbd's fetch engine's in-flight map: see
+//! is set. Why this is not thinline-source's fetch engine's in-flight map: see
 //! docs/design.md, "Two in-flight maps, on purpose".
 
 use std::collections::HashMap;
