@@ -25,7 +25,9 @@ use thinline_test_support::fake_nbd::{
     CONTEXT_ID, FAKE_SIZE, FakeConfig, Responder, chunk, data_chunk, each, error_chunk,
     fake_server, good, hole_chunk, option_reply, pattern,
 };
-use thinline_test_support::nbd_servers::{connect_when_up, nbdkit, unix_uri, within};
+use thinline_test_support::nbd_servers::{
+    connect_when_up, nbdkit, nbdkit_eio_from, unix_uri, within,
+};
 use thinline_test_support::ports::{loopback_listener, socket_activated};
 use thinline_test_support::require;
 use thinline_test_support::rng::Rng;
@@ -334,14 +336,7 @@ async fn nbdkit_eio_on_a_range_and_by_trigger_file() {
     }
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("e.sock");
-    let _eval = nbdkit(
-        &sock,
-        &[
-            "eval",
-            "get_size=echo 1048576",
-            "pread=if [ $4 -ge 524288 ]; then echo 'EIO injected failure' >&2; exit 1; fi; head -c $3 /dev/zero",
-        ],
-    );
+    let _eval = nbdkit_eio_from(&sock, 1 << 20, 524_288);
     within(60, async {
         let client = connect_when_up(&unix_uri("", &sock), &ClientOptions::default()).await;
         assert!(client.read(0, 65536).await.unwrap().iter().all(|&b| b == 0));

@@ -12,7 +12,9 @@ use thinline_nbd::raw::{RawExport, RawOptions};
 use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
 use thinline_source::nbd::NbdBackend;
 use thinline_source::{FetchErrorKind, RangeBackend, RemoteConfig};
-use thinline_test_support::nbd_servers::{connect_when_up, nbdkit, unix_uri, within};
+use thinline_test_support::nbd_servers::{
+    connect_when_up, nbdkit, nbdkit_eio_from, unix_uri, within,
+};
 use thinline_test_support::require;
 use thinline_test_support::rng::Rng;
 
@@ -23,14 +25,7 @@ async fn an_eio_reply_is_a_transient_fetch_error() {
     }
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("e.sock");
-    let _eval = nbdkit(
-        &sock,
-        &[
-            "eval",
-            "get_size=echo 1048576",
-            "pread=if [ $4 -ge 524288 ]; then echo 'EIO injected failure' >&2; exit 1; fi; head -c $3 /dev/zero",
-        ],
-    );
+    let _eval = nbdkit_eio_from(&sock, 1 << 20, 524_288);
     within(60, async {
         drop(connect_when_up(&unix_uri("", &sock), &ClientOptions::default()).await);
         let backend = NbdBackend::open(&unix_uri("", &sock), &RemoteConfig::default())

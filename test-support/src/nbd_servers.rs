@@ -19,6 +19,21 @@ pub fn nbdkit(sock: &Path, args: &[&str]) -> KillOnDrop {
     )
 }
 
+/// nbdkit serving `size` zero bytes whose reads at or beyond `eio_from` fail with EIO
+/// (the message "EIO injected failure").
+pub fn nbdkit_eio_from(sock: &Path, size: u64, eio_from: u64) -> KillOnDrop {
+    nbdkit(
+        sock,
+        &[
+            "eval",
+            &format!("get_size=echo {size}"),
+            &format!(
+                "pread=if [ $4 -ge {eio_from} ]; then echo 'EIO injected failure' >&2; exit 1; fi; head -c $3 /dev/zero"
+            ),
+        ],
+    )
+}
+
 /// The `nbd+unix://` URI of `export` on the server at `sock`.
 pub fn unix_uri(export: &str, sock: &Path) -> String {
     format!("nbd+unix:///{export}?socket={}", sock.display())
