@@ -1,5 +1,6 @@
 //! `thinline image`: inspect, map, check and convert disk images (qcow2, VHD, VMDK,
-//! raw) without a server. Everything here opens images strictly read-only.
+//! raw) without a server. Everything here opens images strictly read-only, but for
+//! `check --repair`, `create` and `resize` (in `image_write`).
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::io::{IsTerminal, Write};
@@ -14,7 +15,7 @@ use thinline_format::{Fetch, Format, Image, LayerInfo, OpenOptions, UndeclaredBa
 
 use crate::size::parse_size;
 
-/// Inspect, map, check and convert disk images.
+/// Inspect, map, check, convert, create and resize disk images.
 #[derive(Debug, Args)]
 pub struct ImageArgs {
     #[command(subcommand)]
@@ -27,6 +28,8 @@ enum ImageCommand {
     Map(MapArgs),
     Check(CheckArgs),
     Convert(ConvertArgs),
+    Create(crate::image_write::CreateArgs),
+    Resize(crate::image_write::ResizeArgs),
 }
 
 /// A format name for `--format` (qemu's `vpc` is accepted for VHD).
@@ -148,15 +151,20 @@ struct MapArgs {
 /// Check an image's metadata for consistency (read-only, nothing is repaired).
 ///
 /// Exit status: 0 clean, 1 the check could not run, 3 only leaks or other harmless
-/// findings, 4 errors that affect data.
+/// findings, 4 errors that affect data. With --repair (qcow2), refcounts are rebuilt
+/// from the references (leaked clusters are freed), COPIED flags and the dirty bit
+/// fixed, then the image is checked again: the status is that of the second check.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  thinline image check disk.qcow2\n  thinline image check --json child.vhd"
+    after_help = "Examples:\n  thinline image check disk.qcow2\n  thinline image check --json child.vhd\n  thinline image check --repair clone.qcow2"
 )]
 struct CheckArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Repair a local qcow2 image (taking its lock): rebuild refcounts, free leaks.
+    #[arg(long)]
+    repair: bool,
     #[command(flatten)]
     image: ImageArg,
 }
@@ -205,10 +213,12 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
         ImageCommand::Map(a) => map(&a).map(|()| 0),
         ImageCommand::Check(a) => check(&a),
         ImageCommand::Convert(a) => convert(&a).map(|()| 0),
+        ImageCommand::Create(a) => crate::image_write::create(&a).map(|()| 0),
+        ImageCommand::Resize(a) => crate::image_write::resize(&a).map(|()| 0),
     }
 }
 
-fn open(location: &str, args: &OpenArgs) -> anyhow::Result<Image> {
+pub fn open(location: &str, args: &OpenArgs) -> anyhow::Result<Image> {
     let source = thinline_source::parse(location)?;
     if let thinline_source::Source::File(path) = &source {
         return Ok(Image::open(path, &args.options())?);
@@ -399,6 +409,22 @@ struct LayerCheck {
 }
 
 fn check(args: &CheckArgs) -> anyhow::Result<u8> {
+    let repaired = if args.repair {
+        let source = thinline_source::parse(&args.image.image)?;
+        let thinline_source::Source::File(path) = &source else {
+            bail!(
+                "--repair works on local images only, not {}",
+                source.shown()
+            );
+        };
+        let report = crate::image_write::repair(path)?;
+        if !args.json {
+            println!("repaired {}: {report}", path.display());
+        }
+        Some(report)
+    } else {
+        None
+    };
     let image = args.image.open()?;
     let mut layers = Vec::new();
     for (path, result) in image.check() {
@@ -426,7 +452,7 @@ fn check(args: &CheckArgs) -> anyhow::Result<u8> {
     if args.json {
         serde_json::to_writer_pretty(
             &mut out,
-            &serde_json::json!({ "image": layers[0].path, "clean": errors == 0 && warnings == 0 && !failed, "errors": errors, "warnings": warnings, "layers": layers }),
+            &serde_json::json!({ "image": layers[0].path, "clean": errors == 0 && warnings == 0 && !failed, "errors": errors, "warnings": warnings, "repaired": repaired, "layers": layers }),
         )?;
         writeln!(out)?;
     } else {

@@ -8,6 +8,7 @@
 
 mod cache;
 mod image;
+mod image_write;
 mod proxy;
 mod remote;
 mod serve;

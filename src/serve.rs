@@ -23,8 +23,9 @@ use thinline_source::Source;
 /// from the content unless --format says otherwise. Local raw images and block devices
 /// are served read-write (unless -r); when their format was detected rather than given,
 /// writes that would make them detect as another format (a qcow2, VMDK or VHD header
-/// written by a guest) are refused with EPERM: give --format raw to allow them. qcow2, VHD and VMDK images are served read-only as
-/// the raw disk they describe, backing chain included, with block status in
+/// written by a guest) are refused with EPERM: give --format raw to allow them. qcow2, VHD
+/// and VMDK images are served read-only (qcow2 read-write with -w) as the raw disk they
+/// describe, backing chain included, with block status in
 /// `base:allocation` and `qemu:allocation-depth`. Remote templates (http://, https://,
 /// s3://, nfs://, nbd://, nbd+unix://, or any scheme with a handler) are served
 /// read-only, fetched by ranges as clients read them; with --cache-dir, through a
@@ -48,8 +49,14 @@ pub struct ServeArgs {
     listen: Option<String>,
 
     /// Serve every export read-only.
-    #[arg(short, long)]
+    #[arg(short, long, conflicts_with = "writable")]
     read_only: bool,
+
+    /// Serve qcow2 images read-write (their backing files stay read-only). The image is
+    /// locked the way qemu locks it, so qemu and Thinline never both write it; other
+    /// image formats and remote templates are refused.
+    #[arg(short, long, conflicts_with = "cache_dir")]
+    writable: bool,
 
     /// Refuse further connections (politely, during the handshake) beyond N.
     #[arg(long, value_name = "N")]
@@ -122,6 +129,10 @@ Examples:
   # A qcow2 template with its backing chain, read-only, with allocation depth
   thinline serve --socket /run/thinline/tmpl.sock template.qcow2
   nbdinfo --map=qemu:allocation-depth 'nbd+unix:///?socket=/run/thinline/tmpl.sock'
+
+  # A writable qcow2 overlay over a template (reads of unwritten clusters go to it)
+  thinline image create -f qcow2 --backing template.qcow2 --backing-format qcow2 clone.qcow2
+  thinline serve -w --socket /run/thinline/clone.sock clone.qcow2
 
   # Force the format (a raw disk that happens to start with a qcow2 magic)
   thinline serve --format raw --socket /run/thinline/disk.sock disk.img
@@ -343,6 +354,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 image: args.open.options(),
                 raw: options.clone(),
                 as_template: caching,
+                writable: args.writable,
             },
             remote.as_ref(),
             runtime.handle(),

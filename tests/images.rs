@@ -782,18 +782,8 @@ fn random_chains_with_random_writes_read_like_qemu() {
     if !require(TOOLS) {
         return;
     }
-    let seed = std::env::var("THINLINE_PROPTEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    eprintln!("property test seed: {seed} (THINLINE_PROPTEST_SEED={seed} reproduces it)");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::from_env();
+    let seed = rng.0;
     const SIZE: u64 = 16 << 20;
     for round in 0..6 {
         let dir = tempfile::tempdir().unwrap();

@@ -25,6 +25,10 @@ use crate::layer::{
 use crate::storage::{FileStorage, Storage, read_exact};
 use crate::{Error, Result, qcow2, raw, vhd, vmdk};
 
+/// Clean tables a writable image keeps in memory at most (dirty ones come on top,
+/// up to [`qcow2::DIRTY_LIMIT`]).
+pub const WRITER_TABLE_BUDGET: usize = 16 << 20;
+
 /// Longest backing chain opened (the top image counts): deep enough for any real
 /// snapshot chain, short enough that a hostile chain cannot exhaust file descriptors.
 pub const MAX_CHAIN_DEPTH: usize = 16;
@@ -270,9 +274,46 @@ impl Image {
             Some(format) => format,
             None => detect(&*storage)?,
         };
+        let top = open_layer(storage, format, &ctx)?;
+        Image::from_top(top, ctx, options)
+    }
+
+    /// Opens the qcow2 image at `path` for writing, and its backing chain read-only.
+    /// Returns the image (whose reads see every write at once) and its writer; the
+    /// writer reads the chain below the top through the image ([`qcow2::Below`]).
+    pub fn open_writable(
+        path: &Path,
+        options: &OpenOptions,
+    ) -> Result<(Image, Arc<qcow2::Qcow2Writer>)> {
+        let cache = MetadataCache::new(options.cache_budget);
+        let ctx = OpenContext {
+            cache: cache.clone(),
+        };
+        let storage = FileStorage::open(path)?;
+        let format = match options.format {
+            Some(format) => format,
+            None => detect(&*storage)?,
+        };
+        if format != Format::Qcow2 {
+            return Err(Error::unsupported(
+                &path.display().to_string(),
+                format.name(),
+                "only qcow2 images are written (serve raw files as they are; convert other formats to qcow2)",
+            ));
+        }
+        drop(storage);
+        let (top, writer) =
+            qcow2::open_writable(path, &ctx, options.cache_budget.min(WRITER_TABLE_BUDGET))?;
+        let image = Image::from_top(Box::new(top), ctx, options)?;
+        Ok((image, Arc::new(writer)))
+    }
+
+    /// The chain under `top`, opened by following backing references.
+    fn from_top(top: Box<dyn Layer>, ctx: OpenContext, options: &OpenOptions) -> Result<Image> {
+        let cache = ctx.cache.clone();
         let mut seen = HashSet::new();
-        seen.insert(storage.identity());
-        let mut layers = vec![open_layer(storage, format, &ctx)?];
+        seen.insert(top.files()[0].identity());
+        let mut layers = vec![top];
         loop {
             let child = layers.last().expect("at least the top layer");
             let Some(backing) = child.backing().cloned() else {
@@ -514,18 +555,27 @@ impl Image {
         Ok(length)
     }
 
+    /// Reads `buf.len()` bytes at `offset` of the chain below the top image (zeroes
+    /// past the backing's size, or everywhere without a backing).
+    pub fn read_below(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut extents = Vec::new();
+        let length = buf.len() as u64;
+        self.map_layer(1, offset, length, Fetch::Allowed, usize::MAX, &mut extents)?;
+        self.read_extents(&extents, buf)
+    }
+
     /// Reads `buf.len()` bytes at `offset` (blocking I/O on the calling thread).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let mut extents = Vec::new();
-        self.map(
-            offset,
-            buf.len() as u64,
-            Fetch::Allowed,
-            usize::MAX,
-            &mut extents,
-        )?;
+        let length = buf.len() as u64;
+        self.map(offset, length, Fetch::Allowed, usize::MAX, &mut extents)?;
+        self.read_extents(&extents, buf)
+    }
+
+    /// Executes a plan covering `buf` exactly.
+    fn read_extents(&self, extents: &[Extent], buf: &mut [u8]) -> Result<()> {
         let mut pos = 0usize;
-        for extent in &extents {
+        for extent in extents {
             let len = extent.length as usize;
             self.read_extent(extent, &mut buf[pos..pos + len])?;
             pos += len;
@@ -784,4 +834,14 @@ fn push(out: &mut Vec<Extent>, extent: Extent) {
         }
     }
     out.push(extent);
+}
+
+impl qcow2::Below for Image {
+    fn size(&self) -> u64 {
+        self.layers.get(1).map_or(0, |l| l.virtual_size())
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_below(offset, buf)
+    }
 }

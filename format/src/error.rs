@@ -72,6 +72,24 @@ pub enum Error {
         /// What the decompressor said.
         reason: String,
     },
+    /// The image is in use by another writer (qemu's image locks), or opening it for
+    /// writing is refused for a reason an operator can fix.
+    #[error("{path}: cannot open for writing: {reason}")]
+    Locked {
+        /// The image.
+        path: String,
+        /// Who holds it, or what to do.
+        reason: String,
+    },
+    /// Zeroing the range would mean writing zero bytes, and the caller asked for a fast
+    /// zero only (`NBD_CMD_FLAG_FAST_ZERO`).
+    #[error("{path}: zeroing at offset {offset} would be as slow as writing")]
+    NotFast {
+        /// The image.
+        path: String,
+        /// Guest offset.
+        offset: u64,
+    },
     /// Mapping needs metadata that is not cached and the caller asked not to do I/O
     /// ([`crate::Fetch::CachedOnly`]). Callers retry with [`crate::Fetch::Allowed`]
     /// somewhere blocking is fine.
@@ -128,6 +146,7 @@ impl Error {
             Error::Io { source, .. } | Error::Open { source, .. } => {
                 source.raw_os_error().unwrap_or(libc::EIO)
             }
+            Error::NotFast { .. } => libc::ENOTSUP,
             _ => libc::EIO,
         }
     }

@@ -90,6 +90,14 @@ impl<K: Eq + Hash + Clone, V> Lru<K, V> {
         evicted
     }
 
+    /// Removes the value at `key` and returns it.
+    pub fn remove(&mut self, key: &K) -> Option<V> {
+        let (value, cost, stamp) = self.entries.remove(key)?;
+        self.by_age.remove(&stamp);
+        self.cost -= cost;
+        Some(value)
+    }
+
     /// The total cost of the entries held.
     pub fn cost(&self) -> usize {
         self.cost

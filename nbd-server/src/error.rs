@@ -74,6 +74,7 @@ impl Error {
         match self {
             Error::Data(e) => e.errno(),
             Error::Format(thinline_format::Error::Io { source, .. }) => io_errno(source),
+            Error::Format(thinline_format::Error::NotFast { .. }) => errno::ENOTSUP,
             _ => errno::EIO,
         }
     }

@@ -1,5 +1,7 @@
 //! The image export: a qcow2, VHD, VMDK or raw image and its backing chain, served
-//! read-only as the raw disk it describes.
+//! as the raw disk it describes: read-only, or for a qcow2 image opened with
+//! [`ImageExport::open_writable`], read-write (writes, zeroes, trims and flushes run
+//! the format's [`Qcow2Writer`] on the blocking pool; the layers below stay read-only).
 //!
 //! `thinline-format` maps each request into a plan (host ranges, compressed units,
 //! zeroes); this module executes it. Mapping is first tried from the metadata cache on
@@ -18,10 +20,12 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use bytes::BytesMut;
+use thinline_format::qcow2::{Qcow2Writer, ZeroMode};
 use thinline_format::{Allocation, DataPath, Extent, Fetch, Image, OpenOptions, Place};
 
-use crate::export::{Capabilities, Export, Extent as NbdExtent, ReadChunk, StatusQuery};
+use crate::export::{Capabilities, Export, Extent as NbdExtent, ReadChunk, StatusQuery, ZeroFlags};
 use crate::proto::{ALLOCATION_DEPTH, BASE_ALLOCATION, state};
 use crate::raw::IoEngine;
 use crate::uring::{self, IoUringEngine};
@@ -41,10 +45,12 @@ pub struct ImageOptions {
     pub io_engine: IoEngine,
 }
 
-/// A read-only export of an image chain.
+/// An export of an image chain (read-only unless opened writable).
 #[derive(Debug)]
 pub struct ImageExport {
     image: Arc<Image>,
+    /// The top image's writer, when served read-write.
+    writer: Option<Arc<Qcow2Writer>>,
     name: String,
     /// `paths[layer][file]`: how each storage's data bytes are read, chosen at open.
     paths: Vec<Vec<DataPath>>,
@@ -80,11 +86,39 @@ impl ImageExport {
             };
         Ok(ImageExport {
             image: Arc::new(image),
+            writer: None,
             name,
             paths,
             nowait_reads: AtomicBool::new(true),
             uring,
         })
+    }
+
+    /// Opens the qcow2 image at `path` read-write (locked against other writers, qemu
+    /// included); its backing chain is opened read-only.
+    pub fn open_writable(path: &Path, options: &ImageOptions) -> Result<Self> {
+        let (image, writer) = Image::open_writable(path, &options.open)?;
+        let mut export = Self::from_image(image, options.io_engine)?;
+        export.writer = Some(writer);
+        Ok(export)
+    }
+
+    /// The image's writer, when it is served read-write.
+    pub fn writer(&self) -> Option<&Arc<Qcow2Writer>> {
+        self.writer.as_ref()
+    }
+
+    /// Runs `op` with the writer and the image (for reads below the top) on the
+    /// blocking pool.
+    async fn write_op(
+        &self,
+        op: impl FnOnce(&Qcow2Writer, &Image) -> thinline_format::Result<()> + Send + 'static,
+    ) -> Result<()> {
+        let Some(writer) = self.writer.clone() else {
+            return Err(self.refuse_write());
+        };
+        let image = Arc::clone(&self.image);
+        blocking(move || Ok(op(&writer, &image)?)).await
     }
 
     /// The image being served.
@@ -222,6 +256,17 @@ impl ImageExport {
     }
 }
 
+impl Drop for ImageExport {
+    /// A writable image is flushed when its last connection and the server let go.
+    fn drop(&mut self) {
+        if let Some(writer) = &self.writer
+            && let Err(e) = writer.flush()
+        {
+            tracing::error!(image = %self.name, error = %e.detail(), "flush on close failed");
+        }
+    }
+}
+
 /// Runs format code that may block on the blocking pool.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|join| {
@@ -242,7 +287,19 @@ impl Export for ImageExport {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::READ_ONLY
+        if self.writer.is_some() {
+            Capabilities {
+                read_only: false,
+                flush: true,
+                fua: true,
+                trim: true,
+                write_zeroes: true,
+                fast_zero: true,
+                ..Capabilities::READ_ONLY
+            }
+        } else {
+            Capabilities::READ_ONLY
+        }
     }
 
     fn description(&self) -> Option<String> {
@@ -287,6 +344,37 @@ impl Export for ImageExport {
 
     fn refuse_write(&self) -> Error {
         DataError::read_only(&self.name).into()
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        self.write_op(move |w, image| w.write(image, offset, &data, fua))
+            .await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        if self.writer.is_none() {
+            return Ok(());
+        }
+        self.write_op(|w, _| w.flush()).await
+    }
+
+    async fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<()> {
+        let mode = ZeroMode {
+            trim: true,
+            ..ZeroMode::default()
+        };
+        self.write_op(move |w, image| w.write_zeroes(image, offset, length, mode, fua))
+            .await
+    }
+
+    async fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<()> {
+        let mode = ZeroMode {
+            no_hole: flags.no_hole,
+            fast: flags.fast,
+            trim: false,
+        };
+        self.write_op(move |w, image| w.write_zeroes(image, offset, length, mode, flags.fua))
+            .await
     }
 
     async fn block_status(&self, q: StatusQuery) -> Result<Vec<NbdExtent>> {

@@ -29,6 +29,9 @@ pub struct OpenExportOptions {
     /// Open every location as a template (through the image layer, read-only, with an
     /// identity), as a copy-on-read cache's upstream needs, raw files included.
     pub as_template: bool,
+    /// Serve a local qcow2 image read-write (`serve -w`); other image formats and
+    /// remote templates are refused rather than served read-only.
+    pub writable: bool,
 }
 
 /// An opened location, ready to be served.
@@ -93,12 +96,33 @@ pub fn open_export(
                     identity: None,
                 });
             }
+            if options.writable && !options.as_template {
+                if format != Format::Qcow2 {
+                    return Err(crate::Error::UnsupportedSource {
+                        uri: shown.clone(),
+                        reason: format!(
+                            "only qcow2 images are served writable, and this is a {format} image; \
+                             make a writable overlay with `thinline image create -f qcow2 --backing IMAGE`"
+                        ),
+                    });
+                }
+                let export = ImageExport::open_writable(path, &image_options(format))?;
+                let mut opened = template(export, format);
+                opened.identity = None;
+                return Ok(opened);
+            }
             let export = ImageExport::open(path, &image_options(format))?;
             if !options.raw.read_only && !options.as_template {
                 tracing::info!(image = %shown, %format, "{format} images are served read-only");
             }
             Ok(template(export, format))
         }
+        _ if options.writable && !options.as_template => Err(crate::Error::UnsupportedSource {
+            uri: shown.clone(),
+            reason: "remote templates are read-only; make a local writable overlay with \
+                     `thinline image create -f qcow2 --backing URI`"
+                .to_owned(),
+        }),
         _ => {
             let default;
             let config = match remote {

@@ -6,6 +6,22 @@
 pub struct Rng(pub u64);
 
 impl Rng {
+    /// A generator seeded from `THINLINE_PROPTEST_SEED`, or from the clock; the seed is
+    /// printed so a failing run can be replayed.
+    pub fn from_env() -> Rng {
+        let seed = std::env::var("THINLINE_PROPTEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+                    | 1
+            });
+        eprintln!("property test seed: {seed} (THINLINE_PROPTEST_SEED={seed} reproduces it)");
+        Rng(seed)
+    }
+
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;

@@ -61,6 +61,8 @@ struct Walk<'a> {
     stored: Vec<u16>,
     f: Findings,
     stats: Stats,
+    /// Compare with stored refcounts (false when only counting references).
+    compare: bool,
 }
 
 #[derive(Default)]
@@ -112,6 +114,9 @@ impl Walk<'_> {
 
     /// Checks the COPIED flag of an active-table entry against the stored refcount.
     fn copied(&mut self, what: &str, offset: u64, entry: u64) {
+        if !self.compare {
+            return;
+        }
         let one = self.stored(offset) == 1;
         if one != (entry & COPIED != 0) {
             self.f.refcount(format!(
@@ -285,7 +290,8 @@ pub(super) fn refcount_entry(block: &[u8], order: u32, i: usize) -> u64 {
     }
 }
 
-pub(super) fn check(layer: &Qcow2Layer, report: &mut CheckReport) -> Result<()> {
+/// A walk over `layer` with empty counts.
+fn new_walk(layer: &Qcow2Layer, compare: bool) -> Result<Walk<'_>> {
     let cs = layer.cluster_size;
     let file_size = layer.files[0].size();
     let clusters = file_size.div_ceil(cs);
@@ -300,7 +306,7 @@ pub(super) fn check(layer: &Qcow2Layer, report: &mut CheckReport) -> Result<()> 
     }
     let raw = layer.header.raw;
     let dirty = raw.incompatible & INCOMPAT_DIRTY != 0;
-    let mut w = Walk {
+    Ok(Walk {
         layer,
         cs,
         clusters,
@@ -315,8 +321,39 @@ pub(super) fn check(layer: &Qcow2Layer, report: &mut CheckReport) -> Result<()> 
             dirty,
         },
         stats: Stats::default(),
-    };
+        compare,
+    })
+}
+
+/// The references of every cluster of `layer` but its refcount structures, and the
+/// errors found on the way (references outside the file, misaligned tables, bad
+/// entries), for [`super::repair`].
+pub(super) fn references(layer: &Qcow2Layer) -> Result<(Vec<u16>, Vec<String>)> {
+    let mut w = new_walk(layer, false)?;
+    walk_references(&mut w);
+    let mut errors = w.f.errors;
+    if w.f.more_errors > 0 {
+        errors.push(format!("… and {} more errors", w.f.more_errors));
+    }
+    Ok((w.computed, errors))
+}
+
+pub(super) fn check(layer: &Qcow2Layer, report: &mut CheckReport) -> Result<()> {
+    let mut w = new_walk(layer, true)?;
     read_refcounts(&mut w);
+    walk_references(&mut w);
+    let (cs, clusters) = (w.cs, w.clusters);
+    let h = &layer.header;
+    let dirty = w.f.dirty;
+    check_counts(w, h, dirty, cs, clusters, report);
+    Ok(())
+}
+
+/// Counts every reference but those of the refcount structures.
+fn walk_references(w: &mut Walk<'_>) {
+    let layer = w.layer;
+    let raw = layer.header.raw;
+    let cs = w.cs;
     w.reference("header", 0, cs);
     w.reference("L1 table", raw.l1_table_offset, u64::from(raw.l1_size) * 8);
     w.walk_l1(&layer.l1, true, "active");
@@ -371,7 +408,16 @@ pub(super) fn check(layer: &Qcow2Layer, report: &mut CheckReport) -> Result<()> 
             }
         }
     }
+}
 
+fn check_counts(
+    mut w: Walk<'_>,
+    h: &super::header::Header,
+    dirty: bool,
+    cs: u64,
+    clusters: u64,
+    report: &mut CheckReport,
+) {
     let mut leaked = 0u64;
     let mut mismatched = 0u64;
     for c in 0..clusters as usize {
@@ -422,5 +468,4 @@ pub(super) fn check(layer: &Qcow2Layer, report: &mut CheckReport) -> Result<()> 
         ("snapshots".to_owned(), h.snapshots.len() as u64),
         ("bitmaps".to_owned(), h.bitmaps.len() as u64),
     ]);
-    Ok(())
 }

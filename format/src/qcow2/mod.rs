@@ -1,25 +1,44 @@
-//! The qcow2 format (v2 and v3), read-only: guest ranges are mapped through the L1
-//! table (loaded at open) and L2 tables (through the shared metadata cache) into data,
-//! compressed, zero and backing segments. Encrypted images and unknown incompatible
-//! features are refused; dirty and corrupt images are served read-only.
+//! The qcow2 format (v2 and v3): guest ranges are mapped through the L1 table (loaded
+//! at open) and L2 tables (through the shared metadata cache) into data, compressed,
+//! zero and backing segments. Encrypted images and unknown incompatible features are
+//! refused; dirty and corrupt images are served read-only.
+//!
+//! An image opened with [`open_writable`] maps through the metadata it shares with its
+//! [`Qcow2Writer`] (the `live` module) instead, so reads see every write at once; [`create`]
+//! makes new images and [`repair`] rebuilds refcounts.
 
 mod check;
+mod create;
 mod header;
+mod live;
+mod lock;
+mod repair;
+mod writer;
 
+pub use create::{CreateOptions, create};
+pub use lock::ImageLock;
+pub use repair::{RepairReport, repair};
+pub use writer::{Below, DIRTY_LIMIT, NoBacking, Qcow2Writer, ZeroMode};
+
+use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::cache::MetadataCache;
+use crate::data_path::DataPath;
 use crate::layer::{
     Backing, CheckReport, Compression, Fetch, Format, Layer, LayerInfo, OpenContext, Segment,
     SegmentKind, push_segment,
 };
-use crate::storage::{Storage, read_vec};
+use crate::storage::{Allow, FileStorage, Storage, open_checked, read_vec};
 use crate::{Error, Result};
 
 use header::{
     AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, FORMAT, Header, INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, be64,
 };
+use live::Live;
+use writer::Geometry;
 
 /// Bits 9..=55 of L1 and L2 entries: a cluster-aligned host offset.
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -59,6 +78,8 @@ pub struct Qcow2Layer {
     cache: Arc<MetadataCache>,
     owner: u64,
     backing: Option<Backing>,
+    /// The metadata shared with the writer, for an image open for writing.
+    live: Option<Arc<Live>>,
 }
 
 /// Opens a qcow2 image.
@@ -70,6 +91,15 @@ impl Qcow2Layer {
     /// Parses the header, loads the L1 table and opens the external data file if any.
     pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Qcow2Layer> {
         let header = Header::read(&*storage)?;
+        Self::from_header(storage, header, ctx, None)
+    }
+
+    fn from_header(
+        storage: Arc<dyn Storage>,
+        header: Header,
+        ctx: &OpenContext,
+        live: Option<Arc<Live>>,
+    ) -> Result<Qcow2Layer> {
         let raw = header.raw;
         let extended = raw.incompatible & INCOMPAT_EXTENDED_L2 != 0;
         let entry_size = if extended { 16 } else { 8 };
@@ -127,6 +157,7 @@ impl Qcow2Layer {
             owner: ctx.cache.owner(),
             backing,
             header,
+            live,
         })
     }
 
@@ -149,6 +180,9 @@ impl Qcow2Layer {
             return Err(self.invalid(format!(
                 "L2 table offset {l2_offset:#x} (L1 index {l1_index}) is not cluster aligned"
             )));
+        }
+        if let Some(live) = &self.live {
+            return live.block(l2_offset, "L2 table", fetch);
         }
         let size = self.files[0].size();
         if l2_offset.checked_add(cs).is_none_or(|end| end > size) {
@@ -273,7 +307,10 @@ impl Layer for Qcow2Layer {
     }
 
     fn virtual_size(&self) -> u64 {
-        self.header.raw.size
+        match &self.live {
+            Some(live) => live.size(),
+            None => self.header.raw.size,
+        }
     }
 
     fn files(&self) -> &[Arc<dyn Storage>] {
@@ -355,7 +392,7 @@ impl Layer for Qcow2Layer {
             format: Format::Qcow2,
             subformat: Some(if raw.version == 2 { "v2" } else { "v3" }.to_owned()),
             path: self.name().to_owned(),
-            virtual_size: raw.size,
+            virtual_size: self.virtual_size(),
             file_size: self.files[0].size(),
             cluster_size: Some(self.cluster_size),
             features,
@@ -368,17 +405,17 @@ impl Layer for Qcow2Layer {
     fn map(&self, offset: u64, length: u64, fetch: Fetch, out: &mut Vec<Segment>) -> Result<()> {
         let l1_index = offset >> self.l1_bits;
         let table_end = (l1_index + 1) << self.l1_bits;
-        let end = offset
-            .saturating_add(length)
-            .min(table_end)
-            .min(self.header.raw.size);
+        let size = self.virtual_size();
+        let end = offset.saturating_add(length).min(table_end).min(size);
         if end <= offset {
             return Err(self.invalid(format!(
-                "mapping at guest offset {offset} beyond the virtual size {}",
-                self.header.raw.size
+                "mapping at guest offset {offset} beyond the virtual size {size}"
             )));
         }
-        let l1_entry = self.l1.get(l1_index as usize).copied().unwrap_or(0);
+        let l1_entry = match &self.live {
+            Some(live) => live.l1_entry(l1_index),
+            None => self.l1.get(l1_index as usize).copied().unwrap_or(0),
+        };
         let l2_offset = l1_entry & OFFSET_MASK;
         if l2_offset == 0 {
             out.push(Segment {
@@ -480,6 +517,163 @@ impl Qcow2Layer {
     fn read_meta(&self, what: &'static str, offset: u64, length: u64) -> Result<Vec<u8>> {
         read_vec(&*self.files[0], what, offset, length)
     }
+}
+
+/// The file of an image open for writing, as the read side sees it: its size grows as
+/// the writer writes, and its data is read from the same descriptor.
+#[derive(Debug)]
+struct LiveStorage {
+    file: Arc<std::fs::File>,
+    name: String,
+    size: Arc<AtomicU64>,
+    /// The same file opened read-only, to resolve related names (the backing file).
+    related: FileStorage,
+}
+
+impl Storage for LiveStorage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        self.file.read_at(buf, offset)
+    }
+
+    fn open_related(&self, name: &str) -> Result<Arc<dyn Storage>> {
+        self.related.open_related(name)
+    }
+
+    fn identity(&self) -> String {
+        self.related.identity()
+    }
+
+    fn data_path(&self) -> DataPath {
+        DataPath::File(Arc::clone(&self.file))
+    }
+}
+
+/// Opens the qcow2 image at `path` for writing: locks it (compatibly with qemu), then
+/// returns the layer that reads it (with every write visible at once) and the writer.
+/// `budget` bounds the clean metadata tables the writer keeps in memory.
+///
+/// Refused: images marked corrupt, dirty or with lazy refcounts (`thinline image check
+/// --repair` first), external data files, encryption and unknown features. Autoclear
+/// features (bitmaps) are cleared before anything is written, as the spec asks of a
+/// writer that does not maintain them.
+pub fn open_writable(
+    path: &Path,
+    ctx: &OpenContext,
+    budget: usize,
+) -> Result<(Qcow2Layer, Qcow2Writer)> {
+    let name = path.display().to_string();
+    let (file, meta) =
+        open_checked(path, true, Allow::BlockDevices).map_err(|source| Error::Open {
+            path: name.clone(),
+            source,
+        })?;
+    let image_lock = lock::lock_for_writing(&file, &name)?;
+    let file = Arc::new(file);
+    let len = if meta.file_type().is_file() {
+        meta.len()
+    } else {
+        rustix::fs::seek(&*file, rustix::fs::SeekFrom::End(0)).map_err(|e| Error::Open {
+            path: name.clone(),
+            source: e.into(),
+        })?
+    };
+    let file_size = Arc::new(AtomicU64::new(len));
+    let storage = Arc::new(LiveStorage {
+        file: file.clone(),
+        name: name.clone(),
+        size: file_size.clone(),
+        related: FileStorage::open_file(path)?,
+    });
+    let header = Header::read(&*storage)?;
+    let raw = header.raw;
+    let refuse = |reason: &str| Error::Locked {
+        path: name.clone(),
+        reason: reason.to_owned(),
+    };
+    if raw.incompatible & INCOMPAT_CORRUPT != 0 {
+        return Err(refuse(
+            "the image is marked corrupt; check it with `thinline image check` and copy its data out",
+        ));
+    }
+    if raw.incompatible & INCOMPAT_DIRTY != 0 || raw.compatible & COMPAT_LAZY_REFCOUNTS != 0 {
+        return Err(refuse(
+            "the image is dirty or uses lazy refcounts, so its refcounts may be stale; \
+             run `thinline image check --repair` on it first",
+        ));
+    }
+    if header.data_file.is_some() {
+        return Err(refuse(
+            "images with an external data file are served read-only",
+        ));
+    }
+    let cs = header.cluster_size;
+    let table = read_vec(
+        &*storage,
+        "refcount table",
+        raw.refcount_table_offset,
+        u64::from(raw.refcount_table_clusters) * cs,
+    )?;
+    let reftable: Vec<u64> = table.chunks_exact(8).map(|c| be64(c, 0)).collect();
+    let l1_raw = read_vec(
+        &*storage,
+        "L1 table",
+        raw.l1_table_offset,
+        u64::from(raw.l1_size) * 8,
+    )?;
+    let l1: Vec<u64> = l1_raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
+    if raw.autoclear != 0 {
+        use std::os::unix::fs::FileExt;
+        let io = |source| Error::Io {
+            path: name.clone(),
+            op: "clear autoclear features",
+            offset: 88,
+            length: 8,
+            source,
+        };
+        file.write_all_at(&[0u8; 8], 88).map_err(io)?;
+        file.sync_data().map_err(io)?;
+    }
+    let extended = raw.incompatible & INCOMPAT_EXTENDED_L2 != 0;
+    let geo = Geometry {
+        cluster_bits: raw.cluster_bits,
+        cluster_size: cs,
+        extended,
+        entry_size: if extended { 16 } else { 8 },
+        l1_bits: raw.cluster_bits * 2 - if extended { 4 } else { 3 },
+        refcount_order: raw.refcount_order,
+        version: raw.version,
+        compression: if header.compression_type == 1 {
+            Compression::Zstd
+        } else {
+            Compression::Deflate
+        },
+    };
+    let live = Arc::new(Live::new(
+        name,
+        file,
+        cs,
+        raw.size,
+        file_size,
+        live::Tables {
+            l1,
+            l1_offset: raw.l1_table_offset,
+            reftable,
+            reftable_offset: raw.refcount_table_offset,
+            alloc_end: len.div_ceil(cs),
+        },
+        budget,
+    ));
+    let layer = Qcow2Layer::from_header(storage, header, ctx, Some(live.clone()))?;
+    Ok((layer, Qcow2Writer::new(live, geo, image_lock)))
 }
 
 #[cfg(test)]

@@ -1,0 +1,512 @@
+//! Writing qcow2 images: random operation sequences against a byte model, with
+//! `qemu-img check` and `qemu-img compare` as the judges; images qemu wrote (zero
+//! clusters, compressed clusters, extended L2, internal snapshots) written further;
+//! create, resize, repair and locking.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use thinline_format::qcow2::{self, CreateOptions, ZeroMode};
+use thinline_format::{Format, Image, OpenOptions};
+use thinline_test_support::rng::Rng;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn open_rw(path: &Path) -> (Image, std::sync::Arc<qcow2::Qcow2Writer>) {
+    Image::open_writable(path, &OpenOptions::default())
+        .unwrap_or_else(|e| panic!("open {} for writing: {}", path.display(), e.detail()))
+}
+
+/// `qemu-img check` of `path`: panics on any error or leak.
+fn qemu_check_clean(path: &Path) {
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "--output=json", s(path)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "qemu-img check {}: {text} {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for key in ["corruptions", "leaks", "check-errors"] {
+        assert_eq!(
+            v.get(key).and_then(|x| x.as_u64()).unwrap_or(0),
+            0,
+            "qemu-img check {key}: {text}"
+        );
+    }
+}
+
+/// What qemu reads from `path`, compared with `model`.
+fn qemu_reads(path: &Path, model: &[u8], what: &str) {
+    let got = qemu_raw(path, "qcow2");
+    assert_eq!(got.len(), model.len(), "{what}: size");
+    if let Some(i) = got.iter().zip(model).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: qemu reads byte {i} as {:#x}, the model has {:#x}",
+            got[i], model[i]
+        );
+    }
+}
+
+fn thinline_reads(image: &Image, model: &[u8], what: &str) {
+    let got = read_all(image, 1 << 20, 0);
+    if let Some(i) = got.iter().zip(model).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: Thinline reads byte {i} as {:#x}, the model has {:#x}",
+            got[i], model[i]
+        );
+    }
+}
+
+/// One configuration of the random workload.
+struct Config {
+    cluster_size: u64,
+    extended: bool,
+    size: u64,
+    /// A raw backing file of this size (random content), if any.
+    backing: Option<u64>,
+    ops: usize,
+}
+
+/// The bytes a trim of `[off, off + len)` zeroes: whole granules (clusters, or
+/// subclusters with extended L2) inside it; a granule cut by the image's end counts
+/// as whole.
+fn trimmed(off: u64, len: u64, granule: u64, size: u64) -> Option<(u64, u64)> {
+    let first = off.div_ceil(granule) * granule;
+    let end = off + len;
+    let last = if end == size {
+        end
+    } else {
+        end / granule * granule
+    };
+    (last > first).then_some((first, last))
+}
+
+fn random_workload(dir: &Path, c: &Config, rng: &mut Rng) {
+    let image_path = dir.join(format!(
+        "w-{}-{}-{}.qcow2",
+        c.cluster_size,
+        c.extended,
+        c.backing.is_some()
+    ));
+    let mut model = vec![0u8; c.size as usize];
+    let backing = c.backing.map(|len| {
+        let p = dir.join(format!("base-{len}.raw"));
+        let bytes = rng.bytes(len as usize);
+        std::fs::write(&p, &bytes).unwrap();
+        let n = (len.min(c.size)) as usize;
+        model[..n].copy_from_slice(&bytes[..n]);
+        p
+    });
+    qcow2::create(
+        &image_path,
+        &CreateOptions {
+            size: c.size,
+            cluster_size: c.cluster_size,
+            extended_l2: c.extended,
+            backing: backing.as_ref().map(|p| (s(p).to_owned(), Format::Raw)),
+        },
+    )
+    .unwrap();
+    qemu_check_clean(&image_path);
+    let granule = if c.extended {
+        c.cluster_size / 32
+    } else {
+        c.cluster_size
+    };
+    let (mut image, mut writer) = open_rw(&image_path);
+    for op in 0..c.ops {
+        let cs = c.cluster_size;
+        // Offsets near cluster boundaries and lengths of a few clusters, often unaligned.
+        let off = match rng.below(3) {
+            0 => rng.below(c.size),
+            1 => rng.below(c.size / cs) * cs,
+            _ => (rng.below(c.size / cs) * cs + cs - rng.below(600)).min(c.size - 1),
+        };
+        let max = (c.size - off).min(cs * 4);
+        let len = match rng.below(3) {
+            0 => 1 + rng.below(max),
+            1 => max.min(cs),
+            _ => max.min(1 + rng.below(4096)),
+        };
+        let what = format!("op {op}");
+        match rng.below(10) {
+            0..=4 => {
+                let data = rng.bytes(len as usize);
+                writer.write(&image, off, &data, rng.below(8) == 0).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+            5 | 6 => {
+                let mode = ZeroMode {
+                    no_hole: rng.below(2) == 0,
+                    fast: false,
+                    trim: false,
+                };
+                writer.write_zeroes(&image, off, len, mode, false).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            7 => {
+                let mode = ZeroMode {
+                    trim: true,
+                    ..ZeroMode::default()
+                };
+                writer.write_zeroes(&image, off, len, mode, false).unwrap();
+                if let Some((a, b)) = trimmed(off, len, granule, c.size) {
+                    model[a as usize..b as usize].fill(0);
+                }
+            }
+            8 => writer.flush().unwrap(),
+            _ => {
+                // Reopen: everything flushed must be there.
+                writer.flush().unwrap();
+                drop(image);
+                drop(writer);
+                qemu_check_clean(&image_path);
+                (image, writer) = open_rw(&image_path);
+                thinline_reads(&image, &model, &format!("{what}: after reopening"));
+            }
+        }
+        if op % 16 == 0 {
+            let mut buf = vec![0u8; len as usize];
+            image.read(off, &mut buf).unwrap();
+            assert!(
+                buf == model[off as usize..(off + len) as usize],
+                "{what}: read back at {off}+{len} differs"
+            );
+        }
+    }
+    thinline_reads(&image, &model, "end");
+    writer.flush().unwrap();
+    drop(image);
+    drop(writer);
+    qemu_check_clean(&image_path);
+    qemu_reads(&image_path, &model, "end");
+}
+
+#[test]
+fn random_operations_match_a_byte_model_and_qemu_img_check_is_clean() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::from_env();
+    let configs = [
+        Config {
+            cluster_size: 64 << 10,
+            extended: false,
+            size: 8 << 20,
+            backing: None,
+            ops: 300,
+        },
+        Config {
+            cluster_size: 64 << 10,
+            extended: false,
+            size: 8 << 20,
+            backing: Some(6 << 20),
+            ops: 300,
+        },
+        Config {
+            cluster_size: 64 << 10,
+            extended: true,
+            size: 8 << 20,
+            backing: Some(10 << 20),
+            ops: 300,
+        },
+        // Tiny clusters: many refcount blocks and L2 tables, refcount table growth.
+        Config {
+            cluster_size: 512,
+            extended: false,
+            size: 3 << 20,
+            backing: Some(1 << 20),
+            ops: 400,
+        },
+    ];
+    for c in &configs {
+        random_workload(dir.path(), c, &mut rng);
+    }
+}
+
+#[test]
+fn created_images_record_the_backing_format_and_qemu_agrees() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    qemu_img(dir.path(), &["create", "-q", "-f", "qcow2", s(&base), "5M"]);
+    let top = dir.path().join("top.qcow2");
+    qcow2::create(
+        &top,
+        &CreateOptions {
+            size: 5 << 20,
+            backing: Some(("base.qcow2".to_owned(), Format::Qcow2)),
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    let out = qemu_img(dir.path(), &["info", "--output=json", s(&top)]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["backing-filename-format"], "qcow2", "{v}");
+    assert_eq!(v["backing-filename"], "base.qcow2", "{v}");
+    assert_eq!(v["virtual-size"], 5 << 20, "{v}");
+    qemu_check_clean(&top);
+    // An existing file is never overwritten.
+    let err = qcow2::create(&top, &CreateOptions::default()).unwrap_err();
+    assert!(err.detail().contains("exists"), "{}", err.detail());
+    // Bad geometry is refused by name.
+    let err = qcow2::create(
+        &dir.path().join("x.qcow2"),
+        &CreateOptions {
+            cluster_size: 4096,
+            extended_l2: true,
+            size: 1 << 20,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.detail().contains("16384"), "{}", err.detail());
+    assert!(!dir.path().join("x.qcow2").exists());
+}
+
+/// A qemu-made image with every kind of cluster, and the raw bytes it holds.
+fn qemu_made(dir: &Path, name: &str, opts: &str, size: u64) -> (PathBuf, Vec<u8>) {
+    let path = dir.join(name);
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            opts,
+            s(&path),
+            &size.to_string(),
+        ],
+    );
+    qemu_io(
+        dir,
+        "qcow2",
+        s(&path),
+        &[
+            "write -P 0x11 0 256k",
+            "write -c -P 0x22 1M 128k",
+            "write -z 2M 64k",
+            "write -P 0x33 3M 64k",
+            "discard 3M 64k",
+            "write -P 0x44 4M 8k",
+        ],
+    );
+    let bytes = qemu_raw(&path, "qcow2");
+    (path, bytes)
+}
+
+#[test]
+fn images_qemu_wrote_read_exactly_and_stay_writable() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::from_env();
+    for (name, opts) in [
+        ("plain.qcow2", "cluster_size=65536"),
+        ("ext.qcow2", "cluster_size=65536,extended_l2=on"),
+        ("zstd.qcow2", "compression_type=zstd"),
+        ("v2.qcow2", "compat=0.10"),
+    ] {
+        let (path, mut model) = qemu_made(dir.path(), name, opts, 6 << 20);
+        if name == "plain.qcow2" {
+            // An internal snapshot: its clusters have refcount 2 and are copied on write.
+            qemu_img(dir.path(), &["snapshot", "-c", "snap1", s(&path)]);
+        }
+        let (image, writer) = open_rw(&path);
+        thinline_reads(&image, &model, name);
+        // Writes over compressed, zero, shared and discarded clusters.
+        for &(off, len) in &[
+            (1 << 20, 4096u64),
+            ((1 << 20) + 100_000, 70_000),
+            ((2 << 20) + 512, 512),
+            ((3 << 20) + 1000, 3000),
+            (100, 200_000),
+            ((4 << 20) + 4096, 65536),
+        ] {
+            let data = rng.bytes(len as usize);
+            writer.write(&image, off, &data, false).unwrap();
+            model[off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+        writer
+            .write_zeroes(&image, 128 << 10, 64 << 10, ZeroMode::default(), false)
+            .unwrap();
+        model[(128 << 10)..(192 << 10)].fill(0);
+        thinline_reads(&image, &model, name);
+        writer.flush().unwrap();
+        drop(image);
+        drop(writer);
+        qemu_check_clean(&path);
+        qemu_reads(&path, &model, name);
+        if name == "plain.qcow2" {
+            // The snapshot still holds what qemu wrote before it.
+            let snap = dir.path().join("snap.raw");
+            qemu_img(
+                dir.path(),
+                &["convert", "-l", "snap1", "-O", "raw", s(&path), s(&snap)],
+            );
+            let old = std::fs::read(&snap).unwrap();
+            assert_eq!(&old[..256 << 10], &vec![0x11u8; 256 << 10][..]);
+        }
+    }
+}
+
+#[test]
+fn resize_grows_with_a_zero_tail_over_a_longer_backing_and_refuses_cutting_data() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0x5au8; 4 << 20]).unwrap();
+    let top = dir.path().join("top.qcow2");
+    qcow2::create(
+        &top,
+        &CreateOptions {
+            size: (1 << 20) + 1000,
+            backing: Some((s(&base).to_owned(), Format::Raw)),
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    let (image, writer) = open_rw(&top);
+    // Grow past 512 MiB: the L1 table moves too.
+    writer.resize(&image, 600 << 20).unwrap();
+    let mut buf = vec![0u8; 8 << 20];
+    image.read(0, &mut buf).unwrap();
+    assert!(buf[..(1 << 20) + 1000].iter().all(|&b| b == 0x5a));
+    assert!(
+        buf[(1 << 20) + 1000..].iter().all(|&b| b == 0),
+        "the backing shows through the new tail"
+    );
+    writer
+        .write(&image, (600 << 20) - 5, b"tail!", false)
+        .unwrap();
+    // Shrinking over data is refused; over an unallocated tail it works.
+    let err = writer.resize(&image, 100 << 20).unwrap_err();
+    assert!(err.detail().contains("holds data"), "{}", err.detail());
+    writer
+        .write_zeroes(&image, 599 << 20, 1 << 20, ZeroMode::default(), false)
+        .unwrap();
+    writer.flush().unwrap();
+    drop(image);
+    drop(writer);
+    qemu_check_clean(&top);
+    let out = qemu_img(dir.path(), &["info", "--output=json", s(&top)]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["virtual-size"], 600u64 << 20, "{v}");
+}
+
+#[test]
+fn repair_frees_leaked_clusters_and_clears_the_dirty_bit() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (path, model) = qemu_made(dir.path(), "leaky.qcow2", "lazy_refcounts=on", 6 << 20);
+    // A leak: grow the file, count one of its new clusters as used, and set dirty.
+    let header = std::fs::read(&path).unwrap();
+    let be64 = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().unwrap());
+    let reftable = be64(48) as usize;
+    let block = u64::from_be_bytes(header[reftable..reftable + 8].try_into().unwrap()) as usize;
+    let clusters = header.len() / 65536;
+    let mut bytes = header.clone();
+    bytes.resize((clusters + 2) * 65536, 0);
+    let leak = clusters + 1;
+    bytes[block + leak * 2..block + leak * 2 + 2].copy_from_slice(&1u16.to_be_bytes());
+    bytes[79] |= 1; // incompatible features: dirty
+    std::fs::write(&path, &bytes).unwrap();
+    let err = Image::open_writable(&path, &OpenOptions::default()).unwrap_err();
+    assert!(
+        err.detail().contains("thinline image check --repair"),
+        "{}",
+        err.detail()
+    );
+    let report = qcow2::repair(&path).unwrap();
+    assert!(report.dirty_cleared, "{report:?}");
+    assert!(report.leaks_fixed >= 1, "{report:?}");
+    // Lazy refcounts stay on (qemu's choice too), so a writable open is still refused
+    // until the feature is turned off; qemu agrees the image is clean.
+    qemu_check_clean(&path);
+    qemu_reads(&path, &model, "repaired");
+}
+
+#[test]
+fn a_second_writer_is_refused_and_qemu_is_refused_while_thinline_writes() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("locked.qcow2");
+    qcow2::create(
+        &path,
+        &CreateOptions {
+            size: 1 << 20,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    let (image, writer) = open_rw(&path);
+    let err = Image::open_writable(&path, &OpenOptions::default()).unwrap_err();
+    assert!(err.detail().contains("in use by"), "{}", err.detail());
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write 0 4k", s(&path)])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "qemu-io wrote an image Thinline holds"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("lock"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(image);
+    drop(writer);
+    // Released with the file: qemu may write now, and then Thinline is refused.
+    let mut qemu = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "sleep 3000", s(&path)])
+        .spawn()
+        .unwrap();
+    let inode = {
+        use std::os::unix::fs::MetadataExt;
+        format!(":{} ", std::fs::metadata(&path).unwrap().ino())
+    };
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains(&inode))
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "qemu-io never took its locks"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let refused = Image::open_writable(&path, &OpenOptions::default())
+        .unwrap_err()
+        .detail();
+    qemu.kill().unwrap();
+    qemu.wait().unwrap();
+    assert!(refused.contains("in use by"), "{refused}");
+    assert!(
+        refused.contains("qemu-io"),
+        "the holder is named: {refused}"
+    );
+}
