@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Served, has_python_nbd, require, run, thinline};
+use common::{Served, SmallFs, has_python_nbd, require, run, thinline};
 
 const MIB: u64 = 1 << 20;
 const CHUNK: u64 = 64 * 1024;
@@ -899,35 +899,6 @@ fn prefetch_hydrates_the_data_skips_the_holes_keeps_the_rate_and_records_complet
     assert_eq!(p.report["complete"], true, "{}", p.report);
     assert_eq!(read_all(&p.uri(""), dir.path()), bytes);
     assert_eq!(up.reads().iter().map(|r| r.1).sum::<u64>(), fetched);
-}
-
-/// A tmpfs mounted for one test, unmounted on drop.
-struct SmallFs(PathBuf);
-
-impl SmallFs {
-    fn mount(dir: &Path, size: &str) -> Option<SmallFs> {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let msg = "cannot mount a tmpfs (the ENOSPC test needs root)";
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("{msg}");
-            }
-            eprintln!("SKIP: {msg}");
-            return None;
-        }
-        Some(SmallFs(dir.to_owned()))
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 #[test]

@@ -270,3 +270,32 @@ pub fn rss_kib(pid: u32) -> u64 {
 pub fn read_file(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }
+
+/// A tmpfs mounted for one test, unmounted on drop.
+pub struct SmallFs(pub PathBuf);
+
+impl SmallFs {
+    pub fn mount(dir: &Path, size: &str) -> Option<SmallFs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let msg = "cannot mount a tmpfs (the ENOSPC test needs root)";
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{msg}");
+            }
+            eprintln!("SKIP: {msg}");
+            return None;
+        }
+        Some(SmallFs(dir.to_owned()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
