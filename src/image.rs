@@ -11,7 +11,9 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
-use thinline_format::{Fetch, Format, Image, LayerInfo, OpenOptions, UndeclaredBacking};
+use thinline_format::{
+    BackingOpener, Fetch, Format, Image, LayerInfo, OpenOptions, UndeclaredBacking,
+};
 
 use crate::size::parse_size;
 
@@ -82,6 +84,14 @@ pub struct OpenArgs {
     #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_size)]
     pub metadata_cache: usize,
 
+    /// Follow backing files that images name by URI when the URI starts with PREFIX
+    /// (repeatable; e.g. `https://templates.example.com/`). Without it, an image naming a
+    /// URI as its backing is refused: an image alone never makes the host fetch from an
+    /// address it chose. The prefix must end at a `/` (or be the whole URI), and URIs
+    /// with `..` segments are refused.
+    #[arg(long = "allow-backing", value_name = "PREFIX")]
+    pub allow_backing: Vec<String>,
+
     #[command(flatten)]
     pub remote: crate::remote::RemoteArgs,
 }
@@ -96,9 +106,46 @@ impl OpenArgs {
                 UndeclaredBackingArg::Raw => UndeclaredBacking::Raw,
             },
             cache_budget: self.metadata_cache,
+            backing_opener: self.backing_opener(),
             ..OpenOptions::default()
         }
     }
+
+    /// Opens backing URIs under the `--allow-backing` prefixes through the template
+    /// sources (same remote options as the image itself).
+    fn backing_opener(&self) -> Option<BackingOpener> {
+        if self.allow_backing.is_empty() {
+            return None;
+        }
+        let prefixes = self.allow_backing.clone();
+        let remote = self.remote.clone();
+        Some(BackingOpener(std::sync::Arc::new(move |name: &str| {
+            if !backing_allowed(&prefixes, name) {
+                return None;
+            }
+            let fail = |e: String| thinline_format::Error::chain(name, e);
+            let opened = (|| -> anyhow::Result<_> {
+                let source = thinline_source::parse(name)?;
+                let runtime = crate::remote::runtime()?;
+                Ok(source.open(&remote.config()?, runtime.handle())?)
+            })();
+            Some(opened.map_err(|e| fail(format!("{e:#}"))))
+        })))
+    }
+}
+
+/// Whether `name` is a URI under one of `prefixes`: the prefix ends at a `/` of the name
+/// (or is all of it), and the name has no `..` segment to climb out of it.
+pub fn backing_allowed(prefixes: &[String], name: &str) -> bool {
+    if !thinline_format::storage::looks_like_uri(name)
+        || name.split(['/', '?', '#']).any(|seg| seg == "..")
+    {
+        return false;
+    }
+    prefixes.iter().any(|p| {
+        name.strip_prefix(p.as_str())
+            .is_some_and(|rest| p.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
+    })
 }
 
 /// The image a read-only subcommand opens, and how to open it.
@@ -609,6 +656,37 @@ fn write_sparse(out: &File, data: &[u8], offset: u64) -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backing_uris_are_allowed_only_under_a_prefix_that_ends_at_a_slash() {
+        let p = vec![
+            "https://t.example.com/templates".to_owned(),
+            "nbd://h/".to_owned(),
+        ];
+        assert!(backing_allowed(
+            &p,
+            "https://t.example.com/templates/a.qcow2"
+        ));
+        assert!(backing_allowed(&p, "https://t.example.com/templates"));
+        assert!(backing_allowed(&p, "nbd://h/export"));
+        assert!(!backing_allowed(
+            &p,
+            "https://t.example.com/templates2/a.qcow2"
+        ));
+        assert!(!backing_allowed(
+            &p,
+            "https://t.example.com/templates/../etc/x"
+        ));
+        assert!(!backing_allowed(
+            &p,
+            "https://t.example.com.evil/templates/a"
+        ));
+        assert!(!backing_allowed(&p, "/var/lib/templates/a.qcow2"));
+        assert!(!backing_allowed(
+            &[],
+            "https://t.example.com/templates/a.qcow2"
+        ));
+    }
 
     #[test]
     fn sizes_are_human() {

@@ -107,6 +107,7 @@ pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
         format: args.backing_format.unwrap_or(FormatArg::Auto),
         undeclared_backing: UndeclaredBackingArg::Refuse,
         metadata_cache: 32 << 20,
+        allow_backing: Vec::new(),
         remote: args.remote.clone(),
     };
     let backing = match &args.backing {
@@ -174,6 +175,8 @@ pub struct ResizeArgs {
     /// Print one JSON object with the old and new sizes.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    open: OpenArgs,
     /// The qcow2 image.
     image: PathBuf,
     /// The new size (bytes or K, M, G, T), or +SIZE / -SIZE relative to the current one.
@@ -183,9 +186,8 @@ pub struct ResizeArgs {
 
 /// Runs `image resize`.
 pub fn resize(args: &ResizeArgs) -> anyhow::Result<()> {
-    let (image, writer) =
-        Image::open_writable(&args.image, &thinline_format::OpenOptions::default())
-            .map_err(|e| anyhow::anyhow!(e.detail()))?;
+    let (image, writer) = Image::open_writable(&args.image, &args.open.options())
+        .map_err(|e| anyhow::anyhow!(e.detail()))?;
     let old = image.size();
     let new = match args.size.as_bytes().first() {
         Some(b'+') => {

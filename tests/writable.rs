@@ -498,3 +498,87 @@ print("resumed")
     let d = done as usize;
     assert!(after[d << 20..(d + 1) << 20].iter().all(|&b| b == 0x99));
 }
+
+#[test]
+fn a_backing_uri_is_followed_only_under_a_prefix_the_operator_allowed() {
+    use thinline_test_support::servers::{Nginx, require_nginx};
+    if !require(TOOLS) || !require_nginx() {
+        return;
+    }
+    let www = tempfile::tempdir().unwrap();
+    let base: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
+    std::fs::create_dir(www.path().join("templates")).unwrap();
+    std::fs::write(www.path().join("templates/base.raw"), &base).unwrap();
+    let nginx = Nginx::start(www.path());
+    let dir = tempfile::tempdir().unwrap();
+    let clone = dir.path().join("clone.qcow2");
+    let uri = nginx.url("templates/base.raw");
+    // The operator names the URI: create follows it (for its size) and records it.
+    run(Command::new(thinline()).args([
+        "image",
+        "create",
+        "-f",
+        "qcow2",
+        "--backing",
+        &uri,
+        "--backing-format",
+        "raw",
+        s(&clone),
+    ]));
+    let fetched = nginx.access_log().lines().count();
+    // The image alone, or a prefix the URI is not under, is not enough.
+    for extra in [
+        vec![],
+        vec!["--allow-backing".to_owned(), nginx.url("other/")],
+        vec!["--allow-backing".to_owned(), nginx.url("templ")],
+    ] {
+        let sock = dir.path().join("refused.sock");
+        let out = Command::new(thinline())
+            .args(["serve", "-w", "--socket", s(&sock)])
+            .args(&extra)
+            .arg(&clone)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(err.contains("--allow-backing"), "{extra:?}: {err}");
+    }
+    assert_eq!(
+        nginx.access_log().lines().count(),
+        fetched,
+        "a refused backing URI was fetched"
+    );
+    // Under an allowed prefix: served, read from the template, written locally.
+    let prefix = nginx.url("templates/");
+    let served = Served::unix(
+        dir.path(),
+        &["-w", "--allow-backing", &prefix],
+        &[s(&clone)],
+    );
+    let out = common::nbdsh(
+        &served.uri(""),
+        "h.connect_uri(URI)\nh.pwrite(b'x' * 5000, 100000)\nh.flush()\nprint(h.pread(4096, 2 << 20).hex())",
+    );
+    assert_eq!(out.trim(), hex(&base[2 << 20..(2 << 20) + 4096]));
+    let mut served = served;
+    assert!(served.terminate(Duration::from_secs(20)).success());
+    // qemu here has no HTTP driver: check the overlay alone.
+    let spec = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":{:?}}},"backing":null}}"#,
+        s(&clone)
+    );
+    let out = Command::new("qemu-img")
+        .args(["check", &spec])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -12,6 +12,7 @@
 //! tests and fuzzing); [`Image::allocation`] turns it into block status.
 
 use std::collections::HashSet;
+use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -46,6 +47,20 @@ pub enum UndeclaredBacking {
     Raw,
 }
 
+/// Opens backing names that are URIs under prefixes the operator registered
+/// (`--allow-backing`, or an agent's own records). It returns `None` for a name it does
+/// not take; such names are opened by the child's storage, which refuses URIs: an image
+/// alone never makes the host fetch from an address it chose.
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct BackingOpener(pub Arc<dyn Fn(&str) -> Option<Result<Arc<dyn Storage>>> + Send + Sync>);
+
+impl fmt::Debug for BackingOpener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BackingOpener")
+    }
+}
+
 /// How to open an image.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
@@ -57,6 +72,9 @@ pub struct OpenOptions {
     pub cache_budget: usize,
     /// Policy for qcow2 backing files without a declared format.
     pub undeclared_backing: UndeclaredBacking,
+    /// Backing names (URIs) the operator allowed, opened before the child's storage is
+    /// asked.
+    pub backing_opener: Option<BackingOpener>,
 }
 
 impl Default for OpenOptions {
@@ -66,6 +84,7 @@ impl Default for OpenOptions {
             max_depth: MAX_CHAIN_DEPTH,
             cache_budget: DEFAULT_BUDGET,
             undeclared_backing: UndeclaredBacking::Refuse,
+            backing_opener: None,
         }
     }
 }
@@ -346,7 +365,8 @@ impl Image {
             let mut failures = Vec::new();
             let mut parent_storage = None;
             for name in &backing.names {
-                match child.files()[0].open_related(name) {
+                let allowed = options.backing_opener.as_ref().and_then(|o| (o.0)(name));
+                match allowed.unwrap_or_else(|| child.files()[0].open_related(name)) {
                     Ok(s) => {
                         parent_storage = Some(s);
                         break;

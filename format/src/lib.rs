@@ -1,4 +1,4 @@
-//! Disk image formats for Thinline: raw, qcow2, VHD and VMDK, read-only.
+//! Disk image formats for Thinline: raw, qcow2, VHD and VMDK, read; qcow2, written.
 //!
 //! The crate has no async runtime and does no guest-data I/O of its own. Each format
 //! parses its metadata through the [`Storage`] trait and answers [`Layer::map`] with a
@@ -31,7 +31,8 @@ pub mod vmdk;
 
 pub use cache::{CacheStats, MetadataCache};
 pub use chain::{
-    Allocation, Extent, Image, MAX_CHAIN_DEPTH, OpenOptions, Place, UndeclaredBacking, detect,
+    Allocation, BackingOpener, Extent, Image, MAX_CHAIN_DEPTH, OpenOptions, Place,
+    UndeclaredBacking, detect,
 };
 pub use data_path::{DataPath, RangeReader};
 pub use error::{Error, Result};

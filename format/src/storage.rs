@@ -327,7 +327,8 @@ impl Storage for FileStorage {
             return Err(Error::chain(
                 &self.name,
                 format!(
-                    "{name:?} is a URI or json: specification, not a file name; only file names are followed"
+                    "{name:?} is a URI or json: specification, not a file name; only file names are \
+                     followed, and URIs under a prefix the operator allows (`--allow-backing PREFIX`)"
                 ),
             ));
         }
