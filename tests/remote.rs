@@ -459,6 +459,8 @@ fn faults_beyond_the_budget_fail_one_read_and_the_next_succeeds() {
          except nbd.Error as e:\n    assert e.errnum == errno.EIO, e\n",
     );
     assert_eq!(proxy.injected() - before, 3, "one attempt and two retries");
+    // The log line may be collected just after the reply reached the client.
+    served.wait_for_log("bytes 5242880-6291455", Duration::from_secs(10));
     let log = served.log();
     assert!(
         log.contains("/t.raw bytes 5242880-6291455") && log.contains("503"),
@@ -676,6 +678,7 @@ fn s3_templates_of_every_format_read_like_qemu_through_faults() {
         &S3_ENV,
     );
     assert_eq!(proxy.queued(), 0, "every injected fault was hit");
+    served.wait_for_log("503", Duration::from_secs(10));
     let log = served.log();
     assert!(log.contains("503"), "{log}");
     assert!(
@@ -837,6 +840,7 @@ fn s3_throttling_beyond_the_budget_fails_one_read_and_recovers() {
         "try:\n    h.pread(4096, 2 << 20)\n    assert False, 'read succeeded'\n\
          except nbd.Error as e:\n    assert e.errnum == errno.EIO, e\n",
     );
+    served.wait_for_log("bytes 2097152-3145727", Duration::from_secs(10));
     let log = served.log();
     assert!(
         log.contains("s3://tmpl/t.raw bytes 2097152-3145727") && log.contains("SlowDown"),

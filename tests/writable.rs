@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::qemu_nbd::{QemuNbd, assert_same_map, nbd_map};
 use common::{Served, SmallFs, has_python_nbd, require, run, thinline};
 use thinline_test_support::rng::Rng;
 
-const TOOLS: &[&str] = &["qemu-img", "nbdsh", "nbdcopy"];
+const TOOLS: &[&str] = &["qemu-img", "qemu-nbd", "nbdinfo", "nbdsh", "nbdcopy"];
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -242,6 +243,21 @@ fn several_clients_writing_into_shared_clusters_match_a_raw_reference_and_qemu_c
     assert!(served.terminate(Duration::from_secs(20)).success());
     assert_clean(&clone);
     assert_same(&clone, &reference);
+    // qemu-nbd serves the same bytes, and Thinline's block status (read-only now)
+    // agrees with qemu-nbd -A on what is allocated where and what reads as zero.
+    let qemu = QemuNbd::start(&clone, "qcow2", dir.path().join("q.sock"));
+    let from_qemu = dir.path().join("from-qemu.raw");
+    run(Command::new("nbdcopy").arg(qemu.uri()).arg(&from_qemu));
+    assert!(std::fs::read(&from_qemu).unwrap() == std::fs::read(&reference).unwrap());
+    let ours = Served::unix(dir.path(), &["-r"], &[s(&clone)]);
+    for context in ["", "qemu:allocation-depth"] {
+        assert_same_map(
+            &format!("written overlay {context}"),
+            &nbd_map(&ours.uri(""), context),
+            &nbd_map(&qemu.uri(), context),
+            false,
+        );
+    }
 }
 
 #[test]

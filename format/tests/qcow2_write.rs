@@ -510,3 +510,78 @@ fn a_second_writer_is_refused_and_qemu_is_refused_while_thinline_writes() {
         "the holder is named: {refused}"
     );
 }
+
+#[test]
+fn the_backing_can_come_from_storage_the_caller_opened_instead_of_the_name_in_the_header() {
+    use std::sync::Arc;
+    use thinline_format::{BackingOpener, MemoryStorage};
+    let dir = tempfile::tempdir().unwrap();
+    let top = dir.path().join("clone.qcow2");
+    qcow2::create(
+        &top,
+        &CreateOptions {
+            size: 1 << 20,
+            backing: Some((
+                "nbd+unix:///template?socket=/nowhere".to_owned(),
+                Format::Raw,
+            )),
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    // The name alone is never followed.
+    let err = Image::open_writable(&top, &OpenOptions::default()).unwrap_err();
+    assert!(err.detail().contains("--allow-backing"), "{}", err.detail());
+    // The caller's own reader of the template (e.g. the shared copy-on-read cache).
+    let template: Vec<u8> = (0..1u32 << 20).map(|i| (i % 249) as u8 + 1).collect();
+    let shared = template.clone();
+    let options = OpenOptions {
+        backing_opener: Some(BackingOpener(Arc::new(move |name: &str| {
+            (name == "nbd+unix:///template?socket=/nowhere")
+                .then(|| Ok(MemoryStorage::open("template", shared.clone())))
+        }))),
+        ..OpenOptions::default()
+    };
+    let (image, writer) = Image::open_writable(&top, &options).unwrap();
+    let mut model = template;
+    writer.write(&image, 5000, b"clone", false).unwrap();
+    model[5000..5005].copy_from_slice(b"clone");
+    thinline_reads(&image, &model, "over the caller's backing");
+    writer.flush().unwrap();
+}
+
+#[test]
+fn bitmaps_are_invalidated_as_the_spec_asks_before_the_first_write_and_repair_frees_them() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bitmap.qcow2");
+    qemu_img(dir.path(), &["create", "-q", "-f", "qcow2", s(&path), "4M"]);
+    qemu_img(dir.path(), &["bitmap", "--add", s(&path), "b0"]);
+    qemu_io(dir.path(), "qcow2", s(&path), &["write -P 0x11 0 64k"]);
+    let (image, writer) = open_rw(&path);
+    writer.write(&image, 1 << 20, &[0x22; 4096], false).unwrap();
+    writer.flush().unwrap();
+    drop(image);
+    drop(writer);
+    // The autoclear bit is gone: qemu treats the bitmaps as inconsistent, not as valid.
+    let header = std::fs::read(&path).unwrap();
+    assert_eq!(&header[88..96], &[0; 8], "autoclear features left set");
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", s(&path)])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bitmaps are now considered inconsistent"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = qcow2::repair(&path).unwrap();
+    assert!(report.leaks_fixed > 0, "{report:?}");
+    qemu_check_clean(&path);
+    let mut model = vec![0u8; 4 << 20];
+    model[..64 << 10].fill(0x11);
+    model[1 << 20..(1 << 20) + 4096].fill(0x22);
+    qemu_reads(&path, &model, "after the bitmaps were dropped");
+}

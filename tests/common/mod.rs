@@ -10,6 +10,7 @@
 
 pub mod hostile_http;
 pub mod hostile_nfs;
+pub mod qemu_nbd;
 pub mod wire;
 
 use std::io::{BufRead, BufReader, Read};
