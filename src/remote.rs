@@ -136,6 +136,14 @@ impl RemoteArgs {
     }
 }
 
+/// Threads of the runtime's blocking pool, at most: metadata-cache misses of image
+/// exports, compressed clusters, the thread I/O engine's reads and writes and the
+/// copy-on-read cache's writes and syncs run there. Tokio's default (512) lets a server
+/// under random reads of a large qcow2 grow to hundreds of threads, one per miss that
+/// found no idle thread; 32 keeps one queue depth of 32 blocking at once (remote
+/// metadata misses wait on the network) and queues the rest.
+const MAX_BLOCKING_THREADS: usize = 32;
+
 /// The process's async runtime: remote reads, and the server when serving.
 pub fn runtime() -> anyhow::Result<&'static tokio::runtime::Runtime> {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -144,6 +152,7 @@ pub fn runtime() -> anyhow::Result<&'static tokio::runtime::Runtime> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .thread_name("thinline")
         .build()
         .context("cannot start the async runtime")?;

@@ -1,8 +1,8 @@
 # shellcheck shell=bash
-# Shared parts of the NBD benchmark scripts benches/compare-servers.sh, benches/compare-formats.sh
-# and benches/compare-remote.sh: option and environment handling, starting and stopping servers,
-# cleanup, the fio run, the environment header and the report. Each script keeps its own servers,
-# jobs, images and tables.
+# Shared parts of the NBD benchmark scripts benches/compare-servers.sh, benches/compare-formats.sh,
+# benches/compare-remote.sh and benches/qcow2-memory.sh: option and environment handling, starting
+# and stopping servers, cleanup, the fio run, the environment header and the report. Each script
+# keeps its own servers, jobs, images and tables.
 #
 # Source it right after `set -euo pipefail`, with bench_name set (the prefix of messages and of the
 # default results folder). The sourcing script must define before use:

@@ -70,6 +70,19 @@ impl<K: Eq + Hash + Clone, V> Lru<K, V> {
     /// more than one entry is left. Returns how many entries were dropped (a replaced
     /// value is not counted).
     pub fn insert(&mut self, key: K, value: V, cost: usize) -> usize {
+        self.insert_with(key, value, cost, drop)
+    }
+
+    /// [`insert`](Self::insert), handing each dropped value to `evicted` (in the order
+    /// they are dropped, oldest first) instead of dropping it; a replaced value is
+    /// dropped.
+    pub fn insert_with(
+        &mut self,
+        key: K,
+        value: V,
+        cost: usize,
+        mut evicted: impl FnMut(V),
+    ) -> usize {
         let now = self.tick();
         if let Some((_, old_cost, stamp)) = self.entries.insert(key.clone(), (value, cost, now)) {
             self.cost -= old_cost;
@@ -77,17 +90,18 @@ impl<K: Eq + Hash + Clone, V> Lru<K, V> {
         }
         self.by_age.insert(now, key);
         self.cost += cost;
-        let mut evicted = 0;
+        let mut count = 0;
         while self.cost > self.budget && self.entries.len() > 1 {
             let Some((_, oldest)) = self.by_age.pop_first() else {
                 break;
             };
-            if let Some((_, old_cost, _)) = self.entries.remove(&oldest) {
+            if let Some((value, old_cost, _)) = self.entries.remove(&oldest) {
                 self.cost -= old_cost;
-                evicted += 1;
+                count += 1;
+                evicted(value);
             }
         }
-        evicted
+        count
     }
 
     /// Removes the value at `key` and returns it.
@@ -175,6 +189,17 @@ mod tests {
         assert_eq!(lru.insert(2, (), 100), 1);
         assert!(!lru.contains_key(&1) && lru.contains_key(&2));
         assert_eq!(lru.budget(), 10);
+    }
+
+    #[test]
+    fn insert_with_hands_over_the_dropped_values_oldest_first() {
+        let mut lru = Lru::new(2);
+        lru.insert(1, "one", 1);
+        lru.insert(2, "two", 1);
+        let mut dropped = Vec::new();
+        assert_eq!(lru.insert_with(3, "three", 2, |v| dropped.push(v)), 2);
+        assert_eq!(dropped, ["one", "two"]);
+        assert_eq!((lru.len(), lru.cost()), (1, 2));
     }
 
     #[test]

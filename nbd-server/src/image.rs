@@ -6,7 +6,9 @@
 //! `thinline-format` maps each request into a plan (host ranges, compressed units,
 //! zeroes); this module executes it. Mapping is first tried from the metadata cache on
 //! the request's task ([`Fetch::CachedOnly`]); a miss maps again on the blocking pool,
-//! which may read tables. Data ranges in local files are read like the raw export does
+//! which may read tables (concurrent misses of one table wait for a single read, see
+//! [`thinline_format::MetadataCache`]; the pool's size is the runtime builder's choice,
+//! and `thinline serve` bounds it). Data ranges in local files are read like the raw export does
 //! (inline `RWF_NOWAIT` for page-cache hits, then io_uring or threads); compressed
 //! units are decompressed on the blocking pool; zero and unallocated ranges are sent
 //! as holes without any I/O.
