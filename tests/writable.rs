@@ -271,6 +271,7 @@ fn fio_with_verification_and_qemu_io_agree_on_a_writable_overlay() {
     let uri = served.uri("");
     // fio writes random blocks of mixed sizes with checksums, then reads them back.
     let out = Command::new("fio")
+        .current_dir(dir.path())
         .args([
             "--name=verify",
             "--ioengine=nbd",
@@ -282,6 +283,7 @@ fn fio_with_verification_and_qemu_io_agree_on_a_writable_overlay() {
             "--iodepth=16",
             "--verify=crc32c",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--randrepeat=0",
         ])
