@@ -4,8 +4,9 @@
 # than either server's metadata cache) to fio 4 KiB random reads at queue depth 32 over a unix
 # socket (fio's nbd engine, libnbd). Every L2 table is equally likely, so the metadata cache misses
 # all the time: this is the load that shows what a miss costs in memory and threads. A second
-# pass of random writes runs only against a server whose export is writable (neither is today:
-# Thinline serves qcow2 read-only, qemu-nbd runs with -r).
+# pass of 4 KiB random writes at queue depth 32 serves the same image read-write (thinline serve
+# -w, qemu-nbd without -r): the clusters are preallocated, so writes go in place and the cost of a
+# metadata miss is the same as for reads.
 #
 # Each server is started fresh per pass; /proc/PID/status is sampled every 0.2 s from the moment it
 # answers until it is stopped (VmRSS, VmHWM, Threads). Prints a Markdown report: IOPS, peak RSS
@@ -131,13 +132,13 @@ PY
 # --- environment header ---------------------------------------------------------------------
 collect_env
 {
-  echo "## qcow2 server memory under random reads ($(date -u '+%Y-%m-%d %H:%M:%S UTC'))"
+  echo "## qcow2 server memory under random reads and writes ($(date -u '+%Y-%m-%d %H:%M:%S UTC'))"
   echo
   echo "- Host: $(nproc) CPUs ($cpu_model), $mem_total RAM, kernel $(uname -r) ($(uname -m))"
   echo "- Tools: $fio_ver, $qemu_ver, libnbd $libnbd_ver"
   echo "- Thinline: $thinline_desc; version: $thinline_ver; repo rev: $git_rev"
   echo "- Image: qcow2, $(numfmt --to=iec-i --suffix=B "$image_bytes") virtual, preallocation=metadata (every L2 table present), on $fs_type; metadata in the page cache before every run"
-  echo "- fio: ioengine=nbd over unix socket, numjobs=$NUMJOBS, runtime=${RUNTIME}s + ramp ${RAMP_TIME}s; write passes only where the export is writable"
+  echo "- fio: ioengine=nbd over unix socket, numjobs=$NUMJOBS, runtime=${RUNTIME}s + ramp ${RAMP_TIME}s; the write pass serves the image read-write"
   echo "- Memory: peak RSS is the server's VmHWM; threads sampled from /proc/PID/status every 0.2 s"
   echo "- Servers (each started fresh per run):"
   printf '%s' "$server_lines" | sed 's/^/  /'
@@ -150,8 +151,21 @@ qemu-img create -q -f qcow2 -o preallocation=metadata "$image" "$image_bytes"
 log "image uses $(du -h "$image" | cut -f1) on disk"
 
 # --- runs -----------------------------------------------------------------------------------
+# Write jobs serve the image read-write.
+declare -A read_cmd
+for s in "${servers[@]}"; do read_cmd[$s]=${cmd[$s]}; done
+writable_cmd() {
+  case "$1" in
+    thinline) printf '%s' "${read_cmd[$1]/ serve / serve -w }" ;;
+    *) printf '%s' "${read_cmd[$1]/ -r / }" ;;
+  esac
+}
 for job in "${job_names[@]}"; do
   for s in "${servers[@]}"; do
+    case "$job" in
+      *write*) cmd[$s]=$(writable_cmd "$s") ;;
+      *) cmd[$s]=${read_cmd[$s]} ;;
+    esac
     base=$RESULTS_DIR/$job.$s
     warm_metadata
     if ! start_server "$s" "$base.server.log" "$image" "$image_bytes"; then

@@ -1,8 +1,9 @@
 # shellcheck shell=bash
 # Shared parts of the NBD benchmark scripts benches/compare-servers.sh, benches/compare-formats.sh,
-# benches/compare-remote.sh and benches/qcow2-memory.sh: option and environment handling, starting
-# and stopping servers, cleanup, the fio run, the environment header and the report. Each script
-# keeps its own servers, jobs, images and tables.
+# benches/compare-remote.sh, benches/compare-writes.sh and benches/qcow2-memory.sh: option and
+# environment handling, starting and stopping servers, sampling their peak memory and threads,
+# cleanup, the fio run, the environment header and the report. Each script keeps its own servers,
+# jobs, images and tables (qcow2-memory.sh keeps its own finer sampler, with CPU time).
 #
 # Source it right after `set -euo pipefail`, with bench_name set (the prefix of messages and of the
 # default results folder). The sourcing script must define before use:
@@ -149,8 +150,60 @@ init_state() {
   sock_dir=$(mktemp -d /tmp/thinline-bench.XXXXXX)
   server_pid=
   fio_pid=
+  sampler_pid=
   sock=
   failures=0
+}
+
+# --- peak memory and threads of a server ----------------------------------------------------
+# proc_peak PID: "VmHWM_KiB THREADS" from /proc/PID/status (nothing once the process is gone).
+proc_peak() {
+  local k v _ hwm='' thr=''
+  while read -r k v _; do
+    case $k in
+      VmHWM:) hwm=$v ;;
+      Threads:) thr=$v ;;
+    esac
+  done 2>/dev/null <"/proc/$1/status" || return 0
+  [ -z "$hwm" ] || [ -z "$thr" ] || echo "$hwm $thr"
+}
+
+# start_sampler OUT: samples the running server ($server_pid) every 0.2 s until stop_sampler and
+# keeps in OUT "PEAK_RSS_KIB PEAK_THREADS" (VmHWM is the kernel's own peak; the thread count is
+# the highest one seen).
+start_sampler() {
+  local pid=$server_pid out=$1
+  [ -n "$pid" ] || return 0
+  (
+    trap 'exit 0' TERM
+    hwm=0 thr=0
+    while s=$(proc_peak "$pid") && [ -n "$s" ]; do
+      read -r h t <<<"$s"
+      [ "$h" -le "$hwm" ] || hwm=$h
+      [ "$t" -le "$thr" ] || thr=$t
+      echo "$hwm $thr" >"$out.tmp" && mv -f "$out.tmp" "$out"
+      sleep 0.2
+    done
+  ) &
+  sampler_pid=$!
+  sampler_out=$out
+}
+
+# stop_sampler: stops the sampler and folds one last sample of the (still running) server into
+# its file. Call it before stop_server.
+stop_sampler() {
+  local pid=$sampler_pid s h t hwm thr
+  [ -n "$pid" ] || return 0
+  sampler_pid=
+  kill -TERM "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  rm -f "$sampler_out.tmp"
+  [ -n "$server_pid" ] && s=$(proc_peak "$server_pid") && [ -n "$s" ] || return 0
+  read -r h t <<<"$s"
+  read -r hwm thr 2>/dev/null <"$sampler_out" || { hwm=0 thr=0; }
+  [ "$h" -le "$hwm" ] || hwm=$h
+  [ "$t" -le "$thr" ] || thr=$t
+  echo "$hwm $thr" >"$sampler_out"
 }
 
 stop_server() {
@@ -177,6 +230,7 @@ cleanup() {
     kill -TERM "$fio_pid" 2>/dev/null || true
     wait "$fio_pid" 2>/dev/null || true
   fi
+  stop_sampler
   stop_server
   rm -rf "$sock_dir"
   remove_images
