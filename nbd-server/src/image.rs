@@ -35,6 +35,20 @@ use crate::{DataError, Error, Result, fileio};
 
 const CONTEXTS: [&str; 2] = [BASE_ALLOCATION, ALLOCATION_DEPTH];
 
+/// Writes of one image running at once on the blocking pool. Buffered writes to one
+/// file serialize on its inode lock, so more threads only add context switches: a few
+/// keep the disk and the page cache busy. `THINLINE_WRITE_CONCURRENCY` overrides it
+/// (for benchmarks).
+pub const WRITE_CONCURRENCY: usize = 4;
+
+fn write_concurrency() -> usize {
+    std::env::var("THINLINE_WRITE_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(WRITE_CONCURRENCY)
+}
+
 /// Most extents computed for one block-status request; clients ask again for the rest.
 const MAX_EXTENTS: usize = 1 << 16;
 
@@ -53,6 +67,8 @@ pub struct ImageExport {
     image: Arc<Image>,
     /// The top image's writer, when served read-write.
     writer: Option<Arc<Qcow2Writer>>,
+    /// Bounds the writes running on the blocking pool at once (see [`WRITE_CONCURRENCY`]).
+    write_slots: Arc<tokio::sync::Semaphore>,
     name: String,
     /// `paths[layer][file]`: how each storage's data bytes are read, chosen at open.
     paths: Vec<Vec<DataPath>>,
@@ -89,6 +105,7 @@ impl ImageExport {
         Ok(ImageExport {
             image: Arc::new(image),
             writer: None,
+            write_slots: Arc::new(tokio::sync::Semaphore::new(write_concurrency())),
             name,
             paths,
             nowait_reads: AtomicBool::new(true),
@@ -120,6 +137,7 @@ impl ImageExport {
             return Err(self.refuse_write());
         };
         let image = Arc::clone(&self.image);
+        let _slot = self.write_slots.acquire().await;
         blocking(move || Ok(op(&writer, &image)?)).await
     }
 

@@ -38,6 +38,8 @@ use super::{COMPRESSED, COPIED, OFFSET_MASK, SUBCLUSTERS, ZERO_FLAG};
 
 /// Refcount table entries: bits 9..=63 are the block offset.
 const REFTABLE_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// Most whole clusters one write allocates and links as a batch.
+const MAX_RUN: usize = 256;
 /// Dirty metadata kept in memory before it is written back without a flush.
 pub const DIRTY_LIMIT: usize = 8 << 20;
 
@@ -303,6 +305,16 @@ impl Qcow2Writer {
             let mut pos = offset;
             let mut rest = data;
             while !rest.is_empty() {
+                let whole = (rest.len() as u64 / cs) as usize;
+                if pos.is_multiple_of(cs) && whole > 1 {
+                    // Whole clusters: allocated together, written in runs.
+                    let n = whole.min(MAX_RUN);
+                    let len = n * cs as usize;
+                    self.write_clusters(pos, &rest[..len])?;
+                    pos += len as u64;
+                    rest = &rest[len..];
+                    continue;
+                }
                 let cluster_end = (pos & !(cs - 1)) + cs;
                 let n = ((cluster_end - pos) as usize).min(rest.len());
                 self.write_in_cluster(below, pos, &rest[..n])?;
@@ -412,20 +424,31 @@ impl Qcow2Writer {
         }
         let reuse = entry & COMPRESSED == 0 && host != 0 && entry & COPIED != 0;
         let target = if reuse { host } else { self.alloc_cluster()? };
-        let mut buf = if off == 0 && data.len() as u64 == cs {
-            data.to_vec()
+        let filled;
+        let buf: &[u8] = if off == 0 && data.len() as u64 == cs {
+            data
         } else {
-            let mut b = self.content(below, start, entry, bitmap)?;
-            b[off..off + data.len()].copy_from_slice(data);
-            b
+            let content = self.content(below, start, entry, bitmap);
+            filled = content.map(|mut b| {
+                b[off..off + data.len()].copy_from_slice(data);
+                b
+            });
+            match &filled {
+                Ok(b) => b,
+                Err(_) => {
+                    if !reuse {
+                        self.release(target);
+                    }
+                    return filled.map(|_| ());
+                }
+            }
         };
-        if let Err(e) = self.pwrite("write data", &buf, target) {
+        if let Err(e) = self.pwrite("write data", buf, target) {
             if !reuse {
                 self.release(target);
             }
             return Err(e);
         }
-        buf.clear();
         let unref = if reuse {
             Vec::new()
         } else {
@@ -437,6 +460,89 @@ impl Qcow2Writer {
             0
         };
         self.link(l2, start, target | COPIED, full, unref)
+    }
+
+    /// Writes whole clusters from `start` (cluster aligned): clusters the image owns are
+    /// written in place, the others get new clusters, allocated one after the other so
+    /// that they are mostly contiguous, and each run of contiguous host clusters is
+    /// written with one `pwrite`; then the entries are linked.
+    fn write_clusters(&self, start: u64, data: &[u8]) -> Result<()> {
+        let cs = self.geo.cluster_size;
+        let n = data.len() / cs as usize;
+        let first = start >> self.geo.cluster_bits;
+        let _guards: Vec<ClusterGuard<'_>> = (first..first + n as u64)
+            .map(|c| self.locks.lock(c))
+            .collect();
+        // (guest, host, l2, old entry, newly allocated)
+        let mut plan: Vec<(u64, u64, u64, u64, bool)> = Vec::with_capacity(n);
+        let release_all = |plan: &[(u64, u64, u64, u64, bool)]| {
+            for &(_, host, _, _, fresh) in plan {
+                if fresh {
+                    self.release(host);
+                }
+            }
+        };
+        for i in 0..n as u64 {
+            let guest = start + i * cs;
+            let step = self.own_l2(guest).and_then(|l2| {
+                let (entry, bitmap) = self.entry(l2, guest)?;
+                let host = entry & OFFSET_MASK;
+                let owned = entry & COMPRESSED == 0 && host != 0 && entry & COPIED != 0;
+                let in_place = owned
+                    && if self.geo.extended {
+                        bitmap as u32 == u32::MAX
+                    } else {
+                        entry & ZERO_FLAG == 0
+                    };
+                if in_place {
+                    return Ok((guest, host, l2, entry, false));
+                }
+                if owned {
+                    // A zero cluster (or partly allocated one) with its own host cluster.
+                    return Ok((guest, host, l2, entry, false));
+                }
+                Ok((guest, self.alloc_cluster()?, l2, entry, true))
+            });
+            match step {
+                Ok(p) => plan.push(p),
+                Err(e) => {
+                    release_all(&plan);
+                    return Err(e);
+                }
+            }
+        }
+        let mut i = 0;
+        while i < n {
+            let mut j = i + 1;
+            while j < n && plan[j].1 == plan[j - 1].1 + cs {
+                j += 1;
+            }
+            let bytes = &data[i * cs as usize..j * cs as usize];
+            if let Err(e) = self.pwrite("write data", bytes, plan[i].1) {
+                release_all(&plan);
+                return Err(e);
+            }
+            i = j;
+        }
+        let full = if self.geo.extended {
+            u64::from(u32::MAX)
+        } else {
+            0
+        };
+        for (guest, host, l2, entry, fresh) in plan {
+            let linked = host | COPIED;
+            if !fresh && entry == linked && (!self.geo.extended || self.entry(l2, guest)?.1 == full)
+            {
+                continue;
+            }
+            let unref = if fresh {
+                self.geo.referenced(entry)
+            } else {
+                Vec::new()
+            };
+            self.link(l2, guest, linked, full, unref)?;
+        }
+        Ok(())
     }
 
     /// A write inside a cluster of an image with extended L2 entries (subclusters).
@@ -780,6 +886,9 @@ impl Qcow2Writer {
                         Some(data) => {
                             let free = (c % rpb..rpb)
                                 .find(|&i| refcount_entry(&data, order, i as usize) == 0);
+                            // Ours must be the only reference for `modify` to change the
+                            // block in place instead of copying it.
+                            drop(data);
                             match free {
                                 Some(i) => {
                                     let found = k * rpb + i;
