@@ -72,6 +72,11 @@ impl Nginx {
         // nginx adopts an inherited socket (listed in $NGINX) whose address matches a
         // `listen` directive instead of binding one.
         let listener = loopback_listener();
+        // nginx keeps an inherited socket's mode, and its workers all wait for the same
+        // listening socket: a blocking one leaves the workers that lose the race for a
+        // connection asleep in accept(), with every request they hold stalled until the
+        // next connection arrives (30 s first-byte timeouts in the remote tests).
+        listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let d = dir.path().display();
         let config = format!(
