@@ -1,7 +1,8 @@
 //! The image export: a qcow2, VHD, VMDK or raw image and its backing chain, served
 //! as the raw disk it describes: read-only, or for a qcow2 image opened with
 //! [`ImageExport::open_writable`], read-write (writes, zeroes, trims and flushes run
-//! the format's [`Qcow2Writer`] on the blocking pool; the layers below stay read-only).
+//! the format's [`Qcow2Writer`] in place on the request's thread, at most
+//! [`WRITE_CONCURRENCY`] at once; the layers below stay read-only).
 //!
 //! `thinline-format` maps each request into a plan (host ranges, compressed units,
 //! zeroes); this module executes it. Mapping is first tried from the metadata cache on
@@ -35,7 +36,7 @@ use crate::{DataError, Error, Result, fileio};
 
 const CONTEXTS: [&str; 2] = [BASE_ALLOCATION, ALLOCATION_DEPTH];
 
-/// Writes of one image running at once on the blocking pool. Buffered writes to one
+/// Writes of one image running at once. Buffered writes to one
 /// file serialize on its inode lock, so more threads only add context switches: a few
 /// keep the disk and the page cache busy. `THINLINE_WRITE_CONCURRENCY` overrides it
 /// (for benchmarks).
@@ -67,7 +68,7 @@ pub struct ImageExport {
     image: Arc<Image>,
     /// The top image's writer, when served read-write.
     writer: Option<Arc<Qcow2Writer>>,
-    /// Bounds the writes running on the blocking pool at once (see [`WRITE_CONCURRENCY`]).
+    /// Bounds the writes running at once (see [`WRITE_CONCURRENCY`]).
     write_slots: Arc<tokio::sync::Semaphore>,
     name: String,
     /// `paths[layer][file]`: how each storage's data bytes are read, chosen at open.
@@ -127,8 +128,12 @@ impl ImageExport {
         self.writer.as_ref()
     }
 
-    /// Runs `op` with the writer and the image (for reads below the top) on the
-    /// blocking pool.
+    /// Runs `op` with the writer and the image (for reads below the top). On a
+    /// multi-threaded runtime it runs in place ([`tokio::task::block_in_place`]: the
+    /// worker's other tasks move to another thread), which saves the two thread
+    /// wake-ups of a blocking-pool task (4 KiB writes at queue depth 1 went from 0.9–1.05×
+    /// to 1.6–1.7× of qemu-nbd); each request is its own task, so only this request
+    /// waits. Elsewhere it runs on the blocking pool.
     async fn write_op(
         &self,
         op: impl FnOnce(&Qcow2Writer, &Image) -> thinline_format::Result<()> + Send + 'static,
@@ -138,6 +143,11 @@ impl ImageExport {
         };
         let image = Arc::clone(&self.image);
         let _slot = self.write_slots.acquire().await;
+        if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            return tokio::task::block_in_place(|| Ok(op(&writer, &image)?));
+        }
         blocking(move || Ok(op(&writer, &image)?)).await
     }
 
