@@ -61,24 +61,15 @@ fn assert_clean(path: &Path) {
 
 /// `qemu-img compare` of the overlay (through qemu's own qcow2 driver) with `reference`.
 fn assert_same(clone: &Path, reference: &Path) {
-    let out = Command::new("qemu-img")
-        .args([
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            s(clone),
-            s(reference),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img compare: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        s(clone),
+        s(reference),
+    ]));
 }
 
 /// Starts `nbdsh -c SCRIPT` (libnbd's Python shell) with `URI` and the given variables.
@@ -270,31 +261,21 @@ fn fio_with_verification_and_qemu_io_agree_on_a_writable_overlay() {
     let served = Served::unix(dir.path(), &["-w"], &[s(&clone)]);
     let uri = served.uri("");
     // fio writes random blocks of mixed sizes with checksums, then reads them back.
-    let out = Command::new("fio")
-        .current_dir(dir.path())
-        .args([
-            "--name=verify",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bsrange=512-128k",
-            "--bs_unaligned=1",
-            "--size=16m",
-            "--iodepth=16",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--do_verify=1",
-            "--randrepeat=0",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fio verify: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run(Command::new("fio").current_dir(dir.path()).args([
+        "--name=verify",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bsrange=512-128k",
+        "--bs_unaligned=1",
+        "--size=16m",
+        "--iodepth=16",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        "--do_verify=1",
+        "--randrepeat=0",
+    ]));
     // qemu-io over NBD: partial writes over the template, zeroes, discards.
     run(Command::new("qemu-io").args([
         "-f",
@@ -585,16 +566,7 @@ fn a_backing_uri_is_followed_only_under_a_prefix_the_operator_allowed() {
         r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":{:?}}},"backing":null}}"#,
         s(&clone)
     );
-    let out = Command::new("qemu-img")
-        .args(["check", &spec])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img check: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run(Command::new("qemu-img").args(["check", &spec]));
 }
 
 fn hex(b: &[u8]) -> String {

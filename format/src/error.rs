@@ -127,6 +127,24 @@ impl Error {
         }
     }
 
+    /// Turns an I/O error of `op` on `path` at `[offset, offset + length)` into
+    /// [`Error::Io`] (for `map_err`).
+    pub fn io_at(
+        path: &str,
+        op: &'static str,
+        offset: u64,
+        length: u64,
+    ) -> impl FnOnce(io::Error) -> Error + use<> {
+        let path = path.to_owned();
+        move |source| Error::Io {
+            path,
+            op,
+            offset,
+            length,
+            source,
+        }
+    }
+
     /// The message with every cause appended (`a: b: c`), for places that keep only
     /// a string.
     pub fn detail(&self) -> String {

@@ -123,11 +123,6 @@ impl ImageExport {
         Ok(export)
     }
 
-    /// The image's writer, when it is served read-write.
-    pub fn writer(&self) -> Option<&Arc<Qcow2Writer>> {
-        self.writer.as_ref()
-    }
-
     /// Runs `op` with the writer and the image (for reads below the top). On a
     /// multi-threaded runtime it runs in place ([`tokio::task::block_in_place`]: the
     /// worker's other tasks move to another thread), which saves the two thread

@@ -124,16 +124,7 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
             source,
         })?;
     let result = (|| {
-        let io = |op| {
-            let name = name.clone();
-            move |source| Error::Io {
-                path: name,
-                op,
-                offset: 0,
-                length: cs,
-                source,
-            }
-        };
+        let io = |op| Error::io_at(&name, op, 0, cs);
         file.write_all_at(&header, 0).map_err(io("write header"))?;
         let l1_clusters = (l1_entries * 8).div_ceil(cs);
         file.set_len((1 + l1_clusters) * cs)
@@ -158,16 +149,7 @@ pub(super) fn write_refcounts(
     order: u32,
     counts: &[u16],
 ) -> Result<()> {
-    let io = |op, offset, length| {
-        let name = name.to_owned();
-        move |source| Error::Io {
-            path: name,
-            op,
-            offset,
-            length,
-            source,
-        }
-    };
+    let io = |op, offset, length| Error::io_at(name, op, offset, length);
     let n = counts.len() as u64;
     let rpb = (cs * 8) >> order;
     let max = if order >= 6 {

@@ -229,13 +229,12 @@ impl Live {
                 return Err(Error::NotCached);
             }
             let mut buf = vec![0u8; self.cluster_size as usize];
-            read_full(&self.file, &mut buf, offset).map_err(|source| Error::Io {
-                path: self.name.clone(),
-                op: what,
+            read_full(&self.file, &mut buf, offset).map_err(Error::io_at(
+                &self.name,
+                what,
                 offset,
-                length: self.cluster_size,
-                source,
-            })?;
+                self.cluster_size,
+            ))?;
             let mut m = self.lock();
             if let Some(b) = m.get(offset) {
                 return Ok(b);

@@ -97,13 +97,7 @@ fn holders(file: &File) -> Vec<String> {
 
 /// Takes the locks of a qcow2 writer on `file`, or fails naming what conflicts.
 pub fn lock_for_writing(file: &File, name: &str) -> Result<ImageLock> {
-    let io = |source| Error::Io {
-        path: name.to_owned(),
-        op: "lock image",
-        offset: 0,
-        length: 0,
-        source,
-    };
+    let io = |source| Error::io_at(name, "lock image", 0, 0)(source);
     let conflict = |perm: i64, theirs: bool| {
         let who = holders(file);
         let holder = if who.is_empty() {

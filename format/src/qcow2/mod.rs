@@ -632,15 +632,9 @@ pub fn open_writable(
     let l1: Vec<u64> = l1_raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
     if raw.autoclear != 0 {
         use std::os::unix::fs::FileExt;
-        let io = |source| Error::Io {
-            path: name.clone(),
-            op: "clear autoclear features",
-            offset: 88,
-            length: 8,
-            source,
-        };
-        file.write_all_at(&[0u8; 8], 88).map_err(io)?;
-        file.sync_data().map_err(io)?;
+        let io = || Error::io_at(&name, "clear autoclear features", 88, 8);
+        file.write_all_at(&[0u8; 8], 88).map_err(io())?;
+        file.sync_data().map_err(io())?;
     }
     let extended = raw.incompatible & INCOMPAT_EXTENDED_L2 != 0;
     let geo = Geometry {

@@ -71,16 +71,7 @@ pub fn repair(path: &Path) -> Result<RepairReport> {
             source,
         })?;
     let _lock = lock::lock_for_writing(&file, &name)?;
-    let io = |op, offset, length| {
-        let name = name.clone();
-        move |source| Error::Io {
-            path: name,
-            op,
-            offset,
-            length,
-            source,
-        }
-    };
+    let io = |op, offset, length| Error::io_at(&name, op, offset, length);
     let cs = layer.cluster_size;
     let raw = layer.header.raw;
     if report.leaks_fixed + report.refcounts_fixed > 0 || report.dirty_cleared {

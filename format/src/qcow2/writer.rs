@@ -246,15 +246,8 @@ impl Qcow2Writer {
         op: &'static str,
         offset: u64,
         length: u64,
-    ) -> impl FnOnce(std::io::Error) -> Error {
-        let path = self.live.name.clone();
-        move |source| Error::Io {
-            path,
-            op,
-            offset,
-            length,
-            source,
-        }
+    ) -> impl FnOnce(std::io::Error) -> Error + use<> {
+        Error::io_at(&self.live.name, op, offset, length)
     }
 
     fn invalid(&self, reason: String) -> Error {
@@ -1262,28 +1255,25 @@ impl Qcow2Writer {
     /// Allocates `n` contiguous clusters past everything allocated; returns the first.
     fn alloc_run(&self, n: u64) -> Result<u64> {
         let cs = self.geo.cluster_size;
-        let start = {
+        {
             let mut m = self.live.lock();
             let file_end = self.live.file_size.load(Ordering::Acquire).div_ceil(cs);
-            let start = m.alloc_end.max(file_end).max(m.free_hint);
-            m.free_hint = start;
-            start
-        };
-        let mut got = Vec::new();
+            m.free_hint = m.alloc_end.max(file_end).max(m.free_hint);
+        }
+        let mut got: Vec<u64> = Vec::new();
         loop {
             let c = self.alloc_cluster()?;
-            match got.last() {
-                Some(&prev) if c != prev + cs => {
-                    // A refcount block took a cluster of the run: start it again here.
-                    for o in got.drain(..) {
-                        self.release(o);
-                    }
-                    got.push(c);
+            if got.last().is_some_and(|&prev| c != prev + cs) {
+                // A refcount block took a cluster of the run: give the run back and start
+                // it again here, past the block (releasing lowers the hint; raise it again
+                // so the released clusters are not picked up in front of the block).
+                for o in got.drain(..) {
+                    self.release(o);
                 }
-                _ => got.push(c),
+                self.live.lock().free_hint = (c >> self.geo.cluster_bits) + 1;
             }
+            got.push(c);
             if got.len() as u64 == n {
-                let _ = start;
                 return Ok(got[0]);
             }
         }
