@@ -123,6 +123,8 @@ fn random_workload(dir: &Path, c: &Config, rng: &mut Rng) {
         c.cluster_size
     };
     let (mut image, mut writer) = open_rw(&image_path);
+    // Writes done by `try_write` alone, and those it left to `write`.
+    let (mut tried, mut left) = (0, 0);
     for op in 0..c.ops {
         let cs = c.cluster_size;
         // Offsets near cluster boundaries and lengths of a few clusters, often unaligned.
@@ -141,7 +143,17 @@ fn random_workload(dir: &Path, c: &Config, rng: &mut Rng) {
         match rng.below(10) {
             0..=4 => {
                 let data = rng.bytes(len as usize);
-                writer.write(&image, off, &data, rng.below(8) == 0).unwrap();
+                let fua = rng.below(8) == 0;
+                // Half the writes first try the path without I/O, as the NBD export does.
+                match (!fua && rng.below(2) == 0).then(|| writer.try_write(off, &data)) {
+                    Some(Ok(())) => tried += 1,
+                    Some(Err(thinline_format::Error::NotCached)) => {
+                        left += 1;
+                        writer.write(&image, off, &data, fua).unwrap();
+                    }
+                    Some(Err(e)) => panic!("{what}: try_write at {off}+{len}: {}", e.detail()),
+                    None => writer.write(&image, off, &data, fua).unwrap(),
+                }
                 model[off as usize..(off + len) as usize].copy_from_slice(&data);
             }
             5 | 6 => {
@@ -189,6 +201,10 @@ fn random_workload(dir: &Path, c: &Config, rng: &mut Rng) {
     drop(writer);
     qemu_check_clean(&image_path);
     qemu_reads(&image_path, &model, "end");
+    assert!(
+        tried > 0 && left > 0,
+        "try_write finished {tried} writes and left {left}: both paths must be exercised"
+    );
 }
 
 #[test]
@@ -232,6 +248,207 @@ fn random_operations_match_a_byte_model_and_qemu_img_check_is_clean() {
     for c in &configs {
         random_workload(dir.path(), c, &mut rng);
     }
+}
+
+#[test]
+fn try_write_does_only_what_needs_no_read_and_leaves_the_rest_untouched() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::from_env();
+    let base = dir.path().join("base.raw");
+    let base_bytes = rng.bytes(1 << 20);
+    std::fs::write(&base, &base_bytes).unwrap();
+    let cs = 64u64 << 10;
+    for extended in [false, true] {
+        let path = dir.path().join(format!("try-{extended}.qcow2"));
+        qcow2::create(
+            &path,
+            &CreateOptions {
+                size: 1 << 20,
+                cluster_size: cs,
+                extended_l2: extended,
+                backing: Some((s(&base).to_owned(), Format::Raw)),
+            },
+        )
+        .unwrap();
+        let not_cached = |r: thinline_format::Result<()>, what: &str| match r {
+            Err(thinline_format::Error::NotCached) => {}
+            other => panic!("extended {extended}: {what}: expected NotCached, got {other:?}"),
+        };
+        let mut model = base_bytes.clone();
+        let (image, writer) = open_rw(&path);
+        // A partial cluster over the backing needs the backing's bytes: refused, and
+        // nothing changed.
+        not_cached(writer.try_write(100, &[1; 300]), "a partial cluster");
+        thinline_reads(
+            &image,
+            &model,
+            &format!("extended {extended}: after a refused write"),
+        );
+        // A whole new cluster needs a refcount, whose block is not in memory yet.
+        let whole = rng.bytes(cs as usize);
+        not_cached(
+            writer.try_write(cs, &whole),
+            "a refcount block not in memory",
+        );
+        thinline_reads(
+            &image,
+            &model,
+            &format!("extended {extended}: after a refused write"),
+        );
+        // A write that may read loads it; then a whole new cluster needs nothing but
+        // its own pwrite.
+        writer.write(&image, 8 * cs, &whole, false).unwrap();
+        model[8 * cs as usize..9 * cs as usize].copy_from_slice(&whole);
+        writer.try_write(cs, &whole).unwrap();
+        model[cs as usize..2 * cs as usize].copy_from_slice(&whole);
+        // Inside a cluster the image owns: written in place.
+        writer.try_write(cs + 100, &[7; 300]).unwrap();
+        model[(cs + 100) as usize..(cs + 400) as usize].fill(7);
+        if extended {
+            // Whole subclusters (2 KiB) of a new cluster: nothing to read either.
+            writer.try_write(4 * cs + 2048, &[9; 4096]).unwrap();
+            model[(4 * cs + 2048) as usize..(4 * cs + 6144) as usize].fill(9);
+        } else {
+            not_cached(
+                writer.try_write(4 * cs + 2048, &[9; 4096]),
+                "part of a new cluster",
+            );
+        }
+        thinline_reads(
+            &image,
+            &model,
+            &format!("extended {extended}: after try_write"),
+        );
+        writer.flush().unwrap();
+        drop((image, writer));
+        qemu_check_clean(&path);
+        qemu_reads(&path, &model, &format!("extended {extended}"));
+        // Reopened, neither the L2 table nor the refcount block is in memory: refused
+        // until a write that may read has loaded them.
+        let (image, writer) = open_rw(&path);
+        not_cached(writer.try_write(2 * cs, &whole), "tables not in memory");
+        writer.write(&image, 9 * cs, &whole, false).unwrap();
+        writer.try_write(2 * cs, &whole).unwrap();
+        model[9 * cs as usize..10 * cs as usize].copy_from_slice(&whole);
+        model[2 * cs as usize..3 * cs as usize].copy_from_slice(&whole);
+        writer.flush().unwrap();
+        drop((image, writer));
+        qemu_check_clean(&path);
+        qemu_reads(&path, &model, &format!("extended {extended}: reopened"));
+    }
+}
+
+/// The big-endian u64 at `at` in the file.
+fn file_be64(path: &Path, at: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 8];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut b, at)
+        .unwrap();
+    u64::from_be_bytes(b)
+}
+
+fn file_bytes(path: &Path, at: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut b = vec![0u8; len];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut b, at)
+        .unwrap();
+    b
+}
+
+fn patch(path: &Path, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+}
+
+#[test]
+fn a_crafted_table_never_makes_the_writer_overwrite_the_images_metadata() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cs = 64u64 << 10;
+    let craft = |name: &str| {
+        let path = dir.path().join(name);
+        qemu_img(
+            dir.path(),
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=65536",
+                s(&path),
+                "1M",
+            ],
+        );
+        qemu_io(dir.path(), "qcow2", s(&path), &["write -P 0x11 0 64k"]);
+        let l1 = file_be64(&path, 40);
+        let reftable = file_be64(&path, 48);
+        (path, l1, reftable)
+    };
+    // L2 entries that say "guest cluster 1 is yours, at the L1 table" and "guest cluster
+    // 2 is yours, at the refcount table": writing there, in whole or in part, is refused
+    // and changes nothing.
+    let (path, l1, reftable) = craft("l2-points-at-tables.qcow2");
+    let l2 = file_be64(&path, l1) & 0x00ff_ffff_ffff_fe00;
+    patch(&path, l2 + 8, &(l1 | 1 << 63).to_be_bytes());
+    patch(&path, l2 + 16, &(reftable | 1 << 63).to_be_bytes());
+    let before = file_bytes(&path, 0, 4 * cs as usize);
+    let (image, writer) = open_rw(&path);
+    for (off, len) in [(cs, cs), (cs + 10, 100), (2 * cs, cs), (2 * cs + 512, 4096)] {
+        let data = vec![0xaa; len as usize];
+        let err = writer
+            .write(&image, off, &data, false)
+            .expect_err("a write over metadata must fail");
+        assert!(
+            err.detail().contains("metadata"),
+            "write at {off}+{len}: {}",
+            err.detail()
+        );
+        match writer.try_write(off, &data) {
+            Err(thinline_format::Error::NotCached) => {}
+            Err(e) => assert!(e.detail().contains("metadata"), "{}", e.detail()),
+            Ok(()) => panic!("try_write at {off}+{len} wrote over metadata"),
+        }
+    }
+    writer.flush().unwrap();
+    drop((image, writer));
+    assert!(
+        file_bytes(&path, 0, 4 * cs as usize) == before,
+        "the header, refcount table, refcount block or L1 table changed"
+    );
+    // A refcount block that calls the L1 table's cluster free: new clusters go elsewhere.
+    let (path, l1, reftable) = craft("l1-counted-free.qcow2");
+    let refblock = file_be64(&path, reftable);
+    patch(&path, refblock + 2 * (l1 / cs), &[0, 0]);
+    let l1_before = file_bytes(&path, l1, cs as usize);
+    let (image, writer) = open_rw(&path);
+    let data = vec![0x5c; (3 * cs) as usize];
+    writer.write(&image, 2 * cs, &data, false).unwrap();
+    writer
+        .write(&image, 6 * cs + 100, &data[..5000], false)
+        .unwrap();
+    writer.flush().unwrap();
+    let mut back = vec![0u8; data.len()];
+    image.read(2 * cs, &mut back).unwrap();
+    assert!(
+        back == data,
+        "data written past the crafted refcount reads back"
+    );
+    drop((image, writer));
+    assert!(
+        file_bytes(&path, l1, cs as usize) == l1_before,
+        "an allocation landed on the L1 table"
+    );
 }
 
 #[test]

@@ -61,7 +61,18 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         match op[0] % 8 {
             0..=2 => {
                 let bytes: Vec<u8> = (0..len).map(|i| (i as u8) ^ op[0] ^ op[5]).collect();
-                writer.write(&image, off, &bytes, op[0] & 0x80 != 0).unwrap();
+                let fua = op[0] & 0x80 != 0;
+                // Some writes first try the path without I/O, as the NBD export does.
+                let done = op[0] & 0x20 != 0
+                    && !fua
+                    && match writer.try_write(off, &bytes) {
+                        Ok(()) => true,
+                        Err(thinline_format::Error::NotCached) => false,
+                        Err(e) => panic!("try_write at {off}+{len}: {e}"),
+                    };
+                if !done {
+                    writer.write(&image, off, &bytes, fua).unwrap();
+                }
                 model[lo..hi].copy_from_slice(&bytes);
             }
             3 | 4 => {

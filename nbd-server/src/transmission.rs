@@ -21,7 +21,9 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -185,7 +187,7 @@ struct Connection {
 /// or the server shuts down.
 pub(crate) async fn run<R, W>(
     session: Session,
-    mut reader: R,
+    mut reader: BufReader<R>,
     writer: W,
     shared: Arc<Shared>,
     peer: String,
@@ -273,7 +275,7 @@ enum Step {
 
 /// Reads one request (and its payload) and starts it, or answers it directly.
 async fn next_request<R: AsyncRead + Unpin>(
-    reader: &mut R,
+    reader: &mut BufReader<R>,
     conn: &Arc<Connection>,
     shared: &Arc<Shared>,
     in_flight: &Arc<Semaphore>,
@@ -388,8 +390,8 @@ async fn next_request<R: AsyncRead + Unpin>(
             };
             let mut payload = None;
             if let Command::Write { length, .. } = command {
-                let mut buf = BytesMut::zeroed(length as usize);
-                if let Err(e) = reader.read_exact(&mut buf).await {
+                let mut buf = BytesMut::with_capacity(length as usize);
+                if let Err(e) = read_payload(reader, &mut buf, length as usize).await {
                     return Step::End(format!(
                         "client went away inside a {length}-byte write payload: {e}"
                     ));
@@ -415,6 +417,27 @@ async fn next_request<R: AsyncRead + Unpin>(
             Step::Continue
         }
     }
+}
+
+/// Reads a write payload of `length` bytes into `buf` (empty) without zeroing it first:
+/// what the reader has buffered, then the rest straight from the socket, which saves
+/// copying it through the read buffer.
+async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    buf: &mut BytesMut,
+    length: usize,
+) -> std::io::Result<()> {
+    let buffered = reader.buffer();
+    let n = buffered.len().min(length);
+    buf.extend_from_slice(&buffered[..n]);
+    reader.consume(n);
+    let mut rest = reader.get_mut().take((length - n) as u64);
+    while buf.len() < length {
+        if rest.read_buf(buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
 }
 
 async fn discard<R: AsyncRead + Unpin>(reader: &mut R, mut n: u64) -> std::io::Result<()> {

@@ -6,15 +6,13 @@ use crate::Result;
 use crate::layer::CheckReport;
 
 use super::header::{INCOMPAT_DIRTY, be64};
-use super::{COMPRESSED, COPIED, OFFSET_MASK, Qcow2Layer, ZERO_FLAG};
+use super::{COMPRESSED, COPIED, OFFSET_MASK, Qcow2Layer, REFTABLE_MASK, ZERO_FLAG};
 
 /// Largest image checked: one computed and one stored count (2 bytes each) per host
 /// cluster, so 64 Mi clusters (4 TiB of 64 KiB clusters) need 256 MiB.
 const MAX_CHECK_CLUSTERS: u64 = 1 << 26;
 /// Messages kept per list; the rest are only counted.
 const MAX_MESSAGES: usize = 1000;
-/// Refcount table entries: bits 9..=63 are the block offset.
-const REFCOUNT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 
 struct Findings {
     errors: Vec<String>,
@@ -247,7 +245,7 @@ fn read_refcounts(w: &mut Walk<'_>) {
     let bits = 1u64 << raw.refcount_order;
     let per_block = w.cs * 8 / bits;
     for (k, chunk) in table.chunks_exact(8).enumerate() {
-        let block_offset = be64(chunk, 0) & REFCOUNT_OFFSET_MASK;
+        let block_offset = be64(chunk, 0) & REFTABLE_MASK;
         if block_offset == 0 {
             continue;
         }

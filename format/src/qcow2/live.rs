@@ -9,7 +9,7 @@
 //! result is kept only if no table was written back meanwhile (`written` epoch), so a
 //! slow reader can never put an older copy of a table in place of a newer one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,6 +61,71 @@ pub(super) struct Meta {
     /// Host clusters whose last reference was removed but whose refcount may only drop
     /// once that removal is durable.
     pub pending_free: Vec<u64>,
+    /// Host clusters that hold the image's own metadata: header, L1 and refcount
+    /// tables, active L2 tables, refcount blocks, the snapshot table and snapshots' L1
+    /// tables, bitmap directory and tables. Guest data is never written there and no
+    /// allocation lands there, whatever a crafted table says.
+    metadata: ClusterRanges,
+    cluster_bits: u32,
+}
+
+/// A set of cluster indices as disjoint, non-touching half-open ranges (start → end),
+/// so a crafted table claiming gigabytes costs one entry, not one per cluster.
+#[derive(Debug, Default)]
+struct ClusterRanges(BTreeMap<u64, u64>);
+
+impl ClusterRanges {
+    fn insert(&mut self, mut start: u64, mut end: u64) {
+        if start >= end {
+            return;
+        }
+        if let Some((&s, &e)) = self.0.range(..=start).next_back()
+            && e >= start
+        {
+            start = s;
+            end = end.max(e);
+            self.0.remove(&s);
+        }
+        while let Some((&s, &e)) = self.0.range(start..=end).next() {
+            end = end.max(e);
+            self.0.remove(&s);
+        }
+        self.0.insert(start, end);
+    }
+
+    fn remove(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        if let Some((&s, &e)) = self.0.range(..start).next_back()
+            && e > start
+        {
+            self.0.insert(s, start);
+            if e > end {
+                self.0.insert(end, e);
+            }
+        }
+        let inside: Vec<(u64, u64)> = self.0.range(start..end).map(|(&s, &e)| (s, e)).collect();
+        for (s, e) in inside {
+            self.0.remove(&s);
+            if e > end {
+                self.0.insert(end, e);
+            }
+        }
+    }
+
+    /// The first index of the set in `[start, end)`.
+    fn first_in(&self, start: u64, end: u64) -> Option<u64> {
+        if start >= end {
+            return None;
+        }
+        if let Some((_, &e)) = self.0.range(..=start).next_back()
+            && e > start
+        {
+            return Some(start);
+        }
+        self.0.range(start..end).next().map(|(&s, _)| s)
+    }
 }
 
 impl Meta {
@@ -124,6 +189,33 @@ impl Meta {
         }
     }
 
+    /// The clusters `[offset, offset + len)` touches, as a half-open range of indices.
+    fn clusters(&self, offset: u64, len: u64) -> (u64, u64) {
+        let size = 1u64 << self.cluster_bits;
+        let end = offset.saturating_add(len).div_ceil(size);
+        (offset >> self.cluster_bits, end)
+    }
+
+    /// Records `[offset, offset + len)` as metadata (see [`Meta::metadata`]).
+    pub fn protect(&mut self, offset: u64, len: u64) {
+        let (start, end) = self.clusters(offset, len);
+        self.metadata.insert(start, end);
+    }
+
+    /// `[offset, offset + len)` holds metadata no longer.
+    pub fn unprotect(&mut self, offset: u64, len: u64) {
+        let (start, end) = self.clusters(offset, len);
+        self.metadata.remove(start, end);
+    }
+
+    /// The host offset of the first metadata cluster in `[offset, offset + len)`.
+    pub fn metadata_in(&self, offset: u64, len: u64) -> Option<u64> {
+        let (start, end) = self.clusters(offset, len);
+        self.metadata
+            .first_in(start, end)
+            .map(|c| c << self.cluster_bits)
+    }
+
     /// Marks blocks written back at `generation` clean (those changed since stay dirty).
     pub fn written_back(&mut self, blocks: &[(u64, u64)]) {
         self.written += 1;
@@ -150,6 +242,10 @@ pub(super) struct Tables {
     pub reftable: Vec<u64>,
     pub reftable_offset: u64,
     pub alloc_end: u64,
+    /// Byte ranges of every other piece of metadata (header, snapshot table and L1
+    /// tables, bitmap directory and tables); the L1 and refcount tables and what they
+    /// point at are added from the fields above.
+    pub metadata: Vec<(u64, u64)>,
 }
 
 /// The shared state of one writable qcow2 image.
@@ -175,28 +271,48 @@ impl Live {
         tables: Tables,
         budget: usize,
     ) -> Live {
+        let mut meta = Meta {
+            l1_dirty: 0,
+            reftable_dirty: 0,
+            l1_offset: tables.l1_offset,
+            reftable_offset: tables.reftable_offset,
+            alloc_end: tables.alloc_end,
+            clean: Lru::new(budget),
+            dirty: HashMap::new(),
+            dirty_bytes: 0,
+            generation: 0,
+            written: 0,
+            free_hint: 0,
+            pending_free: Vec::new(),
+            metadata: ClusterRanges::default(),
+            cluster_bits: cluster_size.trailing_zeros(),
+            l1: Vec::new(),
+            reftable: Vec::new(),
+        };
+        for &(offset, len) in &tables.metadata {
+            meta.protect(offset, len);
+        }
+        meta.protect(tables.l1_offset, tables.l1.len() as u64 * 8);
+        meta.protect(tables.reftable_offset, tables.reftable.len() as u64 * 8);
+        for e in &tables.l1 {
+            if e & super::OFFSET_MASK != 0 {
+                meta.protect(e & super::OFFSET_MASK, cluster_size);
+            }
+        }
+        for e in &tables.reftable {
+            if e & super::REFTABLE_MASK != 0 {
+                meta.protect(e & super::REFTABLE_MASK, cluster_size);
+            }
+        }
+        meta.l1 = tables.l1;
+        meta.reftable = tables.reftable;
         Live {
             name,
             file,
             cluster_size,
             size: AtomicU64::new(size),
             file_size,
-            meta: Mutex::new(Meta {
-                l1: tables.l1,
-                l1_dirty: 0,
-                reftable: tables.reftable,
-                reftable_dirty: 0,
-                l1_offset: tables.l1_offset,
-                reftable_offset: tables.reftable_offset,
-                alloc_end: tables.alloc_end,
-                clean: Lru::new(budget),
-                dirty: HashMap::new(),
-                dirty_bytes: 0,
-                generation: 0,
-                written: 0,
-                free_hint: 0,
-                pending_free: Vec::new(),
-            }),
+            meta: Mutex::new(meta),
         }
     }
 
@@ -269,4 +385,45 @@ pub(super) fn read_full(file: &File, buf: &mut [u8], offset: u64) -> std::io::Re
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClusterRanges;
+
+    /// The set as a sorted list of indices (all below 80), to compare with a model.
+    fn members(r: &ClusterRanges) -> Vec<u64> {
+        (0..80)
+            .filter(|&c| r.first_in(c, c + 1).is_some())
+            .collect()
+    }
+
+    #[test]
+    fn cluster_ranges_match_a_set_of_indices_under_random_inserts_and_removes() {
+        let mut rng = thinline_test_support::rng::Rng::from_env();
+        for _ in 0..200 {
+            let mut ranges = ClusterRanges::default();
+            let mut model = std::collections::BTreeSet::new();
+            for _ in 0..30 {
+                let a = rng.below(60);
+                let b = a + rng.below(8);
+                if rng.below(3) == 0 {
+                    ranges.remove(a, b);
+                    (a..b).for_each(|c| {
+                        model.remove(&c);
+                    });
+                } else {
+                    ranges.insert(a, b);
+                    model.extend(a..b);
+                }
+                assert_eq!(members(&ranges), model.iter().copied().collect::<Vec<_>>());
+                let (x, y) = (rng.below(64), rng.below(64));
+                let (x, y) = (x.min(y), x.max(y));
+                assert_eq!(ranges.first_in(x, y), model.range(x..y).next().copied());
+                // Disjoint and not touching: every range is as large as it can be.
+                let spans: Vec<(u64, u64)> = ranges.0.iter().map(|(&s, &e)| (s, e)).collect();
+                assert!(spans.windows(2).all(|w| w[0].1 < w[1].0), "{spans:?}");
+            }
+        }
+    }
 }

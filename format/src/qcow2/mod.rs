@@ -42,6 +42,8 @@ use writer::Geometry;
 
 /// Bits 9..=55 of L1 and L2 entries: a cluster-aligned host offset.
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Refcount table entries: bits 9..=63 are the block offset.
+const REFTABLE_MASK: u64 = 0xffff_ffff_ffff_fe00;
 /// L2 entry bit 62: the cluster is compressed.
 const COMPRESSED: u64 = 1 << 62;
 /// L1/L2 entry bit 63: the refcount is exactly one.
@@ -663,11 +665,33 @@ pub fn open_writable(
             reftable,
             reftable_offset: raw.refcount_table_offset,
             alloc_end: len.div_ceil(cs),
+            metadata: metadata_ranges(&header),
         },
         budget,
     ));
     let layer = Qcow2Layer::from_header(storage, header, ctx, Some(live.clone()))?;
     Ok((layer, Qcow2Writer::new(live, geo, image_lock)))
+}
+
+/// Where the image's metadata lies besides the active L1 and refcount tables (and what
+/// they point at): the header cluster, the snapshot table and every snapshot's L1
+/// table, the bitmap directory and every bitmap's table.
+fn metadata_ranges(header: &Header) -> Vec<(u64, u64)> {
+    let mut ranges = vec![(0, header.cluster_size)];
+    if header.snapshot_table_len > 0 {
+        ranges.push((header.raw.snapshots_offset, header.snapshot_table_len));
+    }
+    for s in &header.snapshots {
+        ranges.push((s.l1_offset, u64::from(s.l1_size) * 8));
+    }
+    if let Some(d) = header.bitmap_directory {
+        ranges.push((d.offset, d.size));
+    }
+    for b in &header.bitmaps {
+        ranges.push((b.table_offset, u64::from(b.table_size) * 8));
+    }
+    ranges.retain(|&(_, len)| len > 0);
+    ranges
 }
 
 #[cfg(test)]

@@ -34,10 +34,8 @@ use crate::{Error, Result};
 use super::check::refcount_entry;
 use super::live::{Kind, Live, Meta, read_full};
 use super::lock::ImageLock;
-use super::{COMPRESSED, COPIED, OFFSET_MASK, SUBCLUSTERS, ZERO_FLAG};
+use super::{COMPRESSED, COPIED, OFFSET_MASK, REFTABLE_MASK, SUBCLUSTERS, ZERO_FLAG};
 
-/// Refcount table entries: bits 9..=63 are the block offset.
-const REFTABLE_MASK: u64 = 0xffff_ffff_ffff_fe00;
 /// Most whole clusters one write allocates and links as a batch.
 const MAX_RUN: usize = 256;
 /// Dirty metadata kept in memory before it is written back without a flush.
@@ -49,6 +47,20 @@ pub trait Below: Send + Sync {
     fn size(&self) -> u64;
     /// Reads `buf.len()` bytes at `offset` (zeroes past [`Below::size`]).
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// For writes that must not read below ([`Qcow2Writer::try_write`]): every read fails
+/// with [`Error::NotCached`], so a missed check can never stand in zeroes for data.
+struct NeverRead;
+
+impl Below for NeverRead {
+    fn size(&self) -> u64 {
+        0
+    }
+
+    fn read(&self, _offset: u64, _buf: &mut [u8]) -> Result<()> {
+        Err(Error::NotCached)
+    }
 }
 
 /// No backing: everything below reads as zeroes.
@@ -181,6 +193,22 @@ impl ClusterLocks {
             cluster,
         }
     }
+
+    /// Locks `cluster`, waiting for another write that holds it only if `fetch`
+    /// allows blocking; else [`Error::NotCached`].
+    fn lock_for(&self, cluster: u64, fetch: Fetch) -> Result<ClusterGuard<'_>> {
+        if fetch == Fetch::Allowed {
+            return Ok(self.lock(cluster));
+        }
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        if !busy.insert(cluster) {
+            return Err(Error::NotCached);
+        }
+        Ok(ClusterGuard {
+            locks: self,
+            cluster,
+        })
+    }
 }
 
 impl Drop for ClusterGuard<'_> {
@@ -265,6 +293,18 @@ impl Qcow2Writer {
         Ok(())
     }
 
+    /// Writes guest bytes at host `offset`, unless that would overwrite the image's
+    /// metadata: a crafted (or corrupt) table may point a guest cluster there.
+    fn pwrite_data(&self, op: &'static str, buf: &[u8], offset: u64) -> Result<()> {
+        if let Some(at) = self.live.lock().metadata_in(offset, buf.len() as u64) {
+            return Err(self.invalid(format!(
+                "refusing to {op} at host offset {offset:#x}: the cluster at {at:#x} holds the \
+                 image's own metadata (the image is corrupt; `thinline image check` it)"
+            )));
+        }
+        self.pwrite(op, buf, offset)
+    }
+
     fn pread(&self, op: &'static str, buf: &mut [u8], offset: u64) -> Result<()> {
         read_full(&self.live.file, buf, offset).map_err(self.io(op, offset, buf.len() as u64))
     }
@@ -293,6 +333,44 @@ impl Qcow2Writer {
     pub fn write(&self, below: &dyn Below, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         {
             let _r = self.read_lock();
+            self.write_with(below, offset, data, Fetch::Allowed)?;
+        }
+        self.after_change(fua)
+    }
+
+    /// Writes `data` at guest `offset` if that takes no I/O but the `pwrite` of the data
+    /// itself: the tables it changes are in memory, no other write holds its clusters,
+    /// and no byte of a cluster has to come from the backing or from a shared or
+    /// compressed cluster. Otherwise it fails with [`Error::NotCached`], and the caller
+    /// calls [`Qcow2Writer::write`] where blocking is fine: clusters this call already
+    /// wrote and linked are then written again in place with the same bytes.
+    ///
+    /// It never flushes and never writes metadata back: the caller checks
+    /// [`Qcow2Writer::write_back_due`].
+    pub fn try_write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let Ok(_r) = self.resizing.try_read() else {
+            return Err(Error::NotCached);
+        };
+        self.write_with(&NeverRead, offset, data, Fetch::CachedOnly)
+    }
+
+    /// Whether enough metadata is dirty that it should be written back now (see
+    /// [`Qcow2Writer::write_back_if_due`]).
+    pub fn write_back_due(&self) -> bool {
+        self.live.lock().dirty_bytes > DIRTY_LIMIT
+    }
+
+    /// Writes metadata back if [`Qcow2Writer::write_back_due`].
+    pub fn write_back_if_due(&self) -> Result<()> {
+        if self.write_back_due() {
+            let _r = self.read_lock();
+            self.write_back()?;
+        }
+        Ok(())
+    }
+
+    fn write_with(&self, below: &dyn Below, offset: u64, data: &[u8], fetch: Fetch) -> Result<()> {
+        {
             self.check_range(offset, data.len() as u64)?;
             let cs = self.geo.cluster_size;
             let mut pos = offset;
@@ -303,19 +381,19 @@ impl Qcow2Writer {
                     // Whole clusters: allocated together, written in runs.
                     let n = whole.min(MAX_RUN);
                     let len = n * cs as usize;
-                    self.write_clusters(pos, &rest[..len])?;
+                    self.write_clusters(pos, &rest[..len], fetch)?;
                     pos += len as u64;
                     rest = &rest[len..];
                     continue;
                 }
                 let cluster_end = (pos & !(cs - 1)) + cs;
                 let n = ((cluster_end - pos) as usize).min(rest.len());
-                self.write_in_cluster(below, pos, &rest[..n])?;
+                self.write_in_cluster(below, pos, &rest[..n], fetch)?;
                 pos += n as u64;
                 rest = &rest[n..];
             }
         }
-        self.after_change(fua)
+        Ok(())
     }
 
     /// Flushes if asked (FUA), else writes metadata back once too much is dirty.
@@ -323,7 +401,7 @@ impl Qcow2Writer {
         if fua {
             return self.flush();
         }
-        if self.live.lock().dirty_bytes > DIRTY_LIMIT {
+        if self.write_back_due() {
             self.write_back()?;
         }
         Ok(())
@@ -332,7 +410,11 @@ impl Qcow2Writer {
     /// The L2 entry (and extended bitmap) of guest cluster `guest` in the table at
     /// `l2` (which is in memory or read now).
     fn entry(&self, l2: u64, guest: u64) -> Result<(u64, u64)> {
-        let table = self.live.block(l2, "L2 table", Fetch::Allowed)?;
+        self.entry_with(l2, guest, Fetch::Allowed)
+    }
+
+    fn entry_with(&self, l2: u64, guest: u64, fetch: Fetch) -> Result<(u64, u64)> {
+        let table = self.live.block(l2, "L2 table", fetch)?;
         let at = self.geo.entry_at(guest);
         let bitmap = if self.geo.extended {
             get64(&table, at + 8)
@@ -366,7 +448,7 @@ impl Qcow2Writer {
 
     /// Makes the active L1 entry of `guest` point at an L2 table this image alone
     /// references (creating or copying one), and returns its offset.
-    fn own_l2(&self, guest: u64) -> Result<u64> {
+    fn own_l2(&self, guest: u64, fetch: Fetch) -> Result<u64> {
         let index = (guest >> self.geo.l1_bits) as usize;
         let l1e = {
             let m = self.live.lock();
@@ -377,7 +459,10 @@ impl Qcow2Writer {
         if l1e & OFFSET_MASK != 0 && l1e & COPIED != 0 {
             return Ok(l1e & OFFSET_MASK);
         }
-        let _g = self.new_tables.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = match fetch {
+            Fetch::Allowed => self.new_tables.lock().unwrap_or_else(|e| e.into_inner()),
+            Fetch::CachedOnly => self.new_tables.try_lock().map_err(|_| Error::NotCached)?,
+        };
         let l1e = self.live.lock().l1[index];
         let old = l1e & OFFSET_MASK;
         if old != 0 && l1e & COPIED != 0 {
@@ -388,37 +473,55 @@ impl Qcow2Writer {
         } else {
             // Shared with an internal snapshot: copy it (the clusters it points at are
             // counted once per snapshot already, so their refcounts stay).
-            self.live.block(old, "L2 table", Fetch::Allowed)?.to_vec()
+            self.live.block(old, "L2 table", fetch)?.to_vec()
         };
-        let new = self.alloc_cluster()?;
+        let new = self.alloc_cluster(fetch)?;
+        let cs = self.geo.cluster_size;
         let mut m = self.live.lock();
         m.insert_new(new, Kind::L2, table);
+        m.protect(new, cs);
         m.l1[index] = new | COPIED;
         m.l1_dirty = m.next_generation();
         if old != 0 {
+            m.unprotect(old, cs);
             m.pending_free.push(old);
         }
         Ok(new)
     }
 
-    fn write_in_cluster(&self, below: &dyn Below, pos: u64, data: &[u8]) -> Result<()> {
+    fn write_in_cluster(
+        &self,
+        below: &dyn Below,
+        pos: u64,
+        data: &[u8],
+        fetch: Fetch,
+    ) -> Result<()> {
         let cs = self.geo.cluster_size;
         let start = pos & !(cs - 1);
         let off = (pos - start) as usize;
-        let _g = self.locks.lock(start >> self.geo.cluster_bits);
-        let l2 = self.own_l2(start)?;
-        let (entry, bitmap) = self.entry(l2, start)?;
+        let _g = self.locks.lock_for(start >> self.geo.cluster_bits, fetch)?;
+        let l2 = self.own_l2(start, fetch)?;
+        let (entry, bitmap) = self.entry_with(l2, start, fetch)?;
         let host = entry & OFFSET_MASK;
         if entry & COMPRESSED == 0 && self.geo.extended {
-            return self.write_subclusters(below, l2, start, (entry, bitmap), off, data);
+            return self.write_subclusters(below, l2, (entry, bitmap), pos, data, fetch);
         }
         if entry & COMPRESSED == 0 && host != 0 && entry & COPIED != 0 && entry & ZERO_FLAG == 0 {
-            return self.pwrite("write data", data, host + off as u64);
+            return self.pwrite_data("write data", data, host + off as u64);
+        }
+        let whole = off == 0 && data.len() as u64 == cs;
+        if !whole && fetch == Fetch::CachedOnly {
+            // The rest of the cluster has to be read first.
+            return Err(Error::NotCached);
         }
         let reuse = entry & COMPRESSED == 0 && host != 0 && entry & COPIED != 0;
-        let target = if reuse { host } else { self.alloc_cluster()? };
+        let target = if reuse {
+            host
+        } else {
+            self.alloc_cluster(fetch)?
+        };
         let filled;
-        let buf: &[u8] = if off == 0 && data.len() as u64 == cs {
+        let buf: &[u8] = if whole {
             data
         } else {
             let content = self.content(below, start, entry, bitmap);
@@ -436,7 +539,7 @@ impl Qcow2Writer {
                 }
             }
         };
-        if let Err(e) = self.pwrite("write data", buf, target) {
+        if let Err(e) = self.pwrite_data("write data", buf, target) {
             if !reuse {
                 self.release(target);
             }
@@ -459,13 +562,13 @@ impl Qcow2Writer {
     /// written in place, the others get new clusters, allocated one after the other so
     /// that they are mostly contiguous, and each run of contiguous host clusters is
     /// written with one `pwrite`; then the entries are linked.
-    fn write_clusters(&self, start: u64, data: &[u8]) -> Result<()> {
+    fn write_clusters(&self, start: u64, data: &[u8], fetch: Fetch) -> Result<()> {
         let cs = self.geo.cluster_size;
         let n = data.len() / cs as usize;
         let first = start >> self.geo.cluster_bits;
-        let _guards: Vec<ClusterGuard<'_>> = (first..first + n as u64)
-            .map(|c| self.locks.lock(c))
-            .collect();
+        let _guards = (first..first + n as u64)
+            .map(|c| self.locks.lock_for(c, fetch))
+            .collect::<Result<Vec<ClusterGuard<'_>>>>()?;
         // (guest, host, l2, old entry, newly allocated)
         let mut plan: Vec<(u64, u64, u64, u64, bool)> = Vec::with_capacity(n);
         let release_all = |plan: &[(u64, u64, u64, u64, bool)]| {
@@ -477,8 +580,8 @@ impl Qcow2Writer {
         };
         for i in 0..n as u64 {
             let guest = start + i * cs;
-            let step = self.own_l2(guest).and_then(|l2| {
-                let (entry, bitmap) = self.entry(l2, guest)?;
+            let step = self.own_l2(guest, fetch).and_then(|l2| {
+                let (entry, bitmap) = self.entry_with(l2, guest, fetch)?;
                 let host = entry & OFFSET_MASK;
                 let owned = entry & COMPRESSED == 0 && host != 0 && entry & COPIED != 0;
                 let in_place = owned
@@ -494,7 +597,7 @@ impl Qcow2Writer {
                     // A zero cluster (or partly allocated one) with its own host cluster.
                     return Ok((guest, host, l2, entry, false));
                 }
-                Ok((guest, self.alloc_cluster()?, l2, entry, true))
+                Ok((guest, self.alloc_cluster(fetch)?, l2, entry, true))
             });
             match step {
                 Ok(p) => plan.push(p),
@@ -511,7 +614,7 @@ impl Qcow2Writer {
                 j += 1;
             }
             let bytes = &data[i * cs as usize..j * cs as usize];
-            if let Err(e) = self.pwrite("write data", bytes, plan[i].1) {
+            if let Err(e) = self.pwrite_data("write data", bytes, plan[i].1) {
                 release_all(&plan);
                 return Err(e);
             }
@@ -538,17 +641,20 @@ impl Qcow2Writer {
         Ok(())
     }
 
-    /// A write inside a cluster of an image with extended L2 entries (subclusters).
+    /// A write at guest `pos`, inside one cluster of an image with extended L2 entries
+    /// (subclusters); `entry` and `bitmap` are the cluster's, in the L2 table at `l2`.
     fn write_subclusters(
         &self,
         below: &dyn Below,
         l2: u64,
-        start: u64,
         (entry, bitmap): (u64, u64),
-        off: usize,
+        pos: u64,
         data: &[u8],
+        fetch: Fetch,
     ) -> Result<()> {
         let cs = self.geo.cluster_size;
+        let start = pos & !(cs - 1);
+        let off = (pos - start) as usize;
         let sub = (cs / SUBCLUSTERS) as usize;
         let (mut alloc, mut zero) = (bitmap as u32, (bitmap >> 32) as u32);
         let first = off / sub;
@@ -557,18 +663,23 @@ impl Qcow2Writer {
         let mut host = entry & OFFSET_MASK;
         let copied = entry & COPIED != 0;
         if host != 0 && copied && alloc & mask == mask {
-            return self.pwrite("write data", data, host + off as u64);
+            return self.pwrite_data("write data", data, host + off as u64);
+        }
+        let covered = off.is_multiple_of(sub) && (off + data.len()).is_multiple_of(sub);
+        if fetch == Fetch::CachedOnly && (!covered || (host != 0 && !copied && alloc != 0)) {
+            // Bytes of the subclusters (or of a shared cluster) have to be read first.
+            return Err(Error::NotCached);
         }
         let mut unref = Vec::new();
         let mut fresh = None;
         if host == 0 || !copied {
-            let new = self.alloc_cluster()?;
+            let new = self.alloc_cluster(fetch)?;
             fresh = Some(new);
             if host != 0 && alloc != 0 {
                 // Shared with a snapshot: copy what is allocated first.
                 let mut old = vec![0u8; cs as usize];
                 self.pread("copy shared cluster", &mut old, host)
-                    .and_then(|()| self.pwrite("copy shared cluster", &old, new))
+                    .and_then(|()| self.pwrite_data("copy shared cluster", &old, new))
                     .inspect_err(|_| self.release(new))?;
             }
             if host != 0 {
@@ -601,7 +712,7 @@ impl Qcow2Writer {
             }
         }
         buf[off - span.start..off - span.start + data.len()].copy_from_slice(data);
-        if let Err(e) = self.pwrite("write data", &buf, host + span.start as u64) {
+        if let Err(e) = self.pwrite_data("write data", &buf, host + span.start as u64) {
             if let Some(new) = fresh {
                 self.release(new);
             }
@@ -685,7 +796,7 @@ impl Qcow2Writer {
                         });
                     }
                     let zeroes = vec![0u8; (piece_end - pos) as usize];
-                    self.write_in_cluster(below, pos, &zeroes)?;
+                    self.write_in_cluster(below, pos, &zeroes, Fetch::Allowed)?;
                 }
                 pos = piece_end;
             }
@@ -722,7 +833,7 @@ impl Qcow2Writer {
                 });
             }
             let zeroes = vec![0u8; self.geo.cluster_size as usize];
-            return self.write_in_cluster(below, start, &zeroes);
+            return self.write_in_cluster(below, start, &zeroes, Fetch::Allowed);
         }
         let _g = self.locks.lock(start >> self.geo.cluster_bits);
         let index = (start >> self.geo.l1_bits) as usize;
@@ -730,7 +841,7 @@ impl Qcow2Writer {
         if l1e & OFFSET_MASK == 0 && !shows && !mode.no_hole {
             return Ok(());
         }
-        let l2 = self.own_l2(start)?;
+        let l2 = self.own_l2(start, Fetch::Allowed)?;
         let (entry, _) = self.entry(l2, start)?;
         let host = entry & OFFSET_MASK;
         let keep = mode.no_hole && entry & COMPRESSED == 0 && host != 0 && entry & COPIED != 0;
@@ -767,7 +878,7 @@ impl Qcow2Writer {
             if l1e & OFFSET_MASK == 0 && !shows_any && !mode.no_hole {
                 return Ok(());
             }
-            let l2 = self.own_l2(start)?;
+            let l2 = self.own_l2(start, Fetch::Allowed)?;
             let (entry, bitmap) = self.entry(l2, start)?;
             if entry & COMPRESSED != 0 {
                 // Decompress into a standard cluster first, then zero in it.
@@ -782,7 +893,7 @@ impl Qcow2Writer {
                     }
                 };
                 if let Some(c) = content {
-                    self.write_in_cluster(below, start, &c)?;
+                    self.write_in_cluster(below, start, &c, Fetch::Allowed)?;
                 }
                 return self.zero_subclusters(below, start, pos, end, mode);
             }
@@ -821,7 +932,7 @@ impl Qcow2Writer {
             }
             for &(a, b) in &written_zero {
                 let zeroes = vec![0u8; (b - a) as usize];
-                self.pwrite("write zeroes", &zeroes, host + (a - start))?;
+                self.pwrite_data("write zeroes", &zeroes, host + (a - start))?;
             }
             let (new_entry, unref) = if alloc == 0 && host != 0 {
                 (0, vec![host])
@@ -841,7 +952,7 @@ impl Qcow2Writer {
         }
         for (a, b) in partial {
             let zeroes = vec![0u8; (b - a) as usize];
-            self.write_in_cluster(below, a, &zeroes)?;
+            self.write_in_cluster(below, a, &zeroes, Fetch::Allowed)?;
         }
         Ok(())
     }
@@ -849,7 +960,7 @@ impl Qcow2Writer {
     // ---- allocation ----
 
     /// Allocates one host cluster (refcount 0 → 1) and returns its offset.
-    fn alloc_cluster(&self) -> Result<u64> {
+    fn alloc_cluster(&self, fetch: Fetch) -> Result<u64> {
         let rpb = self.geo.refcounts_per_block();
         let cs = self.geo.cluster_size;
         let order = self.geo.refcount_order;
@@ -863,11 +974,16 @@ impl Qcow2Writer {
                 } else {
                     let block = m.reftable[k as usize] & REFTABLE_MASK;
                     if block == 0 {
+                        if m.metadata_in(c * cs, cs).is_some() {
+                            m.free_hint = c + 1;
+                            continue;
+                        }
                         // No block covers this range: nothing in it is used. The new
                         // block takes its first free cluster and counts itself.
                         let mut data = vec![0u8; cs as usize];
                         set_refcount_entry(&mut data, order, (c % rpb) as usize, 1);
                         m.insert_new(c * cs, Kind::Refblock, data);
+                        m.protect(c * cs, cs);
                         m.reftable[k as usize] = c * cs;
                         m.reftable_dirty = m.next_generation();
                         m.free_hint = c + 1;
@@ -877,8 +993,12 @@ impl Qcow2Writer {
                     match m.get(block) {
                         None => Need::Block(block),
                         Some(data) => {
-                            let free = (c % rpb..rpb)
-                                .find(|&i| refcount_entry(&data, order, i as usize) == 0);
+                            // A cluster whose refcount says free but that holds metadata
+                            // (a corrupt refcount) is never handed out.
+                            let free = (c % rpb..rpb).find(|&i| {
+                                refcount_entry(&data, order, i as usize) == 0
+                                    && m.metadata_in((k * rpb + i) * cs, cs).is_none()
+                            });
                             // Ours must be the only reference for `modify` to change the
                             // block in place instead of copying it.
                             drop(data);
@@ -903,8 +1023,9 @@ impl Qcow2Writer {
             };
             match need {
                 Need::Block(offset) => {
-                    self.live.block(offset, "refcount block", Fetch::Allowed)?;
+                    self.live.block(offset, "refcount block", fetch)?;
                 }
+                Need::Table(_) if fetch == Fetch::CachedOnly => return Err(Error::NotCached),
                 Need::Table(k) => self.grow_reftable(k)?,
             }
         }
@@ -1030,7 +1151,10 @@ impl Qcow2Writer {
         let mut m = self.live.lock();
         for (offset, data) in new_blocks {
             m.insert_new(offset, Kind::Refblock, data);
+            m.protect(offset, cs);
         }
+        m.unprotect(old_offset, old_clusters * cs);
+        m.protect(first * cs, clusters * cs);
         m.reftable = table;
         m.reftable_offset = first * cs;
         m.reftable_dirty = 0;
@@ -1244,6 +1368,8 @@ impl Qcow2Writer {
         self.pwrite("write header", &header, HEADER_L1_SIZE)?;
         self.sync()?;
         let mut m = self.live.lock();
+        m.unprotect(old_offset, old_len * 8);
+        m.protect(first, clusters * cs);
         m.l1 = l1;
         m.l1_offset = first;
         for c in 0..(old_len * 8).div_ceil(cs) {
@@ -1262,7 +1388,7 @@ impl Qcow2Writer {
         }
         let mut got: Vec<u64> = Vec::new();
         loop {
-            let c = self.alloc_cluster()?;
+            let c = self.alloc_cluster(Fetch::Allowed)?;
             if got.last().is_some_and(|&prev| c != prev + cs) {
                 // A refcount block took a cluster of the run: give the run back and start
                 // it again here, past the block (releasing lowers the hint; raise it again
