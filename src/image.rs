@@ -283,7 +283,8 @@ struct InfoReport {
     chain: Vec<LayerInfo>,
 }
 
-fn human_size(bytes: u64) -> String {
+/// Bytes for people: `20 GiB`, `1.5 KiB`.
+pub(crate) fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut value = bytes as f64;
     let mut unit = 0;

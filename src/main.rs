@@ -4,8 +4,11 @@
 //! Exit codes: 0 success (including a clean shutdown on SIGTERM/SIGINT), 1 runtime
 //! failure (an image cannot be opened or is refused, a socket cannot be bound, …), 2
 //! invalid usage; `image check` adds 3 (only warnings found) and 4 (errors found), and
-//! `proxy scrub` 4 (chunks that do not match their checksums found).
+//! `proxy scrub` 4 (chunks that do not match their checksums found). `sr` and `vdi`
+//! exit with the status of their error code (`docs/sr-agent.md`: 10 `SR_NOT_FOUND`,
+//! 11 `VDI_NOT_FOUND`, 12 `VDI_IS_TEMPLATE`, …), and `sr check` 3 when it finds problems.
 
+mod agent;
 mod cache;
 mod image;
 mod image_write;
@@ -13,12 +16,15 @@ mod proxy;
 mod remote;
 mod serve;
 mod size;
+mod sr;
+mod vdi;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Serve VM disk templates (raw, qcow2, VHD, VMDK) over NBD, and inspect them.
+/// Serve VM disk templates (raw, qcow2, VHD, VMDK) over NBD, inspect them, and keep thin
+/// clones of them in storage repositories.
 #[derive(Debug, Parser)]
 #[command(name = "thinline", version, about, propagate_version = true)]
 struct Cli {
@@ -34,6 +40,8 @@ enum Command {
     Serve(serve::ServeArgs),
     Image(image::ImageArgs),
     Proxy(proxy::ProxyArgs),
+    Sr(sr::SrArgs),
+    Vdi(vdi::VdiArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +52,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args).map(|()| 0),
         Command::Image(args) => image::run(args),
         Command::Proxy(args) => proxy::run(args),
+        Command::Sr(args) => sr::run(args),
+        Command::Vdi(args) => vdi::run(args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

@@ -18,7 +18,7 @@ use crate::cache::MetadataCache;
 use crate::storage::Storage;
 
 /// The image formats Thinline reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// Bytes as they are; allocation from `SEEK_DATA`/`SEEK_HOLE`.

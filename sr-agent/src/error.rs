@@ -1,0 +1,105 @@
+//! The agent's one error type: a stable code (SMAPIv3 style, for scripts) with a
+//! message for people, and the exit status each code has.
+
+use serde::Serialize;
+
+/// What went wrong, as scripts see it. Each code has a stable exit status
+/// ([`Code::exit_status`]), documented in `docs/sr-agent.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Code {
+    /// Anything else: I/O errors, damaged metadata.
+    SrBackendFailure,
+    /// A bad argument: a size, a shrink, a name.
+    InvalidArgument,
+    SrNotFound,
+    VdiNotFound,
+    /// The operation does not apply to a template.
+    VdiIsTemplate,
+    /// Other VDIs are built on it.
+    VdiInUse,
+    SrNotEmpty,
+    /// The file system is full.
+    SrFull,
+    /// The template cannot be opened or read.
+    TemplateUnreachable,
+    /// An SR (or other files) already exists where one was to be created.
+    SrExists,
+    /// A writing operation on a read-only VDI (a snapshot).
+    VdiReadOnly,
+}
+
+impl Code {
+    /// The process exit status for this code.
+    pub fn exit_status(self) -> u8 {
+        match self {
+            Code::SrBackendFailure => 1,
+            Code::InvalidArgument => 2,
+            Code::SrNotFound => 10,
+            Code::VdiNotFound => 11,
+            Code::VdiIsTemplate => 12,
+            Code::VdiInUse => 13,
+            Code::SrNotEmpty => 14,
+            Code::SrFull => 15,
+            Code::TemplateUnreachable => 16,
+            Code::SrExists => 17,
+            Code::VdiReadOnly => 18,
+        }
+    }
+
+    /// The code as it is printed (`VDI_IS_TEMPLATE`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::SrBackendFailure => "SR_BACKEND_FAILURE",
+            Code::InvalidArgument => "INVALID_ARGUMENT",
+            Code::SrNotFound => "SR_NOT_FOUND",
+            Code::VdiNotFound => "VDI_NOT_FOUND",
+            Code::VdiIsTemplate => "VDI_IS_TEMPLATE",
+            Code::VdiInUse => "VDI_IN_USE",
+            Code::SrNotEmpty => "SR_NOT_EMPTY",
+            Code::SrFull => "SR_FULL",
+            Code::TemplateUnreachable => "TEMPLATE_UNREACHABLE",
+            Code::SrExists => "SR_EXISTS",
+            Code::VdiReadOnly => "VDI_READ_ONLY",
+        }
+    }
+}
+
+/// An agent error: its code and a message naming the object and the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    pub code: Code,
+    pub message: String,
+}
+
+impl Error {
+    pub fn new(code: Code, message: impl Into<String>) -> Error {
+        Error {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// An I/O error during `what` (which names the file): `SR_FULL` when the file
+    /// system is full, `SR_BACKEND_FAILURE` otherwise.
+    pub fn io(what: impl std::fmt::Display, e: &std::io::Error) -> Error {
+        use rustix::io::Errno;
+        let code = match Errno::from_io_error(e) {
+            Some(Errno::NOSPC | Errno::DQUOT) => Code::SrFull,
+            _ => Code::SrBackendFailure,
+        };
+        Error::new(code, format!("{what}: {e}"))
+    }
+
+    /// An error of the format library while working on `what`.
+    pub fn format(what: impl std::fmt::Display, e: &thinline_format::Error) -> Error {
+        match e {
+            thinline_format::Error::Io { source, .. } => Error::io(what, source),
+            _ => Error::new(Code::SrBackendFailure, format!("{what}: {}", e.detail())),
+        }
+    }
+}
+
+/// `Result` with the agent's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

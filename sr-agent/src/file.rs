@@ -1,0 +1,490 @@
+//! The directory SR: every disk, snapshot and layer is a qcow2 file in the SR
+//! directory; a clone of a template is an overlay whose backing is the template's
+//! location (opened through the agent's records, never because a header names it).
+//!
+//! - clone of a template, snapshot or layer: a new overlay on it;
+//! - clone of a writable disk: its file becomes a read-only layer (`layer-DISK.qcow2`),
+//!   and the disk and the clone each get a new overlay on it;
+//! - snapshot of a disk: its file becomes the snapshot, and the disk gets a new
+//!   overlay on it;
+//! - destroy: the file, and every layer nothing else reads from any more.
+//!
+//! Every step goes through the SR's journal ([`crate::store`]), so kill -9 at any
+//! point leaves the old or the new state.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+
+use thinline_format::qcow2::{self, CreateOptions};
+use thinline_format::{Format, Image, OpenOptions};
+use uuid::Uuid;
+
+use crate::backend::{Backend, Finding};
+use crate::model::{SrType, VdiRecord, VdiType};
+use crate::naming;
+use crate::store::{Journal, Move, NEW_DIR, Sr};
+use crate::template::{self, Templates};
+use crate::{Code, Error, Result};
+
+/// The directory backend.
+#[derive(Debug, Clone, Copy)]
+pub struct FileBackend;
+
+/// Whether `name` is used in the SR: a file there, or a record's.
+fn taken(sr: &Sr, name: &str) -> bool {
+    sr.file(name).symlink_metadata().is_ok()
+        || sr.md.vdis.iter().any(|v| v.file.as_deref() == Some(name))
+}
+
+fn new_name(uuid: Uuid) -> String {
+    format!("{uuid}.qcow2")
+}
+
+/// Makes an overlay in `new/` over `backing` (a name as the header records it).
+fn overlay(sr: &Sr, tmp: &str, size: u64, backing: Option<(String, Format)>) -> Result<()> {
+    let path = sr.new_file(tmp);
+    qcow2::create(
+        &path,
+        &CreateOptions {
+            size,
+            backing,
+            ..CreateOptions::default()
+        },
+    )
+    .map_err(|e| Error::format(format!("cannot create {}", path.display()), &e))
+}
+
+fn record(sr: &Sr, uuid: Uuid) -> Result<VdiRecord> {
+    sr.md.get(uuid).cloned().ok_or_else(|| {
+        Error::new(
+            Code::VdiNotFound,
+            format!("no VDI {uuid} in SR {}", sr.md.sr.uuid),
+        )
+    })
+}
+
+/// Adds `rec` with its file: a new overlay of `rec.virtual_size` bytes over `backing`,
+/// made in `new/` under `rec`'s UUID and moved to `rec.file` once recorded.
+fn add_overlay(
+    sr: &mut Sr,
+    operation: &str,
+    rec: VdiRecord,
+    backing: Option<(String, Format)>,
+) -> Result<()> {
+    let tmp = new_name(rec.uuid);
+    let journal = Journal {
+        operation: operation.into(),
+        creates: vec![tmp.clone()],
+        finish: vec![Move {
+            from: tmp.clone(),
+            to: file_of(&rec)?,
+        }],
+        ..Journal::default()
+    };
+    let size = rec.virtual_size;
+    sr.run(
+        journal,
+        |sr| overlay(sr, &tmp, size, backing),
+        |md| md.vdis.push(rec),
+    )
+}
+
+fn file_of(v: &VdiRecord) -> Result<String> {
+    v.file.clone().ok_or_else(|| {
+        Error::new(
+            Code::SrBackendFailure,
+            format!("VDI {} has no file recorded", v.uuid),
+        )
+    })
+}
+
+/// What a new overlay on `src` records as its backing.
+fn backing_of(src: &VdiRecord) -> Result<(String, Format)> {
+    if src.kind == VdiType::Template {
+        let uri = src.uri.clone().unwrap_or_default();
+        return Ok((uri, src.format.unwrap_or(Format::Raw)));
+    }
+    Ok((file_of(src)?, Format::Qcow2))
+}
+
+impl FileBackend {
+    /// The backing names of every template in the SR (as headers record them) and the
+    /// locations they open.
+    fn template_names(sr: &Sr) -> Result<BTreeMap<String, String>> {
+        let creds = template::credentials(&sr.path)?;
+        Ok(sr
+            .md
+            .vdis
+            .iter()
+            .filter(|v| v.kind == VdiType::Template)
+            .filter_map(|v| {
+                let shown = v.uri.clone()?;
+                let full = creds.get(&v.uuid).cloned().unwrap_or_else(|| shown.clone());
+                Some((shown, full))
+            })
+            .collect())
+    }
+}
+
+impl Backend for FileBackend {
+    fn sr_type(&self) -> SrType {
+        SrType::File
+    }
+
+    fn space(&self, sr: &Sr) -> Result<(u64, u64)> {
+        let st = rustix::fs::statvfs(&sr.path)
+            .map_err(|e| Error::io(format!("cannot stat {}", sr.path.display()), &e.into()))?;
+        Ok((
+            st.f_blocks.saturating_mul(st.f_frsize),
+            st.f_bavail.saturating_mul(st.f_frsize),
+        ))
+    }
+
+    fn utilisation(&self, sr: &Sr, vdi: &VdiRecord) -> u64 {
+        vdi.file
+            .as_deref()
+            .and_then(|f| sr.file(f).metadata().ok())
+            .map_or(0, |m| m.blocks() * 512)
+    }
+
+    fn create(&self, sr: &mut Sr, label: &str, size: u64) -> Result<Uuid> {
+        let uuid = Uuid::new_v4();
+        let rec = VdiRecord {
+            uuid,
+            name_label: label.to_owned(),
+            kind: VdiType::Disk,
+            virtual_size: size,
+            parent: None,
+            backing: None,
+            uri: None,
+            format: None,
+            file: Some(naming::unique(label, "qcow2", |n| taken(sr, n))),
+        };
+        add_overlay(sr, "vdi create", rec, None)?;
+        Ok(uuid)
+    }
+
+    fn clone(&self, sr: &mut Sr, src: Uuid, label: &str) -> Result<Uuid> {
+        let src = record(sr, src)?;
+        let uuid = Uuid::new_v4();
+        let file = naming::unique(label, "qcow2", |n| taken(sr, n));
+        let tmp = new_name(uuid);
+        let mut clone = VdiRecord {
+            uuid,
+            name_label: label.to_owned(),
+            kind: VdiType::Disk,
+            virtual_size: src.virtual_size,
+            parent: Some(src.uuid),
+            backing: Some(src.uuid),
+            uri: None,
+            format: None,
+            file: Some(file.clone()),
+        };
+        if src.kind != VdiType::Disk {
+            // Read-only already: the clone is an overlay on it.
+            add_overlay(sr, "vdi clone", clone, Some(backing_of(&src)?))?;
+            return Ok(uuid);
+        }
+        // A writable disk: its file becomes a layer under the disk and the clone.
+        let disk_file = file_of(&src)?;
+        let layer_uuid = Uuid::new_v4();
+        let layer_file = naming::unique(
+            &format!("layer-{}", naming::stem(&src.name_label)),
+            "qcow2",
+            |n| taken(sr, n) || n == file,
+        );
+        let disk_tmp = new_name(Uuid::new_v4());
+        let layer = VdiRecord {
+            uuid: layer_uuid,
+            name_label: format!("layer under {}", src.name_label),
+            kind: VdiType::Layer,
+            virtual_size: src.virtual_size,
+            parent: None,
+            backing: src.backing,
+            uri: None,
+            format: None,
+            file: Some(layer_file.clone()),
+        };
+        clone.backing = Some(layer_uuid);
+        let journal = Journal {
+            operation: "vdi clone".into(),
+            creates: vec![tmp.clone(), disk_tmp.clone()],
+            moves: vec![Move {
+                from: disk_file.clone(),
+                to: layer_file.clone(),
+            }],
+            finish: vec![
+                Move {
+                    from: disk_tmp.clone(),
+                    to: disk_file,
+                },
+                Move {
+                    from: tmp.clone(),
+                    to: file,
+                },
+            ],
+            ..Journal::default()
+        };
+        let size = src.virtual_size;
+        let backing = (layer_file, Format::Qcow2);
+        sr.run(
+            journal,
+            |sr| {
+                overlay(sr, &disk_tmp, size, Some(backing.clone()))?;
+                overlay(sr, &tmp, size, Some(backing.clone()))
+            },
+            |md| {
+                md.get_mut(src.uuid).expect("checked").backing = Some(layer_uuid);
+                md.vdis.push(layer);
+                md.vdis.push(clone);
+            },
+        )?;
+        Ok(uuid)
+    }
+
+    fn snapshot(&self, sr: &mut Sr, src: Uuid, label: &str) -> Result<Uuid> {
+        let src = record(sr, src)?;
+        let uuid = Uuid::new_v4();
+        let mut snap = VdiRecord {
+            uuid,
+            name_label: label.to_owned(),
+            kind: VdiType::Snapshot,
+            virtual_size: src.virtual_size,
+            parent: Some(src.uuid),
+            backing: Some(src.uuid),
+            uri: None,
+            format: None,
+            file: None,
+        };
+        match src.kind {
+            VdiType::Template => {
+                // A template never changes: its snapshot is another record of it.
+                snap.kind = VdiType::Template;
+                snap.backing = None;
+                snap.uri = src.uri.clone();
+                snap.format = src.format;
+                let mut creds = template::credentials(&sr.path)?;
+                if let Some(full) = creds.get(&src.uuid).cloned() {
+                    creds.insert(uuid, full);
+                    template::save_credentials(&sr.path, &creds)?;
+                }
+                sr.md.vdis.push(snap);
+                sr.save()?;
+            }
+            VdiType::Snapshot | VdiType::Layer => {
+                snap.file = Some(naming::unique(label, "qcow2", |n| taken(sr, n)));
+                add_overlay(sr, "vdi snapshot", snap, Some(backing_of(&src)?))?;
+            }
+            VdiType::Disk => {
+                // The disk's file becomes the snapshot; the disk goes on in an overlay.
+                let disk_file = file_of(&src)?;
+                let file = naming::unique(label, "qcow2", |n| taken(sr, n));
+                let disk_tmp = new_name(Uuid::new_v4());
+                snap.file = Some(file.clone());
+                snap.backing = src.backing;
+                let journal = Journal {
+                    operation: "vdi snapshot".into(),
+                    creates: vec![disk_tmp.clone()],
+                    moves: vec![Move {
+                        from: disk_file.clone(),
+                        to: file.clone(),
+                    }],
+                    finish: vec![Move {
+                        from: disk_tmp.clone(),
+                        to: disk_file,
+                    }],
+                    ..Journal::default()
+                };
+                sr.run(
+                    journal,
+                    |sr| overlay(sr, &disk_tmp, src.virtual_size, Some((file, Format::Qcow2))),
+                    |md| {
+                        md.get_mut(src.uuid).expect("checked").backing = Some(uuid);
+                        md.vdis.push(snap);
+                    },
+                )?;
+            }
+        }
+        Ok(uuid)
+    }
+
+    fn destroy(&self, sr: &mut Sr, vdi: Uuid) -> Result<()> {
+        let target = record(sr, vdi)?;
+        // The record, and each layer below it that nothing else reads from.
+        let mut gone = vec![target.uuid];
+        let mut below = target.backing;
+        while let Some(b) = below {
+            let Some(rec) = sr.md.get(b) else { break };
+            let others = sr.md.dependents(b).any(|d| !gone.contains(&d.uuid));
+            if rec.kind != VdiType::Layer || others {
+                break;
+            }
+            gone.push(b);
+            below = rec.backing;
+        }
+        let deletes: Vec<String> = gone
+            .iter()
+            .filter_map(|u| sr.md.get(*u).and_then(|r| r.file.clone()))
+            .collect();
+        let journal = Journal {
+            operation: "vdi destroy".into(),
+            deletes,
+            ..Journal::default()
+        };
+        sr.run(
+            journal,
+            |_| Ok(()),
+            |md| {
+                md.vdis.retain(|v| !gone.contains(&v.uuid));
+                for v in &mut md.vdis {
+                    if v.parent.is_some_and(|p| gone.contains(&p)) {
+                        v.parent = None;
+                    }
+                }
+            },
+        )?;
+        if target.kind == VdiType::Template {
+            let mut creds = template::credentials(&sr.path)?;
+            if creds.remove(&vdi).is_some() {
+                template::save_credentials(&sr.path, &creds)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn resize(&self, sr: &mut Sr, vdi: Uuid, size: u64, templates: &Templates) -> Result<()> {
+        let rec = record(sr, vdi)?;
+        let path = sr.file(&file_of(&rec)?);
+        let options = OpenOptions {
+            backing_opener: Some(templates.opener(Self::template_names(sr)?)),
+            ..OpenOptions::default()
+        };
+        let what = format!("cannot resize {}", path.display());
+        let (image, writer) =
+            Image::open_writable(&path, &options).map_err(|e| Error::format(&what, &e))?;
+        writer
+            .resize(&image, size)
+            .and_then(|()| writer.flush())
+            .map_err(|e| Error::format(&what, &e))?;
+        drop((image, writer));
+        sr.md.get_mut(vdi).expect("checked").virtual_size = size;
+        sr.save()
+    }
+
+    fn check(&self, sr: &Sr) -> Vec<Finding> {
+        let mut out = Vec::new();
+        if let Some(j) = &sr.md.journal {
+            out.push(Finding {
+                kind: "interrupted_operation",
+                message: format!(
+                    "a {} was interrupted ({})",
+                    j.operation,
+                    if j.committed {
+                        "committed: repair finishes it"
+                    } else {
+                        "not committed: repair undoes it"
+                    }
+                ),
+                repairable: true,
+            });
+        }
+        for v in &sr.md.vdis {
+            if let Some(f) = &v.file
+                && !sr.file(f).is_file()
+            {
+                out.push(Finding {
+                    kind: "missing_file",
+                    message: format!(
+                        "{} {} ({}): its file {f} is missing",
+                        kind_name(v),
+                        v.uuid,
+                        v.name_label
+                    ),
+                    repairable: false,
+                });
+            }
+            if let Some(b) = v.backing
+                && sr.md.get(b).is_none()
+            {
+                out.push(Finding {
+                    kind: "missing_backing",
+                    message: format!(
+                        "{} {} ({}) reads from {b}, which the SR no longer knows (a forgotten template?)",
+                        kind_name(v),
+                        v.uuid,
+                        v.name_label
+                    ),
+                    repairable: false,
+                });
+            }
+            if v.kind == VdiType::Layer && sr.md.dependents(v.uuid).next().is_none() {
+                out.push(Finding {
+                    kind: "unused_layer",
+                    message: format!(
+                        "layer {} ({}) is used by nothing",
+                        v.uuid,
+                        v.file.as_deref().unwrap_or("?")
+                    ),
+                    repairable: true,
+                });
+            }
+        }
+        let journal_names: Vec<&String> = sr.md.journal.iter().flat_map(|j| &j.creates).collect();
+        for name in leftovers(sr) {
+            if !journal_names.contains(&&name) {
+                out.push(Finding {
+                    kind: "leftover_file",
+                    message: format!("{NEW_DIR}/{name} was left by an interrupted operation"),
+                    repairable: true,
+                });
+            }
+        }
+        out
+    }
+
+    fn repair(&self, sr: &mut Sr) -> Result<Vec<String>> {
+        let mut done = std::mem::take(&mut sr.recovered);
+        let unused: Vec<Uuid> = sr
+            .md
+            .vdis
+            .iter()
+            .filter(|v| v.kind == VdiType::Layer && sr.md.dependents(v.uuid).next().is_none())
+            .map(|v| v.uuid)
+            .collect();
+        for layer in unused {
+            self.destroy(sr, layer)?;
+            done.push(format!("removed unused layer {layer}"));
+        }
+        for name in leftovers(sr) {
+            let path = sr.new_file(&name);
+            std::fs::remove_file(&path)
+                .map_err(|e| Error::io(format!("cannot remove {}", path.display()), &e))?;
+            done.push(format!("removed {NEW_DIR}/{name}"));
+        }
+        Ok(done)
+    }
+}
+
+fn kind_name(v: &VdiRecord) -> &'static str {
+    match v.kind {
+        VdiType::Template => "template",
+        VdiType::Disk => "disk",
+        VdiType::Snapshot => "snapshot",
+        VdiType::Layer => "layer",
+    }
+}
+
+/// Files in `new/`: made by operations that never finished (the agent alone writes
+/// there, and a finished operation leaves nothing).
+fn leftovers(sr: &Sr) -> Vec<String> {
+    let dir = sr.new_file("");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
+}

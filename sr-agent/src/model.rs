@@ -1,0 +1,105 @@
+//! What an SR records about itself and its VDIs (stored), and what commands print
+//! about them (views: the output contract of `docs/sr-agent.md`).
+
+use serde::{Deserialize, Serialize};
+use thinline_format::Format;
+use uuid::Uuid;
+
+/// The kind of storage an SR is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SrType {
+    /// A directory of qcow2 files.
+    File,
+}
+
+/// What a VDI is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VdiType {
+    /// A read-only image registered by URI.
+    Template,
+    /// A writable thin disk.
+    Disk,
+    /// A read-only point-in-time copy of a disk.
+    Snapshot,
+    /// A read-only volume the agent made so that a disk and its clone can both stay
+    /// writable; not a VDI of its own (never listed, never named by users).
+    Layer,
+}
+
+/// An SR's own record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SrRecord {
+    pub uuid: Uuid,
+    pub name_label: String,
+    #[serde(rename = "type")]
+    pub kind: SrType,
+    /// Whether the agent made the directory (`sr create`), so `sr destroy` removes it.
+    pub made_directory: bool,
+}
+
+/// One VDI (or layer) as recorded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VdiRecord {
+    pub uuid: Uuid,
+    pub name_label: String,
+    #[serde(rename = "type")]
+    pub kind: VdiType,
+    pub virtual_size: u64,
+    /// The VDI this one was cloned or snapshotted from.
+    pub parent: Option<Uuid>,
+    /// The record whose volume this one's unwritten blocks read from.
+    pub backing: Option<Uuid>,
+    /// Templates: where the image is, without credentials.
+    pub uri: Option<String>,
+    /// Templates: the image's format.
+    pub format: Option<Format>,
+    /// Disks, snapshots and layers: the file name in the SR directory.
+    pub file: Option<String>,
+}
+
+impl VdiRecord {
+    pub fn is_template(&self) -> bool {
+        self.kind == VdiType::Template
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.kind != VdiType::Disk
+    }
+}
+
+/// An SR as commands print it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SrView {
+    pub uuid: Uuid,
+    pub name_label: String,
+    #[serde(rename = "type")]
+    pub kind: SrType,
+    pub path: String,
+    pub total_space: u64,
+    pub free_space: u64,
+    pub physical_utilisation: u64,
+    pub vdi_count: usize,
+    /// `healthy`, or `needs_repair` when an interrupted operation or a missing file
+    /// was found (see `sr check`).
+    pub health: &'static str,
+}
+
+/// A VDI as commands print it.
+#[derive(Debug, Clone, Serialize)]
+pub struct VdiView {
+    pub uuid: Uuid,
+    pub name_label: String,
+    #[serde(rename = "type")]
+    pub kind: VdiType,
+    pub sr: Uuid,
+    pub virtual_size: u64,
+    pub physical_utilisation: u64,
+    pub read_only: bool,
+    pub is_template: bool,
+    pub parent: Option<Uuid>,
+    pub uri: Option<String>,
+    pub format: Option<Format>,
+    pub file: Option<String>,
+}

@@ -1,0 +1,511 @@
+//! An SR's metadata: one file, `PATH/.thinline-sr/sr.json`, replaced atomically
+//! (temporary file, fsync, rename, fsync of the directory), changed only under the
+//! SR's lock, and the journal that makes a multi-step operation crash-safe.
+//!
+//! A multi-step operation records its intent first: the files it will make (all in
+//! `.thinline-sr/new/`) and the renames it will do. Then it works, commits the new
+//! records, and finishes (moves the new files to their names, deletes files no record
+//! names any more). Whoever takes the lock next and finds a journal undoes an
+//! operation that never committed and finishes one that did. Only files a journal
+//! names are ever deleted: positive evidence, never guesswork.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{SrRecord, VdiRecord};
+use crate::{Code, Error, Result};
+
+/// The agent's directory inside an SR.
+pub const DIR: &str = ".thinline-sr";
+/// Where an operation makes its new files before it commits.
+pub const NEW_DIR: &str = "new";
+const METADATA: &str = "sr.json";
+const LOCK: &str = "lock";
+/// The metadata format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Crash tests: `THINLINE_SR_CRASH_AT=STEP` kills the process (abort, as kill -9
+/// would) at that step of every multi-step operation: `intent` (journal written),
+/// `moved` (renames done), `made` (new files made), `committed` (new records written),
+/// `finished` (files moved and deleted, journal not yet cleared).
+fn crash_point(step: &str) {
+    if std::env::var_os("THINLINE_SR_CRASH_AT").is_some_and(|v| v == step) {
+        std::process::abort();
+    }
+}
+
+/// Everything an SR records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metadata {
+    pub format_version: u32,
+    pub sr: SrRecord,
+    pub vdis: Vec<VdiRecord>,
+    /// An operation in progress (see the module doc).
+    #[serde(default)]
+    pub journal: Option<Journal>,
+}
+
+impl Metadata {
+    /// The record with `uuid`.
+    pub fn get(&self, uuid: uuid::Uuid) -> Option<&VdiRecord> {
+        self.vdis.iter().find(|v| v.uuid == uuid)
+    }
+
+    pub fn get_mut(&mut self, uuid: uuid::Uuid) -> Option<&mut VdiRecord> {
+        self.vdis.iter_mut().find(|v| v.uuid == uuid)
+    }
+
+    /// Records whose volume reads from `uuid`'s.
+    pub fn dependents(&self, uuid: uuid::Uuid) -> impl Iterator<Item = &VdiRecord> {
+        self.vdis.iter().filter(move |v| v.backing == Some(uuid))
+    }
+}
+
+/// A rename inside the SR directory (paths relative to it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    pub from: String,
+    pub to: String,
+}
+
+/// What an operation in progress will do or has done (see the module doc).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Journal {
+    /// The operation, for messages (`vdi clone`).
+    pub operation: String,
+    /// Files made in `.thinline-sr/new/` before the commit.
+    pub creates: Vec<String>,
+    /// Renames done before the commit.
+    pub moves: Vec<Move>,
+    /// Whether the new records are on disk.
+    pub committed: bool,
+    /// After the commit: new files (`from` in `new/`) moved to their names.
+    pub finish: Vec<Move>,
+    /// After the commit: files no record names any more.
+    pub deletes: Vec<String>,
+}
+
+/// An SR opened for a command: its path and metadata, and (for changes) its lock.
+#[derive(Debug)]
+pub struct Sr {
+    pub path: PathBuf,
+    pub md: Metadata,
+    /// Held for as long as the SR is open for changes.
+    _lock: Option<File>,
+    /// What recovery did when the SR was opened (undone or finished operations).
+    pub recovered: Vec<String>,
+}
+
+fn agent_dir(path: &Path) -> PathBuf {
+    path.join(DIR)
+}
+
+/// Whether `path` holds an SR.
+pub fn is_sr(path: &Path) -> bool {
+    agent_dir(path).join(METADATA).is_file()
+}
+
+fn read_metadata(path: &Path) -> Result<Metadata> {
+    let file = agent_dir(path).join(METADATA);
+    let bytes = std::fs::read(&file).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::new(
+                Code::SrNotFound,
+                format!("{} holds no SR (no {DIR}/{METADATA})", path.display()),
+            )
+        } else {
+            Error::io(format!("cannot read {}", file.display()), &e)
+        }
+    })?;
+    let md: Metadata = serde_json::from_slice(&bytes).map_err(|e| {
+        Error::new(
+            Code::SrBackendFailure,
+            format!("{} is damaged: {e}", file.display()),
+        )
+    })?;
+    if md.format_version != FORMAT_VERSION {
+        return Err(Error::new(
+            Code::SrBackendFailure,
+            format!(
+                "{} has metadata format {}, this thinline reads format {FORMAT_VERSION}",
+                file.display(),
+                md.format_version
+            ),
+        ));
+    }
+    Ok(md)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("cannot sync {}", dir.display()), &e))
+}
+
+/// Replaces `path` with `value` as JSON, atomically: a temporary file of `mode`,
+/// fsync, rename, fsync of the directory.
+pub fn write_json(path: &Path, value: &impl Serialize, mode: u32) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut bytes = serde_json::to_vec_pretty(value).expect("serializes");
+    bytes.push(b'\n');
+    let io = |e: std::io::Error| Error::io(format!("cannot write {}", tmp.display()), &e);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(&bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+        .map_err(|e| Error::io(format!("cannot replace {}", path.display()), &e))?;
+    sync_dir(dir)
+}
+
+/// Reads the JSON file `path`, or the default if there is none.
+pub fn read_json<T: serde::de::DeserializeOwned + Default>(path: &Path) -> Result<T> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            Error::new(
+                Code::SrBackendFailure,
+                format!("{} is damaged: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(Error::io(format!("cannot read {}", path.display()), &e)),
+    }
+}
+
+/// Writes `md` to `path`'s metadata file atomically.
+fn write_metadata(path: &Path, md: &Metadata) -> Result<()> {
+    write_json(&agent_dir(path).join(METADATA), md, 0o644)
+}
+
+fn lock(path: &Path) -> Result<File> {
+    let file = agent_dir(path).join(LOCK);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(&file)
+        .map_err(|e| Error::io(format!("cannot open {}", file.display()), &e))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| Error::io(format!("cannot lock {}", file.display()), &e.into()))?;
+    Ok(f)
+}
+
+/// Renames `from` to `to` unless `to` exists (never replaces a file).
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        from,
+        rustix::fs::CWD,
+        to,
+        rustix::fs::RenameFlags::NOREPLACE,
+    )
+    .map_err(Into::into)
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("cannot remove {}", path.display()), &e)),
+    }
+}
+
+impl Sr {
+    /// Makes a new SR in the existing directory `path` (which holds none).
+    pub fn create(path: &Path, sr: SrRecord) -> Result<Sr> {
+        let dir = agent_dir(path);
+        std::fs::create_dir(&dir).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::new(
+                    Code::SrExists,
+                    format!("{} already holds an SR ({DIR} exists)", path.display()),
+                )
+            } else {
+                Error::io(format!("cannot create {}", dir.display()), &e)
+            }
+        })?;
+        std::fs::create_dir(dir.join(NEW_DIR))
+            .map_err(|e| Error::io(format!("cannot create {}", dir.join(NEW_DIR).display()), &e))?;
+        let lock = lock(path)?;
+        let md = Metadata {
+            format_version: FORMAT_VERSION,
+            sr,
+            vdis: Vec::new(),
+            journal: None,
+        };
+        write_metadata(path, &md)?;
+        sync_dir(path)?;
+        Ok(Sr {
+            path: path.to_owned(),
+            md,
+            _lock: Some(lock),
+            recovered: Vec::new(),
+        })
+    }
+
+    /// Opens the SR at `path` for changes: takes its lock (waiting for another agent
+    /// to finish), reads its metadata and recovers an interrupted operation.
+    pub fn open(path: &Path) -> Result<Sr> {
+        if !is_sr(path) {
+            return Err(Error::new(
+                Code::SrNotFound,
+                format!("{} holds no SR", path.display()),
+            ));
+        }
+        let lock = lock(path)?;
+        let md = read_metadata(path)?;
+        let mut sr = Sr {
+            path: path.to_owned(),
+            md,
+            _lock: Some(lock),
+            recovered: Vec::new(),
+        };
+        sr.recover()?;
+        Ok(sr)
+    }
+
+    /// Reads the SR at `path` without its lock (the file is replaced atomically, so
+    /// this is one consistent state; an interrupted operation shows as a journal).
+    pub fn read(path: &Path) -> Result<Sr> {
+        Ok(Sr {
+            path: path.to_owned(),
+            md: read_metadata(path)?,
+            _lock: None,
+            recovered: Vec::new(),
+        })
+    }
+
+    /// The path of a file named relative to the SR directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Where an operation makes new file `name` before it commits.
+    pub fn new_file(&self, name: &str) -> PathBuf {
+        agent_dir(&self.path).join(NEW_DIR).join(name)
+    }
+
+    /// Writes the metadata as it is now.
+    pub fn save(&self) -> Result<()> {
+        write_metadata(&self.path, &self.md)
+    }
+
+    /// Runs a multi-step operation: records `journal`, does its moves, calls `make`
+    /// (which makes the files of `journal.creates` in `new/`), applies `commit` to the
+    /// records, then finishes. A failure before the commit undoes everything.
+    pub fn run(
+        &mut self,
+        journal: Journal,
+        make: impl FnOnce(&Sr) -> Result<()>,
+        commit: impl FnOnce(&mut Metadata),
+    ) -> Result<()> {
+        self.md.journal = Some(journal.clone());
+        self.save()?;
+        crash_point("intent");
+        let worked = (|| {
+            for m in &journal.moves {
+                rename_noreplace(&self.file(&m.from), &self.file(&m.to))
+                    .map_err(|e| Error::io(format!("cannot rename {} to {}", m.from, m.to), &e))?;
+            }
+            crash_point("moved");
+            make(self)?;
+            crash_point("made");
+            Ok(())
+        })();
+        if let Err(e) = worked {
+            self.undo(&journal)?;
+            self.md.journal = None;
+            self.save()?;
+            return Err(e);
+        }
+        commit(&mut self.md);
+        let mut done = journal;
+        done.committed = true;
+        self.md.journal = Some(done.clone());
+        self.save()?;
+        crash_point("committed");
+        self.finish(&done)?;
+        crash_point("finished");
+        self.md.journal = None;
+        self.save()
+    }
+
+    fn undo(&self, j: &Journal) -> Result<()> {
+        for c in &j.creates {
+            remove_if_present(&self.new_file(c))?;
+        }
+        for m in j.moves.iter().rev() {
+            let (from, to) = (self.file(&m.from), self.file(&m.to));
+            if to.exists() && !from.exists() {
+                std::fs::rename(&to, &from).map_err(|e| {
+                    Error::io(format!("cannot move {} back to {}", m.to, m.from), &e)
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&self, j: &Journal) -> Result<()> {
+        for m in &j.finish {
+            let (from, to) = (self.new_file(&m.from), self.file(&m.to));
+            if from.exists() && !to.exists() {
+                rename_noreplace(&from, &to).map_err(|e| {
+                    Error::io(format!("cannot move new file {} to {}", m.from, m.to), &e)
+                })?;
+            }
+        }
+        for d in &j.deletes {
+            remove_if_present(&self.file(d))?;
+        }
+        if !j.finish.is_empty() || !j.deletes.is_empty() {
+            sync_dir(&self.path)?;
+        }
+        Ok(())
+    }
+
+    /// Undoes or finishes an operation a crash interrupted.
+    fn recover(&mut self) -> Result<()> {
+        let Some(j) = self.md.journal.clone() else {
+            return Ok(());
+        };
+        if j.committed {
+            self.finish(&j)?;
+            self.recovered
+                .push(format!("finished an interrupted {}", j.operation));
+        } else {
+            self.undo(&j)?;
+            self.recovered
+                .push(format!("undid an interrupted {}", j.operation));
+        }
+        self.md.journal = None;
+        self.save()
+    }
+
+    /// Removes the agent's directory (metadata, lock, `new/`): the SR is gone.
+    pub fn remove_metadata(self) -> Result<()> {
+        let dir = agent_dir(&self.path);
+        std::fs::remove_dir_all(&dir)
+            .map_err(|e| Error::io(format!("cannot remove {}", dir.display()), &e))?;
+        sync_dir(&self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::SrType;
+
+    fn new_sr(dir: &Path) -> Sr {
+        Sr::create(
+            dir,
+            SrRecord {
+                uuid: uuid::Uuid::new_v4(),
+                name_label: "t".into(),
+                kind: SrType::File,
+                made_directory: false,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_failed_step_undoes_the_moves_and_removes_what_it_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sr = new_sr(dir.path());
+        std::fs::write(dir.path().join("a.qcow2"), b"disk").unwrap();
+        let journal = Journal {
+            operation: "test".into(),
+            creates: vec!["x.qcow2".into()],
+            moves: vec![Move {
+                from: "a.qcow2".into(),
+                to: "b.qcow2".into(),
+            }],
+            finish: vec![Move {
+                from: "x.qcow2".into(),
+                to: "a.qcow2".into(),
+            }],
+            ..Journal::default()
+        };
+        let err = sr
+            .run(
+                journal,
+                |sr| {
+                    std::fs::write(sr.new_file("x.qcow2"), b"new").unwrap();
+                    Err(Error::new(Code::SrFull, "no space"))
+                },
+                |_| panic!("a failed operation never commits"),
+            )
+            .unwrap_err();
+        assert_eq!(err.code, Code::SrFull);
+        assert_eq!(std::fs::read(dir.path().join("a.qcow2")).unwrap(), b"disk");
+        assert!(!dir.path().join("b.qcow2").exists());
+        assert!(!sr.new_file("x.qcow2").exists());
+        assert!(Sr::read(dir.path()).unwrap().md.journal.is_none());
+    }
+
+    #[test]
+    fn a_committed_journal_is_finished_and_an_uncommitted_one_undone_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sr = new_sr(dir.path());
+        std::fs::write(sr.new_file("n.qcow2"), b"new").unwrap();
+        std::fs::write(dir.path().join("gone.qcow2"), b"old").unwrap();
+        sr.md.journal = Some(Journal {
+            operation: "finish me".into(),
+            committed: true,
+            finish: vec![Move {
+                from: "n.qcow2".into(),
+                to: "n-final.qcow2".into(),
+            }],
+            deletes: vec!["gone.qcow2".into()],
+            ..Journal::default()
+        });
+        sr.save().unwrap();
+        drop(sr);
+        let sr = Sr::open(dir.path()).unwrap();
+        assert_eq!(sr.recovered, ["finished an interrupted finish me"]);
+        assert_eq!(
+            std::fs::read(dir.path().join("n-final.qcow2")).unwrap(),
+            b"new"
+        );
+        assert!(!dir.path().join("gone.qcow2").exists());
+        let mut sr = sr;
+        std::fs::rename(
+            dir.path().join("n-final.qcow2"),
+            dir.path().join("moved.qcow2"),
+        )
+        .unwrap();
+        std::fs::write(sr.new_file("half.qcow2"), b"half").unwrap();
+        sr.md.journal = Some(Journal {
+            operation: "undo me".into(),
+            creates: vec!["half.qcow2".into()],
+            moves: vec![Move {
+                from: "n-final.qcow2".into(),
+                to: "moved.qcow2".into(),
+            }],
+            ..Journal::default()
+        });
+        sr.save().unwrap();
+        drop(sr);
+        let sr = Sr::open(dir.path()).unwrap();
+        assert_eq!(sr.recovered, ["undid an interrupted undo me"]);
+        assert!(dir.path().join("n-final.qcow2").exists());
+        assert!(!dir.path().join("moved.qcow2").exists());
+        assert!(!sr.new_file("half.qcow2").exists());
+        assert!(sr.md.journal.is_none());
+    }
+}

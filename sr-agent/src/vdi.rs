@@ -1,0 +1,353 @@
+//! The VDI operations, one function per `thinline vdi` command, each with its options.
+//! The rules every backend shares are checked here, before the backend works: a
+//! template only clones, snapshots and is forgotten; a snapshot is never written; a
+//! volume something else reads from is never destroyed.
+
+use uuid::Uuid;
+
+use crate::backend::{Backend, for_type};
+use crate::model::{VdiRecord, VdiType, VdiView};
+use crate::registry;
+use crate::store::Sr;
+use crate::template::{self, Templates};
+use crate::{Code, Error, Result};
+
+/// Opens the SR named `name` (path or UUID) for changes.
+pub fn open_sr(name: &str) -> Result<(Sr, Box<dyn Backend>)> {
+    let path = registry::resolve(name)?;
+    let sr = Sr::open(&path)?;
+    let backend = for_type(sr.md.sr.kind);
+    Ok((sr, backend))
+}
+
+/// The record `uuid` of `sr`, which must be a VDI (layers are not).
+pub fn find(sr: &Sr, uuid: Uuid) -> Result<VdiRecord> {
+    match sr.md.get(uuid) {
+        Some(v) if v.kind != VdiType::Layer => Ok(v.clone()),
+        _ => Err(Error::new(
+            Code::VdiNotFound,
+            format!(
+                "no VDI {uuid} in SR {} ({})",
+                sr.md.sr.uuid,
+                sr.path.display()
+            ),
+        )),
+    }
+}
+
+/// How `v` is shown.
+pub fn view(sr: &Sr, backend: &dyn Backend, v: &VdiRecord) -> VdiView {
+    VdiView {
+        uuid: v.uuid,
+        name_label: v.name_label.clone(),
+        kind: v.kind,
+        sr: sr.md.sr.uuid,
+        virtual_size: v.virtual_size,
+        physical_utilisation: backend.utilisation(sr, v),
+        read_only: v.read_only(),
+        is_template: v.is_template(),
+        parent: v.parent,
+        uri: v.uri.clone(),
+        format: v.format,
+        file: v.file.clone(),
+    }
+}
+
+fn refuse_template(v: &VdiRecord, op: &str) -> Result<()> {
+    if v.is_template() {
+        return Err(Error::new(
+            Code::VdiIsTemplate,
+            format!(
+                "VDI {} ({}) is a template: it can only be cloned, snapshotted or forgotten, not {op}",
+                v.uuid, v.name_label
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn refuse_dependents(sr: &Sr, v: &VdiRecord, op: &str) -> Result<()> {
+    let users: Vec<String> = sr
+        .md
+        .dependents(v.uuid)
+        .map(|d| {
+            if d.kind == VdiType::Layer {
+                format!("a layer ({})", d.file.as_deref().unwrap_or("?"))
+            } else {
+                format!("{} ({})", d.uuid, d.name_label)
+            }
+        })
+        .collect();
+    if users.is_empty() {
+        return Ok(());
+    }
+    Err(Error::new(
+        Code::VdiInUse,
+        format!(
+            "cannot {op} VDI {} ({}): {} read from it: {}",
+            v.uuid,
+            v.name_label,
+            users.len(),
+            users.join(", ")
+        ),
+    ))
+}
+
+/// `vdi introduce`.
+#[derive(Debug, Clone)]
+pub struct IntroduceOptions {
+    pub sr: String,
+    /// A path or URI `thinline serve` accepts.
+    pub uri: String,
+    pub name_label: Option<String>,
+}
+
+/// Registers a template: opens it once (before taking the SR's lock) for its format
+/// and size.
+pub fn introduce(o: &IntroduceOptions, templates: &Templates) -> Result<VdiView> {
+    let path = registry::resolve(&o.sr)?;
+    let probed = templates.probe(&o.uri)?;
+    let mut sr = Sr::open(&path)?;
+    let backend = for_type(sr.md.sr.kind);
+    let uuid = Uuid::new_v4();
+    let label = o.name_label.clone().unwrap_or_else(|| {
+        probed
+            .shown
+            .rsplit('/')
+            .find(|s| !s.is_empty())
+            .unwrap_or("template")
+            .to_owned()
+    });
+    if probed.full != probed.shown {
+        let mut creds = template::credentials(&sr.path)?;
+        creds.insert(uuid, probed.full.clone());
+        template::save_credentials(&sr.path, &creds)?;
+    }
+    let rec = VdiRecord {
+        uuid,
+        name_label: label,
+        kind: VdiType::Template,
+        virtual_size: probed.size,
+        parent: None,
+        backing: None,
+        uri: Some(probed.shown),
+        format: Some(probed.format),
+        file: None,
+    };
+    sr.md.vdis.push(rec.clone());
+    sr.save()?;
+    Ok(view(&sr, backend.as_ref(), &rec))
+}
+
+/// `vdi create`.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub sr: String,
+    /// Bytes; rounded up to a multiple of 512.
+    pub size: u64,
+    pub name_label: Option<String>,
+}
+
+pub fn create(o: &CreateOptions) -> Result<VdiView> {
+    if o.size == 0 {
+        return Err(Error::new(
+            Code::InvalidArgument,
+            "a VDI needs a size above 0",
+        ));
+    }
+    let size = o.size.checked_next_multiple_of(512).ok_or_else(|| {
+        Error::new(
+            Code::InvalidArgument,
+            format!("size {} is too large", o.size),
+        )
+    })?;
+    let (mut sr, backend) = open_sr(&o.sr)?;
+    let label = o.name_label.clone().unwrap_or_else(|| "disk".to_owned());
+    let uuid = backend.create(&mut sr, &label, size)?;
+    let rec = find(&sr, uuid)?;
+    Ok(view(&sr, backend.as_ref(), &rec))
+}
+
+/// `vdi clone` and `vdi snapshot`: the source and the new VDI's name-label.
+#[derive(Debug, Clone)]
+pub struct CopyOptions {
+    pub sr: String,
+    pub vdi: Uuid,
+    /// Defaults to the source's.
+    pub name_label: Option<String>,
+}
+
+/// A writable disk with the content of a template, disk or snapshot.
+pub fn clone(o: &CopyOptions) -> Result<VdiView> {
+    copy(o, |backend, sr, src, label| backend.clone(sr, src, label))
+}
+
+/// A read-only point-in-time copy.
+pub fn snapshot(o: &CopyOptions) -> Result<VdiView> {
+    copy(o, |backend, sr, src, label| {
+        backend.snapshot(sr, src, label)
+    })
+}
+
+fn copy(
+    o: &CopyOptions,
+    make: impl FnOnce(&dyn Backend, &mut Sr, Uuid, &str) -> Result<Uuid>,
+) -> Result<VdiView> {
+    let (mut sr, backend) = open_sr(&o.sr)?;
+    let src = find(&sr, o.vdi)?;
+    let label = o.name_label.clone().unwrap_or(src.name_label);
+    let uuid = make(backend.as_ref(), &mut sr, src.uuid, &label)?;
+    let rec = find(&sr, uuid)?;
+    Ok(view(&sr, backend.as_ref(), &rec))
+}
+
+/// `vdi destroy`, `vdi stat`: one VDI.
+#[derive(Debug, Clone)]
+pub struct VdiRef {
+    pub sr: String,
+    pub vdi: Uuid,
+}
+
+/// Deletes a disk or snapshot nothing reads from.
+pub fn destroy(o: &VdiRef) -> Result<()> {
+    let (mut sr, backend) = open_sr(&o.sr)?;
+    let v = find(&sr, o.vdi)?;
+    refuse_template(&v, "destroyed (use `vdi forget`)")?;
+    refuse_dependents(&sr, &v, "destroy")?;
+    backend.destroy(&mut sr, v.uuid)
+}
+
+/// `vdi forget`.
+#[derive(Debug, Clone)]
+pub struct ForgetOptions {
+    pub sr: String,
+    pub vdi: Uuid,
+    /// Forget a template even though clones read from it: they keep what they wrote
+    /// and fail to read the rest.
+    pub force: bool,
+}
+
+/// What `vdi forget` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Forgotten {
+    pub uuid: Uuid,
+    /// VDIs that read from the template and now cannot read what they did not write.
+    pub orphaned: Vec<Uuid>,
+}
+
+/// Unregisters a template.
+pub fn forget(o: &ForgetOptions) -> Result<Forgotten> {
+    let (mut sr, backend) = open_sr(&o.sr)?;
+    let v = find(&sr, o.vdi)?;
+    if !v.is_template() {
+        return Err(Error::new(
+            Code::InvalidArgument,
+            format!(
+                "VDI {} ({}) is a {}: only templates are forgotten; use `vdi destroy`",
+                v.uuid,
+                v.name_label,
+                match v.kind {
+                    VdiType::Snapshot => "snapshot",
+                    _ => "disk",
+                }
+            ),
+        ));
+    }
+    let orphaned: Vec<Uuid> = sr.md.dependents(v.uuid).map(|d| d.uuid).collect();
+    if !o.force {
+        refuse_dependents(&sr, &v, "forget")
+            .map_err(|e| Error::new(e.code, format!("{} (--force forgets it anyway: they keep what they wrote and fail to read the rest)", e.message)))?;
+    }
+    backend.destroy(&mut sr, v.uuid)?;
+    Ok(Forgotten {
+        uuid: v.uuid,
+        orphaned,
+    })
+}
+
+/// `vdi resize`.
+#[derive(Debug, Clone)]
+pub struct ResizeOptions {
+    pub sr: String,
+    pub vdi: Uuid,
+    /// The new size in bytes; rounded up to a multiple of 512; never smaller.
+    pub size: u64,
+}
+
+/// Grows a disk.
+pub fn resize(o: &ResizeOptions, templates: &Templates) -> Result<VdiView> {
+    let (mut sr, backend) = open_sr(&o.sr)?;
+    let v = find(&sr, o.vdi)?;
+    refuse_template(&v, "resized")?;
+    if v.kind == VdiType::Snapshot {
+        return Err(Error::new(
+            Code::VdiReadOnly,
+            format!(
+                "VDI {} ({}) is a snapshot: it never changes",
+                v.uuid, v.name_label
+            ),
+        ));
+    }
+    let size = o.size.checked_next_multiple_of(512).ok_or_else(|| {
+        Error::new(
+            Code::InvalidArgument,
+            format!("size {} is too large", o.size),
+        )
+    })?;
+    if size < v.virtual_size {
+        return Err(Error::new(
+            Code::InvalidArgument,
+            format!(
+                "VDI {} is {} bytes: it only grows, not to {size}",
+                v.uuid, v.virtual_size
+            ),
+        ));
+    }
+    if size > v.virtual_size {
+        backend.resize(&mut sr, v.uuid, size, templates)?;
+    }
+    let rec = find(&sr, v.uuid)?;
+    Ok(view(&sr, backend.as_ref(), &rec))
+}
+
+/// One VDI as it is now.
+pub fn stat(o: &VdiRef) -> Result<VdiView> {
+    let path = registry::resolve(&o.sr)?;
+    let sr = Sr::read(&path)?;
+    let backend = for_type(sr.md.sr.kind);
+    let v = find(&sr, o.vdi)?;
+    Ok(view(&sr, backend.as_ref(), &v))
+}
+
+/// Every VDI of the SR named `sr`.
+pub fn list(sr: &str) -> Result<Vec<VdiView>> {
+    let path = registry::resolve(sr)?;
+    let sr = Sr::read(&path)?;
+    let backend = for_type(sr.md.sr.kind);
+    Ok(sr
+        .md
+        .vdis
+        .iter()
+        .filter(|v| v.kind != VdiType::Layer)
+        .map(|v| view(&sr, backend.as_ref(), v))
+        .collect())
+}
+
+/// `vdi set-name-label`.
+#[derive(Debug, Clone)]
+pub struct LabelOptions {
+    pub sr: String,
+    pub vdi: Uuid,
+    pub name_label: String,
+}
+
+/// Renames a VDI (its file keeps its name).
+pub fn set_name_label(o: &LabelOptions) -> Result<VdiView> {
+    let (mut sr, backend) = open_sr(&o.sr)?;
+    let v = find(&sr, o.vdi)?;
+    refuse_template(&v, "renamed")?;
+    sr.md.get_mut(v.uuid).expect("found").name_label = o.name_label.clone();
+    sr.save()?;
+    let rec = find(&sr, v.uuid)?;
+    Ok(view(&sr, backend.as_ref(), &rec))
+}

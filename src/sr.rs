@@ -1,0 +1,204 @@
+//! `thinline sr …`: storage repositories. Each subcommand fills the library's options
+//! and prints its result (see `docs/sr-agent.md` for the output contract and exit
+//! statuses).
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand, ValueEnum};
+use thinline_sr::model::SrType;
+use thinline_sr::sr;
+
+use crate::agent::{OnSr, finish, sr_text};
+
+/// Storage repositories: directories that hold templates, thin disks and snapshots.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  thinline sr create --type file /srv/thinline/sr1 --name-label local
+  thinline sr list --json")]
+pub struct SrArgs {
+    #[command(subcommand)]
+    command: SrCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum SrCommand {
+    Create(CreateArgs),
+    Introduce(IntroduceArgs),
+    /// Unregister an SR: nothing on disk changes, and `sr introduce` brings it back.
+    #[command(after_help = "Example:\n  thinline sr forget --sr /srv/thinline/sr1")]
+    Forget(OnSr),
+    Destroy(DestroyArgs),
+    Probe(ProbeArgs),
+    /// Show an SR: its sizes, free space, VDI count and health.
+    #[command(after_help = "Example:\n  thinline sr stat --sr /srv/thinline/sr1 --json")]
+    Stat(OnSr),
+    List(ListArgs),
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TypeArg {
+    /// A directory of qcow2 files (no root, no LVM, no kernel module).
+    File,
+}
+
+/// Make a new SR in a new (or empty) directory, and register it.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  thinline sr create --type file /srv/thinline/sr1 --name-label local")]
+struct CreateArgs {
+    /// The kind of SR.
+    #[arg(long = "type", value_enum, default_value = "file")]
+    kind: TypeArg,
+    /// A name for people (default: the directory's name).
+    #[arg(long, value_name = "LABEL")]
+    name_label: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// The directory to make.
+    path: PathBuf,
+}
+
+/// Adopt an existing directory as an SR (files already in it are left alone), or
+/// register again an SR that is already there.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  thinline sr introduce /var/lib/images --name-label images")]
+struct IntroduceArgs {
+    /// A name for people (default: the directory's name, or the SR's own).
+    #[arg(long, value_name = "LABEL")]
+    name_label: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// The directory.
+    path: PathBuf,
+}
+
+/// Delete every disk, snapshot and layer of the SR and its metadata; templates are
+/// only forgotten; the directory goes too if `sr create` made it and it is empty.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  thinline sr destroy --sr /srv/thinline/sr1 --force")]
+struct DestroyArgs {
+    #[command(flatten)]
+    on: OnSr,
+    /// Destroy the SR's disks and snapshots too (refused without it: SR_NOT_EMPTY).
+    #[arg(long)]
+    force: bool,
+}
+
+/// Say whether a directory holds an SR.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  thinline sr probe /srv/thinline/sr1 --json")]
+struct ProbeArgs {
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// The directory.
+    path: PathBuf,
+}
+
+/// List the registered SRs.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  thinline sr list --json")]
+struct ListArgs {
+    /// Print one JSON object ({\"srs\": [...]}).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Compare the SR's metadata with its files; with --repair, finish or undo an
+/// interrupted operation and remove what it left behind.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  thinline sr check --sr /srv/thinline/sr1 --repair")]
+struct CheckArgs {
+    #[command(flatten)]
+    on: OnSr,
+    /// Fix what can be fixed.
+    #[arg(long)]
+    repair: bool,
+}
+
+/// Runs `thinline sr …`; returns the exit status.
+pub fn run(args: SrArgs) -> anyhow::Result<u8> {
+    match args.command {
+        SrCommand::Create(a) => {
+            let options = sr::CreateOptions {
+                path: a.path,
+                kind: match a.kind {
+                    TypeArg::File => SrType::File,
+                },
+                name_label: a.name_label,
+            };
+            finish(sr::create(&options), a.json, |v, out| sr_text(v, out))
+        }
+        SrCommand::Introduce(a) => {
+            let options = sr::IntroduceOptions {
+                path: a.path,
+                name_label: a.name_label,
+            };
+            finish(sr::introduce(&options), a.json, |v, out| sr_text(v, out))
+        }
+        SrCommand::Forget(a) => finish(sr::forget(&a.sr), a.json, |v, out| {
+            writeln!(
+                out,
+                "forgot SR {} ({}); its files are untouched",
+                v.uuid, v.path
+            )
+        }),
+        SrCommand::Destroy(a) => {
+            let options = sr::DestroyOptions {
+                sr: a.on.sr,
+                force: a.force,
+            };
+            let result = sr::destroy(&options).map(|uuid| serde_json::json!({ "uuid": uuid }));
+            finish(result, a.on.json, |v, out| {
+                writeln!(out, "destroyed SR {}", v["uuid"].as_str().unwrap_or("?"))
+            })
+        }
+        SrCommand::Probe(a) => finish(sr::probe(&a.path), a.json, |p, out| match &p.sr {
+            Some(v) => sr_text(v, out),
+            None => writeln!(out, "{} holds no SR", p.path),
+        }),
+        SrCommand::Stat(a) => finish(sr::stat(&a.sr), a.json, |v, out| sr_text(v, out)),
+        SrCommand::List(a) => {
+            let result = sr::list().map(|srs| serde_json::json!({ "srs": srs }));
+            finish(result, a.json, |v, out| {
+                writeln!(out, "{:<36}  {:<12}  PATH", "UUID", "HEALTH")?;
+                for s in v["srs"].as_array().into_iter().flatten() {
+                    writeln!(
+                        out,
+                        "{:<36}  {:<12}  {}",
+                        s["uuid"].as_str().unwrap_or("?"),
+                        s["health"].as_str().unwrap_or("?"),
+                        s["path"].as_str().unwrap_or("?")
+                    )?;
+                }
+                Ok(())
+            })
+        }
+        SrCommand::Check(a) => {
+            let result = sr::check(&a.on.sr, a.repair);
+            let unclean = matches!(&result, Ok(r) if !r.clean);
+            let status = finish(result, a.on.json, |r, out| {
+                for f in &r.findings {
+                    writeln!(out, "{}: {}", f.kind, f.message)?;
+                }
+                for done in &r.repaired {
+                    writeln!(out, "repaired: {done}")?;
+                }
+                if r.clean {
+                    writeln!(out, "SR {} is clean", r.sr)?;
+                }
+                Ok(())
+            })?;
+            // A check that finds problems says so in its status, as `image check` does.
+            Ok(if status == 0 && unclean { 3 } else { status })
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! `thinline vdi …`: templates, thin disks and snapshots in an SR. Each subcommand
+//! fills the library's options and prints its result (see `docs/sr-agent.md` for the
+//! output contract and exit statuses).
+
+use std::io::Write;
+
+use clap::{Args, Subcommand};
+use thinline_sr::template::Templates;
+use thinline_sr::vdi;
+use uuid::Uuid;
+
+use crate::agent::{OnSr, finish, vdi_header, vdi_row, vdi_text};
+use crate::remote::RemoteArgs;
+use crate::size::parse_size;
+
+/// Virtual disks: templates registered by URI, thin disks, snapshots.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  thinline vdi introduce --sr /srv/thinline/sr1 https://images.example.com/debian-12.qcow2
+  thinline vdi clone --sr /srv/thinline/sr1 3f0c…  --name-label web1
+  thinline vdi list --sr /srv/thinline/sr1 --json")]
+pub struct VdiArgs {
+    #[command(subcommand)]
+    command: VdiCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum VdiCommand {
+    Introduce(IntroduceArgs),
+    Create(CreateArgs),
+    Clone(CopyArgs),
+    Snapshot(SnapshotArgs),
+    /// Delete a disk or snapshot that nothing reads from (VDI_IN_USE otherwise).
+    #[command(after_help = "Example:\n  thinline vdi destroy --sr /srv/thinline/sr1 UUID")]
+    Destroy(RefArgs),
+    Forget(ForgetArgs),
+    Resize(ResizeArgs),
+    /// Show one VDI.
+    #[command(after_help = "Example:\n  thinline vdi stat --sr /srv/thinline/sr1 UUID --json")]
+    Stat(RefArgs),
+    List(ListArgs),
+    SetNameLabel(LabelArgs),
+}
+
+/// Register a read-only template by URI: any location `thinline serve` accepts (a
+/// path, file://, http(s)://, s3://, nfs://, nbd://, a scheme handler), in any format
+/// it reads. The template is opened once for its format and size; credentials in
+/// the URI are kept in a file only its owner reads, never shown.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  thinline vdi introduce --sr /srv/thinline/sr1 --name-label debian-12 \\
+      https://images.example.com/debian-12.qcow2")]
+struct IntroduceArgs {
+    #[command(flatten)]
+    on: OnSr,
+    /// A name for people (default: the last part of the URI).
+    #[arg(long, value_name = "LABEL")]
+    name_label: Option<String>,
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// The template's location.
+    uri: String,
+}
+
+/// Make an empty thin disk.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  thinline vdi create --sr /srv/thinline/sr1 20G --name-label data")]
+struct CreateArgs {
+    #[command(flatten)]
+    on: OnSr,
+    /// A name for people (default: disk); the file is named after it.
+    #[arg(long, value_name = "LABEL")]
+    name_label: Option<String>,
+    /// The size: bytes, or with a K, M, G or T suffix.
+    #[arg(value_parser = parse_size)]
+    size: usize,
+}
+
+/// Make a writable thin disk with the content of a template, disk or snapshot. A
+/// cloned disk stays writable: both become overlays of a read-only layer.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  thinline vdi clone --sr /srv/thinline/sr1 --name-label web1 UUID")]
+struct CopyArgs {
+    #[command(flatten)]
+    on: OnSr,
+    /// A name for people (default: the source's).
+    #[arg(long, value_name = "LABEL")]
+    name_label: Option<String>,
+    /// The VDI to copy.
+    vdi: Uuid,
+}
+
+/// Make a read-only point-in-time copy of a disk (the disk goes on in an overlay).
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  thinline vdi snapshot --sr /srv/thinline/sr1 --name-label before-upgrade UUID")]
+struct SnapshotArgs {
+    #[command(flatten)]
+    copy: CopyArgs,
+}
+
+/// Names one VDI.
+#[derive(Debug, Args)]
+struct RefArgs {
+    #[command(flatten)]
+    on: OnSr,
+    /// The VDI.
+    vdi: Uuid,
+}
+
+/// Unregister a template. Refused while VDIs read from it, unless --force.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  thinline vdi forget --sr /srv/thinline/sr1 UUID")]
+struct ForgetArgs {
+    #[command(flatten)]
+    on: OnSr,
+    /// Forget it even though VDIs read from it: they keep what they wrote and fail to
+    /// read the rest.
+    #[arg(long)]
+    force: bool,
+    /// The template.
+    vdi: Uuid,
+}
+
+/// Grow a disk (the new tail reads as zeroes).
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  thinline vdi resize --sr /srv/thinline/sr1 UUID 40G")]
+struct ResizeArgs {
+    #[command(flatten)]
+    on: OnSr,
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// The disk.
+    vdi: Uuid,
+    /// The new size: bytes, or with a K, M, G or T suffix.
+    #[arg(value_parser = parse_size)]
+    size: usize,
+}
+
+/// List the SR's VDIs.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  thinline vdi list --sr /srv/thinline/sr1 --json")]
+struct ListArgs {
+    #[command(flatten)]
+    on: OnSr,
+}
+
+/// Rename a VDI (its file keeps its name).
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  thinline vdi set-name-label --sr /srv/thinline/sr1 UUID web1-old")]
+struct LabelArgs {
+    #[command(flatten)]
+    on: OnSr,
+    /// The VDI.
+    vdi: Uuid,
+    /// The new name-label.
+    label: String,
+}
+
+fn templates(remote: &RemoteArgs) -> anyhow::Result<Templates> {
+    Ok(Templates {
+        remote: remote.config()?,
+        handle: crate::remote::runtime()?.handle().clone(),
+    })
+}
+
+/// Runs `thinline vdi …`; returns the exit status.
+pub fn run(args: VdiArgs) -> anyhow::Result<u8> {
+    let text = |v: &thinline_sr::VdiView, out: &mut dyn Write| vdi_text(v, out);
+    match args.command {
+        VdiCommand::Introduce(a) => {
+            let options = vdi::IntroduceOptions {
+                sr: a.on.sr,
+                uri: a.uri,
+                name_label: a.name_label,
+            };
+            finish(
+                vdi::introduce(&options, &templates(&a.remote)?),
+                a.on.json,
+                text,
+            )
+        }
+        VdiCommand::Create(a) => {
+            let options = vdi::CreateOptions {
+                sr: a.on.sr,
+                size: a.size as u64,
+                name_label: a.name_label,
+            };
+            finish(vdi::create(&options), a.on.json, text)
+        }
+        VdiCommand::Clone(a) => finish(vdi::clone(&copy(&a)), a.on.json, text),
+        VdiCommand::Snapshot(a) => finish(vdi::snapshot(&copy(&a.copy)), a.copy.on.json, text),
+        VdiCommand::Destroy(a) => {
+            let result = vdi::destroy(&vdi::VdiRef {
+                sr: a.on.sr,
+                vdi: a.vdi,
+            })
+            .map(|()| serde_json::json!({ "uuid": a.vdi }));
+            finish(result, a.on.json, |_, out| {
+                writeln!(out, "destroyed VDI {}", a.vdi)
+            })
+        }
+        VdiCommand::Forget(a) => {
+            let options = vdi::ForgetOptions {
+                sr: a.on.sr,
+                vdi: a.vdi,
+                force: a.force,
+            };
+            finish(vdi::forget(&options), a.on.json, |f, out| {
+                writeln!(out, "forgot template {}", f.uuid)?;
+                for o in &f.orphaned {
+                    writeln!(out, "VDI {o} can no longer read what it did not write")?;
+                }
+                Ok(())
+            })
+        }
+        VdiCommand::Resize(a) => {
+            let options = vdi::ResizeOptions {
+                sr: a.on.sr,
+                vdi: a.vdi,
+                size: a.size as u64,
+            };
+            finish(
+                vdi::resize(&options, &templates(&a.remote)?),
+                a.on.json,
+                text,
+            )
+        }
+        VdiCommand::Stat(a) => finish(
+            vdi::stat(&vdi::VdiRef {
+                sr: a.on.sr,
+                vdi: a.vdi,
+            }),
+            a.on.json,
+            text,
+        ),
+        VdiCommand::List(a) => {
+            let result = vdi::list(&a.on.sr).map(|vdis| ListOut { vdis });
+            finish(result, a.on.json, |l, out| {
+                vdi_header(out)?;
+                l.vdis.iter().try_for_each(|v| vdi_row(v, out))
+            })
+        }
+        VdiCommand::SetNameLabel(a) => {
+            let options = vdi::LabelOptions {
+                sr: a.on.sr,
+                vdi: a.vdi,
+                name_label: a.label,
+            };
+            finish(vdi::set_name_label(&options), a.on.json, text)
+        }
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+struct ListOut {
+    vdis: Vec<thinline_sr::VdiView>,
+}
+
+fn copy(a: &CopyArgs) -> vdi::CopyOptions {
+    vdi::CopyOptions {
+        sr: a.on.sr.clone(),
+        vdi: a.vdi,
+        name_label: a.name_label.clone(),
+    }
+}

@@ -1,0 +1,741 @@
+//! `thinline sr` and `thinline vdi` on directory SRs, through the command line as an
+//! orchestrator drives them: the JSON contract and the exit status of every error code,
+//! templates kept read-only, clones and snapshots whose bytes qemu reads back, kill -9
+//! at every step of every multi-step operation, and eight agents at once on one SR.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use thinline_test_support::require;
+
+/// One test's SR registry and scratch directory.
+struct Agent {
+    dir: tempfile::TempDir,
+}
+
+/// What a command printed and how it ended.
+#[derive(Debug)]
+struct Ran {
+    /// The exit status; `None` when a signal ended it.
+    code: Option<i32>,
+    json: Value,
+    stderr: String,
+}
+
+impl Agent {
+    fn new() -> Agent {
+        Agent {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(common::thinline());
+        c.args(args)
+            .env("THINLINE_SR_REGISTRY", self.path("registry.json"))
+            .env_remove("THINLINE_SR_CRASH_AT");
+        c
+    }
+
+    /// Runs `thinline ARGS --json`.
+    fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Ran {
+        let mut c = self.command(args);
+        c.arg("--json").envs(env.iter().copied());
+        let out = c.output().expect("run thinline");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let json = if stdout.trim().is_empty() {
+            Value::Null
+        } else {
+            assert_eq!(
+                stdout.trim().lines().count(),
+                1,
+                "{args:?}: --json prints one line: {stdout}"
+            );
+            serde_json::from_str(stdout.trim())
+                .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {stdout}"))
+        };
+        Ran {
+            code: out.status.code(),
+            json,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Ran {
+        self.run_env(args, &[])
+    }
+
+    /// Runs a command that must succeed; returns its JSON.
+    fn ok(&self, args: &[&str]) -> Value {
+        let r = self.run(args);
+        assert_eq!(r.code, Some(0), "{args:?} failed: {r:?}");
+        r.json
+    }
+
+    /// Runs a command that must fail with `code` and exit status `status`.
+    fn fails(&self, args: &[&str], code: &str, status: i32) -> String {
+        let r = self.run(args);
+        assert_eq!(r.code, Some(status), "{args:?}: {r:?}");
+        assert_eq!(r.json["error"]["code"], code, "{args:?}: {r:?}");
+        assert!(
+            !r.stderr.contains("error"),
+            "{args:?}: with --json the error is printed once, on stdout: {r:?}"
+        );
+        let message = r.json["error"]["message"].as_str().unwrap_or("").to_owned();
+        assert!(!message.is_empty(), "{args:?}: an error message");
+        message
+    }
+
+    fn new_sr(&self, name: &str) -> (String, PathBuf) {
+        let path = self.path(name);
+        let v = self.ok(&["sr", "create", "--type", "file", path.to_str().unwrap()]);
+        (v["uuid"].as_str().unwrap().to_owned(), path)
+    }
+
+    fn vdis(&self, sr: &Path) -> Vec<Value> {
+        self.ok(&["vdi", "list", "--sr", sr.to_str().unwrap()])["vdis"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn uuid(v: &Value) -> String {
+    v["uuid"].as_str().unwrap().to_owned()
+}
+
+/// A qcow2 template of 16 MiB: 0x42 in its first MiB, the rest unallocated.
+fn qcow2_template(dir: &Path) -> PathBuf {
+    let path = dir.join("template.qcow2");
+    thinline_test_support::qemu::qemu_img(dir, &["create", "-q", "-f", "qcow2", s(&path), "16M"]);
+    thinline_test_support::qemu::qemu_io(dir, "qcow2", s(&path), &["write -q -P 0x42 0 1M"]);
+    path
+}
+
+/// Whether qemu reads `pattern` in `[offset, offset + len)` of `file`.
+fn qemu_reads(file: &Path, offset: u64, len: u64, pattern: u8) -> bool {
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-r", "-c"])
+        .arg(format!("read -P {pattern:#x} {offset} {len}"))
+        .arg(file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    out.status.success() && !text.contains("Pattern verification failed") && text.contains("read ")
+}
+
+fn qemu_write(file: &Path, offset: u64, len: u64, pattern: u8) {
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c"])
+        .arg(format!("write -P {pattern:#x} {offset} {len}"))
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-io write into {}: {out:?}",
+        file.display()
+    );
+}
+
+/// `qemu-img check` of every qcow2 file in `dir` must be clean.
+fn qemu_check_all(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "qcow2") {
+            let out = Command::new("qemu-img")
+                .args(["check", "-q", "-f", "qcow2", "-U"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "qemu-img check {}: {out:?}",
+                path.display()
+            );
+        }
+    }
+}
+
+fn sha(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn sr_commands_print_one_json_object_and_every_error_has_its_code_and_exit_status() {
+    let a = Agent::new();
+    let (uuid_, path) = a.new_sr("sr1");
+    let v = a.ok(&["sr", "stat", "--sr", &uuid_]);
+    for key in [
+        "uuid",
+        "name_label",
+        "type",
+        "path",
+        "total_space",
+        "free_space",
+        "physical_utilisation",
+        "vdi_count",
+        "health",
+    ] {
+        assert!(v.get(key).is_some(), "sr stat lacks {key}: {v}");
+    }
+    assert_eq!(v["type"], "file");
+    assert_eq!(v["name_label"], "sr1");
+    assert_eq!(v["health"], "healthy");
+    assert_eq!(v["vdi_count"], 0);
+    assert!(v["free_space"].as_u64().unwrap() > 0);
+    // By path too.
+    assert_eq!(
+        a.ok(&["sr", "stat", "--sr", s(&path)])["uuid"],
+        uuid_.as_str()
+    );
+    let listed = a.ok(&["sr", "list"]);
+    assert!(
+        listed["srs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["uuid"] == uuid_.as_str()),
+        "{listed}"
+    );
+    // Probe: an SR, and a directory without one.
+    assert_eq!(
+        a.ok(&["sr", "probe", s(&path)])["sr"]["uuid"],
+        uuid_.as_str()
+    );
+    std::fs::create_dir(a.path("plain")).unwrap();
+    assert!(a.ok(&["sr", "probe", s(&a.path("plain"))])["sr"].is_null());
+
+    // Errors, with --json and without.
+    a.fails(
+        &["sr", "create", "--type", "file", s(&path)],
+        "SR_EXISTS",
+        17,
+    );
+    a.fails(
+        &["sr", "stat", "--sr", s(&a.path("plain"))],
+        "SR_NOT_FOUND",
+        10,
+    );
+    a.fails(
+        &["sr", "stat", "--sr", "6a1f0000-0000-4000-8000-000000000000"],
+        "SR_NOT_FOUND",
+        10,
+    );
+    let out = a
+        .command(&["sr", "stat", "--sr", s(&a.path("missing"))])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(10));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("SR_NOT_FOUND") && err.contains("missing"),
+        "{err}"
+    );
+    a.fails(
+        &["vdi", "create", "--sr", s(&path), "0"],
+        "INVALID_ARGUMENT",
+        2,
+    );
+    let usage = a
+        .command(&["vdi", "create", "--sr", s(&path), "ten"])
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(2), "a bad size is a usage error");
+
+    // Forget and introduce again: same UUID, VDIs kept, files untouched.
+    let disk = uuid(&a.ok(&["vdi", "create", "--sr", s(&path), "1M", "--name-label", "d"]));
+    a.ok(&["sr", "forget", "--sr", &uuid_]);
+    assert!(a.ok(&["sr", "list"])["srs"].as_array().unwrap().is_empty());
+    a.fails(&["sr", "stat", "--sr", &uuid_], "SR_NOT_FOUND", 10);
+    assert!(path.join("d.qcow2").is_file());
+    let again = a.ok(&["sr", "introduce", s(&path)]);
+    assert_eq!(again["uuid"], uuid_.as_str());
+    assert_eq!(
+        a.ok(&["vdi", "stat", "--sr", &uuid_, &disk])["file"],
+        "d.qcow2"
+    );
+
+    // Destroy: refused while a disk exists, then with --force; the directory goes.
+    a.fails(&["sr", "destroy", "--sr", &uuid_], "SR_NOT_EMPTY", 14);
+    a.ok(&["sr", "destroy", "--sr", &uuid_, "--force"]);
+    assert!(
+        !path.exists(),
+        "sr create made the directory; destroy removes it"
+    );
+    a.fails(&["sr", "stat", "--sr", &uuid_], "SR_NOT_FOUND", 10);
+}
+
+#[test]
+fn an_introduced_directory_keeps_the_files_the_agent_does_not_own() {
+    let a = Agent::new();
+    let dir = a.path("images");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("web.qcow2"), b"not ours").unwrap();
+    std::fs::write(dir.join("notes.txt"), b"mine").unwrap();
+    let sr = uuid(&a.ok(&["sr", "introduce", s(&dir), "--name-label", "images"]));
+    // A label whose name is taken by a foreign file gets a suffix.
+    let v = a.ok(&["vdi", "create", "--sr", &sr, "1M", "--name-label", "web"]);
+    assert_eq!(v["file"], "web-1.qcow2");
+    let odd = a.ok(&[
+        "vdi",
+        "create",
+        "--sr",
+        &sr,
+        "1M",
+        "--name-label",
+        "../x y/.z",
+    ]);
+    assert_eq!(
+        odd["file"], "_x_y_.z.qcow2",
+        "labels never leave the directory"
+    );
+    assert!(dir.join("_x_y_.z.qcow2").is_file());
+    a.ok(&["sr", "destroy", "--sr", &sr, "--force"]);
+    assert_eq!(std::fs::read(dir.join("web.qcow2")).unwrap(), b"not ours");
+    assert_eq!(std::fs::read(dir.join("notes.txt")).unwrap(), b"mine");
+    assert!(!dir.join("web-1.qcow2").exists());
+    assert!(!dir.join(".thinline-sr").exists());
+}
+
+#[test]
+fn templates_stay_read_only_and_clones_read_the_template_plus_their_own_writes() {
+    if !require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let a = Agent::new();
+    let (sr, path) = a.new_sr("sr");
+    let template = qcow2_template(a.dir.path());
+    let before = sha(&template);
+    let t = a.ok(&[
+        "vdi",
+        "introduce",
+        "--sr",
+        &sr,
+        s(&template),
+        "--name-label",
+        "base",
+    ]);
+    assert_eq!(t["type"], "template");
+    assert_eq!(t["is_template"], true);
+    assert_eq!(t["read_only"], true);
+    assert_eq!(t["format"], "qcow2");
+    assert_eq!(t["virtual_size"], 16 << 20);
+    assert_eq!(t["uri"], s(&template));
+    assert!(t["parent"].is_null() && t["file"].is_null());
+    let t = uuid(&t);
+    for key in [
+        "uuid",
+        "name_label",
+        "type",
+        "sr",
+        "virtual_size",
+        "physical_utilisation",
+    ] {
+        assert!(
+            a.ok(&["vdi", "stat", "--sr", &sr, &t]).get(key).is_some(),
+            "{key}"
+        );
+    }
+
+    // Two clones, each with its own writes.
+    let c1 = a.ok(&["vdi", "clone", "--sr", &sr, &t, "--name-label", "web1"]);
+    let c2 = a.ok(&["vdi", "clone", "--sr", &sr, &t, "--name-label", "web2"]);
+    assert_eq!(c1["type"], "disk");
+    assert_eq!(c1["parent"], t.as_str());
+    assert_eq!(c1["read_only"], false);
+    let (f1, f2) = (path.join("web1.qcow2"), path.join("web2.qcow2"));
+    qemu_write(&f1, 2 << 20, 1 << 20, 0x11);
+    qemu_write(&f2, 2 << 20, 1 << 20, 0x22);
+    assert!(qemu_reads(&f1, 0, 1 << 20, 0x42) && qemu_reads(&f1, 2 << 20, 1 << 20, 0x11));
+    assert!(qemu_reads(&f2, 0, 1 << 20, 0x42) && qemu_reads(&f2, 2 << 20, 1 << 20, 0x22));
+    assert_eq!(sha(&template), before, "the template never changes");
+
+    // A template only clones, snapshots and is forgotten.
+    a.fails(
+        &["vdi", "resize", "--sr", &sr, &t, "32M"],
+        "VDI_IS_TEMPLATE",
+        12,
+    );
+    a.fails(&["vdi", "destroy", "--sr", &sr, &t], "VDI_IS_TEMPLATE", 12);
+    a.fails(
+        &["vdi", "set-name-label", "--sr", &sr, &t, "x"],
+        "VDI_IS_TEMPLATE",
+        12,
+    );
+    let t2 = a.ok(&["vdi", "snapshot", "--sr", &sr, &t]);
+    assert_eq!(t2["type"], "template");
+    assert_eq!(t2["uri"], s(&template));
+
+    // A clone of a writable disk: both stay writable and keep their bytes.
+    let d1 = uuid(&c1);
+    let c3 = a.ok(&["vdi", "clone", "--sr", &sr, &d1, "--name-label", "web3"]);
+    assert_eq!(
+        (c3["type"].as_str(), c3["parent"].as_str()),
+        (Some("disk"), Some(d1.as_str()))
+    );
+    let f3 = path.join("web3.qcow2");
+    assert!(qemu_reads(&f3, 2 << 20, 1 << 20, 0x11) && qemu_reads(&f3, 0, 1 << 20, 0x42));
+    qemu_write(&f1, 4 << 20, 1 << 20, 0x13);
+    qemu_write(&f3, 4 << 20, 1 << 20, 0x33);
+    assert!(qemu_reads(&f1, 4 << 20, 1 << 20, 0x13) && qemu_reads(&f1, 2 << 20, 1 << 20, 0x11));
+    assert!(qemu_reads(&f3, 4 << 20, 1 << 20, 0x33));
+
+    // A snapshot keeps the disk as it was; the disk goes on.
+    let snap = a.ok(&[
+        "vdi",
+        "snapshot",
+        "--sr",
+        &sr,
+        &d1,
+        "--name-label",
+        "before",
+    ]);
+    assert_eq!(snap["type"], "snapshot");
+    assert_eq!(snap["read_only"], true);
+    assert_eq!(snap["parent"], d1.as_str());
+    let fs = path.join(snap["file"].as_str().unwrap());
+    qemu_write(&f1, 4 << 20, 1 << 20, 0x14);
+    assert!(
+        qemu_reads(&fs, 4 << 20, 1 << 20, 0x13),
+        "the snapshot is the past"
+    );
+    assert!(qemu_reads(&f1, 4 << 20, 1 << 20, 0x14), "the disk goes on");
+    let snap = uuid(&snap);
+    a.fails(
+        &["vdi", "resize", "--sr", &sr, &snap, "32M"],
+        "VDI_READ_ONLY",
+        18,
+    );
+    a.fails(&["vdi", "destroy", "--sr", &sr, &snap], "VDI_IN_USE", 13);
+    a.fails(
+        &["vdi", "forget", "--sr", &sr, &snap],
+        "INVALID_ARGUMENT",
+        2,
+    );
+
+    // Resize grows only; set-name-label keeps the file.
+    let grown = a.ok(&["vdi", "resize", "--sr", &sr, &d1, "32M"]);
+    assert_eq!(grown["virtual_size"], 32 << 20);
+    assert!(
+        qemu_reads(&f1, 20 << 20, 1 << 20, 0),
+        "the new tail reads as zeroes"
+    );
+    a.fails(
+        &["vdi", "resize", "--sr", &sr, &d1, "8M"],
+        "INVALID_ARGUMENT",
+        2,
+    );
+    let renamed = a.ok(&["vdi", "set-name-label", "--sr", &sr, &d1, "web1-old"]);
+    assert_eq!(renamed["name_label"], "web1-old");
+    assert_eq!(renamed["file"], "web1.qcow2");
+    a.fails(
+        &[
+            "vdi",
+            "stat",
+            "--sr",
+            &sr,
+            "6a1f0000-0000-4000-8000-000000000000",
+        ],
+        "VDI_NOT_FOUND",
+        11,
+    );
+
+    // Layers are not VDIs; every file qemu checks clean; sr check is clean.
+    let listed = a.vdis(&path);
+    assert!(listed.iter().all(|v| v["type"] != "layer"), "{listed:?}");
+    assert_eq!(
+        listed.len(),
+        6,
+        "2 templates, 3 disks, 1 snapshot: {listed:?}"
+    );
+    qemu_check_all(&path);
+    assert_eq!(a.ok(&["sr", "check", "--sr", &sr])["clean"], true);
+
+    // Forgetting the template: refused while clones read from it, then forced.
+    a.fails(&["vdi", "forget", "--sr", &sr, &t], "VDI_IN_USE", 13);
+    let forgot = a.ok(&["vdi", "forget", "--sr", &sr, &t, "--force"]);
+    let orphaned: BTreeSet<&str> = forgot["orphaned"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(orphaned.contains(uuid(&c2).as_str()), "{forgot}");
+    let check = a.run(&["sr", "check", "--sr", &sr]);
+    assert_eq!(check.code, Some(3), "{check:?}");
+    assert!(
+        check.json["findings"]
+            .to_string()
+            .contains("missing_backing"),
+        "{check:?}"
+    );
+    assert_eq!(sha(&template), before);
+}
+
+#[test]
+fn template_credentials_stay_out_of_the_metadata_and_the_images() {
+    if !require(&["qemu-img", "qemu-io"]) || !thinline_test_support::servers::require_nginx() {
+        return;
+    }
+    let a = Agent::new();
+    let (sr, path) = a.new_sr("sr");
+    let root = a.path("www");
+    std::fs::create_dir(&root).unwrap();
+    let template = qcow2_template(&root);
+    let nginx = thinline_test_support::servers::Nginx::start(&root);
+    let url = nginx
+        .url("template.qcow2")
+        .replace("http://", "http://user:s3cret@");
+    let t = a.ok(&["vdi", "introduce", "--sr", &sr, &url]);
+    assert_eq!(t["format"], "qcow2");
+    assert_eq!(t["virtual_size"], 16 << 20);
+    assert_eq!(t["name_label"], "template.qcow2");
+    let shown = t["uri"].as_str().unwrap().to_owned();
+    assert!(!shown.contains("s3cret"), "{shown}");
+    let clone = a.ok(&["vdi", "clone", "--sr", &sr, &uuid(&t), "--name-label", "c"]);
+    let metadata = std::fs::read_to_string(path.join(".thinline-sr/sr.json")).unwrap();
+    assert!(!metadata.contains("s3cret"), "{metadata}");
+    let overlay = std::fs::read(path.join(clone["file"].as_str().unwrap())).unwrap();
+    assert!(
+        !overlay.windows(6).any(|w| w == b"s3cret"),
+        "the header holds no secret"
+    );
+    let creds = path.join(".thinline-sr/credentials.json");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&creds).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "credentials are for the owner only");
+    assert!(std::fs::read_to_string(&creds).unwrap().contains("s3cret"));
+    // Resizing the clone opens its chain: the template through the recorded URI.
+    a.ok(&["vdi", "resize", "--sr", &sr, &uuid(&clone), "20M"]);
+    drop(template);
+    // An unreachable template: its URI names the reason.
+    let msg = a.fails(
+        &["vdi", "introduce", "--sr", &sr, &nginx.url("missing.qcow2")],
+        "TEMPLATE_UNREACHABLE",
+        16,
+    );
+    assert!(msg.contains("missing.qcow2"), "{msg}");
+}
+
+/// The SR as a set: every VDI (uuid, type, label) and every file in its directory.
+fn state(a: &Agent, path: &Path) -> (BTreeSet<(String, String, String)>, BTreeSet<String>) {
+    let vdis = a
+        .vdis(path)
+        .iter()
+        .map(|v| {
+            (
+                uuid(v),
+                v["type"].as_str().unwrap().to_owned(),
+                v["name_label"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let files = std::fs::read_dir(path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != ".thinline-sr")
+        .collect();
+    (vdis, files)
+}
+
+#[test]
+fn kill_9_at_every_step_of_every_operation_leaves_the_old_or_the_new_state() {
+    if !require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let steps = ["intent", "moved", "made", "committed", "finished"];
+    let ops = [
+        "create",
+        "clone-template",
+        "clone-disk",
+        "snapshot-disk",
+        "destroy-disk",
+    ];
+    for op in ops {
+        for step in steps {
+            let a = Agent::new();
+            let (sr, path) = a.new_sr("sr");
+            let template = qcow2_template(a.dir.path());
+            let t = uuid(&a.ok(&["vdi", "introduce", "--sr", &sr, s(&template)]));
+            let d = uuid(&a.ok(&["vdi", "clone", "--sr", &sr, &t, "--name-label", "disk"]));
+            qemu_write(&path.join("disk.qcow2"), 2 << 20, 1 << 20, 0x5d);
+            let before = state(&a, &path);
+            let args: Vec<&str> = match op {
+                "create" => vec!["vdi", "create", "--sr", &sr, "4M", "--name-label", "new"],
+                "clone-template" => vec!["vdi", "clone", "--sr", &sr, &t, "--name-label", "new"],
+                "clone-disk" => vec!["vdi", "clone", "--sr", &sr, &d, "--name-label", "new"],
+                "snapshot-disk" => vec!["vdi", "snapshot", "--sr", &sr, &d, "--name-label", "new"],
+                _ => vec!["vdi", "destroy", "--sr", &sr, &d],
+            };
+            let crashed = a.run_env(&args, &[("THINLINE_SR_CRASH_AT", step)]);
+            let what = format!("{op} killed at {step}");
+            assert_eq!(crashed.code, None, "{what}: a signal ends it: {crashed:?}");
+            // Found by a check, and repaired.
+            let check = a.run(&["sr", "check", "--sr", &sr]);
+            assert_eq!(check.code, Some(3), "{what}: {check:?}");
+            assert!(
+                check.json["findings"]
+                    .to_string()
+                    .contains("interrupted_operation"),
+                "{what}: {check:?}"
+            );
+            let repaired = a.ok(&["sr", "check", "--sr", &sr, "--repair"]);
+            assert_eq!(repaired["clean"], true, "{what}: {repaired}");
+            assert!(
+                std::fs::read_dir(path.join(".thinline-sr/new"))
+                    .unwrap()
+                    .next()
+                    .is_none(),
+                "{what}: nothing left in new/"
+            );
+            // The old state or the new one, depending on whether it committed.
+            let after = state(&a, &path);
+            let committed = matches!(step, "committed" | "finished");
+            if committed {
+                assert_ne!(after.0, before.0, "{what}: the new records");
+            } else {
+                assert_eq!(after, before, "{what}: the old state");
+            }
+            let disk_file = path.join("disk.qcow2");
+            if op == "destroy-disk" && committed {
+                assert!(!disk_file.exists(), "{what}");
+            } else {
+                assert!(
+                    qemu_reads(&disk_file, 2 << 20, 1 << 20, 0x5d),
+                    "{what}: the disk's data"
+                );
+                assert!(
+                    qemu_reads(&disk_file, 0, 1 << 20, 0x42),
+                    "{what}: the template's"
+                );
+            }
+            // Every record's file exists, every file belongs to a record, qemu agrees.
+            let vdis = a.vdis(&path);
+            for v in &vdis {
+                if let Some(f) = v["file"].as_str() {
+                    assert!(path.join(f).is_file(), "{what}: {f} of {v}");
+                }
+            }
+            qemu_check_all(&path);
+            // And the SR works on.
+            a.ok(&["vdi", "create", "--sr", &sr, "1M", "--name-label", "later"]);
+            assert_eq!(a.ok(&["sr", "check", "--sr", &sr])["clean"], true, "{what}");
+        }
+    }
+}
+
+#[test]
+fn eight_agents_at_once_on_one_sr_leave_it_consistent() {
+    if !require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let a = Agent::new();
+    let (sr, path) = a.new_sr("sr");
+    let template = qcow2_template(a.dir.path());
+    let t = uuid(&a.ok(&["vdi", "introduce", "--sr", &sr, s(&template)]));
+    let a = &a;
+    let survivors: Vec<(String, u8)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8u8)
+            .map(|i| {
+                let (sr, t, path) = (sr.clone(), t.clone(), path.clone());
+                scope.spawn(move || {
+                    let label = format!("agent{i}");
+                    let mine = a.ok(&["vdi", "clone", "--sr", &sr, &t, "--name-label", &label]);
+                    let file = path.join(mine["file"].as_str().unwrap());
+                    let pattern = 0x60 + i;
+                    qemu_write(&file, 3 << 20, 1 << 20, pattern);
+                    let copy = uuid(&a.ok(&["vdi", "clone", "--sr", &sr, &uuid(&mine)]));
+                    let snap = uuid(&a.ok(&["vdi", "snapshot", "--sr", &sr, &copy]));
+                    let scratch = uuid(&a.ok(&["vdi", "create", "--sr", &sr, "2M"]));
+                    a.ok(&["vdi", "destroy", "--sr", &sr, &scratch]);
+                    a.ok(&[
+                        "vdi",
+                        "set-name-label",
+                        "--sr",
+                        &sr,
+                        &copy,
+                        &format!("copy{i}"),
+                    ]);
+                    vec![(uuid(&mine), pattern), (copy, pattern), (snap, pattern)]
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert_eq!(a.ok(&["sr", "check", "--sr", &sr])["clean"], true);
+    let vdis = a.vdis(&path);
+    assert_eq!(vdis.len(), 1 + survivors.len(), "{vdis:?}");
+    for (u, pattern) in survivors {
+        let v = a.ok(&["vdi", "stat", "--sr", &sr, &u]);
+        let file = path.join(v["file"].as_str().unwrap());
+        assert!(qemu_reads(&file, 3 << 20, 1 << 20, pattern), "{v}");
+        assert!(qemu_reads(&file, 0, 1 << 20, 0x42), "{v}");
+    }
+    qemu_check_all(&path);
+}
+
+#[test]
+fn every_sr_and_vdi_command_has_help_that_ends_with_an_example() {
+    let a = Agent::new();
+    for (group, commands) in [
+        (
+            "sr",
+            &[
+                "create",
+                "introduce",
+                "forget",
+                "destroy",
+                "probe",
+                "stat",
+                "list",
+                "check",
+            ][..],
+        ),
+        (
+            "vdi",
+            &[
+                "introduce",
+                "create",
+                "clone",
+                "snapshot",
+                "destroy",
+                "forget",
+                "resize",
+                "stat",
+                "list",
+                "set-name-label",
+            ][..],
+        ),
+    ] {
+        for c in commands {
+            let out = a.command(&[group, c, "--help"]).output().unwrap();
+            assert!(out.status.success(), "{group} {c} --help");
+            let help = String::from_utf8_lossy(&out.stdout);
+            let example = help
+                .rfind("Example")
+                .unwrap_or_else(|| panic!("{group} {c}: {help}"));
+            assert!(
+                help[example..].contains(&format!("thinline {group} {c}")),
+                "{group} {c}: the example shows the command: {help}"
+            );
+            assert!(help.contains("--json"), "{group} {c}: --json");
+        }
+    }
+}
