@@ -34,6 +34,7 @@ enum SrCommand {
     Stat(OnSr),
     List(ListArgs),
     Check(CheckArgs),
+    Serve(ServeArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -124,6 +125,51 @@ struct CheckArgs {
     repair: bool,
 }
 
+/// Run the SR's daemon in the foreground: it serves every attached VDI over NBD (one
+/// unix socket each, in SR/.thinline-sr/run/) and takes `vdi attach` and `vdi detach`
+/// requests. `vdi attach` starts one in the background when none runs; a systemd unit
+/// (packaging/systemd/thinline-sr@.service) runs it as a service. On start it serves
+/// again every VDI recorded as attached. SIGTERM or Ctrl-C stops it (the VDIs stay
+/// recorded as attached, for the next start).
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  thinline sr serve --sr /srv/thinline/sr1")]
+struct ServeArgs {
+    /// The SR: its directory, or its UUID (see `sr list`).
+    #[arg(long, value_name = "SR")]
+    sr: String,
+    /// Accepted for the output contract; the daemon prints logs only.
+    #[arg(long, hide = true)]
+    json: bool,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<u8> {
+    let path = match thinline_sr::registry::resolve(&a.sr) {
+        Ok(p) => p,
+        Err(e) => {
+            crate::agent::print_error(&e, a.json)?;
+            return Ok(e.code.exit_status());
+        }
+    };
+    let runtime = crate::remote::runtime()?;
+    let templates = thinline_sr::template::Templates {
+        remote: a.remote.config()?,
+        handle: runtime.handle().clone(),
+    };
+    let result = runtime.block_on(async move {
+        thinline_sr::daemon::run(path, templates, crate::serve::shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            crate::agent::print_error(&e, a.json)?;
+            Ok(e.code.exit_status())
+        }
+    }
+}
+
 /// Runs `thinline sr …`; returns the exit status.
 pub fn run(args: SrArgs) -> anyhow::Result<u8> {
     match args.command {
@@ -182,6 +228,7 @@ pub fn run(args: SrArgs) -> anyhow::Result<u8> {
                 Ok(())
             })
         }
+        SrCommand::Serve(a) => serve(a),
         SrCommand::Check(a) => {
             let result = sr::check(&a.on.sr, a.repair);
             let unclean = matches!(&result, Ok(r) if !r.clean);

@@ -40,6 +40,17 @@ enum VdiCommand {
     Stat(RefArgs),
     List(ListArgs),
     SetNameLabel(LabelArgs),
+    /// Serve a disk (read-write) or snapshot (read-only) over NBD and print its URI.
+    /// The SR's daemon serves it (started in the background if none runs); attaching
+    /// an attached VDI prints the same URI.
+    #[command(after_help = "Example:
+  thinline vdi attach --sr /srv/thinline/sr1 UUID --json
+  qemu-img info \"$(thinline vdi attach --sr /srv/thinline/sr1 UUID --json | jq -r .nbd_uri)\"")]
+    Attach(RefArgs),
+    /// Stop serving a VDI: its export and socket are gone when this returns (the
+    /// daemon goes on serving the others).
+    #[command(after_help = "Example:\n  thinline vdi detach --sr /srv/thinline/sr1 UUID")]
+    Detach(RefArgs),
 }
 
 /// Register a read-only template by URI: any location `thinline serve` accepts (a
@@ -245,6 +256,33 @@ pub fn run(args: VdiArgs) -> anyhow::Result<u8> {
             finish(result, a.on.json, |l, out| {
                 vdi_header(out)?;
                 l.vdis.iter().try_for_each(|v| vdi_row(v, out))
+            })
+        }
+        VdiCommand::Attach(a) => {
+            let exe = std::env::current_exe()?;
+            let r = vdi::VdiRef {
+                sr: a.on.sr,
+                vdi: a.vdi,
+            };
+            finish(vdi::attach(&r, &exe), a.on.json, |v, out| {
+                writeln!(out, "{}", v.nbd_uri)?;
+                writeln!(out, "  qemu-img info '{}'", v.nbd_uri)?;
+                writeln!(out, "  nbdinfo '{}'", v.nbd_uri)?;
+                writeln!(
+                    out,
+                    "  nbd-client -unix {} /dev/nbd0 -N {}",
+                    v.socket, v.uuid
+                )
+            })
+        }
+        VdiCommand::Detach(a) => {
+            let r = vdi::VdiRef {
+                sr: a.on.sr,
+                vdi: a.vdi,
+            };
+            let result = vdi::detach(&r).map(|()| serde_json::json!({ "uuid": a.vdi }));
+            finish(result, a.on.json, |_, out| {
+                writeln!(out, "detached VDI {}", a.vdi)
             })
         }
         VdiCommand::SetNameLabel(a) => {

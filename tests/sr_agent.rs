@@ -108,6 +108,22 @@ impl Agent {
     }
 }
 
+impl Drop for Agent {
+    /// Stops any SR daemon a test started (a failing test must not leave one running).
+    fn drop(&mut self) {
+        use std::io::Write;
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let control = e.path().join(".thinline-sr/run/control.sock");
+            if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(control) {
+                let _ = stream.write_all(b"\"shutdown\"\n");
+            }
+        }
+    }
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -124,25 +140,38 @@ fn qcow2_template(dir: &Path) -> PathBuf {
     path
 }
 
-/// Whether qemu reads `pattern` in `[offset, offset + len)` of `file`.
-fn qemu_reads(file: &Path, offset: u64, len: u64, pattern: u8) -> bool {
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-r", "-c"])
-        .arg(format!("read -P {pattern:#x} {offset} {len}"))
-        .arg(file)
+/// Runs one qemu-io command on `target` (a file of `format`, or an NBD URI with raw);
+/// reads open it read-only.
+fn qemu_io_once(format: &str, target: &std::ffi::OsStr, command: &str) -> std::process::Output {
+    let mut c = Command::new("qemu-io");
+    if command.starts_with("read") {
+        c.arg("-r");
+    }
+    c.args(["-f", format, "-c", command])
+        .arg(target)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Whether qemu-io reads `pattern` in `[offset, offset + len)` of `target`.
+fn reads(format: &str, target: &std::ffi::OsStr, offset: u64, len: u64, pattern: u8) -> bool {
+    let out = qemu_io_once(
+        format,
+        target,
+        &format!("read -P {pattern:#x} {offset} {len}"),
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     out.status.success() && !text.contains("Pattern verification failed") && text.contains("read ")
 }
 
+/// Whether qemu reads `pattern` in `[offset, offset + len)` of the qcow2 `file`.
+fn qemu_reads(file: &Path, offset: u64, len: u64, pattern: u8) -> bool {
+    reads("qcow2", file.as_os_str(), offset, len, pattern)
+}
+
 fn qemu_write(file: &Path, offset: u64, len: u64, pattern: u8) {
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c"])
-        .arg(format!("write -P {pattern:#x} {offset} {len}"))
-        .arg(file)
-        .output()
-        .unwrap();
+    let command = format!("write -P {pattern:#x} {offset} {len}");
+    let out = qemu_io_once("qcow2", file.as_os_str(), &command);
     assert!(
         out.status.success(),
         "qemu-io write into {}: {out:?}",
@@ -738,4 +767,174 @@ fn every_sr_and_vdi_command_has_help_that_ends_with_an_example() {
             assert!(help.contains("--json"), "{group} {c}: --json");
         }
     }
+}
+
+/// Whether qemu-io reads `pattern` at `[offset, offset + len)` of the raw disk `uri`.
+fn nbd_reads(uri: &str, offset: u64, len: u64, pattern: u8) -> bool {
+    reads("raw", uri.as_ref(), offset, len, pattern)
+}
+
+fn nbd_write(uri: &str, offset: u64, len: u64, pattern: u8) -> std::process::Output {
+    qemu_io_once(
+        "raw",
+        uri.as_ref(),
+        &format!("write -P {pattern:#x} {offset} {len}"),
+    )
+}
+
+fn daemon_pid(a: &Agent, sr: &str) -> Option<i32> {
+    a.ok(&["sr", "stat", "--sr", sr])["daemon"]["pid"]
+        .as_i64()
+        .map(|p| p as i32)
+}
+
+fn process_gone(pid: i32) -> bool {
+    // A zombie (our child was not reaped: it is not ours) counts as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    })
+}
+
+#[test]
+fn attached_vdis_are_served_over_nbd_come_back_after_a_daemon_crash_and_detach_leaves_nothing() {
+    if !require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let a = Agent::new();
+    let (sr, path) = a.new_sr("sr");
+    let template = qcow2_template(a.dir.path());
+    let t = uuid(&a.ok(&["vdi", "introduce", "--sr", &sr, s(&template)]));
+    let c = uuid(&a.ok(&["vdi", "clone", "--sr", &sr, &t, "--name-label", "vm"]));
+    let d = uuid(&a.ok(&["vdi", "create", "--sr", &sr, "8M", "--name-label", "data"]));
+    a.fails(&["vdi", "attach", "--sr", &sr, &t], "VDI_IS_TEMPLATE", 12);
+
+    // Attach: the daemon starts, the URI serves the clone read-write.
+    let attached = a.ok(&["vdi", "attach", "--sr", &sr, &c]);
+    let uri = attached["nbd_uri"].as_str().unwrap().to_owned();
+    let socket = PathBuf::from(attached["socket"].as_str().unwrap());
+    assert!(
+        uri.starts_with("nbd+unix:///") && uri.contains(s(&socket)),
+        "{uri}"
+    );
+    assert!(socket.exists());
+    assert_eq!(
+        a.ok(&["vdi", "attach", "--sr", &sr, &c])["nbd_uri"],
+        uri.as_str(),
+        "attaching twice answers the same URI"
+    );
+    assert!(nbd_reads(&uri, 0, 1 << 20, 0x42), "the template's bytes");
+    let w = nbd_write(&uri, 4 << 20, 1 << 20, 0x77);
+    assert!(w.status.success(), "{w:?}");
+    assert_eq!(a.ok(&["vdi", "stat", "--sr", &sr, &c])["attached"], true);
+
+    // What an attached VDI refuses.
+    a.fails(&["vdi", "destroy", "--sr", &sr, &c], "VDI_IN_USE", 13);
+    a.fails(&["vdi", "snapshot", "--sr", &sr, &c], "VDI_IN_USE", 13);
+    a.fails(&["vdi", "resize", "--sr", &sr, &c, "32M"], "VDI_IN_USE", 13);
+    a.fails(&["sr", "destroy", "--sr", &sr, "--force"], "VDI_IN_USE", 13);
+
+    // A second VDI; detaching it leaves the first served.
+    let second = a.ok(&["vdi", "attach", "--sr", &sr, &d]);
+    let second_socket = PathBuf::from(second["socket"].as_str().unwrap());
+    a.ok(&["vdi", "detach", "--sr", &sr, &d]);
+    assert!(!second_socket.exists(), "detach leaves no socket");
+    assert_eq!(a.ok(&["vdi", "stat", "--sr", &sr, &d])["attached"], false);
+    assert!(
+        nbd_reads(&uri, 4 << 20, 1 << 20, 0x77),
+        "the other VDI is still served"
+    );
+
+    // kill -9 of the daemon: sr check says so; attaching again serves it again, with
+    // everything written (and flushed: qemu-io flushes when it exits).
+    let pid = daemon_pid(&a, &sr).expect("a daemon runs");
+    // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !process_gone(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not die"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let check = a.run(&["sr", "check", "--sr", &sr]);
+    assert_eq!(check.code, Some(3), "{check:?}");
+    assert!(
+        check.json["findings"].to_string().contains("daemon_down"),
+        "{check:?}"
+    );
+    assert_eq!(
+        a.ok(&["vdi", "attach", "--sr", &sr, &c])["nbd_uri"],
+        uri.as_str()
+    );
+    assert_ne!(daemon_pid(&a, &sr), Some(pid), "a new daemon");
+    assert!(
+        nbd_reads(&uri, 4 << 20, 1 << 20, 0x77),
+        "written before the crash"
+    );
+    assert!(nbd_reads(&uri, 0, 1 << 20, 0x42));
+
+    // A snapshot is served read-only.
+    a.ok(&["vdi", "detach", "--sr", &sr, &c]);
+    let snap = uuid(&a.ok(&["vdi", "snapshot", "--sr", &sr, &c]));
+    let snap_uri = a.ok(&["vdi", "attach", "--sr", &sr, &snap])["nbd_uri"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(nbd_reads(&snap_uri, 4 << 20, 1 << 20, 0x77));
+    assert!(
+        !nbd_write(&snap_uri, 0, 4096, 0x01).status.success(),
+        "read-only"
+    );
+    a.ok(&["vdi", "detach", "--sr", &sr, &snap]);
+
+    // Detached: no socket, the files check clean, and the SR goes with its daemon.
+    assert!(!socket.exists(), "detach leaves no socket");
+    qemu_check_all(&path);
+    let pid = daemon_pid(&a, &sr).expect("the daemon goes on while the SR exists");
+    a.ok(&["sr", "destroy", "--sr", &sr, "--force"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !process_gone(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sr destroy stops the daemon"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn the_sr_daemon_unit_passes_systemd_analyze_verify() {
+    if !require(&["systemd-analyze"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/systemd/thinline-sr@.service"),
+    )
+    .unwrap();
+    assert!(
+        unit.contains("ExecStart=/usr/bin/thinline sr serve --sr %f"),
+        "{unit}"
+    );
+    // The instance for /srv/sr1, running the binary under test.
+    let instance = dir.path().join("thinline-sr@srv-sr1.service");
+    std::fs::write(
+        &instance,
+        unit.replace("/usr/bin/thinline", common::thinline()),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&instance)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.trim().is_empty(), "{text}");
 }

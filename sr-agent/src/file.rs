@@ -12,7 +12,6 @@
 //! Every step goes through the SR's journal ([`crate::store`]), so kill -9 at any
 //! point leaves the old or the new state.
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 
 use thinline_format::qcow2::{self, CreateOptions};
@@ -107,25 +106,6 @@ fn backing_of(src: &VdiRecord) -> Result<(String, Format)> {
     Ok((file_of(src)?, Format::Qcow2))
 }
 
-impl FileBackend {
-    /// The backing names of every template in the SR (as headers record them) and the
-    /// locations they open.
-    fn template_names(sr: &Sr) -> Result<BTreeMap<String, String>> {
-        let creds = template::credentials(&sr.path)?;
-        Ok(sr
-            .md
-            .vdis
-            .iter()
-            .filter(|v| v.kind == VdiType::Template)
-            .filter_map(|v| {
-                let shown = v.uri.clone()?;
-                let full = creds.get(&v.uuid).cloned().unwrap_or_else(|| shown.clone());
-                Some((shown, full))
-            })
-            .collect())
-    }
-}
-
 impl Backend for FileBackend {
     fn sr_type(&self) -> SrType {
         SrType::File
@@ -159,6 +139,7 @@ impl Backend for FileBackend {
             uri: None,
             format: None,
             file: Some(naming::unique(label, "qcow2", |n| taken(sr, n))),
+            attached: false,
         };
         add_overlay(sr, "vdi create", rec, None)?;
         Ok(uuid)
@@ -179,6 +160,7 @@ impl Backend for FileBackend {
             uri: None,
             format: None,
             file: Some(file.clone()),
+            attached: false,
         };
         if src.kind != VdiType::Disk {
             // Read-only already: the clone is an overlay on it.
@@ -204,6 +186,7 @@ impl Backend for FileBackend {
             uri: None,
             format: None,
             file: Some(layer_file.clone()),
+            attached: false,
         };
         clone.backing = Some(layer_uuid);
         let journal = Journal {
@@ -255,6 +238,7 @@ impl Backend for FileBackend {
             uri: None,
             format: None,
             file: None,
+            attached: false,
         };
         match src.kind {
             VdiType::Template => {
@@ -356,7 +340,7 @@ impl Backend for FileBackend {
         let rec = record(sr, vdi)?;
         let path = sr.file(&file_of(&rec)?);
         let options = OpenOptions {
-            backing_opener: Some(templates.opener(Self::template_names(sr)?)),
+            backing_opener: Some(templates.opener(template::header_names(sr)?)),
             ..OpenOptions::default()
         };
         let what = format!("cannot resize {}", path.display());
@@ -426,6 +410,21 @@ impl Backend for FileBackend {
                         v.file.as_deref().unwrap_or("?")
                     ),
                     repairable: true,
+                });
+            }
+        }
+        let attached: Vec<&VdiRecord> = sr.md.vdis.iter().filter(|v| v.attached).collect();
+        if !attached.is_empty()
+            && crate::daemon::request(&sr.path, &crate::daemon::Request::Status).is_none()
+        {
+            for v in attached {
+                out.push(Finding {
+                    kind: "daemon_down",
+                    message: format!(
+                        "VDI {} ({}) is attached but no SR daemon serves it: `vdi attach` it again, or start `thinline sr serve`",
+                        v.uuid, v.name_label
+                    ),
+                    repairable: false,
                 });
             }
         }

@@ -57,6 +57,9 @@ pub struct VdiRecord {
     pub format: Option<Format>,
     /// Disks, snapshots and layers: the file name in the SR directory.
     pub file: Option<String>,
+    /// Served by the SR's daemon (`vdi attach`); a daemon that starts serves it again.
+    #[serde(default)]
+    pub attached: bool,
 }
 
 impl VdiRecord {
@@ -84,6 +87,8 @@ pub struct SrView {
     /// `healthy`, or `needs_repair` when an interrupted operation or a missing file
     /// was found (see `sr check`).
     pub health: &'static str,
+    /// The SR's serving daemon, if one runs: its pid and the VDIs it serves.
+    pub daemon: Option<crate::daemon::Status>,
 }
 
 /// A VDI as commands print it.
@@ -102,4 +107,5 @@ pub struct VdiView {
     pub uri: Option<String>,
     pub format: Option<Format>,
     pub file: Option<String>,
+    pub attached: bool,
 }

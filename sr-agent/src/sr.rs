@@ -30,6 +30,9 @@ pub fn view(sr: &Sr, backend: &dyn Backend) -> Result<SrView> {
             .filter(|v| v.kind != VdiType::Layer)
             .count(),
         health: if healthy { "healthy" } else { "needs_repair" },
+        daemon: crate::daemon::request(&sr.path, &crate::daemon::Request::Status)
+            .and_then(|r| r.ok())
+            .and_then(|v| serde_json::from_value(v).ok()),
     })
 }
 
@@ -151,6 +154,23 @@ pub struct DestroyOptions {
 /// made it and it is empty. Templates are only forgotten.
 pub fn destroy(o: &DestroyOptions) -> Result<Uuid> {
     let (mut sr, backend) = crate::vdi::open_sr(&o.sr)?;
+    let attached: Vec<String> = sr
+        .md
+        .vdis
+        .iter()
+        .filter(|v| v.attached)
+        .map(|v| format!("{} ({})", v.uuid, v.name_label))
+        .collect();
+    if !attached.is_empty() {
+        return Err(Error::new(
+            Code::VdiInUse,
+            format!(
+                "SR {} has attached VDIs: {}; detach them first",
+                sr.md.sr.uuid,
+                attached.join(", ")
+            ),
+        ));
+    }
     let volumes: Vec<String> = sr
         .md
         .vdis
@@ -192,6 +212,8 @@ pub fn destroy(o: &DestroyOptions) -> Result<Uuid> {
     let uuid = sr.md.sr.uuid;
     let made = sr.md.sr.made_directory;
     let path = sr.path.clone();
+    // An idle daemon goes with the SR.
+    let _ = crate::daemon::request(&path, &crate::daemon::Request::Shutdown);
     sr.remove_metadata()?;
     registry::remove(uuid)?;
     if made {

@@ -105,6 +105,23 @@ impl Templates {
     }
 }
 
+/// The names the SR's templates have in overlay headers (their URIs as shown), and the
+/// full locations they open: what a clone's chain may follow, and nothing else.
+pub fn header_names(sr: &crate::store::Sr) -> Result<BTreeMap<String, String>> {
+    let creds = credentials(&sr.path)?;
+    Ok(sr
+        .md
+        .vdis
+        .iter()
+        .filter(|v| v.is_template())
+        .filter_map(|v| {
+            let shown = v.uri.clone()?;
+            let full = creds.get(&v.uuid).cloned().unwrap_or_else(|| shown.clone());
+            Some((shown, full))
+        })
+        .collect())
+}
+
 /// The full locations of the SR's templates whose URI carries credentials.
 pub fn credentials(sr: &Path) -> Result<BTreeMap<Uuid, String>> {
     crate::store::read_json(&sr.join(DIR).join(CREDENTIALS))

@@ -50,6 +50,7 @@ pub fn view(sr: &Sr, backend: &dyn Backend, v: &VdiRecord) -> VdiView {
         uri: v.uri.clone(),
         format: v.format,
         file: v.file.clone(),
+        attached: v.attached,
     }
 }
 
@@ -59,6 +60,19 @@ fn refuse_template(v: &VdiRecord, op: &str) -> Result<()> {
             Code::VdiIsTemplate,
             format!(
                 "VDI {} ({}) is a template: it can only be cloned, snapshotted or forgotten, not {op}",
+                v.uuid, v.name_label
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn refuse_attached(v: &VdiRecord, op: &str) -> Result<()> {
+    if v.attached {
+        return Err(Error::new(
+            Code::VdiInUse,
+            format!(
+                "cannot {op} VDI {} ({}) while it is attached; `vdi detach` it first",
                 v.uuid, v.name_label
             ),
         ));
@@ -133,6 +147,7 @@ pub fn introduce(o: &IntroduceOptions, templates: &Templates) -> Result<VdiView>
         uri: Some(probed.shown),
         format: Some(probed.format),
         file: None,
+        attached: false,
     };
     sr.md.vdis.push(rec.clone());
     sr.save()?;
@@ -195,6 +210,10 @@ fn copy(
 ) -> Result<VdiView> {
     let (mut sr, backend) = open_sr(&o.sr)?;
     let src = find(&sr, o.vdi)?;
+    if src.kind == VdiType::Disk {
+        // Its file becomes a layer or the snapshot: not under a running writer.
+        refuse_attached(&src, "copy")?;
+    }
     let label = o.name_label.clone().unwrap_or(src.name_label);
     let uuid = make(backend.as_ref(), &mut sr, src.uuid, &label)?;
     let rec = find(&sr, uuid)?;
@@ -213,6 +232,7 @@ pub fn destroy(o: &VdiRef) -> Result<()> {
     let (mut sr, backend) = open_sr(&o.sr)?;
     let v = find(&sr, o.vdi)?;
     refuse_template(&v, "destroyed (use `vdi forget`)")?;
+    refuse_attached(&v, "destroy")?;
     refuse_dependents(&sr, &v, "destroy")?;
     backend.destroy(&mut sr, v.uuid)
 }
@@ -279,6 +299,7 @@ pub fn resize(o: &ResizeOptions, templates: &Templates) -> Result<VdiView> {
     let (mut sr, backend) = open_sr(&o.sr)?;
     let v = find(&sr, o.vdi)?;
     refuse_template(&v, "resized")?;
+    refuse_attached(&v, "resize")?;
     if v.kind == VdiType::Snapshot {
         return Err(Error::new(
             Code::VdiReadOnly,
@@ -350,4 +371,43 @@ pub fn set_name_label(o: &LabelOptions) -> Result<VdiView> {
     sr.save()?;
     let rec = find(&sr, v.uuid)?;
     Ok(view(&sr, backend.as_ref(), &rec))
+}
+
+/// What `vdi attach` answers.
+pub use crate::daemon::Attached;
+
+/// Serves a disk (read-write) or snapshot (read-only) through the SR's daemon,
+/// starting the daemon (`exe sr serve`) if none runs; attaching an attached VDI
+/// answers the same URI.
+pub fn attach(o: &VdiRef, exe: &std::path::Path) -> Result<Attached> {
+    let path = registry::resolve(&o.sr)?;
+    let sr = Sr::read(&path)?;
+    let v = find(&sr, o.vdi)?;
+    refuse_template(&v, "attached (clone it and attach the clone)")?;
+    drop(sr);
+    crate::daemon::ensure(&path, exe)?;
+    let answer = crate::daemon::request(&path, &crate::daemon::Request::Attach { vdi: o.vdi })
+        .unwrap_or_else(|| {
+            Err(Error::new(
+                Code::SrBackendFailure,
+                "the SR daemon stopped answering",
+            ))
+        })?;
+    serde_json::from_value(answer).map_err(|e| {
+        Error::new(
+            Code::SrBackendFailure,
+            format!("the SR daemon answered nonsense: {e}"),
+        )
+    })
+}
+
+/// Stops serving a VDI: its NBD socket and export are gone when this returns (the
+/// daemon goes on serving the others). Without a daemon, clears the record.
+pub fn detach(o: &VdiRef) -> Result<()> {
+    let path = registry::resolve(&o.sr)?;
+    let request = crate::daemon::Request::Detach { vdi: o.vdi };
+    match crate::daemon::request(&path, &request) {
+        Some(answer) => answer.map(|_| ()),
+        None => crate::daemon::detach_record(&path, o.vdi),
+    }
 }

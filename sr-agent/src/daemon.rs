@@ -1,0 +1,435 @@
+//! The SR's serving daemon (`thinline sr serve`): one long-lived process per SR that
+//! serves every attached VDI over NBD, each on its own unix socket in
+//! `.thinline-sr/run/`, and takes attach and detach requests on a control socket there.
+//!
+//! One daemon per SR rather than a process per attach: a template's copy-on-read cache
+//! must have exactly one owner and be shared by every clone of it, and a daemon that
+//! owns all of them is that owner; a VDI's writer (and its qcow2 lock) lives in one
+//! known process; and `vdi detach` stops one VDI's server inside it without touching
+//! the others. The attach state is in the SR's metadata, so a daemon that starts (after
+//! a crash, or a reboot through its systemd unit) serves every attached VDI again: what
+//! a clone wrote and flushed is in its qcow2 file and survives.
+//!
+//! Control protocol: one JSON request per line, one JSON response per line
+//! (`{"ok": …}` or `{"error": {"code", "message"}}`).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use thinline_format::OpenOptions;
+use thinline_nbd::image::{ImageExport, ImageOptions};
+use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::model::VdiType;
+use crate::store::{DIR, Sr};
+use crate::template::Templates;
+use crate::{Code, Error, Result};
+
+/// The daemon's directory inside the agent's: sockets, its lock, its log.
+pub const RUN_DIR: &str = "run";
+const CONTROL: &str = "control.sock";
+const DAEMON_LOCK: &str = "daemon.lock";
+/// The log of a daemon `vdi attach` started.
+pub const LOG: &str = "daemon.log";
+
+/// Where `sr`'s daemon keeps its sockets.
+pub fn run_dir(sr: &Path) -> PathBuf {
+    sr.join(DIR).join(RUN_DIR)
+}
+
+/// The NBD socket of VDI `uuid`.
+pub fn socket_of(sr: &Path, uuid: Uuid) -> PathBuf {
+    run_dir(sr).join(format!("{uuid}.sock"))
+}
+
+/// The NBD URI of VDI `uuid` (its export is named by its UUID).
+pub fn nbd_uri(sr: &Path, uuid: Uuid) -> String {
+    format!(
+        "nbd+unix:///{uuid}?socket={}",
+        socket_of(sr, uuid).display()
+    )
+}
+
+/// A request to the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    /// Serve a VDI (again: attaching an attached VDI answers its URI).
+    Attach { vdi: Uuid },
+    /// Stop serving a VDI.
+    Detach { vdi: Uuid },
+    /// The daemon's pid and what it serves.
+    Status,
+    /// Stop serving everything and exit (the attach state stays recorded).
+    Shutdown,
+}
+
+/// What `Attach` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attached {
+    pub uuid: Uuid,
+    pub nbd_uri: String,
+    pub socket: String,
+}
+
+/// What `Status` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub serving: Vec<Uuid>,
+}
+
+/// Sends `request` to the daemon of `sr`; `None` if no daemon answers.
+pub fn request(sr: &Path, request: &Request) -> Option<Result<serde_json::Value>> {
+    let stream = UnixStream::connect(run_dir(sr).join(CONTROL)).ok()?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(120)));
+    let mut line = serde_json::to_string(request).expect("serializes");
+    line.push('\n');
+    (&stream).write_all(line.as_bytes()).ok()?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&answer).ok()?;
+    if let Some(ok) = v.get("ok") {
+        return Some(Ok(ok.clone()));
+    }
+    let code = match v["error"]["code"].as_str() {
+        Some("VDI_NOT_FOUND") => Code::VdiNotFound,
+        Some("VDI_IS_TEMPLATE") => Code::VdiIsTemplate,
+        Some("SR_NOT_FOUND") => Code::SrNotFound,
+        Some("TEMPLATE_UNREACHABLE") => Code::TemplateUnreachable,
+        Some("VDI_IN_USE") => Code::VdiInUse,
+        Some("SR_FULL") => Code::SrFull,
+        _ => Code::SrBackendFailure,
+    };
+    let message = v["error"]["message"]
+        .as_str()
+        .unwrap_or("the daemon failed");
+    Some(Err(Error::new(code, message)))
+}
+
+/// Makes sure a daemon serves `sr`: if none answers, starts `exe sr serve --sr SR` in
+/// the background (its own session, output to `run/daemon.log`) and waits for it.
+pub fn ensure(sr: &Path, exe: &Path) -> Result<()> {
+    if request(sr, &Request::Status).is_some_and(|r| r.is_ok()) {
+        return Ok(());
+    }
+    let run = run_dir(sr);
+    std::fs::create_dir_all(&run)
+        .map_err(|e| Error::io(format!("cannot create {}", run.display()), &e))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run.join(LOG))
+        .map_err(|e| Error::io(format!("cannot open {}", run.join(LOG).display()), &e))?;
+    let err_log = log
+        .try_clone()
+        .map_err(|e| Error::io("cannot duplicate the log", &e))?;
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(exe)
+        .args(["sr", "serve", "--sr"])
+        .arg(sr)
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(err_log)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| Error::io(format!("cannot start {} sr serve", exe.display()), &e))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if request(sr, &Request::Status).is_some_and(|r| r.is_ok()) {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(Error::new(
+                Code::SrBackendFailure,
+                format!(
+                    "the SR daemon exited ({status}) before it served; see {}",
+                    run.join(LOG).display()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(Error::new(
+        Code::SrBackendFailure,
+        format!(
+            "the SR daemon did not answer within 30 s; see {}",
+            run.join(LOG).display()
+        ),
+    ))
+}
+
+/// One VDI being served.
+#[derive(Debug)]
+struct Served {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The daemon's state, owned here.
+#[derive(Debug)]
+struct Daemon {
+    sr: PathBuf,
+    templates: Templates,
+    served: Mutex<HashMap<Uuid, Served>>,
+    /// Serializes attach and detach (each takes the SR's lock, then changes `served`).
+    changes: tokio::sync::Mutex<()>,
+    stop: CancellationToken,
+}
+
+fn blocking_err(e: tokio::task::JoinError) -> Error {
+    Error::new(Code::SrBackendFailure, format!("a daemon task failed: {e}"))
+}
+
+impl Daemon {
+    async fn attach(&self, vdi: Uuid, record_it: bool) -> Result<Attached> {
+        let _turn = self.changes.lock().await;
+        let answer = Attached {
+            uuid: vdi,
+            nbd_uri: nbd_uri(&self.sr, vdi),
+            socket: socket_of(&self.sr, vdi).display().to_string(),
+        };
+        if self.served.lock().expect("not poisoned").contains_key(&vdi) {
+            return Ok(answer);
+        }
+        let sr_path = self.sr.clone();
+        let templates = self.templates.clone();
+        let export = tokio::task::spawn_blocking(move || -> Result<ImageExport> {
+            let mut sr = Sr::open(&sr_path)?;
+            let rec = crate::vdi::find(&sr, vdi)?;
+            if rec.is_template() {
+                return Err(Error::new(
+                    Code::VdiIsTemplate,
+                    format!(
+                        "VDI {vdi} ({}) is a template: clone it and attach the clone",
+                        rec.name_label
+                    ),
+                ));
+            }
+            let file = sr.file(rec.file.as_deref().unwrap_or_default());
+            let options = ImageOptions {
+                open: OpenOptions {
+                    backing_opener: Some(templates.opener(crate::template::header_names(&sr)?)),
+                    ..OpenOptions::default()
+                },
+                ..ImageOptions::default()
+            };
+            let what = format!("cannot serve {}", file.display());
+            let export = if rec.kind == VdiType::Disk {
+                ImageExport::open_writable(&file, &options)
+            } else {
+                ImageExport::open(&file, &options)
+            }
+            .map_err(|e| Error::new(Code::SrBackendFailure, format!("{what}: {e}")))?;
+            if record_it && !rec.attached {
+                sr.md.get_mut(vdi).expect("found").attached = true;
+                sr.save()?;
+            }
+            Ok(export)
+        })
+        .await
+        .map_err(blocking_err)??;
+        let mut exports = ExportSet::new();
+        let serve_err = |e: thinline_nbd::Error| {
+            Error::new(
+                Code::SrBackendFailure,
+                format!("cannot serve VDI {vdi}: {e}"),
+            )
+        };
+        exports
+            .add(&vdi.to_string(), Arc::new(export))
+            .map_err(serve_err)?;
+        let server = Server::new(exports, ServerConfig::default()).map_err(serve_err)?;
+        let listener = Listener::bind_unix(&socket_of(&self.sr, vdi)).map_err(serve_err)?;
+        let stop = self.stop.child_token();
+        let until = stop.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = server.run(vec![listener], until.cancelled_owned()).await {
+                tracing::error!(%vdi, error = %e, "serving the VDI ended with an error");
+            }
+        });
+        tracing::info!(%vdi, uri = %answer.nbd_uri, "attached");
+        self.served
+            .lock()
+            .expect("not poisoned")
+            .insert(vdi, Served { stop, task });
+        Ok(answer)
+    }
+
+    async fn detach(&self, vdi: Uuid) -> Result<serde_json::Value> {
+        let _turn = self.changes.lock().await;
+        let served = self.served.lock().expect("not poisoned").remove(&vdi);
+        if let Some(s) = served {
+            s.stop.cancel();
+            let _ = s.task.await;
+        }
+        let sr_path = self.sr.clone();
+        tokio::task::spawn_blocking(move || detach_record(&sr_path, vdi))
+            .await
+            .map_err(blocking_err)??;
+        tracing::info!(%vdi, "detached");
+        Ok(serde_json::json!({ "uuid": vdi }))
+    }
+
+    async fn handle(&self, request: Request) -> Result<serde_json::Value> {
+        fn json(v: impl Serialize) -> serde_json::Value {
+            serde_json::to_value(v).expect("serializes")
+        }
+        match request {
+            Request::Attach { vdi } => self.attach(vdi, true).await.map(|a| json(&a)),
+            Request::Detach { vdi } => self.detach(vdi).await,
+            Request::Status => {
+                let mut serving: Vec<Uuid> = self
+                    .served
+                    .lock()
+                    .expect("not poisoned")
+                    .keys()
+                    .copied()
+                    .collect();
+                serving.sort();
+                Ok(json(&Status {
+                    pid: std::process::id(),
+                    serving,
+                }))
+            }
+            Request::Shutdown => {
+                self.stop.cancel();
+                Ok(serde_json::json!({}))
+            }
+        }
+    }
+}
+
+/// Marks `vdi` detached in `sr`'s metadata and removes its socket.
+pub fn detach_record(sr_path: &Path, vdi: Uuid) -> Result<()> {
+    let mut sr = Sr::open(sr_path)?;
+    crate::vdi::find(&sr, vdi)?;
+    let socket = socket_of(sr_path, vdi);
+    if socket.exists() {
+        std::fs::remove_file(&socket)
+            .map_err(|e| Error::io(format!("cannot remove {}", socket.display()), &e))?;
+    }
+    let rec = sr.md.get_mut(vdi).expect("found");
+    if rec.attached {
+        rec.attached = false;
+        sr.save()?;
+    }
+    Ok(())
+}
+
+/// Runs the daemon of the SR at `sr` until `shutdown` completes or a `Shutdown`
+/// request comes: serves every VDI recorded as attached, then takes requests.
+pub async fn run(
+    sr: PathBuf,
+    templates: Templates,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let run = run_dir(&sr);
+    std::fs::create_dir_all(&run)
+        .map_err(|e| Error::io(format!("cannot create {}", run.display()), &e))?;
+    let lock_path = run.join(DAEMON_LOCK);
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(|e| Error::io(format!("cannot open {}", lock_path.display()), &e))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+        |_| {
+            Error::new(
+                Code::VdiInUse,
+                format!("another daemon already serves the SR at {}", sr.display()),
+            )
+        },
+    )?;
+    let control_path = run.join(CONTROL);
+    let control = thinline_nbd::server::bind_unix_socket(&control_path, 0o600)
+        .and_then(|l| {
+            l.set_nonblocking(true)
+                .map_err(|e| thinline_nbd::Error::Listen {
+                    address: control_path.display().to_string(),
+                    source: e,
+                })?;
+            tokio::net::UnixListener::from_std(l).map_err(|e| thinline_nbd::Error::Listen {
+                address: control_path.display().to_string(),
+                source: e,
+            })
+        })
+        .map_err(|e| Error::new(Code::SrBackendFailure, e.to_string()))?;
+    let daemon = Arc::new(Daemon {
+        sr: sr.clone(),
+        templates,
+        served: Mutex::new(HashMap::new()),
+        changes: tokio::sync::Mutex::new(()),
+        stop: CancellationToken::new(),
+    });
+    // Serve again what was attached when the last daemon stopped.
+    let attached: Vec<Uuid> = {
+        let sr = Sr::read(&sr)?;
+        sr.md
+            .vdis
+            .iter()
+            .filter(|v| v.attached)
+            .map(|v| v.uuid)
+            .collect()
+    };
+    for vdi in attached {
+        if let Err(e) = daemon.attach(vdi, false).await {
+            tracing::error!(%vdi, error = %e, "cannot serve an attached VDI again");
+        }
+    }
+    tracing::info!(sr = %sr.display(), control = %control_path.display(), "serving");
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = daemon.stop.cancelled() => break,
+            accepted = control.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let daemon = Arc::clone(&daemon);
+                tokio::spawn(async move {
+                    let (r, mut w) = stream.into_split();
+                    let mut lines = tokio::io::BufReader::new(r).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let answer = match serde_json::from_str::<Request>(&line) {
+                            Ok(req) => daemon.handle(req).await,
+                            Err(e) => Err(Error::new(Code::InvalidArgument, format!("bad request: {e}"))),
+                        };
+                        let v = match answer {
+                            Ok(ok) => serde_json::json!({ "ok": ok }),
+                            Err(e) => serde_json::json!({ "error": { "code": e.code.as_str(), "message": e.message } }),
+                        };
+                        let mut out = v.to_string();
+                        out.push('\n');
+                        if w.write_all(out.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+    }
+    tracing::info!("stopping: every VDI's server drains and flushes");
+    daemon.stop.cancel();
+    let served: Vec<Served> = daemon
+        .served
+        .lock()
+        .expect("not poisoned")
+        .drain()
+        .map(|(_, s)| s)
+        .collect();
+    for s in served {
+        let _ = s.task.await;
+    }
+    let _ = std::fs::remove_file(&control_path);
+    drop(lock);
+    Ok(())
+}
