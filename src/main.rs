@@ -13,6 +13,7 @@ mod cache;
 mod image;
 mod image_write;
 mod proxy;
+mod quickstart;
 mod remote;
 mod serve;
 mod size;
@@ -37,6 +38,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    Quickstart(quickstart::QuickstartArgs),
     Serve(serve::ServeArgs),
     Image(image::ImageArgs),
     Proxy(proxy::ProxyArgs),
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {
+        Command::Quickstart(args) => quickstart::run(args),
         Command::Serve(args) => serve::run(args).map(|()| 0),
         Command::Image(args) => image::run(args),
         Command::Proxy(args) => proxy::run(args),

@@ -938,3 +938,107 @@ fn the_sr_daemon_unit_passes_systemd_analyze_verify() {
     );
     assert!(out.status.success() && text.trim().is_empty(), "{text}");
 }
+
+/// Starts `thinline quickstart --dir DIR --json` and returns it with the JSON line it
+/// printed once serving.
+fn quickstart(a: &Agent, dir: &Path) -> (std::process::Child, Value) {
+    use std::io::BufRead;
+    let mut child = a
+        .command(&["quickstart", "--dir", s(dir), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    match serde_json::from_str(&line) {
+        Ok(ready) => (child, ready),
+        Err(e) => panic!(
+            "quickstart printed {line:?} ({e}): {:?}",
+            child.wait_with_output()
+        ),
+    }
+}
+
+/// SIGINT to `child`, which must then exit 0.
+fn interrupt(mut child: std::process::Child) {
+    // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "quickstart after Ctrl-C: {status}");
+}
+
+#[test]
+fn quickstart_serves_a_clone_whose_file_system_independent_tools_read_and_reuses_it() {
+    if !require(&[
+        "qemu-img", "qemu-io", "nbdcopy", "e2fsck", "debugfs", "mke2fs",
+    ]) {
+        return;
+    }
+    let a = Agent::new();
+    let dir = a.path("thinline-data");
+    let (child, ready) = quickstart(&a, &dir);
+    let uri = ready["nbd_uri"].as_str().unwrap().to_owned();
+    assert!(
+        uri.starts_with("nbd+unix:///") && uri.contains("socket=/"),
+        "{uri}"
+    );
+    // The whole disk, copied by libnbd's nbdcopy: the partition's file system is clean
+    // and holds the sample files.
+    let raw = a.path("clone.raw");
+    let copied = Command::new("nbdcopy")
+        .arg(&uri)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(copied.status.success(), "{copied:?}");
+    let disk = std::fs::read(&raw).unwrap();
+    assert_eq!(&disk[510..512], &[0x55, 0xaa], "an MBR");
+    let fs = a.path("fs.img");
+    std::fs::write(&fs, &disk[1 << 20..]).unwrap();
+    let fsck = Command::new("e2fsck")
+        .args(["-n", "-f"])
+        .arg(&fs)
+        .output()
+        .unwrap();
+    assert!(fsck.status.success(), "e2fsck: {fsck:?}");
+    for (name, content) in thinline_sr::sample::FILES {
+        let cat = Command::new("debugfs")
+            .args(["-R", &format!("cat /{name}")])
+            .arg(&fs)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&cat.stdout), content, "{name}");
+    }
+    let template = dir.join("templates/sample.qcow2");
+    let compare = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2", &uri])
+        .arg(&template)
+        .output()
+        .unwrap();
+    assert!(
+        compare.status.success(),
+        "the clone reads as its template: {compare:?}"
+    );
+    // Writes go to the clone only.
+    assert!(nbd_write(&uri, 40 << 20, 1 << 20, 0x3c).status.success());
+    let socket = PathBuf::from(ready["socket"].as_str().unwrap());
+    interrupt(child);
+    assert!(!socket.exists(), "Ctrl-C detaches the clone");
+    // Again: the same SR, template and clone, with what was written.
+    let (child, again) = quickstart(&a, &dir);
+    for key in ["sr", "template", "vdi", "nbd_uri"] {
+        assert_eq!(again[key], ready[key], "{key} is reused");
+    }
+    assert!(
+        nbd_reads(&uri, 40 << 20, 1 << 20, 0x3c),
+        "what was written is there"
+    );
+    assert!(
+        reads("qcow2", template.as_os_str(), 40 << 20, 1 << 20, 0),
+        "the template is not written"
+    );
+    interrupt(child);
+}

@@ -16,6 +16,7 @@ pub mod file;
 pub mod model;
 pub mod naming;
 pub mod registry;
+pub mod sample;
 pub mod sr;
 pub mod store;
 pub mod template;
