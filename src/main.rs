@@ -12,6 +12,7 @@ mod agent;
 mod cache;
 mod image;
 mod image_write;
+mod man;
 mod proxy;
 mod quickstart;
 mod remote;
@@ -44,6 +45,8 @@ enum Command {
     Proxy(proxy::ProxyArgs),
     Sr(sr::SrArgs),
     Vdi(vdi::VdiArgs),
+    #[command(hide = true)]
+    Man(man::ManArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Command::Proxy(args) => proxy::run(args),
         Command::Sr(args) => sr::run(args),
         Command::Vdi(args) => vdi::run(args),
+        Command::Man(args) => man::run(args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

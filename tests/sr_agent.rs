@@ -1042,3 +1042,81 @@ fn quickstart_serves_a_clone_whose_file_system_independent_tools_read_and_reuses
     );
     interrupt(child);
 }
+
+#[test]
+fn man_pages_are_generated_for_every_command_with_examples_output_and_exit_statuses() {
+    let a = Agent::new();
+    let out = a.path("man");
+    let made = a.command(&["man", "--out", s(&out)]).output().unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let page = |name: &str| {
+        std::fs::read_to_string(out.join(format!("{name}.1")))
+            .unwrap_or_else(|e| panic!("{name}(1): {e}"))
+    };
+    for (group, commands) in [
+        (
+            "sr",
+            &[
+                "create",
+                "introduce",
+                "forget",
+                "destroy",
+                "probe",
+                "stat",
+                "list",
+                "check",
+                "serve",
+            ][..],
+        ),
+        (
+            "vdi",
+            &[
+                "introduce",
+                "create",
+                "clone",
+                "snapshot",
+                "destroy",
+                "forget",
+                "resize",
+                "stat",
+                "list",
+                "set-name-label",
+                "attach",
+                "detach",
+            ][..],
+        ),
+    ] {
+        for c in commands {
+            let name = format!("thinline-{group}-{c}");
+            let text = page(&name);
+            assert!(text.contains(&format!(".TH {name} 1")), "{name}: a title");
+            let examples = text
+                .find(".SH EXAMPLES")
+                .unwrap_or_else(|| panic!("{name}: examples"));
+            assert!(
+                text[examples..].contains(&format!("thinline {group} {}", c.replace('-', "\\-"))),
+                "{name}: the example shows the command"
+            );
+            assert!(
+                text.contains(".SH OUTPUT") && text.contains(".SH EXIT STATUS"),
+                "{name}"
+            );
+            assert!(
+                text.contains("\\fB12\\fR VDI_IS_TEMPLATE"),
+                "{name}: every code"
+            );
+        }
+    }
+    let root = page("thinline");
+    for code in [
+        "\\fB10\\fR SR_NOT_FOUND",
+        "\\fB18\\fR VDI_READ_ONLY",
+        "image check",
+    ] {
+        assert!(root.contains(code), "thinline(1) lists {code}");
+    }
+    assert!(
+        !out.join("thinline-man.1").exists(),
+        "the hidden command has no page"
+    );
+}

@@ -47,6 +47,38 @@ impl Code {
         }
     }
 
+    /// Every code, in exit-status order (for the man pages).
+    pub const ALL: [Code; 11] = [
+        Code::SrBackendFailure,
+        Code::InvalidArgument,
+        Code::SrNotFound,
+        Code::VdiNotFound,
+        Code::VdiIsTemplate,
+        Code::VdiInUse,
+        Code::SrNotEmpty,
+        Code::SrFull,
+        Code::TemplateUnreachable,
+        Code::SrExists,
+        Code::VdiReadOnly,
+    ];
+
+    /// When the code is used, for people.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Code::SrBackendFailure => "anything else: an I/O error, damaged metadata",
+            Code::InvalidArgument => "a usage error, a bad size, a shrink",
+            Code::SrNotFound => "no SR at that path or with that UUID",
+            Code::VdiNotFound => "no VDI with that UUID in the SR",
+            Code::VdiIsTemplate => "the operation does not apply to a template",
+            Code::VdiInUse => "other VDIs are built on it, or it is attached",
+            Code::SrNotEmpty => "sr destroy of an SR that holds disks or snapshots",
+            Code::SrFull => "the file system is full",
+            Code::TemplateUnreachable => "the template cannot be opened or read",
+            Code::SrExists => "an SR (or other files) is already where one was to be made",
+            Code::VdiReadOnly => "a writing operation on a snapshot",
+        }
+    }
+
     /// The code as it is printed (`VDI_IS_TEMPLATE`).
     pub fn as_str(self) -> &'static str {
         match self {
