@@ -113,3 +113,52 @@ pub fn vdi_text(v: &VdiView, out: &mut dyn Write) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// A flag Ctrl-C (SIGINT) sets, for long operations that stop cleanly between steps.
+pub fn interrupted_on_ctrl_c() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let set = flag.clone();
+    let runtime = crate::remote::runtime()?;
+    let _enter = runtime.enter();
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    runtime.spawn(async move {
+        if sigint.recv().await.is_some() {
+            set.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    Ok(flag)
+}
+
+/// How a task's progress is shown: JSON records on stderr with `--json`, a line that
+/// updates itself when stderr is a terminal, nothing otherwise.
+pub fn progress_reporter(json: bool) -> impl FnMut(&str, f64) {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let mut shown = -1i64;
+    move |task: &str, done: f64| {
+        let percent = (done * 100.0).floor() as i64;
+        if percent == shown {
+            return;
+        }
+        shown = percent;
+        let mut err = std::io::stderr().lock();
+        if json {
+            let _ = writeln!(
+                err,
+                "{}",
+                serde_json::json!({ "task": task, "progress": done })
+            );
+        } else if tty {
+            let _ = write!(err, "\rtask {task}: {percent:3}% (Ctrl-C cancels)");
+            let _ = err.flush();
+        }
+    }
+}
+
+/// Ends a progress line on a terminal.
+pub fn end_progress(json: bool) {
+    use std::io::IsTerminal;
+    if !json && std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+}

@@ -6,7 +6,8 @@
 //! invalid usage; `image check` adds 3 (only warnings found) and 4 (errors found), and
 //! `proxy scrub` 4 (chunks that do not match their checksums found). `sr` and `vdi`
 //! exit with the status of their error code (`docs/sr-agent.md`: 10 `SR_NOT_FOUND`,
-//! 11 `VDI_NOT_FOUND`, 12 `VDI_IS_TEMPLATE`, …), and `sr check` 3 when it finds problems.
+//! 11 `VDI_NOT_FOUND`, 12 `VDI_IS_TEMPLATE`, … 19 `CANCELLED`), and `sr check` 3 when it
+//! finds problems.
 
 mod agent;
 mod cache;
@@ -19,6 +20,7 @@ mod remote;
 mod serve;
 mod size;
 mod sr;
+mod task;
 mod vdi;
 
 use std::process::ExitCode;
@@ -45,6 +47,7 @@ enum Command {
     Proxy(proxy::ProxyArgs),
     Sr(sr::SrArgs),
     Vdi(vdi::VdiArgs),
+    Task(task::TaskArgs),
     #[command(hide = true)]
     Man(man::ManArgs),
 }
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Command::Proxy(args) => proxy::run(args),
         Command::Sr(args) => sr::run(args),
         Command::Vdi(args) => vdi::run(args),
+        Command::Task(args) => task::run(args),
         Command::Man(args) => man::run(args),
     };
     match result {

@@ -92,6 +92,7 @@ pub fn run(args: ManArgs) -> anyhow::Result<u8> {
             Some(root_section())
         } else if name.starts_with("thinline-sr")
             || name.starts_with("thinline-vdi")
+            || name.starts_with("thinline-task")
             || name == "thinline-quickstart.1"
         {
             Some(agent_section())

@@ -73,11 +73,17 @@ struct IntroduceArgs {
     uri: String,
 }
 
-/// Make an empty thin disk.
+/// Make an empty thin disk; with --preallocate, allocate and zero every block now (a
+/// task: progress on a terminal, progress records on stderr with --json, cancellable
+/// with Ctrl-C or `thinline task cancel`, leaving nothing half-made).
 #[derive(Debug, Args)]
-#[command(after_help = "Example:
-  thinline vdi create --sr /srv/thinline/sr1 20G --name-label data")]
+#[command(after_help = "Examples:
+  thinline vdi create --sr /srv/thinline/sr1 20G --name-label data
+  thinline vdi create --sr /srv/thinline/sr1 100G --preallocate --json")]
 struct CreateArgs {
+    /// Allocate and zero every block now (the space is taken; no allocation later).
+    #[arg(long)]
+    preallocate: bool,
     #[command(flatten)]
     on: OnSr,
     /// A name for people (default: disk); the file is named after it.
@@ -202,8 +208,13 @@ pub fn run(args: VdiArgs) -> anyhow::Result<u8> {
                 sr: a.on.sr,
                 size: a.size as u64,
                 name_label: a.name_label,
+                preallocate: a.preallocate,
+                interrupted: crate::agent::interrupted_on_ctrl_c()?,
             };
-            finish(vdi::create(&options), a.on.json, text)
+            let mut progress = crate::agent::progress_reporter(a.on.json);
+            let result = vdi::create(&options, &mut progress);
+            crate::agent::end_progress(a.on.json);
+            finish(result, a.on.json, text)
         }
         VdiCommand::Clone(a) => finish(vdi::clone(&copy(&a)), a.on.json, text),
         VdiCommand::Snapshot(a) => finish(vdi::snapshot(&copy(&a.copy)), a.copy.on.json, text),

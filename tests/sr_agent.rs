@@ -750,8 +750,11 @@ fn every_sr_and_vdi_command_has_help_that_ends_with_an_example() {
                 "stat",
                 "list",
                 "set-name-label",
+                "attach",
+                "detach",
             ][..],
         ),
+        ("task", &["list", "cancel"][..]),
     ] {
         for c in commands {
             let out = a.command(&[group, c, "--help"]).output().unwrap();
@@ -1119,4 +1122,138 @@ fn man_pages_are_generated_for_every_command_with_examples_output_and_exit_statu
         !out.join("thinline-man.1").exists(),
         "the hidden command has no page"
     );
+}
+
+/// Starts `vdi create --preallocate SIZE --json` in the background.
+fn start_preallocation(a: &Agent, sr: &str, size: &str) -> std::process::Child {
+    a.command(&["vdi", "create", "--sr", sr, size, "--preallocate", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the SR has a running task that made progress; returns its id.
+fn running_task(a: &Agent, sr: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let tasks = a.ok(&["task", "list", "--sr", sr]);
+        if let Some(t) = tasks["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["running"] == true && t["progress"].as_f64().unwrap() > 0.0)
+        {
+            assert_eq!(t["operation"], "vdi create --preallocate");
+            return t["id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no task shows progress: {tasks}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The SR holds exactly what it held before: no VDI, no file, nothing in `new/`.
+fn nothing_half_made(a: &Agent, sr: &str, path: &Path, vdis_before: usize) {
+    assert_eq!(a.vdis(path).len(), vdis_before);
+    let files: Vec<_> = std::fs::read_dir(path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != ".thinline-sr")
+        .collect();
+    assert_eq!(files.len(), vdis_before, "{files:?}");
+    assert!(
+        std::fs::read_dir(path.join(".thinline-sr/new"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    assert_eq!(a.ok(&["sr", "check", "--sr", sr])["clean"], true);
+    assert!(
+        a.ok(&["task", "list", "--sr", sr])["tasks"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn preallocation_reports_progress_and_a_cancel_or_ctrl_c_or_full_disk_leaves_nothing_half_made() {
+    if !require(&["qemu-img"]) {
+        return;
+    }
+    let a = Agent::new();
+    let (sr, path) = a.new_sr("sr");
+    // A small one, to the end: progress records on stderr, every block allocated.
+    let out = a
+        .command(&[
+            "vdi",
+            "create",
+            "--sr",
+            &sr,
+            "24M",
+            "--preallocate",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["physical_utilisation"].as_u64().unwrap() >= 24 << 20,
+        "{v}"
+    );
+    let records: Vec<Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert!(records.len() >= 3, "{records:?}");
+    assert_eq!(records.last().unwrap()["progress"], 1.0);
+    assert!(
+        records
+            .windows(2)
+            .all(|w| w[0]["progress"].as_f64() <= w[1]["progress"].as_f64())
+    );
+    qemu_check_all(&path);
+    a.fails(
+        &["task", "cancel", "--sr", &sr, "nosuchtask"],
+        "TASK_NOT_FOUND",
+        20,
+    );
+
+    // `task cancel` from another shell.
+    let child = start_preallocation(&a, &sr, "6G");
+    let id = running_task(&a, &sr);
+    let cancelled = a.ok(&["task", "cancel", "--sr", &sr, &id]);
+    assert_eq!(cancelled["cancel_requested"], true);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(19), "{out:?}");
+    let err: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(err["error"]["code"], "CANCELLED");
+    nothing_half_made(&a, &sr, &path, 1);
+
+    // Ctrl-C in its own terminal.
+    let child = start_preallocation(&a, &sr, "6G");
+    running_task(&a, &sr);
+    // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(19), "{out:?}");
+    nothing_half_made(&a, &sr, &path, 1);
+
+    // A full file system: SR_FULL, and the SR works on once there is room.
+    let Some(small) = common::SmallFs::mount(&a.path("small"), "24m") else {
+        return;
+    };
+    let small_sr = small.0.join("sr");
+    let sr2 = uuid(&a.ok(&["sr", "create", "--type", "file", s(&small_sr)]));
+    a.fails(
+        &["vdi", "create", "--sr", &sr2, "64M", "--preallocate"],
+        "SR_FULL",
+        15,
+    );
+    nothing_half_made(&a, &sr2, &small_sr, 0);
+    a.ok(&["vdi", "create", "--sr", &sr2, "8M", "--preallocate"]);
 }

@@ -29,8 +29,17 @@ pub trait Backend: std::fmt::Debug {
     fn space(&self, sr: &Sr) -> Result<(u64, u64)>;
     /// Bytes `vdi`'s own volume takes (0 for a template).
     fn utilisation(&self, sr: &Sr, vdi: &VdiRecord) -> u64;
-    /// Makes an empty writable disk; returns its UUID.
-    fn create(&self, sr: &mut Sr, label: &str, size: u64) -> Result<Uuid>;
+    /// Makes an empty writable disk; returns its UUID. With `fill`, every block is
+    /// allocated and written with zeroes first (preallocation), and `fill` is called
+    /// with the progress (0 to 1) between steps: an error from it (a cancellation)
+    /// stops the work and leaves nothing made.
+    fn create(
+        &self,
+        sr: &mut Sr,
+        label: &str,
+        size: u64,
+        fill: Option<&mut dyn FnMut(f64) -> Result<()>>,
+    ) -> Result<Uuid>;
     /// Makes a writable disk with `src`'s content; both stay as writable as they were.
     fn clone(&self, sr: &mut Sr, src: Uuid, label: &str) -> Result<Uuid>;
     /// Makes a read-only point-in-time copy of `src`.

@@ -27,6 +27,10 @@ pub enum Code {
     SrExists,
     /// A writing operation on a read-only VDI (a snapshot).
     VdiReadOnly,
+    /// The operation was cancelled (Ctrl-C or `task cancel`); nothing it made is left.
+    Cancelled,
+    /// No task with that id.
+    TaskNotFound,
 }
 
 impl Code {
@@ -44,11 +48,13 @@ impl Code {
             Code::TemplateUnreachable => 16,
             Code::SrExists => 17,
             Code::VdiReadOnly => 18,
+            Code::Cancelled => 19,
+            Code::TaskNotFound => 20,
         }
     }
 
     /// Every code, in exit-status order (for the man pages).
-    pub const ALL: [Code; 11] = [
+    pub const ALL: [Code; 13] = [
         Code::SrBackendFailure,
         Code::InvalidArgument,
         Code::SrNotFound,
@@ -60,6 +66,8 @@ impl Code {
         Code::TemplateUnreachable,
         Code::SrExists,
         Code::VdiReadOnly,
+        Code::Cancelled,
+        Code::TaskNotFound,
     ];
 
     /// When the code is used, for people.
@@ -76,6 +84,8 @@ impl Code {
             Code::TemplateUnreachable => "the template cannot be opened or read",
             Code::SrExists => "an SR (or other files) is already where one was to be made",
             Code::VdiReadOnly => "a writing operation on a snapshot",
+            Code::Cancelled => "cancelled (Ctrl-C or task cancel); nothing it made is left",
+            Code::TaskNotFound => "no task with that id",
         }
     }
 
@@ -93,6 +103,8 @@ impl Code {
             Code::TemplateUnreachable => "TEMPLATE_UNREACHABLE",
             Code::SrExists => "SR_EXISTS",
             Code::VdiReadOnly => "VDI_READ_ONLY",
+            Code::Cancelled => "CANCELLED",
+            Code::TaskNotFound => "TASK_NOT_FOUND",
         }
     }
 }

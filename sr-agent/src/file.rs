@@ -13,6 +13,7 @@
 //! point leaves the old or the new state.
 
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use thinline_format::qcow2::{self, CreateOptions};
 use thinline_format::{Format, Image, OpenOptions};
@@ -62,13 +63,19 @@ fn record(sr: &Sr, uuid: Uuid) -> Result<VdiRecord> {
     })
 }
 
+/// Chunk of zeroes written per step of a preallocation.
+const FILL_CHUNK: usize = 4 << 20;
+
 /// Adds `rec` with its file: a new overlay of `rec.virtual_size` bytes over `backing`,
-/// made in `new/` under `rec`'s UUID and moved to `rec.file` once recorded.
+/// made in `new/` under `rec`'s UUID and moved to `rec.file` once recorded. With
+/// `fill`, every cluster is then allocated and zeroed through the qcow2 writer (the
+/// space is really taken), `fill` getting the progress between steps.
 fn add_overlay(
     sr: &mut Sr,
     operation: &str,
     rec: VdiRecord,
     backing: Option<(String, Format)>,
+    fill: Option<&mut dyn FnMut(f64) -> Result<()>>,
 ) -> Result<()> {
     let tmp = new_name(rec.uuid);
     let journal = Journal {
@@ -83,9 +90,34 @@ fn add_overlay(
     let size = rec.virtual_size;
     sr.run(
         journal,
-        |sr| overlay(sr, &tmp, size, backing),
+        |sr| {
+            overlay(sr, &tmp, size, backing)?;
+            match fill {
+                Some(fill) => zero_fill(&sr.new_file(&tmp), size, fill),
+                None => Ok(()),
+            }
+        },
         |md| md.vdis.push(rec),
     )
+}
+
+/// Writes zeroes over the whole of the qcow2 image at `path`.
+fn zero_fill(path: &Path, size: u64, fill: &mut dyn FnMut(f64) -> Result<()>) -> Result<()> {
+    let what = format!("cannot preallocate {}", path.display());
+    let (image, writer) = Image::open_writable(path, &OpenOptions::default())
+        .map_err(|e| Error::format(&what, &e))?;
+    let zeroes = vec![0u8; FILL_CHUNK];
+    let mut offset = 0u64;
+    fill(0.0)?;
+    while offset < size {
+        let n = (size - offset).min(FILL_CHUNK as u64) as usize;
+        writer
+            .write(&image, offset, &zeroes[..n], false)
+            .map_err(|e| Error::format(&what, &e))?;
+        offset += n as u64;
+        fill(offset as f64 / size as f64)?;
+    }
+    writer.flush().map_err(|e| Error::format(&what, &e))
 }
 
 fn file_of(v: &VdiRecord) -> Result<String> {
@@ -127,7 +159,13 @@ impl Backend for FileBackend {
             .map_or(0, |m| m.blocks() * 512)
     }
 
-    fn create(&self, sr: &mut Sr, label: &str, size: u64) -> Result<Uuid> {
+    fn create(
+        &self,
+        sr: &mut Sr,
+        label: &str,
+        size: u64,
+        fill: Option<&mut dyn FnMut(f64) -> Result<()>>,
+    ) -> Result<Uuid> {
         let uuid = Uuid::new_v4();
         let rec = VdiRecord {
             uuid,
@@ -141,7 +179,12 @@ impl Backend for FileBackend {
             file: Some(naming::unique(label, "qcow2", |n| taken(sr, n))),
             attached: false,
         };
-        add_overlay(sr, "vdi create", rec, None)?;
+        let operation = if fill.is_some() {
+            "vdi create --preallocate"
+        } else {
+            "vdi create"
+        };
+        add_overlay(sr, operation, rec, None, fill)?;
         Ok(uuid)
     }
 
@@ -164,7 +207,7 @@ impl Backend for FileBackend {
         };
         if src.kind != VdiType::Disk {
             // Read-only already: the clone is an overlay on it.
-            add_overlay(sr, "vdi clone", clone, Some(backing_of(&src)?))?;
+            add_overlay(sr, "vdi clone", clone, Some(backing_of(&src)?), None)?;
             return Ok(uuid);
         }
         // A writable disk: its file becomes a layer under the disk and the clone.
@@ -257,7 +300,7 @@ impl Backend for FileBackend {
             }
             VdiType::Snapshot | VdiType::Layer => {
                 snap.file = Some(naming::unique(label, "qcow2", |n| taken(sr, n)));
-                add_overlay(sr, "vdi snapshot", snap, Some(backing_of(&src)?))?;
+                add_overlay(sr, "vdi snapshot", snap, Some(backing_of(&src)?), None)?;
             }
             VdiType::Disk => {
                 // The disk's file becomes the snapshot; the disk goes on in an overlay.

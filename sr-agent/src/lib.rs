@@ -19,6 +19,7 @@ pub mod registry;
 pub mod sample;
 pub mod sr;
 pub mod store;
+pub mod task;
 pub mod template;
 pub mod vdi;
 

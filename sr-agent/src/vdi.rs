@@ -155,15 +155,21 @@ pub fn introduce(o: &IntroduceOptions, templates: &Templates) -> Result<VdiView>
 }
 
 /// `vdi create`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct CreateOptions {
     pub sr: String,
     /// Bytes; rounded up to a multiple of 512.
     pub size: u64,
     pub name_label: Option<String>,
+    /// Allocate and zero every block now, as a task (progress, cancel).
+    pub preallocate: bool,
+    /// Set (by Ctrl-C) to cancel a preallocation.
+    pub interrupted: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-pub fn create(o: &CreateOptions) -> Result<VdiView> {
+/// Makes an empty thin disk, or with `preallocate` a fully allocated one: then
+/// `progress` is called with the task's id and its progress (0 to 1) as it goes.
+pub fn create(o: &CreateOptions, progress: &mut dyn FnMut(&str, f64)) -> Result<VdiView> {
     if o.size == 0 {
         return Err(Error::new(
             Code::InvalidArgument,
@@ -178,7 +184,22 @@ pub fn create(o: &CreateOptions) -> Result<VdiView> {
     })?;
     let (mut sr, backend) = open_sr(&o.sr)?;
     let label = o.name_label.clone().unwrap_or_else(|| "disk".to_owned());
-    let uuid = backend.create(&mut sr, &label, size)?;
+    let uuid = if o.preallocate {
+        let mut task = crate::task::Task::start(
+            &sr.path,
+            "vdi create --preallocate",
+            None,
+            o.interrupted.clone(),
+        )?;
+        let id = task.id().to_owned();
+        let mut fill = |done: f64| {
+            progress(&id, done);
+            task.progress(done)
+        };
+        backend.create(&mut sr, &label, size, Some(&mut fill))?
+    } else {
+        backend.create(&mut sr, &label, size, None)?
+    };
     let rec = find(&sr, uuid)?;
     Ok(view(&sr, backend.as_ref(), &rec))
 }
