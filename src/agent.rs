@@ -162,3 +162,12 @@ pub fn end_progress(json: bool) {
         eprintln!();
     }
 }
+
+/// Templates opened with the default remote settings (commands that open a chain
+/// only to merge or check it).
+pub fn default_templates() -> anyhow::Result<thinline_sr::template::Templates> {
+    Ok(thinline_sr::template::Templates {
+        remote: std::sync::Arc::new(thinline_source::RemoteConfig::default()),
+        handle: crate::remote::runtime()?.handle().clone(),
+    })
+}

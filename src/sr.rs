@@ -230,7 +230,7 @@ pub fn run(args: SrArgs) -> anyhow::Result<u8> {
         }
         SrCommand::Serve(a) => serve(a),
         SrCommand::Check(a) => {
-            let result = sr::check(&a.on.sr, a.repair);
+            let result = sr::check(&a.on.sr, a.repair, &crate::agent::default_templates()?);
             let unclean = matches!(&result, Ok(r) if !r.clean);
             let status = finish(result, a.on.json, |r, out| {
                 for f in &r.findings {

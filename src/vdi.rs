@@ -219,11 +219,12 @@ pub fn run(args: VdiArgs) -> anyhow::Result<u8> {
         VdiCommand::Clone(a) => finish(vdi::clone(&copy(&a)), a.on.json, text),
         VdiCommand::Snapshot(a) => finish(vdi::snapshot(&copy(&a.copy)), a.copy.on.json, text),
         VdiCommand::Destroy(a) => {
-            let result = vdi::destroy(&vdi::VdiRef {
+            let r = vdi::VdiRef {
                 sr: a.on.sr,
                 vdi: a.vdi,
-            })
-            .map(|()| serde_json::json!({ "uuid": a.vdi }));
+            };
+            let result = vdi::destroy(&r, &crate::agent::default_templates()?)
+                .map(|()| serde_json::json!({ "uuid": a.vdi }));
             finish(result, a.on.json, |_, out| {
                 writeln!(out, "destroyed VDI {}", a.vdi)
             })

@@ -802,3 +802,81 @@ fn bitmaps_are_invalidated_as_the_spec_asks_before_the_first_write_and_repair_fr
     model[1 << 20..(1 << 20) + 4096].fill(0x22);
     qemu_reads(&path, &model, "after the bitmaps were dropped");
 }
+
+#[test]
+fn set_backing_rewrites_the_name_and_format_and_keeps_the_other_header_extensions() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = rng_file(d, "a.raw", 1 << 20);
+    std::fs::copy(&base, d.join("b.raw")).unwrap();
+    let overlay = d.join("o.qcow2");
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "a.raw",
+            "-F",
+            "raw",
+            s(&overlay),
+        ],
+    );
+    qemu_io(d, "qcow2", s(&overlay), &["write -q -P 0x61 4096 8192"]);
+    let before = qemu_raw(&overlay, "qcow2");
+    let info = |p: &Path| -> serde_json::Value {
+        let out = std::process::Command::new("qemu-img")
+            .args(["info", "--output=json", "-U", s(p)])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert!(
+        info(&overlay)["format-specific"]["data"]
+            .get("compat")
+            .is_some()
+    );
+    // The same bytes under another name: qemu reads the same, the check is clean.
+    qcow2::set_backing(&overlay, Some(("b.raw", Format::Raw))).unwrap();
+    let v = info(&overlay);
+    assert_eq!(v["backing-filename"], "b.raw");
+    assert_eq!(v["backing-filename-format"], "raw");
+    qemu_check_clean(&overlay);
+    assert!(
+        qemu_raw(&overlay, "qcow2") == before,
+        "the content is the same"
+    );
+    // A longer name of the same file, then none (after copying the backing's bytes in).
+    qcow2::set_backing(&overlay, Some(("./b.raw", Format::Raw))).unwrap();
+    assert_eq!(info(&overlay)["backing-filename"], "./b.raw");
+    let (image, writer) = open_rw(&overlay);
+    writer.write(&image, 0, &before, false).unwrap();
+    writer.flush().unwrap();
+    drop((image, writer));
+    qcow2::set_backing(&overlay, None).unwrap();
+    let v = info(&overlay);
+    assert!(v.get("backing-filename").is_none(), "{v}");
+    qemu_check_clean(&overlay);
+    assert!(qemu_raw(&overlay, "qcow2") == before);
+    // Thinline reads it the same too, and refuses to rebase an image another holds.
+    let image = Image::open(&overlay, &OpenOptions::default()).unwrap();
+    assert!(read_all(&image, 1 << 16, 0) == before);
+    let (_image, _writer) = open_rw(&overlay);
+    let err = qcow2::set_backing(&overlay, Some(("a.raw", Format::Raw))).unwrap_err();
+    assert!(
+        matches!(err, thinline_format::Error::Locked { .. }),
+        "{err:?}"
+    );
+}
+
+/// A file of `len` random bytes in `dir`.
+fn rng_file(dir: &Path, name: &str, len: usize) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, Rng::from_env().bytes(len)).unwrap();
+    p
+}

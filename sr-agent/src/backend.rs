@@ -46,12 +46,15 @@ pub trait Backend: std::fmt::Debug {
     fn snapshot(&self, sr: &mut Sr, src: Uuid, label: &str) -> Result<Uuid>;
     /// Deletes `vdi`'s volume (nothing reads from it) and the layers only it used.
     fn destroy(&self, sr: &mut Sr, vdi: Uuid) -> Result<()>;
+    /// Merges `vdi` (a snapshot or a layer) into the one record that reads from it, and
+    /// deletes it: that record's content does not change, and its chain gets shorter.
+    fn coalesce(&self, sr: &mut Sr, vdi: Uuid, templates: &Templates) -> Result<()>;
     /// Grows `vdi` to `size` bytes (the caller checked it grows).
     fn resize(&self, sr: &mut Sr, vdi: Uuid, size: u64, templates: &Templates) -> Result<()>;
     /// Compares the records with the storage.
     fn check(&self, sr: &Sr) -> Vec<Finding>;
     /// Fixes what [`Backend::check`] reports as repairable; returns what it did.
-    fn repair(&self, sr: &mut Sr) -> Result<Vec<String>>;
+    fn repair(&self, sr: &mut Sr, templates: &Templates) -> Result<Vec<String>>;
 }
 
 /// The backend of an SR of type `kind`.

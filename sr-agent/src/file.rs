@@ -16,13 +16,13 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use thinline_format::qcow2::{self, CreateOptions};
-use thinline_format::{Format, Image, OpenOptions};
+use thinline_format::{Fetch, Format, Image, OpenOptions};
 use uuid::Uuid;
 
 use crate::backend::{Backend, Finding};
 use crate::model::{SrType, VdiRecord, VdiType};
 use crate::naming;
-use crate::store::{Journal, Move, NEW_DIR, Sr};
+use crate::store::{Journal, Move, NEW_DIR, Rebase, Sr};
 use crate::template::{self, Templates};
 use crate::{Code, Error, Result};
 
@@ -379,6 +379,64 @@ impl Backend for FileBackend {
         Ok(())
     }
 
+    fn coalesce(&self, sr: &mut Sr, vdi: Uuid, templates: &Templates) -> Result<()> {
+        let merged = record(sr, vdi)?;
+        let dependents: Vec<VdiRecord> = sr.md.dependents(vdi).cloned().collect();
+        let [child] = dependents.as_slice() else {
+            return Err(Error::new(
+                Code::VdiInUse,
+                format!(
+                    "{} records read from {vdi}: only a volume with one is merged",
+                    dependents.len()
+                ),
+            ));
+        };
+        if child.attached {
+            return Err(Error::new(
+                Code::VdiInUse,
+                format!(
+                    "VDI {} ({}) reads from {vdi} and is attached: detach it to merge them",
+                    child.uuid, child.name_label
+                ),
+            ));
+        }
+        let merged_file = file_of(&merged)?;
+        let child_file = file_of(child)?;
+        // 1. Copy into the child what the merged volume holds and the child does not:
+        //    the child reads the same bytes before and after, so a crash here only leaves
+        //    clusters the child did not need.
+        copy_second_layer(sr, &child_file, templates)?;
+        // 2. The child reads from the merged volume's backing; the merged volume goes.
+        let to = match merged.backing {
+            Some(b) => Some(backing_of(&record(sr, b)?)?),
+            None => None,
+        };
+        let journal = Journal {
+            operation: "coalesce".into(),
+            rebases: vec![Rebase {
+                file: child_file,
+                from: Some((merged_file.clone(), Format::Qcow2)),
+                to,
+            }],
+            deletes: vec![merged_file],
+            ..Journal::default()
+        };
+        let child_uuid = child.uuid;
+        sr.run(
+            journal,
+            |_| Ok(()),
+            |md| {
+                md.get_mut(child_uuid).expect("checked").backing = merged.backing;
+                md.vdis.retain(|v| v.uuid != vdi);
+                for v in &mut md.vdis {
+                    if v.parent == Some(vdi) {
+                        v.parent = None;
+                    }
+                }
+            },
+        )
+    }
+
     fn resize(&self, sr: &mut Sr, vdi: Uuid, size: u64, templates: &Templates) -> Result<()> {
         let rec = record(sr, vdi)?;
         let path = sr.file(&file_of(&rec)?);
@@ -444,6 +502,18 @@ impl Backend for FileBackend {
                     repairable: false,
                 });
             }
+            let readers: Vec<&VdiRecord> = sr.md.dependents(v.uuid).collect();
+            if v.kind == VdiType::Layer && readers.len() == 1 && !readers[0].attached {
+                out.push(Finding {
+                    kind: "mergeable_layer",
+                    message: format!(
+                        "layer {} ({}) has one reader: it can be merged into it",
+                        v.uuid,
+                        v.file.as_deref().unwrap_or("?")
+                    ),
+                    repairable: true,
+                });
+            }
             if v.kind == VdiType::Layer && sr.md.dependents(v.uuid).next().is_none() {
                 out.push(Finding {
                     kind: "unused_layer",
@@ -484,8 +554,22 @@ impl Backend for FileBackend {
         out
     }
 
-    fn repair(&self, sr: &mut Sr) -> Result<Vec<String>> {
+    fn repair(&self, sr: &mut Sr, templates: &Templates) -> Result<Vec<String>> {
         let mut done = std::mem::take(&mut sr.recovered);
+        let mergeable: Vec<Uuid> = sr
+            .md
+            .vdis
+            .iter()
+            .filter(|v| {
+                let readers: Vec<&VdiRecord> = sr.md.dependents(v.uuid).collect();
+                v.kind == VdiType::Layer && readers.len() == 1 && !readers[0].attached
+            })
+            .map(|v| v.uuid)
+            .collect();
+        for layer in mergeable {
+            self.coalesce(sr, layer, templates)?;
+            done.push(format!("merged layer {layer} into its one reader"));
+        }
         let unused: Vec<Uuid> = sr
             .md
             .vdis
@@ -505,6 +589,52 @@ impl Backend for FileBackend {
         }
         Ok(done)
     }
+}
+
+/// Bytes per copy step of a merge.
+const COPY_CHUNK: usize = 4 << 20;
+
+/// Copies into the qcow2 file `file` of the SR every range its backing (the second
+/// layer of its chain) holds and it does not.
+fn copy_second_layer(sr: &Sr, file: &str, templates: &Templates) -> Result<()> {
+    let path = sr.file(file);
+    let what = format!("cannot merge into {}", path.display());
+    let options = OpenOptions {
+        backing_opener: Some(templates.opener(template::header_names(sr)?)),
+        ..OpenOptions::default()
+    };
+    let (image, writer) =
+        Image::open_writable(&path, &options).map_err(|e| Error::format(&what, &e))?;
+    let size = image.size();
+    let mut ranges = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let found = image
+            .allocation(offset, size - offset, Fetch::Allowed, 1 << 12)
+            .map_err(|e| Error::format(&what, &e))?;
+        if found.is_empty() {
+            break;
+        }
+        for a in found {
+            if a.depth == 2 {
+                ranges.push((offset, a.length));
+            }
+            offset += a.length;
+        }
+    }
+    let mut buf = vec![0u8; COPY_CHUNK];
+    for (start, length) in ranges {
+        let mut done = 0;
+        while done < length {
+            let n = (length - done).min(COPY_CHUNK as u64) as usize;
+            image
+                .read(start + done, &mut buf[..n])
+                .and_then(|()| writer.write(&image, start + done, &buf[..n], false))
+                .map_err(|e| Error::format(&what, &e))?;
+            done += n as u64;
+        }
+    }
+    writer.flush().map_err(|e| Error::format(&what, &e))
 }
 
 fn kind_name(v: &VdiRecord) -> &'static str {

@@ -294,7 +294,11 @@ pub struct CheckReport {
 }
 
 /// `sr check [--repair]`.
-pub fn check(name: &str, repair: bool) -> Result<CheckReport> {
+pub fn check(
+    name: &str,
+    repair: bool,
+    templates: &crate::template::Templates,
+) -> Result<CheckReport> {
     if !repair {
         let (sr, backend) = read(name)?;
         let findings = backend.check(&sr);
@@ -306,7 +310,7 @@ pub fn check(name: &str, repair: bool) -> Result<CheckReport> {
         });
     }
     let (mut sr, backend) = crate::vdi::open_sr(name)?;
-    let repaired = backend.repair(&mut sr)?;
+    let repaired = backend.repair(&mut sr, templates)?;
     let findings = backend.check(&sr);
     Ok(CheckReport {
         sr: sr.md.sr.uuid,

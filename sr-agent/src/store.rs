@@ -72,6 +72,33 @@ pub struct Move {
     pub to: String,
 }
 
+/// A change of the backing file an image names (see [`thinline_format::qcow2::set_backing`]),
+/// done before the commit and undone (back to `from`) if the commit never comes. Both
+/// backings read the same for that image when it is done, so either state is sound.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rebase {
+    /// The image, relative to the SR directory.
+    pub file: String,
+    pub from: Option<(String, thinline_format::Format)>,
+    pub to: Option<(String, thinline_format::Format)>,
+}
+
+/// Points `file` of the SR at `backing`.
+fn set_backing(
+    sr: &Path,
+    file: &str,
+    backing: &Option<(String, thinline_format::Format)>,
+) -> Result<()> {
+    let path = sr.join(file);
+    thinline_format::qcow2::set_backing(&path, backing.as_ref().map(|(n, f)| (n.as_str(), *f)))
+        .map_err(|e| {
+            Error::format(
+                format!("cannot change the backing of {}", path.display()),
+                &e,
+            )
+        })
+}
+
 /// What an operation in progress will do or has done (see the module doc).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Journal {
@@ -81,6 +108,9 @@ pub struct Journal {
     pub creates: Vec<String>,
     /// Renames done before the commit.
     pub moves: Vec<Move>,
+    /// Backing changes done before the commit (after the moves).
+    #[serde(default)]
+    pub rebases: Vec<Rebase>,
     /// Whether the new records are on disk.
     pub committed: bool,
     /// After the commit: new files (`from` in `new/`) moved to their names.
@@ -323,6 +353,9 @@ impl Sr {
                     .map_err(|e| Error::io(format!("cannot rename {} to {}", m.from, m.to), &e))?;
             }
             crash_point("moved");
+            for r in &journal.rebases {
+                set_backing(&self.path, &r.file, &r.to)?;
+            }
             make(self)?;
             crash_point("made");
             Ok(())
@@ -348,6 +381,11 @@ impl Sr {
     fn undo(&self, j: &Journal) -> Result<()> {
         for c in &j.creates {
             remove_if_present(&self.new_file(c))?;
+        }
+        for r in j.rebases.iter().rev() {
+            if self.file(&r.file).exists() {
+                set_backing(&self.path, &r.file, &r.from)?;
+            }
         }
         for m in j.moves.iter().rev() {
             let (from, to) = (self.file(&m.from), self.file(&m.to));

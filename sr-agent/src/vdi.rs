@@ -248,14 +248,65 @@ pub struct VdiRef {
     pub vdi: Uuid,
 }
 
-/// Deletes a disk or snapshot nothing reads from.
-pub fn destroy(o: &VdiRef) -> Result<()> {
+/// Deletes a disk or snapshot. A snapshot that one volume reads from is merged into it
+/// (coalesce); one that several read from becomes a layer, deleted with the last of
+/// them. A layer left with one reader after a destroy is merged into it, so chains
+/// stay short however many snapshots come and go.
+pub fn destroy(o: &VdiRef, templates: &Templates) -> Result<()> {
     let (mut sr, backend) = open_sr(&o.sr)?;
     let v = find(&sr, o.vdi)?;
     refuse_template(&v, "destroyed (use `vdi forget`)")?;
     refuse_attached(&v, "destroy")?;
-    refuse_dependents(&sr, &v, "destroy")?;
-    backend.destroy(&mut sr, v.uuid)
+    let readers = sr.md.dependents(v.uuid).count();
+    match (v.kind, readers) {
+        (_, 0) => {
+            let before = sr.md.clone();
+            backend.destroy(&mut sr, v.uuid)?;
+            // The first volume below that is still there.
+            let mut below = v.backing;
+            while let Some(b) = below {
+                if sr.md.get(b).is_some() {
+                    break;
+                }
+                below = before.get(b).and_then(|r| r.backing);
+            }
+            merge_layers(&mut sr, backend.as_ref(), below, templates);
+            Ok(())
+        }
+        (VdiType::Snapshot, 1) => backend.coalesce(&mut sr, v.uuid, templates),
+        (VdiType::Snapshot, _) => {
+            let rec = sr.md.get_mut(v.uuid).expect("found");
+            rec.kind = VdiType::Layer;
+            rec.name_label = format!("layer (was snapshot {})", v.name_label);
+            sr.save()
+        }
+        _ => refuse_dependents(&sr, &v, "destroy"),
+    }
+}
+
+/// Merges layers from `below` down while each has exactly one reader that is not
+/// attached. Best effort: the destroy that asked for it has already succeeded, and
+/// `sr check --repair` merges what is left.
+pub fn merge_layers(
+    sr: &mut Sr,
+    backend: &dyn Backend,
+    mut below: Option<Uuid>,
+    templates: &Templates,
+) {
+    while let Some(b) = below {
+        let Some(rec) = sr.md.get(b).cloned() else {
+            return;
+        };
+        let readers: Vec<&VdiRecord> = sr.md.dependents(b).collect();
+        if rec.kind != VdiType::Layer || readers.len() != 1 || readers[0].attached {
+            return;
+        }
+        if let Err(e) = backend.coalesce(sr, b, templates) {
+            tracing::warn!(layer = %b, error = %e, "cannot merge a layer into its one reader");
+            return;
+        }
+        below = rec.backing;
+    }
 }
 
 /// `vdi forget`.

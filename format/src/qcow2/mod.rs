@@ -12,11 +12,13 @@ mod create;
 mod header;
 mod live;
 mod lock;
+mod rebase;
 mod repair;
 mod writer;
 
 pub use create::{CreateOptions, create};
 pub use lock::ImageLock;
+pub use rebase::set_backing;
 pub use repair::{RepairReport, repair};
 pub use writer::{Below, DIRTY_LIMIT, NoBacking, Qcow2Writer, ZeroMode};
 
