@@ -83,13 +83,8 @@ fn prepare(args: &QuickstartArgs) -> thinline_sr::Result<(Ready, PathBuf)> {
     {
         Some(t) => t.uuid,
         None => {
-            let templates = thinline_sr::template::Templates {
-                remote: std::sync::Arc::new(thinline_source::RemoteConfig::default()),
-                handle: crate::remote::runtime()
-                    .map_err(|e| Error::new(thinline_sr::Code::SrBackendFailure, e.to_string()))?
-                    .handle()
-                    .clone(),
-            };
+            let templates = crate::agent::default_templates()
+                .map_err(|e| Error::new(thinline_sr::Code::SrBackendFailure, e.to_string()))?;
             vdi::introduce(
                 &vdi::IntroduceOptions {
                     sr: sr_name.clone(),
@@ -196,7 +191,8 @@ fn serve(json: bool, ready: Ready, sr_path: PathBuf) -> anyhow::Result<u8> {
             Ok(0)
         }
         Err(e) => {
-            crate::agent::print_error(&e, json)?;
+            // After the JSON object it already printed: the error goes to stderr.
+            crate::agent::print_error(&e, false)?;
             Ok(e.code.exit_status())
         }
     }

@@ -134,8 +134,8 @@ struct RefArgs {
 struct ForgetArgs {
     #[command(flatten)]
     on: OnSr,
-    /// Forget it even though VDIs read from it: they keep what they wrote and fail to
-    /// read the rest.
+    /// Forget it even though VDIs are built on it: they keep their files but cannot be
+    /// opened (attached, resized) until the template is introduced again.
     #[arg(long)]
     force: bool,
     /// The template.
@@ -209,7 +209,11 @@ pub fn run(args: VdiArgs) -> anyhow::Result<u8> {
                 size: a.size as u64,
                 name_label: a.name_label,
                 preallocate: a.preallocate,
-                interrupted: crate::agent::interrupted_on_ctrl_c()?,
+                interrupted: if a.preallocate {
+                    crate::agent::interrupted_on_ctrl_c()?
+                } else {
+                    Default::default()
+                },
             };
             let mut progress = crate::agent::progress_reporter(a.on.json);
             let result = vdi::create(&options, &mut progress);
@@ -238,7 +242,10 @@ pub fn run(args: VdiArgs) -> anyhow::Result<u8> {
             finish(vdi::forget(&options), a.on.json, |f, out| {
                 writeln!(out, "forgot template {}", f.uuid)?;
                 for o in &f.orphaned {
-                    writeln!(out, "VDI {o} can no longer read what it did not write")?;
+                    writeln!(
+                        out,
+                        "VDI {o} cannot be opened until the template is introduced again"
+                    )?;
                 }
                 Ok(())
             })

@@ -512,6 +512,26 @@ fn templates_stay_read_only_and_clones_read_the_template_plus_their_own_writes()
         "{check:?}"
     );
     assert_eq!(sha(&template), before);
+    // The forgotten template (and its other record, the snapshot of it) is not followed
+    // through the path in the clone's header: the clone cannot be opened until the
+    // template is introduced again.
+    a.ok(&["vdi", "forget", "--sr", &sr, &uuid(&t2)]);
+    let c2 = uuid(&c2);
+    let refused = a.run(&["vdi", "resize", "--sr", &sr, &c2, "32M"]);
+    assert_ne!(refused.code, Some(0), "{refused:?}");
+    assert!(
+        refused
+            .json
+            .to_string()
+            .contains("not a template of this SR"),
+        "{refused:?}"
+    );
+    a.ok(&["vdi", "introduce", "--sr", &sr, s(&template)]);
+    a.ok(&["vdi", "resize", "--sr", &sr, &c2, "32M"]);
+    assert!(
+        qemu_reads(&f2, 0, 1 << 20, 0x42),
+        "the template's bytes again"
+    );
 }
 
 #[test]
@@ -827,6 +847,24 @@ fn attached_vdis_are_served_over_nbd_come_back_after_a_daemon_crash_and_detach_l
     let c = uuid(&a.ok(&["vdi", "clone", "--sr", &sr, &t, "--name-label", "vm"]));
     let d = uuid(&a.ok(&["vdi", "create", "--sr", &sr, "8M", "--name-label", "data"]));
     a.fails(&["vdi", "attach", "--sr", &sr, &t], "VDI_IS_TEMPLATE", 12);
+    {
+        // An SR path too long for a unix socket under it: refused, and not recorded.
+        let deep = a.path(&"d".repeat(100));
+        let long_sr = uuid(&a.ok(&["sr", "create", s(&deep)]));
+        let v = uuid(&a.ok(&["vdi", "create", "--sr", &long_sr, "1M"]));
+        let msg = a.fails(
+            &["vdi", "attach", "--sr", &long_sr, &v],
+            "INVALID_ARGUMENT",
+            2,
+        );
+        assert!(msg.contains("107 bytes"), "{msg}");
+        assert_eq!(
+            a.ok(&["vdi", "stat", "--sr", &long_sr, &v])["attached"],
+            false
+        );
+        a.ok(&["vdi", "destroy", "--sr", &long_sr, &v]);
+        a.ok(&["sr", "destroy", "--sr", &long_sr]);
+    }
 
     // Attach: the daemon starts, the URI serves the clone read-write.
     let attached = a.ok(&["vdi", "attach", "--sr", &sr, &c]);

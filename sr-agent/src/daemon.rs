@@ -45,9 +45,22 @@ pub fn run_dir(sr: &Path) -> PathBuf {
     sr.join(DIR).join(RUN_DIR)
 }
 
-/// The NBD socket of VDI `uuid`.
+/// The NBD socket of VDI `uuid` (named by the first 12 hex digits of its UUID: a unix
+/// socket's path is limited to 107 bytes).
 pub fn socket_of(sr: &Path, uuid: Uuid) -> PathBuf {
-    run_dir(sr).join(format!("{uuid}.sock"))
+    run_dir(sr).join(format!("{}.sock", &uuid.simple().to_string()[..12]))
+}
+
+/// Longest path a unix socket can have.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Whether a daemon runs for `sr` (it holds `run/daemon.lock`), whether or not it
+/// answers.
+pub fn running(sr: &Path) -> bool {
+    let Ok(f) = std::fs::File::open(run_dir(sr).join(DAEMON_LOCK)) else {
+        return false;
+    };
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared).is_err()
 }
 
 /// The NBD URI of VDI `uuid` (its export is named by its UUID).
@@ -87,10 +100,16 @@ pub struct Status {
     pub serving: Vec<Uuid>,
 }
 
-/// Sends `request` to the daemon of `sr`; `None` if no daemon answers.
+/// Sends `request` to the daemon of `sr`; `None` if no daemon answers (see
+/// [`running`] to tell a daemon that is not there from one that does not answer).
 pub fn request(sr: &Path, request: &Request) -> Option<Result<serde_json::Value>> {
+    let wait = match request {
+        // Answered at once by a daemon that runs: never wait long for it.
+        Request::Status | Request::Shutdown => Duration::from_secs(5),
+        Request::Attach { .. } | Request::Detach { .. } => Duration::from_secs(120),
+    };
     let stream = UnixStream::connect(run_dir(sr).join(CONTROL)).ok()?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(120)));
+    let _ = stream.set_read_timeout(Some(wait));
     let mut line = serde_json::to_string(request).expect("serializes");
     line.push('\n');
     (&stream).write_all(line.as_bytes()).ok()?;
@@ -100,15 +119,10 @@ pub fn request(sr: &Path, request: &Request) -> Option<Result<serde_json::Value>
     if let Some(ok) = v.get("ok") {
         return Some(Ok(ok.clone()));
     }
-    let code = match v["error"]["code"].as_str() {
-        Some("VDI_NOT_FOUND") => Code::VdiNotFound,
-        Some("VDI_IS_TEMPLATE") => Code::VdiIsTemplate,
-        Some("SR_NOT_FOUND") => Code::SrNotFound,
-        Some("TEMPLATE_UNREACHABLE") => Code::TemplateUnreachable,
-        Some("VDI_IN_USE") => Code::VdiInUse,
-        Some("SR_FULL") => Code::SrFull,
-        _ => Code::SrBackendFailure,
-    };
+    let code = v["error"]["code"]
+        .as_str()
+        .and_then(Code::parse)
+        .unwrap_or(Code::SrBackendFailure);
     let message = v["error"]["message"]
         .as_str()
         .unwrap_or("the daemon failed");
@@ -118,8 +132,33 @@ pub fn request(sr: &Path, request: &Request) -> Option<Result<serde_json::Value>
 /// Makes sure a daemon serves `sr`: if none answers, starts `exe sr serve --sr SR` in
 /// the background (its own session, output to `run/daemon.log`) and waits for it.
 pub fn ensure(sr: &Path, exe: &Path) -> Result<()> {
+    let control = run_dir(sr).join(CONTROL);
+    // The control socket, and the VDIs' next to it, must fit a unix socket's path.
+    if control.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(Error::new(
+            Code::InvalidArgument,
+            format!(
+                "the SR's sockets ({}) would be longer than the {MAX_SOCKET_PATH} bytes a unix socket may have: put the SR at a shorter path",
+                control.display()
+            ),
+        ));
+    }
     if request(sr, &Request::Status).is_some_and(|r| r.is_ok()) {
         return Ok(());
+    }
+    if running(sr) {
+        // Starting (or busy): wait for it rather than start another.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if request(sr, &Request::Status).is_some_and(|r| r.is_ok()) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        return Err(Error::new(
+            Code::SrBackendFailure,
+            format!("the SR daemon of {} runs but does not answer", sr.display()),
+        ));
     }
     let run = run_dir(sr);
     std::fs::create_dir_all(&run)
@@ -171,7 +210,8 @@ pub fn ensure(sr: &Path, exe: &Path) -> Result<()> {
 #[derive(Debug)]
 struct Served {
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    /// Ends when the server has drained and flushed; its error, if the flush failed.
+    task: tokio::task::JoinHandle<std::result::Result<(), String>>,
 }
 
 /// The daemon's state, owned here.
@@ -192,18 +232,28 @@ fn blocking_err(e: tokio::task::JoinError) -> Error {
 impl Daemon {
     async fn attach(&self, vdi: Uuid, record_it: bool) -> Result<Attached> {
         let _turn = self.changes.lock().await;
+        let socket = socket_of(&self.sr, vdi);
         let answer = Attached {
             uuid: vdi,
             nbd_uri: nbd_uri(&self.sr, vdi),
-            socket: socket_of(&self.sr, vdi).display().to_string(),
+            socket: socket.display().to_string(),
         };
         if self.served.lock().expect("not poisoned").contains_key(&vdi) {
             return Ok(answer);
         }
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(Error::new(
+                Code::InvalidArgument,
+                format!(
+                    "the NBD socket {} would be longer than the {MAX_SOCKET_PATH} bytes a unix socket may have: put the SR at a shorter path",
+                    socket.display()
+                ),
+            ));
+        }
         let sr_path = self.sr.clone();
         let templates = self.templates.clone();
         let export = tokio::task::spawn_blocking(move || -> Result<ImageExport> {
-            let mut sr = Sr::open(&sr_path)?;
+            let sr = Sr::read(&sr_path)?;
             let rec = crate::vdi::find(&sr, vdi)?;
             if rec.is_template() {
                 return Err(Error::new(
@@ -223,17 +273,12 @@ impl Daemon {
                 ..ImageOptions::default()
             };
             let what = format!("cannot serve {}", file.display());
-            let export = if rec.kind == VdiType::Disk {
+            if rec.kind == VdiType::Disk {
                 ImageExport::open_writable(&file, &options)
             } else {
                 ImageExport::open(&file, &options)
             }
-            .map_err(|e| Error::new(Code::SrBackendFailure, format!("{what}: {e}")))?;
-            if record_it && !rec.attached {
-                sr.md.get_mut(vdi).expect("found").attached = true;
-                sr.save()?;
-            }
-            Ok(export)
+            .map_err(|e| Error::new(Code::SrBackendFailure, format!("{what}: {e}")))
         })
         .await
         .map_err(blocking_err)??;
@@ -248,14 +293,44 @@ impl Daemon {
             .add(&vdi.to_string(), Arc::new(export))
             .map_err(serve_err)?;
         let server = Server::new(exports, ServerConfig::default()).map_err(serve_err)?;
-        let listener = Listener::bind_unix(&socket_of(&self.sr, vdi)).map_err(serve_err)?;
+        let listener = Listener::bind_unix(&socket).map_err(serve_err)?;
         let stop = self.stop.child_token();
         let until = stop.clone();
         let task = tokio::spawn(async move {
-            if let Err(e) = server.run(vec![listener], until.cancelled_owned()).await {
-                tracing::error!(%vdi, error = %e, "serving the VDI ended with an error");
-            }
+            server
+                .run(vec![listener], until.cancelled_owned())
+                .await
+                .map_err(|e| {
+                    tracing::error!(%vdi, error = %e, "serving the VDI ended with an error");
+                    e.to_string()
+                })
         });
+        // Recorded only once it is served: a failure above leaves it detached.
+        if record_it {
+            let sr_path = self.sr.clone();
+            let recorded = tokio::task::spawn_blocking(move || -> Result<()> {
+                let mut sr = Sr::open(&sr_path)?;
+                let rec = sr.md.get_mut(vdi).ok_or_else(|| {
+                    Error::new(
+                        Code::VdiNotFound,
+                        format!("VDI {vdi} went away while it was being attached"),
+                    )
+                })?;
+                if !rec.attached {
+                    rec.attached = true;
+                    sr.save()?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(blocking_err)
+            .and_then(|r| r);
+            if let Err(e) = recorded {
+                stop.cancel();
+                let _ = task.await;
+                return Err(e);
+            }
+        }
         tracing::info!(%vdi, uri = %answer.nbd_uri, "attached");
         self.served
             .lock()
@@ -267,15 +342,22 @@ impl Daemon {
     async fn detach(&self, vdi: Uuid) -> Result<serde_json::Value> {
         let _turn = self.changes.lock().await;
         let served = self.served.lock().expect("not poisoned").remove(&vdi);
+        let mut flushed = Ok(());
         if let Some(s) = served {
             s.stop.cancel();
-            let _ = s.task.await;
+            flushed = s.task.await.map_err(|e| e.to_string()).and_then(|r| r);
         }
         let sr_path = self.sr.clone();
         tokio::task::spawn_blocking(move || detach_record(&sr_path, vdi))
             .await
             .map_err(blocking_err)??;
         tracing::info!(%vdi, "detached");
+        flushed.map_err(|e| {
+            Error::new(
+                Code::SrBackendFailure,
+                format!("VDI {vdi} is detached, but its last flush failed: {e}"),
+            )
+        })?;
         Ok(serde_json::json!({ "uuid": vdi }))
     }
 
@@ -371,7 +453,8 @@ pub async fn run(
         changes: tokio::sync::Mutex::new(()),
         stop: CancellationToken::new(),
     });
-    // Serve again what was attached when the last daemon stopped.
+    // Serve again what was attached when the last daemon stopped, while requests are
+    // already answered (status never waits for it).
     let attached: Vec<Uuid> = {
         let sr = Sr::read(&sr)?;
         sr.md
@@ -381,11 +464,14 @@ pub async fn run(
             .map(|v| v.uuid)
             .collect()
     };
-    for vdi in attached {
-        if let Err(e) = daemon.attach(vdi, false).await {
-            tracing::error!(%vdi, error = %e, "cannot serve an attached VDI again");
+    let again = Arc::clone(&daemon);
+    tokio::spawn(async move {
+        for vdi in attached {
+            if let Err(e) = again.attach(vdi, false).await {
+                tracing::error!(%vdi, error = %e, "cannot serve an attached VDI again");
+            }
         }
-    }
+    });
     tracing::info!(sr = %sr.display(), control = %control_path.display(), "serving");
     tokio::pin!(shutdown);
     loop {

@@ -89,6 +89,11 @@ impl Code {
         }
     }
 
+    /// The code printed as `text`.
+    pub fn parse(text: &str) -> Option<Code> {
+        Code::ALL.into_iter().find(|c| c.as_str() == text)
+    }
+
     /// The code as it is printed (`VDI_IS_TEMPLATE`).
     pub fn as_str(self) -> &'static str {
         match self {

@@ -134,6 +134,26 @@ fn agent_dir(path: &Path) -> PathBuf {
     path.join(DIR)
 }
 
+/// Removes what a crash left of an agent directory being made (`.thinline-sr.new-…`)
+/// or removed (`.thinline-sr.gone-…`): only the agent names directories so.
+fn remove_leftovers(path: &Path) {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let ours = [".new-", ".gone-"].iter().any(|k| {
+            name.strip_prefix(DIR)
+                .and_then(|r| r.strip_prefix(k))
+                .is_some_and(|u| uuid::Uuid::parse_str(u).is_ok())
+        });
+        if ours && e.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// Whether `path` holds an SR.
 pub fn is_sr(path: &Path) -> bool {
     agent_dir(path).join(METADATA).is_file()
@@ -167,7 +187,66 @@ fn read_metadata(path: &Path) -> Result<Metadata> {
             ),
         ));
     }
+    check_names(&file, &md)?;
     Ok(md)
+}
+
+/// Whether `name` is a plain name of a file in the SR directory: one component, not
+/// hidden (the agent's own directory is `.thinline-sr`), nothing that leaves the SR.
+pub fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && !name.contains('/')
+        && !name.contains('\0')
+        && name.len() <= 255
+}
+
+/// Refuses metadata naming a file outside the SR directory (a crafted or damaged
+/// `sr.json` must not make the agent delete, move or serve anything else).
+fn check_names(file: &Path, md: &Metadata) -> Result<()> {
+    let bad = |name: &str| {
+        Error::new(
+            Code::SrBackendFailure,
+            format!(
+                "{} is damaged: it names {name:?}, which is not a file of the SR directory",
+                file.display()
+            ),
+        )
+    };
+    let new_name = |name: &str| {
+        name.strip_suffix(".qcow2")
+            .is_some_and(|u| uuid::Uuid::parse_str(u).is_ok())
+    };
+    for v in &md.vdis {
+        if let Some(f) = &v.file
+            && !plain_name(f)
+        {
+            return Err(bad(f));
+        }
+    }
+    if let Some(j) = &md.journal {
+        for c in &j.creates {
+            if !new_name(c) {
+                return Err(bad(c));
+            }
+        }
+        for m in j.moves.iter() {
+            if !plain_name(&m.from) || !plain_name(&m.to) {
+                return Err(bad(&format!("{} -> {}", m.from, m.to)));
+            }
+        }
+        for m in &j.finish {
+            if !new_name(&m.from) || !plain_name(&m.to) {
+                return Err(bad(&format!("{} -> {}", m.from, m.to)));
+            }
+        }
+        for d in j.deletes.iter().chain(j.rebases.iter().map(|r| &r.file)) {
+            if !plain_name(d) {
+                return Err(bad(d));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -256,30 +335,45 @@ fn remove_if_present(path: &Path) -> Result<()> {
 }
 
 impl Sr {
-    /// Makes a new SR in the existing directory `path` (which holds none).
+    /// Makes a new SR in the existing directory `path` (which holds none). The agent's
+    /// directory is built under a temporary name and renamed into place, so a crash
+    /// leaves either no SR or a whole one.
     pub fn create(path: &Path, sr: SrRecord) -> Result<Sr> {
+        remove_leftovers(path);
         let dir = agent_dir(path);
-        std::fs::create_dir(&dir).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                Error::new(
-                    Code::SrExists,
-                    format!("{} already holds an SR ({DIR} exists)", path.display()),
-                )
-            } else {
-                Error::io(format!("cannot create {}", dir.display()), &e)
-            }
-        })?;
-        std::fs::create_dir(dir.join(NEW_DIR))
-            .map_err(|e| Error::io(format!("cannot create {}", dir.join(NEW_DIR).display()), &e))?;
-        let lock = lock(path)?;
+        if dir.exists() {
+            return Err(Error::new(
+                Code::SrExists,
+                format!("{} already holds an SR ({DIR} exists)", path.display()),
+            ));
+        }
+        let tmp = path.join(format!("{DIR}.new-{}", sr.uuid));
+        let io = |what: &Path| {
+            let what = what.display().to_string();
+            move |e: std::io::Error| Error::io(format!("cannot create {what}"), &e)
+        };
+        std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+        std::fs::create_dir(tmp.join(NEW_DIR)).map_err(io(&tmp))?;
         let md = Metadata {
             format_version: FORMAT_VERSION,
             sr,
             vdis: Vec::new(),
             journal: None,
         };
-        write_metadata(path, &md)?;
+        write_json(&tmp.join(METADATA), &md, 0o644)?;
+        if let Err(e) = rename_noreplace(&tmp, &dir) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::new(
+                    Code::SrExists,
+                    format!("{} already holds an SR ({DIR} exists)", path.display()),
+                )
+            } else {
+                Error::io(format!("cannot create {}", dir.display()), &e)
+            });
+        }
         sync_dir(path)?;
+        let lock = lock(path)?;
         Ok(Sr {
             path: path.to_owned(),
             md,
@@ -372,10 +466,17 @@ impl Sr {
         self.md.journal = Some(done.clone());
         self.save()?;
         crash_point("committed");
-        self.finish(&done)?;
-        crash_point("finished");
-        self.md.journal = None;
-        self.save()
+        // Committed: the operation has happened. What is left (moving the new files to
+        // their names, deleting old ones) is finished by the next open if it fails now.
+        let finished = self.finish(&done).and_then(|()| {
+            crash_point("finished");
+            self.md.journal = None;
+            self.save()
+        });
+        if let Err(e) = finished {
+            tracing::warn!(error = %e, operation = %done.operation, "committed; the next command finishes it");
+        }
+        Ok(())
     }
 
     fn undo(&self, j: &Journal) -> Result<()> {
@@ -401,7 +502,8 @@ impl Sr {
     fn finish(&self, j: &Journal) -> Result<()> {
         for m in &j.finish {
             let (from, to) = (self.new_file(&m.from), self.file(&m.to));
-            if from.exists() && !to.exists() {
+            if from.exists() {
+                // Never over a file that appeared meanwhile: it is not the agent's.
                 rename_noreplace(&from, &to).map_err(|e| {
                     Error::io(format!("cannot move new file {} to {}", m.from, m.to), &e)
                 })?;
@@ -434,12 +536,16 @@ impl Sr {
         self.save()
     }
 
-    /// Removes the agent's directory (metadata, lock, `new/`): the SR is gone.
+    /// Removes the agent's directory (metadata, lock, `new/`): the SR is gone. It is
+    /// renamed away first, so a crash leaves either the whole SR or none.
     pub fn remove_metadata(self) -> Result<()> {
         let dir = agent_dir(&self.path);
-        std::fs::remove_dir_all(&dir)
+        let gone = self.path.join(format!("{DIR}.gone-{}", self.md.sr.uuid));
+        std::fs::rename(&dir, &gone)
             .map_err(|e| Error::io(format!("cannot remove {}", dir.display()), &e))?;
-        sync_dir(&self.path)
+        sync_dir(&self.path)?;
+        std::fs::remove_dir_all(&gone)
+            .map_err(|e| Error::io(format!("cannot remove {}", gone.display()), &e))
     }
 }
 
@@ -462,19 +568,72 @@ mod tests {
     }
 
     #[test]
+    fn metadata_naming_files_outside_the_sr_is_refused_and_nothing_is_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("precious");
+        std::fs::write(&outside, b"keep me").unwrap();
+        let sr_dir = dir.path().join("sr");
+        std::fs::create_dir(&sr_dir).unwrap();
+        // Made, then unlocked: what follows is what a crafted sr.json would say.
+        let md = new_sr(&sr_dir).md;
+        let deleting = |name: &str| Journal {
+            operation: "crafted".into(),
+            committed: true,
+            deletes: vec![name.to_owned()],
+            ..Journal::default()
+        };
+        let creating = Journal {
+            operation: "crafted".into(),
+            creates: vec!["../../precious".into()],
+            ..Journal::default()
+        };
+        for journal in [
+            deleting(&outside.display().to_string()),
+            deleting("../precious"),
+            deleting(DIR),
+            creating,
+        ] {
+            let mut crafted = md.clone();
+            crafted.journal = Some(journal.clone());
+            write_metadata(&sr_dir, &crafted).unwrap();
+            let err = Sr::open(&sr_dir).unwrap_err();
+            assert_eq!(err.code, Code::SrBackendFailure, "{journal:?}");
+            assert!(err.message.contains("damaged"), "{}", err.message);
+            assert_eq!(std::fs::read(&outside).unwrap(), b"keep me");
+            assert!(sr_dir.join(DIR).is_dir());
+        }
+        let mut crafted = md.clone();
+        crafted.vdis.push(crate::model::VdiRecord {
+            uuid: uuid::Uuid::new_v4(),
+            name_label: "x".into(),
+            kind: crate::model::VdiType::Disk,
+            virtual_size: 512,
+            parent: None,
+            backing: None,
+            uri: None,
+            format: None,
+            file: Some("/etc/passwd".into()),
+            attached: false,
+        });
+        write_metadata(&sr_dir, &crafted).unwrap();
+        assert!(Sr::read(&sr_dir).is_err(), "a record's file outside the SR");
+    }
+
+    #[test]
     fn a_failed_step_undoes_the_moves_and_removes_what_it_made() {
         let dir = tempfile::tempdir().unwrap();
         let mut sr = new_sr(dir.path());
         std::fs::write(dir.path().join("a.qcow2"), b"disk").unwrap();
+        let x = format!("{}.qcow2", uuid::Uuid::new_v4());
         let journal = Journal {
             operation: "test".into(),
-            creates: vec!["x.qcow2".into()],
+            creates: vec![x.clone()],
             moves: vec![Move {
                 from: "a.qcow2".into(),
                 to: "b.qcow2".into(),
             }],
             finish: vec![Move {
-                from: "x.qcow2".into(),
+                from: x.clone(),
                 to: "a.qcow2".into(),
             }],
             ..Journal::default()
@@ -483,7 +642,7 @@ mod tests {
             .run(
                 journal,
                 |sr| {
-                    std::fs::write(sr.new_file("x.qcow2"), b"new").unwrap();
+                    std::fs::write(sr.new_file(&x), b"new").unwrap();
                     Err(Error::new(Code::SrFull, "no space"))
                 },
                 |_| panic!("a failed operation never commits"),
@@ -492,7 +651,7 @@ mod tests {
         assert_eq!(err.code, Code::SrFull);
         assert_eq!(std::fs::read(dir.path().join("a.qcow2")).unwrap(), b"disk");
         assert!(!dir.path().join("b.qcow2").exists());
-        assert!(!sr.new_file("x.qcow2").exists());
+        assert!(!sr.new_file(&x).exists());
         assert!(Sr::read(dir.path()).unwrap().md.journal.is_none());
     }
 
@@ -500,13 +659,15 @@ mod tests {
     fn a_committed_journal_is_finished_and_an_uncommitted_one_undone_at_the_next_open() {
         let dir = tempfile::tempdir().unwrap();
         let mut sr = new_sr(dir.path());
-        std::fs::write(sr.new_file("n.qcow2"), b"new").unwrap();
+        let n = format!("{}.qcow2", uuid::Uuid::new_v4());
+        let half = format!("{}.qcow2", uuid::Uuid::new_v4());
+        std::fs::write(sr.new_file(&n), b"new").unwrap();
         std::fs::write(dir.path().join("gone.qcow2"), b"old").unwrap();
         sr.md.journal = Some(Journal {
             operation: "finish me".into(),
             committed: true,
             finish: vec![Move {
-                from: "n.qcow2".into(),
+                from: n.clone(),
                 to: "n-final.qcow2".into(),
             }],
             deletes: vec!["gone.qcow2".into()],
@@ -527,10 +688,10 @@ mod tests {
             dir.path().join("moved.qcow2"),
         )
         .unwrap();
-        std::fs::write(sr.new_file("half.qcow2"), b"half").unwrap();
+        std::fs::write(sr.new_file(&half), b"half").unwrap();
         sr.md.journal = Some(Journal {
             operation: "undo me".into(),
-            creates: vec!["half.qcow2".into()],
+            creates: vec![half.clone()],
             moves: vec![Move {
                 from: "n-final.qcow2".into(),
                 to: "moved.qcow2".into(),
@@ -543,7 +704,7 @@ mod tests {
         assert_eq!(sr.recovered, ["undid an interrupted undo me"]);
         assert!(dir.path().join("n-final.qcow2").exists());
         assert!(!dir.path().join("moved.qcow2").exists());
-        assert!(!sr.new_file("half.qcow2").exists());
+        assert!(!sr.new_file(&half).exists());
         assert!(sr.md.journal.is_none());
     }
 }

@@ -91,8 +91,12 @@ impl Task {
 
     /// Records the progress (0 to 1); fails with `CANCELLED` if cancellation was asked.
     pub fn progress(&mut self, done: f64) -> Result<()> {
-        self.info.progress = done.clamp(0.0, 1.0);
-        self.write()?;
+        let done = done.clamp(0.0, 1.0);
+        // The file changes once per percent, not once per step.
+        if (done * 100.0).floor() != (self.info.progress * 100.0).floor() || done >= 1.0 {
+            self.info.progress = done;
+            self.write()?;
+        }
         self.check()
     }
 

@@ -92,13 +92,23 @@ impl Templates {
         Ok(self.open(spec)?.1)
     }
 
-    /// A backing opener that opens exactly the templates named in `names` (as shown
-    /// in a header → full location), and nothing else.
+    /// A backing opener for a chain of the SR: the templates named in `names` (as
+    /// shown in a header → full location) are opened from their recorded location;
+    /// plain file names (the SR's own layers and snapshots) are left to the image's
+    /// directory; any other name (a forgotten template, a path elsewhere) is refused.
     pub fn opener(&self, names: BTreeMap<String, String>) -> BackingOpener {
         let remote = self.remote.clone();
         let handle = self.handle.clone();
         BackingOpener(Arc::new(move |name: &str| {
-            let full = names.get(name)?;
+            let Some(full) = names.get(name) else {
+                if crate::store::plain_name(name) {
+                    return None;
+                }
+                return Some(Err(thinline_format::Error::chain(
+                    name,
+                    "not a template of this SR (forgotten?) nor a file of it",
+                )));
+            };
             let opened = thinline_source::parse(full).and_then(|s| s.open(&remote, &handle));
             Some(opened.map_err(|e| thinline_format::Error::chain(name, e.to_string())))
         }))

@@ -123,6 +123,25 @@ pub fn introduce(o: &IntroduceOptions, templates: &Templates) -> Result<VdiView>
     let probed = templates.probe(&o.uri)?;
     let mut sr = Sr::open(&path)?;
     let backend = for_type(sr.md.sr.kind);
+    // Overlays name their template by its URI as shown: two templates must never
+    // share that name, or clones of one would read the other.
+    let creds = template::credentials(&sr.path)?;
+    if let Some(other) = sr.md.vdis.iter().find(|v| {
+        v.is_template()
+            && v.uri.as_deref() == Some(probed.shown.as_str())
+            && creds
+                .get(&v.uuid)
+                .map_or(v.uri.as_deref(), |f| Some(f.as_str()))
+                != Some(probed.full.as_str())
+    }) {
+        return Err(Error::new(
+            Code::InvalidArgument,
+            format!(
+                "template {} ({}) is shown as {} too: two templates whose locations differ only in credentials or query cannot share an SR",
+                other.uuid, other.name_label, probed.shown
+            ),
+        ));
+    }
     let uuid = Uuid::new_v4();
     let label = o.name_label.clone().unwrap_or_else(|| {
         probed
@@ -314,8 +333,8 @@ pub fn merge_layers(
 pub struct ForgetOptions {
     pub sr: String,
     pub vdi: Uuid,
-    /// Forget a template even though clones read from it: they keep what they wrote
-    /// and fail to read the rest.
+    /// Forget a template even though clones read from it: they keep their files but
+    /// cannot be opened (attached, resized) until the template is introduced again.
     pub force: bool,
 }
 
@@ -323,7 +342,7 @@ pub struct ForgetOptions {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Forgotten {
     pub uuid: Uuid,
-    /// VDIs that read from the template and now cannot read what they did not write.
+    /// VDIs built on the template, which cannot be opened until it is introduced again.
     pub orphaned: Vec<Uuid>,
 }
 
@@ -345,10 +364,26 @@ pub fn forget(o: &ForgetOptions) -> Result<Forgotten> {
             ),
         ));
     }
-    let orphaned: Vec<Uuid> = sr.md.dependents(v.uuid).map(|d| d.uuid).collect();
+    // Every VDI whose chain reaches the template (through layers too).
+    let reaches = |mut at: Option<Uuid>| {
+        while let Some(u) = at {
+            if u == v.uuid {
+                return true;
+            }
+            at = sr.md.get(u).and_then(|r| r.backing);
+        }
+        false
+    };
+    let orphaned: Vec<Uuid> = sr
+        .md
+        .vdis
+        .iter()
+        .filter(|d| d.kind != VdiType::Layer && d.uuid != v.uuid && reaches(d.backing))
+        .map(|d| d.uuid)
+        .collect();
     if !o.force {
         refuse_dependents(&sr, &v, "forget")
-            .map_err(|e| Error::new(e.code, format!("{} (--force forgets it anyway: they keep what they wrote and fail to read the rest)", e.message)))?;
+            .map_err(|e| Error::new(e.code, format!("{} (--force forgets it anyway: they keep their files but cannot be opened until the template is introduced again)", e.message)))?;
     }
     backend.destroy(&mut sr, v.uuid)?;
     Ok(Forgotten {
@@ -480,6 +515,14 @@ pub fn detach(o: &VdiRef) -> Result<()> {
     let request = crate::daemon::Request::Detach { vdi: o.vdi };
     match crate::daemon::request(&path, &request) {
         Some(answer) => answer.map(|_| ()),
+        // Only with proof that no daemon runs: one that is slow may still be writing.
+        None if crate::daemon::running(&path) => Err(Error::new(
+            Code::SrBackendFailure,
+            format!(
+                "the SR daemon of {} runs but did not answer; try again",
+                path.display()
+            ),
+        )),
         None => crate::daemon::detach_record(&path, o.vdi),
     }
 }
