@@ -1310,3 +1310,120 @@ fn preallocation_reports_progress_and_a_cancel_or_ctrl_c_or_full_disk_leaves_not
     nothing_half_made(&a, &sr2, &small_sr, 0);
     a.ok(&["vdi", "create", "--sr", &sr2, "8M", "--preallocate"]);
 }
+
+#[test]
+fn clones_of_a_remote_template_share_one_cache_that_fetches_each_block_once_and_stays_warm() {
+    if !require(&["qemu-img", "qemu-io"]) || !thinline_test_support::servers::require_nginx() {
+        return;
+    }
+    let a = Agent::new();
+    let (sr, _path) = a.new_sr("sr");
+    let root = a.path("www");
+    std::fs::create_dir(&root).unwrap();
+    let template = qcow2_template(&root);
+    // Data far from the tables, so that opening the template does not fetch it too.
+    thinline_test_support::qemu::qemu_io(&root, "qcow2", s(&template), &["write -q -P 0x43 8M 4M"]);
+    let before = sha(&template);
+    let nginx = thinline_test_support::servers::Nginx::start(&root);
+    let t = uuid(&a.ok(&[
+        "vdi",
+        "introduce",
+        "--sr",
+        &sr,
+        &nginx.url("template.qcow2"),
+    ]));
+    let c1 = uuid(&a.ok(&["vdi", "clone", "--sr", &sr, &t, "--name-label", "c1"]));
+    let c2 = uuid(&a.ok(&["vdi", "clone", "--sr", &sr, &t, "--name-label", "c2"]));
+    let attach = |v: &str| {
+        a.ok(&["vdi", "attach", "--sr", &sr, v])["nbd_uri"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (u1, u2) = (attach(&c1), attach(&c2));
+    assert!(nbd_write(&u1, 2 << 20, 1 << 20, 0x11).status.success());
+    assert!(nbd_write(&u2, 2 << 20, 1 << 20, 0x22).status.success());
+    let reads_right = |what: &str| {
+        assert!(
+            nbd_reads(&u1, 0, 1 << 20, 0x42),
+            "{what}: c1 reads the template"
+        );
+        assert!(
+            nbd_reads(&u2, 0, 1 << 20, 0x42),
+            "{what}: c2 reads the template"
+        );
+        assert!(
+            nbd_reads(&u1, 2 << 20, 1 << 20, 0x11),
+            "{what}: c1's own write"
+        );
+        assert!(
+            nbd_reads(&u2, 2 << 20, 1 << 20, 0x22),
+            "{what}: c2's own write"
+        );
+        assert!(
+            nbd_reads(&u1, 4 << 20, 1 << 20, 0),
+            "{what}: unallocated in both"
+        );
+        assert!(
+            nbd_reads(&u2, 8 << 20, 4 << 20, 0x43),
+            "{what}: c2, far in the template"
+        );
+    };
+    // What the first clone reads is fetched once; the second clone reads it from the
+    // shared cache.
+    let opened = nginx.access_log().lines().count();
+    assert!(
+        nbd_reads(&u1, 11 << 20, 1 << 20, 0x43),
+        "c1 reads the template"
+    );
+    let fetched = nginx.access_log().lines().count();
+    assert!(fetched > opened, "c1's read was fetched from nginx");
+    assert!(
+        nbd_reads(&u2, 11 << 20, 1 << 20, 0x43),
+        "c2 reads the template"
+    );
+    assert_eq!(
+        nginx.access_log().lines().count(),
+        fetched,
+        "c2 read what c1 fetched from the shared cache:\n{}",
+        nginx.access_log()
+    );
+    reads_right("first reads");
+    let fetched = nginx.access_log().lines().count();
+    // The second clone, and the same clone again, read from the shared cache.
+    reads_right("again");
+    assert_eq!(
+        nginx.access_log().lines().count(),
+        fetched,
+        "nothing fetched twice:\n{}",
+        nginx.access_log()
+    );
+    // A restart of the daemon (as after a crash or a reboot): both are served again,
+    // from the cache on disk, and nothing is fetched again.
+    let pid = daemon_pid(&a, &sr).expect("a daemon runs");
+    // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !process_gone(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not stop"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(attach(&c1), u1);
+    assert_eq!(attach(&c2), u2);
+    // Reopening the template checks its identity and reads its qcow2 tables (what the
+    // first open fetched before any data); the data comes from the cache on disk.
+    let reopened = nginx.access_log().lines().count();
+    reads_right("after a restart");
+    assert_eq!(
+        nginx.access_log().lines().count(),
+        reopened,
+        "a restarted daemon reads the data from the cache it had:\n{}",
+        nginx.access_log()
+    );
+    assert_eq!(sha(&template), before, "the template is never written");
+    a.ok(&["vdi", "detach", "--sr", &sr, &c1]);
+    a.ok(&["vdi", "detach", "--sr", &sr, &c2]);
+}

@@ -396,6 +396,11 @@ impl Image {
                     ),
                 ));
             }
+            let format = if parent_storage.decoded() {
+                Format::Raw
+            } else {
+                format
+            };
             let parent = open_layer(parent_storage, format, &ctx)?;
             if let Some(expect) = backing.expect {
                 let found = parent.identity();

@@ -56,6 +56,14 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn data_path(&self) -> DataPath {
         DataPath::Blocking
     }
+
+    /// Whether this storage already is the guest's view of an image (a copy-on-read
+    /// cache of a template, say), so that a child naming it as a backing file reads it
+    /// as raw whatever format the child records. Only storages a caller hands to a
+    /// [`crate::BackingOpener`] say so; files and remote objects never do.
+    fn decoded(&self) -> bool {
+        false
+    }
 }
 
 /// Reads exactly `buf.len()` bytes at `offset`, or fails naming `what` and the file.

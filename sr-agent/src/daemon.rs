@@ -218,7 +218,8 @@ struct Served {
 #[derive(Debug)]
 struct Daemon {
     sr: PathBuf,
-    templates: Templates,
+    /// The SR's templates behind their copy-on-read caches (this daemon owns them).
+    caches: Arc<crate::cached::Caches>,
     served: Mutex<HashMap<Uuid, Served>>,
     /// Serializes attach and detach (each takes the SR's lock, then changes `served`).
     changes: tokio::sync::Mutex<()>,
@@ -251,7 +252,7 @@ impl Daemon {
             ));
         }
         let sr_path = self.sr.clone();
-        let templates = self.templates.clone();
+        let caches = Arc::clone(&self.caches);
         let export = tokio::task::spawn_blocking(move || -> Result<ImageExport> {
             let sr = Sr::read(&sr_path)?;
             let rec = crate::vdi::find(&sr, vdi)?;
@@ -267,7 +268,7 @@ impl Daemon {
             let file = sr.file(rec.file.as_deref().unwrap_or_default());
             let options = ImageOptions {
                 open: OpenOptions {
-                    backing_opener: Some(templates.opener(crate::template::header_names(&sr)?)),
+                    backing_opener: Some(caches.opener(crate::template::header_names(&sr)?)),
                     ..OpenOptions::default()
                 },
                 ..ImageOptions::default()
@@ -446,9 +447,10 @@ pub async fn run(
             })
         })
         .map_err(|e| Error::new(Code::SrBackendFailure, e.to_string()))?;
+    let caches = crate::cached::Caches::new(sr.join(DIR).join(crate::cached::CACHES), templates)?;
     let daemon = Arc::new(Daemon {
         sr: sr.clone(),
-        templates,
+        caches: Arc::new(caches),
         served: Mutex::new(HashMap::new()),
         changes: tokio::sync::Mutex::new(()),
         stop: CancellationToken::new(),

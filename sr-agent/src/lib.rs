@@ -10,6 +10,7 @@
 //! learn its format and size. See `docs/sr-agent.md` for the command contract.
 
 pub mod backend;
+pub mod cached;
 pub mod daemon;
 pub mod error;
 pub mod file;

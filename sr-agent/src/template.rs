@@ -92,27 +92,42 @@ impl Templates {
         Ok(self.open(spec)?.1)
     }
 
-    /// A backing opener for a chain of the SR: the templates named in `names` (as
-    /// shown in a header → full location) are opened from their recorded location;
-    /// plain file names (the SR's own layers and snapshots) are left to the image's
-    /// directory; any other name (a forgotten template, a path elsewhere) is refused.
+    /// A backing opener for a chain of the SR (see [`chain_opener`]), templates opened
+    /// straight from their recorded location.
     pub fn opener(&self, names: BTreeMap<String, String>) -> BackingOpener {
         let remote = self.remote.clone();
         let handle = self.handle.clone();
-        BackingOpener(Arc::new(move |name: &str| {
-            let Some(full) = names.get(name) else {
-                if crate::store::plain_name(name) {
-                    return None;
-                }
-                return Some(Err(thinline_format::Error::chain(
-                    name,
-                    "not a template of this SR (forgotten?) nor a file of it",
-                )));
-            };
-            let opened = thinline_source::parse(full).and_then(|s| s.open(&remote, &handle));
-            Some(opened.map_err(|e| thinline_format::Error::chain(name, e.to_string())))
-        }))
+        chain_opener(names, move |name, full| {
+            thinline_source::parse(full)
+                .and_then(|s| s.open(&remote, &handle))
+                .map_err(|e| thinline_format::Error::chain(name, e.to_string()))
+        })
     }
+}
+
+/// A backing opener for a chain of the SR: the templates named in `names` (as shown
+/// in a header → full location) are opened by `open(shown, full)`; plain file names
+/// (the SR's own layers and snapshots) are left to the image's directory; any other
+/// name (a forgotten template, a path elsewhere) is refused.
+pub fn chain_opener(
+    names: BTreeMap<String, String>,
+    open: impl Fn(&str, &str) -> thinline_format::Result<Arc<dyn thinline_format::Storage>>
+    + Send
+    + Sync
+    + 'static,
+) -> BackingOpener {
+    BackingOpener(Arc::new(move |name: &str| {
+        let Some(full) = names.get(name) else {
+            if crate::store::plain_name(name) {
+                return None;
+            }
+            return Some(Err(thinline_format::Error::chain(
+                name,
+                "not a template of this SR (forgotten?) nor a file of it",
+            )));
+        };
+        Some(open(name, full))
+    }))
 }
 
 /// The names the SR's templates have in overlay headers (their URIs as shown), and the
