@@ -725,6 +725,15 @@ fn eight_agents_at_once_on_one_sr_leave_it_consistent() {
                     let copy = uuid(&a.ok(&["vdi", "clone", "--sr", &sr, &uuid(&mine)]));
                     let snap = uuid(&a.ok(&["vdi", "snapshot", "--sr", &sr, &copy]));
                     let scratch = uuid(&a.ok(&["vdi", "create", "--sr", &sr, "2M"]));
+                    // Attached and detached while the others work (the first ones race
+                    // to start the SR's daemon).
+                    let uri = a.ok(&["vdi", "attach", "--sr", &sr, &scratch])["nbd_uri"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned();
+                    assert!(nbd_write(&uri, 0, 4096, pattern).status.success());
+                    assert!(nbd_reads(&uri, 0, 4096, pattern));
+                    a.ok(&["vdi", "detach", "--sr", &sr, &scratch]);
                     a.ok(&["vdi", "destroy", "--sr", &sr, &scratch]);
                     a.ok(&[
                         "vdi",

@@ -186,7 +186,10 @@ pub fn ensure(sr: &Path, exe: &Path) -> Result<()> {
         if request(sr, &Request::Status).is_some_and(|r| r.is_ok()) {
             return Ok(());
         }
-        if let Ok(Some(status)) = child.try_wait() {
+        if let Ok(Some(status)) = child.try_wait()
+            && !running(sr)
+        {
+            // (Exited because another agent's daemon won the race: wait for that one.)
             return Err(Error::new(
                 Code::SrBackendFailure,
                 format!(
