@@ -12,7 +12,6 @@
 mod agent;
 mod cache;
 mod image;
-mod image_write;
 mod man;
 mod proxy;
 mod quickstart;

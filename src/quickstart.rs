@@ -180,7 +180,7 @@ fn serve(json: bool, ready: Ready, sr_path: PathBuf) -> anyhow::Result<u8> {
     // The daemon goes when it serves nothing else.
     let idle = thinline_sr::daemon::request(&sr_path, &thinline_sr::daemon::Request::Status)
         .and_then(|r| r.ok())
-        .and_then(|v| serde_json::from_value::<thinline_sr::daemon::Status>(v).ok())
+        .and_then(|v| serde_json::from_value::<thinline_sr::model::DaemonStatus>(v).ok())
         .is_some_and(|s| s.serving.is_empty());
     if idle {
         let _ = thinline_sr::daemon::request(&sr_path, &thinline_sr::daemon::Request::Shutdown);

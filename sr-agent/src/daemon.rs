@@ -28,7 +28,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::model::VdiType;
+use crate::model::{Attached, DaemonStatus, VdiType};
 use crate::store::{DIR, Sr};
 use crate::template::Templates;
 use crate::{Code, Error, Result};
@@ -83,21 +83,6 @@ pub enum Request {
     Status,
     /// Stop serving everything and exit (the attach state stays recorded).
     Shutdown,
-}
-
-/// What `Attach` answers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Attached {
-    pub uuid: Uuid,
-    pub nbd_uri: String,
-    pub socket: String,
-}
-
-/// What `Status` answers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    pub pid: u32,
-    pub serving: Vec<Uuid>,
 }
 
 /// Sends `request` to the daemon of `sr`; `None` if no daemon answers (see
@@ -258,7 +243,7 @@ impl Daemon {
         let caches = Arc::clone(&self.caches);
         let export = tokio::task::spawn_blocking(move || -> Result<ImageExport> {
             let sr = Sr::read(&sr_path)?;
-            let rec = crate::vdi::find(&sr, vdi)?;
+            let rec = sr.vdi(vdi)?;
             if rec.is_template() {
                 return Err(Error::new(
                     Code::VdiIsTemplate,
@@ -381,7 +366,7 @@ impl Daemon {
                     .copied()
                     .collect();
                 serving.sort();
-                Ok(json(&Status {
+                Ok(json(&DaemonStatus {
                     pid: std::process::id(),
                     serving,
                 }))
@@ -397,7 +382,7 @@ impl Daemon {
 /// Marks `vdi` detached in `sr`'s metadata and removes its socket.
 pub fn detach_record(sr_path: &Path, vdi: Uuid) -> Result<()> {
     let mut sr = Sr::open(sr_path)?;
-    crate::vdi::find(&sr, vdi)?;
+    sr.vdi(vdi)?;
     let socket = socket_of(sr_path, vdi);
     if socket.exists() {
         std::fs::remove_file(&socket)

@@ -4,7 +4,7 @@
 //!
 //! Layers, bottom up: [`store`] owns an SR's metadata file, its lock and the journal
 //! that makes multi-step operations crash-safe; [`backend`] is what an SR's volumes
-//! live on ([`crate::file`], a directory of qcow2 files, is the first implementation; LVM
+//! live on ([`crate::backend::file`], a directory of qcow2 files, is the first implementation; LVM
 //! thin pools come next); [`sr`] and [`vdi`] are the operations, one function per
 //! command, each taking an options struct. [`template`] opens a template URI once to
 //! learn its format and size. See `docs/sr-agent.md` for the command contract.
@@ -13,7 +13,6 @@ pub mod backend;
 pub mod cached;
 pub mod daemon;
 pub mod error;
-pub mod file;
 pub mod model;
 pub mod naming;
 pub mod registry;

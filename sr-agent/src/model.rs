@@ -88,7 +88,7 @@ pub struct SrView {
     /// was found (see `sr check`).
     pub health: &'static str,
     /// The SR's serving daemon, if one runs: its pid and the VDIs it serves.
-    pub daemon: Option<crate::daemon::Status>,
+    pub daemon: Option<DaemonStatus>,
 }
 
 /// A VDI as commands print it.
@@ -108,4 +108,19 @@ pub struct VdiView {
     pub format: Option<Format>,
     pub file: Option<String>,
     pub attached: bool,
+}
+
+/// What `vdi attach` answers (and the SR daemon's `Attach` request).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attached {
+    pub uuid: Uuid,
+    pub nbd_uri: String,
+    pub socket: String,
+}
+
+/// The SR's serving daemon, as its `Status` request answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub serving: Vec<Uuid>,
 }

@@ -15,8 +15,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
-use crate::model::{SrRecord, VdiRecord};
+use crate::model::{SrRecord, VdiRecord, VdiType};
 use crate::{Code, Error, Result};
 
 /// The agent's directory inside an SR.
@@ -335,6 +336,21 @@ fn remove_if_present(path: &Path) -> Result<()> {
 }
 
 impl Sr {
+    /// The record `uuid`, which must be a VDI (layers are not).
+    pub fn vdi(&self, uuid: Uuid) -> Result<VdiRecord> {
+        match self.md.get(uuid) {
+            Some(v) if v.kind != VdiType::Layer => Ok(v.clone()),
+            _ => Err(Error::new(
+                Code::VdiNotFound,
+                format!(
+                    "no VDI {uuid} in SR {} ({})",
+                    self.md.sr.uuid,
+                    self.path.display()
+                ),
+            )),
+        }
+    }
+
     /// Makes a new SR in the existing directory `path` (which holds none). The agent's
     /// directory is built under a temporary name and renamed into place, so a crash
     /// leaves either no SR or a whole one.

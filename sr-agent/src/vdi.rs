@@ -20,21 +20,6 @@ pub fn open_sr(name: &str) -> Result<(Sr, Box<dyn Backend>)> {
     Ok((sr, backend))
 }
 
-/// The record `uuid` of `sr`, which must be a VDI (layers are not).
-pub fn find(sr: &Sr, uuid: Uuid) -> Result<VdiRecord> {
-    match sr.md.get(uuid) {
-        Some(v) if v.kind != VdiType::Layer => Ok(v.clone()),
-        _ => Err(Error::new(
-            Code::VdiNotFound,
-            format!(
-                "no VDI {uuid} in SR {} ({})",
-                sr.md.sr.uuid,
-                sr.path.display()
-            ),
-        )),
-    }
-}
-
 /// How `v` is shown.
 pub fn view(sr: &Sr, backend: &dyn Backend, v: &VdiRecord) -> VdiView {
     VdiView {
@@ -219,7 +204,7 @@ pub fn create(o: &CreateOptions, progress: &mut dyn FnMut(&str, f64)) -> Result<
     } else {
         backend.create(&mut sr, &label, size, None)?
     };
-    let rec = find(&sr, uuid)?;
+    let rec = sr.vdi(uuid)?;
     Ok(view(&sr, backend.as_ref(), &rec))
 }
 
@@ -249,14 +234,14 @@ fn copy(
     make: impl FnOnce(&dyn Backend, &mut Sr, Uuid, &str) -> Result<Uuid>,
 ) -> Result<VdiView> {
     let (mut sr, backend) = open_sr(&o.sr)?;
-    let src = find(&sr, o.vdi)?;
+    let src = sr.vdi(o.vdi)?;
     if src.kind == VdiType::Disk {
         // Its file becomes a layer or the snapshot: not under a running writer.
         refuse_attached(&src, "copy")?;
     }
     let label = o.name_label.clone().unwrap_or(src.name_label);
     let uuid = make(backend.as_ref(), &mut sr, src.uuid, &label)?;
-    let rec = find(&sr, uuid)?;
+    let rec = sr.vdi(uuid)?;
     Ok(view(&sr, backend.as_ref(), &rec))
 }
 
@@ -273,7 +258,7 @@ pub struct VdiRef {
 /// stay short however many snapshots come and go.
 pub fn destroy(o: &VdiRef, templates: &Templates) -> Result<()> {
     let (mut sr, backend) = open_sr(&o.sr)?;
-    let v = find(&sr, o.vdi)?;
+    let v = sr.vdi(o.vdi)?;
     refuse_template(&v, "destroyed (use `vdi forget`)")?;
     refuse_attached(&v, "destroy")?;
     let readers = sr.md.dependents(v.uuid).count();
@@ -349,7 +334,7 @@ pub struct Forgotten {
 /// Unregisters a template.
 pub fn forget(o: &ForgetOptions) -> Result<Forgotten> {
     let (mut sr, backend) = open_sr(&o.sr)?;
-    let v = find(&sr, o.vdi)?;
+    let v = sr.vdi(o.vdi)?;
     if !v.is_template() {
         return Err(Error::new(
             Code::InvalidArgument,
@@ -404,7 +389,7 @@ pub struct ResizeOptions {
 /// Grows a disk.
 pub fn resize(o: &ResizeOptions, templates: &Templates) -> Result<VdiView> {
     let (mut sr, backend) = open_sr(&o.sr)?;
-    let v = find(&sr, o.vdi)?;
+    let v = sr.vdi(o.vdi)?;
     refuse_template(&v, "resized")?;
     refuse_attached(&v, "resize")?;
     if v.kind == VdiType::Snapshot {
@@ -434,7 +419,7 @@ pub fn resize(o: &ResizeOptions, templates: &Templates) -> Result<VdiView> {
     if size > v.virtual_size {
         backend.resize(&mut sr, v.uuid, size, templates)?;
     }
-    let rec = find(&sr, v.uuid)?;
+    let rec = sr.vdi(v.uuid)?;
     Ok(view(&sr, backend.as_ref(), &rec))
 }
 
@@ -443,7 +428,7 @@ pub fn stat(o: &VdiRef) -> Result<VdiView> {
     let path = registry::resolve(&o.sr)?;
     let sr = Sr::read(&path)?;
     let backend = for_type(sr.md.sr.kind);
-    let v = find(&sr, o.vdi)?;
+    let v = sr.vdi(o.vdi)?;
     Ok(view(&sr, backend.as_ref(), &v))
 }
 
@@ -472,16 +457,16 @@ pub struct LabelOptions {
 /// Renames a VDI (its file keeps its name).
 pub fn set_name_label(o: &LabelOptions) -> Result<VdiView> {
     let (mut sr, backend) = open_sr(&o.sr)?;
-    let v = find(&sr, o.vdi)?;
+    let v = sr.vdi(o.vdi)?;
     refuse_template(&v, "renamed")?;
     sr.md.get_mut(v.uuid).expect("found").name_label = o.name_label.clone();
     sr.save()?;
-    let rec = find(&sr, v.uuid)?;
+    let rec = sr.vdi(v.uuid)?;
     Ok(view(&sr, backend.as_ref(), &rec))
 }
 
 /// What `vdi attach` answers.
-pub use crate::daemon::Attached;
+pub use crate::model::Attached;
 
 /// Serves a disk (read-write) or snapshot (read-only) through the SR's daemon,
 /// starting the daemon (`exe sr serve`) if none runs; attaching an attached VDI
@@ -489,7 +474,7 @@ pub use crate::daemon::Attached;
 pub fn attach(o: &VdiRef, exe: &std::path::Path) -> Result<Attached> {
     let path = registry::resolve(&o.sr)?;
     let sr = Sr::read(&path)?;
-    let v = find(&sr, o.vdi)?;
+    let v = sr.vdi(o.vdi)?;
     refuse_template(&v, "attached (clone it and attach the clone)")?;
     drop(sr);
     crate::daemon::ensure(&path, exe)?;

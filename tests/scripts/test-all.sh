@@ -18,6 +18,8 @@ step() { printf '\n=== %s\n' "$*"; }
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
+step "layout: no import cycles, no overlong files"
+python3 tests/scripts/check-layout.py
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 step "rustdoc"

@@ -1,6 +1,8 @@
 //! `thinline image`: inspect, map, check and convert disk images (qcow2, VHD, VMDK,
 //! raw) without a server. Everything here opens images strictly read-only, but for
-//! `check --repair`, `create` and `resize` (in `image_write`).
+//! `check --repair`, `create` and `resize` (in `write`).
+
+mod write;
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::io::{IsTerminal, Write};
@@ -30,8 +32,8 @@ enum ImageCommand {
     Map(MapArgs),
     Check(CheckArgs),
     Convert(ConvertArgs),
-    Create(crate::image_write::CreateArgs),
-    Resize(crate::image_write::ResizeArgs),
+    Create(write::CreateArgs),
+    Resize(write::ResizeArgs),
 }
 
 /// A format name for `--format` (qemu's `vpc` is accepted for VHD).
@@ -260,8 +262,8 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
         ImageCommand::Map(a) => map(&a).map(|()| 0),
         ImageCommand::Check(a) => check(&a),
         ImageCommand::Convert(a) => convert(&a).map(|()| 0),
-        ImageCommand::Create(a) => crate::image_write::create(&a).map(|()| 0),
-        ImageCommand::Resize(a) => crate::image_write::resize(&a).map(|()| 0),
+        ImageCommand::Create(a) => write::create(&a).map(|()| 0),
+        ImageCommand::Resize(a) => write::resize(&a).map(|()| 0),
     }
 }
 
@@ -465,7 +467,7 @@ fn check(args: &CheckArgs) -> anyhow::Result<u8> {
                 source.shown()
             );
         };
-        let report = crate::image_write::repair(path)?;
+        let report = write::repair(path)?;
         if !args.json {
             println!("repaired {}: {report}", path.display());
         }

@@ -10,7 +10,7 @@ use serde::Serialize;
 use thinline_format::qcow2::{self, CreateOptions};
 use thinline_format::{Format, Image};
 
-use crate::image::{FormatArg, OpenArgs, UndeclaredBackingArg};
+use super::{FormatArg, OpenArgs, UndeclaredBackingArg};
 use crate::size::parse_size;
 
 /// Create a qcow2 image, empty or as a thin overlay of a backing image.
@@ -94,8 +94,7 @@ fn open_backing(name: &str, output: &Path, open: &OpenArgs) -> anyhow::Result<Im
                 .display()
                 .to_string()
         };
-    crate::image::open(&resolved, open)
-        .with_context(|| format!("cannot open the backing image {name}"))
+    super::open(&resolved, open).with_context(|| format!("cannot open the backing image {name}"))
 }
 
 /// Runs `image create`.

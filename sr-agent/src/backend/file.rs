@@ -19,7 +19,7 @@ use thinline_format::qcow2::{self, CreateOptions};
 use thinline_format::{Fetch, Format, Image, OpenOptions};
 use uuid::Uuid;
 
-use crate::backend::{Backend, Finding};
+use super::{Backend, Finding};
 use crate::model::{SrType, VdiRecord, VdiType};
 use crate::naming;
 use crate::store::{Journal, Move, NEW_DIR, Rebase, Sr};

@@ -1,8 +1,10 @@
 //! What an SR's volumes live on. Every backend keeps the same records and the same
 //! rules (checked by [`crate::vdi`] before a backend is called: templates only clone,
 //! snapshot and forget; nothing is destroyed while another record reads from it), and
-//! does the work its own way: the directory SR ([`crate::file`]) with qcow2 overlays;
+//! does the work its own way: the directory SR ([`crate::backend::file`]) with qcow2 overlays;
 //! the LVM SR (next) with dm-thin devices, internal snapshots and external origins.
+
+pub mod file;
 
 use uuid::Uuid;
 
@@ -60,6 +62,6 @@ pub trait Backend: std::fmt::Debug {
 /// The backend of an SR of type `kind`.
 pub fn for_type(kind: SrType) -> Box<dyn Backend> {
     match kind {
-        SrType::File => Box::new(crate::file::FileBackend),
+        SrType::File => Box::new(file::FileBackend),
     }
 }
