@@ -3,6 +3,7 @@
 //! statuses).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::{Args, Subcommand, ValueEnum};
 use thinline_sr::model::SrType;
@@ -158,8 +159,15 @@ fn serve(a: ServeArgs) -> anyhow::Result<u8> {
         remote: a.remote.config()?,
         handle: runtime.handle().clone(),
     };
+    // Snapshots, clones and resizes of attached disks are made by the daemon, with the
+    // same templates as the commands that ask for them.
+    let own = templates.clone();
+    let apply: thinline_sr::daemon::Apply = Arc::new(move |sr, vdi, change| {
+        thinline_sr::vdi::apply(sr, vdi, change, &own)
+            .map(|view| serde_json::to_value(view).expect("serializes"))
+    });
     let result = runtime.block_on(async move {
-        thinline_sr::daemon::run(path, templates, crate::serve::shutdown_signal()).await
+        thinline_sr::daemon::run(path, templates, apply, crate::serve::shutdown_signal()).await
     });
     match result {
         Ok(()) => Ok(0),

@@ -110,6 +110,9 @@ struct CopyArgs {
 }
 
 /// Make a read-only point-in-time copy of a disk (the disk goes on in an overlay).
+///
+/// Of an attached disk, the SR's daemon makes it with the disk paused for a moment:
+/// the copy holds every write acknowledged before it, and clients stay connected.
 #[derive(Debug, Args)]
 #[command(after_help = "Example:
   thinline vdi snapshot --sr /srv/thinline/sr1 --name-label before-upgrade UUID")]
@@ -143,6 +146,9 @@ struct ForgetArgs {
 }
 
 /// Grow a disk (the new tail reads as zeroes).
+///
+/// An attached disk grows while it is served: connections made after the resize see the
+/// new size (an NBD connection keeps the size it was given).
 #[derive(Debug, Args)]
 #[command(after_help = "Example:
   thinline vdi resize --sr /srv/thinline/sr1 UUID 40G")]

@@ -6,6 +6,8 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::io::{Read, Seek, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -912,8 +914,6 @@ fn attached_vdis_are_served_over_nbd_come_back_after_a_daemon_crash_and_detach_l
 
     // What an attached VDI refuses.
     a.fails(&["vdi", "destroy", "--sr", &sr, &c], "VDI_IN_USE", 13);
-    a.fails(&["vdi", "snapshot", "--sr", &sr, &c], "VDI_IN_USE", 13);
-    a.fails(&["vdi", "resize", "--sr", &sr, &c, "32M"], "VDI_IN_USE", 13);
     a.fails(&["sr", "destroy", "--sr", &sr, "--force"], "VDI_IN_USE", 13);
 
     // A second VDI; detaching it leaves the first served.
@@ -970,6 +970,189 @@ fn attached_vdis_are_served_over_nbd_come_back_after_a_daemon_crash_and_detach_l
     let pid = daemon_pid(&a, &sr).expect("the daemon goes on while the SR exists");
     a.ok(&["sr", "destroy", "--sr", &sr, "--force"]);
     wait_gone(pid, 10, "sr destroy stops the daemon");
+}
+
+/// Connects the `nbd` crate's client to an attached VDI (its export is named by its UUID).
+fn nbd_connect(attached: &Value) -> (UnixStream, nbd::client::Export) {
+    let mut stream = UnixStream::connect(attached["socket"].as_str().unwrap()).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .unwrap();
+    let name = attached["uuid"].as_str().unwrap();
+    let export = nbd::client::handshake(&mut stream, name.as_bytes()).expect("handshake");
+    (stream, export)
+}
+
+/// The writes of [`WriteLog`]: write `j` fills block `j % BLOCKS` with `pattern(j)`.
+const BLOCK: u64 = 64 << 10;
+const BLOCKS: u64 = 160;
+const FIRST: u64 = 2 << 20;
+
+fn pattern(j: u64) -> u8 {
+    // 251 is prime: two rounds over the same block never write the same byte.
+    (j % 251 + 1) as u8
+}
+
+/// The byte each block holds after the first `k` writes (0: never written; the
+/// template reads as zeroes there).
+fn after_writes(k: u64) -> Vec<u8> {
+    let mut state = vec![0u8; BLOCKS as usize];
+    for j in k.saturating_sub(BLOCKS)..k {
+        state[(j % BLOCKS) as usize] = pattern(j);
+    }
+    state
+}
+
+/// Reads the blocks of an attached VDI through a new connection; panics on a block
+/// that is not one byte repeated (a torn write).
+fn blocks_of(attached: &Value) -> Vec<u8> {
+    let (mut stream, export) = nbd_connect(attached);
+    let mut client = nbd::client::NbdClient::new(&mut stream, &export);
+    let mut all = vec![0u8; (BLOCKS * BLOCK) as usize];
+    client.seek(std::io::SeekFrom::Start(FIRST)).unwrap();
+    client.read_exact(&mut all).unwrap();
+    all.chunks(BLOCK as usize)
+        .enumerate()
+        .map(|(b, block)| {
+            assert!(
+                block.iter().all(|&x| x == block[0]),
+                "block {b} of {} is torn",
+                attached["uuid"]
+            );
+            block[0]
+        })
+        .collect()
+}
+
+/// The number of writes a copy holds: it must be the state after some `k` writes
+/// with `acked_before <= k <= acked_after + 1` (the one write in flight may be in).
+fn writes_held(copy: &[u8], acked_before: u64, acked_after: u64, what: &str) -> u64 {
+    (acked_before..=acked_after + 1)
+        .find(|&k| after_writes(k) == copy)
+        .unwrap_or_else(|| {
+            panic!(
+                "{what} is not the state after any prefix of the writes acknowledged \
+                 between {acked_before} and {acked_after}: {copy:?}"
+            )
+        })
+}
+
+#[test]
+fn snapshots_clones_and_resizes_of_an_attached_disk_hold_every_acknowledged_write_while_its_client_stays_connected()
+ {
+    if !require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let a = Agent::new();
+    let (sr, path) = a.new_sr("sr");
+    let template = qcow2_template(a.dir.path());
+    let t = uuid(&a.ok(&["vdi", "introduce", "--sr", &sr, s(&template)]));
+    let c = uuid(&a.ok(&["vdi", "clone", "--sr", &sr, &t, "--name-label", "vm"]));
+    let attached = a.ok(&["vdi", "attach", "--sr", &sr, &c]);
+
+    // One client writes block after block, round after round, on one connection that
+    // stays open through every change below; `acked` counts acknowledged writes.
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop, attached) = (Arc::clone(&acked), Arc::clone(&stop), attached.clone());
+        std::thread::spawn(move || {
+            let (mut stream, export) = nbd_connect(&attached);
+            let mut client = nbd::client::NbdClient::new(&mut stream, &export);
+            let mut j = 0;
+            while !stop.load(Ordering::Acquire) {
+                let block = vec![pattern(j); BLOCK as usize];
+                client
+                    .seek(std::io::SeekFrom::Start(FIRST + (j % BLOCKS) * BLOCK))
+                    .unwrap();
+                client
+                    .write_all(&block)
+                    .expect("every write is acknowledged");
+                j += 1;
+                acked.store(j, Ordering::Release);
+            }
+            export.size
+        })
+    };
+    let wait_for = |n: u64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while acked.load(Ordering::Acquire) < n {
+            assert!(std::time::Instant::now() < deadline, "the writer is stuck");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        acked.load(Ordering::Acquire)
+    };
+
+    // A snapshot while writes go on: every write acknowledged before it is in it.
+    let before = wait_for(20);
+    let snap = a.ok(&["vdi", "snapshot", "--sr", &sr, &c, "--name-label", "live"]);
+    let after = acked.load(Ordering::Acquire);
+    assert_eq!(snap["type"], "snapshot");
+    let snap_attached = a.ok(&["vdi", "attach", "--sr", &sr, &uuid(&snap)]);
+    let in_snapshot = writes_held(&blocks_of(&snap_attached), before, after, "the snapshot");
+
+    // A clone likewise, after more writes.
+    let before = wait_for(after + 20);
+    let clone = a.ok(&["vdi", "clone", "--sr", &sr, &c, "--name-label", "copy"]);
+    let after = acked.load(Ordering::Acquire);
+    let clone_attached = a.ok(&["vdi", "attach", "--sr", &sr, &uuid(&clone)]);
+    let in_clone = writes_held(&blocks_of(&clone_attached), before, after, "the clone");
+    assert!(
+        in_clone > in_snapshot,
+        "the clone is newer than the snapshot"
+    );
+
+    // A refused change pauses nothing for good; a resize grows the disk for new
+    // connections while the old one goes on at its size.
+    let before = wait_for(after + 20);
+    a.fails(
+        &["vdi", "resize", "--sr", &sr, &c, "8M"],
+        "INVALID_ARGUMENT",
+        2,
+    );
+    let grown = a.ok(&["vdi", "resize", "--sr", &sr, &c, "64M"]);
+    assert_eq!(grown["virtual_size"], 64u64 << 20);
+    wait_for(before + 20);
+    stop.store(true, Ordering::Release);
+    let old_size = writer.join().expect("the writer never failed");
+    assert_eq!(
+        old_size,
+        16 << 20,
+        "a connection keeps the size it was given"
+    );
+    let total = acked.load(Ordering::Acquire);
+
+    // The disk holds every write; the copies did not change after they were made.
+    assert_eq!(blocks_of(&attached), after_writes(total), "the disk");
+    assert_eq!(blocks_of(&snap_attached), after_writes(in_snapshot));
+    assert_eq!(blocks_of(&clone_attached), after_writes(in_clone));
+    let (stream, export) = nbd_connect(&attached);
+    assert_eq!(export.size, 64 << 20, "a new connection sees the new size");
+    drop(stream);
+    let w = nbd_write(
+        attached["nbd_uri"].as_str().unwrap(),
+        40 << 20,
+        1 << 20,
+        0x5a,
+    );
+    assert!(w.status.success(), "{w:?}");
+    assert!(nbd_reads(
+        attached["nbd_uri"].as_str().unwrap(),
+        40 << 20,
+        1 << 20,
+        0x5a
+    ));
+    assert!(
+        nbd_reads(attached["nbd_uri"].as_str().unwrap(), 0, 1 << 20, 0x42),
+        "the template's bytes"
+    );
+
+    for v in [&c, &uuid(&snap), &uuid(&clone)] {
+        a.ok(&["vdi", "detach", "--sr", &sr, v]);
+    }
+    qemu_check_all(&path);
 }
 
 #[test]

@@ -1,6 +1,9 @@
 //! The SR's serving daemon (`thinline sr serve`): one long-lived process per SR that
 //! serves every attached VDI over NBD, each on its own unix socket in
 //! `.thinline-sr/run/`, and takes attach and detach requests on a control socket there.
+//! A snapshot, clone or resize of a VDI it serves is made here too, while that VDI's
+//! export is paused ([`crate::pausable`]): nothing is in flight, every acknowledged
+//! write is flushed, and the image is closed while its files change.
 //!
 //! One daemon per SR rather than a process per attach: a template's copy-on-read cache
 //! must have exactly one owner and be shared by every clone of it, and a daemon that
@@ -29,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::model::{Attached, DaemonStatus, VdiType};
+use crate::pausable::PausableExport;
 use crate::store::{DIR, Sr};
 use crate::template::Templates;
 use crate::{Code, Error, Result};
@@ -83,7 +87,38 @@ pub enum Request {
     Status,
     /// Stop serving everything and exit (the attach state stays recorded).
     Shutdown,
+    /// Make `change` to a VDI this daemon may be serving; answers the new VDI's view.
+    Change { vdi: Uuid, change: Change },
 }
+
+/// A change to a disk's files that its open image must not see happen.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    /// `vdi snapshot` or `vdi clone`: the disk's file becomes the snapshot, or a layer
+    /// under the disk and the clone; the disk goes on in a new overlay.
+    Copy {
+        kind: CopyKind,
+        name_label: Option<String>,
+    },
+    /// `vdi resize`: the disk grows to `size` bytes.
+    Resize { size: u64 },
+}
+
+/// Which copy [`Change::Copy`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyKind {
+    /// A read-only point-in-time copy.
+    Snapshot,
+    /// A writable disk.
+    Clone,
+}
+
+/// How the daemon makes a [`Change`] to the SR at the path it is given: the SR's own
+/// operations, handed to [`run`] by its caller (so this module does not depend on
+/// them). Answers what the command prints.
+pub type Apply = Arc<dyn Fn(&Path, Uuid, &Change) -> Result<serde_json::Value> + Send + Sync>;
 
 /// Sends `request` to the daemon of `sr`; `None` if no daemon answers (see
 /// [`running`] to tell a daemon that is not there from one that does not answer).
@@ -91,7 +126,9 @@ pub fn request(sr: &Path, request: &Request) -> Option<Result<serde_json::Value>
     let wait = match request {
         // Answered at once by a daemon that runs: never wait long for it.
         Request::Status | Request::Shutdown => Duration::from_secs(5),
-        Request::Attach { .. } | Request::Detach { .. } => Duration::from_secs(120),
+        Request::Attach { .. } | Request::Detach { .. } | Request::Change { .. } => {
+            Duration::from_secs(120)
+        }
     };
     let stream = UnixStream::connect(run_dir(sr).join(CONTROL)).ok()?;
     let _ = stream.set_read_timeout(Some(wait));
@@ -197,20 +234,22 @@ pub fn ensure(sr: &Path, exe: &Path) -> Result<()> {
 /// One VDI being served.
 #[derive(Debug)]
 struct Served {
+    export: Arc<PausableExport>,
     stop: CancellationToken,
     /// Ends when the server has drained and flushed; its error, if the flush failed.
     task: tokio::task::JoinHandle<std::result::Result<(), String>>,
 }
 
 /// The daemon's state, owned here.
-#[derive(Debug)]
 struct Daemon {
     sr: PathBuf,
     /// The SR's templates behind their copy-on-read caches (this daemon owns them).
     caches: Arc<crate::cached::Caches>,
     served: Mutex<HashMap<Uuid, Served>>,
-    /// Serializes attach and detach (each takes the SR's lock, then changes `served`).
+    /// Serializes attach, detach and changes (each takes the SR's lock, then changes
+    /// `served`).
     changes: tokio::sync::Mutex<()>,
+    apply: Apply,
     stop: CancellationToken,
 }
 
@@ -239,38 +278,7 @@ impl Daemon {
                 ),
             ));
         }
-        let sr_path = self.sr.clone();
-        let caches = Arc::clone(&self.caches);
-        let export = tokio::task::spawn_blocking(move || -> Result<ImageExport> {
-            let sr = Sr::read(&sr_path)?;
-            let rec = sr.vdi(vdi)?;
-            if rec.is_template() {
-                return Err(Error::new(
-                    Code::VdiIsTemplate,
-                    format!(
-                        "VDI {vdi} ({}) is a template: clone it and attach the clone",
-                        rec.name_label
-                    ),
-                ));
-            }
-            let file = sr.file(rec.file.as_deref().unwrap_or_default());
-            let options = ImageOptions {
-                open: OpenOptions {
-                    backing_opener: Some(caches.opener(crate::template::header_names(&sr)?)),
-                    ..OpenOptions::default()
-                },
-                ..ImageOptions::default()
-            };
-            let what = format!("cannot serve {}", file.display());
-            if rec.kind == VdiType::Disk {
-                ImageExport::open_writable(&file, &options)
-            } else {
-                ImageExport::open(&file, &options)
-            }
-            .map_err(|e| Error::new(Code::SrBackendFailure, format!("{what}: {e}")))
-        })
-        .await
-        .map_err(blocking_err)??;
+        let export = self.open_served(vdi).await?;
         let mut exports = ExportSet::new();
         let serve_err = |e: thinline_nbd::Error| {
             Error::new(
@@ -278,8 +286,12 @@ impl Daemon {
                 format!("cannot serve VDI {vdi}: {e}"),
             )
         };
+        let export = Arc::new(PausableExport::new(Arc::new(export)));
         exports
-            .add(&vdi.to_string(), Arc::new(export))
+            .add(
+                &vdi.to_string(),
+                Arc::clone(&export) as Arc<dyn thinline_nbd::export::Export>,
+            )
             .map_err(serve_err)?;
         let server = Server::new(exports, ServerConfig::default()).map_err(serve_err)?;
         let listener = Listener::bind_unix(&socket).map_err(serve_err)?;
@@ -324,7 +336,7 @@ impl Daemon {
         self.served
             .lock()
             .expect("not poisoned")
-            .insert(vdi, Served { stop, task });
+            .insert(vdi, Served { export, stop, task });
         Ok(answer)
     }
 
@@ -350,6 +362,60 @@ impl Daemon {
         Ok(serde_json::json!({ "uuid": vdi }))
     }
 
+    /// Opens `vdi` for serving, on a thread that may block.
+    async fn open_served(&self, vdi: Uuid) -> Result<ImageExport> {
+        let sr = self.sr.clone();
+        let caches = Arc::clone(&self.caches);
+        tokio::task::spawn_blocking(move || open_served(&sr, &caches, vdi))
+            .await
+            .map_err(blocking_err)?
+    }
+
+    /// Makes `change` to `vdi`. A VDI served here is paused first (requests in flight
+    /// finish, acknowledged writes are flushed, its image closed) and served again on
+    /// its files as they are after the change, whether it was made or refused.
+    async fn change(&self, vdi: Uuid, change: Change) -> Result<serde_json::Value> {
+        let _turn = self.changes.lock().await;
+        let served = self
+            .served
+            .lock()
+            .expect("not poisoned")
+            .get(&vdi)
+            .map(|s| Arc::clone(&s.export));
+        let (sr, apply) = (self.sr.clone(), Arc::clone(&self.apply));
+        let make = move || apply(&sr, vdi, &change);
+        let Some(export) = served else {
+            return tokio::task::spawn_blocking(make)
+                .await
+                .map_err(blocking_err)?;
+        };
+        let paused = export.pause().await.map_err(|e| {
+            Error::new(
+                Code::SrBackendFailure,
+                format!("nothing was changed: VDI {vdi} could not be flushed: {e}"),
+            )
+        })?;
+        let made = tokio::task::spawn_blocking(make)
+            .await
+            .map_err(blocking_err)
+            .and_then(|r| r);
+        match self.open_served(vdi).await {
+            Ok(image) => paused.resume(Arc::new(image)),
+            Err(e) => {
+                tracing::error!(%vdi, error = %e, "cannot serve the VDI again after a change");
+                let done = if made.is_ok() { "was made" } else { "failed" };
+                return Err(Error::new(
+                    e.code,
+                    format!(
+                        "the change {done}, but VDI {vdi} cannot be served again (its clients get EIO; detach and attach it): {}",
+                        e.message
+                    ),
+                ));
+            }
+        }
+        made
+    }
+
     async fn handle(&self, request: Request) -> Result<serde_json::Value> {
         fn json(v: impl Serialize) -> serde_json::Value {
             serde_json::to_value(v).expect("serializes")
@@ -357,6 +423,7 @@ impl Daemon {
         match request {
             Request::Attach { vdi } => self.attach(vdi, true).await.map(|a| json(&a)),
             Request::Detach { vdi } => self.detach(vdi).await,
+            Request::Change { vdi, change } => self.change(vdi, change).await,
             Request::Status => {
                 let mut serving: Vec<Uuid> = self
                     .served
@@ -377,6 +444,42 @@ impl Daemon {
             }
         }
     }
+}
+
+/// Opens VDI `vdi` of the SR at `sr_path` for serving: a disk read-write, a snapshot
+/// read-only, templates under it through their copy-on-read caches.
+fn open_served(
+    sr_path: &Path,
+    caches: &Arc<crate::cached::Caches>,
+    vdi: Uuid,
+) -> Result<ImageExport> {
+    // With the SR's lock: a change made without a daemon is never half seen.
+    let sr = Sr::open(sr_path)?;
+    let rec = sr.vdi(vdi)?;
+    if rec.is_template() {
+        return Err(Error::new(
+            Code::VdiIsTemplate,
+            format!(
+                "VDI {vdi} ({}) is a template: clone it and attach the clone",
+                rec.name_label
+            ),
+        ));
+    }
+    let file = sr.file(rec.file.as_deref().unwrap_or_default());
+    let options = ImageOptions {
+        open: OpenOptions {
+            backing_opener: Some(caches.opener(crate::template::header_names(&sr)?)),
+            ..OpenOptions::default()
+        },
+        ..ImageOptions::default()
+    };
+    let what = format!("cannot serve {}", file.display());
+    if rec.kind == VdiType::Disk {
+        ImageExport::open_writable(&file, &options)
+    } else {
+        ImageExport::open(&file, &options)
+    }
+    .map_err(|e| Error::new(Code::SrBackendFailure, format!("{what}: {e}")))
 }
 
 /// Marks `vdi` detached in `sr`'s metadata and removes its socket.
@@ -401,6 +504,7 @@ pub fn detach_record(sr_path: &Path, vdi: Uuid) -> Result<()> {
 pub async fn run(
     sr: PathBuf,
     templates: Templates,
+    apply: Apply,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let run = run_dir(&sr);
@@ -441,6 +545,7 @@ pub async fn run(
         caches: Arc::new(caches),
         served: Mutex::new(HashMap::new()),
         changes: tokio::sync::Mutex::new(()),
+        apply,
         stop: CancellationToken::new(),
     });
     // Serve again what was attached when the last daemon stopped, while requests are

@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod error;
 pub mod model;
 pub mod naming;
+pub mod pausable;
 pub mod registry;
 pub mod sample;
 pub mod sr;

@@ -92,7 +92,7 @@ pub struct SrView {
 }
 
 /// A VDI as commands print it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VdiView {
     pub uuid: Uuid,
     pub name_label: String,

@@ -3,9 +3,12 @@
 //! template only clones, snapshots and is forgotten; a snapshot is never written; a
 //! volume something else reads from is never destroyed.
 
+use std::path::Path;
+
 use uuid::Uuid;
 
 use crate::backend::{Backend, for_type};
+use crate::daemon::{self, Change, CopyKind};
 use crate::model::{VdiRecord, VdiType, VdiView};
 use crate::registry;
 use crate::store::Sr;
@@ -50,6 +53,12 @@ fn refuse_template(v: &VdiRecord, op: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// `size` rounded up to a whole number of sectors.
+fn rounded_size(size: u64) -> Result<u64> {
+    size.checked_next_multiple_of(512)
+        .ok_or_else(|| Error::new(Code::InvalidArgument, format!("size {size} is too large")))
 }
 
 fn refuse_attached(v: &VdiRecord, op: &str) -> Result<()> {
@@ -180,12 +189,7 @@ pub fn create(o: &CreateOptions, progress: &mut dyn FnMut(&str, f64)) -> Result<
             "a VDI needs a size above 0",
         ));
     }
-    let size = o.size.checked_next_multiple_of(512).ok_or_else(|| {
-        Error::new(
-            Code::InvalidArgument,
-            format!("size {} is too large", o.size),
-        )
-    })?;
+    let size = rounded_size(o.size)?;
     let (mut sr, backend) = open_sr(&o.sr)?;
     let label = o.name_label.clone().unwrap_or_else(|| "disk".to_owned());
     let uuid = if o.preallocate {
@@ -219,30 +223,64 @@ pub struct CopyOptions {
 
 /// A writable disk with the content of a template, disk or snapshot.
 pub fn clone(o: &CopyOptions) -> Result<VdiView> {
-    copy(o, |backend, sr, src, label| backend.clone(sr, src, label))
+    copy(o, CopyKind::Clone)
 }
 
-/// A read-only point-in-time copy.
+/// A read-only point-in-time copy. Of an attached disk, it holds every write
+/// acknowledged before it (the daemon serving the disk makes it).
 pub fn snapshot(o: &CopyOptions) -> Result<VdiView> {
-    copy(o, |backend, sr, src, label| {
-        backend.snapshot(sr, src, label)
-    })
+    copy(o, CopyKind::Snapshot)
 }
 
-fn copy(
-    o: &CopyOptions,
-    make: impl FnOnce(&dyn Backend, &mut Sr, Uuid, &str) -> Result<Uuid>,
-) -> Result<VdiView> {
-    let (mut sr, backend) = open_sr(&o.sr)?;
-    let src = sr.vdi(o.vdi)?;
-    if src.kind == VdiType::Disk {
-        // Its file becomes a layer or the snapshot: not under a running writer.
-        refuse_attached(&src, "copy")?;
+fn copy(o: &CopyOptions, kind: CopyKind) -> Result<VdiView> {
+    let path = registry::resolve(&o.sr)?;
+    let name_label = o.name_label.clone();
+    if let Some(view) = through_daemon(&path, o.vdi, Change::Copy { kind, name_label })? {
+        return Ok(view);
     }
-    let label = o.name_label.clone().unwrap_or(src.name_label);
-    let uuid = make(backend.as_ref(), &mut sr, src.uuid, &label)?;
+    copy_here(&path, o.vdi, kind, o.name_label.as_deref())
+}
+
+fn copy_here(path: &Path, vdi: Uuid, kind: CopyKind, name_label: Option<&str>) -> Result<VdiView> {
+    let mut sr = Sr::open(path)?;
+    let backend = for_type(sr.md.sr.kind);
+    let src = sr.vdi(vdi)?;
+    let label = name_label.unwrap_or(&src.name_label).to_owned();
+    let uuid = match kind {
+        CopyKind::Snapshot => backend.snapshot(&mut sr, src.uuid, &label)?,
+        CopyKind::Clone => backend.clone(&mut sr, src.uuid, &label)?,
+    };
     let rec = sr.vdi(uuid)?;
     Ok(view(&sr, backend.as_ref(), &rec))
+}
+
+/// A change to an attached disk is made by the daemon that serves it, with its image
+/// paused and closed; `None` if the VDI is not an attached disk, or no daemon runs
+/// (then its files are open nowhere and the change is made here).
+fn through_daemon(path: &Path, vdi: Uuid, change: Change) -> Result<Option<VdiView>> {
+    let v = Sr::read(path)?.vdi(vdi)?;
+    if !(v.attached && v.kind == VdiType::Disk) {
+        return Ok(None);
+    }
+    match daemon::request(path, &daemon::Request::Change { vdi, change }) {
+        Some(answer) => serde_json::from_value(answer?).map(Some).map_err(|e| {
+            Error::new(
+                Code::SrBackendFailure,
+                format!("the SR daemon answered nonsense: {e}"),
+            )
+        }),
+        None if daemon::running(path) => Err(no_answer(path)),
+        None => Ok(None),
+    }
+}
+
+/// Makes `change` to `vdi` of the SR at `path` here: what the SR's daemon runs while
+/// the VDI is paused (see [`daemon::Apply`]).
+pub fn apply(path: &Path, vdi: Uuid, change: &Change, templates: &Templates) -> Result<VdiView> {
+    match change {
+        Change::Copy { kind, name_label } => copy_here(path, vdi, *kind, name_label.as_deref()),
+        Change::Resize { size } => resize_here(path, vdi, *size, templates),
+    }
 }
 
 /// `vdi destroy`, `vdi stat`: one VDI.
@@ -386,12 +424,22 @@ pub struct ResizeOptions {
     pub size: u64,
 }
 
-/// Grows a disk.
+/// Grows a disk. An attached disk grows while it is served: connections made after
+/// the resize see the new size (an NBD connection's size never changes).
 pub fn resize(o: &ResizeOptions, templates: &Templates) -> Result<VdiView> {
-    let (mut sr, backend) = open_sr(&o.sr)?;
-    let v = sr.vdi(o.vdi)?;
+    let path = registry::resolve(&o.sr)?;
+    let change = Change::Resize { size: o.size };
+    if let Some(view) = through_daemon(&path, o.vdi, change)? {
+        return Ok(view);
+    }
+    resize_here(&path, o.vdi, o.size, templates)
+}
+
+fn resize_here(path: &Path, vdi: Uuid, size: u64, templates: &Templates) -> Result<VdiView> {
+    let mut sr = Sr::open(path)?;
+    let backend = for_type(sr.md.sr.kind);
+    let v = sr.vdi(vdi)?;
     refuse_template(&v, "resized")?;
-    refuse_attached(&v, "resize")?;
     if v.kind == VdiType::Snapshot {
         return Err(Error::new(
             Code::VdiReadOnly,
@@ -401,12 +449,7 @@ pub fn resize(o: &ResizeOptions, templates: &Templates) -> Result<VdiView> {
             ),
         ));
     }
-    let size = o.size.checked_next_multiple_of(512).ok_or_else(|| {
-        Error::new(
-            Code::InvalidArgument,
-            format!("size {} is too large", o.size),
-        )
-    })?;
+    let size = rounded_size(size)?;
     if size < v.virtual_size {
         return Err(Error::new(
             Code::InvalidArgument,
@@ -477,9 +520,9 @@ pub fn attach(o: &VdiRef, exe: &std::path::Path) -> Result<Attached> {
     let v = sr.vdi(o.vdi)?;
     refuse_template(&v, "attached (clone it and attach the clone)")?;
     drop(sr);
-    crate::daemon::ensure(&path, exe)?;
-    let answer = crate::daemon::request(&path, &crate::daemon::Request::Attach { vdi: o.vdi })
-        .unwrap_or_else(|| {
+    daemon::ensure(&path, exe)?;
+    let answer =
+        daemon::request(&path, &daemon::Request::Attach { vdi: o.vdi }).unwrap_or_else(|| {
             Err(Error::new(
                 Code::SrBackendFailure,
                 "the SR daemon stopped answering",
@@ -497,17 +540,21 @@ pub fn attach(o: &VdiRef, exe: &std::path::Path) -> Result<Attached> {
 /// daemon goes on serving the others). Without a daemon, clears the record.
 pub fn detach(o: &VdiRef) -> Result<()> {
     let path = registry::resolve(&o.sr)?;
-    let request = crate::daemon::Request::Detach { vdi: o.vdi };
-    match crate::daemon::request(&path, &request) {
+    let request = daemon::Request::Detach { vdi: o.vdi };
+    match daemon::request(&path, &request) {
         Some(answer) => answer.map(|_| ()),
         // Only with proof that no daemon runs: one that is slow may still be writing.
-        None if crate::daemon::running(&path) => Err(Error::new(
-            Code::SrBackendFailure,
-            format!(
-                "the SR daemon of {} runs but did not answer; try again",
-                path.display()
-            ),
-        )),
-        None => crate::daemon::detach_record(&path, o.vdi),
+        None if daemon::running(&path) => Err(no_answer(&path)),
+        None => daemon::detach_record(&path, o.vdi),
     }
+}
+
+fn no_answer(path: &Path) -> Error {
+    Error::new(
+        Code::SrBackendFailure,
+        format!(
+            "the SR daemon of {} runs but did not answer; try again",
+            path.display()
+        ),
+    )
 }
