@@ -291,11 +291,7 @@ print("ok")
 "#,
     );
     assert_eq!(out.trim(), "ok");
-    assert!(
-        served.wait_for_log("mode=Simple", Duration::from_secs(5)),
-        "{}",
-        served.log()
-    );
+    served.assert_logs("mode=Simple", Duration::from_secs(5));
 }
 
 #[test]
@@ -411,11 +407,7 @@ fn qemu_img_compare_convert_and_map_agree_with_the_image() {
             .all(|e| e["data"] == true || e["zero"] == true)
     );
     // qemu 10 negotiates extended headers.
-    assert!(
-        served.wait_for_log("mode=Extended", Duration::from_secs(5)),
-        "{}",
-        served.log()
-    );
+    served.assert_logs("mode=Extended", Duration::from_secs(5));
 }
 
 #[test]
@@ -612,16 +604,8 @@ fn the_nbd_crate_client_negotiates_reads_known_data_and_reads_back_its_writes() 
     assert!(on_disk[..at as usize] == original[..at as usize]);
     drop(stream);
 
-    assert!(
-        served.wait_for_log("option=NBD_OPT_EXPORT_NAME", Duration::from_secs(5)),
-        "{}",
-        served.log()
-    );
-    assert!(
-        served.wait_for_log("mode=Simple", Duration::from_secs(5)),
-        "{}",
-        served.log()
-    );
+    served.assert_logs("option=NBD_OPT_EXPORT_NAME", Duration::from_secs(5));
+    served.assert_logs("mode=Simple", Duration::from_secs(5));
 }
 
 #[test]

@@ -438,11 +438,7 @@ fn upstream_eio_reaches_the_client_marks_nothing_and_a_later_read_succeeds() {
     let s = status(&p.socket.clone().unwrap());
     assert_eq!(s["chunks_present"], 0, "{s}");
     assert!(s["upstream_errors"].as_u64().unwrap() >= 1, "{s}");
-    assert!(
-        p.wait_for_log("upstream read failed", Duration::from_secs(10)),
-        "{}",
-        p.log()
-    );
+    p.assert_logs("upstream read failed", Duration::from_secs(10));
     std::fs::remove_file(&trigger).unwrap();
     let out = common::nbdsh(
         &p.uri(""),
@@ -521,11 +517,7 @@ fn a_changed_template_gets_its_own_cache_in_a_cache_dir_and_the_proxy_refuses_an
     assert_ne!(now, bytes);
     assert_eq!(read_all(&s.uri(""), dir.path()), now);
     assert_ne!(s.report["exports"][0]["cache"], old[0].to_str().unwrap());
-    assert!(
-        s.wait_for_log(old[0].to_str().unwrap(), Duration::from_secs(10)),
-        "{}",
-        s.log()
-    );
+    s.assert_logs(old[0].to_str().unwrap(), Duration::from_secs(10));
     s.terminate(Duration::from_secs(20));
     assert_eq!(std::fs::read_dir(&cache_dir).unwrap().count(), 2);
 
@@ -634,11 +626,7 @@ fn a_scribbled_chunk_is_fetched_again_after_a_restart_and_scrub_finds_and_repair
     settle(&p.socket.clone().unwrap());
     let s = status(&p.socket.clone().unwrap());
     assert_eq!(s["checksum_errors"], 1, "{s}");
-    assert!(
-        p.wait_for_log("does not match its checksum", Duration::from_secs(10)),
-        "{}",
-        p.log()
-    );
+    p.assert_logs("does not match its checksum", Duration::from_secs(10));
     // A clean stop persists the presence mark of the chunk fetched again (a
     // kill -9 may lose it, which only costs a later fetch).
     p.terminate(Duration::from_secs(20));
@@ -888,11 +876,7 @@ fn prefetch_hydrates_the_data_skips_the_holes_keeps_the_rate_and_records_complet
         s["prefetch_zero_bytes"].as_u64().unwrap() >= 56 * MIB,
         "{s}"
     );
-    assert!(
-        p.wait_for_log("cache complete", Duration::from_secs(5)),
-        "{}",
-        p.log()
-    );
+    p.assert_logs("cache complete", Duration::from_secs(5));
     drop(p);
     // Completion is recorded in the cache itself.
     let p = proxy(dir.path(), &up.uri(), &cache, &[]);

@@ -377,11 +377,7 @@ fn a_replaced_object_fails_reads_clearly_and_never_mixes_versions() {
         !out.status.success() || text.contains("error") || text.contains("failed"),
         "a read of the replaced object must fail: {text}"
     );
-    assert!(
-        served.wait_for_log("changed since it was opened", Duration::from_secs(10)),
-        "{}",
-        served.log()
-    );
+    served.assert_logs("changed since it was opened", Duration::from_secs(10));
     assert!(
         served.log().contains("/t.raw bytes 2097152-"),
         "{}",
@@ -428,11 +424,7 @@ fn faults_within_the_retry_budget_are_invisible() {
         "the copy differs from the template"
     );
     assert_eq!(proxy.queued(), 0, "every injected fault was hit");
-    assert!(
-        served.wait_for_log("retrying", Duration::from_secs(10)),
-        "{}",
-        served.log()
-    );
+    served.assert_logs("retrying", Duration::from_secs(10));
 }
 
 #[test]
@@ -678,9 +670,8 @@ fn s3_templates_of_every_format_read_like_qemu_through_faults() {
         &S3_ENV,
     );
     assert_eq!(proxy.queued(), 0, "every injected fault was hit");
-    served.wait_for_log("503", Duration::from_secs(10));
+    served.assert_logs("503", Duration::from_secs(10));
     let log = served.log();
-    assert!(log.contains("503"), "{log}");
     assert!(
         !log.contains("s3cr3t") && !log.contains("AKIATESTKEY"),
         "credentials leaked: {log}"
@@ -732,11 +723,7 @@ fn s3_replaced_objects_fail_and_pinned_versions_hold() {
         "try:\n    h.pread(4096, 1 << 20)\n    assert False, 'read of new data succeeded'\n\
          except nbd.Error as e:\n    assert e.errnum == errno.EIO, e\n",
     );
-    assert!(
-        served.wait_for_log("changed since it was opened", Duration::from_secs(10)),
-        "{}",
-        served.log()
-    );
+    served.assert_logs("changed since it was opened", Duration::from_secs(10));
     // The export pinned to a version keeps reading that version.
     sh(
         &served.uri("pinned"),

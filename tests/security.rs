@@ -278,11 +278,7 @@ print("last sector", refused(bytes(range(256)) * 2, size - 512))
         );
     }
     // Logged before the refusal was answered; the log reaches the test through a pipe.
-    assert!(
-        served.wait_for_log("refused a write", Duration::from_secs(10)),
-        "{}",
-        served.log()
-    );
+    served.assert_logs("refused a write", Duration::from_secs(10));
     drop(served);
     // Restarted with the same command line, it is still the raw disk it was.
     let again = Served::start(&args);

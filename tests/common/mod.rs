@@ -222,6 +222,16 @@ impl Served {
         false
     }
 
+    /// Asserts that a log line containing `needle` appears within `timeout`; a failure
+    /// shows the log.
+    pub fn assert_logs(&self, needle: &str, timeout: Duration) {
+        assert!(
+            self.wait_for_log(needle, timeout),
+            "no {needle:?} in the log:\n{}",
+            self.log()
+        );
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
