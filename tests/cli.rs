@@ -162,30 +162,8 @@ fn image_check_exit_status_says_clean_or_warnings() {
     }
     let dir = tempfile::tempdir().unwrap();
     let clean = dir.path().join("clean.qcow2");
-    let dirty = dir.path().join("dirty.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", clean.to_str().unwrap(), "8M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        dirty.to_str().unwrap(),
-        "8M",
-    ]);
-    // qemu-io's `abort` leaves the lazy-refcount image dirty with stale refcounts.
-    let _ = std::process::Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 1 0 64k",
-            "-c",
-            "abort",
-            dirty.to_str().unwrap(),
-        ])
-        .output();
+    let dirty = thinline_test_support::qemu::dirty_qcow2(dir.path(), "dirty.qcow2");
     let o = thinline(&["image", "check", clean.to_str().unwrap()]);
     assert_eq!(
         o.status.code(),

@@ -240,31 +240,7 @@ fn option_fixtures(d: &Path) -> Vec<Img> {
         &p("bitmaps.qcow2"),
         &["write -P 0x73 100k 300k"],
     );
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on",
-            &p("dirty.qcow2"),
-            "8M",
-        ],
-    );
-    // qemu-io's `abort` kills it (SIGABRT) with the dirty bit still set.
-    let _ = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 64k", "-c", "abort"])
-        .arg(d.join("dirty.qcow2"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    assert_eq!(
-        read_file(&d.join("dirty.qcow2"))[79] & 1,
-        1,
-        "the dirty bit is set"
-    );
+    dirty_qcow2(d, "dirty.qcow2");
     qemu_img(
         d,
         &["create", "-q", "-f", "qcow2", &p("corrupt.qcow2"), "8M"],
