@@ -257,6 +257,20 @@ pub fn nbdsh(uri: &str, script: &str) -> String {
     )
 }
 
+/// Runs `qemu-io -f raw URI -c CMD…` (every command on one connection) and asserts that
+/// none of them failed: qemu-io exits with 0 even when a read does not match its pattern.
+/// Returns its output.
+pub fn qemu_io_raw(uri: &str, cmds: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", uri]);
+    for c in cmds {
+        cmd.arg("-c").arg(c);
+    }
+    let out = String::from_utf8(run(&mut cmd).stdout).unwrap();
+    assert!(!out.contains("failed"), "{out}");
+    out
+}
+
 pub fn has_python_nbd() -> bool {
     if Command::new("/usr/bin/python3")
         .args(["-c", "import nbd"])
