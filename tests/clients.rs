@@ -141,10 +141,7 @@ fn nbdinfo_list_shows_every_export_and_names_select_them() {
     }
     let fx = Fixture::new(4 * MIB);
     let other = fx.path("other.img");
-    std::fs::File::create(&other)
-        .unwrap()
-        .set_len(2 * MIB)
-        .unwrap();
+    common::sparse_file(&other, 2 * MIB);
     let a = format!("alpha={}", fx.image.display());
     let b = format!("beta={}", other.display());
     let served = Served::unix(fx.dir.path(), &[], &[&a, &b]);
@@ -211,10 +208,7 @@ fn nbdcopy_copies_out_and_in_byte_for_byte_on_unix_and_tcp() {
 
     // Into a fresh export over TCP, with flush.
     let target = fx.path("target.img");
-    std::fs::File::create(&target)
-        .unwrap()
-        .set_len(32 * MIB)
-        .unwrap();
+    common::sparse_file(&target, 32 * MIB);
     let served = Served::tcp(&[], &[target.to_str().unwrap()]);
     run(Command::new("nbdcopy")
         .arg("--flush")
@@ -417,10 +411,7 @@ fn qemu_img_converts_into_an_export_over_tcp() {
     }
     let fx = Fixture::new(16 * MIB);
     let target = fx.path("target.img");
-    std::fs::File::create(&target)
-        .unwrap()
-        .set_len(16 * MIB)
-        .unwrap();
+    common::sparse_file(&target, 16 * MIB);
     let served = Served::tcp(&[], &[target.to_str().unwrap()]);
     run(Command::new("qemu-img")
         .args(["convert", "-n", "-W", "-m", "16", "-f", "raw", "-O", "raw"])

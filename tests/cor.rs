@@ -914,10 +914,7 @@ struct LoopDevice(PathBuf);
 
 impl LoopDevice {
     fn attach(backing: &Path, size: u64) -> Option<LoopDevice> {
-        std::fs::File::create(backing)
-            .unwrap()
-            .set_len(size)
-            .unwrap();
+        common::sparse_file(backing, size);
         let out = Command::new("losetup")
             .args(["-f", "--show"])
             .arg(backing)

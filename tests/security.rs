@@ -219,10 +219,7 @@ fn a_guest_cannot_turn_a_probed_raw_image_into_another_format() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
+    common::sparse_file(&disk, 4 << 20);
     // The header of a qcow2 whose backing file is a host file.
     let header = overlay_naming(dir.path(), "/etc/passwd", "4M");
     std::fs::write(dir.path().join("header"), &header[..4096]).unwrap();
@@ -545,10 +542,7 @@ fn sockets_never_have_more_than_mode_0660_whatever_the_umask() {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    common::sparse_file(&image, 1 << 20);
     let (sock, status) = (dir.path().join("nbd.sock"), dir.path().join("status.sock"));
     // Watch both paths from before the daemon starts: every mode ever seen must be 0660.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

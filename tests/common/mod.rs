@@ -292,6 +292,11 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// Creates (or truncates) `path` as a file of `size` bytes that is all hole.
+pub fn sparse_file(path: &Path, size: u64) {
+    std::fs::File::create(path).unwrap().set_len(size).unwrap();
+}
+
 pub fn read_file(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }
