@@ -87,8 +87,7 @@ fn served_images_match_qemu_bytes_and_maps() {
     if !require(TOOLS) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let images = fixtures(dir.path());
+    let (dir, images) = in_tempdir(fixtures);
     check_served_like_qemu(dir.path(), &images);
 }
 
@@ -375,8 +374,7 @@ fn every_create_option_serves_like_qemu() {
     if !require(TOOLS) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let images = option_fixtures(dir.path());
+    let (dir, images) = in_tempdir(option_fixtures);
     assert!(images.len() > 45, "{} fixtures", images.len());
     check_served_like_qemu(dir.path(), &images);
 }
@@ -494,8 +492,7 @@ fn inspecting_and_serving_never_changes_a_template() {
     if !require(TOOLS) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let images = fixtures(dir.path());
+    let (dir, images) = in_tempdir(fixtures);
     // Make the dirty/corrupt cases too: a dirty lazy-refcount image and a corrupt one.
     let before = snapshot(dir.path());
     let out = tempfile::tempdir().unwrap();

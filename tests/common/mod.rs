@@ -33,6 +33,13 @@ pub fn mapped_length(map: &serde_json::Value) -> u64 {
         .sum()
 }
 
+/// A new temporary directory and what `make` made in it (fixtures).
+pub fn in_tempdir<T>(make: impl FnOnce(&Path) -> T) -> (tempfile::TempDir, T) {
+    let dir = tempfile::tempdir().unwrap();
+    let made = make(dir.path());
+    (dir, made)
+}
+
 /// A temporary directory with a sparse raw image in it.
 pub struct Fixture {
     pub dir: tempfile::TempDir,
