@@ -23,6 +23,18 @@ struct Run {
     took: Duration,
 }
 
+impl Run {
+    /// Asserts that thinline failed and that its stderr says `words`.
+    fn assert_failed_saying(&self, words: &str) {
+        assert!(!self.status.success(), "{}", self.stdout);
+        assert!(
+            self.stderr.contains(words),
+            "{words:?} missing from:\n{}",
+            self.stderr
+        );
+    }
+}
+
 /// Runs `thinline ARGS` and kills it (failing the test) if it runs longer than `limit`:
 /// every case here must end on its own, quickly.
 fn thinline_within(limit: Duration, args: &[&str], env: &[(&str, &str)]) -> Run {
@@ -204,8 +216,7 @@ fn a_fifo_or_a_device_named_as_a_backing_file_is_refused_at_once() {
         ],
         &[],
     );
-    assert!(!run.status.success());
-    assert!(run.stderr.contains("FIFO"), "{}", run.stderr);
+    run.assert_failed_saying("FIFO");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -310,12 +321,7 @@ fn an_endless_body_to_the_opening_probe_fails_the_open_at_once() {
         &["image", "info", &server.url("/t.raw")],
         &[],
     );
-    assert!(!run.status.success());
-    assert!(
-        run.stderr.contains("longer than the 1 bytes asked for"),
-        "{}",
-        run.stderr
-    );
+    run.assert_failed_saying("longer than the 1 bytes asked for");
 }
 
 #[test]
@@ -343,8 +349,7 @@ fn a_probe_body_that_never_arrives_fails_the_open_at_the_idle_timeout() {
         ],
         &[],
     );
-    assert!(!run.status.success());
-    assert!(run.stderr.contains("stalled"), "{}", run.stderr);
+    run.assert_failed_saying("stalled");
 }
 
 #[test]
@@ -373,12 +378,8 @@ fn a_trickling_body_fails_at_the_min_rate_deadline() {
         ],
         &[],
     );
-    assert!(!run.status.success());
-    assert!(
-        run.stderr.contains("arrived too slowly") && run.stderr.contains("--min-rate"),
-        "{}",
-        run.stderr
-    );
+    run.assert_failed_saying("arrived too slowly");
+    assert!(run.stderr.contains("--min-rate"), "{}", run.stderr);
     // The deadline is 2 s plus 64 KiB at 64 KiB/s.
     assert!(run.took >= Duration::from_secs(3), "{:?}", run.took);
 }
@@ -402,12 +403,7 @@ fn objects_larger_than_the_largest_file_are_refused_at_open() {
         &["image", "info", "--json", &server.url("/huge.raw")],
         &[],
     );
-    assert!(!run.status.success(), "{}", run.stdout);
-    assert!(
-        run.stderr.contains("more than the largest size"),
-        "{}",
-        run.stderr
-    );
+    run.assert_failed_saying("more than the largest size");
 }
 
 #[test]
@@ -509,8 +505,7 @@ fn netrc_credentials_authenticate_without_the_command_line_and_loose_files_are_r
     let url = server.url("/t.raw");
     let info = ["image", "info", "--json", url.as_str()];
     let denied = thinline_within(Duration::from_secs(20), &info, &[]);
-    assert!(!denied.status.success());
-    assert!(denied.stderr.contains("401"), "{}", denied.stderr);
+    denied.assert_failed_saying("401");
     let run = thinline_within(
         Duration::from_secs(20),
         &info,
@@ -529,8 +524,7 @@ fn netrc_credentials_authenticate_without_the_command_line_and_loose_files_are_r
         ],
         &[],
     );
-    assert!(!loose.status.success());
-    assert!(loose.stderr.contains("chmod 600"), "{}", loose.stderr);
+    loose.assert_failed_saying("chmod 600");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -610,12 +604,7 @@ fn a_sample_image_planted_by_another_user_is_never_served() {
         &["serve", "--socket", sock.to_str().unwrap()],
         &[("TMPDIR", tmp.to_str().unwrap())],
     );
-    assert!(!run.status.success());
-    assert!(
-        run.stderr.contains("not a regular file owned by this user"),
-        "{}",
-        run.stderr
-    );
+    run.assert_failed_saying("not a regular file owned by this user");
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     // Without anything planted, the sample is made private to its owner.
     std::fs::remove_file(tmp.join("thinline-sample.img")).unwrap();
