@@ -8,7 +8,7 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 
-use common::{Fixture, Served, require, run, stdout};
+use common::{Fixture, Served, require, stdout};
 
 const MIB: u64 = 1 << 20;
 
@@ -76,24 +76,21 @@ fn block_device_export_uses_device_size_sectors_discard_and_zeroout() {
     assert_eq!(e["is_rotational"], rotational.trim() == "1");
     assert_eq!(e["description"], format!("block device {dev}"));
 
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", &served.uri("")]);
-    for c in [
-        "write -P 0xaa 1M 64k",
-        "read -P 0xaa 1M 64k",
-        "discard 4M 1M",
-        "read -P 0 4M 1M",
-        "write -z 8M 64k",
-        "read -P 0 8M 64k",
-        "write -z -u 9M 64k",
-        "read -P 0 9M 64k",
-        "write -f -P 0xbb 12M 4k",
-        "flush",
-    ] {
-        cmd.arg("-c").arg(c);
-    }
-    let out = String::from_utf8(run(&mut cmd).stdout).unwrap();
-    assert!(!out.contains("failed"), "{out}");
+    common::qemu_io_raw(
+        &served.uri(""),
+        &[
+            "write -P 0xaa 1M 64k",
+            "read -P 0xaa 1M 64k",
+            "discard 4M 1M",
+            "read -P 0 4M 1M",
+            "write -z 8M 64k",
+            "read -P 0 8M 64k",
+            "write -z -u 9M 64k",
+            "read -P 0 9M 64k",
+            "write -f -P 0xbb 12M 4k",
+            "flush",
+        ],
+    );
     drop(served);
     drop(_loop);
 

@@ -16,6 +16,16 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Asserts that thinline exited with `code` and that its stderr says `words`.
+fn assert_fails_saying(o: &Output, code: i32, words: &str) {
+    assert_eq!(o.status.code(), Some(code), "{}", stderr(o));
+    assert!(
+        stderr(o).contains(words),
+        "{words:?} missing from:\n{}",
+        stderr(o)
+    );
+}
+
 #[test]
 fn serve_help_lists_every_option_and_examples() {
     let o = thinline(&["serve", "--help"]);
@@ -100,12 +110,7 @@ fn a_directory_is_not_an_image() {
         "-r",
         dir.path().to_str().unwrap(),
     ]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("not a regular file or a block device"),
-        "{}",
-        stderr(&o)
-    );
+    assert_fails_saying(&o, 1, "not a regular file or a block device");
 }
 
 #[test]
@@ -114,19 +119,13 @@ fn duplicate_export_names_are_refused() {
     let sock = fx.path("s.sock");
     let a = format!("same={}", fx.image.display());
     let o = thinline(&["serve", "--socket", sock.to_str().unwrap(), &a, &a]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("\"same\" is used twice"),
-        "{}",
-        stderr(&o)
-    );
+    assert_fails_saying(&o, 1, "\"same\" is used twice");
 }
 
 #[test]
 fn min_block_size_must_be_a_power_of_two() {
     let o = thinline(&["serve", "--min-block-size", "3000", "x.img"]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("power of two"), "{}", stderr(&o));
+    assert_fails_saying(&o, 1, "power of two");
 }
 
 #[test]
@@ -162,30 +161,8 @@ fn image_check_exit_status_says_clean_or_warnings() {
     }
     let dir = tempfile::tempdir().unwrap();
     let clean = dir.path().join("clean.qcow2");
-    let dirty = dir.path().join("dirty.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", clean.to_str().unwrap(), "8M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        dirty.to_str().unwrap(),
-        "8M",
-    ]);
-    // qemu-io's `abort` leaves the lazy-refcount image dirty with stale refcounts.
-    let _ = std::process::Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 1 0 64k",
-            "-c",
-            "abort",
-            dirty.to_str().unwrap(),
-        ])
-        .output();
+    let dirty = thinline_test_support::qemu::dirty_qcow2(dir.path(), "dirty.qcow2");
     let o = thinline(&["image", "check", clean.to_str().unwrap()]);
     assert_eq!(
         o.status.code(),
@@ -240,12 +217,7 @@ fn convert_refuses_to_overwrite_its_input() {
     let img = fx.image.to_str().unwrap();
     let before = std::fs::read(&fx.image).unwrap();
     let o = thinline(&["image", "convert", "-O", "raw", img, img]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("refusing to overwrite"),
-        "{}",
-        stderr(&o)
-    );
+    assert_fails_saying(&o, 1, "refusing to overwrite");
     assert!(
         std::fs::read(&fx.image).unwrap() == before,
         "the input is unchanged"
@@ -332,8 +304,7 @@ fn proxy_help_lists_every_option_and_examples() {
 #[test]
 fn proxy_without_upstream_or_cache_is_a_usage_error() {
     let o = thinline(&["proxy", "--cache", "/tmp/x.cache"]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("--upstream"), "{}", stderr(&o));
+    assert_fails_saying(&o, 2, "--upstream");
     let o = thinline(&["proxy", "--upstream", "nbd://127.0.0.1/x"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
@@ -347,8 +318,7 @@ fn proxy_refuses_a_non_nbd_upstream_and_points_to_serve_cache_dir() {
         "--cache",
         "/nonexistent/c.cache",
     ]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains("--cache-dir"), "{}", stderr(&o));
+    assert_fails_saying(&o, 1, "--cache-dir");
 }
 
 #[test]
@@ -356,6 +326,5 @@ fn proxy_status_of_nothing_fails_naming_the_socket() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("none.sock");
     let o = thinline(&["proxy", "status", missing.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains("none.sock"), "{}", stderr(&o));
+    assert_fails_saying(&o, 1, "none.sock");
 }

@@ -141,10 +141,7 @@ fn nbdinfo_list_shows_every_export_and_names_select_them() {
     }
     let fx = Fixture::new(4 * MIB);
     let other = fx.path("other.img");
-    std::fs::File::create(&other)
-        .unwrap()
-        .set_len(2 * MIB)
-        .unwrap();
+    common::sparse_file(&other, 2 * MIB);
     let a = format!("alpha={}", fx.image.display());
     let b = format!("beta={}", other.display());
     let served = Served::unix(fx.dir.path(), &[], &[&a, &b]);
@@ -211,10 +208,7 @@ fn nbdcopy_copies_out_and_in_byte_for_byte_on_unix_and_tcp() {
 
     // Into a fresh export over TCP, with flush.
     let target = fx.path("target.img");
-    std::fs::File::create(&target)
-        .unwrap()
-        .set_len(32 * MIB)
-        .unwrap();
+    common::sparse_file(&target, 32 * MIB);
     let served = Served::tcp(&[], &[target.to_str().unwrap()]);
     run(Command::new("nbdcopy")
         .arg("--flush")
@@ -291,11 +285,7 @@ print("ok")
 "#,
     );
     assert_eq!(out.trim(), "ok");
-    assert!(
-        served.wait_for_log("mode=Simple", Duration::from_secs(5)),
-        "{}",
-        served.log()
-    );
+    served.assert_logs("mode=Simple", Duration::from_secs(5));
 }
 
 #[test]
@@ -411,11 +401,7 @@ fn qemu_img_compare_convert_and_map_agree_with_the_image() {
             .all(|e| e["data"] == true || e["zero"] == true)
     );
     // qemu 10 negotiates extended headers.
-    assert!(
-        served.wait_for_log("mode=Extended", Duration::from_secs(5)),
-        "{}",
-        served.log()
-    );
+    served.assert_logs("mode=Extended", Duration::from_secs(5));
 }
 
 #[test]
@@ -425,10 +411,7 @@ fn qemu_img_converts_into_an_export_over_tcp() {
     }
     let fx = Fixture::new(16 * MIB);
     let target = fx.path("target.img");
-    std::fs::File::create(&target)
-        .unwrap()
-        .set_len(16 * MIB)
-        .unwrap();
+    common::sparse_file(&target, 16 * MIB);
     let served = Served::tcp(&[], &[target.to_str().unwrap()]);
     run(Command::new("qemu-img")
         .args(["convert", "-n", "-W", "-m", "16", "-f", "raw", "-O", "raw"])
@@ -444,9 +427,7 @@ fn qemu_io_writes_zeroes_discards_flushes_and_pipelines() {
     }
     let fx = Fixture::new(32 * MIB);
     let served = Served::unix(fx.dir.path(), &[], &[fx.image.to_str().unwrap()]);
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", &served.uri("")]);
-    for c in [
+    let mut cmds = vec![
         "write -P 0xab 2M 64k",
         "read -P 0xab 2M 64k",
         "write -z 2M 32k",
@@ -459,21 +440,15 @@ fn qemu_io_writes_zeroes_discards_flushes_and_pipelines() {
         "discard 6M 1M",
         "flush",
         "write -f -P 0x42 12M 4k",
-    ] {
-        cmd.arg("-c").arg(c);
-    }
+    ];
     // 64 requests in flight at once, then a flush.
-    for i in 0..64 {
-        cmd.arg("-c").arg(format!(
-            "aio_write -P 0x{:02x} {}k 4k",
-            i + 1,
-            16 * 1024 + i * 4
-        ));
-    }
-    cmd.arg("-c").arg("aio_flush");
-    let out = String::from_utf8(run(&mut cmd).stdout).unwrap();
+    let aio: Vec<String> = (0..64)
+        .map(|i| format!("aio_write -P 0x{:02x} {}k 4k", i + 1, 16 * 1024 + i * 4))
+        .collect();
+    cmds.extend(aio.iter().map(String::as_str));
+    cmds.push("aio_flush");
+    let out = common::qemu_io_raw(&served.uri(""), &cmds);
     assert!(!out.contains("Pattern verification failed"), "{out}");
-    assert!(!out.contains("failed"), "{out}");
 
     let img = common::read_file(&fx.image);
     let at = |o: u64, n: u64| &img[o as usize..(o + n) as usize];
@@ -612,16 +587,8 @@ fn the_nbd_crate_client_negotiates_reads_known_data_and_reads_back_its_writes() 
     assert!(on_disk[..at as usize] == original[..at as usize]);
     drop(stream);
 
-    assert!(
-        served.wait_for_log("option=NBD_OPT_EXPORT_NAME", Duration::from_secs(5)),
-        "{}",
-        served.log()
-    );
-    assert!(
-        served.wait_for_log("mode=Simple", Duration::from_secs(5)),
-        "{}",
-        served.log()
-    );
+    served.assert_logs("option=NBD_OPT_EXPORT_NAME", Duration::from_secs(5));
+    served.assert_logs("mode=Simple", Duration::from_secs(5));
 }
 
 #[test]

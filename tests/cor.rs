@@ -127,9 +127,14 @@ impl Drop for Nbdkit {
     }
 }
 
-/// Starts `thinline proxy --json --upstream UPSTREAM --cache CACHE --socket DIR/p.sock`.
-fn proxy(dir: &Path, upstream: &str, cache: &Path, extra: &[&str]) -> Served {
-    let socket = dir.join("proxy.sock");
+/// The arguments of `thinline proxy` after the subcommand: `--upstream UPSTREAM --cache
+/// CACHE --socket SOCKET EXTRA…`.
+fn proxy_args<'a>(
+    upstream: &'a str,
+    cache: &'a Path,
+    socket: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
     let mut args = vec![
         "--upstream",
         upstream,
@@ -139,7 +144,14 @@ fn proxy(dir: &Path, upstream: &str, cache: &Path, extra: &[&str]) -> Served {
         socket.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    Served::spawn("proxy", &args, &[])
+    args
+}
+
+/// Starts `thinline proxy --json --upstream UPSTREAM --cache CACHE --socket
+/// DIR/proxy.sock EXTRA`.
+fn proxy(dir: &Path, upstream: &str, cache: &Path, extra: &[&str]) -> Served {
+    let socket = dir.join("proxy.sock");
+    Served::spawn("proxy", &proxy_args(upstream, cache, &socket, extra), &[])
 }
 
 /// Runs `thinline ARGS`, expecting failure; returns stderr.
@@ -151,6 +163,15 @@ fn fails(args: &[&str]) -> String {
         .unwrap();
     assert!(!out.status.success(), "thinline {args:?} should fail");
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `thinline proxy --upstream UPSTREAM --cache CACHE --socket DIR/refused.sock EXTRA`,
+/// expecting failure; returns stderr.
+fn proxy_fails(dir: &Path, upstream: &str, cache: &Path, extra: &[&str]) -> String {
+    let socket = dir.join("refused.sock");
+    let mut args = vec!["proxy"];
+    args.extend(proxy_args(upstream, cache, &socket, extra));
+    fails(&args)
 }
 
 /// `thinline proxy status --json SOCKET`: the one export's status.
@@ -438,11 +459,7 @@ fn upstream_eio_reaches_the_client_marks_nothing_and_a_later_read_succeeds() {
     let s = status(&p.socket.clone().unwrap());
     assert_eq!(s["chunks_present"], 0, "{s}");
     assert!(s["upstream_errors"].as_u64().unwrap() >= 1, "{s}");
-    assert!(
-        p.wait_for_log("upstream read failed", Duration::from_secs(10)),
-        "{}",
-        p.log()
-    );
+    p.assert_logs("upstream read failed", Duration::from_secs(10));
     std::fs::remove_file(&trigger).unwrap();
     let out = common::nbdsh(
         &p.uri(""),
@@ -503,12 +520,7 @@ fn a_changed_template_gets_its_own_cache_in_a_cache_dir_and_the_proxy_refuses_an
     }
     // The template changes (same size, new bytes and mtime).
     std::thread::sleep(Duration::from_millis(20));
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&image)
-        .unwrap();
-    f.write_all_at(b"changed!", MIB).unwrap();
-    drop(f);
+    overwrite(&image, MIB, b"changed!");
     // With --cache-dir the new version gets a cache of its own; the old one is left,
     // and named in the log.
     let old: Vec<_> = std::fs::read_dir(&cache_dir)
@@ -521,11 +533,7 @@ fn a_changed_template_gets_its_own_cache_in_a_cache_dir_and_the_proxy_refuses_an
     assert_ne!(now, bytes);
     assert_eq!(read_all(&s.uri(""), dir.path()), now);
     assert_ne!(s.report["exports"][0]["cache"], old[0].to_str().unwrap());
-    assert!(
-        s.wait_for_log(old[0].to_str().unwrap(), Duration::from_secs(10)),
-        "{}",
-        s.log()
-    );
+    s.assert_logs(old[0].to_str().unwrap(), Duration::from_secs(10));
     s.terminate(Duration::from_secs(20));
     assert_eq!(std::fs::read_dir(&cache_dir).unwrap().count(), 2);
 
@@ -539,17 +547,7 @@ fn a_changed_template_gets_its_own_cache_in_a_cache_dir_and_the_proxy_refuses_an
         &["--template-id", "v1"],
     ));
     up.keep_running();
-    let err = fails(&[
-        "proxy",
-        "--upstream",
-        &up.uri(),
-        "--cache",
-        cache.to_str().unwrap(),
-        "--socket",
-        dir.path().join("x.sock").to_str().unwrap(),
-        "--template-id",
-        "v2",
-    ]);
+    let err = proxy_fails(dir.path(), &up.uri(), &cache, &["--template-id", "v2"]);
     assert!(
         err.contains("another template or version") && err.contains("v1"),
         "{err}"
@@ -574,6 +572,20 @@ fn scrub(args: &[&str]) -> (i32, String) {
     (code, stdout)
 }
 
+/// `thinline proxy scrub ARGS`; asserts that it exits with `code` and that its output
+/// says `words`.
+fn scrub_says(args: &[&str], code: i32, words: &str) {
+    let (got, out) = scrub(args);
+    assert_eq!(got, code, "{out}");
+    assert!(out.contains(words), "{words:?} missing from:\n{out}");
+}
+
+/// Writes `bytes` at `offset` of the existing file `path`, in place.
+fn overwrite(path: &Path, offset: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+}
+
 #[test]
 fn a_scribbled_chunk_is_fetched_again_after_a_restart_and_scrub_finds_and_repairs_it() {
     let size = 8 * MIB;
@@ -593,22 +605,14 @@ fn a_scribbled_chunk_is_fetched_again_after_a_restart_and_scrub_finds_and_repair
         "{err}"
     );
     p.terminate(Duration::from_secs(20));
-    let (code, out) = scrub(&[cache_s]);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("128 of 128 chunks present, 0 bad"), "{out}");
+    scrub_says(&[cache_s], 0, "128 of 128 chunks present, 0 bad");
 
     // Bit rot in chunk 10 of the stopped proxy's cache.
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&cache)
-        .unwrap();
-    f.write_all_at(b"scribble", 10 * CHUNK + 999).unwrap();
-    drop(f);
-    let (code, out) = scrub(&[cache_s]);
-    assert_eq!(code, 4, "{out}");
-    assert!(
-        out.contains(&format!("bad chunk 10 at offset {}", 10 * CHUNK)),
-        "{out}"
+    overwrite(&cache, 10 * CHUNK + 999, b"scribble");
+    scrub_says(
+        &[cache_s],
+        4,
+        &format!("bad chunk 10 at offset {}", 10 * CHUNK),
     );
     let (_, json) = scrub(&["--json", cache_s]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
@@ -634,31 +638,17 @@ fn a_scribbled_chunk_is_fetched_again_after_a_restart_and_scrub_finds_and_repair
     settle(&p.socket.clone().unwrap());
     let s = status(&p.socket.clone().unwrap());
     assert_eq!(s["checksum_errors"], 1, "{s}");
-    assert!(
-        p.wait_for_log("does not match its checksum", Duration::from_secs(10)),
-        "{}",
-        p.log()
-    );
+    p.assert_logs("does not match its checksum", Duration::from_secs(10));
     // A clean stop persists the presence mark of the chunk fetched again (a
     // kill -9 may lose it, which only costs a later fetch).
     p.terminate(Duration::from_secs(20));
-    let (code, out) = scrub(&[cache_s]);
-    assert_eq!(code, 0, "the chunk fetched again is right on disk: {out}");
-    assert!(out.contains("128 of 128 chunks present, 0 bad"), "{out}");
+    // The chunk fetched again is right on disk.
+    scrub_says(&[cache_s], 0, "128 of 128 chunks present, 0 bad");
 
     // --repair forgets a bad chunk; the scrub after it is clean.
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&cache)
-        .unwrap();
-    f.write_all_at(b"scribble", 77 * CHUNK).unwrap();
-    drop(f);
-    let (code, out) = scrub(&["--repair", cache_s]);
-    assert_eq!(code, 4, "{out}");
-    assert!(out.contains("bad chunk 77 at offset"), "{out}");
-    let (code, out) = scrub(&[cache_s]);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("127 of 128 chunks present, 0 bad"), "{out}");
+    overwrite(&cache, 77 * CHUNK, b"scribble");
+    scrub_says(&["--repair", cache_s], 4, "bad chunk 77 at offset");
+    scrub_says(&[cache_s], 0, "127 of 128 chunks present, 0 bad");
     assert!(!marked(&cache, size)[77] && marked(&cache, size)[76]);
 }
 
@@ -675,17 +665,7 @@ fn symlinked_and_foreign_caches_are_refused_with_discard_too_and_left_unchanged(
     std::os::unix::fs::symlink(&victim, &link).unwrap();
     for cache in [&link, &victim] {
         for mode in ["refuse", "discard"] {
-            let err = fails(&[
-                "proxy",
-                "--upstream",
-                &up.uri(),
-                "--cache",
-                cache.to_str().unwrap(),
-                "--socket",
-                dir.path().join("x.sock").to_str().unwrap(),
-                "--cache-mismatch",
-                mode,
-            ]);
+            let err = proxy_fails(dir.path(), &up.uri(), cache, &["--cache-mismatch", mode]);
             let why = if cache == &link {
                 "symbolic link to something other than a block device"
             } else {
@@ -737,15 +717,7 @@ fn a_second_proxy_on_the_same_cache_is_refused_naming_the_holder() {
     let up = Nbdkit::start(dir.path(), &image, &[], &[]);
     let cache = dir.path().join("c.cache");
     let first = proxy(dir.path(), &up.uri(), &cache, &[]);
-    let err = fails(&[
-        "proxy",
-        "--upstream",
-        &up.uri(),
-        "--cache",
-        cache.to_str().unwrap(),
-        "--socket",
-        dir.path().join("second.sock").to_str().unwrap(),
-    ]);
+    let err = proxy_fails(dir.path(), &up.uri(), &cache, &[]);
     assert!(
         err.contains("in use by")
             && err.contains(&format!("pid {}", first.pid()))
@@ -888,11 +860,7 @@ fn prefetch_hydrates_the_data_skips_the_holes_keeps_the_rate_and_records_complet
         s["prefetch_zero_bytes"].as_u64().unwrap() >= 56 * MIB,
         "{s}"
     );
-    assert!(
-        p.wait_for_log("cache complete", Duration::from_secs(5)),
-        "{}",
-        p.log()
-    );
+    p.assert_logs("cache complete", Duration::from_secs(5));
     drop(p);
     // Completion is recorded in the cache itself.
     let p = proxy(dir.path(), &up.uri(), &cache, &[]);
@@ -930,10 +898,7 @@ struct LoopDevice(PathBuf);
 
 impl LoopDevice {
     fn attach(backing: &Path, size: u64) -> Option<LoopDevice> {
-        std::fs::File::create(backing)
-            .unwrap()
-            .set_len(size)
-            .unwrap();
+        common::sparse_file(backing, size);
         let out = Command::new("losetup")
             .args(["-f", "--show"])
             .arg(backing)
@@ -995,21 +960,15 @@ fn a_block_device_is_a_cache_too_and_one_too_small_is_refused() {
     // A device's template size is not known from its length: scrub asks for it.
     let err = fails(&["proxy", "scrub", dev.0.to_str().unwrap()]);
     assert!(err.contains("--size"), "{err}");
-    let (code, out) = scrub(&["--size", "8M", link.to_str().unwrap()]);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("128 of 128 chunks present, 0 bad"), "{out}");
+    scrub_says(
+        &["--size", "8M", link.to_str().unwrap()],
+        0,
+        "128 of 128 chunks present, 0 bad",
+    );
 
     let Some(small) = LoopDevice::attach(&dir.path().join("small.img"), 8 * MIB) else {
         return;
     };
-    let err = fails(&[
-        "proxy",
-        "--upstream",
-        &up.uri(),
-        "--cache",
-        small.0.to_str().unwrap(),
-        "--socket",
-        dir.path().join("s.sock").to_str().unwrap(),
-    ]);
+    let err = proxy_fails(dir.path(), &up.uri(), &small.0, &[]);
     assert!(err.contains("needs at least"), "{err}");
 }

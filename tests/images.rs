@@ -87,8 +87,7 @@ fn served_images_match_qemu_bytes_and_maps() {
     if !require(TOOLS) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let images = fixtures(dir.path());
+    let (dir, images) = in_tempdir(fixtures);
     check_served_like_qemu(dir.path(), &images);
 }
 
@@ -240,31 +239,7 @@ fn option_fixtures(d: &Path) -> Vec<Img> {
         &p("bitmaps.qcow2"),
         &["write -P 0x73 100k 300k"],
     );
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on",
-            &p("dirty.qcow2"),
-            "8M",
-        ],
-    );
-    // qemu-io's `abort` kills it (SIGABRT) with the dirty bit still set.
-    let _ = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 64k", "-c", "abort"])
-        .arg(d.join("dirty.qcow2"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    assert_eq!(
-        read_file(&d.join("dirty.qcow2"))[79] & 1,
-        1,
-        "the dirty bit is set"
-    );
+    dirty_qcow2(d, "dirty.qcow2");
     qemu_img(
         d,
         &["create", "-q", "-f", "qcow2", &p("corrupt.qcow2"), "8M"],
@@ -399,8 +374,7 @@ fn every_create_option_serves_like_qemu() {
     if !require(TOOLS) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let images = option_fixtures(dir.path());
+    let (dir, images) = in_tempdir(option_fixtures);
     assert!(images.len() > 45, "{} fixtures", images.len());
     check_served_like_qemu(dir.path(), &images);
 }
@@ -518,8 +492,7 @@ fn inspecting_and_serving_never_changes_a_template() {
     if !require(TOOLS) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let images = fixtures(dir.path());
+    let (dir, images) = in_tempdir(fixtures);
     // Make the dirty/corrupt cases too: a dirty lazy-refcount image and a corrupt one.
     let before = snapshot(dir.path());
     let out = tempfile::tempdir().unwrap();
@@ -826,12 +799,9 @@ fn damaged_metadata_fails_that_read_only_and_the_server_stays_up() {
     let good =
         stdout(Command::new("qemu-io").args(["-f", "raw", "-r", "-c", "read -P 0x5a 0 64k", &uri]));
     assert!(!good.contains("Pattern verification failed"), "{good}");
-    // The error line may reach the log just after the reply reached the client.
-    assert!(
-        served.wait_for_log("beyond", Duration::from_secs(10)),
-        "the log names the reason:\n{}",
-        served.log()
-    );
+    // The error line, naming the reason, may reach the log just after the reply
+    // reached the client.
+    served.assert_logs("beyond", Duration::from_secs(10));
     let log = served.log();
     assert!(
         log.contains("damaged.qcow2"),

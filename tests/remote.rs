@@ -84,8 +84,7 @@ fn http_templates_of_every_format_read_like_qemu() {
     if !require(TOOLS) || !require_nginx() {
         return;
     }
-    let www = tempfile::tempdir().unwrap();
-    let images = remote_fixtures(www.path());
+    let (www, images) = in_tempdir(remote_fixtures);
     let nginx = Nginx::start(www.path());
     let specs: Vec<String> = images
         .iter()
@@ -135,8 +134,7 @@ fn http_templates_through_a_cache_dir_read_like_qemu_and_a_restart_fetches_nothi
     if !require(TOOLS) || !require_nginx() {
         return;
     }
-    let www = tempfile::tempdir().unwrap();
-    let images = remote_fixtures(www.path());
+    let (www, images) = in_tempdir(remote_fixtures);
     let nginx = Nginx::start(www.path());
     let specs: Vec<String> = images
         .iter()
@@ -272,15 +270,21 @@ fn https_templates_use_http2_and_untrusted_certificates_are_refused() {
     );
 }
 
+/// nginx serving a new temporary directory that holds one file, `name`, of `data`.
+fn nginx_serving(name: &str, data: &[u8]) -> (tempfile::TempDir, Nginx) {
+    let www = tempfile::tempdir().unwrap();
+    std::fs::write(www.path().join(name), data).unwrap();
+    let nginx = Nginx::start(www.path());
+    (www, nginx)
+}
+
 #[test]
 fn small_reads_become_unit_requests_shared_by_every_connection() {
     if !require(TOOLS) || !require_nginx() {
         return;
     }
-    let www = tempfile::tempdir().unwrap();
     let data: Vec<u8> = (0..(8u32 << 20)).map(|i| (i % 251) as u8).collect();
-    std::fs::write(www.path().join("t.raw"), &data).unwrap();
-    let nginx = Nginx::start(www.path());
+    let (_www, nginx) = nginx_serving("t.raw", &data);
     let proxy = FaultProxy::start(nginx.port);
     let dir = tempfile::tempdir().unwrap();
     let spec = format!("t={}", proxy.url("t.raw"));
@@ -353,10 +357,8 @@ fn a_replaced_object_fails_reads_clearly_and_never_mixes_versions() {
     if !require(TOOLS) || !require_nginx() {
         return;
     }
-    let www = tempfile::tempdir().unwrap();
+    let (www, nginx) = nginx_serving("t.raw", &vec![0x11u8; 4 << 20]);
     let path = www.path().join("t.raw");
-    std::fs::write(&path, vec![0x11u8; 4 << 20]).unwrap();
-    let nginx = Nginx::start(www.path());
     let dir = tempfile::tempdir().unwrap();
     let spec = format!("t={}", nginx.url("t.raw"));
     let served = Served::unix(dir.path(), &["--readahead", "0"], &[&spec]);
@@ -377,11 +379,7 @@ fn a_replaced_object_fails_reads_clearly_and_never_mixes_versions() {
         !out.status.success() || text.contains("error") || text.contains("failed"),
         "a read of the replaced object must fail: {text}"
     );
-    assert!(
-        served.wait_for_log("changed since it was opened", Duration::from_secs(10)),
-        "{}",
-        served.log()
-    );
+    served.assert_logs("changed since it was opened", Duration::from_secs(10));
     assert!(
         served.log().contains("/t.raw bytes 2097152-"),
         "{}",
@@ -403,10 +401,8 @@ fn faults_within_the_retry_budget_are_invisible() {
     if !require(TOOLS) || !require_nginx() {
         return;
     }
-    let www = tempfile::tempdir().unwrap();
     let data: Vec<u8> = (0..(24u32 << 20)).map(|i| (i * 31 % 253) as u8).collect();
-    std::fs::write(www.path().join("t.raw"), &data).unwrap();
-    let nginx = Nginx::start(www.path());
+    let (_www, nginx) = nginx_serving("t.raw", &data);
     let proxy = FaultProxy::start(nginx.port);
     proxy.set_latency(Duration::from_millis(5));
     let dir = tempfile::tempdir().unwrap();
@@ -428,11 +424,7 @@ fn faults_within_the_retry_budget_are_invisible() {
         "the copy differs from the template"
     );
     assert_eq!(proxy.queued(), 0, "every injected fault was hit");
-    assert!(
-        served.wait_for_log("retrying", Duration::from_secs(10)),
-        "{}",
-        served.log()
-    );
+    served.assert_logs("retrying", Duration::from_secs(10));
 }
 
 #[test]
@@ -440,9 +432,7 @@ fn faults_beyond_the_budget_fail_one_read_and_the_next_succeeds() {
     if !require(TOOLS) || !require_nginx() {
         return;
     }
-    let www = tempfile::tempdir().unwrap();
-    std::fs::write(www.path().join("t.raw"), vec![0x5au8; 8 << 20]).unwrap();
-    let nginx = Nginx::start(www.path());
+    let (_www, nginx) = nginx_serving("t.raw", &vec![0x5au8; 8 << 20]);
     let proxy = FaultProxy::start(nginx.port);
     let dir = tempfile::tempdir().unwrap();
     let spec = format!("t={}", proxy.url("t.raw"));
@@ -478,9 +468,7 @@ fn credentials_and_signatures_never_appear_in_output() {
     if !require(TOOLS) || !require_nginx() {
         return;
     }
-    let www = tempfile::tempdir().unwrap();
-    std::fs::write(www.path().join("t.raw"), vec![1u8; 1 << 20]).unwrap();
-    let nginx = Nginx::start(www.path());
+    let (_www, nginx) = nginx_serving("t.raw", &vec![1u8; 1 << 20]);
     let secret_uri = format!(
         "http://alice:hunter2secret@127.0.0.1:{}/t.raw?X-Amz-Signature=sigsecret",
         nginx.port
@@ -531,8 +519,7 @@ fn scheme_handlers_attach_serve_and_detach() {
     if !require(TOOLS) {
         return;
     }
-    let store = tempfile::tempdir().unwrap();
-    let images = fixtures(store.path());
+    let (store, images) = in_tempdir(fixtures);
     let handlers = tempfile::tempdir().unwrap();
     let log = handlers.path().join("calls.log");
     // `vault://anything/NAME` is the fixture NAME in the store directory.
@@ -657,8 +644,7 @@ fn s3_templates_of_every_format_read_like_qemu_through_faults() {
     if !require(TOOLS) || !require_moto() {
         return;
     }
-    let store = tempfile::tempdir().unwrap();
-    let images = remote_fixtures(store.path());
+    let (store, images) = in_tempdir(remote_fixtures);
     let moto = Moto::start();
     moto.create_bucket("templates", false);
     upload_dir(&moto, "templates", "golden/v1", store.path());
@@ -678,9 +664,8 @@ fn s3_templates_of_every_format_read_like_qemu_through_faults() {
         &S3_ENV,
     );
     assert_eq!(proxy.queued(), 0, "every injected fault was hit");
-    served.wait_for_log("503", Duration::from_secs(10));
+    served.assert_logs("503", Duration::from_secs(10));
     let log = served.log();
-    assert!(log.contains("503"), "{log}");
     assert!(
         !log.contains("s3cr3t") && !log.contains("AKIATESTKEY"),
         "credentials leaked: {log}"
@@ -732,11 +717,7 @@ fn s3_replaced_objects_fail_and_pinned_versions_hold() {
         "try:\n    h.pread(4096, 1 << 20)\n    assert False, 'read of new data succeeded'\n\
          except nbd.Error as e:\n    assert e.errnum == errno.EIO, e\n",
     );
-    assert!(
-        served.wait_for_log("changed since it was opened", Duration::from_secs(10)),
-        "{}",
-        served.log()
-    );
+    served.assert_logs("changed since it was opened", Duration::from_secs(10));
     // The export pinned to a version keeps reading that version.
     sh(
         &served.uri("pinned"),
@@ -858,8 +839,7 @@ fn nfs_templates_of_every_format_read_like_qemu() {
     if !require(TOOLS) || !require_nfs_server() {
         return;
     }
-    let store = tempfile::tempdir().unwrap();
-    let images = remote_fixtures(store.path());
+    let (store, images) = in_tempdir(remote_fixtures);
     let nfs = NfsServer::start(store.path());
     serve_and_compare(&images, |name| nfs.uri(name), &[], &[]);
 }

@@ -23,6 +23,18 @@ struct Run {
     took: Duration,
 }
 
+impl Run {
+    /// Asserts that thinline failed and that its stderr says `words`.
+    fn assert_failed_saying(&self, words: &str) {
+        assert!(!self.status.success(), "{}", self.stdout);
+        assert!(
+            self.stderr.contains(words),
+            "{words:?} missing from:\n{}",
+            self.stderr
+        );
+    }
+}
+
 /// Runs `thinline ARGS` and kills it (failing the test) if it runs longer than `limit`:
 /// every case here must end on its own, quickly.
 fn thinline_within(limit: Duration, args: &[&str], env: &[(&str, &str)]) -> Run {
@@ -204,8 +216,7 @@ fn a_fifo_or_a_device_named_as_a_backing_file_is_refused_at_once() {
         ],
         &[],
     );
-    assert!(!run.status.success());
-    assert!(run.stderr.contains("FIFO"), "{}", run.stderr);
+    run.assert_failed_saying("FIFO");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -219,10 +230,7 @@ fn a_guest_cannot_turn_a_probed_raw_image_into_another_format() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
+    common::sparse_file(&disk, 4 << 20);
     // The header of a qcow2 whose backing file is a host file.
     let header = overlay_naming(dir.path(), "/etc/passwd", "4M");
     std::fs::write(dir.path().join("header"), &header[..4096]).unwrap();
@@ -278,11 +286,7 @@ print("last sector", refused(bytes(range(256)) * 2, size - 512))
         );
     }
     // Logged before the refusal was answered; the log reaches the test through a pipe.
-    assert!(
-        served.wait_for_log("refused a write", Duration::from_secs(10)),
-        "{}",
-        served.log()
-    );
+    served.assert_logs("refused a write", Duration::from_secs(10));
     drop(served);
     // Restarted with the same command line, it is still the raw disk it was.
     let again = Served::start(&args);
@@ -317,12 +321,7 @@ fn an_endless_body_to_the_opening_probe_fails_the_open_at_once() {
         &["image", "info", &server.url("/t.raw")],
         &[],
     );
-    assert!(!run.status.success());
-    assert!(
-        run.stderr.contains("longer than the 1 bytes asked for"),
-        "{}",
-        run.stderr
-    );
+    run.assert_failed_saying("longer than the 1 bytes asked for");
 }
 
 #[test]
@@ -350,8 +349,7 @@ fn a_probe_body_that_never_arrives_fails_the_open_at_the_idle_timeout() {
         ],
         &[],
     );
-    assert!(!run.status.success());
-    assert!(run.stderr.contains("stalled"), "{}", run.stderr);
+    run.assert_failed_saying("stalled");
 }
 
 #[test]
@@ -380,12 +378,8 @@ fn a_trickling_body_fails_at_the_min_rate_deadline() {
         ],
         &[],
     );
-    assert!(!run.status.success());
-    assert!(
-        run.stderr.contains("arrived too slowly") && run.stderr.contains("--min-rate"),
-        "{}",
-        run.stderr
-    );
+    run.assert_failed_saying("arrived too slowly");
+    assert!(run.stderr.contains("--min-rate"), "{}", run.stderr);
     // The deadline is 2 s plus 64 KiB at 64 KiB/s.
     assert!(run.took >= Duration::from_secs(3), "{:?}", run.took);
 }
@@ -409,12 +403,7 @@ fn objects_larger_than_the_largest_file_are_refused_at_open() {
         &["image", "info", "--json", &server.url("/huge.raw")],
         &[],
     );
-    assert!(!run.status.success(), "{}", run.stdout);
-    assert!(
-        run.stderr.contains("more than the largest size"),
-        "{}",
-        run.stderr
-    );
+    run.assert_failed_saying("more than the largest size");
 }
 
 #[test]
@@ -516,8 +505,7 @@ fn netrc_credentials_authenticate_without_the_command_line_and_loose_files_are_r
     let url = server.url("/t.raw");
     let info = ["image", "info", "--json", url.as_str()];
     let denied = thinline_within(Duration::from_secs(20), &info, &[]);
-    assert!(!denied.status.success());
-    assert!(denied.stderr.contains("401"), "{}", denied.stderr);
+    denied.assert_failed_saying("401");
     let run = thinline_within(
         Duration::from_secs(20),
         &info,
@@ -536,8 +524,7 @@ fn netrc_credentials_authenticate_without_the_command_line_and_loose_files_are_r
         ],
         &[],
     );
-    assert!(!loose.status.success());
-    assert!(loose.stderr.contains("chmod 600"), "{}", loose.stderr);
+    loose.assert_failed_saying("chmod 600");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -549,10 +536,7 @@ fn sockets_never_have_more_than_mode_0660_whatever_the_umask() {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    common::sparse_file(&image, 1 << 20);
     let (sock, status) = (dir.path().join("nbd.sock"), dir.path().join("status.sock"));
     // Watch both paths from before the daemon starts: every mode ever seen must be 0660.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -620,12 +604,7 @@ fn a_sample_image_planted_by_another_user_is_never_served() {
         &["serve", "--socket", sock.to_str().unwrap()],
         &[("TMPDIR", tmp.to_str().unwrap())],
     );
-    assert!(!run.status.success());
-    assert!(
-        run.stderr.contains("not a regular file owned by this user"),
-        "{}",
-        run.stderr
-    );
+    run.assert_failed_saying("not a regular file owned by this user");
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     // Without anything planted, the sample is made private to its owner.
     std::fs::remove_file(tmp.join("thinline-sample.img")).unwrap();

@@ -25,9 +25,7 @@ use thinline_test_support::fake_nbd::{
     CONTEXT_ID, FAKE_SIZE, FakeConfig, Responder, chunk, data_chunk, each, error_chunk,
     fake_server, good, hole_chunk, option_reply, pattern,
 };
-use thinline_test_support::nbd_servers::{
-    connect_when_up, nbdkit, nbdkit_eio_from, unix_uri, within,
-};
+use thinline_test_support::nbd_servers::{Nbdkit, connect_when_up, unix_uri, within};
 use thinline_test_support::ports::{loopback_listener, socket_activated};
 use thinline_test_support::require;
 use thinline_test_support::rng::Rng;
@@ -169,6 +167,17 @@ async fn check_block_status_of_image(client: &Client) {
     assert_eq!(extents.iter().map(|e| e.0).sum::<u64>(), 1000);
 }
 
+/// Asserts that `e` is the server's error reply `expected` (an `errno` value) and
+/// returns its message.
+fn assert_error_reply(e: &Error, expected: u32) -> String {
+    let text = e.to_string();
+    assert!(
+        matches!(e, Error::Request { errno, .. } if *errno == expected),
+        "{text}"
+    );
+    text
+}
+
 fn qemu_nbd_unix(file: &Path, format: &str, sock: &Path) -> KillOnDrop {
     KillOnDrop::spawn(Command::new("qemu-nbd").args([
         "-r",
@@ -288,14 +297,11 @@ async fn qemu_nbd_qcow2_over_tcp() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdkit_pattern_and_memory_with_and_without_structured_replies() {
-    if !require(&["nbdkit"]) {
+    let Some(pattern) = Nbdkit::start(&["pattern", "size=3M"]) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("p.sock");
-    let _pattern = nbdkit(&sock, &["pattern", "size=3M"]);
+    };
     within(60, async {
-        let client = connect_when_up(&unix_uri("", &sock), &ClientOptions::default()).await;
+        let client = pattern.client().await;
         assert_eq!(client.size(), 3 << 20);
         assert!(client.can_multi_conn());
         // The pattern plugin: every 8 bytes hold their own offset, big-endian.
@@ -308,10 +314,9 @@ async fn nbdkit_pattern_and_memory_with_and_without_structured_replies() {
     })
     .await;
 
-    let sock = dir.path().join("m.sock");
-    let _memory = nbdkit(&sock, &["--no-sr", "memory", "1M"]);
+    let memory = Nbdkit::start(&["--no-sr", "memory", "1M"]).expect("nbdkit is there");
     within(60, async {
-        let client = connect_when_up(&unix_uri("", &sock), &ClientOptions::default()).await;
+        let client = memory.client().await;
         assert!(!client.structured_replies(), "nbdkit --no-sr refuses them");
         assert!(!client.has_block_status());
         let data = client.read(4096, 300_000).await.unwrap();
@@ -331,22 +336,18 @@ async fn nbdkit_pattern_and_memory_with_and_without_structured_replies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdkit_eio_on_a_range_and_by_trigger_file() {
-    if !require(&["nbdkit"]) {
+    let Some(eio) = Nbdkit::eio_from(1 << 20, 524_288) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("e.sock");
-    let _eval = nbdkit_eio_from(&sock, 1 << 20, 524_288);
+    };
     within(60, async {
-        let client = connect_when_up(&unix_uri("", &sock), &ClientOptions::default()).await;
+        let client = eio.client().await;
         assert!(client.read(0, 65536).await.unwrap().iter().all(|&b| b == 0));
         let e = client.read(600_000, 4096).await.unwrap_err();
-        let text = e.to_string();
+        let text = assert_error_reply(&e, errno::EIO);
         assert!(
             matches!(
                 e,
                 Error::Request {
-                    errno: errno::EIO,
                     offset: 600_000,
                     ..
                 }
@@ -361,34 +362,22 @@ async fn nbdkit_eio_on_a_range_and_by_trigger_file() {
     .await;
 
     let img = image();
-    let trigger = dir.path().join("trigger");
-    let sock = dir.path().join("f.sock");
-    let _file = nbdkit(
-        &sock,
-        &[
-            "--filter=error",
-            "file",
-            img.path.to_str().unwrap(),
-            "error-pread=EIO",
-            "error-pread-rate=100%",
-            &format!("error-pread-file={}", trigger.display()),
-        ],
-    );
+    let trigger = eio.dir.path().join("trigger");
+    let file = Nbdkit::start(&[
+        "--filter=error",
+        "file",
+        img.path.to_str().unwrap(),
+        "error-pread=EIO",
+        "error-pread-rate=100%",
+        &format!("error-pread-file={}", trigger.display()),
+    ])
+    .expect("nbdkit is there");
     within(60, async {
-        let client = connect_when_up(&unix_uri("", &sock), &ClientOptions::default()).await;
+        let client = file.client().await;
         assert!(client.read(0, 65536).await.unwrap() == img.bytes[..65536]);
         std::fs::write(&trigger, b"").unwrap();
         let e = client.read(0, 65536).await.unwrap_err();
-        assert!(
-            matches!(
-                e,
-                Error::Request {
-                    errno: errno::EIO,
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        assert_error_reply(&e, errno::EIO);
         std::fs::remove_file(&trigger).unwrap();
         assert!(client.read(1 << 20, 4096).await.unwrap() == img.bytes[1 << 20..(1 << 20) + 4096]);
     })
@@ -397,18 +386,12 @@ async fn nbdkit_eio_on_a_range_and_by_trigger_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_killed_mid_request_fails_pending_reads() {
-    if !require(&["nbdkit"]) {
+    let Some(mut server) = Nbdkit::start(&["--filter=delay", "pattern", "size=1M", "rdelay=10"])
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("d.sock");
-    let mut server = nbdkit(
-        &sock,
-        &["--filter=delay", "pattern", "size=1M", "rdelay=10"],
-    );
+    };
     within(60, async {
-        let client =
-            Arc::new(connect_when_up(&unix_uri("", &sock), &ClientOptions::default()).await);
+        let client = Arc::new(server.client().await);
         let mut reads = tokio::task::JoinSet::new();
         for i in 0..8u64 {
             let c = Arc::clone(&client);
@@ -514,6 +497,12 @@ async fn fake(config: FakeConfig, respond: Responder) -> thinline_nbd::client::R
     Client::from_stream(c, "fake-server", "disk", &ClientOptions::default()).await
 }
 
+/// A client connected to a fake server with the default configuration that answers
+/// each request with the bytes `f` makes for it.
+async fn fake_answering(f: impl Fn(&RequestHeader) -> Vec<u8> + Send + 'static) -> Client {
+    fake(FakeConfig::default(), each(f)).await.unwrap()
+}
+
 #[tokio::test]
 async fn fake_out_of_order_and_interleaved_replies_are_assembled() {
     within(20, async {
@@ -570,36 +559,22 @@ async fn fake_reads_are_widened_to_the_minimum_block() {
 #[tokio::test]
 async fn fake_error_chunks_carry_the_servers_message_and_keep_the_connection() {
     within(20, async {
-        let client = fake(
-            FakeConfig::default(),
-            each(|r| {
-                if r.offset == 0 {
-                    error_chunk(
-                        reply::ERROR_OFFSET,
-                        r.cookie,
-                        errno::EIO,
-                        "disk on fire\x1b[31m",
-                        Some(r.offset + 5),
-                    )
-                } else {
-                    data_chunk(r.cookie, r.offset, r.length, true)
-                }
-            }),
-        )
-        .await
-        .unwrap();
+        let client = fake_answering(|r| {
+            if r.offset == 0 {
+                error_chunk(
+                    reply::ERROR_OFFSET,
+                    r.cookie,
+                    errno::EIO,
+                    "disk on fire\x1b[31m",
+                    Some(r.offset + 5),
+                )
+            } else {
+                data_chunk(r.cookie, r.offset, r.length, true)
+            }
+        })
+        .await;
         let e = client.read(0, 4096).await.unwrap_err();
-        let text = e.to_string();
-        assert!(
-            matches!(
-                e,
-                Error::Request {
-                    errno: errno::EIO,
-                    ..
-                }
-            ),
-            "{text}"
-        );
+        let text = assert_error_reply(&e, errno::EIO);
         assert!(
             text.contains("disk on fire") && text.contains("at offset 5"),
             "{text}"
@@ -621,21 +596,17 @@ async fn fake_error_chunks_carry_the_servers_message_and_keep_the_connection() {
 #[tokio::test]
 async fn fake_block_status_is_clipped_to_the_request() {
     within(20, async {
-        let client = fake(
-            FakeConfig::default(),
-            each(|r| {
-                assert_eq!(r.command, cmd::BLOCK_STATUS);
-                let mut p = CONTEXT_ID.to_be_bytes().to_vec();
-                // 1000 data bytes, then a hole that runs past the request.
-                for (len, flags) in [(1000u32, 0u32), (1 << 19, 3)] {
-                    p.extend_from_slice(&len.to_be_bytes());
-                    p.extend_from_slice(&flags.to_be_bytes());
-                }
-                chunk(reply::FLAG_DONE, reply::BLOCK_STATUS, r.cookie, &p)
-            }),
-        )
-        .await
-        .unwrap();
+        let client = fake_answering(|r| {
+            assert_eq!(r.command, cmd::BLOCK_STATUS);
+            let mut p = CONTEXT_ID.to_be_bytes().to_vec();
+            // 1000 data bytes, then a hole that runs past the request.
+            for (len, flags) in [(1000u32, 0u32), (1 << 19, 3)] {
+                p.extend_from_slice(&len.to_be_bytes());
+                p.extend_from_slice(&flags.to_be_bytes());
+            }
+            chunk(reply::FLAG_DONE, reply::BLOCK_STATUS, r.cookie, &p)
+        })
+        .await;
         let e = client.block_status(0, 5000).await.unwrap();
         assert_eq!(e, vec![(1000, 0), (4000, 3)]);
     })
@@ -669,16 +640,7 @@ async fn fake_simple_replies_when_structured_replies_are_refused() {
         let got = client.read(512, 3000).await.unwrap();
         assert_eq!(&got[..], &pattern(512, 3000)[..]);
         let e = client.read(0, 1).await.unwrap_err();
-        assert!(
-            matches!(
-                e,
-                Error::Request {
-                    errno: errno::EPERM,
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        assert_error_reply(&e, errno::EPERM);
     })
     .await;
 }

@@ -7,28 +7,21 @@
 
 use std::sync::Arc;
 
-use thinline_nbd::client::ClientOptions;
 use thinline_nbd::raw::{RawExport, RawOptions};
 use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
 use thinline_source::nbd::NbdBackend;
 use thinline_source::{FetchErrorKind, RangeBackend, RemoteConfig};
-use thinline_test_support::nbd_servers::{
-    connect_when_up, nbdkit, nbdkit_eio_from, unix_uri, within,
-};
-use thinline_test_support::require;
+use thinline_test_support::nbd_servers::{Nbdkit, unix_uri, within};
 use thinline_test_support::rng::Rng;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_eio_reply_is_a_transient_fetch_error() {
-    if !require(&["nbdkit"]) {
+    let Some(eio) = Nbdkit::eio_from(1 << 20, 524_288) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("e.sock");
-    let _eval = nbdkit_eio_from(&sock, 1 << 20, 524_288);
+    };
     within(60, async {
-        drop(connect_when_up(&unix_uri("", &sock), &ClientOptions::default()).await);
-        let backend = NbdBackend::open(&unix_uri("", &sock), &RemoteConfig::default())
+        drop(eio.client().await);
+        let backend = NbdBackend::open(&eio.uri(), &RemoteConfig::default())
             .await
             .unwrap();
         assert!(backend.read(0, 4096).await.unwrap().iter().all(|&b| b == 0));
@@ -40,15 +33,12 @@ async fn an_eio_reply_is_a_transient_fetch_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_reconnects_after_the_server_restarts_and_sees_size_changes() {
-    if !require(&["nbdkit"]) {
+    let Some(mut server) = Nbdkit::start(&["pattern", "size=1M"]) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("r.sock");
-    let uri = unix_uri("", &sock);
-    let mut server = nbdkit(&sock, &["pattern", "size=1M"]);
+    };
+    let uri = server.uri();
     within(60, async {
-        drop(connect_when_up(&uri, &ClientOptions::default()).await);
+        drop(server.client().await);
         let backend = NbdBackend::open(&uri, &RemoteConfig::default())
             .await
             .unwrap();
@@ -69,23 +59,19 @@ async fn backend_reconnects_after_the_server_restarts_and_sees_size_changes() {
             assert_eq!(&d[..], &(i * 8).to_be_bytes());
         }
         server.kill();
-        let _ = std::fs::remove_file(&sock);
         let e = backend.read(0, 8).await.unwrap_err();
         assert_eq!(e.kind, FetchErrorKind::Transient, "{e}");
         let beyond = backend.read(1 << 20, 1).await.unwrap_err();
         assert_eq!(beyond.kind, FetchErrorKind::Permanent);
 
-        let mut again = nbdkit(&sock, &["pattern", "size=1M"]);
-        drop(connect_when_up(&uri, &ClientOptions::default()).await);
+        server.restart(&["pattern", "size=1M"]);
+        drop(server.client().await);
         for i in 0..8 {
             let d = backend.read(4096 + i * 8, 8).await.unwrap();
             assert_eq!(&d[..], &(4096 + i * 8).to_be_bytes());
         }
-        again.kill();
-        let _ = std::fs::remove_file(&sock);
-
-        let _bigger = nbdkit(&sock, &["pattern", "size=2M"]);
-        drop(connect_when_up(&uri, &ClientOptions::default()).await);
+        server.restart(&["pattern", "size=2M"]);
+        drop(server.client().await);
         let mut changed = false;
         for i in 0..4 {
             if let Err(e) = backend.read(i * 8, 8).await {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use thinline_source::nfs;
-use thinline_source::{FetchErrorKind, RangeBackend, RemoteConfig};
+use thinline_source::{FetchError, FetchErrorKind, RangeBackend, RemoteConfig};
 use thinline_test_support::rng::Rng;
 use thinline_test_support::servers::{NfsServer, require_nfs_server};
 
@@ -70,6 +70,15 @@ async fn open(uri: &str) -> Arc<dyn RangeBackend> {
     nfs::open(uri, &RemoteConfig::default())
         .await
         .unwrap_or_else(|e| panic!("open {uri}: {e}"))
+}
+
+/// Asserts that `err` is of `kind` and that its message says `words`.
+fn assert_error(err: &FetchError, kind: FetchErrorKind, words: &str) {
+    assert_eq!(err.kind, kind, "{err}");
+    assert!(
+        err.to_string().contains(words),
+        "{words:?} missing from: {err}"
+    );
 }
 
 async fn check_reads(backend: &dyn RangeBackend, expected: &[u8], rng: &mut Rng, count: usize) {
@@ -189,8 +198,7 @@ async fn related_names_resolve_next_to_the_image() {
     }
 
     let missing = disk.open_related("nope.img").await.unwrap_err();
-    assert_eq!(missing.kind, FetchErrorKind::Permanent, "{missing}");
-    assert!(missing.to_string().contains("nope.img"), "{missing}");
+    assert_error(&missing, FetchErrorKind::Permanent, "nope.img");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,8 +227,7 @@ async fn a_missing_file_is_a_permanent_error_naming_the_uri() {
     let err = nfs::open(&server.uri("sub"), &RemoteConfig::default())
         .await
         .unwrap_err();
-    assert_eq!(err.kind, FetchErrorKind::Permanent, "{err}");
-    assert!(err.to_string().contains("directory"), "{err}");
+    assert_error(&err, FetchErrorKind::Permanent, "directory");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,8 +249,7 @@ async fn a_rewritten_file_is_changed() {
     // Rewritten in place with another size.
     write_file(&grown, &rng.bytes(3 << 20));
     let err = a.read(0, 4096).await.unwrap_err();
-    assert_eq!(err.kind, FetchErrorKind::Changed, "{err}");
-    assert!(err.to_string().contains("size changed"), "{err}");
+    assert_error(&err, FetchErrorKind::Changed, "size changed");
 
     // Same size and bytes, another mtime.
     let f = std::fs::OpenOptions::new()
@@ -254,8 +260,7 @@ async fn a_rewritten_file_is_changed() {
         .unwrap();
     drop(f);
     let err = b.read(1 << 20, 8192).await.unwrap_err();
-    assert_eq!(err.kind, FetchErrorKind::Changed, "{err}");
-    assert!(err.to_string().contains("modification time"), "{err}");
+    assert_error(&err, FetchErrorKind::Changed, "modification time");
     assert_eq!(err.range, Some((1 << 20, 8192)));
 }
 

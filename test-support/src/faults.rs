@@ -9,11 +9,11 @@ use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::{accept_until_stopped, stop_accepting};
+use crate::Acceptor;
 
 /// What to do to one request.
 #[derive(Debug, Clone)]
@@ -40,14 +40,20 @@ struct Faults {
     always: Option<Fault>,
 }
 
+/// What the connections of a [`FaultProxy`] share.
+#[derive(Debug, Default)]
+struct Shared {
+    faults: Mutex<Faults>,
+    requests: AtomicU64,
+    injected: AtomicU64,
+}
+
 /// A running proxy; stops when dropped.
 #[derive(Debug)]
 pub struct FaultProxy {
     pub port: u16,
-    faults: Arc<Mutex<Faults>>,
-    requests: Arc<AtomicU64>,
-    injected: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+    _acceptor: Acceptor,
 }
 
 impl FaultProxy {
@@ -59,31 +65,15 @@ impl FaultProxy {
     /// Proxies 127.0.0.1:`upstream` for the clients of `listener` (the latency proxy
     /// of `examples/latency-proxy.rs` listens on a port it is given).
     pub fn start_on(listener: TcpListener, upstream: u16) -> FaultProxy {
-        let port = listener.local_addr().unwrap().port();
-        let proxy = FaultProxy {
-            port,
-            faults: Arc::default(),
-            requests: Arc::default(),
-            injected: Arc::default(),
-            stop: Arc::default(),
-        };
-        let (faults, requests, injected, stop) = (
-            Arc::clone(&proxy.faults),
-            Arc::clone(&proxy.requests),
-            Arc::clone(&proxy.injected),
-            Arc::clone(&proxy.stop),
-        );
-        accept_until_stopped(listener, stop, move |client| {
-            let (faults, requests, injected) = (
-                Arc::clone(&faults),
-                Arc::clone(&requests),
-                Arc::clone(&injected),
-            );
-            std::thread::spawn(move || {
-                let _ = serve(client, upstream, &faults, &requests, &injected);
-            });
+        let shared = Arc::<Shared>::default();
+        let acceptor = Acceptor::serve_each(listener, &shared, move |client, shared, _| {
+            let _ = serve(client, upstream, shared);
         });
-        proxy
+        FaultProxy {
+            port: acceptor.port,
+            shared,
+            _acceptor: acceptor,
+        }
     }
 
     /// `http://127.0.0.1:PORT/path`.
@@ -97,44 +87,38 @@ impl FaultProxy {
 
     /// Delay before every response head.
     pub fn set_latency(&self, latency: Duration) {
-        self.faults.lock().unwrap().latency = latency;
+        self.shared.faults.lock().unwrap().latency = latency;
     }
 
     /// Applies `fault` to the next `count` requests.
     pub fn inject(&self, fault: Fault, count: usize) {
-        let mut f = self.faults.lock().unwrap();
+        let mut f = self.shared.faults.lock().unwrap();
         f.queue.extend(std::iter::repeat_n(fault, count));
     }
 
     /// Applies `fault` to every request until [`FaultProxy::clear`].
     pub fn always(&self, fault: Fault) {
-        self.faults.lock().unwrap().always = Some(fault);
+        self.shared.faults.lock().unwrap().always = Some(fault);
     }
 
     /// Removes every fault (latency included).
     pub fn clear(&self) {
-        *self.faults.lock().unwrap() = Faults::default();
+        *self.shared.faults.lock().unwrap() = Faults::default();
     }
 
     /// Requests seen so far.
     pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::SeqCst)
+        self.shared.requests.load(Ordering::SeqCst)
     }
 
     /// Faults applied so far.
     pub fn injected(&self) -> u64 {
-        self.injected.load(Ordering::SeqCst)
+        self.shared.injected.load(Ordering::SeqCst)
     }
 
     /// Faults still queued.
     pub fn queued(&self) -> usize {
-        self.faults.lock().unwrap().queue.len()
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        stop_accepting(&self.stop, self.port);
+        self.shared.faults.lock().unwrap().queue.len()
     }
 }
 
@@ -218,29 +202,23 @@ fn copy_body(
     Ok(())
 }
 
-fn serve(
-    client: TcpStream,
-    upstream_port: u16,
-    faults: &Mutex<Faults>,
-    requests: &AtomicU64,
-    injected: &AtomicU64,
-) -> io::Result<()> {
+fn serve(client: TcpStream, upstream_port: u16, shared: &Shared) -> io::Result<()> {
     client.set_nodelay(true)?;
     let mut client_reader = BufReader::new(client.try_clone()?);
     let mut client_writer = client;
     let mut upstream: Option<(BufReader<TcpStream>, TcpStream)> = None;
     while let Some(request) = read_head(&mut client_reader)? {
-        requests.fetch_add(1, Ordering::SeqCst);
+        shared.requests.fetch_add(1, Ordering::SeqCst);
         let mut body =
             vec![0; header(&request, "content-length").map_or(0, |v| v.parse().unwrap_or(0))];
         client_reader.read_exact(&mut body)?;
         let is_head = request.starts_with(b"HEAD ");
         let (fault, latency) = {
-            let mut f = faults.lock().unwrap();
+            let mut f = shared.faults.lock().unwrap();
             (f.queue.pop_front().or_else(|| f.always.clone()), f.latency)
         };
         if fault.is_some() {
-            injected.fetch_add(1, Ordering::SeqCst);
+            shared.injected.fetch_add(1, Ordering::SeqCst);
         }
         std::thread::sleep(latency);
         match fault {
@@ -309,36 +287,25 @@ pub struct TcpFaultProxy {
     pub port: u16,
     connections: Arc<Mutex<Vec<TcpStream>>>,
     accepted: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
+    acceptor: Acceptor,
 }
 
 impl TcpFaultProxy {
     /// Proxies 127.0.0.1:`upstream`.
     pub fn start(upstream: u16) -> TcpFaultProxy {
+        let connections = Arc::<Mutex<Vec<TcpStream>>>::default();
+        let accepted = Arc::<AtomicU64>::default();
+        let (open, carried) = (Arc::clone(&connections), Arc::clone(&accepted));
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let proxy = TcpFaultProxy {
-            port: listener.local_addr().unwrap().port(),
-            connections: Arc::default(),
-            accepted: Arc::default(),
-            stop: Arc::default(),
-        };
-        let (connections, accepted, stop) = (
-            Arc::clone(&proxy.connections),
-            Arc::clone(&proxy.accepted),
-            Arc::clone(&proxy.stop),
-        );
-        accept_until_stopped(listener, stop, move |client| {
+        let acceptor = Acceptor::start(listener, move |client| {
             let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
                 reset(&client);
                 return;
             };
-            accepted.fetch_add(1, Ordering::SeqCst);
+            carried.fetch_add(1, Ordering::SeqCst);
             let _ = client.set_nodelay(true);
             let _ = server.set_nodelay(true);
-            connections
-                .lock()
-                .unwrap()
-                .push(client.try_clone().unwrap());
+            open.lock().unwrap().push(client.try_clone().unwrap());
             for (mut from, mut to) in [
                 (client.try_clone().unwrap(), server.try_clone().unwrap()),
                 (server, client),
@@ -350,7 +317,12 @@ impl TcpFaultProxy {
                 });
             }
         });
-        proxy
+        TcpFaultProxy {
+            port: acceptor.port,
+            connections,
+            accepted,
+            acceptor,
+        }
     }
 
     /// Resets every connection open now (the client sees ECONNRESET).
@@ -368,7 +340,7 @@ impl TcpFaultProxy {
 
 impl Drop for TcpFaultProxy {
     fn drop(&mut self) {
-        stop_accepting(&self.stop, self.port);
+        self.acceptor.stop();
         self.reset_all();
     }
 }

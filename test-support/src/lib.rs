@@ -13,7 +13,8 @@
 //! - [`rng`]: a deterministic generator for test data and random ranges.
 //! - `fake_nbd` (feature `nbd`): a fake NBD server that breaks the protocol on demand;
 //!   `nbd_servers` (feature `nbd`): nbdkit, and waiting until a server answers.
-//! - Process helpers: [`run`], [`stdout`], [`signal`], [`wait_timeout`], [`KillOnDrop`].
+//! - Process helpers: [`run`], [`stdout`], [`signal`], [`wait_timeout`], [`KillOnDrop`];
+//!   [`Acceptor`], the accept loop of the loopback servers.
 
 #[cfg(feature = "nbd")]
 pub mod fake_nbd;
@@ -29,7 +30,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// True when running in CI (`CI=true`), where a missing tool fails a test.
@@ -125,7 +126,7 @@ pub fn spawn(cmd: &mut Command, stdout: Stdio, stderr: Stdio) -> Child {
 /// Accepts connections on `listener` in a thread of its own and hands each to
 /// `handle`, until `stop` is set: it is checked as each connection arrives, so whoever
 /// sets it then connects once to end the loop.
-pub fn accept_until_stopped(
+fn accept_until_stopped(
     listener: TcpListener,
     stop: Arc<AtomicBool>,
     mut handle: impl FnMut(TcpStream) + Send + 'static,
@@ -141,11 +142,78 @@ pub fn accept_until_stopped(
     });
 }
 
-/// Ends an [`accept_until_stopped`] loop listening on 127.0.0.1:`port`: sets `stop`,
-/// then connects once so that the loop sees it.
-pub fn stop_accepting(stop: &AtomicBool, port: u16) {
-    stop.store(true, Ordering::SeqCst);
-    let _ = TcpStream::connect(("127.0.0.1", port));
+/// The accepting side of a loopback test server: a thread that accepts connections on
+/// its listener and hands them on, until the `Acceptor` is dropped.
+#[derive(Debug)]
+pub struct Acceptor {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+}
+
+impl Acceptor {
+    /// Hands each connection accepted on `listener` (on 127.0.0.1) to `handle`, in the
+    /// accepting thread.
+    pub fn start(
+        listener: TcpListener,
+        handle: impl FnMut(TcpStream) + Send + 'static,
+    ) -> Acceptor {
+        Acceptor::with_stop(listener, Arc::default(), handle)
+    }
+
+    /// Serves each connection accepted on `listener` (on 127.0.0.1) in a thread of its
+    /// own: `serve(connection, state, stopped)`, where `stopped` is set once the acceptor
+    /// is dropped, for connections that would otherwise go on.
+    pub fn serve_each<S: Send + Sync + 'static>(
+        listener: TcpListener,
+        state: &Arc<S>,
+        serve: impl Fn(TcpStream, &S, &AtomicBool) + Send + Sync + 'static,
+    ) -> Acceptor {
+        let stop = Arc::<AtomicBool>::default();
+        let (state, stopped, serve) = (Arc::clone(state), Arc::clone(&stop), Arc::new(serve));
+        Acceptor::with_stop(listener, stop, move |conn| {
+            let (state, stopped, serve) =
+                (Arc::clone(&state), Arc::clone(&stopped), Arc::clone(&serve));
+            std::thread::spawn(move || serve(conn, &state, &stopped));
+        })
+    }
+
+    fn with_stop(
+        listener: TcpListener,
+        stop: Arc<AtomicBool>,
+        mut handle: impl FnMut(TcpStream) + Send + 'static,
+    ) -> Acceptor {
+        let acceptor = Acceptor {
+            port: listener.local_addr().unwrap().port(),
+            stop,
+            accepted: Arc::default(),
+        };
+        let accepted = Arc::clone(&acceptor.accepted);
+        accept_until_stopped(listener, Arc::clone(&acceptor.stop), move |conn| {
+            accepted.fetch_add(1, Ordering::SeqCst);
+            handle(conn);
+        });
+        acceptor
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting: sets the stop flag, then connects once so that the accepting
+    /// thread sees it. Only the first call does anything.
+    pub fn stop(&self) {
+        if !self.stop.swap(true, Ordering::SeqCst) {
+            let _ = TcpStream::connect(("127.0.0.1", self.port));
+        }
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// A child process (a server), killed and reaped when dropped.

@@ -2,13 +2,13 @@
 //! server answers (its socket file exists before it listens).
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use thinline_nbd::client::{Client, ClientOptions, NbdUri};
 
-use crate::KillOnDrop;
+use crate::{KillOnDrop, require};
 
 /// `nbdkit -f --exit-with-parent -U SOCK ARGS…`, killed when dropped.
 pub fn nbdkit(sock: &Path, args: &[&str]) -> KillOnDrop {
@@ -19,19 +19,64 @@ pub fn nbdkit(sock: &Path, args: &[&str]) -> KillOnDrop {
     )
 }
 
-/// nbdkit serving `size` zero bytes whose reads at or beyond `eio_from` fail with EIO
-/// (the message "EIO injected failure").
-pub fn nbdkit_eio_from(sock: &Path, size: u64, eio_from: u64) -> KillOnDrop {
-    nbdkit(
-        sock,
-        &[
+/// nbdkit on a socket in a temporary directory of its own, killed when dropped.
+#[derive(Debug)]
+pub struct Nbdkit {
+    process: KillOnDrop,
+    pub sock: PathBuf,
+    /// The temporary directory, for other files a test needs (trigger files).
+    pub dir: tempfile::TempDir,
+}
+
+impl Nbdkit {
+    /// `nbdkit ARGS`; None where nbdkit is missing (a skip, or a failure in CI: see
+    /// [`require`]).
+    pub fn start(args: &[&str]) -> Option<Nbdkit> {
+        if !require(&["nbdkit"]) {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("nbdkit.sock");
+        Some(Nbdkit {
+            process: nbdkit(&sock, args),
+            sock,
+            dir,
+        })
+    }
+
+    /// nbdkit serving `size` zero bytes whose reads at or beyond `eio_from` fail with
+    /// EIO (the message "EIO injected failure").
+    pub fn eio_from(size: u64, eio_from: u64) -> Option<Nbdkit> {
+        Nbdkit::start(&[
             "eval",
             &format!("get_size=echo {size}"),
             &format!(
                 "pread=if [ $4 -ge {eio_from} ]; then echo 'EIO injected failure' >&2; exit 1; fi; head -c $3 /dev/zero"
             ),
-        ],
-    )
+        ])
+    }
+
+    /// The `nbd+unix://` URI of its export.
+    pub fn uri(&self) -> String {
+        unix_uri("", &self.sock)
+    }
+
+    /// A client with default options, once nbdkit answers.
+    pub async fn client(&self) -> Client {
+        connect_when_up(&self.uri(), &ClientOptions::default()).await
+    }
+
+    /// Kills nbdkit now and removes its socket.
+    pub fn kill(&mut self) {
+        self.process.kill();
+        let _ = std::fs::remove_file(&self.sock);
+    }
+
+    /// Kills nbdkit and starts `nbdkit ARGS` on the same socket.
+    pub fn restart(&mut self, args: &[&str]) {
+        self.kill();
+        self.process = nbdkit(&self.sock, args);
+    }
 }
 
 /// The `nbd+unix://` URI of `export` on the server at `sock`.

@@ -3,7 +3,7 @@
 //! format, image and remote tests.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use crate::run;
 
@@ -41,6 +41,25 @@ pub fn qcow2_overlay(dir: &Path, options: &[&str], backing: &str, backing_fmt: &
     args.extend_from_slice(options);
     args.extend(["-b", backing, "-F", backing_fmt, &path, "64M"]);
     qemu_img(dir, &args);
+}
+
+/// An 8 MiB qcow2 image `name` in `dir` with lazy refcounts, left dirty: qemu-io writes
+/// 64 KiB into it and is killed by its `abort` command (SIGABRT) with the dirty bit
+/// still set and the refcounts stale.
+pub fn dirty_qcow2(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let p = path.to_str().unwrap();
+    let mut args = vec!["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on"];
+    args.extend([p, "8M"]);
+    qemu_img(dir, &args);
+    let _ = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 64k", "-c", "abort", p])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let header = std::fs::read(&path).unwrap();
+    assert_eq!(header[79] & 1, 1, "the dirty bit of {p} is set");
+    path
 }
 
 /// One fixture: a path and its qemu format name.

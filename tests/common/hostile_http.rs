@@ -9,11 +9,11 @@
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use thinline_test_support::{accept_until_stopped, stop_accepting};
+use thinline_test_support::Acceptor;
 
 /// One request head as received.
 #[derive(Debug, Clone)]
@@ -54,12 +54,17 @@ pub enum Next {
 
 type Handler = dyn Fn(&Request, &mut TcpStream) -> io::Result<Next> + Send + Sync;
 
+/// What the connections of a [`HostileHttp`] share.
+struct Shared {
+    handler: Box<Handler>,
+    requests: Mutex<Vec<Request>>,
+}
+
 /// A running server; stops accepting when dropped.
 pub struct HostileHttp {
     pub port: u16,
-    requests: Arc<Mutex<Vec<Request>>>,
-    connections: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+    acceptor: Acceptor,
 }
 
 impl HostileHttp {
@@ -67,30 +72,17 @@ impl HostileHttp {
     pub fn start(
         handler: impl Fn(&Request, &mut TcpStream) -> io::Result<Next> + Send + Sync + 'static,
     ) -> HostileHttp {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let server = HostileHttp {
-            port,
-            requests: Arc::default(),
-            connections: Arc::default(),
-            stop: Arc::default(),
-        };
-        let handler: Arc<Handler> = Arc::new(handler);
-        let (requests, connections, stop) = (
-            Arc::clone(&server.requests),
-            Arc::clone(&server.connections),
-            Arc::clone(&server.stop),
-        );
-        accept_until_stopped(listener, Arc::clone(&stop), move |stream| {
-            connections.fetch_add(1, Ordering::SeqCst);
-            let (handler, requests, stop) = (
-                Arc::clone(&handler),
-                Arc::clone(&requests),
-                Arc::clone(&stop),
-            );
-            std::thread::spawn(move || serve_connection(stream, &*handler, &requests, &stop));
+        let shared = Arc::new(Shared {
+            handler: Box::new(handler),
+            requests: Mutex::default(),
         });
-        server
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let acceptor = Acceptor::serve_each(listener, &shared, serve_connection);
+        HostileHttp {
+            port: acceptor.port,
+            shared,
+            acceptor,
+        }
     }
 
     /// A correct range server over `files` (path → bytes), with a strong ETag per file.
@@ -107,27 +99,16 @@ impl HostileHttp {
 
     /// Every request head received so far.
     pub fn requests(&self) -> Vec<Request> {
-        self.requests.lock().unwrap().clone()
+        self.shared.requests.lock().unwrap().clone()
     }
 
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
-        self.connections.load(Ordering::SeqCst)
+        self.acceptor.accepted()
     }
 }
 
-impl Drop for HostileHttp {
-    fn drop(&mut self) {
-        stop_accepting(&self.stop, self.port);
-    }
-}
-
-fn serve_connection(
-    stream: TcpStream,
-    handler: &Handler,
-    requests: &Mutex<Vec<Request>>,
-    stop: &AtomicBool,
-) {
+fn serve_connection(stream: TcpStream, shared: &Shared, stop: &AtomicBool) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut stream = stream;
@@ -135,8 +116,8 @@ fn serve_connection(
         let Some(request) = read_head(&mut reader) else {
             return;
         };
-        requests.lock().unwrap().push(request.clone());
-        match handler(&request, &mut stream) {
+        shared.requests.lock().unwrap().push(request.clone());
+        match (shared.handler)(&request, &mut stream) {
             Ok(Next::KeepAlive) => {}
             Ok(Next::Close) | Err(_) => {
                 let _ = stream.shutdown(Shutdown::Both);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use thinline_test_support::{accept_until_stopped, stop_accepting};
+use thinline_test_support::Acceptor;
 
 pub const NFS_FILE_SIZE: u64 = 4 << 20;
 const FILE_ID_BASE: u64 = 1000;
@@ -74,38 +74,37 @@ pub struct NfsFile {
     pub lie: Lie,
 }
 
+/// What the connections of a [`HostileNfs`] share.
+#[derive(Debug)]
+struct Shared {
+    files: Vec<NfsFile>,
+    reads: AtomicU64,
+}
+
 /// A running server; stops accepting when dropped (connections end when the client
 /// closes them).
 #[derive(Debug)]
 pub struct HostileNfs {
     pub port: u16,
-    files: Arc<Vec<NfsFile>>,
-    reads: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+    _acceptor: Acceptor,
 }
 
 impl HostileNfs {
     pub fn start(files: Vec<NfsFile>) -> HostileNfs {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let server = HostileNfs {
-            port,
-            files: Arc::new(files),
-            reads: Arc::default(),
-            stop: Arc::default(),
-        };
-        let (files, reads, stop) = (
-            Arc::clone(&server.files),
-            Arc::clone(&server.reads),
-            Arc::clone(&server.stop),
-        );
-        accept_until_stopped(listener, Arc::clone(&stop), move |conn| {
-            let (files, reads, stop) = (Arc::clone(&files), Arc::clone(&reads), Arc::clone(&stop));
-            std::thread::spawn(move || {
-                let _ = serve(conn, &files, &reads, &stop);
-            });
+        let shared = Arc::new(Shared {
+            files,
+            reads: AtomicU64::default(),
         });
-        server
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let acceptor = Acceptor::serve_each(listener, &shared, |conn, shared, stop| {
+            let _ = serve(conn, &shared.files, &shared.reads, stop);
+        });
+        HostileNfs {
+            port: acceptor.port,
+            shared,
+            _acceptor: acceptor,
+        }
     }
 
     /// The URI of file `name`.
@@ -118,13 +117,7 @@ impl HostileNfs {
 
     /// READ calls received so far.
     pub fn reads(&self) -> u64 {
-        self.reads.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for HostileNfs {
-    fn drop(&mut self) {
-        stop_accepting(&self.stop, self.port);
+        self.shared.reads.load(Ordering::SeqCst)
     }
 }
 

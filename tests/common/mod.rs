@@ -33,6 +33,13 @@ pub fn mapped_length(map: &serde_json::Value) -> u64 {
         .sum()
 }
 
+/// A new temporary directory and what `make` made in it (fixtures).
+pub fn in_tempdir<T>(make: impl FnOnce(&Path) -> T) -> (tempfile::TempDir, T) {
+    let dir = tempfile::tempdir().unwrap();
+    let made = make(dir.path());
+    (dir, made)
+}
+
 /// A temporary directory with a sparse raw image in it.
 pub struct Fixture {
     pub dir: tempfile::TempDir,
@@ -222,6 +229,16 @@ impl Served {
         false
     }
 
+    /// Asserts that a log line containing `needle` appears within `timeout`; a failure
+    /// shows the log.
+    pub fn assert_logs(&self, needle: &str, timeout: Duration) {
+        assert!(
+            self.wait_for_log(needle, timeout),
+            "no {needle:?} in the log:\n{}",
+            self.log()
+        );
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -247,6 +264,20 @@ pub fn nbdsh(uri: &str, script: &str) -> String {
     )
 }
 
+/// Runs `qemu-io -f raw URI -c CMD…` (every command on one connection) and asserts that
+/// none of them failed: qemu-io exits with 0 even when a read does not match its pattern.
+/// Returns its output.
+pub fn qemu_io_raw(uri: &str, cmds: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", uri]);
+    for c in cmds {
+        cmd.arg("-c").arg(c);
+    }
+    let out = String::from_utf8(run(&mut cmd).stdout).unwrap();
+    assert!(!out.contains("failed"), "{out}");
+    out
+}
+
 pub fn has_python_nbd() -> bool {
     if Command::new("/usr/bin/python3")
         .args(["-c", "import nbd"])
@@ -266,6 +297,11 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+/// Creates (or truncates) `path` as a file of `size` bytes that is all hole.
+pub fn sparse_file(path: &Path, size: u64) {
+    std::fs::File::create(path).unwrap().set_len(size).unwrap();
 }
 
 pub fn read_file(p: &Path) -> Vec<u8> {
