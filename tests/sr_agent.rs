@@ -102,6 +102,14 @@ impl Agent {
         (v["uuid"].as_str().unwrap().to_owned(), path)
     }
 
+    /// An SR named `sr` with [`qcow2_template`] introduced: (SR, its path, template).
+    fn sr_with_template(&self) -> (String, PathBuf, String) {
+        let (sr, path) = self.new_sr("sr");
+        let template = qcow2_template(self.dir.path());
+        let t = uuid(&self.ok(&["vdi", "introduce", "--sr", &sr, s(&template)]));
+        (sr, path, t)
+    }
+
     fn vdis(&self, sr: &Path) -> Vec<Value> {
         self.ok(&["vdi", "list", "--sr", sr.to_str().unwrap()])["vdis"]
             .as_array()
@@ -612,9 +620,7 @@ fn kill_9_at_every_step_of_every_operation_leaves_the_old_or_the_new_state() {
     for op in ops {
         for step in steps {
             let a = Agent::new();
-            let (sr, path) = a.new_sr("sr");
-            let template = qcow2_template(a.dir.path());
-            let t = uuid(&a.ok(&["vdi", "introduce", "--sr", &sr, s(&template)]));
+            let (sr, path, t) = a.sr_with_template();
             let d = uuid(&a.ok(&["vdi", "clone", "--sr", &sr, &t, "--name-label", "disk"]));
             qemu_write(&path.join("disk.qcow2"), 2 << 20, 1 << 20, 0x5d);
             let snap = if op == "destroy-snapshot" {
@@ -703,9 +709,7 @@ fn eight_agents_at_once_on_one_sr_leave_it_consistent() {
         return;
     }
     let a = Agent::new();
-    let (sr, path) = a.new_sr("sr");
-    let template = qcow2_template(a.dir.path());
-    let t = uuid(&a.ok(&["vdi", "introduce", "--sr", &sr, s(&template)]));
+    let (sr, path, t) = a.sr_with_template();
     let a = &a;
     let survivors: Vec<(String, u8)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..8u8)
@@ -861,9 +865,7 @@ fn attached_vdis_are_served_over_nbd_come_back_after_a_daemon_crash_and_detach_l
         return;
     }
     let a = Agent::new();
-    let (sr, path) = a.new_sr("sr");
-    let template = qcow2_template(a.dir.path());
-    let t = uuid(&a.ok(&["vdi", "introduce", "--sr", &sr, s(&template)]));
+    let (sr, path, t) = a.sr_with_template();
     let c = uuid(&a.ok(&["vdi", "clone", "--sr", &sr, &t, "--name-label", "vm"]));
     let d = uuid(&a.ok(&["vdi", "create", "--sr", &sr, "8M", "--name-label", "data"]));
     a.fails(&["vdi", "attach", "--sr", &sr, &t], "VDI_IS_TEMPLATE", 12);
@@ -1039,9 +1041,7 @@ fn snapshots_clones_and_resizes_of_an_attached_disk_hold_every_acknowledged_writ
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let a = Agent::new();
-    let (sr, path) = a.new_sr("sr");
-    let template = qcow2_template(a.dir.path());
-    let t = uuid(&a.ok(&["vdi", "introduce", "--sr", &sr, s(&template)]));
+    let (sr, path, t) = a.sr_with_template();
     let c = uuid(&a.ok(&["vdi", "clone", "--sr", &sr, &t, "--name-label", "vm"]));
     let attached = a.ok(&["vdi", "attach", "--sr", &sr, &c]);
 
