@@ -53,27 +53,23 @@ JOBS=${cli_jobs:-${JOBS:-randread-4k-qd1,randread-4k-qd32,seqread-1m-qd8}}
 check_tools fio nbdinfo qemu-nbd qemu-img python3 numfmt
 
 # --- formats --------------------------------------------------------------------------------
-# Each entry: table label | qemu's format name (qemu-nbd -f, qemu-img -f) | qemu-img convert
-# options that make it from the raw base ("" = the base itself).
+# add_format KEY LABEL QEMU_FMT CONVERT: format KEY, shown as LABEL in the table, is qemu's format
+# QEMU_FMT (qemu-nbd -f, qemu-img -f) and made from the raw base by `qemu-img convert CONVERT`
+# ("" = the base itself); known_formats lists the keys.
 declare -A fmt_label fmt_qemu fmt_convert
-fmt_label[raw]="raw"
-fmt_label[qcow2]="qcow2"
-fmt_label[qcow2-zlib]="qcow2 zlib"
-fmt_label[qcow2-zstd]="qcow2 zstd"
-fmt_label[vhd]="vhd dynamic"
-fmt_label[vmdk]="vmdk sparse"
-fmt_label[vmdk-stream]="vmdk stream"
-fmt_qemu[raw]=raw fmt_qemu[qcow2]=qcow2 fmt_qemu[qcow2-zlib]=qcow2 fmt_qemu[qcow2-zstd]=qcow2
-fmt_qemu[vhd]=vpc fmt_qemu[vmdk]=vmdk fmt_qemu[vmdk-stream]=vmdk
-fmt_convert[raw]=""
-fmt_convert[qcow2]="-O qcow2"
-fmt_convert[qcow2-zlib]="-O qcow2 -c -o compression_type=zlib"
-fmt_convert[qcow2-zstd]="-O qcow2 -c -o compression_type=zstd"
+known_formats=
+add_format() {
+  fmt_label[$1]=$2 fmt_qemu[$1]=$3 fmt_convert[$1]=$4
+  known_formats+=${known_formats:+,}$1
+}
+add_format raw "raw" raw ""
+add_format qcow2 "qcow2" qcow2 "-O qcow2"
+add_format qcow2-zlib "qcow2 zlib" qcow2 "-O qcow2 -c -o compression_type=zlib"
+add_format qcow2-zstd "qcow2 zstd" qcow2 "-O qcow2 -c -o compression_type=zstd"
 # force_size: keep the exact size (qemu otherwise rounds a VHD up to a CHS geometry).
-fmt_convert[vhd]="-O vpc -o subformat=dynamic,force_size=on"
-fmt_convert[vmdk]="-O vmdk -o subformat=monolithicSparse"
-fmt_convert[vmdk-stream]="-O vmdk -o subformat=streamOptimized"
-known_formats="raw,qcow2,qcow2-zlib,qcow2-zstd,vhd,vmdk,vmdk-stream"
+add_format vhd "vhd dynamic" vpc "-O vpc -o subformat=dynamic,force_size=on"
+add_format vmdk "vmdk sparse" vmdk "-O vmdk -o subformat=monolithicSparse"
+add_format vmdk-stream "vmdk stream" vmdk "-O vmdk -o subformat=streamOptimized"
 
 IFS=, read -r -a formats <<<"$FORMATS"
 [ ${#formats[@]} -gt 0 ] || die "FORMATS is empty"
@@ -87,38 +83,24 @@ done
 # client without -t, and the readiness probe is itself a client.
 declare -A label cmd
 label[thinline]="thinline"
-label[qemu-default]="qemu-nbd default"
-label[qemu-uring]="qemu-nbd io_uring"
-cmd[qemu-default]="qemu-nbd -r -f {FMT} -t -e 8 -k {SOCK} {IMAGE}"
-cmd[qemu-uring]="qemu-nbd -r -f {FMT} -t -e 8 --cache=none --aio=io_uring -k {SOCK} {IMAGE}"
+add_qemu_servers "-r -f {FMT}"
 # -r: raw would otherwise be served read-write; qcow2, VHD and VMDK are always read-only.
 set_thinline_cmd "serve -r --socket {SOCK} {IMAGE}"
-select_servers "$known_servers" 'qemu-nbd -r -f {FMT} -t -e 8 -k {SOCK} {IMAGE}'
+select_servers "$known_servers" "${cmd[qemu-default]}"
 
 # --- jobs (all read-only) -------------------------------------------------------------------
 declare -A job_args
 job_args[randread-4k-qd1]="--rw=randread --bs=4k --iodepth=1"
 job_args[randread-4k-qd32]="--rw=randread --bs=4k --iodepth=32"
 job_args[seqread-1m-qd8]="--rw=read --bs=1M --iodepth=8"
-IFS=, read -r -a job_names <<<"$JOBS"
-[ ${#job_names[@]} -gt 0 ] || die "JOBS is empty"
-for j in "${job_names[@]}"; do
-  [ -n "${job_args[$j]+x}" ] || die "unknown job '$j' in JOBS (known: randread-4k-qd1,randread-4k-qd32,seqread-1m-qd8)"
-done
+select_jobs randread-4k-qd1,randread-4k-qd32,seqread-1m-qd8
 
 # --- state + cleanup ------------------------------------------------------------------------
 init_state
-IMAGE_DIR=$(cd "$IMAGE_DIR" && pwd)
-image_prefix=$IMAGE_DIR/compare-formats-$$
+set_image_prefix
 base=$image_prefix.base.raw
 declare -A image_of vsize_of
-remove_images() {
-  if [ "${KEEP_IMAGES:-0}" != 1 ]; then
-    rm -f "$image_prefix".*
-  else
-    log "kept images $image_prefix.*"
-  fi
-}
+remove_images() { remove_prefixed_images; }
 set_traps
 
 # Same page-cache state for every run: read the whole image file (also re-populates pages that
@@ -190,42 +172,32 @@ sync -f "$base"
 } >"$RESULTS_DIR/header.md"
 
 # --- runs -----------------------------------------------------------------------------------
-n_servers=${#servers[@]}
-total_runs=$(( ${#formats[@]} * ${#job_names[@]} * REPEAT * n_servers ))
-run_no=0
+# run_one JOB SERVER ROUND: one run on the format $f.
+run_one() {
+  local job=$1 s=$2 out=$RESULTS_DIR/$f.$1.$2.r$3
+  run_log "$f $job round $3: ${label[$s]}"
+  warm_cache "${image_of[$f]}"
+  start_run "$s" "$out.server.log" "${image_of[$f]}" "${vsize_of[$f]}" "$f" "${fmt_qemu[$f]}" || return 0
+  # --size: the whole virtual disk (the nbd engine's default too, stated so the JSON records it).
+  run_fio "$job" "$out" "$f $job / $s" --size="${vsize_of[$f]}"
+  stop_server
+}
+count_runs ${#formats[@]}
 for f in "${formats[@]}"; do
-  for job in "${job_names[@]}"; do
-    for ((round = 1; round <= REPEAT; round++)); do
-      # Rotate the starting server each round so no server is always first after a change.
-      for ((i = 0; i < n_servers; i++)); do
-        s=${servers[$(( (i + round - 1) % n_servers ))]}
-        run_no=$((run_no + 1))
-        out=$RESULTS_DIR/$f.$job.$s.r$round
-        log "[$run_no/$total_runs] $f $job round $round: ${label[$s]}"
-        warm_cache "${image_of[$f]}"
-        if ! start_server "$s" "$out.server.log" "${image_of[$f]}" "${vsize_of[$f]}" "$f" "${fmt_qemu[$f]}"; then
-          failures=$((failures + 1)); stop_server; continue
-        fi
-        # --size: the whole virtual disk (the nbd engine's default too, stated so the JSON
-        # records it).
-        run_fio "$job" "$out" "$f $job / $s" --size="${vsize_of[$f]}"
-        stop_server
-      done
-    done
-  done
+  run_rounds run_one
 done
 
 # --- report ---------------------------------------------------------------------------------
 server_keys=$(IFS=,; echo "${servers[*]}")
 format_keys=$(IFS=,; echo "${formats[*]}")
-labels_tsv=$(IFS=,; for s in $known_servers; do printf '%s\t%s\n' "$s" "${label[$s]}"; done
+labels_tsv=$(server_labels_tsv
              for f in "${formats[@]}"; do printf '%s\t%s\n' "$f" "${fmt_label[$f]}"; done)
 write_table "$RESULTS_DIR" "$server_keys" "$format_keys" "${job_names[*]}" "$labels_tsv" <<'PY'
 results_dir, server_keys, format_keys, job_names, labels_tsv = sys.argv[1:6]
-servers = [s for s in server_keys.split(",") if s]
-formats = [f for f in format_keys.split(",") if f]
+servers = keys(server_keys)
+formats = keys(format_keys)
 jobs = job_names.split()
-labels = dict(line.split("\t", 1) for line in labels_tsv.splitlines() if line)
+labels = tsv_dict(labels_tsv)
 peers = ["qemu-default", "qemu-uring"]
 
 data = {(f, j, s): metrics(results_dir, f"{f}.{j}.{s}.r") for f in formats for j in jobs for s in servers}

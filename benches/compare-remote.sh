@@ -112,11 +112,7 @@ job_args[randread-4k-qd32]="--rw=randread --bs=4k --iodepth=32"
 job_metric[randread-4k-qd32]=iops
 job_args[randread-4k-qd1]="--rw=randread --bs=4k --iodepth=1"
 job_metric[randread-4k-qd1]=iops
-IFS=, read -r -a job_names <<<"$JOBS"
-[ ${#job_names[@]} -gt 0 ] || die "JOBS is empty"
-for j in "${job_names[@]}"; do
-  [ -n "${job_args[$j]+x}" ] || die "unknown job '$j' in JOBS (known: seqread-1m-qd8,randread-4k-qd32,randread-4k-qd1)"
-done
+select_jobs seqread-1m-qd8,randread-4k-qd32,randread-4k-qd1
 
 # --- state + cleanup ------------------------------------------------------------------------
 init_state
@@ -340,47 +336,38 @@ upstream_counts() {
     awk '{ n++; b += $5; c[$2] = 1 } END { printf "%d %.0f %d\n", n, b, length(c) }' >"$1.upstream"
 }
 
-n_servers=${#servers[@]}
-total_runs=$(( ${#groups[@]} * ${#job_names[@]} * REPEAT * n_servers ))
-run_no=0
+# run_one JOB SERVER ROUND: one run in the row group $g.
+run_one() {
+  local job=$1 s=$2 out=$RESULTS_DIR/$g.$1.$2.r$3 log_offset
+  run_log "${group_label[$g]}, $job, round $3: ${label[$s]}"
+  warm_cache
+  log_offset=$(stat -c %s "$access_log")
+  start_run "$s" "$out.server.log" "${group_url[$g,$s]}" "$image_bytes" || return 0
+  run_fio "$job" "$out" "$g $job / $s" --size="$image_bytes"
+  stop_server
+  [ "${group_src[$g]}" != http ] || upstream_counts "$out" "$log_offset"
+}
+count_runs ${#groups[@]}
 for g in "${groups[@]}"; do
   if [ "${group_src[$g]}" = s3 ]; then
     set_thinline_cmd "serve -r --s3-endpoint ${group_s3_endpoint[$g]} ${THINLINE_ARGS:+$THINLINE_ARGS }--socket {SOCK} {IMAGE}"
   else
     set_thinline_cmd "$thinline_serve"
   fi
-  for job in "${job_names[@]}"; do
-    for ((round = 1; round <= REPEAT; round++)); do
-      # Rotate the starting server each round so no server is always first after a change.
-      for ((i = 0; i < n_servers; i++)); do
-        s=${servers[$(( (i + round - 1) % n_servers ))]}
-        run_no=$((run_no + 1))
-        out=$RESULTS_DIR/$g.$job.$s.r$round
-        log "[$run_no/$total_runs] ${group_label[$g]}, $job, round $round: ${label[$s]}"
-        warm_cache
-        log_offset=$(stat -c %s "$access_log")
-        if ! start_server "$s" "$out.server.log" "${group_url[$g,$s]}" "$image_bytes"; then
-          failures=$((failures + 1)); stop_server; continue
-        fi
-        run_fio "$job" "$out" "$g $job / $s" --size="$image_bytes"
-        stop_server
-        [ "${group_src[$g]}" != http ] || upstream_counts "$out" "$log_offset"
-      done
-    done
-  done
+  run_rounds run_one
 done
 
 # --- report ---------------------------------------------------------------------------------
 server_keys=$(IFS=,; echo "${servers[*]}")
 group_tsv=$(for g in "${groups[@]}"; do printf '%s\t%s\t%s\n' "$g" "${group_lat[$g]}" "${group_label[$g]}"; done)
-labels_tsv=$(IFS=,; for s in $known_servers; do printf '%s\t%s\n' "$s" "${label[$s]}"; done)
+labels_tsv=$(server_labels_tsv)
 jobs_tsv=$(for j in "${job_names[@]}"; do printf '%s\t%s\n' "$j" "${job_metric[$j]}"; done)
 write_table "$RESULTS_DIR" "$server_keys" "$group_tsv" "$jobs_tsv" "$labels_tsv" "$s3_note" <<'PY'
 results_dir, server_keys, group_tsv, jobs_tsv, labels_tsv, s3_note = sys.argv[1:7]
-servers = [s for s in server_keys.split(",") if s]
+servers = keys(server_keys)
 groups = [line.split("\t") for line in group_tsv.splitlines() if line]
 jobs = [line.split("\t") for line in jobs_tsv.splitlines() if line]
-labels = dict(line.split("\t", 1) for line in labels_tsv.splitlines() if line)
+labels = tsv_dict(labels_tsv)
 peers = [s for s in servers if s != "thinline"]
 
 def upstream(prefix):

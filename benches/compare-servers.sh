@@ -46,15 +46,12 @@ check_tools fio nbdinfo qemu-nbd nbdkit python3 numfmt
 # and the readiness probe is itself a client.
 declare -A label cmd
 label[thinline]="thinline"
-label[qemu-uring]="qemu-nbd io_uring"
-label[qemu-default]="qemu-nbd default"
+add_qemu_servers "-f raw"
 label[nbdkit]="nbdkit file"
-cmd[qemu-uring]="qemu-nbd -f raw -t -e 8 --cache=none --aio=io_uring -k {SOCK} {IMAGE}"
-cmd[qemu-default]="qemu-nbd -f raw -t -e 8 -k {SOCK} {IMAGE}"
 # -f: stay in the foreground so $! is the server; --exit-with-parent: no orphan if we die hard.
 cmd[nbdkit]="nbdkit -f --exit-with-parent -U {SOCK} file {IMAGE}"
 set_thinline_cmd "serve --socket {SOCK} {IMAGE}"
-select_servers "$known_servers" 'qemu-nbd -f raw -t -e 8 -k {SOCK} {IMAGE}'
+select_servers "$known_servers" "${cmd[qemu-default]}"
 
 # --- jobs -----------------------------------------------------------------------------------
 # name | fio arguments
@@ -105,51 +102,25 @@ sync "$image"
 cat "$image" >/dev/null
 
 # --- runs -----------------------------------------------------------------------------------
-n_servers=${#servers[@]}
-total_runs=$(( ${#job_names[@]} * REPEAT * n_servers ))
-run_no=0
-for job in "${job_names[@]}"; do
-  for ((round = 1; round <= REPEAT; round++)); do
-    # Rotate the starting server each round so no server is always first after a job change.
-    for ((i = 0; i < n_servers; i++)); do
-      s=${servers[$(( (i + round - 1) % n_servers ))]}
-      run_no=$((run_no + 1))
-      base=$RESULTS_DIR/$job.$s.r$round
-      log "[$run_no/$total_runs] $job round $round: ${label[$s]}"
-      warm_cache
-      if ! start_server "$s" "$base.server.log" "$image" "$image_bytes"; then
-        failures=$((failures + 1)); stop_server; continue
-      fi
-      run_fio "$job" "$base" "$job / $s"
-      stop_server
-    done
-  done
-done
+# run_one JOB SERVER ROUND
+run_one() {
+  local job=$1 s=$2 base=$RESULTS_DIR/$1.$2.r$3
+  run_log "$job round $3: ${label[$s]}"
+  warm_cache
+  start_run "$s" "$base.server.log" "$image" "$image_bytes" || return 0
+  run_fio "$job" "$base" "$job / $s"
+  stop_server
+}
+count_runs 1
+run_rounds run_one
 
 # --- report ---------------------------------------------------------------------------------
-server_keys=$(IFS=,; echo "${servers[*]}")
-labels_tsv=$(IFS=,; for s in $known_servers; do printf '%s\t%s\n' "$s" "${label[$s]}"; done)
-write_table "$RESULTS_DIR" "$server_keys" "${job_names[*]}" "$labels_tsv" <<'PY'
-results_dir, server_keys, job_names, labels_tsv = sys.argv[1:5]
-servers = [s for s in server_keys.split(",") if s]
-jobs = job_names.split()
-labels = dict(line.split("\t", 1) for line in labels_tsv.splitlines() if line)
-peers = ["qemu-uring", "qemu-default", "nbdkit"]
-
-data = {(j, s): metrics(results_dir, f"{j}.{s}.r") for j in jobs for s in servers}
-out = table_head(["Job"])
-for j in jobs:
-    for s in servers:
-        out.append(table_row([j], s, labels[s], data[(j, s)], data.get((j, "thinline"))))
-out.append("")
-present = [p for p in peers if p in servers]
+write_job_table <<'PY'
+results_dir, servers, jobs, labels = job_report_args()
+data, out = job_report(results_dir, servers, jobs, labels)
+present = [p for p in ["qemu-uring", "qemu-default", "nbdkit"] if p in servers]
 if present:
-    out += RATIO_INTRO
-    out.append("| Job | " + " | ".join(f"÷ {labels[p]}" for p in present) + " |")
-    out.append("|---|" + "---:|" * len(present))
-    for j in jobs:
-        tl = data.get((j, "thinline"))
-        out.append(f"| {j} | " + " | ".join(ratio(tl, data[(j, p)]) for p in present) + " |")
+    out += ratio_table(jobs, labels, data, present)
 print("\n".join(out))
 PY
 

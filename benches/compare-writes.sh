@@ -68,12 +68,9 @@ check_tools fio nbdinfo qemu-nbd qemu-img qemu-io python3 numfmt
 # last client without -t, and the readiness probe is itself a client.
 declare -A label cmd
 label[thinline]="thinline"
-label[qemu-default]="qemu-nbd default"
-label[qemu-uring]="qemu-nbd io_uring"
-cmd[qemu-default]="qemu-nbd -f qcow2 -t -e 8 -k {SOCK} {IMAGE}"
-cmd[qemu-uring]="qemu-nbd -f qcow2 -t -e 8 --cache=none --aio=io_uring -k {SOCK} {IMAGE}"
+add_qemu_servers "-f qcow2"
 set_thinline_cmd "serve -w --socket {SOCK} {IMAGE}"
-select_servers "$known_servers" 'qemu-nbd -f qcow2 -t -e 8 -k {SOCK} {IMAGE}'
+select_servers "$known_servers" "${cmd[qemu-default]}"
 if [ "$OVERLAY_TOOL" = thinline ] && [ ! -x "$THINLINE_BIN" ]; then
   die "OVERLAY_TOOL=thinline needs the thinline binary ($THINLINE_BIN)"
 fi
@@ -91,26 +88,15 @@ job_args[randread-4k-qd32-mixed]="--rw=randread --bs=4k --iodepth=32"
 for j in randwrite-4k-qd1 randwrite-4k-qd32 randwrite-64k-qd32 seqwrite-1m-qd8; do
   job_timing[$j]="--runtime=$RUNTIME --ramp_time=0"
 done
-IFS=, read -r -a job_names <<<"$JOBS"
-[ ${#job_names[@]} -gt 0 ] || die "JOBS is empty"
-for j in "${job_names[@]}"; do
-  [ -n "${job_args[$j]+x}" ] || die "unknown job '$j' in JOBS (known: $known_jobs)"
-done
+select_jobs "$known_jobs"
 is_write_job() { [[ ${job_args[$1]} == *write* ]]; }
 
 # --- state + cleanup ------------------------------------------------------------------------
 init_state
-IMAGE_DIR=$(cd "$IMAGE_DIR" && pwd)
-image_prefix=$IMAGE_DIR/compare-writes-$$
+set_image_prefix
 template=$image_prefix.template.raw
 overlay=$image_prefix.overlay.qcow2
-remove_images() {
-  if [ "${KEEP_IMAGES:-0}" != 1 ]; then
-    rm -f "$image_prefix".*
-  else
-    log "kept images $image_prefix.*"
-  fi
-}
+remove_images() { remove_prefixed_images; }
 set_traps
 
 half=$((image_bytes / 2))
@@ -186,58 +172,30 @@ head -c "$image_bytes" /dev/urandom >"$template"
 sync "$template"
 
 # --- runs -----------------------------------------------------------------------------------
-n_servers=${#servers[@]}
-total_runs=$(( ${#job_names[@]} * REPEAT * n_servers ))
-run_no=0
-for job in "${job_names[@]}"; do
-  for ((round = 1; round <= REPEAT; round++)); do
-    # Rotate the starting server each round so no server is always first after a job change.
-    for ((i = 0; i < n_servers; i++)); do
-      s=${servers[$(( (i + round - 1) % n_servers ))]}
-      run_no=$((run_no + 1))
-      out=$RESULTS_DIR/$job.$s.r$round
-      log "[$run_no/$total_runs] $job round $round: ${label[$s]}"
-      if is_write_job "$job"; then new_overlay; else new_overlay prefill; fi
-      warm_cache
-      if ! start_server "$s" "$out.server.log" "$overlay" "$image_bytes"; then
-        failures=$((failures + 1)); stop_server; continue
-      fi
-      start_sampler "$out.peak"
-      # --size: the whole virtual disk (the nbd engine's default too, stated so the JSON
-      # records it).
-      run_fio "$job" "$out" "$job / $s" --size="$image_bytes"
-      stop_sampler
-      stop_server
-      if is_write_job "$job"; then check_overlay "$out"; fi
-    done
-  done
-done
+# run_one JOB SERVER ROUND
+run_one() {
+  local job=$1 s=$2 out=$RESULTS_DIR/$1.$2.r$3
+  run_log "$job round $3: ${label[$s]}"
+  if is_write_job "$job"; then new_overlay; else new_overlay prefill; fi
+  warm_cache
+  start_run "$s" "$out.server.log" "$overlay" "$image_bytes" || return 0
+  start_sampler "$out.peak"
+  # --size: the whole virtual disk (the nbd engine's default too, stated so the JSON records it).
+  run_fio "$job" "$out" "$job / $s" --size="$image_bytes"
+  stop_sampler
+  stop_server
+  if is_write_job "$job"; then check_overlay "$out"; fi
+}
+count_runs 1
+run_rounds run_one
 
 # --- report ---------------------------------------------------------------------------------
-server_keys=$(IFS=,; echo "${servers[*]}")
-labels_tsv=$(IFS=,; for s in $known_servers; do printf '%s\t%s\n' "$s" "${label[$s]}"; done)
-write_table "$RESULTS_DIR" "$server_keys" "${job_names[*]}" "$labels_tsv" <<'PY'
-results_dir, server_keys, job_names, labels_tsv = sys.argv[1:5]
-servers = [s for s in server_keys.split(",") if s]
-jobs = job_names.split()
-labels = dict(line.split("\t", 1) for line in labels_tsv.splitlines() if line)
-peers = ["qemu-default", "qemu-uring"]
-
-data = {(j, s): metrics(results_dir, f"{j}.{s}.r") for j in jobs for s in servers}
-out = table_head(["Job"])
-for j in jobs:
-    for s in servers:
-        out.append(table_row([j], s, labels[s], data[(j, s)], data.get((j, "thinline"))))
-out.append("")
-present = [p for p in peers if p in servers]
+write_job_table <<'PY'
+results_dir, servers, jobs, labels = job_report_args()
+data, out = job_report(results_dir, servers, jobs, labels)
+present = [p for p in ["qemu-default", "qemu-uring"] if p in servers]
 if present and "thinline" in servers:
-    out += RATIO_INTRO
-    out.append("| Job | " + " | ".join(f"÷ {labels[p]}" for p in present) + " |")
-    out.append("|---|" + "---:|" * len(present))
-    for j in jobs:
-        tl = data.get((j, "thinline"))
-        out.append(f"| {j} | " + " | ".join(ratio(tl, data[(j, p)]) for p in present) + " |")
-    out.append("")
+    out += ratio_table(jobs, labels, data, present) + [""]
 
 def rounds(j, s):
     return sorted(n[len(f"{j}.{s}."):].split(".")[0] for n in os.listdir(results_dir)

@@ -61,40 +61,23 @@ struct Fixture {
     convert: Option<&'static [&'static str]>,
 }
 
+impl Fixture {
+    const fn new(name: &'static str, convert: Option<&'static [&'static str]>) -> Fixture {
+        Fixture { name, convert }
+    }
+}
+
+#[rustfmt::skip] // a table: one fixture a line
 const FIXTURES: &[Fixture] = &[
-    Fixture {
-        name: "raw",
-        convert: None,
-    },
-    Fixture {
-        name: "qcow2",
-        convert: Some(&["-O", "qcow2"]),
-    },
-    Fixture {
-        name: "qcow2-zlib",
-        convert: Some(&["-O", "qcow2", "-c", "-o", "compression_type=zlib"]),
-    },
-    Fixture {
-        name: "qcow2-zstd",
-        convert: Some(&["-O", "qcow2", "-c", "-o", "compression_type=zstd"]),
-    },
-    Fixture {
-        name: "qcow2-extl2",
-        convert: Some(&["-O", "qcow2", "-o", "extended_l2=on,cluster_size=128k"]),
-    },
-    Fixture {
-        name: "vhd-dynamic",
-        // force_size: keep the exact size instead of rounding it up to a CHS geometry.
-        convert: Some(&["-O", "vpc", "-o", "subformat=dynamic,force_size=on"]),
-    },
-    Fixture {
-        name: "vmdk-sparse",
-        convert: Some(&["-O", "vmdk", "-o", "subformat=monolithicSparse"]),
-    },
-    Fixture {
-        name: "vmdk-stream",
-        convert: Some(&["-O", "vmdk", "-o", "subformat=streamOptimized"]),
-    },
+    Fixture::new("raw", None),
+    Fixture::new("qcow2", Some(&["-O", "qcow2"])),
+    Fixture::new("qcow2-zlib", Some(&["-O", "qcow2", "-c", "-o", "compression_type=zlib"])),
+    Fixture::new("qcow2-zstd", Some(&["-O", "qcow2", "-c", "-o", "compression_type=zstd"])),
+    Fixture::new("qcow2-extl2", Some(&["-O", "qcow2", "-o", "extended_l2=on,cluster_size=128k"])),
+    // force_size: keep the exact size instead of rounding it up to a CHS geometry.
+    Fixture::new("vhd-dynamic", Some(&["-O", "vpc", "-o", "subformat=dynamic,force_size=on"])),
+    Fixture::new("vmdk-sparse", Some(&["-O", "vmdk", "-o", "subformat=monolithicSparse"])),
+    Fixture::new("vmdk-stream", Some(&["-O", "vmdk", "-o", "subformat=streamOptimized"])),
 ];
 
 /// xorshift64*: deterministic, fast, good enough for data and offsets.

@@ -185,14 +185,9 @@ for job in "${job_names[@]}"; do
 done
 
 # --- report ---------------------------------------------------------------------------------
-server_keys=$(IFS=,; echo "${servers[*]}")
-labels_tsv=$(IFS=,; for s in $known_servers; do printf '%s\t%s\n' "$s" "${label[$s]}"; done)
-write_table "$RESULTS_DIR" "$server_keys" "${job_names[*]}" "$labels_tsv" "$(getconf CLK_TCK)" \
-    "$((RUNTIME + RAMP_TIME))" <<'PY'
-results_dir, server_keys, job_names, labels_tsv, clk_tck, seconds = sys.argv[1:7]
-clk_tck, seconds = int(clk_tck), int(seconds)
-servers = [s for s in server_keys.split(",") if s]
-labels = dict(line.split("\t", 1) for line in labels_tsv.splitlines() if line)
+write_job_table "$(getconf CLK_TCK)" "$((RUNTIME + RAMP_TIME))" <<'PY'
+results_dir, servers, jobs, labels = job_report_args()
+clk_tck, seconds = int(sys.argv[5]), int(sys.argv[6])
 
 def peaks(prefix):
     """Peak RSS (MiB, from VmHWM and VmRSS), peak threads and CPU seconds used of one run's
@@ -211,7 +206,7 @@ def peaks(prefix):
 # work on the machine.
 out = ["| Job | Server | IOPS | Mean lat (µs) | Server CPU per I/O (µs) | Peak RSS (MiB) | Peak threads |",
        "|---|---|---:|---:|---:|---:|---:|"]
-for j in job_names.split():
+for j in jobs:
     for s in servers:
         p = peaks(f"{j}.{s}")
         if p is None:

@@ -140,6 +140,63 @@ select_servers() {
   [ ${#servers[@]} -gt 0 ] || die "no servers left to benchmark"
 }
 
+# add_qemu_servers QEMU_ARGS: the servers qemu-default and qemu-uring (label and cmd), both
+# "qemu-nbd QEMU_ARGS -t -e 8 -k {SOCK} {IMAGE}", qemu-uring with --cache=none --aio=io_uring.
+# -t: qemu-nbd stays up across connections (it exits after its last client otherwise, and the
+# readiness probe is itself a client); -e 8: several connections (multi-conn).
+add_qemu_servers() {
+  label[qemu-default]="qemu-nbd default"
+  label[qemu-uring]="qemu-nbd io_uring"
+  cmd[qemu-default]="qemu-nbd $1 -t -e 8 -k {SOCK} {IMAGE}"
+  cmd[qemu-uring]="qemu-nbd $1 -t -e 8 --cache=none --aio=io_uring -k {SOCK} {IMAGE}"
+}
+
+# --- runs ---------------------------------------------------------------------------------
+# count_runs GROUPS: run_no starts at 0 of total_runs, GROUPS times every job, round and server.
+count_runs() {
+  run_no=0
+  total_runs=$(( $1 * ${#job_names[@]} * REPEAT * ${#servers[@]} ))
+}
+
+# run_rounds RUN_ONE: calls RUN_ONE JOB SERVER ROUND for every job, round (1 to REPEAT) and server,
+# counting each run in run_no. The starting server rotates each round so that no server is always
+# the first one after a change (of job, or of the caller's format or row group).
+run_rounds() {
+  local job round i n=${#servers[@]}
+  for job in "${job_names[@]}"; do
+    for ((round = 1; round <= REPEAT; round++)); do
+      for ((i = 0; i < n; i++)); do
+        run_no=$((run_no + 1))
+        "$1" "$job" "${servers[$(( (i + round - 1) % n ))]}" "$round"
+      done
+    done
+  done
+}
+
+# run_log TEXT: logs TEXT after the run's number, "[run_no/total_runs]".
+run_log() { log "[$run_no/$total_runs] $*"; }
+
+# start_run ARGS...: start_server ARGS; if the server does not come up, the run counts as failed,
+# the server is stopped and the status is 1.
+start_run() {
+  start_server "$@" && return 0
+  failures=$((failures + 1))
+  stop_server
+  return 1
+}
+
+# --- jobs -----------------------------------------------------------------------------------
+# select_jobs KNOWN: splits JOBS into the job_names array, each one a key of job_args (KNOWN, a
+# comma list, for the message).
+select_jobs() {
+  local j
+  IFS=, read -r -a job_names <<<"$JOBS"
+  [ ${#job_names[@]} -gt 0 ] || die "JOBS is empty"
+  for j in "${job_names[@]}"; do
+    [ -n "${job_args[$j]+x}" ] || die "unknown job '$j' in JOBS (known: $1)"
+  done
+}
+
 # --- state + cleanup ------------------------------------------------------------------------
 # init_state: creates the results and image folders (RESULTS_DIR made absolute) and the socket
 # folder.
@@ -153,6 +210,22 @@ init_state() {
   sampler_pid=
   sock=
   failures=0
+}
+
+# set_image_prefix: makes IMAGE_DIR absolute and sets image_prefix, IMAGE_DIR/bench_name-PID, for
+# a script whose scratch images are all named image_prefix.SOMETHING.
+set_image_prefix() {
+  IMAGE_DIR=$(cd "$IMAGE_DIR" && pwd)
+  image_prefix=$IMAGE_DIR/$bench_name-$$
+}
+
+# remove_prefixed_images: removes the images image_prefix.*, unless KEEP_IMAGES=1.
+remove_prefixed_images() {
+  if [ "${KEEP_IMAGES:-0}" != 1 ]; then
+    rm -f "$image_prefix".*
+  else
+    log "kept images $image_prefix.*"
+  fi
 }
 
 # --- peak memory and threads of a server ----------------------------------------------------
@@ -354,6 +427,20 @@ report_helpers_py() {
   cat <<'PY'
 import json, os, statistics, sys
 
+def keys(text):
+    """The keys of a comma list."""
+    return [k for k in text.split(",") if k]
+
+def tsv_dict(text):
+    """A dict of "key<TAB>value" lines."""
+    return dict(line.split("\t", 1) for line in text.splitlines() if line)
+
+def job_report_args():
+    """What write_job_table passes first: the results folder, the servers run, the jobs and the
+    servers' labels."""
+    results_dir, server_keys, job_names, labels_tsv = sys.argv[1:5]
+    return results_dir, keys(server_keys), job_names.split(), tsv_dict(labels_tsv)
+
 def load(path):
     with open(path) as f:
         text = f.read()
@@ -410,6 +497,26 @@ def table_row(lead, server, label, m, tl):
             f"{fmt_num(m['mean_us'], 1)} | {fmt_num(m['p99_us'], 1)} | {r} |")
 
 RATIO_INTRO = ["IOPS ratio thinline ÷ peer (>1.00× = thinline faster):", ""]
+
+def job_report(results_dir, servers, jobs, labels):
+    """The metrics of each job and server (from the files JOB.SERVER.r*.json) and the main table
+    of them, a row per job and server, with a blank line after it."""
+    data = {(j, s): metrics(results_dir, f"{j}.{s}.r") for j in jobs for s in servers}
+    out = table_head(["Job"])
+    for j in jobs:
+        for s in servers:
+            out.append(table_row([j], s, labels[s], data[(j, s)], data.get((j, "thinline"))))
+    out.append("")
+    return data, out
+
+def ratio_table(jobs, labels, data, present):
+    """RATIO_INTRO and a table of thinline's IOPS ratio to each server in present, a row per job."""
+    out = RATIO_INTRO + ["| Job | " + " | ".join(f"÷ {labels[p]}" for p in present) + " |",
+                         "|---|" + "---:|" * len(present)]
+    for j in jobs:
+        tl = data.get((j, "thinline"))
+        out.append(f"| {j} | " + " | ".join(ratio(tl, data[(j, p)]) for p in present) + " |")
+    return out
 PY
 }
 
@@ -417,6 +524,20 @@ PY
 # in sys.argv[1:], into RESULTS_DIR/table.md.
 write_table() {
   { report_helpers_py; cat; } | python3 - "$@" >"$RESULTS_DIR/table.md"
+}
+
+# server_labels_tsv: "key<TAB>label" lines of every server in known_servers, for the report.
+server_labels_tsv() {
+  local IFS=, s
+  for s in $known_servers; do printf '%s\t%s\n' "$s" "${label[$s]}"; done
+}
+
+# write_job_table [ARGS...] <<'PY' ...: write_table with the results folder, the servers run (a
+# comma list), the jobs and server_labels_tsv first (job_report_args() reads them), then ARGS.
+write_job_table() {
+  local server_keys
+  server_keys=$(IFS=,; echo "${servers[*]}")
+  write_table "$RESULTS_DIR" "$server_keys" "${job_names[*]}" "$(server_labels_tsv)" "$@"
 }
 
 # finish_report: puts header.md and table.md together as report.md, prints it, and exits 1 if any

@@ -319,20 +319,30 @@ mod tests {
     /// A thread running one [`MetadataCache::load`].
     type Loading = thread::JoinHandle<Result<Arc<[u8]>>>;
 
+    /// Table `offset` of `owner`, read as `len` bytes of `byte` on a miss.
+    fn filled(cache: &MetadataCache, owner: u64, offset: u64, byte: u8, len: usize) -> Arc<[u8]> {
+        cache
+            .load(owner, offset, Fetch::Allowed, || Ok(vec![byte; len]))
+            .unwrap()
+    }
+
+    /// A cache of `budget` bytes, one of its owners, and that owner's tables 0 to
+    /// `n - 1` loaded in order (1 KiB each, table `i` filled with `i`).
+    fn with_tables(budget: usize, n: u64) -> (Arc<MetadataCache>, u64) {
+        let cache = MetadataCache::new(budget);
+        let owner = cache.owner();
+        for i in 0..n {
+            filled(&cache, owner, i, i as u8, 1024);
+        }
+        (cache, owner)
+    }
+
     #[test]
     fn stays_within_budget_and_evicts_least_recent() {
-        let cache = MetadataCache::new(3 * COST);
-        let owner = cache.owner();
-        for i in 0..3u64 {
-            cache
-                .load(owner, i, Fetch::Allowed, || Ok(vec![i as u8; 1024]))
-                .unwrap();
-        }
+        let (cache, owner) = with_tables(3 * COST, 3);
         // Touch 0 so 1 is the oldest.
         assert!(cache.get(owner, 0).is_some());
-        cache
-            .load(owner, 3, Fetch::Allowed, || Ok(vec![3; 1024]))
-            .unwrap();
+        filled(&cache, owner, 3, 3, 1024);
         assert!(
             cache.get(owner, 1).is_none(),
             "least recently used is evicted"
@@ -349,9 +359,7 @@ mod tests {
         let cache = MetadataCache::new(1 << 20);
         let owner = cache.owner();
         for i in 0..4u64 {
-            cache
-                .load(owner, i, Fetch::Allowed, || Ok(vec![0; 512]))
-                .unwrap();
+            filled(&cache, owner, i, 0, 512);
         }
         assert_eq!(cache.stats().bytes, 4 * (512 + ENTRY_OVERHEAD) as u64);
     }
@@ -361,9 +369,7 @@ mod tests {
         let cache = MetadataCache::new(2 * 1024);
         let owner = cache.owner();
         for i in 0..2u64 {
-            cache
-                .load(owner, i, Fetch::Allowed, || Ok(vec![0; 1024]))
-                .unwrap();
+            filled(&cache, owner, i, 0, 1024);
         }
         assert!(cache.get(owner, 0).is_none());
         assert!(cache.get(owner, 1).is_some());
@@ -373,26 +379,18 @@ mod tests {
     fn an_evicted_table_nobody_holds_is_reused_for_the_next_miss() {
         let cache = MetadataCache::new(8 * COST);
         let owner = cache.owner();
-        let first = cache
-            .load(owner, 0, Fetch::Allowed, || Ok(vec![0; 1024]))
-            .unwrap();
+        let first = filled(&cache, owner, 0, 0, 1024);
         let block = first.as_ptr();
         drop(first);
         for i in 1..8u64 {
-            cache
-                .load(owner, i, Fetch::Allowed, || Ok(vec![i as u8; 1024]))
-                .unwrap();
+            filled(&cache, owner, i, i as u8, 1024);
         }
         // Evicts table 0 into the spares...
-        cache
-            .load(owner, 8, Fetch::Allowed, || Ok(vec![8; 1024]))
-            .unwrap();
+        filled(&cache, owner, 8, 8, 1024);
         assert!(cache.get(owner, 0).is_none());
         assert_eq!(cache.lock().spares.len(), 1);
         // ...and the next miss is copied into it.
-        let reused = cache
-            .load(owner, 9, Fetch::Allowed, || Ok(vec![9; 1024]))
-            .unwrap();
+        let reused = filled(&cache, owner, 9, 9, 1024);
         assert_eq!(reused.as_ptr(), block);
         assert_eq!(&reused[..], &[9; 1024]);
     }
@@ -401,13 +399,9 @@ mod tests {
     fn an_evicted_table_still_held_is_never_written_again() {
         let cache = MetadataCache::new(8 * COST);
         let owner = cache.owner();
-        let held = cache
-            .load(owner, 0, Fetch::Allowed, || Ok(vec![0xee; 1024]))
-            .unwrap();
+        let held = filled(&cache, owner, 0, 0xee, 1024);
         for i in 1..32u64 {
-            let table = cache
-                .load(owner, i, Fetch::Allowed, || Ok(vec![i as u8; 1024]))
-                .unwrap();
+            let table = filled(&cache, owner, i, i as u8, 1024);
             assert_ne!(table.as_ptr(), held.as_ptr());
         }
         assert!(cache.get(owner, 0).is_none());
@@ -417,13 +411,7 @@ mod tests {
     #[test]
     fn spares_never_hold_more_than_an_eighth_of_the_budget() {
         // One table is a quarter of the budget: evicted tables are never kept.
-        let cache = MetadataCache::new(4 * COST);
-        let owner = cache.owner();
-        for i in 0..8u64 {
-            cache
-                .load(owner, i, Fetch::Allowed, || Ok(vec![i as u8; 1024]))
-                .unwrap();
-        }
+        let (cache, _) = with_tables(4 * COST, 8);
         assert_eq!(cache.stats().evictions, 4);
         assert!(cache.lock().spares.is_empty());
     }
@@ -434,9 +422,7 @@ mod tests {
         let owner = cache.owner();
         let r = cache.load(owner, 0, Fetch::CachedOnly, || panic!("must not load"));
         assert!(matches!(r, Err(Error::NotCached)));
-        cache
-            .load(owner, 0, Fetch::Allowed, || Ok(vec![1; 8]))
-            .unwrap();
+        filled(&cache, owner, 0, 1, 8);
         let data = cache
             .load(owner, 0, Fetch::CachedOnly, || panic!("must not load"))
             .unwrap();
@@ -447,36 +433,41 @@ mod tests {
     fn oversized_block_is_kept_alone() {
         let cache = MetadataCache::new(10);
         let owner = cache.owner();
-        cache
-            .load(owner, 0, Fetch::Allowed, || Ok(vec![0; 100]))
-            .unwrap();
+        filled(&cache, owner, 0, 0, 100);
         assert!(cache.get(owner, 0).is_some());
-        cache
-            .load(owner, 1, Fetch::Allowed, || Ok(vec![0; 100]))
-            .unwrap();
+        filled(&cache, owner, 1, 0, 100);
         assert!(cache.get(owner, 0).is_none());
         assert!(cache.get(owner, 1).is_some());
     }
 
-    /// Starts a load of (`owner`, 0) on another thread whose read blocks until the
+    /// A 1 MiB cache, one of its owners, a count of reads, the sender that releases the
+    /// blocked read and the thread whose load waits for it.
+    type Blocked = (
+        Arc<MetadataCache>,
+        u64,
+        Arc<AtomicUsize>,
+        mpsc::Sender<Result<Vec<u8>>>,
+        Loading,
+    );
+
+    /// A load of (owner, 0) on another thread whose read (counted) blocks until the
     /// returned sender gives it its outcome; returns once that read has started.
-    fn blocked_read(
-        cache: &Arc<MetadataCache>,
-        owner: u64,
-        loads: &Arc<AtomicUsize>,
-    ) -> (mpsc::Sender<Result<Vec<u8>>>, Loading) {
+    fn blocked_read() -> Blocked {
+        let cache = MetadataCache::new(1 << 20);
+        let owner = cache.owner();
+        let loads = Arc::new(AtomicUsize::new(0));
         let (release, outcome) = mpsc::channel::<Result<Vec<u8>>>();
         let (started_tx, started) = mpsc::channel();
-        let (cache, loads) = (Arc::clone(cache), Arc::clone(loads));
+        let (reader_cache, reader_loads) = (Arc::clone(&cache), Arc::clone(&loads));
         let reader = thread::spawn(move || {
-            cache.load(owner, 0, Fetch::Allowed, || {
-                loads.fetch_add(1, Ordering::SeqCst);
+            reader_cache.load(owner, 0, Fetch::Allowed, || {
+                reader_loads.fetch_add(1, Ordering::SeqCst);
                 started_tx.send(()).unwrap();
                 outcome.recv().unwrap()
             })
         });
         started.recv().unwrap();
-        (release, reader)
+        (cache, owner, loads, release, reader)
     }
 
     /// Starts `n` loads of (`owner`, 0) that count their reads in `loads`; returns once
@@ -506,10 +497,7 @@ mod tests {
 
     #[test]
     fn concurrent_misses_of_one_table_read_it_once() {
-        let cache = MetadataCache::new(1 << 20);
-        let owner = cache.owner();
-        let loads = Arc::new(AtomicUsize::new(0));
-        let (release, reader) = blocked_read(&cache, owner, &loads);
+        let (cache, owner, loads, release, reader) = blocked_read();
         let waiters = waiting_loads(&cache, owner, &loads, 8);
         release.send(Ok(vec![1; 64])).unwrap();
         assert_eq!(&reader.join().unwrap().unwrap()[..], &[1; 64]);
@@ -524,10 +512,7 @@ mod tests {
 
     #[test]
     fn cached_only_lookups_do_not_wait_for_a_read_in_flight() {
-        let cache = MetadataCache::new(1 << 20);
-        let owner = cache.owner();
-        let loads = Arc::new(AtomicUsize::new(0));
-        let (release, reader) = blocked_read(&cache, owner, &loads);
+        let (cache, owner, _, release, reader) = blocked_read();
         let r = cache.load(owner, 0, Fetch::CachedOnly, || panic!("must not load"));
         assert!(matches!(r, Err(Error::NotCached)));
         release.send(Ok(vec![1; 8])).unwrap();
@@ -537,10 +522,7 @@ mod tests {
 
     #[test]
     fn when_a_shared_read_fails_each_waiter_reads_for_itself() {
-        let cache = MetadataCache::new(1 << 20);
-        let owner = cache.owner();
-        let loads = Arc::new(AtomicUsize::new(0));
-        let (release, reader) = blocked_read(&cache, owner, &loads);
+        let (cache, owner, loads, release, reader) = blocked_read();
         let waiters = waiting_loads(&cache, owner, &loads, 3);
         let failure = std::io::Error::other("injected");
         release
@@ -564,10 +546,7 @@ mod tests {
 
     #[test]
     fn a_read_that_panics_leaves_no_marker_and_wakes_its_waiters() {
-        let cache = MetadataCache::new(1 << 20);
-        let owner = cache.owner();
-        let loads = Arc::new(AtomicUsize::new(0));
-        let (release, reader) = blocked_read(&cache, owner, &loads);
+        let (cache, owner, loads, release, reader) = blocked_read();
         let waiters = waiting_loads(&cache, owner, &loads, 2);
         // Dropping the sender makes the blocked read's `recv().unwrap()` panic.
         drop(release);
@@ -581,14 +560,9 @@ mod tests {
 
     #[test]
     fn different_tables_are_read_concurrently() {
-        let cache = MetadataCache::new(1 << 20);
-        let owner = cache.owner();
-        let loads = Arc::new(AtomicUsize::new(0));
-        let (release, reader) = blocked_read(&cache, owner, &loads);
+        let (cache, owner, _, release, reader) = blocked_read();
         // Another key is read at once, while the first read is still blocked.
-        let other = cache
-            .load(owner, 1, Fetch::Allowed, || Ok(vec![5; 8]))
-            .unwrap();
+        let other = filled(&cache, owner, 1, 5, 8);
         assert_eq!(&other[..], &[5; 8]);
         release.send(Ok(vec![1; 8])).unwrap();
         reader.join().unwrap().unwrap();

@@ -26,6 +26,8 @@ pub mod lru;
 pub mod qcow2;
 pub mod raw;
 pub mod storage;
+#[cfg(test)]
+mod test_util;
 pub mod vhd;
 pub mod vmdk;
 

@@ -12,10 +12,6 @@ use thinline_format::qcow2::{self, CreateOptions, ZeroMode};
 use thinline_format::{Format, Image, OpenOptions};
 use thinline_test_support::rng::Rng;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn open_rw(path: &Path) -> (Image, std::sync::Arc<qcow2::Qcow2Writer>) {
     Image::open_writable(path, &OpenOptions::default())
         .unwrap_or_else(|e| panic!("open {} for writing: {}", path.display(), e.detail()))
@@ -209,136 +205,132 @@ fn random_workload(dir: &Path, c: &Config, rng: &mut Rng) {
 
 #[test]
 fn random_operations_match_a_byte_model_and_qemu_img_check_is_clean() {
-    if !have("qemu-img") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let mut rng = Rng::from_env();
-    let configs = [
-        Config {
-            cluster_size: 64 << 10,
-            extended: false,
-            size: 8 << 20,
-            backing: None,
-            ops: 300,
-        },
-        Config {
-            cluster_size: 64 << 10,
-            extended: false,
-            size: 8 << 20,
-            backing: Some(6 << 20),
-            ops: 300,
-        },
-        Config {
-            cluster_size: 64 << 10,
-            extended: true,
-            size: 8 << 20,
-            backing: Some(10 << 20),
-            ops: 300,
-        },
-        // Tiny clusters: many refcount blocks and L2 tables, refcount table growth.
-        Config {
-            cluster_size: 512,
-            extended: false,
-            size: 3 << 20,
-            backing: Some(1 << 20),
-            ops: 400,
-        },
-    ];
-    for c in &configs {
-        random_workload(dir.path(), c, &mut rng);
-    }
+    with_tools(&["qemu-img"], |d| {
+        let mut rng = Rng::from_env();
+        let configs = [
+            Config {
+                cluster_size: 64 << 10,
+                extended: false,
+                size: 8 << 20,
+                backing: None,
+                ops: 300,
+            },
+            Config {
+                cluster_size: 64 << 10,
+                extended: false,
+                size: 8 << 20,
+                backing: Some(6 << 20),
+                ops: 300,
+            },
+            Config {
+                cluster_size: 64 << 10,
+                extended: true,
+                size: 8 << 20,
+                backing: Some(10 << 20),
+                ops: 300,
+            },
+            // Tiny clusters: many refcount blocks and L2 tables, refcount table growth.
+            Config {
+                cluster_size: 512,
+                extended: false,
+                size: 3 << 20,
+                backing: Some(1 << 20),
+                ops: 400,
+            },
+        ];
+        for c in &configs {
+            random_workload(d, c, &mut rng);
+        }
+    });
 }
 
 #[test]
 fn try_write_does_only_what_needs_no_read_and_leaves_the_rest_untouched() {
-    if !have("qemu-img") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let mut rng = Rng::from_env();
-    let base = dir.path().join("base.raw");
-    let base_bytes = rng.bytes(1 << 20);
-    std::fs::write(&base, &base_bytes).unwrap();
-    let cs = 64u64 << 10;
-    for extended in [false, true] {
-        let path = dir.path().join(format!("try-{extended}.qcow2"));
-        qcow2::create(
-            &path,
-            &CreateOptions {
-                size: 1 << 20,
-                cluster_size: cs,
-                extended_l2: extended,
-                backing: Some((s(&base).to_owned(), Format::Raw)),
-            },
-        )
-        .unwrap();
-        let not_cached = |r: thinline_format::Result<()>, what: &str| match r {
-            Err(thinline_format::Error::NotCached) => {}
-            other => panic!("extended {extended}: {what}: expected NotCached, got {other:?}"),
-        };
-        let mut model = base_bytes.clone();
-        let (image, writer) = open_rw(&path);
-        // A partial cluster over the backing needs the backing's bytes: refused, and
-        // nothing changed.
-        not_cached(writer.try_write(100, &[1; 300]), "a partial cluster");
-        thinline_reads(
-            &image,
-            &model,
-            &format!("extended {extended}: after a refused write"),
-        );
-        // A whole new cluster needs a refcount, whose block is not in memory yet.
-        let whole = rng.bytes(cs as usize);
-        not_cached(
-            writer.try_write(cs, &whole),
-            "a refcount block not in memory",
-        );
-        thinline_reads(
-            &image,
-            &model,
-            &format!("extended {extended}: after a refused write"),
-        );
-        // A write that may read loads it; then a whole new cluster needs nothing but
-        // its own pwrite.
-        writer.write(&image, 8 * cs, &whole, false).unwrap();
-        model[8 * cs as usize..9 * cs as usize].copy_from_slice(&whole);
-        writer.try_write(cs, &whole).unwrap();
-        model[cs as usize..2 * cs as usize].copy_from_slice(&whole);
-        // Inside a cluster the image owns: written in place.
-        writer.try_write(cs + 100, &[7; 300]).unwrap();
-        model[(cs + 100) as usize..(cs + 400) as usize].fill(7);
-        if extended {
-            // Whole subclusters (2 KiB) of a new cluster: nothing to read either.
-            writer.try_write(4 * cs + 2048, &[9; 4096]).unwrap();
-            model[(4 * cs + 2048) as usize..(4 * cs + 6144) as usize].fill(9);
-        } else {
-            not_cached(
-                writer.try_write(4 * cs + 2048, &[9; 4096]),
-                "part of a new cluster",
+    with_tools(&["qemu-img"], |d| {
+        let mut rng = Rng::from_env();
+        let base = d.join("base.raw");
+        let base_bytes = rng.bytes(1 << 20);
+        std::fs::write(&base, &base_bytes).unwrap();
+        let cs = 64u64 << 10;
+        for extended in [false, true] {
+            let path = d.join(format!("try-{extended}.qcow2"));
+            qcow2::create(
+                &path,
+                &CreateOptions {
+                    size: 1 << 20,
+                    cluster_size: cs,
+                    extended_l2: extended,
+                    backing: Some((s(&base).to_owned(), Format::Raw)),
+                },
+            )
+            .unwrap();
+            let not_cached = |r: thinline_format::Result<()>, what: &str| match r {
+                Err(thinline_format::Error::NotCached) => {}
+                other => panic!("extended {extended}: {what}: expected NotCached, got {other:?}"),
+            };
+            let mut model = base_bytes.clone();
+            let (image, writer) = open_rw(&path);
+            // A partial cluster over the backing needs the backing's bytes: refused, and
+            // nothing changed.
+            not_cached(writer.try_write(100, &[1; 300]), "a partial cluster");
+            thinline_reads(
+                &image,
+                &model,
+                &format!("extended {extended}: after a refused write"),
             );
+            // A whole new cluster needs a refcount, whose block is not in memory yet.
+            let whole = rng.bytes(cs as usize);
+            not_cached(
+                writer.try_write(cs, &whole),
+                "a refcount block not in memory",
+            );
+            thinline_reads(
+                &image,
+                &model,
+                &format!("extended {extended}: after a refused write"),
+            );
+            // A write that may read loads it; then a whole new cluster needs nothing but
+            // its own pwrite.
+            writer.write(&image, 8 * cs, &whole, false).unwrap();
+            model[8 * cs as usize..9 * cs as usize].copy_from_slice(&whole);
+            writer.try_write(cs, &whole).unwrap();
+            model[cs as usize..2 * cs as usize].copy_from_slice(&whole);
+            // Inside a cluster the image owns: written in place.
+            writer.try_write(cs + 100, &[7; 300]).unwrap();
+            model[(cs + 100) as usize..(cs + 400) as usize].fill(7);
+            if extended {
+                // Whole subclusters (2 KiB) of a new cluster: nothing to read either.
+                writer.try_write(4 * cs + 2048, &[9; 4096]).unwrap();
+                model[(4 * cs + 2048) as usize..(4 * cs + 6144) as usize].fill(9);
+            } else {
+                not_cached(
+                    writer.try_write(4 * cs + 2048, &[9; 4096]),
+                    "part of a new cluster",
+                );
+            }
+            thinline_reads(
+                &image,
+                &model,
+                &format!("extended {extended}: after try_write"),
+            );
+            writer.flush().unwrap();
+            drop((image, writer));
+            qemu_check_clean(&path);
+            qemu_reads(&path, &model, &format!("extended {extended}"));
+            // Reopened, neither the L2 table nor the refcount block is in memory: refused
+            // until a write that may read has loaded them.
+            let (image, writer) = open_rw(&path);
+            not_cached(writer.try_write(2 * cs, &whole), "tables not in memory");
+            writer.write(&image, 9 * cs, &whole, false).unwrap();
+            writer.try_write(2 * cs, &whole).unwrap();
+            model[9 * cs as usize..10 * cs as usize].copy_from_slice(&whole);
+            model[2 * cs as usize..3 * cs as usize].copy_from_slice(&whole);
+            writer.flush().unwrap();
+            drop((image, writer));
+            qemu_check_clean(&path);
+            qemu_reads(&path, &model, &format!("extended {extended}: reopened"));
         }
-        thinline_reads(
-            &image,
-            &model,
-            &format!("extended {extended}: after try_write"),
-        );
-        writer.flush().unwrap();
-        drop((image, writer));
-        qemu_check_clean(&path);
-        qemu_reads(&path, &model, &format!("extended {extended}"));
-        // Reopened, neither the L2 table nor the refcount block is in memory: refused
-        // until a write that may read has loaded them.
-        let (image, writer) = open_rw(&path);
-        not_cached(writer.try_write(2 * cs, &whole), "tables not in memory");
-        writer.write(&image, 9 * cs, &whole, false).unwrap();
-        writer.try_write(2 * cs, &whole).unwrap();
-        model[9 * cs as usize..10 * cs as usize].copy_from_slice(&whole);
-        model[2 * cs as usize..3 * cs as usize].copy_from_slice(&whole);
-        writer.flush().unwrap();
-        drop((image, writer));
-        qemu_check_clean(&path);
-        qemu_reads(&path, &model, &format!("extended {extended}: reopened"));
-    }
+    });
 }
 
 /// The big-endian u64 at `at` in the file.
@@ -370,145 +362,124 @@ fn patch(path: &Path, at: u64, bytes: &[u8]) {
 
 #[test]
 fn a_crafted_table_never_makes_the_writer_overwrite_the_images_metadata() {
-    if !have("qemu-img") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let cs = 64u64 << 10;
-    let craft = |name: &str| {
-        let path = dir.path().join(name);
-        qemu_img(
-            dir.path(),
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=65536",
-                s(&path),
-                "1M",
-            ],
-        );
-        qemu_io(dir.path(), "qcow2", s(&path), &["write -P 0x11 0 64k"]);
-        let l1 = file_be64(&path, 40);
-        let reftable = file_be64(&path, 48);
-        (path, l1, reftable)
-    };
-    // L2 entries that say "guest cluster 1 is yours, at the L1 table" and "guest cluster
-    // 2 is yours, at the refcount table": writing there, in whole or in part, is refused
-    // and changes nothing.
-    let (path, l1, reftable) = craft("l2-points-at-tables.qcow2");
-    let l2 = file_be64(&path, l1) & 0x00ff_ffff_ffff_fe00;
-    patch(&path, l2 + 8, &(l1 | 1 << 63).to_be_bytes());
-    patch(&path, l2 + 16, &(reftable | 1 << 63).to_be_bytes());
-    let before = file_bytes(&path, 0, 4 * cs as usize);
-    let (image, writer) = open_rw(&path);
-    for (off, len) in [(cs, cs), (cs + 10, 100), (2 * cs, cs), (2 * cs + 512, 4096)] {
-        let data = vec![0xaa; len as usize];
-        let err = writer
-            .write(&image, off, &data, false)
-            .expect_err("a write over metadata must fail");
-        assert!(
-            err.detail().contains("metadata"),
-            "write at {off}+{len}: {}",
-            err.detail()
-        );
-        match writer.try_write(off, &data) {
-            Err(thinline_format::Error::NotCached) => {}
-            Err(e) => assert!(e.detail().contains("metadata"), "{}", e.detail()),
-            Ok(()) => panic!("try_write at {off}+{len} wrote over metadata"),
+    with_tools(&["qemu-img"], |d| {
+        let cs = 64u64 << 10;
+        let craft = |name: &str| {
+            let path = d.join(name);
+            create_qcow2(d, &["-o", "cluster_size=65536", s(&path), "1M"]);
+            qemu_io(d, "qcow2", s(&path), &["write -P 0x11 0 64k"]);
+            let l1 = file_be64(&path, 40);
+            let reftable = file_be64(&path, 48);
+            (path, l1, reftable)
+        };
+        // L2 entries that say "guest cluster 1 is yours, at the L1 table" and "guest cluster
+        // 2 is yours, at the refcount table": writing there, in whole or in part, is refused
+        // and changes nothing.
+        let (path, l1, reftable) = craft("l2-points-at-tables.qcow2");
+        let l2 = file_be64(&path, l1) & 0x00ff_ffff_ffff_fe00;
+        patch(&path, l2 + 8, &(l1 | 1 << 63).to_be_bytes());
+        patch(&path, l2 + 16, &(reftable | 1 << 63).to_be_bytes());
+        let before = file_bytes(&path, 0, 4 * cs as usize);
+        let (image, writer) = open_rw(&path);
+        for (off, len) in [(cs, cs), (cs + 10, 100), (2 * cs, cs), (2 * cs + 512, 4096)] {
+            let data = vec![0xaa; len as usize];
+            let err = writer
+                .write(&image, off, &data, false)
+                .expect_err("a write over metadata must fail");
+            assert!(
+                err.detail().contains("metadata"),
+                "write at {off}+{len}: {}",
+                err.detail()
+            );
+            match writer.try_write(off, &data) {
+                Err(thinline_format::Error::NotCached) => {}
+                Err(e) => assert!(e.detail().contains("metadata"), "{}", e.detail()),
+                Ok(()) => panic!("try_write at {off}+{len} wrote over metadata"),
+            }
         }
-    }
-    writer.flush().unwrap();
-    drop((image, writer));
-    assert!(
-        file_bytes(&path, 0, 4 * cs as usize) == before,
-        "the header, refcount table, refcount block or L1 table changed"
-    );
-    // A refcount block that calls the L1 table's cluster free: new clusters go elsewhere.
-    let (path, l1, reftable) = craft("l1-counted-free.qcow2");
-    let refblock = file_be64(&path, reftable);
-    patch(&path, refblock + 2 * (l1 / cs), &[0, 0]);
-    let l1_before = file_bytes(&path, l1, cs as usize);
-    let (image, writer) = open_rw(&path);
-    let data = vec![0x5c; (3 * cs) as usize];
-    writer.write(&image, 2 * cs, &data, false).unwrap();
-    writer
-        .write(&image, 6 * cs + 100, &data[..5000], false)
-        .unwrap();
-    writer.flush().unwrap();
-    let mut back = vec![0u8; data.len()];
-    image.read(2 * cs, &mut back).unwrap();
-    assert!(
-        back == data,
-        "data written past the crafted refcount reads back"
-    );
-    drop((image, writer));
-    assert!(
-        file_bytes(&path, l1, cs as usize) == l1_before,
-        "an allocation landed on the L1 table"
-    );
+        writer.flush().unwrap();
+        drop((image, writer));
+        assert!(
+            file_bytes(&path, 0, 4 * cs as usize) == before,
+            "the header, refcount table, refcount block or L1 table changed"
+        );
+        // A refcount block that calls the L1 table's cluster free: new clusters go elsewhere.
+        let (path, l1, reftable) = craft("l1-counted-free.qcow2");
+        let refblock = file_be64(&path, reftable);
+        patch(&path, refblock + 2 * (l1 / cs), &[0, 0]);
+        let l1_before = file_bytes(&path, l1, cs as usize);
+        let (image, writer) = open_rw(&path);
+        let data = vec![0x5c; (3 * cs) as usize];
+        writer.write(&image, 2 * cs, &data, false).unwrap();
+        writer
+            .write(&image, 6 * cs + 100, &data[..5000], false)
+            .unwrap();
+        writer.flush().unwrap();
+        let mut back = vec![0u8; data.len()];
+        image.read(2 * cs, &mut back).unwrap();
+        assert!(
+            back == data,
+            "data written past the crafted refcount reads back"
+        );
+        drop((image, writer));
+        assert!(
+            file_bytes(&path, l1, cs as usize) == l1_before,
+            "an allocation landed on the L1 table"
+        );
+    });
 }
 
 #[test]
 fn created_images_record_the_backing_format_and_qemu_agrees() {
-    if !have("qemu-img") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base.qcow2");
-    qemu_img(dir.path(), &["create", "-q", "-f", "qcow2", s(&base), "5M"]);
-    let top = dir.path().join("top.qcow2");
-    qcow2::create(
-        &top,
-        &CreateOptions {
-            size: 5 << 20,
-            backing: Some(("base.qcow2".to_owned(), Format::Qcow2)),
-            ..CreateOptions::default()
-        },
-    )
-    .unwrap();
-    let out = qemu_img(dir.path(), &["info", "--output=json", s(&top)]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["backing-filename-format"], "qcow2", "{v}");
-    assert_eq!(v["backing-filename"], "base.qcow2", "{v}");
-    assert_eq!(v["virtual-size"], 5 << 20, "{v}");
-    qemu_check_clean(&top);
-    // An existing file is never overwritten.
-    let err = qcow2::create(&top, &CreateOptions::default()).unwrap_err();
-    assert!(err.detail().contains("exists"), "{}", err.detail());
-    // Bad geometry is refused by name.
-    let err = qcow2::create(
-        &dir.path().join("x.qcow2"),
-        &CreateOptions {
-            cluster_size: 4096,
-            extended_l2: true,
-            size: 1 << 20,
-            ..CreateOptions::default()
-        },
-    )
-    .unwrap_err();
-    assert!(err.detail().contains("16384"), "{}", err.detail());
-    assert!(!dir.path().join("x.qcow2").exists());
+    with_tools(&["qemu-img"], |d| {
+        let base = d.join("base.qcow2");
+        create_qcow2(d, &[s(&base), "5M"]);
+        let top = d.join("top.qcow2");
+        qcow2::create(
+            &top,
+            &CreateOptions {
+                size: 5 << 20,
+                backing: Some(("base.qcow2".to_owned(), Format::Qcow2)),
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap();
+        let out = qemu_img(d, &["info", "--output=json", s(&top)]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["backing-filename-format"], "qcow2", "{v}");
+        assert_eq!(v["backing-filename"], "base.qcow2", "{v}");
+        assert_eq!(v["virtual-size"], 5 << 20, "{v}");
+        qemu_check_clean(&top);
+        // An existing file is never overwritten.
+        let err = qcow2::create(&top, &CreateOptions::default()).unwrap_err();
+        assert!(err.detail().contains("exists"), "{}", err.detail());
+        // Bad geometry is refused by name.
+        let err = qcow2::create(
+            &d.join("x.qcow2"),
+            &CreateOptions {
+                cluster_size: 4096,
+                extended_l2: true,
+                size: 1 << 20,
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.detail().contains("16384"), "{}", err.detail());
+        assert!(!d.join("x.qcow2").exists());
+    });
+}
+
+/// `qemu-img create -q -f qcow2 ARGS…` in `dir`.
+fn create_qcow2(dir: &Path, args: &[&str]) {
+    let mut all = vec!["create", "-q", "-f", "qcow2"];
+    all.extend(args);
+    qemu_img(dir, &all);
 }
 
 /// A qemu-made image with every kind of cluster, and the raw bytes it holds.
 fn qemu_made(dir: &Path, name: &str, opts: &str, size: u64) -> (PathBuf, Vec<u8>) {
     let path = dir.join(name);
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            opts,
-            s(&path),
-            &size.to_string(),
-        ],
-    );
+    create_qcow2(dir, &["-o", opts, s(&path), &size.to_string()]);
     qemu_io(
         dir,
         "qcow2",
@@ -528,204 +499,196 @@ fn qemu_made(dir: &Path, name: &str, opts: &str, size: u64) -> (PathBuf, Vec<u8>
 
 #[test]
 fn images_qemu_wrote_read_exactly_and_stay_writable() {
-    if !have("qemu-img") || !have("qemu-io") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let mut rng = Rng::from_env();
-    for (name, opts) in [
-        ("plain.qcow2", "cluster_size=65536"),
-        ("ext.qcow2", "cluster_size=65536,extended_l2=on"),
-        ("zstd.qcow2", "compression_type=zstd"),
-        ("v2.qcow2", "compat=0.10"),
-    ] {
-        let (path, mut model) = qemu_made(dir.path(), name, opts, 6 << 20);
-        if name == "plain.qcow2" {
-            // An internal snapshot: its clusters have refcount 2 and are copied on write.
-            qemu_img(dir.path(), &["snapshot", "-c", "snap1", s(&path)]);
-        }
-        let (image, writer) = open_rw(&path);
-        thinline_reads(&image, &model, name);
-        // Writes over compressed, zero, shared and discarded clusters.
-        for &(off, len) in &[
-            (1 << 20, 4096u64),
-            ((1 << 20) + 100_000, 70_000),
-            ((2 << 20) + 512, 512),
-            ((3 << 20) + 1000, 3000),
-            (100, 200_000),
-            ((4 << 20) + 4096, 65536),
+    with_tools(&["qemu-img", "qemu-io"], |d| {
+        let mut rng = Rng::from_env();
+        for (name, opts) in [
+            ("plain.qcow2", "cluster_size=65536"),
+            ("ext.qcow2", "cluster_size=65536,extended_l2=on"),
+            ("zstd.qcow2", "compression_type=zstd"),
+            ("v2.qcow2", "compat=0.10"),
         ] {
-            let data = rng.bytes(len as usize);
-            writer.write(&image, off, &data, false).unwrap();
-            model[off as usize..(off + len) as usize].copy_from_slice(&data);
+            let (path, mut model) = qemu_made(d, name, opts, 6 << 20);
+            if name == "plain.qcow2" {
+                // An internal snapshot: its clusters have refcount 2 and are copied on write.
+                qemu_img(d, &["snapshot", "-c", "snap1", s(&path)]);
+            }
+            let (image, writer) = open_rw(&path);
+            thinline_reads(&image, &model, name);
+            // Writes over compressed, zero, shared and discarded clusters.
+            for &(off, len) in &[
+                (1 << 20, 4096u64),
+                ((1 << 20) + 100_000, 70_000),
+                ((2 << 20) + 512, 512),
+                ((3 << 20) + 1000, 3000),
+                (100, 200_000),
+                ((4 << 20) + 4096, 65536),
+            ] {
+                let data = rng.bytes(len as usize);
+                writer.write(&image, off, &data, false).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+            writer
+                .write_zeroes(&image, 128 << 10, 64 << 10, ZeroMode::default(), false)
+                .unwrap();
+            model[(128 << 10)..(192 << 10)].fill(0);
+            thinline_reads(&image, &model, name);
+            writer.flush().unwrap();
+            drop(image);
+            drop(writer);
+            qemu_check_clean(&path);
+            qemu_reads(&path, &model, name);
+            if name == "plain.qcow2" {
+                // The snapshot still holds what qemu wrote before it.
+                let snap = d.join("snap.raw");
+                qemu_img(
+                    d,
+                    &["convert", "-l", "snap1", "-O", "raw", s(&path), s(&snap)],
+                );
+                let old = std::fs::read(&snap).unwrap();
+                assert_eq!(&old[..256 << 10], &vec![0x11u8; 256 << 10][..]);
+            }
         }
-        writer
-            .write_zeroes(&image, 128 << 10, 64 << 10, ZeroMode::default(), false)
-            .unwrap();
-        model[(128 << 10)..(192 << 10)].fill(0);
-        thinline_reads(&image, &model, name);
-        writer.flush().unwrap();
-        drop(image);
-        drop(writer);
-        qemu_check_clean(&path);
-        qemu_reads(&path, &model, name);
-        if name == "plain.qcow2" {
-            // The snapshot still holds what qemu wrote before it.
-            let snap = dir.path().join("snap.raw");
-            qemu_img(
-                dir.path(),
-                &["convert", "-l", "snap1", "-O", "raw", s(&path), s(&snap)],
-            );
-            let old = std::fs::read(&snap).unwrap();
-            assert_eq!(&old[..256 << 10], &vec![0x11u8; 256 << 10][..]);
-        }
-    }
+    });
 }
 
 #[test]
 fn resize_grows_with_a_zero_tail_over_a_longer_backing_and_refuses_cutting_data() {
-    if !have("qemu-img") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base.raw");
-    std::fs::write(&base, vec![0x5au8; 4 << 20]).unwrap();
-    let top = dir.path().join("top.qcow2");
-    qcow2::create(
-        &top,
-        &CreateOptions {
-            size: (1 << 20) + 1000,
-            backing: Some((s(&base).to_owned(), Format::Raw)),
-            ..CreateOptions::default()
-        },
-    )
-    .unwrap();
-    let (image, writer) = open_rw(&top);
-    // Grow past 512 MiB: the L1 table moves too.
-    writer.resize(&image, 600 << 20).unwrap();
-    let mut buf = vec![0u8; 8 << 20];
-    image.read(0, &mut buf).unwrap();
-    assert!(buf[..(1 << 20) + 1000].iter().all(|&b| b == 0x5a));
-    assert!(
-        buf[(1 << 20) + 1000..].iter().all(|&b| b == 0),
-        "the backing shows through the new tail"
-    );
-    writer
-        .write(&image, (600 << 20) - 5, b"tail!", false)
+    with_tools(&["qemu-img"], |d| {
+        let base = d.join("base.raw");
+        std::fs::write(&base, vec![0x5au8; 4 << 20]).unwrap();
+        let top = d.join("top.qcow2");
+        qcow2::create(
+            &top,
+            &CreateOptions {
+                size: (1 << 20) + 1000,
+                backing: Some((s(&base).to_owned(), Format::Raw)),
+                ..CreateOptions::default()
+            },
+        )
         .unwrap();
-    // Shrinking over data is refused; over an unallocated tail it works.
-    let err = writer.resize(&image, 100 << 20).unwrap_err();
-    assert!(err.detail().contains("holds data"), "{}", err.detail());
-    writer
-        .write_zeroes(&image, 599 << 20, 1 << 20, ZeroMode::default(), false)
-        .unwrap();
-    writer.flush().unwrap();
-    drop(image);
-    drop(writer);
-    qemu_check_clean(&top);
-    let out = qemu_img(dir.path(), &["info", "--output=json", s(&top)]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["virtual-size"], 600u64 << 20, "{v}");
+        let (image, writer) = open_rw(&top);
+        // Grow past 512 MiB: the L1 table moves too.
+        writer.resize(&image, 600 << 20).unwrap();
+        let mut buf = vec![0u8; 8 << 20];
+        image.read(0, &mut buf).unwrap();
+        assert!(buf[..(1 << 20) + 1000].iter().all(|&b| b == 0x5a));
+        assert!(
+            buf[(1 << 20) + 1000..].iter().all(|&b| b == 0),
+            "the backing shows through the new tail"
+        );
+        writer
+            .write(&image, (600 << 20) - 5, b"tail!", false)
+            .unwrap();
+        // Shrinking over data is refused; over an unallocated tail it works.
+        let err = writer.resize(&image, 100 << 20).unwrap_err();
+        assert!(err.detail().contains("holds data"), "{}", err.detail());
+        writer
+            .write_zeroes(&image, 599 << 20, 1 << 20, ZeroMode::default(), false)
+            .unwrap();
+        writer.flush().unwrap();
+        drop(image);
+        drop(writer);
+        qemu_check_clean(&top);
+        let out = qemu_img(d, &["info", "--output=json", s(&top)]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["virtual-size"], 600u64 << 20, "{v}");
+    });
 }
 
 #[test]
 fn repair_frees_leaked_clusters_and_clears_the_dirty_bit() {
-    if !have("qemu-img") || !have("qemu-io") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let (path, model) = qemu_made(dir.path(), "leaky.qcow2", "lazy_refcounts=on", 6 << 20);
-    // A leak: grow the file, count one of its new clusters as used, and set dirty.
-    let header = std::fs::read(&path).unwrap();
-    let be64 = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().unwrap());
-    let reftable = be64(48) as usize;
-    let block = u64::from_be_bytes(header[reftable..reftable + 8].try_into().unwrap()) as usize;
-    let clusters = header.len() / 65536;
-    let mut bytes = header.clone();
-    bytes.resize((clusters + 2) * 65536, 0);
-    let leak = clusters + 1;
-    bytes[block + leak * 2..block + leak * 2 + 2].copy_from_slice(&1u16.to_be_bytes());
-    bytes[79] |= 1; // incompatible features: dirty
-    std::fs::write(&path, &bytes).unwrap();
-    let err = Image::open_writable(&path, &OpenOptions::default()).unwrap_err();
-    assert!(
-        err.detail().contains("thinline image check --repair"),
-        "{}",
-        err.detail()
-    );
-    let report = qcow2::repair(&path).unwrap();
-    assert!(report.dirty_cleared, "{report:?}");
-    assert!(report.leaks_fixed >= 1, "{report:?}");
-    // Lazy refcounts stay on (qemu's choice too), so a writable open is still refused
-    // until the feature is turned off; qemu agrees the image is clean.
-    qemu_check_clean(&path);
-    qemu_reads(&path, &model, "repaired");
+    with_tools(&["qemu-img", "qemu-io"], |d| {
+        let (path, model) = qemu_made(d, "leaky.qcow2", "lazy_refcounts=on", 6 << 20);
+        // A leak: grow the file, count one of its new clusters as used, and set dirty.
+        let header = std::fs::read(&path).unwrap();
+        let be64 = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().unwrap());
+        let reftable = be64(48) as usize;
+        let block = u64::from_be_bytes(header[reftable..reftable + 8].try_into().unwrap()) as usize;
+        let clusters = header.len() / 65536;
+        let mut bytes = header.clone();
+        bytes.resize((clusters + 2) * 65536, 0);
+        let leak = clusters + 1;
+        bytes[block + leak * 2..block + leak * 2 + 2].copy_from_slice(&1u16.to_be_bytes());
+        bytes[79] |= 1; // incompatible features: dirty
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Image::open_writable(&path, &OpenOptions::default()).unwrap_err();
+        assert!(
+            err.detail().contains("thinline image check --repair"),
+            "{}",
+            err.detail()
+        );
+        let report = qcow2::repair(&path).unwrap();
+        assert!(report.dirty_cleared, "{report:?}");
+        assert!(report.leaks_fixed >= 1, "{report:?}");
+        // Lazy refcounts stay on (qemu's choice too), so a writable open is still refused
+        // until the feature is turned off; qemu agrees the image is clean.
+        qemu_check_clean(&path);
+        qemu_reads(&path, &model, "repaired");
+    });
 }
 
 #[test]
 fn a_second_writer_is_refused_and_qemu_is_refused_while_thinline_writes() {
-    if !have("qemu-img") || !have("qemu-io") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("locked.qcow2");
-    qcow2::create(
-        &path,
-        &CreateOptions {
-            size: 1 << 20,
-            ..CreateOptions::default()
-        },
-    )
-    .unwrap();
-    let (image, writer) = open_rw(&path);
-    let err = Image::open_writable(&path, &OpenOptions::default()).unwrap_err();
-    assert!(err.detail().contains("in use by"), "{}", err.detail());
-    let out = std::process::Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write 0 4k", s(&path)])
-        .output()
+    with_tools(&["qemu-img", "qemu-io"], |d| {
+        let path = d.join("locked.qcow2");
+        qcow2::create(
+            &path,
+            &CreateOptions {
+                size: 1 << 20,
+                ..CreateOptions::default()
+            },
+        )
         .unwrap();
-    assert!(
-        !out.status.success(),
-        "qemu-io wrote an image Thinline holds"
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("lock"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    drop(image);
-    drop(writer);
-    // Released with the file: qemu may write now, and then Thinline is refused.
-    let mut qemu = std::process::Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "sleep 3000", s(&path)])
-        .spawn()
-        .unwrap();
-    let inode = {
-        use std::os::unix::fs::MetadataExt;
-        format!(":{} ", std::fs::metadata(&path).unwrap().ino())
-    };
-    let start = std::time::Instant::now();
-    while !std::fs::read_to_string("/proc/locks")
-        .unwrap()
-        .lines()
-        .any(|l| l.contains(&inode))
-    {
+        let (image, writer) = open_rw(&path);
+        let err = Image::open_writable(&path, &OpenOptions::default()).unwrap_err();
+        assert!(err.detail().contains("in use by"), "{}", err.detail());
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write 0 4k", s(&path)])
+            .output()
+            .unwrap();
         assert!(
-            start.elapsed() < std::time::Duration::from_secs(20),
-            "qemu-io never took its locks"
+            !out.status.success(),
+            "qemu-io wrote an image Thinline holds"
         );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let refused = Image::open_writable(&path, &OpenOptions::default())
-        .unwrap_err()
-        .detail();
-    qemu.kill().unwrap();
-    qemu.wait().unwrap();
-    assert!(refused.contains("in use by"), "{refused}");
-    assert!(
-        refused.contains("qemu-io"),
-        "the holder is named: {refused}"
-    );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("lock"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        drop(image);
+        drop(writer);
+        // Released with the file: qemu may write now, and then Thinline is refused.
+        let mut qemu = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "sleep 3000", s(&path)])
+            .spawn()
+            .unwrap();
+        let inode = {
+            use std::os::unix::fs::MetadataExt;
+            format!(":{} ", std::fs::metadata(&path).unwrap().ino())
+        };
+        let start = std::time::Instant::now();
+        while !std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .any(|l| l.contains(&inode))
+        {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "qemu-io never took its locks"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let refused = Image::open_writable(&path, &OpenOptions::default())
+            .unwrap_err()
+            .detail();
+        qemu.kill().unwrap();
+        qemu.wait().unwrap();
+        assert!(refused.contains("in use by"), "{refused}");
+        assert!(
+            refused.contains("qemu-io"),
+            "the holder is named: {refused}"
+        );
+    });
 }
 
 #[test]
@@ -769,109 +732,92 @@ fn the_backing_can_come_from_storage_the_caller_opened_instead_of_the_name_in_th
 
 #[test]
 fn bitmaps_are_invalidated_as_the_spec_asks_before_the_first_write_and_repair_frees_them() {
-    if !have("qemu-img") || !have("qemu-io") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bitmap.qcow2");
-    qemu_img(dir.path(), &["create", "-q", "-f", "qcow2", s(&path), "4M"]);
-    qemu_img(dir.path(), &["bitmap", "--add", s(&path), "b0"]);
-    qemu_io(dir.path(), "qcow2", s(&path), &["write -P 0x11 0 64k"]);
-    let (image, writer) = open_rw(&path);
-    writer.write(&image, 1 << 20, &[0x22; 4096], false).unwrap();
-    writer.flush().unwrap();
-    drop(image);
-    drop(writer);
-    // The autoclear bit is gone: qemu treats the bitmaps as inconsistent, not as valid.
-    let header = std::fs::read(&path).unwrap();
-    assert_eq!(&header[88..96], &[0; 8], "autoclear features left set");
-    let out = std::process::Command::new("qemu-img")
-        .args(["check", s(&path)])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("bitmaps are now considered inconsistent"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report = qcow2::repair(&path).unwrap();
-    assert!(report.leaks_fixed > 0, "{report:?}");
-    qemu_check_clean(&path);
-    let mut model = vec![0u8; 4 << 20];
-    model[..64 << 10].fill(0x11);
-    model[1 << 20..(1 << 20) + 4096].fill(0x22);
-    qemu_reads(&path, &model, "after the bitmaps were dropped");
+    with_tools(&["qemu-img", "qemu-io"], |d| {
+        let path = d.join("bitmap.qcow2");
+        create_qcow2(d, &[s(&path), "4M"]);
+        qemu_img(d, &["bitmap", "--add", s(&path), "b0"]);
+        qemu_io(d, "qcow2", s(&path), &["write -P 0x11 0 64k"]);
+        let (image, writer) = open_rw(&path);
+        writer.write(&image, 1 << 20, &[0x22; 4096], false).unwrap();
+        writer.flush().unwrap();
+        drop(image);
+        drop(writer);
+        // The autoclear bit is gone: qemu treats the bitmaps as inconsistent, not as valid.
+        let header = std::fs::read(&path).unwrap();
+        assert_eq!(&header[88..96], &[0; 8], "autoclear features left set");
+        let out = std::process::Command::new("qemu-img")
+            .args(["check", s(&path)])
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stderr)
+                .contains("bitmaps are now considered inconsistent"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report = qcow2::repair(&path).unwrap();
+        assert!(report.leaks_fixed > 0, "{report:?}");
+        qemu_check_clean(&path);
+        let mut model = vec![0u8; 4 << 20];
+        model[..64 << 10].fill(0x11);
+        model[1 << 20..(1 << 20) + 4096].fill(0x22);
+        qemu_reads(&path, &model, "after the bitmaps were dropped");
+    });
 }
 
 #[test]
 fn set_backing_rewrites_the_name_and_format_and_keeps_the_other_header_extensions() {
-    if !have("qemu-img") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let base = rng_file(d, "a.raw", 1 << 20);
-    std::fs::copy(&base, d.join("b.raw")).unwrap();
-    let overlay = d.join("o.qcow2");
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "a.raw",
-            "-F",
-            "raw",
-            s(&overlay),
-        ],
-    );
-    qemu_io(d, "qcow2", s(&overlay), &["write -q -P 0x61 4096 8192"]);
-    let before = qemu_raw(&overlay, "qcow2");
-    let info = |p: &Path| -> serde_json::Value {
-        let out = std::process::Command::new("qemu-img")
-            .args(["info", "--output=json", "-U", s(p)])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
-    assert!(
-        info(&overlay)["format-specific"]["data"]
-            .get("compat")
-            .is_some()
-    );
-    // The same bytes under another name: qemu reads the same, the check is clean.
-    qcow2::set_backing(&overlay, Some(("b.raw", Format::Raw))).unwrap();
-    let v = info(&overlay);
-    assert_eq!(v["backing-filename"], "b.raw");
-    assert_eq!(v["backing-filename-format"], "raw");
-    qemu_check_clean(&overlay);
-    assert!(
-        qemu_raw(&overlay, "qcow2") == before,
-        "the content is the same"
-    );
-    // A longer name of the same file, then none (after copying the backing's bytes in).
-    qcow2::set_backing(&overlay, Some(("./b.raw", Format::Raw))).unwrap();
-    assert_eq!(info(&overlay)["backing-filename"], "./b.raw");
-    let (image, writer) = open_rw(&overlay);
-    writer.write(&image, 0, &before, false).unwrap();
-    writer.flush().unwrap();
-    drop((image, writer));
-    qcow2::set_backing(&overlay, None).unwrap();
-    let v = info(&overlay);
-    assert!(v.get("backing-filename").is_none(), "{v}");
-    qemu_check_clean(&overlay);
-    assert!(qemu_raw(&overlay, "qcow2") == before);
-    // Thinline reads it the same too, and refuses to rebase an image another holds.
-    let image = Image::open(&overlay, &OpenOptions::default()).unwrap();
-    assert!(read_all(&image, 1 << 16, 0) == before);
-    let (_image, _writer) = open_rw(&overlay);
-    let err = qcow2::set_backing(&overlay, Some(("a.raw", Format::Raw))).unwrap_err();
-    assert!(
-        matches!(err, thinline_format::Error::Locked { .. }),
-        "{err:?}"
-    );
+    with_tools(&["qemu-img"], |d| {
+        let base = rng_file(d, "a.raw", 1 << 20);
+        std::fs::copy(&base, d.join("b.raw")).unwrap();
+        let overlay = d.join("o.qcow2");
+        create_qcow2(d, &["-b", "a.raw", "-F", "raw", s(&overlay)]);
+        qemu_io(d, "qcow2", s(&overlay), &["write -q -P 0x61 4096 8192"]);
+        let before = qemu_raw(&overlay, "qcow2");
+        let info = |p: &Path| -> serde_json::Value {
+            let out = std::process::Command::new("qemu-img")
+                .args(["info", "--output=json", "-U", s(p)])
+                .output()
+                .unwrap();
+            serde_json::from_slice(&out.stdout).unwrap()
+        };
+        assert!(
+            info(&overlay)["format-specific"]["data"]
+                .get("compat")
+                .is_some()
+        );
+        // The same bytes under another name: qemu reads the same, the check is clean.
+        qcow2::set_backing(&overlay, Some(("b.raw", Format::Raw))).unwrap();
+        let v = info(&overlay);
+        assert_eq!(v["backing-filename"], "b.raw");
+        assert_eq!(v["backing-filename-format"], "raw");
+        qemu_check_clean(&overlay);
+        assert!(
+            qemu_raw(&overlay, "qcow2") == before,
+            "the content is the same"
+        );
+        // A longer name of the same file, then none (after copying the backing's bytes in).
+        qcow2::set_backing(&overlay, Some(("./b.raw", Format::Raw))).unwrap();
+        assert_eq!(info(&overlay)["backing-filename"], "./b.raw");
+        let (image, writer) = open_rw(&overlay);
+        writer.write(&image, 0, &before, false).unwrap();
+        writer.flush().unwrap();
+        drop((image, writer));
+        qcow2::set_backing(&overlay, None).unwrap();
+        let v = info(&overlay);
+        assert!(v.get("backing-filename").is_none(), "{v}");
+        qemu_check_clean(&overlay);
+        assert!(qemu_raw(&overlay, "qcow2") == before);
+        // Thinline reads it the same too, and refuses to rebase an image another holds.
+        let image = Image::open(&overlay, &OpenOptions::default()).unwrap();
+        assert!(read_all(&image, 1 << 16, 0) == before);
+        let (_image, _writer) = open_rw(&overlay);
+        let err = qcow2::set_backing(&overlay, Some(("a.raw", Format::Raw))).unwrap_err();
+        assert!(
+            matches!(err, thinline_format::Error::Locked { .. }),
+            "{err:?}"
+        );
+    });
 }
 
 /// A file of `len` random bytes in `dir`.

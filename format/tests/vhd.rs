@@ -15,7 +15,7 @@ const SECTOR: usize = 512;
 fn qemu_virtual_size(path: &Path) -> u64 {
     let out = qemu_img(
         path.parent().unwrap(),
-        &["info", "--output=json", "-f", "vpc", path.to_str().unwrap()],
+        &["info", "--output=json", "-f", "vpc", s(path)],
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v["virtual-size"].as_u64().unwrap()
@@ -72,10 +72,10 @@ fn check_qemu_made(sub: &str) {
     for force in ["off", "on"] {
         let opts = format!("subformat={sub},force_size={force}");
         let created = p(d, &format!("{sub}-{force}.vhd"));
-        qemu_img(d, &["create", "-f", "vpc", "-o", &opts, &created, "64M"]);
+        qemu_create(d, "vpc", &opts, &created, "64M");
         qemu_io(d, "vpc", &created, QEMU_IO_OPS);
         let conv = p(d, &format!("conv-{sub}-{force}.vhd"));
-        let base = base.to_str().unwrap();
+        let base = s(&base);
         qemu_img(
             d,
             &[
@@ -119,34 +119,20 @@ fn qemu_made_fixed_images_read_and_map_like_qemu() {
 
 #[test]
 fn large_chs_rounded_sizes_match_qemu() {
-    if !have("qemu-img") {
-        return;
-    }
-    let dir = scratch();
-    let d = dir.path();
-    for (name, size, opts) in [
-        ("1g.vhd", "1G", "subformat=dynamic"),
-        ("1g-exact.vhd", "1G", "subformat=dynamic,force_size=on"),
-        ("odd.vhd", "1234567k", "subformat=dynamic"),
-    ] {
-        let path = pb(d, name);
-        qemu_img(
-            d,
-            &[
-                "create",
-                "-f",
-                "vpc",
-                "-o",
-                opts,
-                path.to_str().unwrap(),
-                size,
-            ],
-        );
-        let image = open(&path, None);
-        assert_eq!(image.size(), qemu_virtual_size(&path), "{name}");
-        assert_dynamic_map_like_qemu(&path);
-    }
-    assert_eq!(open(&pb(d, "1g.vhd"), None).size(), 1_073_995_776);
+    with_tools(&["qemu-img"], |d| {
+        for (name, size, opts) in [
+            ("1g.vhd", "1G", "subformat=dynamic"),
+            ("1g-exact.vhd", "1G", "subformat=dynamic,force_size=on"),
+            ("odd.vhd", "1234567k", "subformat=dynamic"),
+        ] {
+            let path = pb(d, name);
+            qemu_create(d, "vpc", opts, s(&path), size);
+            let image = open(&path, None);
+            assert_eq!(image.size(), qemu_virtual_size(&path), "{name}");
+            assert_dynamic_map_like_qemu(&path);
+        }
+        assert_eq!(open(&pb(d, "1g.vhd"), None).size(), 1_073_995_776);
+    });
 }
 
 // ---------------------------------------------------------------------------------
@@ -398,15 +384,7 @@ fn assert_chain_like_model(top: &Path, layers: &[&LayerModel]) {
     let image = open(top, None);
     assert_eq!(image.layers().len(), layers.len(), "chain length");
     let expected = model_bytes(layers);
-    assert_eq!(image.size() as usize, expected.len());
-    for (chunk, skew) in [(1 << 20, 0), (4096 + 512, 777), (65536 * 3, 511)] {
-        let ours = read_all(&image, chunk, skew);
-        assert_same_bytes(
-            &format!("{} (chunk {chunk})", top.display()),
-            &ours,
-            &expected,
-        );
-    }
+    assert_reads_as(&image, &top.display().to_string(), &expected, &CHUNKINGS);
     assert_eq!(our_map(&image), model_map(layers), "{}: map", top.display());
 }
 
@@ -443,6 +421,28 @@ fn grandchild_model() -> LayerModel {
     m.write(2 * MIB + 100 * SECTOR, 10 * SECTOR, 0xD1);
     m.write(CHAIN_SIZE - SECTOR, SECTOR, 0xD2);
     m
+}
+
+/// A reference to PARENT_UUID under these names: the Unicode name and the W2ru, W2ku
+/// and MacX locators (None: no such locator).
+fn parent_named(unicode_name: &str, [w2ru, w2ku, macx]: [Option<&str>; 3]) -> ParentRef {
+    ParentRef {
+        uuid: PARENT_UUID,
+        unicode_name: unicode_name.to_owned(),
+        w2ru: w2ru.map(str::to_owned),
+        w2ku: w2ku.map(str::to_owned),
+        macx: macx.map(str::to_owned),
+    }
+}
+
+/// A differencing disk over `layer` (CHILD_UUID, 512 KiB blocks) whose parent is `parent`.
+fn child_spec(layer: &LayerModel, parent: ParentRef) -> VhdSpec<'_> {
+    VhdSpec {
+        layer,
+        block_size: 512 * 1024,
+        uuid: CHILD_UUID,
+        parent: Some(parent),
+    }
 }
 
 fn parent_ref(uuid: [u8; 16], file: &str) -> ParentRef {
@@ -489,251 +489,228 @@ fn write_chain(dir: &Path) -> (LayerModel, LayerModel, LayerModel) {
 
 #[test]
 fn hand_built_chain_reads_and_maps_like_the_model() {
-    let dir = scratch();
-    let d = dir.path();
-    let (parent, child, grandchild) = write_chain(d);
-    assert_chain_like_model(&pb(d, "parent.vhd"), &[&parent]);
-    assert_chain_like_model(&pb(d, "child.vhd"), &[&child, &parent]);
-    assert_chain_like_model(&pb(d, "grandchild.vhd"), &[&grandchild, &child, &parent]);
+    in_scratch(|d| {
+        let (parent, child, grandchild) = write_chain(d);
+        assert_chain_like_model(&pb(d, "parent.vhd"), &[&parent]);
+        assert_chain_like_model(&pb(d, "child.vhd"), &[&child, &parent]);
+        assert_chain_like_model(&pb(d, "grandchild.vhd"), &[&grandchild, &child, &parent]);
 
-    let image = open(&pb(d, "grandchild.vhd"), None);
-    let info = image.info();
-    assert_eq!(info[0].subformat.as_deref(), Some("differencing"));
-    assert_eq!(info[2].subformat.as_deref(), Some("dynamic"));
-    let detail = |i: usize, key: &str| {
-        info[i]
-            .details
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-    };
-    assert_eq!(
-        detail(1, "parent uuid").as_deref(),
-        Some("11111111-1111-1111-1111-111111111111")
-    );
-    assert_eq!(detail(1, "parent name").as_deref(), Some("parent.vhd"));
-    assert_eq!(
-        detail(0, "size rule").as_deref(),
-        Some("current_size (creator \"win \")")
-    );
-    assert_eq!(info[1].cluster_size, Some(512 * 1024));
-    for (name, result) in image.check() {
-        let report = result.unwrap();
-        assert!(report.errors.is_empty(), "{name}: {:?}", report.errors);
-    }
+        let image = open(&pb(d, "grandchild.vhd"), None);
+        let info = image.info();
+        assert_eq!(info[0].subformat.as_deref(), Some("differencing"));
+        assert_eq!(info[2].subformat.as_deref(), Some("dynamic"));
+        let detail = |i: usize, key: &str| {
+            info[i]
+                .details
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            detail(1, "parent uuid").as_deref(),
+            Some("11111111-1111-1111-1111-111111111111")
+        );
+        assert_eq!(detail(1, "parent name").as_deref(), Some("parent.vhd"));
+        assert_eq!(
+            detail(0, "size rule").as_deref(),
+            Some("current_size (creator \"win \")")
+        );
+        assert_eq!(info[1].cluster_size, Some(512 * 1024));
+        for (name, result) in image.check() {
+            let report = result.unwrap();
+            assert!(report.errors.is_empty(), "{name}: {:?}", report.errors);
+        }
+    });
 }
 
 #[test]
 fn parents_are_found_relative_to_the_child_and_checked_by_uuid() {
-    let dir = scratch();
-    let d = dir.path();
-    let (parent, child, _) = write_chain(d);
-    // A child in a subdirectory naming its parent `..\parent.vhd`: resolved against the
-    // child's directory, not the process's (the test's CWD is the crate directory).
-    std::fs::create_dir(d.join("sub")).unwrap();
-    let relative = VhdSpec {
-        layer: &child,
-        block_size: 512 * 1024,
-        uuid: CHILD_UUID,
-        parent: Some(ParentRef {
-            uuid: PARENT_UUID,
-            unicode_name: "not-here.vhd".to_owned(),
-            w2ru: Some("..\\parent.vhd".to_owned()),
-            w2ku: Some("C:\\elsewhere\\not-here.vhd".to_owned()),
-            macx: None,
-        }),
-    };
-    let sub_child = d.join("sub").join("child.vhd");
-    std::fs::write(&sub_child, build_vhd(&relative)).unwrap();
-    assert_ne!(std::env::current_dir().unwrap(), d.join("sub"));
-    assert_chain_like_model(&sub_child, &[&child, &parent]);
+    in_scratch(|d| {
+        let (parent, child, _) = write_chain(d);
+        // A child in a subdirectory naming its parent `..\parent.vhd`: resolved against the
+        // child's directory, not the process's (the test's CWD is the crate directory).
+        std::fs::create_dir(d.join("sub")).unwrap();
+        let relative = child_spec(
+            &child,
+            parent_named(
+                "not-here.vhd",
+                [
+                    Some("..\\parent.vhd"),
+                    Some("C:\\elsewhere\\not-here.vhd"),
+                    None,
+                ],
+            ),
+        );
+        let sub_child = d.join("sub").join("child.vhd");
+        std::fs::write(&sub_child, build_vhd(&relative)).unwrap();
+        assert_ne!(std::env::current_dir().unwrap(), d.join("sub"));
+        assert_chain_like_model(&sub_child, &[&child, &parent]);
 
-    // Only the file name of an absolute Windows path (tried last) finds the parent.
-    let windows_only = VhdSpec {
-        parent: Some(ParentRef {
-            uuid: PARENT_UUID,
-            unicode_name: String::new(),
-            w2ru: None,
-            w2ku: Some("C:\\Hyper-V\\parent.vhd".to_owned()),
-            macx: None,
-        }),
-        ..relative
-    };
-    let abs_child = d.join("abs-child.vhd");
-    std::fs::write(&abs_child, build_vhd(&windows_only)).unwrap();
-    assert_chain_like_model(&abs_child, &[&child, &parent]);
+        // Only the file name of an absolute Windows path (tried last) finds the parent.
+        let windows_only = VhdSpec {
+            parent: Some(parent_named(
+                "",
+                [None, Some("C:\\Hyper-V\\parent.vhd"), None],
+            )),
+            ..relative
+        };
+        let abs_child = d.join("abs-child.vhd");
+        std::fs::write(&abs_child, build_vhd(&windows_only)).unwrap();
+        assert_chain_like_model(&abs_child, &[&child, &parent]);
 
-    // A parent with another UUID is refused, naming both UUIDs.
-    let wrong = VhdSpec {
-        layer: &child,
-        block_size: 512 * 1024,
-        uuid: CHILD_UUID,
-        parent: Some(parent_ref([0x99; 16], "parent.vhd")),
-    };
-    let wrong_child = d.join("wrong-child.vhd");
-    std::fs::write(&wrong_child, build_vhd(&wrong)).unwrap();
-    let e = Image::open(&wrong_child, &OpenOptions::default())
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains(&format!("{:?}", [0x99u8; 16])), "{e}");
-    assert!(e.contains(&format!("{:?}", [0x11u8; 16])), "{e}");
+        // A parent with another UUID is refused, naming both UUIDs.
+        let wrong = child_spec(&child, parent_ref([0x99; 16], "parent.vhd"));
+        let wrong_child = d.join("wrong-child.vhd");
+        std::fs::write(&wrong_child, build_vhd(&wrong)).unwrap();
+        let e = Image::open(&wrong_child, &OpenOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("{:?}", [0x99u8; 16])), "{e}");
+        assert!(e.contains(&format!("{:?}", [0x11u8; 16])), "{e}");
 
-    // A missing parent: the error names the locator names tried.
-    let missing = VhdSpec {
-        layer: &child,
-        block_size: 512 * 1024,
-        uuid: CHILD_UUID,
-        parent: Some(ParentRef {
-            uuid: PARENT_UUID,
-            unicode_name: "gone.vhd".to_owned(),
-            w2ru: Some(".\\lost\\gone.vhd".to_owned()),
-            w2ku: Some("D:\\vm\\gone.vhd".to_owned()),
-            macx: Some("file:///srv/gone.vhd".to_owned()),
-        }),
-    };
-    let orphan = d.join("orphan.vhd");
-    std::fs::write(&orphan, build_vhd(&missing)).unwrap();
-    let e = Image::open(&orphan, &OpenOptions::default())
-        .unwrap_err()
-        .to_string();
-    for name in ["lost/gone.vhd", "/srv/gone.vhd", "gone.vhd"] {
-        assert!(e.contains(name), "{name} not in {e}");
-    }
+        // A missing parent: the error names the locator names tried.
+        let missing = VhdSpec {
+            parent: Some(parent_named(
+                "gone.vhd",
+                [
+                    Some(".\\lost\\gone.vhd"),
+                    Some("D:\\vm\\gone.vhd"),
+                    Some("file:///srv/gone.vhd"),
+                ],
+            )),
+            ..relative
+        };
+        let orphan = d.join("orphan.vhd");
+        std::fs::write(&orphan, build_vhd(&missing)).unwrap();
+        let e = Image::open(&orphan, &OpenOptions::default())
+            .unwrap_err()
+            .to_string();
+        for name in ["lost/gone.vhd", "/srv/gone.vhd", "gone.vhd"] {
+            assert!(e.contains(name), "{name} not in {e}");
+        }
+    });
 }
 
 #[test]
 fn hand_built_child_of_a_qemu_made_parent() {
-    if !have("qemu-img") || !have("qemu-io") {
-        return;
-    }
-    let dir = scratch();
-    let d = dir.path();
-    let parent_path = p(d, "qparent.vhd");
-    let size = CHAIN_SIZE.to_string();
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-f",
+    with_tools(&["qemu-img", "qemu-io"], |d| {
+        let parent_path = p(d, "qparent.vhd");
+        let size = CHAIN_SIZE.to_string();
+        qemu_create(
+            d,
             "vpc",
-            "-o",
             "subformat=dynamic,force_size=on",
             &parent_path,
             &size,
-        ],
-    );
-    qemu_io(
-        d,
-        "vpc",
-        &parent_path,
-        &["write -P 0x5a 0 3M", "write -P 0x5b 4100000 10000"],
-    );
-    let parent_bytes = std::fs::read(&parent_path).unwrap();
-    let uuid: [u8; 16] = parent_bytes[68..84].try_into().unwrap();
-    // qemu allocates whole blocks (bitmaps all ones): model it as holding every sector
-    // of its allocated blocks, with qemu's own bytes.
-    let qemu_view = qemu_raw(Path::new(&parent_path), "vpc");
-    assert_eq!(qemu_view.len(), CHAIN_SIZE);
-    let parent = LayerModel {
-        data: qemu_view,
-        present: (0..CHAIN_SIZE / SECTOR)
-            .map(|s| s * SECTOR < 4 * MIB)
-            .collect(),
-    };
-    let child = child_model();
-    let spec = VhdSpec {
-        layer: &child,
-        block_size: 512 * 1024,
-        uuid: CHILD_UUID,
-        parent: Some(parent_ref(uuid, "qparent.vhd")),
-    };
-    let child_path = d.join("qchild.vhd");
-    std::fs::write(&child_path, build_vhd(&spec)).unwrap();
-    let image = open(&child_path, None);
-    let expected = model_bytes(&[&child, &parent]);
-    assert_same_bytes("qchild", &read_all(&image, 65536 * 3, 511), &expected);
+        );
+        qemu_io(
+            d,
+            "vpc",
+            &parent_path,
+            &["write -P 0x5a 0 3M", "write -P 0x5b 4100000 10000"],
+        );
+        let parent_bytes = std::fs::read(&parent_path).unwrap();
+        let uuid: [u8; 16] = parent_bytes[68..84].try_into().unwrap();
+        // qemu allocates whole blocks (bitmaps all ones): model it as holding every sector
+        // of its allocated blocks, with qemu's own bytes.
+        let qemu_view = qemu_raw(Path::new(&parent_path), "vpc");
+        assert_eq!(qemu_view.len(), CHAIN_SIZE);
+        let parent = LayerModel {
+            data: qemu_view,
+            present: (0..CHAIN_SIZE / SECTOR)
+                .map(|s| s * SECTOR < 4 * MIB)
+                .collect(),
+        };
+        let child = child_model();
+        let spec = child_spec(&child, parent_ref(uuid, "qparent.vhd"));
+        let child_path = d.join("qchild.vhd");
+        std::fs::write(&child_path, build_vhd(&spec)).unwrap();
+        let image = open(&child_path, None);
+        let expected = model_bytes(&[&child, &parent]);
+        assert_same_bytes("qchild", &read_all(&image, 65536 * 3, 511), &expected);
+    });
 }
 
 #[test]
 fn damaged_files_are_refused_without_panics() {
-    let dir = scratch();
-    let d = dir.path();
-    write_chain(d);
-    let good = std::fs::read(d.join("child.vhd")).unwrap();
-    let len = good.len();
-    let reseal = |img: &mut Vec<u8>, start: usize, size: usize, at: usize| {
-        let sum = checksum(&img[start..start + size], at);
-        put(img, start + at, &sum.to_be_bytes());
-    };
-    let try_open = |name: &str, img: &[u8]| -> String {
-        let path = d.join(name);
-        std::fs::write(&path, img).unwrap();
-        match Image::open(&path, &OpenOptions::default()) {
-            Ok(_) => panic!("{name}: opened"),
-            Err(e) => e.to_string(),
-        }
-    };
-    let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
-    let mut img = good.clone();
-    img[40] ^= 0xff; // original_size, both copies
-    img[len - 512 + 40] ^= 0xff;
-    cases.push(("footer-sum.vhd", img, "footer checksum mismatch"));
-    let mut img = good.clone();
-    img[512 + 60] ^= 1;
-    cases.push(("header-sum.vhd", img, "dynamic header checksum mismatch"));
-    let mut img = good.clone();
-    for start in [0, len - 512] {
-        img[start + 63] = 5;
-        reseal(&mut img, start, 512, 64);
-    }
-    cases.push(("type.vhd", img, "disk_type 5"));
-    let mut img = good.clone();
-    put(&mut img, 512 + 16, &(len as u64).to_be_bytes());
-    reseal(&mut img, 512, 1024, 36);
-    cases.push(("bat.vhd", img, "the BAT"));
-    let mut img = good.clone();
-    put(&mut img, 1536, &((len / 512 - 1) as u32).to_be_bytes());
-    cases.push(("block.vhd", img, "block 0 at offset"));
-    let mut img = good.clone();
-    put(&mut img, 512 + 28, &0x4000_0000u32.to_be_bytes());
-    reseal(&mut img, 512, 1024, 36);
-    cases.push(("entries.vhd", img, "max_table_entries 1073741824"));
-    let mut img = good.clone();
-    put(&mut img, 512 + 32, &(3u32 << 18).to_be_bytes());
-    reseal(&mut img, 512, 1024, 36);
-    cases.push(("bsize.vhd", img, "block_size 786432"));
-    for (name, img, needle) in cases {
-        let e = try_open(name, &img);
-        assert!(e.contains(needle), "{name}: {e}");
-    }
-    // Truncated anywhere: an error or (when only the trailing footer is lost) an image
-    // whose check says so; never a panic.
-    for cut in [
-        0,
-        100,
-        511,
-        512,
-        1000,
-        1600,
-        3000,
-        len / 2,
-        len - 513,
-        len - 1,
-    ] {
-        let path = d.join("cut.vhd");
-        std::fs::write(&path, &good[..cut]).unwrap();
-        let options = OpenOptions {
-            format: Some(Format::Vhd),
-            ..OpenOptions::default()
+    in_scratch(|d| {
+        write_chain(d);
+        let good = std::fs::read(d.join("child.vhd")).unwrap();
+        let len = good.len();
+        let reseal = |img: &mut Vec<u8>, start: usize, size: usize, at: usize| {
+            let sum = checksum(&img[start..start + size], at);
+            put(img, start + at, &sum.to_be_bytes());
         };
-        if let Ok(image) = Image::open(&path, &options) {
-            let report = image.check().remove(0).1.unwrap();
-            assert!(
-                !report.errors.is_empty(),
-                "cut at {cut}: check found nothing"
-            );
+        let try_open = |name: &str, img: &[u8]| -> String {
+            let path = d.join(name);
+            std::fs::write(&path, img).unwrap();
+            match Image::open(&path, &OpenOptions::default()) {
+                Ok(_) => panic!("{name}: opened"),
+                Err(e) => e.to_string(),
+            }
+        };
+        let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
+        let mut img = good.clone();
+        img[40] ^= 0xff; // original_size, both copies
+        img[len - 512 + 40] ^= 0xff;
+        cases.push(("footer-sum.vhd", img, "footer checksum mismatch"));
+        let mut img = good.clone();
+        img[512 + 60] ^= 1;
+        cases.push(("header-sum.vhd", img, "dynamic header checksum mismatch"));
+        let mut img = good.clone();
+        for start in [0, len - 512] {
+            img[start + 63] = 5;
+            reseal(&mut img, start, 512, 64);
         }
-    }
+        cases.push(("type.vhd", img, "disk_type 5"));
+        let mut img = good.clone();
+        put(&mut img, 512 + 16, &(len as u64).to_be_bytes());
+        reseal(&mut img, 512, 1024, 36);
+        cases.push(("bat.vhd", img, "the BAT"));
+        let mut img = good.clone();
+        put(&mut img, 1536, &((len / 512 - 1) as u32).to_be_bytes());
+        cases.push(("block.vhd", img, "block 0 at offset"));
+        let mut img = good.clone();
+        put(&mut img, 512 + 28, &0x4000_0000u32.to_be_bytes());
+        reseal(&mut img, 512, 1024, 36);
+        cases.push(("entries.vhd", img, "max_table_entries 1073741824"));
+        let mut img = good.clone();
+        put(&mut img, 512 + 32, &(3u32 << 18).to_be_bytes());
+        reseal(&mut img, 512, 1024, 36);
+        cases.push(("bsize.vhd", img, "block_size 786432"));
+        for (name, img, needle) in cases {
+            let e = try_open(name, &img);
+            assert!(e.contains(needle), "{name}: {e}");
+        }
+        // Truncated anywhere: an error or (when only the trailing footer is lost) an image
+        // whose check says so; never a panic.
+        for cut in [
+            0,
+            100,
+            511,
+            512,
+            1000,
+            1600,
+            3000,
+            len / 2,
+            len - 513,
+            len - 1,
+        ] {
+            let path = d.join("cut.vhd");
+            std::fs::write(&path, &good[..cut]).unwrap();
+            let options = OpenOptions {
+                format: Some(Format::Vhd),
+                ..OpenOptions::default()
+            };
+            if let Ok(image) = Image::open(&path, &options) {
+                let report = image.check().remove(0).1.unwrap();
+                assert!(
+                    !report.errors.is_empty(),
+                    "cut at {cut}: check found nothing"
+                );
+            }
+        }
+    });
 }
 
 // ---------------------------------------------------------------------------------
@@ -784,56 +761,53 @@ fn format_uuid(u: &[u8; 16]) -> String {
 
 #[test]
 fn libvhdi_agrees_with_the_hand_built_images() {
-    if !have("vhdiinfo") {
-        return;
-    }
-    let dir = scratch();
-    let d = dir.path();
-    let (parent, child, grandchild) = write_chain(d);
-    let out = run("vhdiinfo", &[&p(d, "child.vhd")], d);
-    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
-    assert!(text.contains("differential"), "{text}");
-    assert!(text.contains(&format_uuid(&PARENT_UUID)), "{text}");
-    assert!(text.contains("parent.vhd"), "{text}");
-    assert!(text.contains(&format_uuid(&CHILD_UUID)), "{text}");
-    assert!(text.contains(&CHAIN_SIZE.to_string()), "{text}");
-    let out = run("vhdiinfo", &[&p(d, "parent.vhd")], d);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("Dynamic"));
+    with_tools(&["vhdiinfo"], |d| {
+        let (parent, child, grandchild) = write_chain(d);
+        let out = run("vhdiinfo", &[&p(d, "child.vhd")], d);
+        let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        assert!(text.contains("differential"), "{text}");
+        assert!(text.contains(&format_uuid(&PARENT_UUID)), "{text}");
+        assert!(text.contains("parent.vhd"), "{text}");
+        assert!(text.contains(&format_uuid(&CHILD_UUID)), "{text}");
+        assert!(text.contains(&CHAIN_SIZE.to_string()), "{text}");
+        let out = run("vhdiinfo", &[&p(d, "parent.vhd")], d);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Dynamic"));
 
-    if !have("vhdimount") || !Path::new("/dev/fuse").exists() {
-        return;
-    }
-    // vhdimount opens the parents named in the headers, beside each child, and shows
-    // the chain as vhdi1 (the bottom parent) … vhdiN (the image given).
-    for (top, layers) in [
-        ("child.vhd", vec![&child, &parent]),
-        ("grandchild.vhd", vec![&grandchild, &child, &parent]),
-    ] {
-        let mnt = d.join(format!("mnt-{top}"));
-        std::fs::create_dir(&mnt).unwrap();
-        run("vhdimount", &[&p(d, top), mnt.to_str().unwrap()], d);
-        let _unmount = Unmount(mnt.clone());
-        let theirs = std::fs::read(mnt.join(format!("vhdi{}", layers.len()))).unwrap();
-        let expected = model_bytes(&layers);
-        let ours = read_all(&open(&pb(d, top), None), 1 << 20, 0);
-        assert_same_bytes(&format!("thinline {top}"), &ours, &expected);
-        assert_eq!(theirs.len(), expected.len(), "vhdimount {top}: size");
-        let mut compared = 0;
-        for s in 0..expected.len() / SECTOR {
-            if libvhdi_misreads(&layers, s) {
-                continue;
+        if !have("vhdimount") || !Path::new("/dev/fuse").exists() {
+            return;
+        }
+        // vhdimount opens the parents named in the headers, beside each child, and shows
+        // the chain as vhdi1 (the bottom parent) … vhdiN (the image given).
+        for (top, layers) in [
+            ("child.vhd", vec![&child, &parent]),
+            ("grandchild.vhd", vec![&grandchild, &child, &parent]),
+        ] {
+            let mnt = d.join(format!("mnt-{top}"));
+            std::fs::create_dir(&mnt).unwrap();
+            run("vhdimount", &[&p(d, top), s(&mnt)], d);
+            let _unmount = Unmount(mnt.clone());
+            let theirs = std::fs::read(mnt.join(format!("vhdi{}", layers.len()))).unwrap();
+            let expected = model_bytes(&layers);
+            let ours = read_all(&open(&pb(d, top), None), 1 << 20, 0);
+            assert_same_bytes(&format!("thinline {top}"), &ours, &expected);
+            assert_eq!(theirs.len(), expected.len(), "vhdimount {top}: size");
+            let mut compared = 0;
+            for s in 0..expected.len() / SECTOR {
+                if libvhdi_misreads(&layers, s) {
+                    continue;
+                }
+                compared += 1;
+                let range = s * SECTOR..(s + 1) * SECTOR;
+                assert_same_bytes(
+                    &format!("vhdimount {top} sector {s}"),
+                    &theirs[range.clone()],
+                    &expected[range],
+                );
             }
-            compared += 1;
-            let range = s * SECTOR..(s + 1) * SECTOR;
-            assert_same_bytes(
-                &format!("vhdimount {top} sector {s}"),
-                &theirs[range.clone()],
-                &expected[range],
+            assert!(
+                compared > expected.len() / SECTOR * 9 / 10,
+                "{top}: {compared} sectors compared"
             );
         }
-        assert!(
-            compared > expected.len() / SECTOR * 9 / 10,
-            "{top}: {compared} sectors compared"
-        );
-    }
+    });
 }

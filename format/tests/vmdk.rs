@@ -10,6 +10,7 @@ use std::process::Command;
 
 use common::*;
 use thinline_format::{Error, Format, Image, OpenOptions};
+use thinline_test_support::qemu::qemu_convert;
 
 const SECTOR: usize = 512;
 const GRAIN: usize = 65536;
@@ -28,15 +29,7 @@ fn big_like_qemu(path: &Path) {
     let raw = pb(dir, "expected-big.raw");
     qemu_img(
         dir,
-        &[
-            "convert",
-            "-f",
-            "vmdk",
-            "-O",
-            "raw",
-            path.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
+        &["convert", "-f", "vmdk", "-O", "raw", s(path), s(&raw)],
     );
     let expected = std::fs::File::open(&raw).unwrap();
     let image = open(path, None);
@@ -65,6 +58,11 @@ fn big_like_qemu(path: &Path) {
     std::fs::remove_file(&raw).unwrap();
 }
 
+/// `qemu-img convert -O vmdk -o subformat=SUB FROM TO` in `dir`.
+fn convert_vmdk(dir: &Path, from: &Path, sub: &str, to: &Path) {
+    qemu_convert(dir, s(from), "vmdk", &format!("subformat={sub}"), s(to));
+}
+
 fn info_detail(image: &Image, key: &str) -> Option<String> {
     image.info()[0]
         .details
@@ -88,344 +86,255 @@ const WRITES: &[&str] = &[
 
 #[test]
 fn qemu_subformats_read_and_map_like_qemu() {
-    if !have("qemu-img") || !have("qemu-io") {
-        return;
-    }
-    let dir = scratch();
-    let d = dir.path();
-    let base = make_base_raw(d);
-    for sub in [
-        "monolithicSparse",
-        "monolithicFlat",
-        "twoGbMaxExtentSparse",
-        "twoGbMaxExtentFlat",
-    ] {
-        // Created empty, then written.
-        let created = p(d, &format!("c-{sub}.vmdk"));
-        qemu_img(
-            d,
-            &[
-                "create",
-                "-f",
-                "vmdk",
-                "-o",
-                &format!("subformat={sub}"),
-                &created,
-                "64M",
-            ],
-        );
-        qemu_io(d, "vmdk", &created, WRITES);
-        like_qemu(Path::new(&created));
-        // Converted from the base image, then written.
-        let converted = p(d, &format!("v-{sub}.vmdk"));
-        qemu_img(
-            d,
-            &[
-                "convert",
-                "-O",
-                "vmdk",
-                "-o",
-                &format!("subformat={sub}"),
-                base.to_str().unwrap(),
-                &converted,
-            ],
-        );
-        like_qemu(Path::new(&converted));
-        qemu_io(d, "vmdk", &converted, WRITES);
-        like_qemu(Path::new(&converted));
-        let image = open(Path::new(&converted), None);
-        assert_eq!(image.info()[0].subformat.as_deref(), Some(sub));
-    }
+    with_tools(&["qemu-img", "qemu-io"], |d| {
+        let base = make_base_raw(d);
+        for sub in [
+            "monolithicSparse",
+            "monolithicFlat",
+            "twoGbMaxExtentSparse",
+            "twoGbMaxExtentFlat",
+        ] {
+            // Created empty, then written.
+            let created = p(d, &format!("c-{sub}.vmdk"));
+            qemu_create(d, "vmdk", &format!("subformat={sub}"), &created, "64M");
+            qemu_io(d, "vmdk", &created, WRITES);
+            like_qemu(Path::new(&created));
+            // Converted from the base image, then written.
+            let converted = p(d, &format!("v-{sub}.vmdk"));
+            convert_vmdk(d, &base, sub, Path::new(&converted));
+            like_qemu(Path::new(&converted));
+            qemu_io(d, "vmdk", &converted, WRITES);
+            like_qemu(Path::new(&converted));
+            let image = open(Path::new(&converted), None);
+            assert_eq!(image.info()[0].subformat.as_deref(), Some(sub));
+        }
+    });
 }
 
 #[test]
 fn qemu_stream_optimized_reads_like_qemu() {
-    if !have("qemu-img") {
-        return;
-    }
-    let dir = scratch();
-    let d = dir.path();
-    let base = make_base_raw(d);
-    let so = pb(d, "so.vmdk");
-    qemu_img(
-        d,
-        &[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=streamOptimized",
-            base.to_str().unwrap(),
-            so.to_str().unwrap(),
-        ],
-    );
-    like_qemu(&so);
-    let image = open(&so, None);
-    let info = &image.info()[0];
-    assert_eq!(info.subformat.as_deref(), Some("streamOptimized"));
-    assert_eq!(info.cluster_size, Some(65536));
-    assert!(info.features.iter().any(|f| f == "compressed"));
-    assert_eq!(
-        info_detail(&image, "sparse header flags").as_deref(),
-        Some("0x30003")
-    );
-    let report = &image.check()[0].1.as_ref().unwrap().clone();
-    assert!(
-        report.errors.is_empty() && report.warnings.is_empty(),
-        "{report:?}"
-    );
+    with_tools(&["qemu-img"], |d| {
+        let base = make_base_raw(d);
+        let so = pb(d, "so.vmdk");
+        convert_vmdk(d, &base, "streamOptimized", &so);
+        like_qemu(&so);
+        let image = open(&so, None);
+        let info = &image.info()[0];
+        assert_eq!(info.subformat.as_deref(), Some("streamOptimized"));
+        assert_eq!(info.cluster_size, Some(65536));
+        assert!(info.features.iter().any(|f| f == "compressed"));
+        assert_eq!(
+            info_detail(&image, "sparse header flags").as_deref(),
+            Some("0x30003")
+        );
+        let report = &image.check()[0].1.as_ref().unwrap().clone();
+        assert!(
+            report.errors.is_empty() && report.warnings.is_empty(),
+            "{report:?}"
+        );
 
-    // A size that is not a multiple of the grain: qemu compresses only the bytes of
-    // the last grain that lie inside the disk.
-    let odd = pb(d, "odd.raw");
-    qemu_img(
-        d,
-        &["create", "-f", "raw", odd.to_str().unwrap(), "1053184"],
-    );
-    qemu_io(
-        d,
-        "raw",
-        odd.to_str().unwrap(),
-        &["write -P 0x5c 0 1053184"],
-    );
-    let odd_so = pb(d, "odd-so.vmdk");
-    qemu_img(
-        d,
-        &[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=streamOptimized",
-            odd.to_str().unwrap(),
-            odd_so.to_str().unwrap(),
-        ],
-    );
-    like_qemu(&odd_so);
+        // A size that is not a multiple of the grain: qemu compresses only the bytes of
+        // the last grain that lie inside the disk.
+        let odd = pb(d, "odd.raw");
+        qemu_img(d, &["create", "-f", "raw", s(&odd), "1053184"]);
+        qemu_io(d, "raw", s(&odd), &["write -P 0x5c 0 1053184"]);
+        let odd_so = pb(d, "odd-so.vmdk");
+        convert_vmdk(d, &odd, "streamOptimized", &odd_so);
+        like_qemu(&odd_so);
+    });
 }
 
 #[test]
 fn qemu_create_options() {
-    if !have("qemu-img") || !have("qemu-io") {
-        return;
-    }
-    let dir = scratch();
-    let d = dir.path();
-    // Zeroed grains: `write -z` sets GTE 1.
-    let zg = p(d, "zg.vmdk");
-    qemu_img(
-        d,
-        &["create", "-f", "vmdk", "-o", "zeroed_grain=on", &zg, "64M"],
-    );
-    qemu_io(
-        d,
-        "vmdk",
-        &zg,
-        &[
-            "write -P 0x44 0 1M",
-            "write -z 128k 256k",
-            "write -z 5M 1M",
-            "write -P 0x45 777 3",
-        ],
-    );
-    like_qemu(Path::new(&zg));
-    let image = open(Path::new(&zg), None);
-    assert!(image.info()[0].features.iter().any(|f| f == "zeroed_grain"));
-    let report = image.check()[0].1.as_ref().unwrap().clone();
-    assert!(report.errors.is_empty(), "{report:?}");
-    assert!(
-        report
-            .stats
-            .iter()
-            .any(|(k, v)| k == "zeroed grains" && *v > 0),
-        "{report:?}"
-    );
-
-    let c6 = p(d, "c6.vmdk");
-    qemu_img(d, &["create", "-f", "vmdk", "-o", "compat6=on", &c6, "64M"]);
-    qemu_io(d, "vmdk", &c6, WRITES);
-    like_qemu(Path::new(&c6));
-    assert_eq!(
-        info_detail(&open(Path::new(&c6), None), "ddb.virtualHWVersion").as_deref(),
-        Some("6")
-    );
-
-    let ddb = p(d, "ddb.vmdk");
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-f",
+    with_tools(&["qemu-img", "qemu-io"], |d| {
+        // Zeroed grains: `write -z` sets GTE 1.
+        let zg = p(d, "zg.vmdk");
+        qemu_create(d, "vmdk", "zeroed_grain=on", &zg, "64M");
+        qemu_io(
+            d,
             "vmdk",
-            "-o",
+            &zg,
+            &[
+                "write -P 0x44 0 1M",
+                "write -z 128k 256k",
+                "write -z 5M 1M",
+                "write -P 0x45 777 3",
+            ],
+        );
+        like_qemu(Path::new(&zg));
+        let image = open(Path::new(&zg), None);
+        assert!(image.info()[0].features.iter().any(|f| f == "zeroed_grain"));
+        let report = image.check()[0].1.as_ref().unwrap().clone();
+        assert!(report.errors.is_empty(), "{report:?}");
+        assert!(
+            report
+                .stats
+                .iter()
+                .any(|(k, v)| k == "zeroed grains" && *v > 0),
+            "{report:?}"
+        );
+
+        let c6 = p(d, "c6.vmdk");
+        qemu_create(d, "vmdk", "compat6=on", &c6, "64M");
+        qemu_io(d, "vmdk", &c6, WRITES);
+        like_qemu(Path::new(&c6));
+        assert_eq!(
+            info_detail(&open(Path::new(&c6), None), "ddb.virtualHWVersion").as_deref(),
+            Some("6")
+        );
+
+        let ddb = p(d, "ddb.vmdk");
+        qemu_create(
+            d,
+            "vmdk",
             "adapter_type=lsilogic,hwversion=10,toolsversion=4242",
             &ddb,
             "64M",
-        ],
-    );
-    qemu_io(d, "vmdk", &ddb, WRITES);
-    like_qemu(Path::new(&ddb));
-    let image = open(Path::new(&ddb), None);
-    assert_eq!(
-        info_detail(&image, "ddb.adapterType").as_deref(),
-        Some("lsilogic")
-    );
-    assert_eq!(
-        info_detail(&image, "ddb.virtualHWVersion").as_deref(),
-        Some("10")
-    );
-    assert_eq!(
-        info_detail(&image, "ddb.toolsVersion").as_deref(),
-        Some("4242")
-    );
-    assert!(info_detail(&image, "CID").is_some());
+        );
+        qemu_io(d, "vmdk", &ddb, WRITES);
+        like_qemu(Path::new(&ddb));
+        let image = open(Path::new(&ddb), None);
+        assert_eq!(
+            info_detail(&image, "ddb.adapterType").as_deref(),
+            Some("lsilogic")
+        );
+        assert_eq!(
+            info_detail(&image, "ddb.virtualHWVersion").as_deref(),
+            Some("10")
+        );
+        assert_eq!(
+            info_detail(&image, "ddb.toolsVersion").as_deref(),
+            Some("4242")
+        );
+        assert!(info_detail(&image, "CID").is_some());
+    });
 }
 
 #[test]
 fn two_gb_extents_over_two_gib() {
-    if !have("qemu-img") || !have("qemu-io") {
-        return;
-    }
-    let dir = scratch();
-    let d = dir.path();
-    for sub in ["twoGbMaxExtentSparse", "twoGbMaxExtentFlat"] {
-        let path = p(d, &format!("{sub}.vmdk"));
+    with_tools(&["qemu-img", "qemu-io"], |d| {
+        for sub in ["twoGbMaxExtentSparse", "twoGbMaxExtentFlat"] {
+            let path = p(d, &format!("{sub}.vmdk"));
+            qemu_create(d, "vmdk", &format!("subformat={sub}"), &path, "4200M");
+            qemu_io(
+                d,
+                "vmdk",
+                &path,
+                &[
+                    "write -P 0x61 0 64k",
+                    // Across the first extent boundary (2 GiB).
+                    "write -P 0x62 2147482000 9000",
+                    "write -P 0x63 4294967295 1",
+                    "write -P 0x64 4404010000 4096",
+                ],
+            );
+            let image = open(Path::new(&path), None);
+            assert_eq!(
+                image.layers()[0].files().len(),
+                4,
+                "descriptor + 3 extent files"
+            );
+            big_like_qemu(Path::new(&path));
+            assert_map_like_qemu(Path::new(&path), "vmdk", None);
+        }
+    });
+}
+
+#[test]
+fn delta_children_and_chains() {
+    with_tools(&["qemu-img", "qemu-io"], |d| {
+        let base = make_base_raw(d);
+        let parent = p(d, "parent.vmdk");
+        qemu_img(d, &["convert", "-O", "vmdk", s(&base), &parent]);
+        for sub in [
+            "monolithicSparse",
+            "twoGbMaxExtentSparse",
+            "streamOptimized",
+        ] {
+            let child = p(d, &format!("child-{sub}.vmdk"));
+            qemu_img(
+                d,
+                &[
+                    "create",
+                    "-f",
+                    "vmdk",
+                    "-o",
+                    &format!("subformat={sub}"),
+                    "-b",
+                    "parent.vmdk",
+                    "-F",
+                    "vmdk",
+                    &child,
+                ],
+            );
+            if sub != "streamOptimized" {
+                qemu_io(
+                    d,
+                    "vmdk",
+                    &child,
+                    &[
+                        "write -P 0x71 65536 100000",
+                        "write -z 10M 64k",
+                        "write -P 0x72 33554943 9",
+                    ],
+                );
+            }
+            like_qemu(Path::new(&child));
+            let image = open(Path::new(&child), None);
+            assert_eq!(image.layers().len(), 2);
+            assert_eq!(
+                info_detail(&image, "parentFileNameHint").as_deref(),
+                Some("parent.vmdk")
+            );
+        }
+        // Three levels.
+        let mid = p(d, "mid.vmdk");
         qemu_img(
             d,
             &[
                 "create",
                 "-f",
                 "vmdk",
-                "-o",
-                &format!("subformat={sub}"),
-                &path,
-                "4200M",
+                "-b",
+                "parent.vmdk",
+                "-F",
+                "vmdk",
+                &mid,
             ],
         );
         qemu_io(
             d,
             "vmdk",
-            &path,
-            &[
-                "write -P 0x61 0 64k",
-                // Across the first extent boundary (2 GiB).
-                "write -P 0x62 2147482000 9000",
-                "write -P 0x63 4294967295 1",
-                "write -P 0x64 4404010000 4096",
-            ],
+            &mid,
+            &["write -P 0x81 0 100k", "write -P 0x82 12M 3333"],
         );
-        let image = open(Path::new(&path), None);
-        assert_eq!(
-            image.layers()[0].files().len(),
-            4,
-            "descriptor + 3 extent files"
-        );
-        big_like_qemu(Path::new(&path));
-        assert_map_like_qemu(Path::new(&path), "vmdk", None);
-    }
-}
-
-#[test]
-fn delta_children_and_chains() {
-    if !have("qemu-img") || !have("qemu-io") {
-        return;
-    }
-    let dir = scratch();
-    let d = dir.path();
-    let base = make_base_raw(d);
-    let parent = p(d, "parent.vmdk");
-    qemu_img(
-        d,
-        &["convert", "-O", "vmdk", base.to_str().unwrap(), &parent],
-    );
-    for sub in [
-        "monolithicSparse",
-        "twoGbMaxExtentSparse",
-        "streamOptimized",
-    ] {
-        let child = p(d, &format!("child-{sub}.vmdk"));
+        let top = p(d, "top.vmdk");
         qemu_img(
             d,
-            &[
-                "create",
-                "-f",
-                "vmdk",
-                "-o",
-                &format!("subformat={sub}"),
-                "-b",
-                "parent.vmdk",
-                "-F",
-                "vmdk",
-                &child,
-            ],
+            &["create", "-f", "vmdk", "-b", "mid.vmdk", "-F", "vmdk", &top],
         );
-        if sub != "streamOptimized" {
-            qemu_io(
-                d,
-                "vmdk",
-                &child,
-                &[
-                    "write -P 0x71 65536 100000",
-                    "write -z 10M 64k",
-                    "write -P 0x72 33554943 9",
-                ],
-            );
-        }
-        like_qemu(Path::new(&child));
-        let image = open(Path::new(&child), None);
-        assert_eq!(image.layers().len(), 2);
-        assert_eq!(
-            info_detail(&image, "parentFileNameHint").as_deref(),
-            Some("parent.vmdk")
+        qemu_io(
+            d,
+            "vmdk",
+            &top,
+            &["write -P 0x91 50k 100k", "write -P 0x92 33554000 2000"],
         );
-    }
-    // Three levels.
-    let mid = p(d, "mid.vmdk");
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-f",
-            "vmdk",
-            "-b",
-            "parent.vmdk",
-            "-F",
-            "vmdk",
-            &mid,
-        ],
-    );
-    qemu_io(
-        d,
-        "vmdk",
-        &mid,
-        &["write -P 0x81 0 100k", "write -P 0x82 12M 3333"],
-    );
-    let top = p(d, "top.vmdk");
-    qemu_img(
-        d,
-        &["create", "-f", "vmdk", "-b", "mid.vmdk", "-F", "vmdk", &top],
-    );
-    qemu_io(
-        d,
-        "vmdk",
-        &top,
-        &["write -P 0x91 50k 100k", "write -P 0x92 33554000 2000"],
-    );
-    like_qemu(Path::new(&top));
-    assert_eq!(open(Path::new(&top), None).layers().len(), 3);
+        like_qemu(Path::new(&top));
+        assert_eq!(open(Path::new(&top), None).layers().len(), 3);
 
-    // A write to the parent changes its CID: the children no longer match it.
-    qemu_io(d, "vmdk", &mid, &["write -P 0x83 0 512"]);
-    let e = open_err(Path::new(&top)).to_string();
-    assert!(
-        e.contains("not the image this one was made from") && e.contains("VmdkCid"),
-        "{e}"
-    );
+        // A write to the parent changes its CID: the children no longer match it.
+        qemu_io(d, "vmdk", &mid, &["write -P 0x83 0 512"]);
+        let e = open_err(Path::new(&top)).to_string();
+        assert!(
+            e.contains("not the image this one was made from") && e.contains("VmdkCid"),
+            "{e}"
+        );
 
-    // A missing parent is named.
-    std::fs::rename(&parent, pb(d, "elsewhere.vmdk")).unwrap();
-    let e = open_err(&pb(d, "child-monolithicSparse.vmdk")).to_string();
-    assert!(e.contains("parent.vmdk"), "{e}");
+        // A missing parent is named.
+        std::fs::rename(&parent, pb(d, "elsewhere.vmdk")).unwrap();
+        let e = open_err(&pb(d, "child-monolithicSparse.vmdk")).to_string();
+        assert!(e.contains("parent.vmdk"), "{e}");
+    });
 }
 
 fn write_file(path: &Path, data: &[u8]) {
@@ -446,196 +355,183 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 /// Reads the whole image through Thinline in a few chunkings and compares to `model`.
 fn assert_reads_model(path: &Path, model: &[u8]) {
     let image = open(path, None);
-    assert_eq!(
-        image.size() as usize,
-        model.len(),
-        "{}: size",
-        path.display()
-    );
-    for (chunk, skew) in [(1 << 20, 0), (4096 + 512, 777)] {
-        assert_same_bytes(
-            &format!("{} vs model", path.display()),
-            &read_all(&image, chunk, skew),
-            model,
-        );
-    }
+    let what = format!("{} vs model", path.display());
+    assert_reads_as(&image, &what, model, &CHUNKINGS[..2]);
 }
 
 #[test]
 fn hand_written_descriptors() {
-    if !have("qemu-img") || !have("qemu-io") {
-        return;
-    }
-    let dir = scratch();
-    let d = dir.path();
-    let flat_a = pattern(3 * 1024 * 1024, 7);
-    write_file(&pb(d, "a.flat"), &flat_a);
-    // A sparse flat file with a hole in the middle.
-    let b_path = pb(d, "b flat.img");
-    qemu_img(d, &["create", "-f", "raw", b_path.to_str().unwrap(), "2M"]);
-    qemu_io(
-        d,
-        "raw",
-        b_path.to_str().unwrap(),
-        &["write -P 0x5b 0 64k", "write -P 0x5c 1M 4k"],
-    );
-    let flat_b = std::fs::read(&b_path).unwrap();
+    with_tools(&["qemu-img", "qemu-io"], |d| {
+        let flat_a = pattern(3 * 1024 * 1024, 7);
+        write_file(&pb(d, "a.flat"), &flat_a);
+        // A sparse flat file with a hole in the middle.
+        let b_path = pb(d, "b flat.img");
+        qemu_img(d, &["create", "-f", "raw", s(&b_path), "2M"]);
+        qemu_io(
+            d,
+            "raw",
+            s(&b_path),
+            &["write -P 0x5b 0 64k", "write -P 0x5c 1M 4k"],
+        );
+        let flat_b = std::fs::read(&b_path).unwrap();
 
-    // vmfs: VMFS extents (no offset), CRLF line ends and comments. qemu accepts it.
-    let vmfs = pb(d, "vmfs.vmdk");
-    write_file(
-        &vmfs,
-        b"# Disk DescriptorFile\r\n# a comment\r\nversion=1\r\nencoding=\"UTF-8\"\r\nCID=abcdef01\r\n\
-          parentCID=ffffffff\r\ncreateType=\"vmfs\"\r\n\r\n# Extent description\r\n\
-          RW 6144 VMFS \"a.flat\"\r\nRW 4096 VMFS \"b flat.img\"\r\n\r\n# The Disk Data Base\r\n#DDB\r\n\
-          ddb.adapterType = \"lsilogic\"\r\nddb.thinProvisioned = \"1\"\r\n",
-    );
-    like_qemu(&vmfs);
-    let image = open(&vmfs, None);
-    assert_eq!(image.layers()[0].files().len(), 3);
-    assert_eq!(
-        info_detail(&image, "ddb.adapterType").as_deref(),
-        Some("lsilogic")
-    );
-    let model: Vec<u8> = [flat_a.clone(), flat_b.clone()].concat();
-    assert_reads_model(&vmfs, &model);
+        // vmfs: VMFS extents (no offset), CRLF line ends and comments. qemu accepts it.
+        let vmfs = pb(d, "vmfs.vmdk");
+        write_file(
+            &vmfs,
+            b"# Disk DescriptorFile\r\n# a comment\r\nversion=1\r\nencoding=\"UTF-8\"\r\nCID=abcdef01\r\n\
+              parentCID=ffffffff\r\ncreateType=\"vmfs\"\r\n\r\n# Extent description\r\n\
+              RW 6144 VMFS \"a.flat\"\r\nRW 4096 VMFS \"b flat.img\"\r\n\r\n# The Disk Data Base\r\n#DDB\r\n\
+              ddb.adapterType = \"lsilogic\"\r\nddb.thinProvisioned = \"1\"\r\n",
+        );
+        like_qemu(&vmfs);
+        let image = open(&vmfs, None);
+        assert_eq!(image.layers()[0].files().len(), 3);
+        assert_eq!(
+            info_detail(&image, "ddb.adapterType").as_deref(),
+            Some("lsilogic")
+        );
+        let model: Vec<u8> = [flat_a.clone(), flat_b.clone()].concat();
+        assert_reads_model(&vmfs, &model);
 
-    // vmfsThin is not a createType qemu opens: compare with the model. FLAT extents at
-    // sector offsets, one file used twice.
-    let thin = pb(d, "thin.vmdk");
-    write_file(
-        &thin,
-        b"# Disk DescriptorFile\nversion=1\nCID=00000001\nparentCID=ffffffff\ncreateType=\"vmfsThin\"\n\
-          RW 2048 FLAT \"a.flat\" 2048\nRW 1024 FLAT \"a.flat\" 0\nRW 4096 FLAT \"b flat.img\" 0\n",
-    );
-    let model: Vec<u8> = [&flat_a[1 << 20..2 << 20], &flat_a[..512 << 10], &flat_b[..]].concat();
-    assert_reads_model(&thin, &model);
-    assert_eq!(
-        open(&thin, None).layers()[0].files().len(),
-        3,
-        "a.flat opened once"
-    );
+        // vmfsThin is not a createType qemu opens: compare with the model. FLAT extents at
+        // sector offsets, one file used twice.
+        let thin = pb(d, "thin.vmdk");
+        write_file(
+            &thin,
+            b"# Disk DescriptorFile\nversion=1\nCID=00000001\nparentCID=ffffffff\ncreateType=\"vmfsThin\"\n\
+              RW 2048 FLAT \"a.flat\" 2048\nRW 1024 FLAT \"a.flat\" 0\nRW 4096 FLAT \"b flat.img\" 0\n",
+        );
+        let model: Vec<u8> =
+            [&flat_a[1 << 20..2 << 20], &flat_a[..512 << 10], &flat_b[..]].concat();
+        assert_reads_model(&thin, &model);
+        assert_eq!(
+            open(&thin, None).layers()[0].files().len(),
+            3,
+            "a.flat opened once"
+        );
 
-    // FLAT + ZERO + SPARSE + RDONLY: qemu drops ZERO and non-RW lines (shifting what
-    // follows), so compare with the model.
-    let sp = p(d, "sp.vmdk");
-    qemu_img(d, &["create", "-f", "vmdk", &sp, "1M"]);
-    qemu_io(
-        d,
-        "vmdk",
-        &sp,
-        &["write -P 0x99 4096 5000", "write -P 0x9a 600k 64k"],
-    );
-    let sp_bytes = qemu_raw(Path::new(&sp), "vmdk");
-    let mixed = pb(d, "mixed.vmdk");
-    write_file(
-        &mixed,
-        b"# Disk Descriptor File\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"custom\"\n\
-          RW 1024 FLAT \"a.flat\" 0\nRW 3000 ZERO\nRDONLY 2048 SPARSE \"sp.vmdk\"\nRW 8 FLAT \"b flat.img\" 2048\n",
-    );
-    let model: Vec<u8> = [
-        &flat_a[..512 << 10],
-        &vec![0u8; 3000 * SECTOR][..],
-        &sp_bytes[..],
-        &flat_b[1 << 20..(1 << 20) + 4096],
-    ]
-    .concat();
-    assert_reads_model(&mixed, &model);
-    let image = open(&mixed, None);
-    // The ZERO extent reads as zero at this layer; unallocated sparse grains are holes.
-    let alloc = image
-        .allocation(
-            (512 << 10) as u64,
-            3000 * 512,
-            thinline_format::Fetch::Allowed,
-            100,
-        )
-        .unwrap();
-    assert_eq!(alloc.len(), 1);
-    assert!(alloc[0].zero && alloc[0].hole && alloc[0].depth == 1);
-    let check = image.check();
-    assert!(check[0].1.as_ref().unwrap().errors.is_empty());
+        // FLAT + ZERO + SPARSE + RDONLY: qemu drops ZERO and non-RW lines (shifting what
+        // follows), so compare with the model.
+        let sp = p(d, "sp.vmdk");
+        qemu_img(d, &["create", "-f", "vmdk", &sp, "1M"]);
+        qemu_io(
+            d,
+            "vmdk",
+            &sp,
+            &["write -P 0x99 4096 5000", "write -P 0x9a 600k 64k"],
+        );
+        let sp_bytes = qemu_raw(Path::new(&sp), "vmdk");
+        let mixed = pb(d, "mixed.vmdk");
+        write_file(
+            &mixed,
+            b"# Disk Descriptor File\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"custom\"\n\
+              RW 1024 FLAT \"a.flat\" 0\nRW 3000 ZERO\nRDONLY 2048 SPARSE \"sp.vmdk\"\nRW 8 FLAT \"b flat.img\" 2048\n",
+        );
+        let model: Vec<u8> = [
+            &flat_a[..512 << 10],
+            &vec![0u8; 3000 * SECTOR][..],
+            &sp_bytes[..],
+            &flat_b[1 << 20..(1 << 20) + 4096],
+        ]
+        .concat();
+        assert_reads_model(&mixed, &model);
+        let image = open(&mixed, None);
+        // The ZERO extent reads as zero at this layer; unallocated sparse grains are holes.
+        let alloc = image
+            .allocation(
+                (512 << 10) as u64,
+                3000 * 512,
+                thinline_format::Fetch::Allowed,
+                100,
+            )
+            .unwrap();
+        assert_eq!(alloc.len(), 1);
+        assert!(alloc[0].zero && alloc[0].hole && alloc[0].depth == 1);
+        let check = image.check();
+        assert!(check[0].1.as_ref().unwrap().errors.is_empty());
+    });
 }
 
 #[test]
 fn refusals_name_the_problem() {
-    let dir = scratch();
-    let d = dir.path();
-    write_file(&pb(d, "f.img"), &[0u8; 4096]);
-    let cases: &[(&str, &str, &str)] = &[
-        (
-            "rdm.vmdk",
-            "createType=\"vmfsRawDeviceMap\"\nRW 8 VMFSRDM \"f.img\"\n",
-            "raw device",
-        ),
-        (
-            "rdm2.vmdk",
-            "createType=\"custom\"\nRW 8 VMFSRDM \"f.img\"\n",
-            "VMFSRDM",
-        ),
-        (
-            "raw.vmdk",
-            "createType=\"custom\"\nRW 8 VMFSRAW \"f.img\"\n",
-            "VMFSRAW",
-        ),
-        (
-            "noacc.vmdk",
-            "createType=\"custom\"\nNOACCESS 8 FLAT \"f.img\" 0\n",
-            "NOACCESS",
-        ),
-        (
-            "missing.vmdk",
-            "createType=\"monolithicFlat\"\nRW 8 FLAT \"nope.img\" 0\n",
-            "nope.img",
-        ),
-        (
-            "noext.vmdk",
-            "createType=\"monolithicFlat\"\n",
-            "no extents",
-        ),
-        ("notext.vmdk", "hello\n", "createType"),
-        (
-            "sparse-flat.vmdk",
-            "createType=\"custom\"\nRW 8 SPARSE \"f.img\"\n",
-            "neither a KDMV nor a COWD",
-        ),
-        (
-            "seq.vmdk",
-            "createType=\"seSparse\"\nRW 8 SESPARSE \"f.img\"\n",
-            "seSparse",
-        ),
-        (
-            "huge.vmdk",
-            "createType=\"custom\"\nRW 999999999999999 ZERO\n",
-            "64 TiB",
-        ),
-    ];
-    for (name, text, expect) in cases {
-        let path = pb(d, name);
-        write_file(
-            &path,
-            format!("# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n{text}")
-                .as_bytes(),
+    in_scratch(|d| {
+        write_file(&pb(d, "f.img"), &[0u8; 4096]);
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "rdm.vmdk",
+                "createType=\"vmfsRawDeviceMap\"\nRW 8 VMFSRDM \"f.img\"\n",
+                "raw device",
+            ),
+            (
+                "rdm2.vmdk",
+                "createType=\"custom\"\nRW 8 VMFSRDM \"f.img\"\n",
+                "VMFSRDM",
+            ),
+            (
+                "raw.vmdk",
+                "createType=\"custom\"\nRW 8 VMFSRAW \"f.img\"\n",
+                "VMFSRAW",
+            ),
+            (
+                "noacc.vmdk",
+                "createType=\"custom\"\nNOACCESS 8 FLAT \"f.img\" 0\n",
+                "NOACCESS",
+            ),
+            (
+                "missing.vmdk",
+                "createType=\"monolithicFlat\"\nRW 8 FLAT \"nope.img\" 0\n",
+                "nope.img",
+            ),
+            (
+                "noext.vmdk",
+                "createType=\"monolithicFlat\"\n",
+                "no extents",
+            ),
+            ("notext.vmdk", "hello\n", "createType"),
+            (
+                "sparse-flat.vmdk",
+                "createType=\"custom\"\nRW 8 SPARSE \"f.img\"\n",
+                "neither a KDMV nor a COWD",
+            ),
+            (
+                "seq.vmdk",
+                "createType=\"seSparse\"\nRW 8 SESPARSE \"f.img\"\n",
+                "seSparse",
+            ),
+            (
+                "huge.vmdk",
+                "createType=\"custom\"\nRW 999999999999999 ZERO\n",
+                "64 TiB",
+            ),
+        ];
+        for (name, text, expect) in cases {
+            let path = pb(d, name);
+            write_file(
+                &path,
+                format!("# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n{text}")
+                    .as_bytes(),
+            );
+            let options = OpenOptions {
+                format: Some(Format::Vmdk),
+                ..OpenOptions::default()
+            };
+            let e = Image::open(&path, &options).expect_err(name).to_string();
+            assert!(e.contains(expect), "{name}: {e}");
+        }
+        if !have("qemu-img") {
+            return;
+        }
+        // A sparse extent whose header capacity disagrees with the extent line.
+        qemu_img(d, &["create", "-f", "vmdk", &p(d, "s.vmdk"), "1M"]);
+        let path = pb(d, "sizes.vmdk");
+        write_file(&path, b"# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType=\"twoGbMaxExtentSparse\"\nRW 4096 SPARSE \"s.vmdk\"\n");
+        let e = open_err(&path).to_string();
+        assert!(
+            e.contains("4096 sectors") && e.contains("2048 sectors"),
+            "{e}"
         );
-        let options = OpenOptions {
-            format: Some(Format::Vmdk),
-            ..OpenOptions::default()
-        };
-        let e = Image::open(&path, &options).expect_err(name).to_string();
-        assert!(e.contains(expect), "{name}: {e}");
-    }
-    if !have("qemu-img") {
-        return;
-    }
-    // A sparse extent whose header capacity disagrees with the extent line.
-    qemu_img(d, &["create", "-f", "vmdk", &p(d, "s.vmdk"), "1M"]);
-    let path = pb(d, "sizes.vmdk");
-    write_file(&path, b"# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType=\"twoGbMaxExtentSparse\"\nRW 4096 SPARSE \"s.vmdk\"\n");
-    let e = open_err(&path).to_string();
-    assert!(
-        e.contains("4096 sectors") && e.contains("2048 sectors"),
-        "{e}"
-    );
+    });
 }
 
 /// How the spec builder stores one grain.
@@ -760,112 +656,94 @@ impl Drop for FuseMount {
 
 #[test]
 fn vmware_layout_streams() {
-    if !have("qemu-img") {
-        return;
-    }
-    let dir = scratch();
-    let d = dir.path();
-
-    // (a) python3-vmdkstream (Debian's python, not the pyenv one on PATH).
-    let base = make_base_raw(d);
-    if Path::new("/usr/bin/python3").exists() {
-        let vs = pb(d, "vs.vmdk");
-        let out = Command::new("/usr/bin/python3")
-            .args([
-                "-c",
-                "import VMDKstream; VMDKstream.convert_to_stream('base.raw','vs.vmdk')",
-            ])
-            .current_dir(d)
-            .output()
-            .unwrap();
-        if out.status.success() {
-            like_qemu(&vs);
-            assert_same_bytes(
-                "vmdkstream vs base",
-                &read_all(&open(&vs, None), 1 << 20, 0),
-                &std::fs::read(&base).unwrap(),
-            );
-            let image = open(&vs, None);
-            assert!(image.info()[0].features.iter().any(|f| f == "gd_at_end"));
-            let report = image.check()[0].1.as_ref().unwrap().clone();
-            assert!(report.errors.is_empty(), "{report:?}");
-        } else {
-            eprintln!(
-                "python3-vmdkstream unavailable: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+    with_tools(&["qemu-img"], |d| {
+        // (a) python3-vmdkstream (Debian's python, not the pyenv one on PATH).
+        let base = make_base_raw(d);
+        if Path::new("/usr/bin/python3").exists() {
+            let vs = pb(d, "vs.vmdk");
+            let out = Command::new("/usr/bin/python3")
+                .args([
+                    "-c",
+                    "import VMDKstream; VMDKstream.convert_to_stream('base.raw','vs.vmdk')",
+                ])
+                .current_dir(d)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                like_qemu(&vs);
+                assert_same_bytes(
+                    "vmdkstream vs base",
+                    &read_all(&open(&vs, None), 1 << 20, 0),
+                    &std::fs::read(&base).unwrap(),
+                );
+                let image = open(&vs, None);
+                assert!(image.info()[0].features.iter().any(|f| f == "gd_at_end"));
+                let report = image.check()[0].1.as_ref().unwrap().clone();
+                assert!(report.errors.is_empty(), "{report:?}");
+            } else {
+                eprintln!(
+                    "python3-vmdkstream unavailable: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
         }
-    }
 
-    // (b) the spec builder: 96 MiB + 7 sectors (partial last grain), data in the first
-    // and last grain tables, the middle table absent, zero grains both absent and
-    // stored.
-    let size = (96 << 20) + 7 * SECTOR;
-    let mut model = vec![0u8; size];
-    model[..300_000].copy_from_slice(&pattern(300_000, 3));
-    model[5 * GRAIN + 100..5 * GRAIN + 200].fill(0xee);
-    let tail = size - 3 * GRAIN - 1000;
-    model[tail..].copy_from_slice(&pattern(size - tail, 9));
-    let stored_zero = 7usize; // an all-zero grain stored compressed
-    let grains = size.div_ceil(GRAIN);
-    let model_ref = &model;
-    let stream = build_vmware_stream(&model, |g| {
-        let chunk = &model_ref[g * GRAIN..((g + 1) * GRAIN).min(size)];
-        if g == stored_zero || chunk.iter().any(|&b| b != 0) {
-            GrainMode::Stored
-        } else {
-            GrainMode::Absent
+        // (b) the spec builder: 96 MiB + 7 sectors (partial last grain), data in the first
+        // and last grain tables, the middle table absent, zero grains both absent and
+        // stored.
+        let size = (96 << 20) + 7 * SECTOR;
+        let mut model = vec![0u8; size];
+        model[..300_000].copy_from_slice(&pattern(300_000, 3));
+        model[5 * GRAIN + 100..5 * GRAIN + 200].fill(0xee);
+        let tail = size - 3 * GRAIN - 1000;
+        model[tail..].copy_from_slice(&pattern(size - tail, 9));
+        let stored_zero = 7usize; // an all-zero grain stored compressed
+        let grains = size.div_ceil(GRAIN);
+        let model_ref = &model;
+        let stream = build_vmware_stream(&model, |g| {
+            let chunk = &model_ref[g * GRAIN..((g + 1) * GRAIN).min(size)];
+            if g == stored_zero || chunk.iter().any(|&b| b != 0) {
+                GrainMode::Stored
+            } else {
+                GrainMode::Absent
+            }
+        });
+        assert!(grains > 1024);
+        let path = pb(d, "stream.vmdk");
+        write_file(&path, &stream);
+        assert_reads_model(&path, &model);
+        like_qemu(&path);
+        let image = open(&path, None);
+        let report = image.check()[0].1.as_ref().unwrap().clone();
+        assert!(
+            report.errors.is_empty() && report.warnings.is_empty(),
+            "{report:?}"
+        );
+        assert_eq!(info_detail(&image, "CID").as_deref(), Some("1234abcd"));
+
+        // libvmdk recognises it and reads the same bytes.
+        if have("vmdkinfo") && have("vmdkmount") && Path::new("/dev/fuse").exists() {
+            let info = run("vmdkinfo", &[s(&path)], d);
+            let text = String::from_utf8_lossy(&info.stdout);
+            assert!(
+                text.contains("Stream optimized") || text.contains("streamOptimized"),
+                "{text}"
+            );
+            let mnt = pb(d, "mnt");
+            std::fs::create_dir(&mnt).unwrap();
+            run("vmdkmount", &[s(&path), s(&mnt)], d);
+            let guard = FuseMount(mnt.clone());
+            let theirs = std::fs::read(mnt.join("vmdk1")).unwrap();
+            drop(guard);
+            assert_same_bytes("libvmdk vs model", &theirs, &model);
         }
+
+        // Truncated: the footer is gone.
+        let cut = pb(d, "cut.vmdk");
+        write_file(&cut, &stream[..stream.len() - 1024]);
+        let e = open_err(&cut).to_string();
+        assert!(e.contains("footer"), "{e}");
     });
-    assert!(grains > 1024);
-    let path = pb(d, "stream.vmdk");
-    write_file(&path, &stream);
-    assert_reads_model(&path, &model);
-    like_qemu(&path);
-    let image = open(&path, None);
-    let report = image.check()[0].1.as_ref().unwrap().clone();
-    assert!(
-        report.errors.is_empty() && report.warnings.is_empty(),
-        "{report:?}"
-    );
-    assert_eq!(info_detail(&image, "CID").as_deref(), Some("1234abcd"));
-
-    // libvmdk recognises it and reads the same bytes.
-    if have("vmdkinfo") && have("vmdkmount") && Path::new("/dev/fuse").exists() {
-        let info = Command::new("vmdkinfo").arg(&path).output().unwrap();
-        let text = String::from_utf8_lossy(&info.stdout);
-        assert!(
-            info.status.success(),
-            "vmdkinfo: {text} {}",
-            String::from_utf8_lossy(&info.stderr)
-        );
-        assert!(
-            text.contains("Stream optimized") || text.contains("streamOptimized"),
-            "{text}"
-        );
-        let mnt = pb(d, "mnt");
-        std::fs::create_dir(&mnt).unwrap();
-        let out = Command::new("vmdkmount")
-            .arg(&path)
-            .arg(&mnt)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "vmdkmount: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let guard = FuseMount(mnt.clone());
-        let theirs = std::fs::read(mnt.join("vmdk1")).unwrap();
-        drop(guard);
-        assert_same_bytes("libvmdk vs model", &theirs, &model);
-    }
-
-    // Truncated: the footer is gone.
-    let cut = pb(d, "cut.vmdk");
-    write_file(&cut, &stream[..stream.len() - 1024]);
-    let e = open_err(&cut).to_string();
-    assert!(e.contains("footer"), "{e}");
 }
 
 /// A COWD (vmfsSparse) extent written from qemu's VMDK3 header layout: 4096-entry
@@ -909,37 +787,34 @@ fn build_cowd(data: &[u8], granularity: usize, stored: impl Fn(usize) -> bool) -
 
 #[test]
 fn vmfs_sparse_cowd_extent() {
-    if !have("qemu-img") {
-        return;
-    }
-    let dir = scratch();
-    let d = dir.path();
-    let size = 20 << 20;
-    let mut model = pattern(size, 5);
-    // Unstored grains read as zeroes (no parent).
-    let granularity = 8; // 4 KiB grains: 16 MiB per grain table, so two tables
-    let stored = |g: usize| g % 3 != 1;
-    for g in 0..size / (granularity * SECTOR) {
-        if !stored(g) {
-            model[g * 4096..(g + 1) * 4096].fill(0);
+    with_tools(&["qemu-img"], |d| {
+        let size = 20 << 20;
+        let mut model = pattern(size, 5);
+        // Unstored grains read as zeroes (no parent).
+        let granularity = 8; // 4 KiB grains: 16 MiB per grain table, so two tables
+        let stored = |g: usize| g % 3 != 1;
+        for g in 0..size / (granularity * SECTOR) {
+            if !stored(g) {
+                model[g * 4096..(g + 1) * 4096].fill(0);
+            }
         }
-    }
-    let cowd = build_cowd(&model, granularity, stored);
-    write_file(&pb(d, "delta.cowd"), &cowd);
-    let path = pb(d, "vmfssparse.vmdk");
-    write_file(
-        &path,
-        format!(
-            "# Disk DescriptorFile\nversion=1\nCID=22222222\nparentCID=ffffffff\ncreateType=\"vmfsSparse\"\n\
-             RW {} VMFSSPARSE \"delta.cowd\"\n",
-            size / SECTOR
-        )
-        .as_bytes(),
-    );
-    assert_reads_model(&path, &model);
-    like_qemu(&path);
-    let image = open(&path, None);
-    assert!(image.info()[0].features.iter().any(|f| f == "cowd"));
-    let report = image.check()[0].1.as_ref().unwrap().clone();
-    assert!(report.errors.is_empty(), "{report:?}");
+        let cowd = build_cowd(&model, granularity, stored);
+        write_file(&pb(d, "delta.cowd"), &cowd);
+        let path = pb(d, "vmfssparse.vmdk");
+        write_file(
+            &path,
+            format!(
+                "# Disk DescriptorFile\nversion=1\nCID=22222222\nparentCID=ffffffff\ncreateType=\"vmfsSparse\"\n\
+                 RW {} VMFSSPARSE \"delta.cowd\"\n",
+                size / SECTOR
+            )
+            .as_bytes(),
+        );
+        assert_reads_model(&path, &model);
+        like_qemu(&path);
+        let image = open(&path, None);
+        assert!(image.info()[0].features.iter().any(|f| f == "cowd"));
+        let report = image.check()[0].1.as_ref().unwrap().clone();
+        assert!(report.errors.is_empty(), "{report:?}");
+    });
 }

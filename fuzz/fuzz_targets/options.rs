@@ -84,6 +84,15 @@ fn check_one(option: u32, data: &[u8]) {
                     data.len()
                 );
             }
+            // Decoded as `code`, with data that re-encodes as the request.
+            let info = |code, req: &InfoRequest| {
+                assert_eq!(option, code);
+                check_info(req, data);
+            };
+            let meta = |code, req: &MetaContextRequest| {
+                assert_eq!(option, code);
+                check_meta(req, data);
+            };
             match parsed {
                 ClientOption::ExportName(name) => {
                     assert_eq!(option, opt::EXPORT_NAME);
@@ -95,22 +104,10 @@ fn check_one(option: u32, data: &[u8]) {
                 ClientOption::StartTls => assert_eq!(option, opt::STARTTLS),
                 ClientOption::StructuredReply => assert_eq!(option, opt::STRUCTURED_REPLY),
                 ClientOption::ExtendedHeaders => assert_eq!(option, opt::EXTENDED_HEADERS),
-                ClientOption::Info(req) => {
-                    assert_eq!(option, opt::INFO);
-                    check_info(&req, data);
-                }
-                ClientOption::Go(req) => {
-                    assert_eq!(option, opt::GO);
-                    check_info(&req, data);
-                }
-                ClientOption::ListMetaContext(req) => {
-                    assert_eq!(option, opt::LIST_META_CONTEXT);
-                    check_meta(&req, data);
-                }
-                ClientOption::SetMetaContext(req) => {
-                    assert_eq!(option, opt::SET_META_CONTEXT);
-                    check_meta(&req, data);
-                }
+                ClientOption::Info(req) => info(opt::INFO, &req),
+                ClientOption::Go(req) => info(opt::GO, &req),
+                ClientOption::ListMetaContext(req) => meta(opt::LIST_META_CONTEXT, &req),
+                ClientOption::SetMetaContext(req) => meta(opt::SET_META_CONTEXT, &req),
                 ClientOption::Unknown(n) => {
                     assert_eq!(n, option);
                     assert!(
@@ -138,12 +135,19 @@ fn put_string(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
+/// The start of a request naming an export (checked as a string), re-encoded: the name, then
+/// `count`, the encoded number of items that follow.
+fn named_request(name: &str, count: &[u8]) -> Vec<u8> {
+    check_string(name);
+    let mut again = Vec::new();
+    put_string(&mut again, name);
+    again.extend_from_slice(count);
+    again
+}
+
 /// The decoded request must account for every byte: re-encoding gives the input.
 fn check_info(req: &InfoRequest, data: &[u8]) {
-    check_string(&req.name);
-    let mut again = Vec::new();
-    put_string(&mut again, &req.name);
-    again.extend_from_slice(&(req.items.len() as u16).to_be_bytes());
+    let mut again = named_request(&req.name, &(req.items.len() as u16).to_be_bytes());
     for i in &req.items {
         again.extend_from_slice(&i.to_be_bytes());
     }
@@ -154,10 +158,7 @@ fn check_info(req: &InfoRequest, data: &[u8]) {
 }
 
 fn check_meta(req: &MetaContextRequest, data: &[u8]) {
-    check_string(&req.export);
-    let mut again = Vec::new();
-    put_string(&mut again, &req.export);
-    again.extend_from_slice(&(req.queries.len() as u32).to_be_bytes());
+    let mut again = named_request(&req.export, &(req.queries.len() as u32).to_be_bytes());
     for q in &req.queries {
         check_string(q);
         put_string(&mut again, q);

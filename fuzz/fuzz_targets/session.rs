@@ -368,36 +368,21 @@ fn prelude(out: &mut Vec<u8>, kind: u8, name: &str) -> Prelude {
             ReplyMode::Simple,
             vec![(opt::EXPORT_NAME, name.as_bytes().to_vec())],
         ),
-        3 => (
-            ReplyMode::Structured,
-            vec![
-                (opt::STRUCTURED_REPLY, vec![]),
-                (opt::GO, info_request(name)),
-            ],
-        ),
-        4 => (
-            ReplyMode::Structured,
-            vec![
-                (opt::STRUCTURED_REPLY, vec![]),
-                (opt::SET_META_CONTEXT, meta_request(name, contexts)),
-                (opt::GO, info_request(name)),
-            ],
-        ),
-        5 => (
-            ReplyMode::Extended,
-            vec![
-                (opt::EXTENDED_HEADERS, vec![]),
-                (opt::SET_META_CONTEXT, meta_request(name, contexts)),
-                (opt::GO, info_request(name)),
-            ],
-        ),
-        6 => (
-            ReplyMode::Extended,
-            vec![
-                (opt::EXTENDED_HEADERS, vec![]),
-                (opt::GO, info_request(name)),
-            ],
-        ),
+        // Structured (3, 4) or extended (5, 6) replies, with (4, 5) or without (3, 6) a
+        // metadata context, then GO.
+        3..=6 => {
+            let (mode, enable) = if kind <= 4 {
+                (ReplyMode::Structured, opt::STRUCTURED_REPLY)
+            } else {
+                (ReplyMode::Extended, opt::EXTENDED_HEADERS)
+            };
+            let mut options = vec![(enable, vec![])];
+            if kind == 4 || kind == 5 {
+                options.push((opt::SET_META_CONTEXT, meta_request(name, contexts)));
+            }
+            options.push((opt::GO, info_request(name)));
+            (mode, options)
+        }
         _ => (
             ReplyMode::Structured,
             vec![
@@ -765,6 +750,16 @@ impl Oracle<'_> {
         }
     }
 
+    /// The start of a chunk header in `mode` (which must be the negotiated one): flags,
+    /// type and cookie.
+    fn chunk_header(&mut self, mode: ReplyMode) -> (u16, u16, u64) {
+        assert_eq!(self.mode, mode, "{mode:?} chunk in {:?} mode", self.mode);
+        let flags = self.r.u16("a chunk header");
+        let chunk_type = self.r.u16("a chunk header");
+        let cookie = self.r.u64("a chunk header");
+        (flags, chunk_type, cookie)
+    }
+
     /// Parses and checks one simple reply or chunk.
     fn reply(&mut self, requests: &[Sent], progress: &mut [Progress]) {
         let magic = self.r.u32("a reply");
@@ -794,15 +789,7 @@ impl Oracle<'_> {
                 return;
             }
             proto::STRUCTURED_REPLY_MAGIC => {
-                assert_eq!(
-                    self.mode,
-                    ReplyMode::Structured,
-                    "structured chunk in {:?} mode",
-                    self.mode
-                );
-                let flags = self.r.u16("a chunk header");
-                let chunk_type = self.r.u16("a chunk header");
-                let cookie = self.r.u64("a chunk header");
+                let (flags, chunk_type, cookie) = self.chunk_header(ReplyMode::Structured);
                 let len = self.r.u32("a chunk header");
                 (
                     flags,
@@ -812,15 +799,7 @@ impl Oracle<'_> {
                 )
             }
             proto::EXTENDED_REPLY_MAGIC => {
-                assert_eq!(
-                    self.mode,
-                    ReplyMode::Extended,
-                    "extended chunk in {:?} mode",
-                    self.mode
-                );
-                let flags = self.r.u16("a chunk header");
-                let chunk_type = self.r.u16("a chunk header");
-                let cookie = self.r.u64("a chunk header");
+                let (flags, chunk_type, cookie) = self.chunk_header(ReplyMode::Extended);
                 let offset = self.r.u64("a chunk header");
                 let len = self.r.u64("a chunk header");
                 let (req, _) = lookup(requests, progress, cookie);

@@ -9,9 +9,11 @@
 //! what qemu-nbd and qemu do for a writable qcow2 node, so each refuses the other, and
 //! a read-only `qemu-img info` (which refuses to share write) is refused too.
 
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::os::fd::AsRawFd;
+use std::path::Path;
 
+use crate::storage::{Allow, open_checked};
 use crate::{Error, Result};
 
 const PERM_BASE: i64 = 100;
@@ -93,6 +95,18 @@ fn holders(file: &File) -> Vec<String> {
         }
     }
     out
+}
+
+/// Opens the image at `path` (`name` in messages) read-write, a regular file or a block
+/// device as the operator may name, and takes the writer's locks on it.
+pub fn open_locked(path: &Path, name: &str) -> Result<(File, Metadata, ImageLock)> {
+    let (file, meta) =
+        open_checked(path, true, Allow::BlockDevices).map_err(|source| Error::Open {
+            path: name.to_owned(),
+            source,
+        })?;
+    let lock = lock_for_writing(&file, name)?;
+    Ok((file, meta, lock))
 }
 
 /// Takes the locks of a qcow2 writer on `file`, or fails naming what conflicts.

@@ -32,7 +32,7 @@ use crate::layer::{
     Backing, CheckReport, Compression, Fetch, Format, Layer, LayerInfo, OpenContext, Segment,
     SegmentKind, push_segment,
 };
-use crate::storage::{Allow, FileStorage, Storage, open_checked, read_vec};
+use crate::storage::{FileStorage, Storage, read_vec};
 use crate::{Error, Result};
 
 use header::{
@@ -575,12 +575,7 @@ pub fn open_writable(
     budget: usize,
 ) -> Result<(Qcow2Layer, Qcow2Writer)> {
     let name = path.display().to_string();
-    let (file, meta) =
-        open_checked(path, true, Allow::BlockDevices).map_err(|source| Error::Open {
-            path: name.clone(),
-            source,
-        })?;
-    let image_lock = lock::lock_for_writing(&file, &name)?;
+    let (file, meta, image_lock) = lock::open_locked(path, &name)?;
     let file = Arc::new(file);
     let len = if meta.file_type().is_file() {
         meta.len()

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::cache::MetadataCache;
 use crate::layer::{CheckReport, Layer, OpenContext};
-use crate::storage::{Allow, FileStorage, open_checked};
+use crate::storage::FileStorage;
 use crate::{Error, Result};
 
 use super::create::write_refcounts;
@@ -65,12 +65,7 @@ pub fn repair(path: &Path) -> Result<RepairReport> {
         copied_flags_fixed: 0,
         dirty_cleared: layer.header.raw.incompatible & INCOMPAT_DIRTY != 0,
     };
-    let (file, _) =
-        open_checked(path, true, Allow::BlockDevices).map_err(|source| Error::Open {
-            path: name.clone(),
-            source,
-        })?;
-    let _lock = lock::lock_for_writing(&file, &name)?;
+    let (file, _, _lock) = lock::open_locked(path, &name)?;
     let io = |op, offset, length| Error::io_at(&name, op, offset, length);
     let cs = layer.cluster_size;
     let raw = layer.header.raw;

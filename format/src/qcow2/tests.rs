@@ -8,6 +8,7 @@ use super::check::refcount_entry;
 use super::*;
 use crate::chain::{Image, OpenOptions};
 use crate::storage::MemoryStorage;
+use crate::test_util::{assert_cached_only_needs_a_read, check_report, mentions};
 
 const CS: usize = 4096;
 const L1: usize = CS;
@@ -24,8 +25,31 @@ fn put32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_be_bytes());
 }
 
+/// Writes a header extension at `at`: its type, its length and `data`.
+fn put_extension(b: &mut [u8], at: usize, kind: u32, data: &[u8]) {
+    put32(b, at, kind);
+    put32(b, at + 4, data.len() as u32);
+    b[at + 8..at + 8 + data.len()].copy_from_slice(data);
+}
+
 fn unit() -> Vec<u8> {
     (0..CS).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+/// A version 3 header (104 bytes, no extensions, 16-bit refcounts) at the start of `b`:
+/// clusters of `1 << cluster_bits` bytes, `size` bytes of guest disk, an L1 table of
+/// `l1_size` entries and a one-cluster refcount table, at the byte offsets `tables`.
+fn v3_header(b: &mut [u8], cluster_bits: u32, size: u64, l1_size: u32, tables: [usize; 2]) {
+    b[..4].copy_from_slice(b"QFI\xfb");
+    put32(b, 4, 3);
+    put32(b, 20, cluster_bits);
+    put64(b, 24, size);
+    put32(b, 36, l1_size);
+    put64(b, 40, tables[0] as u64);
+    put64(b, 48, tables[1] as u64);
+    put32(b, 56, 1);
+    put32(b, 96, 4);
+    put32(b, 100, 104);
 }
 
 /// A consistent 4 MiB v3 image with 4 KiB clusters. Guest clusters: 0 and 1 data
@@ -33,16 +57,7 @@ fn unit() -> Vec<u8> {
 /// the rest unallocated.
 fn image() -> Vec<u8> {
     let mut b = vec![0u8; 9 * CS];
-    b[..4].copy_from_slice(b"QFI\xfb");
-    put32(&mut b, 4, 3);
-    put32(&mut b, 20, 12);
-    put64(&mut b, 24, 4 << 20);
-    put32(&mut b, 36, 2);
-    put64(&mut b, 40, L1 as u64);
-    put64(&mut b, 48, REFTABLE as u64);
-    put32(&mut b, 56, 1);
-    put32(&mut b, 96, 4);
-    put32(&mut b, 100, 104);
+    v3_header(&mut b, 12, 4 << 20, 2, [L1, REFTABLE]);
     put64(&mut b, L1, COPIED | L2 as u64);
     put64(&mut b, REFTABLE, REFBLOCK as u64);
     for c in 0..9 {
@@ -162,8 +177,7 @@ fn reads_every_entry_kind() {
 #[test]
 fn check_of_a_consistent_image_is_clean() {
     let layer = layer_of(image()).unwrap();
-    let mut report = CheckReport::default();
-    layer.check(&mut report).unwrap();
+    let report = check_report(&*layer);
     assert!(
         report.errors.is_empty() && report.warnings.is_empty(),
         "{report:?}"
@@ -182,28 +196,18 @@ fn check_finds_refcount_errors_and_leaks() {
     b[REFBLOCK + 2 * 8 + 1] = 2; // cluster 8 over-counted
     b[REFBLOCK + 2 * 9 + 1] = 0;
     let layer = layer_of(b.clone()).unwrap();
-    let mut report = CheckReport::default();
-    layer.check(&mut report).unwrap();
+    let report = check_report(&*layer);
+    let unreferenced = ["cluster 5", "referenced 1 times, refcount 0"];
+    assert!(mentions(&report.errors, &unreferenced), "{report:?}");
     assert!(
-        report
-            .errors
-            .iter()
-            .any(|e| e.contains("cluster 5") && e.contains("referenced 1 times, refcount 0")),
-        "{report:?}"
-    );
-    assert!(
-        report
-            .warnings
-            .iter()
-            .any(|w| w.contains("cluster 8") && w.contains("leaked")),
+        mentions(&report.warnings, &["cluster 8", "leaked"]),
         "{report:?}"
     );
     // Dirty: the same mismatches are only warnings.
     b[79] |= 1;
     let layer = layer_of(b).unwrap();
     assert!(layer.info().dirty);
-    let mut report = CheckReport::default();
-    layer.check(&mut report).unwrap();
+    let report = check_report(&*layer);
     assert!(report.errors.is_empty(), "{report:?}");
     assert!(report.warnings.iter().any(|w| w.contains("dirty")));
 }
@@ -281,83 +285,46 @@ fn data_cluster_beyond_the_end_of_the_file() {
 /// Changes an image in place.
 type Damage = Box<dyn Fn(&mut Vec<u8>)>;
 
+/// Writes big-endian `v` at `at`.
+fn set32(at: usize, v: u32) -> Damage {
+    Box::new(move |b| put32(b, at, v))
+}
+
+/// Writes big-endian `v` at `at`.
+fn set64(at: usize, v: u64) -> Damage {
+    Box::new(move |b| put64(b, at, v))
+}
+
+/// `first`, then `then`.
+fn both(first: Damage, then: Damage) -> Damage {
+    Box::new(move |b| {
+        first(b);
+        then(b);
+    })
+}
+
 #[test]
 fn damaged_headers_are_errors() {
+    #[rustfmt::skip] // a table: one case a line
     let cases: Vec<(&str, Damage, &str)> = vec![
-        (
-            "truncated",
-            Box::new(|b| b.truncate(50)),
-            "shorter than a qcow2 header",
-        ),
+        ("truncated", Box::new(|b| b.truncate(50)), "shorter than a qcow2 header"),
         ("bad magic", Box::new(|b| b[0] = b'X'), "magic"),
-        (
-            "version 1",
-            Box::new(|b| put32(b, 4, 1)),
-            "qcow (version 1)",
-        ),
-        ("version 4", Box::new(|b| put32(b, 4, 4)), "version 4"),
-        (
-            "cluster_bits 40",
-            Box::new(|b| put32(b, 20, 40)),
-            "cluster_bits 40",
-        ),
-        (
-            "cluster_bits 8",
-            Box::new(|b| put32(b, 20, 8)),
-            "cluster_bits 8",
-        ),
-        ("AES", Box::new(|b| put32(b, 32, 1)), "AES-encrypted"),
-        ("LUKS", Box::new(|b| put32(b, 32, 2)), "LUKS-encrypted"),
-        (
-            "l1 huge",
-            Box::new(|b| put32(b, 36, 0x1000_0000)),
-            "l1_size",
-        ),
-        (
-            "l1 too small",
-            Box::new(|b| put32(b, 36, 1)),
-            "too small for the virtual size",
-        ),
-        (
-            "l1 beyond eof",
-            Box::new(|b| put64(b, 40, 1 << 30)),
-            "beyond the end of the file",
-        ),
-        (
-            "l1 unaligned",
-            Box::new(|b| put64(b, 40, 4097)),
-            "not aligned",
-        ),
-        (
-            "reftable huge",
-            Box::new(|b| put32(b, 56, 1 << 20)),
-            "refcount_table_clusters",
-        ),
-        (
-            "header_length absurd",
-            Box::new(|b| put32(b, 100, 0xffff_fff8)),
-            "header_length",
-        ),
-        (
-            "header_length odd",
-            Box::new(|b| put32(b, 100, 105)),
-            "header_length",
-        ),
-        (
-            "refcount_order 7",
-            Box::new(|b| put32(b, 96, 7)),
-            "refcount_order 7",
-        ),
-        (
-            "unknown incompatible bit",
-            Box::new(|b| put64(b, 72, 1 << 9)),
-            "incompatible feature bit 9",
-        ),
-        (
-            "compression bit without type",
-            Box::new(|b| put64(b, 72, 1 << 3)),
-            "compression_type",
-        ),
+        ("version 1", set32(4, 1), "qcow (version 1)"),
+        ("version 4", set32(4, 4), "version 4"),
+        ("cluster_bits 40", set32(20, 40), "cluster_bits 40"),
+        ("cluster_bits 8", set32(20, 8), "cluster_bits 8"),
+        ("AES", set32(32, 1), "AES-encrypted"),
+        ("LUKS", set32(32, 2), "LUKS-encrypted"),
+        ("l1 huge", set32(36, 0x1000_0000), "l1_size"),
+        ("l1 too small", set32(36, 1), "too small for the virtual size"),
+        ("l1 beyond eof", set64(40, 1 << 30), "beyond the end of the file"),
+        ("l1 unaligned", set64(40, 4097), "not aligned"),
+        ("reftable huge", set32(56, 1 << 20), "refcount_table_clusters"),
+        ("header_length absurd", set32(100, 0xffff_fff8), "header_length"),
+        ("header_length odd", set32(100, 105), "header_length"),
+        ("refcount_order 7", set32(96, 7), "refcount_order 7"),
+        ("unknown incompatible bit", set64(72, 1 << 9), "incompatible feature bit 9"),
+        ("compression bit without type", set64(72, 1 << 3), "compression_type"),
         (
             "compression type 2",
             Box::new(|b| {
@@ -367,48 +334,16 @@ fn damaged_headers_are_errors() {
             }),
             "compression_type 2",
         ),
-        (
-            "backing name beyond the first cluster",
-            Box::new(|b| {
-                put64(b, 8, 4090);
-                put32(b, 16, 20);
-            }),
-            "first cluster",
-        ),
-        (
-            "backing name too long",
-            Box::new(|b| {
-                put64(b, 8, 200);
-                put32(b, 16, 2000);
-            }),
-            "backing_file_size 2000",
-        ),
+        ("backing name beyond the first cluster", both(set64(8, 4090), set32(16, 20)), "first cluster"),
+        ("backing name too long", both(set64(8, 200), set32(16, 2000)), "backing_file_size 2000"),
         (
             "extension overruns the header area",
-            Box::new(|b| {
-                put32(b, 104, 0x1234_5678);
-                put32(b, 108, 100_000);
-            }),
+            both(set32(104, 0x1234_5678), set32(108, 100_000)),
             "runs past the end of the header area",
         ),
-        (
-            "data file bit without a name",
-            Box::new(|b| put64(b, 72, 1 << 2)),
-            "does not name it",
-        ),
-        (
-            "snapshot table beyond eof",
-            Box::new(|b| {
-                put32(b, 60, 1);
-                put64(b, 64, 1 << 30);
-            }),
-            "beyond the end of the file",
-        ),
-        (
-            "extended L2 with small clusters",
-            Box::new(|b| put64(b, 72, 1 << 4)),
-            "16 KiB",
-        ),
+        ("data file bit without a name", set64(72, 1 << 2), "does not name it"),
+        ("snapshot table beyond eof", both(set32(60, 1), set64(64, 1 << 30)), "beyond the end of the file"),
+        ("extended L2 with small clusters", set64(72, 1 << 4), "16 KiB"),
     ];
     for (what, damage, expect) in cases {
         let mut b = image();
@@ -422,11 +357,11 @@ fn damaged_headers_are_errors() {
 fn unknown_feature_is_named_from_the_feature_table() {
     let mut b = image();
     put64(&mut b, 72, 1 << 9);
-    put32(&mut b, 104, 0x6803_f857);
-    put32(&mut b, 108, 48);
-    b[112] = 0;
-    b[113] = 9;
-    b[114..122].copy_from_slice(b"teleport");
+    // A feature table of one entry: incompatible (type 0) bit 9, named "teleport".
+    let mut entry = [0u8; 48];
+    entry[1] = 9;
+    entry[2..10].copy_from_slice(b"teleport");
+    put_extension(&mut b, 104, 0x6803_f857, &entry);
     let e = err_text(open_image(b));
     assert!(
         e.contains("\"teleport\" (bit 9)") && e.contains("unsupported"),
@@ -491,17 +426,8 @@ fn version_2_has_no_zero_flag() {
 fn extended_l2_subclusters() {
     let cs = 16384usize;
     let mut b = vec![0u8; 5 * cs];
-    b[..4].copy_from_slice(b"QFI\xfb");
-    put32(&mut b, 4, 3);
-    put32(&mut b, 20, 14);
-    put64(&mut b, 24, 1 << 20);
-    put32(&mut b, 36, 1);
-    put64(&mut b, 40, cs as u64);
-    put64(&mut b, 48, 2 * cs as u64);
-    put32(&mut b, 56, 1);
+    v3_header(&mut b, 14, 1 << 20, 1, [cs, 2 * cs]);
     put64(&mut b, 72, 1 << 4);
-    put32(&mut b, 96, 4);
-    put32(&mut b, 100, 104);
     put64(&mut b, cs, COPIED | (3 * cs as u64));
     let l2 = 3 * cs;
     put64(&mut b, l2, COPIED | (4 * cs as u64));
@@ -558,12 +484,8 @@ fn external_data_file_and_backing() {
     let mut b = image();
     put64(&mut b, 72, 1 << 2);
     // Data file extension, then a backing name with its format.
-    put32(&mut b, 104, 0x4441_5441);
-    put32(&mut b, 108, 6);
-    b[112..118].copy_from_slice(b"d.data");
-    put32(&mut b, 120, 0xe279_2aca);
-    put32(&mut b, 124, 3);
-    b[128..131].copy_from_slice(b"raw");
+    put_extension(&mut b, 104, 0x4441_5441, b"d.data");
+    put_extension(&mut b, 120, 0xe279_2aca, b"raw");
     put64(&mut b, 8, 200);
     put32(&mut b, 16, 6);
     b[200..206].copy_from_slice(b"b.base");
@@ -643,14 +565,7 @@ fn external_data_file_and_backing() {
 
 #[test]
 fn cached_only_mapping_does_not_read() {
-    let layer = layer_of(image()).unwrap();
-    let mut out = Vec::new();
-    let r = layer.map(0, 4096, Fetch::CachedOnly, &mut out);
-    assert!(matches!(r, Err(Error::NotCached)));
-    layer.map(0, 4096, Fetch::Allowed, &mut out).unwrap();
-    out.clear();
-    layer.map(0, 4096, Fetch::CachedOnly, &mut out).unwrap();
-    assert_eq!(out.len(), 1);
+    assert_cached_only_needs_a_read(&*layer_of(image()).unwrap());
 }
 
 /// Random single-byte damage anywhere in the metadata never panics.

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use super::*;
 use crate::chain::{Image, OpenOptions};
 use crate::storage::MemoryStorage;
+use crate::test_util::{assert_check_error, check_report};
 
 const BLOCK: u32 = 4096; // 8 sectors per block, bitmap padded to 512 bytes
 
@@ -229,25 +230,20 @@ fn fixed_disk_is_raw_with_qemu_size_rules() {
     assert_eq!(open_bytes(img).unwrap().virtual_size(), 5120);
     // Guest data that looks like a footer at offset 0 does not fool the reader: a
     // damaged one is data, a valid fixed one is data, a valid dynamic one is ambiguous.
-    let mut img = footer(3, b"qemu", 1024, (4, 16, 17), 8);
-    img[70] ^= 1;
-    img.extend(vec![0u8; 512]);
-    img.extend(footer(2, b"win ", 1024, (0, 0, 0), 9));
-    assert_eq!(
-        open_bytes(img).unwrap().identity(),
-        Some(ParentIdentity::VhdUuid([9; 16]))
-    );
-    let mut img = footer(2, b"win ", 1024, (0, 0, 0), 8);
-    img.extend(vec![0u8; 512]);
-    img.extend(footer(2, b"win ", 1024, (0, 0, 0), 9));
-    assert_eq!(
-        open_bytes(img).unwrap().identity(),
-        Some(ParentIdentity::VhdUuid([9; 16]))
-    );
-    let mut img = footer(3, b"win ", 1024, (0, 0, 0), 8);
-    img.extend(vec![0u8; 512]);
-    img.extend(footer(2, b"win ", 1024, (0, 0, 0), 9));
-    let e = open_err(img);
+    let with_first_sector = |first: Vec<u8>| {
+        let mut img = first;
+        img.extend(vec![0u8; 512]);
+        img.extend(footer(2, b"win ", 1024, (0, 0, 0), 9));
+        img
+    };
+    let mut damaged = footer(3, b"qemu", 1024, (4, 16, 17), 8);
+    damaged[70] ^= 1;
+    for first in [damaged, footer(2, b"win ", 1024, (0, 0, 0), 8)] {
+        let layer = open_bytes(with_first_sector(first)).unwrap();
+        assert_eq!(layer.identity(), Some(ParentIdentity::VhdUuid([9; 16])));
+    }
+    let dynamic = footer(3, b"win ", 1024, (0, 0, 0), 8);
+    let e = open_err(with_first_sector(dynamic));
     assert!(e.contains("refusing to guess"), "{e}");
     // A size that does not fit in the file is refused.
     let mut img = vec![0u8; 1024];
@@ -296,8 +292,7 @@ fn dynamic_disk_maps_bitmaps_and_reads_zeroes_elsewhere() {
     expected.extend(vec![0xBBu8; 4096]);
     assert_eq!(data, expected);
 
-    let mut report = CheckReport::default();
-    layer.check(&mut report).unwrap();
+    let report = check_report(&layer);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert!(
         report
@@ -404,8 +399,7 @@ fn damaged_footers() {
     let mut img = good.clone();
     img[100] ^= 1;
     let layer = open_bytes(img).unwrap();
-    let mut report = CheckReport::default();
-    layer.check(&mut report).unwrap();
+    let report = check_report(&layer);
     assert!(report.errors[0].contains("copy at offset 0"), "{report:?}");
 
     // Copies that disagree: the copy at 0 is used, check reports the field.
@@ -413,16 +407,14 @@ fn damaged_footers() {
     img[len - 512 + 28..len - 512 + 32].copy_from_slice(b"win ");
     seal(&mut img[len - 512..], 64);
     let layer = open_bytes(img).unwrap();
-    let mut report = CheckReport::default();
-    layer.check(&mut report).unwrap();
+    let report = check_report(&layer);
     assert!(report.errors[0].contains("creator_app"), "{report:?}");
 
     // No trailing footer.
     let mut img = good.clone();
     img[len - 512..].fill(0);
     let layer = open_bytes(img).unwrap();
-    let mut report = CheckReport::default();
-    layer.check(&mut report).unwrap();
+    let report = check_report(&layer);
     assert!(
         report.errors[0].contains("no footer at the end"),
         "{report:?}"
@@ -513,12 +505,7 @@ fn damaged_headers_and_tables() {
     let mut img = good.clone();
     put(&mut img, bat_at + 4, &((bat_at / 512) as u32).to_be_bytes());
     let layer = open_bytes(img).unwrap();
-    let mut report = CheckReport::default();
-    layer.check(&mut report).unwrap();
-    assert!(
-        report.errors.iter().any(|e| e.contains("overlaps the BAT")),
-        "{report:?}"
-    );
+    assert_check_error(&layer, "overlaps the BAT");
 }
 
 #[test]

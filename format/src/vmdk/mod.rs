@@ -501,6 +501,7 @@ mod tests {
     use super::*;
     use crate::cache::MetadataCache;
     use crate::storage::MemoryStorage;
+    use crate::test_util::{assert_cached_only_needs_a_read, assert_check_error, check_report};
     use crate::{Image, OpenOptions};
 
     const GD_SECTOR: usize = 3;
@@ -595,8 +596,7 @@ mod tests {
                 },
             ]
         );
-        let mut report = CheckReport::default();
-        layer.check(&mut report).unwrap();
+        let report = check_report(&layer);
         assert!(report.errors.is_empty(), "{report:?}");
         assert!(report.stats.contains(&("allocated grains".into(), 3)));
         let image = Image::open_storage(
@@ -663,8 +663,7 @@ mod tests {
             e.contains("grain table at offset 536870912 lies beyond the end"),
             "{e}"
         );
-        let mut report = CheckReport::default();
-        layer.check(&mut report).unwrap();
+        let report = check_report(&layer);
         assert!(report.errors[0].contains("grain table 0"), "{report:?}");
         // Grain beyond the end.
         let mut b = image(2048, 3, DESC);
@@ -675,25 +674,12 @@ mod tests {
             e.contains("grain for guest offset 4096") && e.contains("beyond the end"),
             "{e}"
         );
-        let mut report = CheckReport::default();
-        layer.check(&mut report).unwrap();
-        assert!(
-            report.errors.iter().any(|e| e.contains("beyond the end")),
-            "{report:?}"
-        );
+        assert_check_error(&layer, "beyond the end");
         // A grain inside the metadata is reported by check.
         let mut b = image(2048, 3, DESC);
         put32(&mut b, GT_SECTOR * 512 + 4, GT_SECTOR as u32);
         let layer = open_mem(b).unwrap();
-        let mut report = CheckReport::default();
-        layer.check(&mut report).unwrap();
-        assert!(
-            report
-                .errors
-                .iter()
-                .any(|e| e.contains("overlaps metadata")),
-            "{report:?}"
-        );
+        assert_check_error(&layer, "overlaps metadata");
     }
 
     fn compressed_image(lba: u64) -> Vec<u8> {
@@ -742,12 +728,7 @@ mod tests {
         let layer = open_mem(compressed_image(17)).unwrap();
         let e = map_all(&layer).unwrap_err().to_string();
         assert!(e.contains("says LBA 17") && e.contains("sector 16"), "{e}");
-        let mut report = CheckReport::default();
-        layer.check(&mut report).unwrap();
-        assert!(
-            report.errors.iter().any(|e| e.contains("LBA 17")),
-            "{report:?}"
-        );
+        assert_check_error(&layer, "LBA 17");
         // A marker size beyond the file.
         let mut b = compressed_image(16);
         let at = b.len() - 512 + 8;
@@ -855,12 +836,7 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].length, 188);
         assert_eq!(out[1].kind, SegmentKind::Zero);
-        let mut report = CheckReport::default();
-        layer.check(&mut report).unwrap();
-        assert!(
-            report.errors.iter().any(|e| e.contains("shorter")),
-            "{report:?}"
-        );
+        assert_check_error(&layer, "shorter");
     }
 
     #[test]
@@ -874,16 +850,14 @@ mod tests {
         put32(&mut b, 8, FLAG_NEWLINE | sparse::FLAG_REDUNDANT_GD);
         put64(&mut b, 48, rgd as u64);
         let layer = open_mem(b.clone()).unwrap();
-        let mut report = CheckReport::default();
-        layer.check(&mut report).unwrap();
+        let report = check_report(&layer);
         assert!(
             report.warnings.is_empty() && report.errors.is_empty(),
             "{report:?}"
         );
         put32(&mut b, (rgd + 1) * 512 + 4, 0);
         let layer = open_mem(b).unwrap();
-        let mut report = CheckReport::default();
-        layer.check(&mut report).unwrap();
+        let report = check_report(&layer);
         assert!(
             report.warnings[0].contains("redundant grain table 0 differs"),
             "{report:?}"
@@ -904,15 +878,7 @@ mod tests {
             },
         )
         .unwrap();
-        let mut out = Vec::new();
-        assert!(matches!(
-            layer.map(0, 4096, Fetch::CachedOnly, &mut out),
-            Err(Error::NotCached)
-        ));
-        layer.map(0, 4096, Fetch::Allowed, &mut out).unwrap();
-        out.clear();
-        layer.map(0, 4096, Fetch::CachedOnly, &mut out).unwrap();
-        assert_eq!(out.len(), 1);
+        assert_cached_only_needs_a_read(&layer);
     }
 
     #[test]

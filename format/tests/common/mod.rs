@@ -20,6 +20,11 @@ pub fn run(program: &str, args: &[&str], cwd: &Path) -> Output {
     thinline_test_support::run(Command::new(program).args(args).current_dir(cwd))
 }
 
+/// `qemu-img create -f FMT -o OPTIONS PATH SIZE` in `dir`.
+pub fn qemu_create(dir: &Path, fmt: &str, options: &str, path: &str, size: &str) {
+    qemu_img(dir, &["create", "-f", fmt, "-o", options, path, size]);
+}
+
 /// What qemu reads: `qemu-img convert -f FMT -O raw`.
 pub fn qemu_raw(path: &Path, fmt: &str) -> Vec<u8> {
     let out = tempfile::NamedTempFile::new().unwrap();
@@ -27,15 +32,7 @@ pub fn qemu_raw(path: &Path, fmt: &str) -> Vec<u8> {
     let dir = path.parent().unwrap();
     qemu_img(
         dir,
-        &[
-            "convert",
-            "-f",
-            fmt,
-            "-O",
-            "raw",
-            path.to_str().unwrap(),
-            &out_path,
-        ],
+        &["convert", "-f", fmt, "-O", "raw", s(path), &out_path],
     );
     std::fs::read(&out_path).unwrap()
 }
@@ -90,18 +87,26 @@ pub fn assert_reads_like_qemu(
 ) {
     let expected = qemu_raw(path, qemu_fmt);
     let image = open(path, format);
+    assert_reads_as(&image, &path.display().to_string(), &expected, &CHUNKINGS);
+}
+
+/// Read sizes and first-read skews ([`read_all`]) that straddle cluster and block
+/// boundaries in different ways.
+pub const CHUNKINGS: [(usize, usize); 3] = [(1 << 20, 0), (4096 + 512, 777), (65536 * 3, 511)];
+
+/// `image` has the size of `expected` and reads as `expected` in each of `chunkings`
+/// (chunk, skew); `what` names it in failures.
+pub fn assert_reads_as(image: &Image, what: &str, expected: &[u8], chunkings: &[(usize, usize)]) {
     assert_eq!(
         image.size() as usize,
         expected.len(),
-        "{}: virtual size",
-        path.display()
+        "{what}: virtual size"
     );
-    for (chunk, skew) in [(1 << 20, 0), (4096 + 512, 777), (65536 * 3, 511)] {
-        let ours = read_all(&image, chunk, skew);
+    for &(chunk, skew) in chunkings {
         assert_same_bytes(
-            &format!("{} (chunk {chunk}, skew {skew})", path.display()),
-            &ours,
-            &expected,
+            &format!("{what} (chunk {chunk}, skew {skew})"),
+            &read_all(image, chunk, skew),
+            expected,
         );
     }
 }
@@ -134,13 +139,7 @@ fn merge(runs: Vec<(u64, u64, MapClass)>) -> Vec<(u64, u64, MapClass)> {
 pub fn qemu_map(path: &Path, qemu_fmt: &str) -> Vec<(u64, u64, MapClass)> {
     let out = qemu_img(
         path.parent().unwrap(),
-        &[
-            "map",
-            "--output=json",
-            "-f",
-            qemu_fmt,
-            path.to_str().unwrap(),
-        ],
+        &["map", "--output=json", "-f", qemu_fmt, s(path)],
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let runs = v
@@ -217,6 +216,25 @@ pub fn scratch() -> tempfile::TempDir {
         .unwrap()
 }
 
+/// Runs `test` in a fresh scratch directory, removed afterwards.
+pub fn in_scratch(test: impl FnOnce(&Path)) {
+    let dir = scratch();
+    test(dir.path());
+}
+
+/// Runs `test` in a fresh scratch directory if every tool in `tools` is on PATH; see
+/// [`have`] for what a missing tool does.
+pub fn with_tools(tools: &[&str], test: impl FnOnce(&Path)) {
+    if tools.iter().all(|tool| have(tool)) {
+        in_scratch(test);
+    }
+}
+
+/// The path as a string (the tests' paths are UTF-8).
+pub fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
 /// `dir/name` as a string.
 pub fn p(dir: &Path, name: &str) -> String {
     dir.join(name).to_str().unwrap().to_owned()
@@ -231,11 +249,11 @@ pub fn pb(dir: &Path, name: &str) -> PathBuf {
 /// and holes (the notes' recipe), plus a partial write at an odd offset.
 pub fn make_base_raw(dir: &Path) -> PathBuf {
     let base = pb(dir, "base.raw");
-    qemu_img(dir, &["create", "-f", "raw", base.to_str().unwrap(), "64M"]);
+    qemu_img(dir, &["create", "-f", "raw", s(&base), "64M"]);
     qemu_io(
         dir,
         "raw",
-        base.to_str().unwrap(),
+        s(&base),
         &[
             "write -P 0xaa 0 1M",
             "write -P 0xbb 10M 3M",
