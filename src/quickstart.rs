@@ -117,6 +117,7 @@ fn prepare(args: &QuickstartArgs) -> thinline_sr::Result<(Ready, PathBuf)> {
             vdi: clone,
         },
         &exe,
+        false,
     )?;
     Ok((
         Ready {

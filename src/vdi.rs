@@ -42,11 +42,14 @@ enum VdiCommand {
     SetNameLabel(LabelArgs),
     /// Serve a disk (read-write) or snapshot (read-only) over NBD and print its URI.
     /// The SR's daemon serves it (started in the background if none runs); attaching
-    /// an attached VDI prints the same URI.
-    #[command(after_help = "Example:
+    /// an attached VDI prints the same URI. With --device, the kernel's nbd client
+    /// also connects a /dev/nbdN to it and that path is printed (DEVICE_UNAVAILABLE
+    /// on a host without the nbd driver or nbd-client).
+    #[command(after_help = "Examples:
   thinline vdi attach --sr /srv/thinline/sr1 UUID --json
-  qemu-img info \"$(thinline vdi attach --sr /srv/thinline/sr1 UUID --json | jq -r .nbd_uri)\"")]
-    Attach(RefArgs),
+  qemu-img info \"$(thinline vdi attach --sr /srv/thinline/sr1 UUID --json | jq -r .nbd_uri)\"
+  thinline vdi attach --sr /srv/thinline/sr1 UUID --device   # prints /dev/nbd0")]
+    Attach(AttachArgs),
     /// Stop serving a VDI: its export and socket are gone when this returns (the
     /// daemon goes on serving the others).
     #[command(after_help = "Example:\n  thinline vdi detach --sr /srv/thinline/sr1 UUID")]
@@ -126,6 +129,18 @@ struct SnapshotArgs {
 struct RefArgs {
     #[command(flatten)]
     on: OnSr,
+    /// The VDI.
+    vdi: Uuid,
+}
+
+#[derive(Debug, Args)]
+struct AttachArgs {
+    #[command(flatten)]
+    on: OnSr,
+    /// Also connect a kernel block device (/dev/nbdN) to it (needs root, the nbd
+    /// driver and nbd-client); `vdi detach` flushes and disconnects it.
+    #[arg(long)]
+    device: bool,
     /// The VDI.
     vdi: Uuid,
 }
@@ -289,7 +304,10 @@ pub fn run(args: VdiArgs) -> anyhow::Result<u8> {
                 sr: a.on.sr,
                 vdi: a.vdi,
             };
-            finish(vdi::attach(&r, &exe), a.on.json, |v, out| {
+            finish(vdi::attach(&r, &exe, a.device), a.on.json, |v, out| {
+                if let Some(device) = &v.device {
+                    writeln!(out, "{device}")?;
+                }
                 writeln!(out, "{}", v.nbd_uri)?;
                 writeln!(out, "  qemu-img info '{}'", v.nbd_uri)?;
                 writeln!(out, "  nbdinfo '{}'", v.nbd_uri)?;

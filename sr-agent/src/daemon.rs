@@ -265,6 +265,7 @@ impl Daemon {
             uuid: vdi,
             nbd_uri: nbd_uri(&self.sr, vdi),
             socket: socket.display().to_string(),
+            device: None,
         };
         if self.served.lock().expect("not poisoned").contains_key(&vdi) {
             return Ok(answer);

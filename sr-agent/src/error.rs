@@ -31,6 +31,8 @@ pub enum Code {
     Cancelled,
     /// No task with that id.
     TaskNotFound,
+    /// A kernel block device cannot be attached on this host.
+    DeviceUnavailable,
 }
 
 impl Code {
@@ -50,11 +52,12 @@ impl Code {
             Code::VdiReadOnly => 18,
             Code::Cancelled => 19,
             Code::TaskNotFound => 20,
+            Code::DeviceUnavailable => 21,
         }
     }
 
     /// Every code, in exit-status order (for the man pages).
-    pub const ALL: [Code; 13] = [
+    pub const ALL: [Code; 14] = [
         Code::SrBackendFailure,
         Code::InvalidArgument,
         Code::SrNotFound,
@@ -68,6 +71,7 @@ impl Code {
         Code::VdiReadOnly,
         Code::Cancelled,
         Code::TaskNotFound,
+        Code::DeviceUnavailable,
     ];
 
     /// When the code is used, for people.
@@ -86,6 +90,9 @@ impl Code {
             Code::VdiReadOnly => "a writing operation on a snapshot",
             Code::Cancelled => "cancelled (Ctrl-C or task cancel); nothing it made is left",
             Code::TaskNotFound => "no task with that id",
+            Code::DeviceUnavailable => {
+                "vdi attach --device on a host without the kernel's nbd driver, a free /dev/nbdN or nbd-client"
+            }
         }
     }
 
@@ -110,6 +117,7 @@ impl Code {
             Code::VdiReadOnly => "VDI_READ_ONLY",
             Code::Cancelled => "CANCELLED",
             Code::TaskNotFound => "TASK_NOT_FOUND",
+            Code::DeviceUnavailable => "DEVICE_UNAVAILABLE",
         }
     }
 }

@@ -12,6 +12,7 @@
 pub mod backend;
 pub mod cached;
 pub mod daemon;
+pub mod device;
 pub mod error;
 pub mod model;
 pub mod naming;

@@ -60,6 +60,9 @@ pub struct VdiRecord {
     /// Served by the SR's daemon (`vdi attach`); a daemon that starts serves it again.
     #[serde(default)]
     pub attached: bool,
+    /// The kernel block device connected to it (`vdi attach --device`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 impl VdiRecord {
@@ -108,6 +111,8 @@ pub struct VdiView {
     pub format: Option<Format>,
     pub file: Option<String>,
     pub attached: bool,
+    /// `/dev/nbdN` when attached with `--device`.
+    pub device: Option<String>,
 }
 
 /// What `vdi attach` answers (and the SR daemon's `Attach` request).
@@ -116,6 +121,9 @@ pub struct Attached {
     pub uuid: Uuid,
     pub nbd_uri: String,
     pub socket: String,
+    /// `/dev/nbdN` with `--device`.
+    #[serde(default)]
+    pub device: Option<String>,
 }
 
 /// The SR's serving daemon, as its `Status` request answers.

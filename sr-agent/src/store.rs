@@ -630,6 +630,7 @@ mod tests {
             format: None,
             file: Some("/etc/passwd".into()),
             attached: false,
+            device: None,
         });
         write_metadata(&sr_dir, &crafted).unwrap();
         assert!(Sr::read(&sr_dir).is_err(), "a record's file outside the SR");

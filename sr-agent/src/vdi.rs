@@ -39,6 +39,7 @@ pub fn view(sr: &Sr, backend: &dyn Backend, v: &VdiRecord) -> VdiView {
         format: v.format,
         file: v.file.clone(),
         attached: v.attached,
+        device: v.device.clone(),
     }
 }
 
@@ -161,6 +162,7 @@ pub fn introduce(o: &IntroduceOptions, templates: &Templates) -> Result<VdiView>
         format: Some(probed.format),
         file: None,
         attached: false,
+        device: None,
     };
     sr.md.vdis.push(rec.clone());
     sr.save()?;
@@ -263,12 +265,7 @@ fn through_daemon(path: &Path, vdi: Uuid, change: Change) -> Result<Option<VdiVi
         return Ok(None);
     }
     match daemon::request(path, &daemon::Request::Change { vdi, change }) {
-        Some(answer) => serde_json::from_value(answer?).map(Some).map_err(|e| {
-            Error::new(
-                Code::SrBackendFailure,
-                format!("the SR daemon answered nonsense: {e}"),
-            )
-        }),
+        Some(answer) => from_daemon(answer?).map(Some),
         None if daemon::running(path) => Err(no_answer(path)),
         None => Ok(None),
     }
@@ -513,13 +510,12 @@ pub use crate::model::Attached;
 
 /// Serves a disk (read-write) or snapshot (read-only) through the SR's daemon,
 /// starting the daemon (`exe sr serve`) if none runs; attaching an attached VDI
-/// answers the same URI.
-pub fn attach(o: &VdiRef, exe: &std::path::Path) -> Result<Attached> {
+/// answers the same URI. With `device`, the kernel's nbd client also connects a
+/// `/dev/nbdN` to it (one per VDI: attaching again answers the same device).
+pub fn attach(o: &VdiRef, exe: &Path, device: bool) -> Result<Attached> {
     let path = registry::resolve(&o.sr)?;
-    let sr = Sr::read(&path)?;
-    let v = sr.vdi(o.vdi)?;
+    let v = Sr::read(&path)?.vdi(o.vdi)?;
     refuse_template(&v, "attached (clone it and attach the clone)")?;
-    drop(sr);
     daemon::ensure(&path, exe)?;
     let answer =
         daemon::request(&path, &daemon::Request::Attach { vdi: o.vdi }).unwrap_or_else(|| {
@@ -528,18 +524,49 @@ pub fn attach(o: &VdiRef, exe: &std::path::Path) -> Result<Attached> {
                 "the SR daemon stopped answering",
             ))
         })?;
-    serde_json::from_value(answer).map_err(|e| {
-        Error::new(
-            Code::SrBackendFailure,
-            format!("the SR daemon answered nonsense: {e}"),
-        )
-    })
+    let mut attached: Attached = from_daemon(answer)?;
+    if device {
+        // Under the SR's lock, so two attaches never connect two devices to one VDI.
+        let mut sr = Sr::open(&path)?;
+        // A recorded device the kernel dropped (its daemon died) is connected anew.
+        let recorded = (sr.vdi(o.vdi)?.device).filter(|d| crate::device::connected(Path::new(d)));
+        let dev = match recorded {
+            Some(dev) => dev,
+            None => {
+                let export = o.vdi.to_string();
+                match crate::device::connect(Path::new(&attached.socket), &export) {
+                    Ok(dev) => dev.display().to_string(),
+                    Err(e) => {
+                        drop(sr);
+                        if !v.attached {
+                            // Attached by this call only: leave it as it was.
+                            let _ = detach(o);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        sr.md.get_mut(o.vdi).expect("found").device = Some(dev.clone());
+        sr.save()?;
+        attached.device = Some(dev);
+    }
+    Ok(attached)
 }
 
-/// Stops serving a VDI: its NBD socket and export are gone when this returns (the
-/// daemon goes on serving the others). Without a daemon, clears the record.
+/// Stops serving a VDI: its device (flushed) and its NBD socket and export are gone
+/// when this returns (the daemon goes on serving the others). Without a daemon,
+/// clears the record.
 pub fn detach(o: &VdiRef) -> Result<()> {
     let path = registry::resolve(&o.sr)?;
+    {
+        let mut sr = Sr::open(&path)?;
+        if let Some(dev) = sr.vdi(o.vdi)?.device {
+            crate::device::disconnect(Path::new(&dev))?;
+            sr.md.get_mut(o.vdi).expect("found").device = None;
+            sr.save()?;
+        }
+    }
     let request = daemon::Request::Detach { vdi: o.vdi };
     match daemon::request(&path, &request) {
         Some(answer) => answer.map(|_| ()),
@@ -547,6 +574,16 @@ pub fn detach(o: &VdiRef) -> Result<()> {
         None if daemon::running(&path) => Err(no_answer(&path)),
         None => daemon::detach_record(&path, o.vdi),
     }
+}
+
+/// The daemon's answer as a `T`.
+fn from_daemon<T: serde::de::DeserializeOwned>(answer: serde_json::Value) -> Result<T> {
+    serde_json::from_value(answer).map_err(|e| {
+        Error::new(
+            Code::SrBackendFailure,
+            format!("the SR daemon answered nonsense: {e}"),
+        )
+    })
 }
 
 fn no_answer(path: &Path) -> Error {

@@ -5,7 +5,8 @@
 # The Linux kernel's nbd client (nbd-client + nbd.ko) against an NBD server serving a sparse
 # 256 MiB raw image on a unix socket inside the guest: ext4 on it, single and multiple (-C 4)
 # connections, raw writes, discard (reads zero, image file gets a hole), clean SIGTERM shutdown of
-# the server, and the image file itself holding exactly what the device showed.
+# the server, and the image file itself holding exactly what the device showed. Then the agent:
+# `vdi attach --device` on a directory SR, a snapshot of the mounted, written device, detach.
 #
 # Configuration (environment, or a file nbd-kernel.env in the work directory, which is sourced):
 #   THINLINE_BIN  the thinline binary (default target/release/thinline of this repository)
@@ -202,6 +203,60 @@ else
   fail "loop mount of the image"
 fi
 losetup -d "$LOOPDEV"; LOOPDEV=
+
+# ---- the agent: vdi attach --device ---------------------------------------------------------
+# `thinline vdi attach --device` connects a /dev/nbdN to a VDI served by the SR's daemon; a
+# snapshot taken while the file system on it is mounted and written holds what was written
+# before it; detach is refused while mounted, then flushes and disconnects.
+if [ -x "$THINLINE_BIN" ]; then
+  tl_log "agent: vdi attach --device"
+  export THINLINE_SR_REGISTRY=/tmp/sr-registry.json
+  SR=/tmp/agent-sr
+  agent() { "$THINLINE_BIN" "$@"; }
+  field() { sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p"; }   # a string field of one JSON line
+  uuid_of() { sed -n 's/^{"uuid":"\([^"]*\)".*/\1/p'; }
+  attach_device() { agent vdi attach --sr "$SR" "$1" --device --json | field device; }
+  detach_refused_while_mounted() { agent vdi detach --sr "$SR" "$VDI" >/dev/null 2>&1; test $? = 13; }
+  require "sr create" quietly agent sr create "$SR"
+  VDI=$(agent vdi create --sr "$SR" 64M --json | uuid_of)
+  require "vdi create" test -n "$VDI"
+  ADEV=$(attach_device "$VDI")
+  require "vdi attach --device prints /dev/nbdN ($ADEV)" quietly expr "$ADEV" : '/dev/nbd[0-9]*$'
+  check "the device is the VDI's 64 MiB" test "$(bytes_of "$ADEV")" = $((64 * MiB))
+  check "attaching again answers the same device" test "$(attach_device "$VDI")" = "$ADEV"
+  require "mkfs.ext4 on the VDI" mkfs.ext4 -q -F -b 4096 "$ADEV" 32M
+  require "mount the VDI" mount -t ext4 "$ADEV" "$MNT"
+  require "write files on the VDI" write_files
+  (cd "$MNT" && find . -type f | sort | xargs sha256sum) >/tmp/sums
+  dd if=/dev/urandom of=/tmp/before.bin bs=1M count=1 status=none
+  dd if=/dev/urandom of=/tmp/after.bin bs=1M count=1 status=none
+  BEFORE=$(sha256sum </tmp/before.bin | cut -d' ' -f1)
+  AFTER=$(sha256sum </tmp/after.bin | cut -d' ' -f1)
+  require "raw write at 48 MiB" dd if=/tmp/before.bin of="$ADEV" bs=1M seek=48 oflag=direct status=none
+  SNAP=$(agent vdi snapshot --sr "$SR" "$VDI" --json | uuid_of)
+  require "vdi snapshot while mounted and written" test -n "$SNAP"
+  require "raw write after the snapshot" dd if=/tmp/after.bin of="$ADEV" bs=1M seek=48 oflag=direct status=none
+  check "files still read back after the snapshot" sums_ok "$MNT"
+  check "vdi detach refused while mounted (VDI_IN_USE)" detach_refused_while_mounted
+  require "umount the VDI" umount "$MNT"
+  check "e2fsck -fn clean on the VDI" quietly e2fsck -fn "$ADEV"
+  check "the VDI holds the write after the snapshot" test "$(sha_range "$ADEV" $((48 * MiB)) "$MiB")" = "$AFTER"
+  require "vdi detach" quietly agent vdi detach --sr "$SR" "$VDI"
+  check "detach disconnected $ADEV" nbd_wait_disconnected "$ADEV" 5
+  SDEV=$(attach_device "$SNAP")
+  require "the snapshot attaches as a device ($SDEV)" quietly expr "$SDEV" : '/dev/nbd[0-9]*$'
+  check "the snapshot's device is read-only" test "$(blockdev --getro "$SDEV")" = 1
+  check "the snapshot holds the write before it" test "$(sha_range "$SDEV" $((48 * MiB)) "$MiB")" = "$BEFORE"
+  require "vdi detach the snapshot" quietly agent vdi detach --sr "$SR" "$SNAP"
+  ADEV=$(attach_device "$VDI")
+  require "mount the VDI again" mount -t ext4 "$ADEV" "$MNT"
+  check "files intact after detach and attach" sums_ok "$MNT"
+  umount "$MNT"
+  require "vdi detach again" quietly agent vdi detach --sr "$SR" "$VDI"
+  check "sr destroy" quietly agent sr destroy --sr "$SR" --force
+else
+  fail "agent section: no thinline binary at $THINLINE_BIN"
+fi
 
 tl_summary || exit 1
 echo "nbd-kernel: ALL PASSED"

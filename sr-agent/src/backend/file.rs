@@ -178,6 +178,7 @@ impl Backend for FileBackend {
             format: None,
             file: Some(naming::unique(label, "qcow2", |n| taken(sr, n))),
             attached: false,
+            device: None,
         };
         let operation = if fill.is_some() {
             "vdi create --preallocate"
@@ -204,6 +205,7 @@ impl Backend for FileBackend {
             format: None,
             file: Some(file.clone()),
             attached: false,
+            device: None,
         };
         if src.kind != VdiType::Disk {
             // Read-only already: the clone is an overlay on it.
@@ -230,6 +232,7 @@ impl Backend for FileBackend {
             format: None,
             file: Some(layer_file.clone()),
             attached: false,
+            device: None,
         };
         clone.backing = Some(layer_uuid);
         let journal = Journal {
@@ -282,6 +285,7 @@ impl Backend for FileBackend {
             format: None,
             file: None,
             attached: false,
+            device: None,
         };
         match src.kind {
             VdiType::Template => {
