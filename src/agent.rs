@@ -67,7 +67,11 @@ pub fn sr_text(v: &SrView, out: &mut dyn Write) -> std::io::Result<()> {
         crate::image::human_size(v.physical_utilisation),
         v.vdi_count
     )?;
-    writeln!(out, "health:      {}", v.health)
+    writeln!(out, "health:      {}", v.health)?;
+    for t in &v.template_errors {
+        writeln!(out, "template {} ({}): {}", t.uuid, t.uri, t.error)?;
+    }
+    Ok(())
 }
 
 /// The header of a VDI table.
@@ -110,6 +114,9 @@ pub fn vdi_text(v: &VdiView, out: &mut dyn Write) -> std::io::Result<()> {
     }
     if let Some(parent) = &v.parent {
         writeln!(out, "parent: {parent}")?;
+    }
+    if let Some(error) = &v.template_error {
+        writeln!(out, "template cannot be read: {error}")?;
     }
     Ok(())
 }

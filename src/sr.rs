@@ -219,7 +219,11 @@ pub fn run(args: SrArgs) -> anyhow::Result<u8> {
             Some(v) => sr_text(v, out),
             None => writeln!(out, "{} holds no SR", p.path),
         }),
-        SrCommand::Stat(a) => finish(sr::stat(&a.sr), a.json, |v, out| sr_text(v, out)),
+        SrCommand::Stat(a) => finish(
+            sr::stat(&a.sr, &crate::agent::default_templates()?),
+            a.json,
+            |v, out| sr_text(v, out),
+        ),
         SrCommand::List(a) => {
             let result = sr::list().map(|srs| serde_json::json!({ "srs": srs }));
             finish(result, a.json, |v, out| {

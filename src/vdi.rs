@@ -284,10 +284,13 @@ pub fn run(args: VdiArgs) -> anyhow::Result<u8> {
             )
         }
         VdiCommand::Stat(a) => finish(
-            vdi::stat(&vdi::VdiRef {
-                sr: a.on.sr,
-                vdi: a.vdi,
-            }),
+            vdi::stat(
+                &vdi::VdiRef {
+                    sr: a.on.sr,
+                    vdi: a.vdi,
+                },
+                &crate::agent::default_templates()?,
+            ),
             a.on.json,
             text,
         ),

@@ -102,6 +102,13 @@ impl Agent {
         (v["uuid"].as_str().unwrap().to_owned(), path)
     }
 
+    /// A new directory for nginx to serve.
+    fn www(&self) -> PathBuf {
+        let root = self.path("www");
+        std::fs::create_dir(&root).unwrap();
+        root
+    }
+
     /// An SR named `sr` with [`qcow2_template`] introduced: (SR, its path, template).
     fn sr_with_template(&self) -> (String, PathBuf, String) {
         let (sr, path) = self.new_sr("sr");
@@ -544,8 +551,7 @@ fn template_credentials_stay_out_of_the_metadata_and_the_images() {
     }
     let a = Agent::new();
     let (sr, path) = a.new_sr("sr");
-    let root = a.path("www");
-    std::fs::create_dir(&root).unwrap();
+    let root = a.www();
     let template = qcow2_template(&root);
     let nginx = thinline_test_support::servers::Nginx::start(&root);
     let url = nginx
@@ -1498,15 +1504,124 @@ fn preallocation_reports_progress_and_a_cancel_or_ctrl_c_or_full_disk_leaves_not
     a.ok(&["vdi", "create", "--sr", &sr2, "8M", "--preallocate"]);
 }
 
+/// The status of the daemon of the SR at `path`, asked on its control socket (`sr stat`
+/// would also open the templates).
+fn daemon_status(path: &Path) -> Value {
+    use std::io::{BufRead, Write};
+    let mut stream = UnixStream::connect(path.join(".thinline-sr/run/control.sock")).unwrap();
+    stream.write_all(b"\"status\"\n").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .unwrap();
+    serde_json::from_str::<Value>(&line).unwrap()["ok"].clone()
+}
+
+/// The daemon's log of the SR at `path`.
+fn daemon_log(path: &Path) -> String {
+    std::fs::read_to_string(path.join(".thinline-sr/run/daemon.log")).unwrap_or_default()
+}
+
+#[test]
+fn a_replaced_or_unreachable_template_is_read_only_from_its_cache_and_stat_says_why() {
+    if !require(&["qemu-img", "qemu-io"]) || !thinline_test_support::servers::require_nginx() {
+        return;
+    }
+    let a = Agent::new();
+    let (sr, path) = a.new_sr("sr");
+    let root = a.www();
+    // 64 MiB: data at 0 (read below, so cached) and at 48 MiB (never read before the
+    // template changes, and far from the first MiB's fetch-around: not cached).
+    let template = root.join("template.qcow2");
+    let qemu = thinline_test_support::qemu::qemu_io;
+    thinline_test_support::qemu::qemu_img(
+        &root,
+        &["create", "-q", "-f", "qcow2", s(&template), "64M"],
+    );
+    qemu(
+        &root,
+        "qcow2",
+        s(&template),
+        &["write -q -P 0x42 0 1M", "write -q -P 0x43 48M 4M"],
+    );
+    let nginx = thinline_test_support::servers::Nginx::start(&root);
+    let url = nginx.url("template.qcow2");
+    let t = uuid(&a.ok(&["vdi", "introduce", "--sr", &sr, &url]));
+    let c = uuid(&a.ok(&["vdi", "clone", "--sr", &sr, &t, "--name-label", "vm"]));
+    let attach = || {
+        a.ok(&["vdi", "attach", "--sr", &sr, &c])["nbd_uri"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let uri = attach();
+    assert!(nbd_write(&uri, 2 << 20, 1 << 20, 0x11).status.success());
+    assert!(nbd_reads(&uri, 0, 1 << 20, 0x42), "cached from now on");
+    for v in [&t, &c] {
+        let now = a.ok(&["vdi", "stat", "--sr", &sr, v]);
+        assert!(now.get("template_error").is_none(), "{now}");
+    }
+    let stat = a.ok(&["sr", "stat", "--sr", &sr]);
+    assert!(stat.get("template_errors").is_none(), "{stat}");
+
+    // What a clone reads now: the cached bytes and its own writes; the blocks at 48
+    // MiB, never read, fail (and never show the new object's bytes).
+    let reads_what_it_holds = |what: &str| {
+        assert!(nbd_reads(&uri, 0, 1 << 20, 0x42), "{what}: cached");
+        assert!(nbd_reads(&uri, 2 << 20, 1 << 20, 0x11), "{what}: its write");
+        for offset in [48u64 << 20, 50 << 20] {
+            let out = qemu_io_once("raw", uri.as_ref(), &format!("read {offset} 65536"));
+            assert!(
+                !String::from_utf8_lossy(&out.stdout).contains("read 65536/65536"),
+                "{what}: the block at {offset} must fail: {out:?}"
+            );
+        }
+    };
+
+    // The template is replaced under its URI (its ETag changes): both stats say so,
+    // a daemon that opens it again reads only what the cache holds, and its log says
+    // why.
+    // New bytes where the clone has not read, and a new cluster, so the file's size
+    // (and with it nginx's ETag, whose mtime has whole seconds) changes for sure.
+    let replace = ["write -q -P 0x44 48M 1M", "write -q -P 0x44 56M 1M"];
+    qemu(&root, "qcow2", s(&template), &replace);
+    for v in [&t, &c] {
+        let now = a.ok(&["vdi", "stat", "--sr", &sr, v]);
+        let error = now["template_error"].as_str().unwrap_or_default();
+        assert!(error.contains("changed since it was introduced"), "{now}");
+    }
+    let pid = daemon_pid(&a, &sr).expect("a daemon runs");
+    // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    wait_gone(pid, 20, "the daemon did not stop");
+    assert_eq!(attach(), uri);
+    reads_what_it_holds("replaced");
+    let log = daemon_log(&path);
+    assert!(
+        log.contains("only the cached blocks of the template can be read")
+            && log.contains("changed since it was introduced"),
+        "the daemon's log says why: {log}"
+    );
+
+    // The server goes away: both stats say the template cannot be opened.
+    drop(nginx);
+    let now = a.ok(&["vdi", "stat", "--sr", &sr, &c]);
+    let error = now["template_error"].as_str().unwrap_or_default();
+    assert!(error.contains("template.qcow2"), "{now}");
+    let stat = a.ok(&["sr", "stat", "--sr", &sr]);
+    assert_eq!(stat["template_errors"][0]["uuid"], t.as_str(), "{stat}");
+    reads_what_it_holds("unreachable");
+    a.ok(&["vdi", "detach", "--sr", &sr, &c]);
+}
+
 #[test]
 fn clones_of_a_remote_template_share_one_cache_that_fetches_each_block_once_and_stays_warm() {
     if !require(&["qemu-img", "qemu-io"]) || !thinline_test_support::servers::require_nginx() {
         return;
     }
     let a = Agent::new();
-    let (sr, _path) = a.new_sr("sr");
-    let root = a.path("www");
-    std::fs::create_dir(&root).unwrap();
+    let (sr, path) = a.new_sr("sr");
+    let root = a.www();
     let template = qcow2_template(&root);
     // Data far from the tables, so that opening the template does not fetch it too.
     thinline_test_support::qemu::qemu_io(&root, "qcow2", s(&template), &["write -q -P 0x43 8M 4M"]);
@@ -1563,7 +1678,16 @@ fn clones_of_a_remote_template_share_one_cache_that_fetches_each_block_once_and_
         nbd_reads(&u1, 11 << 20, 1 << 20, 0x43),
         "c1 reads the template"
     );
-    let fetched = nginx.access_log().lines().count();
+    // The units fetched around c1's miss arrive after its read returns.
+    let settled = || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while daemon_status(&path)["fetches_in_flight"] != 0 {
+            assert!(std::time::Instant::now() < deadline, "fetches never settle");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        nginx.access_log().lines().count()
+    };
+    let fetched = settled();
     assert!(fetched > opened, "c1's read was fetched from nginx");
     assert!(
         nbd_reads(&u2, 11 << 20, 1 << 20, 0x43),
@@ -1576,7 +1700,7 @@ fn clones_of_a_remote_template_share_one_cache_that_fetches_each_block_once_and_
         nginx.access_log()
     );
     reads_right("first reads");
-    let fetched = nginx.access_log().lines().count();
+    let fetched = settled();
     // The second clone, and the same clone again, read from the shared cache.
     reads_right("again");
     assert_eq!(

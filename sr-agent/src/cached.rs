@@ -8,13 +8,13 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use thinline_cor::{CorOptions, cache_dir};
+use thinline_cor::{CorExport, CorOptions, cache_dir};
 use thinline_format::{BackingOpener, Storage};
-use thinline_nbd::export::{Export, ReadChunk};
-use thinline_source::open::{OpenExportOptions, open_export};
+use thinline_nbd::DataError;
+use thinline_nbd::export::{Capabilities, Export, Extent, ReadChunk, StatusQuery};
 use tokio::runtime::Handle;
 
-use crate::template::Templates;
+use crate::template::{TemplateRef, Templates};
 
 /// Where an SR's template caches live.
 pub const CACHES: &str = "caches";
@@ -87,10 +87,19 @@ impl Storage for CachedTemplate {
 }
 
 /// The SR's template caches, opened as clones need them.
+///
+/// The caches and their templates run on a runtime of their own. A clone's reads wait
+/// for its template on threads of the daemon's blocking pool; if the template's reads
+/// needed that same pool, enough clone reads at once (nbdcopy keeps hundreds in
+/// flight) would hold every thread and wait forever for reads that cannot start.
 #[derive(Debug)]
 pub struct Caches {
     dir: PathBuf,
+    /// The daemon's remote settings, on the caches' runtime.
     templates: Templates,
+    runtime: Option<tokio::runtime::Runtime>,
+    /// The caches opened, for their status.
+    cors: Mutex<Vec<CorExport>>,
     /// By the name overlays give the template (its URI as shown).
     open: Mutex<HashMap<String, Arc<dyn Storage>>>,
 }
@@ -104,45 +113,83 @@ impl Caches {
                 format!("cannot create {}: {e}", dir.display()),
             )
         })?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("thinline-cache")
+            .enable_all()
+            .build()
+            .map_err(|e| crate::Error::io("cannot start the caches' runtime", &e))?;
+        let templates = Templates {
+            handle: runtime.handle().clone(),
+            ..templates
+        };
         Ok(Caches {
             dir,
             templates,
+            runtime: Some(runtime),
+            cors: Mutex::new(Vec::new()),
             open: Mutex::new(HashMap::new()),
         })
     }
 
-    /// The template named `shown` (at `full`) behind its cache, opened on first use.
-    /// Call from a thread that may block.
-    fn get(&self, shown: &str, full: &str) -> thinline_format::Result<Arc<dyn Storage>> {
+    /// The template named `shown` behind its cache, opened on first use. A template
+    /// that cannot be opened, or is no longer the object that was introduced, is
+    /// served from what its cache holds: every other read fails with EIO and says
+    /// why. Call from a thread that may block.
+    fn get(
+        &self,
+        shown: &str,
+        template: &TemplateRef,
+    ) -> thinline_format::Result<Arc<dyn Storage>> {
         if let Some(s) = self.open.lock().expect("not poisoned").get(shown) {
             return Ok(Arc::clone(s));
         }
         let fail = |e: String| thinline_format::Error::chain(shown, e);
-        let source = thinline_source::parse(full).map_err(|e| fail(e.to_string()))?;
-        let opened = open_export(
-            &source,
-            &OpenExportOptions {
-                as_template: true,
-                ..OpenExportOptions::default()
-            },
-            Some(&self.templates.remote),
-            &self.templates.handle,
-        )
-        .map_err(|e| fail(e.to_string()))?;
-        let identity = opened
-            .identity
-            .ok_or_else(|| fail("the template has no identity to key a cache by".into()))?;
+        let gone = |reason: String| -> thinline_format::Result<(Arc<dyn Export>, String)> {
+            let pinned = template
+                .identity
+                .clone()
+                .ok_or_else(|| fail(reason.clone()))?;
+            tracing::error!(template = %shown, reason = %reason, "only the cached blocks of the template can be read");
+            Ok((
+                Arc::new(Gone {
+                    size: template.size,
+                    reason,
+                }),
+                pinned,
+            ))
+        };
+        let changed = |pinned: &Option<String>, now: &str| match crate::template::changed(
+            shown,
+            pinned.as_deref(),
+            now,
+        ) {
+            Some(reason) => Err(crate::Error::new(crate::Code::TemplateUnreachable, reason)),
+            None => Ok(()),
+        };
+        // One small request first; then every file of the chain, as opened.
+        let opened = self.templates.pin(shown, &template.full).and_then(|now| {
+            changed(&template.pin, &now)?;
+            let (export, identity) = self.templates.open_decoded(shown, &template.full)?;
+            changed(&template.identity, &identity)?;
+            Ok((export, identity))
+        });
+        let (upstream, identity) = match opened {
+            Ok(opened) => opened,
+            Err(e) => gone(e.message)?,
+        };
         let cor = {
             let _enter = self.templates.handle.enter();
             cache_dir::open_cached(
                 &self.dir,
-                opened.export,
+                upstream,
                 shown,
                 identity.clone(),
                 &CorOptions::default(),
             )
             .map_err(|e| fail(format!("cannot open its cache: {e}")))?
         };
+        self.cors.lock().expect("not poisoned").push(cor.clone());
         let storage: Arc<dyn Storage> = Arc::new(CachedTemplate {
             size: cor.size(),
             export: Arc::new(cor),
@@ -154,10 +201,58 @@ impl Caches {
         Ok(Arc::clone(open.entry(shown.to_owned()).or_insert(storage)))
     }
 
+    /// Upstream fetches the caches have in flight (demanded and speculative).
+    pub fn fetches_in_flight(&self) -> usize {
+        let cors = self.cors.lock().expect("not poisoned");
+        cors.iter().map(|c| c.status().in_flight).sum()
+    }
+
     /// A backing opener like [`Templates::opener`], with templates read through their
     /// caches.
-    pub fn opener(self: &Arc<Self>, names: BTreeMap<String, String>) -> BackingOpener {
+    pub fn opener(self: &Arc<Self>, names: BTreeMap<String, TemplateRef>) -> BackingOpener {
         let caches = Arc::clone(self);
-        crate::template::chain_opener(names, move |shown, full| caches.get(shown, full))
+        crate::template::chain_opener(names, move |shown, t| caches.get(shown, t))
+    }
+}
+
+/// Stands in for a template that cannot be read any more (unreachable when the daemon
+/// opened it, or replaced since it was introduced): every read fails with `reason`,
+/// so a clone reads only what the template's cache holds, and its own writes.
+#[derive(Debug)]
+struct Gone {
+    size: u64,
+    reason: String,
+}
+
+#[async_trait::async_trait]
+impl Export for Gone {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::READ_ONLY
+    }
+
+    async fn read(&self, _: u64, _: u32) -> thinline_nbd::Result<Vec<ReadChunk>> {
+        Err(DataError::source(self.reason.clone()).into())
+    }
+
+    async fn block_status(&self, _: StatusQuery) -> thinline_nbd::Result<Vec<Extent>> {
+        Err(DataError::source(self.reason.clone()).into())
+    }
+}
+
+impl Drop for Caches {
+    fn drop(&mut self) {
+        // The caches first, while their runtime runs; then the runtime, without
+        // blocking: the daemon's async code drops this.
+        self.open
+            .get_mut()
+            .map(|open| open.clear())
+            .unwrap_or_default();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }

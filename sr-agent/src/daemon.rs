@@ -437,6 +437,7 @@ impl Daemon {
                 Ok(json(&DaemonStatus {
                     pid: std::process::id(),
                     serving,
+                    fetches_in_flight: self.caches.fetches_in_flight(),
                 }))
             }
             Request::Shutdown => {

@@ -60,6 +60,15 @@ pub struct VdiRecord {
     /// Served by the SR's daemon (`vdi attach`); a daemon that starts serves it again.
     #[serde(default)]
     pub attached: bool,
+    /// Templates: the identity of every file of the template's chain when it was
+    /// introduced (what its cache is keyed by); a template that is no longer that is
+    /// not read (its cached blocks still are).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// Templates: the object's size and ETag, version or mtime when it was
+    /// introduced, compared in one small request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<String>,
     /// The kernel block device connected to it (`vdi attach --device`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
@@ -92,6 +101,17 @@ pub struct SrView {
     pub health: &'static str,
     /// The SR's serving daemon, if one runs: its pid and the VDIs it serves.
     pub daemon: Option<DaemonStatus>,
+    /// `sr stat`: the templates that cannot be read now, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub template_errors: Vec<TemplateError>,
+}
+
+/// A template that cannot be read now.
+#[derive(Debug, Clone, Serialize)]
+pub struct TemplateError {
+    pub uuid: Uuid,
+    pub uri: String,
+    pub error: String,
 }
 
 /// A VDI as commands print it.
@@ -113,6 +133,10 @@ pub struct VdiView {
     pub attached: bool,
     /// `/dev/nbdN` when attached with `--device`.
     pub device: Option<String>,
+    /// `vdi stat` of a template, or of a VDI built on one: why that template cannot be
+    /// read now (unreachable, or replaced since it was introduced); absent when it can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_error: Option<String>,
 }
 
 /// What `vdi attach` answers (and the SR daemon's `Attach` request).
@@ -131,4 +155,7 @@ pub struct Attached {
 pub struct DaemonStatus {
     pub pid: u32,
     pub serving: Vec<Uuid>,
+    /// Fetches from templates the caches have in flight.
+    #[serde(default)]
+    pub fetches_in_flight: usize,
 }

@@ -6,9 +6,10 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::backend::{Backend, Finding, for_type};
-use crate::model::{SrRecord, SrType, SrView, VdiType};
+use crate::model::{SrRecord, SrType, SrView, TemplateError, VdiType};
 use crate::registry;
 use crate::store::{self, Sr};
+use crate::template::Templates;
 use crate::{Code, Error, Result};
 
 /// How `sr` is shown.
@@ -33,6 +34,7 @@ pub fn view(sr: &Sr, backend: &dyn Backend) -> Result<SrView> {
         daemon: crate::daemon::request(&sr.path, &crate::daemon::Request::Status)
             .and_then(|r| r.ok())
             .and_then(|v| serde_json::from_value(v).ok()),
+        template_errors: Vec::new(),
     })
 }
 
@@ -246,9 +248,26 @@ pub fn probe(path: &Path) -> Result<Probe> {
 }
 
 /// `sr stat`.
-pub fn stat(name: &str) -> Result<SrView> {
+/// The SR as it is now, with the templates that cannot be read (each is opened to
+/// find out).
+pub fn stat(name: &str, templates: &Templates) -> Result<SrView> {
     let (sr, backend) = read(name)?;
-    view(&sr, backend.as_ref())
+    let mut shown = view(&sr, backend.as_ref())?;
+    shown.template_errors = sr
+        .md
+        .vdis
+        .iter()
+        .filter(|v| v.is_template())
+        .filter_map(|v| {
+            let error = templates.trouble(&sr.path, v)?;
+            Some(TemplateError {
+                uuid: v.uuid,
+                uri: v.uri.clone().unwrap_or_default(),
+                error,
+            })
+        })
+        .collect();
+    Ok(shown)
 }
 
 /// One registered SR in `sr list`: its view, or why it cannot be read.

@@ -631,6 +631,8 @@ mod tests {
             file: Some("/etc/passwd".into()),
             attached: false,
             device: None,
+            identity: None,
+            pin: None,
         });
         write_metadata(&sr_dir, &crafted).unwrap();
         assert!(Sr::read(&sr_dir).is_err(), "a record's file outside the SR");

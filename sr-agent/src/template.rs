@@ -12,6 +12,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use thinline_format::{BackingOpener, Format, Image, OpenOptions};
+use thinline_nbd::export::Export;
+use thinline_source::open::{OpenExportOptions, open_export};
 use thinline_source::{RemoteConfig, Source};
 use tokio::runtime::Handle;
 use uuid::Uuid;
@@ -38,6 +40,17 @@ pub struct Probed {
 pub struct Templates {
     pub remote: Arc<RemoteConfig>,
     pub handle: Handle,
+}
+
+/// Why a template whose identity was `pinned` at introduce and is `now` may not be read
+/// any more: `None` while it is the same object (or nothing was pinned).
+pub fn changed(shown: &str, pinned: Option<&str>, now: &str) -> Option<String> {
+    let pinned = pinned?;
+    (pinned != now).then(|| {
+        format!(
+            "template {shown} changed since it was introduced (it was {pinned}, it is {now}): blocks not cached yet cannot be read"
+        )
+    })
 }
 
 fn unreachable(shown: &str, reason: impl std::fmt::Display) -> Error {
@@ -92,32 +105,91 @@ impl Templates {
         Ok(self.open(spec)?.1)
     }
 
+    /// What was pinned of the object at `full` (`shown` in messages) when it is
+    /// opened: its size and ETag, version or mtime (one small request, no reads of
+    /// the image): recorded at introduce, and compared before a template is read.
+    pub fn pin(&self, shown: &str, full: &str) -> Result<String> {
+        let source = thinline_source::parse(full).map_err(|e| unreachable(shown, e))?;
+        let storage = source
+            .open(&self.remote, &self.handle)
+            .map_err(|e| unreachable(shown, e))?;
+        Ok(format!("size:{},{}", storage.size(), storage.identity()))
+    }
+
+    /// The template at `full` (`shown` in messages) as its copy-on-read cache reads
+    /// it: its decoded bytes as an export, and the identity of every file of its chain
+    /// (ETags, versions, mtimes), which keys the cache.
+    pub fn open_decoded(&self, shown: &str, full: &str) -> Result<(Arc<dyn Export>, String)> {
+        let source = thinline_source::parse(full).map_err(|e| unreachable(shown, e))?;
+        let options = OpenExportOptions {
+            as_template: true,
+            ..OpenExportOptions::default()
+        };
+        let opened = open_export(&source, &options, Some(&self.remote), &self.handle)
+            .map_err(|e| unreachable(shown, e))?;
+        let identity = opened
+            .identity
+            .ok_or_else(|| unreachable(shown, "it has no identity to pin"))?;
+        Ok((opened.export, identity))
+    }
+
+    /// Whether template `v` of the SR at `sr` can be opened now and is still the
+    /// object that was introduced: `None` if so, else why not.
+    pub fn trouble(&self, sr: &Path, v: &crate::model::VdiRecord) -> Option<String> {
+        let shown = v.uri.as_deref()?;
+        let full = match credentials(sr) {
+            Ok(creds) => creds
+                .get(&v.uuid)
+                .cloned()
+                .unwrap_or_else(|| shown.to_owned()),
+            Err(e) => return Some(e.message),
+        };
+        match self.pin(shown, &full) {
+            Err(e) => Some(e.message),
+            Ok(now) => changed(shown, v.pin.as_deref(), &now),
+        }
+    }
+
     /// A backing opener for a chain of the SR (see [`chain_opener`]), templates opened
     /// straight from their recorded location.
-    pub fn opener(&self, names: BTreeMap<String, String>) -> BackingOpener {
+    pub fn opener(&self, names: BTreeMap<String, TemplateRef>) -> BackingOpener {
         let remote = self.remote.clone();
         let handle = self.handle.clone();
-        chain_opener(names, move |name, full| {
-            thinline_source::parse(full)
+        chain_opener(names, move |name, t| {
+            thinline_source::parse(&t.full)
                 .and_then(|s| s.open(&remote, &handle))
                 .map_err(|e| thinline_format::Error::chain(name, e.to_string()))
         })
     }
 }
 
+/// A template as a clone's chain reaches it.
+#[derive(Debug, Clone)]
+pub struct TemplateRef {
+    /// Its location, credentials included.
+    pub full: String,
+    /// Its identity when it was introduced (none for templates introduced before
+    /// identities were recorded).
+    pub identity: Option<String>,
+    /// Its size when it was introduced.
+    pub size: u64,
+    /// What was pinned of the object when it was introduced (see [`Templates::pin`]).
+    pub pin: Option<String>,
+}
+
 /// A backing opener for a chain of the SR: the templates named in `names` (as shown
-/// in a header → full location) are opened by `open(shown, full)`; plain file names
+/// in a header) are opened by `open(shown, template)`; plain file names
 /// (the SR's own layers and snapshots) are left to the image's directory; any other
 /// name (a forgotten template, a path elsewhere) is refused.
 pub fn chain_opener(
-    names: BTreeMap<String, String>,
-    open: impl Fn(&str, &str) -> thinline_format::Result<Arc<dyn thinline_format::Storage>>
+    names: BTreeMap<String, TemplateRef>,
+    open: impl Fn(&str, &TemplateRef) -> thinline_format::Result<Arc<dyn thinline_format::Storage>>
     + Send
     + Sync
     + 'static,
 ) -> BackingOpener {
     BackingOpener(Arc::new(move |name: &str| {
-        let Some(full) = names.get(name) else {
+        let Some(template) = names.get(name) else {
             if crate::store::plain_name(name) {
                 return None;
             }
@@ -126,13 +198,13 @@ pub fn chain_opener(
                 "not a template of this SR (forgotten?) nor a file of it",
             )));
         };
-        Some(open(name, full))
+        Some(open(name, template))
     }))
 }
 
-/// The names the SR's templates have in overlay headers (their URIs as shown), and the
-/// full locations they open: what a clone's chain may follow, and nothing else.
-pub fn header_names(sr: &crate::store::Sr) -> Result<BTreeMap<String, String>> {
+/// The names the SR's templates have in overlay headers (their URIs as shown), and
+/// what they open: what a clone's chain may follow, and nothing else.
+pub fn header_names(sr: &crate::store::Sr) -> Result<BTreeMap<String, TemplateRef>> {
     let creds = credentials(&sr.path)?;
     Ok(sr
         .md
@@ -142,7 +214,17 @@ pub fn header_names(sr: &crate::store::Sr) -> Result<BTreeMap<String, String>> {
         .filter_map(|v| {
             let shown = v.uri.clone()?;
             let full = creds.get(&v.uuid).cloned().unwrap_or_else(|| shown.clone());
-            Some((shown, full))
+            let identity = v.identity.clone();
+            let (size, pin) = (v.virtual_size, v.pin.clone());
+            Some((
+                shown,
+                TemplateRef {
+                    full,
+                    identity,
+                    size,
+                    pin,
+                },
+            ))
         })
         .collect())
 }

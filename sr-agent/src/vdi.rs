@@ -40,6 +40,7 @@ pub fn view(sr: &Sr, backend: &dyn Backend, v: &VdiRecord) -> VdiView {
         file: v.file.clone(),
         attached: v.attached,
         device: v.device.clone(),
+        template_error: None,
     }
 }
 
@@ -116,6 +117,9 @@ pub struct IntroduceOptions {
 pub fn introduce(o: &IntroduceOptions, templates: &Templates) -> Result<VdiView> {
     let path = registry::resolve(&o.sr)?;
     let probed = templates.probe(&o.uri)?;
+    // Pinned: a clone never reads a template that was replaced under its URI.
+    let pin = templates.pin(&probed.shown, &probed.full)?;
+    let (_, identity) = templates.open_decoded(&probed.shown, &probed.full)?;
     let mut sr = Sr::open(&path)?;
     let backend = for_type(sr.md.sr.kind);
     // Overlays name their template by its URI as shown: two templates must never
@@ -163,6 +167,8 @@ pub fn introduce(o: &IntroduceOptions, templates: &Templates) -> Result<VdiView>
         file: None,
         attached: false,
         device: None,
+        identity: Some(identity),
+        pin: Some(pin),
     };
     sr.md.vdis.push(rec.clone());
     sr.save()?;
@@ -463,13 +469,23 @@ fn resize_here(path: &Path, vdi: Uuid, size: u64, templates: &Templates) -> Resu
     Ok(view(&sr, backend.as_ref(), &rec))
 }
 
-/// One VDI as it is now.
-pub fn stat(o: &VdiRef) -> Result<VdiView> {
+/// One VDI as it is now; of a template, or a VDI built on one, whether that template
+/// can be read (it is opened to find out).
+pub fn stat(o: &VdiRef, templates: &Templates) -> Result<VdiView> {
     let path = registry::resolve(&o.sr)?;
     let sr = Sr::read(&path)?;
     let backend = for_type(sr.md.sr.kind);
     let v = sr.vdi(o.vdi)?;
-    Ok(view(&sr, backend.as_ref(), &v))
+    let mut shown = view(&sr, backend.as_ref(), &v);
+    // The template at the bottom of its chain, if any.
+    let mut below = Some(v);
+    while let Some(rec) = below.take_if(|r| !r.is_template()) {
+        below = rec.backing.and_then(|b| sr.md.get(b).cloned());
+    }
+    if let Some(t) = below {
+        shown.template_error = templates.trouble(&sr.path, &t);
+    }
+    Ok(shown)
 }
 
 /// Every VDI of the SR named `sr`.

@@ -179,6 +179,8 @@ impl Backend for FileBackend {
             file: Some(naming::unique(label, "qcow2", |n| taken(sr, n))),
             attached: false,
             device: None,
+            identity: None,
+            pin: None,
         };
         let operation = if fill.is_some() {
             "vdi create --preallocate"
@@ -206,6 +208,8 @@ impl Backend for FileBackend {
             file: Some(file.clone()),
             attached: false,
             device: None,
+            identity: None,
+            pin: None,
         };
         if src.kind != VdiType::Disk {
             // Read-only already: the clone is an overlay on it.
@@ -233,6 +237,8 @@ impl Backend for FileBackend {
             file: Some(layer_file.clone()),
             attached: false,
             device: None,
+            identity: None,
+            pin: None,
         };
         clone.backing = Some(layer_uuid);
         let journal = Journal {
@@ -286,6 +292,8 @@ impl Backend for FileBackend {
             file: None,
             attached: false,
             device: None,
+            identity: None,
+            pin: None,
         };
         match src.kind {
             VdiType::Template => {
@@ -294,6 +302,8 @@ impl Backend for FileBackend {
                 snap.backing = None;
                 snap.uri = src.uri.clone();
                 snap.format = src.format;
+                snap.identity = src.identity.clone();
+                snap.pin = src.pin.clone();
                 let mut creds = template::credentials(&sr.path)?;
                 if let Some(full) = creds.get(&src.uuid).cloned() {
                     creds.insert(uuid, full);
