@@ -53,7 +53,10 @@ enum Command {
 
 fn main() -> ExitCode {
     tune_allocator();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Quickstart(args) => quickstart::run(args),
@@ -76,6 +79,27 @@ fn main() -> ExitCode {
 
 /// Writes a subcommand's report to stdout, flushed: one line of JSON with `json`,
 /// otherwise the text `text` writes.
+/// A usage error: as clap prints it, or with `--json` as the one JSON object the
+/// command would print (`INVALID_ARGUMENT`, exit 2), so scripts parse every failure.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let shown = matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    if shown || !std::env::args().any(|a| a == "--json") {
+        e.exit();
+    }
+    let text = e.to_string();
+    let message = text.lines().next().unwrap_or("invalid usage");
+    let message = message.strip_prefix("error: ").unwrap_or(message);
+    let error = serde_json::json!({ "error": { "code": "INVALID_ARGUMENT", "message": message } });
+    println!("{error}");
+    ExitCode::from(2)
+}
+
 fn print_report(
     report: &impl serde::Serialize,
     json: bool,

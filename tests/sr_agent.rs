@@ -294,6 +294,18 @@ fn sr_commands_print_one_json_object_and_every_error_has_its_code_and_exit_statu
         .output()
         .unwrap();
     assert_eq!(usage.status.code(), Some(2), "a bad size is a usage error");
+    assert!(
+        usage.stdout.is_empty(),
+        "without --json, clap's usage on stderr"
+    );
+    // With --json, usage errors too are one JSON object.
+    let msg = a.fails(
+        &["vdi", "create", "--sr", s(&path), "ten"],
+        "INVALID_ARGUMENT",
+        2,
+    );
+    assert!(msg.contains("ten"), "{msg}");
+    a.fails(&["vdi", "resize", "--sr", s(&path)], "INVALID_ARGUMENT", 2);
 
     // Forget and introduce again: same UUID, VDIs kept, files untouched.
     let disk = uuid(&a.ok(&["vdi", "create", "--sr", s(&path), "1M", "--name-label", "d"]));
@@ -707,6 +719,36 @@ fn kill_9_at_every_step_of_every_operation_leaves_the_old_or_the_new_state() {
             assert_eq!(a.ok(&["sr", "check", "--sr", &sr])["clean"], true, "{what}");
         }
     }
+}
+
+#[test]
+fn a_resize_killed_before_its_record_is_written_is_found_and_repaired_by_sr_check() {
+    if !require(&["qemu-img"]) {
+        return;
+    }
+    let a = Agent::new();
+    let (sr, path) = a.new_sr("sr");
+    let d = uuid(&a.ok(&["vdi", "create", "--sr", &sr, "8M", "--name-label", "d"]));
+    let resize = ["vdi", "resize", "--sr", &sr, &d, "32M"];
+    let crashed = a.run_env(&resize, &[("THINLINE_SR_CRASH_AT", "resized")]);
+    assert_eq!(crashed.code, None, "a signal ends it: {crashed:?}");
+    assert_eq!(
+        a.ok(&["vdi", "stat", "--sr", &sr, &d])["virtual_size"],
+        8 << 20
+    );
+    let check = a.run(&["sr", "check", "--sr", &sr]);
+    assert_eq!(check.code, Some(3), "{check:?}");
+    assert!(
+        check.json["findings"].to_string().contains("size_mismatch"),
+        "{check:?}"
+    );
+    let repaired = a.ok(&["sr", "check", "--sr", &sr, "--repair"]);
+    assert_eq!(repaired["clean"], true, "{repaired}");
+    assert_eq!(
+        a.ok(&["vdi", "stat", "--sr", &sr, &d])["virtual_size"],
+        32 << 20
+    );
+    qemu_check_all(&path);
 }
 
 #[test]

@@ -32,8 +32,9 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Crash tests: `THINLINE_SR_CRASH_AT=STEP` kills the process (abort, as kill -9
 /// would) at that step of every multi-step operation: `intent` (journal written),
 /// `moved` (renames done), `made` (new files made), `committed` (new records written),
-/// `finished` (files moved and deleted, journal not yet cleared).
-fn crash_point(step: &str) {
+/// `finished` (files moved and deleted, journal not yet cleared); and `resized` (a
+/// disk's image grown, its record not yet).
+pub(crate) fn crash_point(step: &str) {
     if std::env::var_os("THINLINE_SR_CRASH_AT").is_some_and(|v| v == step) {
         std::process::abort();
     }

@@ -466,6 +466,8 @@ impl Backend for FileBackend {
             .and_then(|()| writer.flush())
             .map_err(|e| Error::format(&what, &e))?;
         drop((image, writer));
+        // A crash here leaves the image larger than its record: `sr check` finds it.
+        crate::store::crash_point("resized");
         sr.md.get_mut(vdi).expect("checked").virtual_size = size;
         sr.save()
     }
@@ -540,6 +542,16 @@ impl Backend for FileBackend {
                 });
             }
         }
+        for (v, size) in grown(sr) {
+            out.push(Finding {
+                kind: "size_mismatch",
+                message: format!(
+                    "disk {} ({}) is {size} bytes, its record says {} (a resize was interrupted): repair records its size",
+                    v.uuid, v.name_label, v.virtual_size
+                ),
+                repairable: true,
+            });
+        }
         let attached: Vec<&VdiRecord> = sr.md.vdis.iter().filter(|v| v.attached).collect();
         if !attached.is_empty()
             && crate::daemon::request(&sr.path, &crate::daemon::Request::Status).is_none()
@@ -594,6 +606,12 @@ impl Backend for FileBackend {
         for layer in unused {
             self.destroy(sr, layer)?;
             done.push(format!("removed unused layer {layer}"));
+        }
+        let grown: Vec<(Uuid, u64)> = grown(sr).map(|(v, size)| (v.uuid, size)).collect();
+        for (uuid, size) in grown {
+            sr.md.get_mut(uuid).expect("listed").virtual_size = size;
+            sr.save()?;
+            done.push(format!("recorded the size of disk {uuid}: {size} bytes"));
         }
         for name in leftovers(sr) {
             let path = sr.new_file(&name);
@@ -662,6 +680,20 @@ fn kind_name(v: &VdiRecord) -> &'static str {
 
 /// Files in `new/`: made by operations that never finished (the agent alone writes
 /// there, and a finished operation leaves nothing).
+/// The disks whose image is larger than their record says (a resize grows the image
+/// first), with the image's size.
+fn grown(sr: &Sr) -> impl Iterator<Item = (&VdiRecord, u64)> {
+    sr.md.vdis.iter().filter_map(|v| {
+        let file = v.file.as_deref().filter(|_| v.kind == VdiType::Disk)?;
+        let mut header = [0u8; 32];
+        let f = std::fs::File::open(sr.file(file)).ok()?;
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut header, 0).ok()?;
+        // A qcow2 header: magic, then the guest size at byte 24 (big-endian).
+        let size = u64::from_be_bytes(header[24..32].try_into().expect("8 bytes"));
+        (header[..4] == *b"QFI\xfb" && size > v.virtual_size).then_some((v, size))
+    })
+}
+
 fn leftovers(sr: &Sr) -> Vec<String> {
     let dir = sr.new_file("");
     let Ok(entries) = std::fs::read_dir(&dir) else {
