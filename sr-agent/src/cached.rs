@@ -201,6 +201,16 @@ impl Caches {
         Ok(Arc::clone(open.entry(shown.to_owned()).or_insert(storage)))
     }
 
+    /// Waits (up to 10 s) for every cache's fetches in flight to be marked, so a graceful
+    /// stop keeps what was fetched; then closes the caches.
+    pub async fn close(&self) {
+        let cors = std::mem::take(&mut *self.cors.lock().expect("not poisoned"));
+        for cor in &cors {
+            cor.settle(std::time::Duration::from_secs(10)).await;
+        }
+        self.open.lock().expect("not poisoned").clear();
+    }
+
     /// Upstream fetches the caches have in flight (demanded and speculative).
     pub fn fetches_in_flight(&self) -> usize {
         let cors = self.cors.lock().expect("not poisoned");
@@ -245,12 +255,7 @@ impl Export for Gone {
 
 impl Drop for Caches {
     fn drop(&mut self) {
-        // The caches first, while their runtime runs; then the runtime, without
-        // blocking: the daemon's async code drops this.
-        self.open
-            .get_mut()
-            .map(|open| open.clear())
-            .unwrap_or_default();
+        // Without blocking: the daemon's async code drops this (after `close`).
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }

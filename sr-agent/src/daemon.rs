@@ -115,10 +115,10 @@ pub enum CopyKind {
     Clone,
 }
 
-/// How the daemon makes a [`Change`] to the SR at the path it is given: the SR's own
-/// operations, handed to [`run`] by its caller (so this module does not depend on
-/// them). Answers what the command prints.
-pub type Apply = Arc<dyn Fn(&Path, Uuid, &Change) -> Result<serde_json::Value> + Send + Sync>;
+/// How the daemon makes a [`Change`] to the SR it has locked: the SR's own operations,
+/// handed to [`run`] by its caller (so this module does not depend on them). Answers
+/// what the command prints.
+pub type Apply = Arc<dyn Fn(&mut Sr, Uuid, &Change) -> Result<serde_json::Value> + Send + Sync>;
 
 /// Sends `request` to the daemon of `sr`; `None` if no daemon answers (see
 /// [`running`] to tell a daemon that is not there from one that does not answer).
@@ -365,9 +365,10 @@ impl Daemon {
 
     /// Opens `vdi` for serving, on a thread that may block.
     async fn open_served(&self, vdi: Uuid) -> Result<ImageExport> {
-        let sr = self.sr.clone();
+        let path = self.sr.clone();
         let caches = Arc::clone(&self.caches);
-        tokio::task::spawn_blocking(move || open_served(&sr, &caches, vdi))
+        // With the SR's lock: a change made without a daemon is never half seen.
+        tokio::task::spawn_blocking(move || open_served(&Sr::open(&path)?, &caches, vdi))
             .await
             .map_err(blocking_err)?
     }
@@ -383,10 +384,16 @@ impl Daemon {
             .expect("not poisoned")
             .get(&vdi)
             .map(|s| Arc::clone(&s.export));
-        let (sr, apply) = (self.sr.clone(), Arc::clone(&self.apply));
-        let make = move || apply(&sr, vdi, &change);
+        // The SR's lock before the pause, held until the VDI is served again: a command
+        // that holds the lock may be waiting for this VDI (flushing its device), which
+        // a pause would stall.
+        let path = self.sr.clone();
+        let mut sr = tokio::task::spawn_blocking(move || Sr::open(&path))
+            .await
+            .map_err(blocking_err)??;
+        let (apply, caches) = (Arc::clone(&self.apply), Arc::clone(&self.caches));
         let Some(export) = served else {
-            return tokio::task::spawn_blocking(make)
+            return tokio::task::spawn_blocking(move || apply(&mut sr, vdi, &change))
                 .await
                 .map_err(blocking_err)?;
         };
@@ -396,11 +403,13 @@ impl Daemon {
                 format!("nothing was changed: VDI {vdi} could not be flushed: {e}"),
             )
         })?;
-        let made = tokio::task::spawn_blocking(make)
-            .await
-            .map_err(blocking_err)
-            .and_then(|r| r);
-        match self.open_served(vdi).await {
+        let (made, reopened) = tokio::task::spawn_blocking(move || {
+            let made = apply(&mut sr, vdi, &change);
+            (made, open_served(&sr, &caches, vdi))
+        })
+        .await
+        .map_err(blocking_err)?;
+        match reopened {
             Ok(image) => paused.resume(Arc::new(image)),
             Err(e) => {
                 tracing::error!(%vdi, error = %e, "cannot serve the VDI again after a change");
@@ -448,15 +457,9 @@ impl Daemon {
     }
 }
 
-/// Opens VDI `vdi` of the SR at `sr_path` for serving: a disk read-write, a snapshot
+/// Opens VDI `vdi` of the SR `sr` (locked) for serving: a disk read-write, a snapshot
 /// read-only, templates under it through their copy-on-read caches.
-fn open_served(
-    sr_path: &Path,
-    caches: &Arc<crate::cached::Caches>,
-    vdi: Uuid,
-) -> Result<ImageExport> {
-    // With the SR's lock: a change made without a daemon is never half seen.
-    let sr = Sr::open(sr_path)?;
+fn open_served(sr: &Sr, caches: &Arc<crate::cached::Caches>, vdi: Uuid) -> Result<ImageExport> {
     let rec = sr.vdi(vdi)?;
     if rec.is_template() {
         return Err(Error::new(
@@ -470,7 +473,7 @@ fn open_served(
     let file = sr.file(rec.file.as_deref().unwrap_or_default());
     let options = ImageOptions {
         open: OpenOptions {
-            backing_opener: Some(caches.opener(crate::template::header_names(&sr)?)),
+            backing_opener: Some(caches.opener(crate::template::header_names(sr)?)),
             ..OpenOptions::default()
         },
         ..ImageOptions::default()
@@ -482,6 +485,31 @@ fn open_served(
         ImageExport::open(&file, &options)
     }
     .map_err(|e| Error::new(Code::SrBackendFailure, format!("{what}: {e}")))
+}
+
+/// Kernel devices recorded for this SR's VDIs were connected to a daemon that is gone
+/// (after a crash or a reboot): each is disconnected if it can be, and forgotten, so
+/// `vdi attach --device` connects a live one and never answers a stale one.
+fn forget_devices(sr_path: &Path) {
+    let Ok(mut sr) = Sr::open(sr_path) else {
+        return;
+    };
+    let mut changed = false;
+    for v in sr.md.vdis.iter_mut() {
+        let Some(dev) = v.device.take() else {
+            continue;
+        };
+        changed = true;
+        let path = Path::new(&dev);
+        if crate::device::is_nbd(path)
+            && let Err(e) = crate::device::disconnect(path)
+        {
+            tracing::warn!(vdi = %v.uuid, device = %dev, error = %e, "a device of the previous daemon stays connected");
+        }
+    }
+    if changed && let Err(e) = sr.save() {
+        tracing::error!(error = %e, "cannot forget the previous daemon's devices");
+    }
 }
 
 /// Marks `vdi` detached in `sr`'s metadata and removes its socket.
@@ -550,6 +578,7 @@ pub async fn run(
         apply,
         stop: CancellationToken::new(),
     });
+    forget_devices(&sr);
     // Serve again what was attached when the last daemon stopped, while requests are
     // already answered (status never waits for it).
     let attached: Vec<Uuid> = {
@@ -612,6 +641,7 @@ pub async fn run(
     for s in served {
         let _ = s.task.await;
     }
+    daemon.caches.close().await;
     let _ = std::fs::remove_file(&control_path);
     drop(lock);
     Ok(())

@@ -33,6 +33,16 @@ fn nbd_devices() -> Vec<(u32, String)> {
     found
 }
 
+/// Whether `device` is `/dev/nbdN`. Device paths come from the SR's metadata: nothing
+/// else is ever opened, disconnected or answered as a VDI's device.
+pub fn is_nbd(device: &Path) -> bool {
+    device.parent() == Some(Path::new("/dev"))
+        && device
+            .file_name()
+            .and_then(|n| n.to_str()?.strip_prefix("nbd"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Whether `device` (`/dev/nbdN`) is connected: the kernel gives it a size (and
 /// nbd-client a pid).
 pub fn connected(device: &Path) -> bool {
@@ -91,13 +101,7 @@ pub fn connect(socket: &Path, export: &str) -> Result<PathBuf> {
 /// Flushes and disconnects `device`. Refused (`VDI_IN_USE`) while something holds it
 /// open exclusively: a mounted file system, a device-mapper table, a VM.
 pub fn disconnect(device: &Path) -> Result<()> {
-    // The path comes from the SR's metadata: never act on anything but /dev/nbdN.
-    let is_nbd = device.parent() == Some(Path::new("/dev"))
-        && device
-            .file_name()
-            .and_then(|n| n.to_str()?.strip_prefix("nbd"))
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-    if !is_nbd {
+    if !is_nbd(device) {
         return Err(Error::new(
             Code::SrBackendFailure,
             format!("{} is not an nbd device", device.display()),

@@ -120,6 +120,15 @@ pub fn introduce(o: &IntroduceOptions, templates: &Templates) -> Result<VdiView>
     // Pinned: a clone never reads a template that was replaced under its URI.
     let pin = templates.pin(&probed.shown, &probed.full)?;
     let (_, identity) = templates.open_decoded(&probed.shown, &probed.full)?;
+    if templates.pin(&probed.shown, &probed.full)? != pin {
+        return Err(Error::new(
+            Code::TemplateUnreachable,
+            format!(
+                "template {} changed while it was introduced; try again",
+                probed.shown
+            ),
+        ));
+    }
     let mut sr = Sr::open(&path)?;
     let backend = for_type(sr.md.sr.kind);
     // Overlays name their template by its URI as shown: two templates must never
@@ -246,20 +255,42 @@ fn copy(o: &CopyOptions, kind: CopyKind) -> Result<VdiView> {
     if let Some(view) = through_daemon(&path, o.vdi, Change::Copy { kind, name_label })? {
         return Ok(view);
     }
-    copy_here(&path, o.vdi, kind, o.name_label.as_deref())
+    copy_here(
+        &mut unserved(&path, o.vdi)?,
+        o.vdi,
+        kind,
+        o.name_label.as_deref(),
+    )
 }
 
-fn copy_here(path: &Path, vdi: Uuid, kind: CopyKind, name_label: Option<&str>) -> Result<VdiView> {
-    let mut sr = Sr::open(path)?;
+/// The SR at `path`, locked, for a change of `vdi` made here: refused (`VDI_IN_USE`)
+/// if a daemon may have its image open (it was attached since [`through_daemon`]
+/// looked). A daemon opens images only under this lock, so none can start meanwhile.
+fn unserved(path: &Path, vdi: Uuid) -> Result<Sr> {
+    let sr = Sr::open(path)?;
+    let v = sr.vdi(vdi)?;
+    if v.attached && v.kind == VdiType::Disk && daemon::running(path) {
+        return Err(Error::new(
+            Code::VdiInUse,
+            format!(
+                "VDI {vdi} ({}) was attached meanwhile; try again",
+                v.name_label
+            ),
+        ));
+    }
+    Ok(sr)
+}
+
+fn copy_here(sr: &mut Sr, vdi: Uuid, kind: CopyKind, name_label: Option<&str>) -> Result<VdiView> {
     let backend = for_type(sr.md.sr.kind);
     let src = sr.vdi(vdi)?;
     let label = name_label.unwrap_or(&src.name_label).to_owned();
     let uuid = match kind {
-        CopyKind::Snapshot => backend.snapshot(&mut sr, src.uuid, &label)?,
-        CopyKind::Clone => backend.clone(&mut sr, src.uuid, &label)?,
+        CopyKind::Snapshot => backend.snapshot(sr, src.uuid, &label)?,
+        CopyKind::Clone => backend.clone(sr, src.uuid, &label)?,
     };
     let rec = sr.vdi(uuid)?;
-    Ok(view(&sr, backend.as_ref(), &rec))
+    Ok(view(sr, backend.as_ref(), &rec))
 }
 
 /// A change to an attached disk is made by the daemon that serves it, with its image
@@ -279,10 +310,10 @@ fn through_daemon(path: &Path, vdi: Uuid, change: Change) -> Result<Option<VdiVi
 
 /// Makes `change` to `vdi` of the SR at `path` here: what the SR's daemon runs while
 /// the VDI is paused (see [`daemon::Apply`]).
-pub fn apply(path: &Path, vdi: Uuid, change: &Change, templates: &Templates) -> Result<VdiView> {
+pub fn apply(sr: &mut Sr, vdi: Uuid, change: &Change, templates: &Templates) -> Result<VdiView> {
     match change {
-        Change::Copy { kind, name_label } => copy_here(path, vdi, *kind, name_label.as_deref()),
-        Change::Resize { size } => resize_here(path, vdi, *size, templates),
+        Change::Copy { kind, name_label } => copy_here(sr, vdi, *kind, name_label.as_deref()),
+        Change::Resize { size } => resize_here(sr, vdi, *size, templates),
     }
 }
 
@@ -435,11 +466,10 @@ pub fn resize(o: &ResizeOptions, templates: &Templates) -> Result<VdiView> {
     if let Some(view) = through_daemon(&path, o.vdi, change)? {
         return Ok(view);
     }
-    resize_here(&path, o.vdi, o.size, templates)
+    resize_here(&mut unserved(&path, o.vdi)?, o.vdi, o.size, templates)
 }
 
-fn resize_here(path: &Path, vdi: Uuid, size: u64, templates: &Templates) -> Result<VdiView> {
-    let mut sr = Sr::open(path)?;
+fn resize_here(sr: &mut Sr, vdi: Uuid, size: u64, templates: &Templates) -> Result<VdiView> {
     let backend = for_type(sr.md.sr.kind);
     let v = sr.vdi(vdi)?;
     refuse_template(&v, "resized")?;
@@ -463,10 +493,10 @@ fn resize_here(path: &Path, vdi: Uuid, size: u64, templates: &Templates) -> Resu
         ));
     }
     if size > v.virtual_size {
-        backend.resize(&mut sr, v.uuid, size, templates)?;
+        backend.resize(sr, v.uuid, size, templates)?;
     }
     let rec = sr.vdi(v.uuid)?;
-    Ok(view(&sr, backend.as_ref(), &rec))
+    Ok(view(sr, backend.as_ref(), &rec))
 }
 
 /// One VDI as it is now; of a template, or a VDI built on one, whether that template
@@ -541,11 +571,14 @@ pub fn attach(o: &VdiRef, exe: &Path, device: bool) -> Result<Attached> {
             ))
         })?;
     let mut attached: Attached = from_daemon(answer)?;
+    attached.device = Sr::read(&path)?.vdi(o.vdi)?.device;
     if device {
         // Under the SR's lock, so two attaches never connect two devices to one VDI.
         let mut sr = Sr::open(&path)?;
         // A recorded device the kernel dropped (its daemon died) is connected anew.
-        let recorded = (sr.vdi(o.vdi)?.device).filter(|d| crate::device::connected(Path::new(d)));
+        let recorded = (sr.vdi(o.vdi)?.device).filter(|d| {
+            crate::device::is_nbd(Path::new(d)) && crate::device::connected(Path::new(d))
+        });
         let dev = match recorded {
             Some(dev) => dev,
             None => {
@@ -575,10 +608,15 @@ pub fn attach(o: &VdiRef, exe: &Path, device: bool) -> Result<Attached> {
 /// clears the record.
 pub fn detach(o: &VdiRef) -> Result<()> {
     let path = registry::resolve(&o.sr)?;
-    {
-        let mut sr = Sr::open(&path)?;
-        if let Some(dev) = sr.vdi(o.vdi)?.device {
+    // Without the SR's lock while the device is flushed: a change the daemon makes
+    // takes the lock before it pauses the disk those writes go to.
+    if let Some(dev) = Sr::read(&path)?.vdi(o.vdi)?.device {
+        // A path that is not /dev/nbdN (crafted metadata) is only forgotten.
+        if crate::device::is_nbd(Path::new(&dev)) {
             crate::device::disconnect(Path::new(&dev))?;
+        }
+        let mut sr = Sr::open(&path)?;
+        if sr.vdi(o.vdi)?.device.as_deref() == Some(dev.as_str()) {
             sr.md.get_mut(o.vdi).expect("found").device = None;
             sr.save()?;
         }
