@@ -198,12 +198,16 @@ pub fn run(args: SrArgs) -> anyhow::Result<u8> {
             };
             finish(sr::introduce(&options), a.json, |v, out| sr_text(v, out))
         }
-        SrCommand::Forget(a) => finish(sr::forget(&a.sr), a.json, |v, out| {
-            writeln!(
+        SrCommand::Forget(a) => finish(sr::forget(&a.sr), a.json, |f, out| match f {
+            sr::Forgotten::Sr(v) => writeln!(
                 out,
                 "forgot SR {} ({}); its files are untouched",
                 v.uuid, v.path
-            )
+            ),
+            sr::Forgotten::Entry { uuid, path } => writeln!(
+                out,
+                "forgot SR {uuid}, registered at {path}, which holds no SR any more"
+            ),
         }),
         SrCommand::Destroy(a) => {
             let options = sr::DestroyOptions {

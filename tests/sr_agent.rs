@@ -588,6 +588,18 @@ fn template_credentials_stay_out_of_the_metadata_and_the_images() {
     let mode = std::fs::metadata(&creds).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "credentials are for the owner only");
     assert!(std::fs::read_to_string(&creds).unwrap().contains("s3cret"));
+    // Killed before its record is written: the credentials it kept are found and
+    // removed, the others stay.
+    let kept = std::fs::read_to_string(&creds).unwrap();
+    crash(
+        &a,
+        &["vdi", "introduce", "--sr", &sr, &url],
+        "write:sr.json",
+    );
+    assert_ne!(std::fs::read_to_string(&creds).unwrap(), kept);
+    let found = ["orphan_credentials", "temporary_file"];
+    repaired(&a, &sr, &found, &[], "introduce killed");
+    assert_eq!(std::fs::read_to_string(&creds).unwrap(), kept);
     // Resizing the clone opens its chain: the template through the recorded URI.
     a.ok(&["vdi", "resize", "--sr", &sr, &uuid(&clone), "20M"]);
     drop(template);
@@ -718,6 +730,219 @@ fn kill_9_at_every_step_of_every_operation_leaves_the_old_or_the_new_state() {
             a.ok(&["vdi", "create", "--sr", &sr, "1M", "--name-label", "later"]);
             assert_eq!(a.ok(&["sr", "check", "--sr", &sr])["clean"], true, "{what}");
         }
+    }
+}
+
+/// Runs `args` with `THINLINE_SR_CRASH_AT=step` (inherited by a daemon it starts);
+/// something must die there: the command itself (a signal), or the daemon it asked
+/// (an error saying so).
+fn crash(a: &Agent, args: &[&str], step: &str) -> Ran {
+    let r = a.run_env(args, &[("THINLINE_SR_CRASH_AT", step)]);
+    assert_ne!(r.code, Some(0), "{args:?} killed at {step}: {r:?}");
+    r
+}
+
+/// `sr check` finds what a crash left (`found`, in any order) and `--repair` removes
+/// all of it but `left`.
+fn repaired(a: &Agent, sr: &str, found: &[&str], left: &[&str], what: &str) {
+    let kinds = |r: &Value| -> BTreeSet<String> {
+        r["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["kind"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let set = |k: &[&str]| -> BTreeSet<String> { k.iter().map(|s| (*s).to_owned()).collect() };
+    let check = a.run(&["sr", "check", "--sr", sr]);
+    assert_eq!(check.code, Some(3), "{what}: {check:?}");
+    assert_eq!(kinds(&check.json), set(found), "{what}: {check:?}");
+    let r = a.run(&["sr", "check", "--sr", sr, "--repair"]);
+    assert_eq!(kinds(&r.json), set(left), "{what}: {r:?}");
+    assert_eq!(
+        r.code,
+        Some(if left.is_empty() { 0 } else { 3 }),
+        "{what}: {r:?}"
+    );
+}
+
+/// The NBD socket the SR daemon serves VDI `vdi` on.
+fn daemon_socket(sr: &Path, vdi: &str) -> PathBuf {
+    let hex: String = vdi.chars().filter(|c| *c != '-').take(12).collect();
+    sr.join(".thinline-sr/run").join(format!("{hex}.sock"))
+}
+
+fn cache_files(path: &Path) -> Vec<String> {
+    std::fs::read_dir(path.join(".thinline-sr/caches"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().into_string().unwrap())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn kill_9_during_single_step_commands_sr_changes_and_the_daemons_work_leaves_the_old_or_the_new_state()
+ {
+    if !require(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let a = Agent::new();
+    let (sr, path, t) = a.sr_with_template();
+    let d = uuid(&a.ok(&["vdi", "create", "--sr", &sr, "8M", "--name-label", "d"]));
+
+    // One metadata write each: the old state, and its temporary file found and removed.
+    std::fs::create_dir(a.path("more")).unwrap();
+    let other = qcow2_template(&a.path("more"));
+    for args in [
+        vec!["vdi", "introduce", "--sr", &sr, s(&other)],
+        vec!["vdi", "set-name-label", "--sr", &sr, &d, "renamed"],
+        vec!["vdi", "snapshot", "--sr", &sr, &t],
+    ] {
+        let before = state(&a, &path);
+        crash(&a, &args, "write:sr.json");
+        assert!(path.join(".thinline-sr/sr.json.tmp").exists(), "{args:?}");
+        assert_eq!(state(&a, &path), before, "{args:?}: the old state");
+        repaired(&a, &sr, &["temporary_file"], &[], &format!("{args:?}"));
+        assert!(!path.join(".thinline-sr/sr.json.tmp").exists(), "{args:?}");
+        a.ok(&args);
+        assert_ne!(state(&a, &path), before, "{args:?} again: the new state");
+    }
+
+    // The daemon killed while it attaches: not attached, its socket found and removed;
+    // attaching again serves the disk.
+    let r = crash(&a, &["vdi", "attach", "--sr", &sr, &d], "write:sr.json");
+    assert!(
+        r.json["error"]["message"].to_string().contains("daemon"),
+        "{r:?}"
+    );
+    assert_eq!(a.ok(&["vdi", "stat", "--sr", &sr, &d])["attached"], false);
+    repaired(&a, &sr, &["stale_socket", "temporary_file"], &[], "attach");
+    let uri = a.ok(&["vdi", "attach", "--sr", &sr, &d])["nbd_uri"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(nbd_write(&uri, 1 << 20, 1 << 20, 0x3c).status.success());
+
+    // Detach killed with no daemon left to ask: still attached, and detached again.
+    let pid = daemon_pid(&a, &sr).expect("a daemon runs");
+    // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    wait_gone(pid, 10, "the daemon did not die");
+    let socket = daemon_socket(&path, &d);
+    crash(&a, &["vdi", "detach", "--sr", &sr, &d], "write:sr.json");
+    assert_eq!(a.ok(&["vdi", "stat", "--sr", &sr, &d])["attached"], true);
+    assert!(!socket.exists(), "the socket went first");
+    a.ok(&["vdi", "detach", "--sr", &sr, &d]);
+    assert_eq!(a.ok(&["sr", "check", "--sr", &sr])["clean"], true);
+    assert!(qemu_reads(&path.join("d.qcow2"), 1 << 20, 1 << 20, 0x3c));
+
+    // A snapshot the daemon makes of the disk it serves, killed before and after its
+    // commit: the old state or the new, the disk served again with its writes.
+    for (step, made) in [("intent", false), ("committed", true)] {
+        let what = format!("snapshot of an attached disk killed at {step}");
+        if let Some(pid) = daemon_pid(&a, &sr) {
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+            wait_gone(pid, 10, "the daemon did not die");
+        }
+        // The daemon this attach starts carries the crash point; the attach passes it.
+        let uri = a.run_env(
+            &["vdi", "attach", "--sr", &sr, &d],
+            &[("THINLINE_SR_CRASH_AT", step)],
+        );
+        assert_eq!(uri.code, Some(0), "{what}: {uri:?}");
+        let uri = uri.json["nbd_uri"].as_str().unwrap().to_owned();
+        let pattern = if made { 0x5e } else { 0x4e };
+        assert!(nbd_write(&uri, 2 << 20, 1 << 20, pattern).status.success());
+        let before = state(&a, &path);
+        let r = a.run(&["vdi", "snapshot", "--sr", &sr, &d, "--name-label", step]);
+        assert_ne!(r.code, Some(0), "{what}: the daemon died: {r:?}");
+        // Committed: the disk's new file is still in new/, which repair moves.
+        let found = ["daemon_down", "interrupted_operation", "missing_file"];
+        let found = if made { &found[..] } else { &found[..2] };
+        repaired(&a, &sr, found, &["daemon_down"], &what);
+        let after = state(&a, &path);
+        if made {
+            assert_eq!(after.0.len(), before.0.len() + 1, "{what}: {after:?}");
+        } else {
+            assert_eq!(after, before, "{what}");
+        }
+        let uri = a.ok(&["vdi", "attach", "--sr", &sr, &d])["nbd_uri"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(nbd_reads(&uri, 2 << 20, 1 << 20, pattern), "{what}");
+        assert!(nbd_reads(&uri, 1 << 20, 1 << 20, 0x3c), "{what}");
+        a.ok(&["vdi", "detach", "--sr", &sr, &d]);
+        qemu_check_all(&path);
+        assert_eq!(a.ok(&["sr", "check", "--sr", &sr])["clean"], true, "{what}");
+    }
+
+    // Forgetting a template removes its cache; killed before that, the cache is found
+    // unused and removed.
+    let c = uuid(&a.ok(&["vdi", "clone", "--sr", &sr, &t]));
+    a.ok(&["vdi", "attach", "--sr", &sr, &c]);
+    a.ok(&["vdi", "detach", "--sr", &sr, &c]);
+    a.ok(&["vdi", "destroy", "--sr", &sr, &c]);
+    assert_eq!(cache_files(&path).len(), 1, "the template's cache");
+    let t_uri = a.ok(&["vdi", "stat", "--sr", &sr, &t])["uri"].clone();
+    let snapshot_of_t = a
+        .vdis(&path)
+        .into_iter()
+        .find(|v| uuid(v) != t && v["uri"] == t_uri);
+    let copy = uuid(&snapshot_of_t.expect("the template's snapshot record"));
+    a.ok(&["vdi", "forget", "--sr", &sr, &copy]);
+    assert_eq!(
+        cache_files(&path).len(),
+        1,
+        "kept: the template reads through it"
+    );
+    crash(&a, &["vdi", "forget", "--sr", &sr, &t], "finished");
+    repaired(
+        &a,
+        &sr,
+        &["interrupted_operation", "unused_cache"],
+        &[],
+        "forget",
+    );
+    assert!(cache_files(&path).is_empty(), "{:?}", cache_files(&path));
+    assert!(a.vdis(&path).iter().all(|v| uuid(v) != t), "forgotten");
+
+    // sr forget: still registered; sr create: reached by its path, and introduced.
+    let registered = |u: &str| {
+        a.ok(&["sr", "list"])["srs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["uuid"] == u)
+    };
+    crash(&a, &["sr", "forget", "--sr", &sr], "write:registry.json");
+    assert!(registered(&sr), "sr forget killed: still registered");
+    let fresh = a.path("fresh");
+    crash(&a, &["sr", "create", s(&fresh)], "registering");
+    let made = a.ok(&["sr", "probe", s(&fresh)])["sr"]["uuid"]
+        .as_str()
+        .expect("an SR is there")
+        .to_owned();
+    assert!(!registered(&made));
+    a.ok(&["vdi", "create", "--sr", s(&fresh), "1M"]);
+    let msg = a.fails(&["sr", "create", s(&fresh)], "SR_EXISTS", 17);
+    assert!(msg.contains("sr introduce"), "{msg}");
+    assert_eq!(a.ok(&["sr", "introduce", s(&fresh)])["uuid"], made.as_str());
+    assert!(registered(&made));
+
+    // sr destroy killed after removing the metadata: `sr destroy` (or `sr forget`)
+    // finishes it.
+    for finish in ["destroy", "forget"] {
+        let (u, p) = a.new_sr(finish);
+        crash(&a, &["sr", "destroy", "--sr", &u], "unregistering");
+        assert!(!p.join(".thinline-sr").exists(), "{finish}");
+        let listed = a.ok(&["sr", "list"]);
+        assert!(listed.to_string().contains("unreachable"), "{listed}");
+        a.ok(&["sr", finish, "--sr", &u]);
+        assert!(!registered(&u), "{finish}");
     }
 }
 
@@ -1614,7 +1839,10 @@ fn a_replaced_or_unreachable_template_is_read_only_from_its_cache_and_stat_says_
     // a daemon that opens it again reads only what the cache holds, and its log says
     // why.
     // New bytes where the clone has not read, and a new cluster, so the file's size
-    // (and with it nginx's ETag, whose mtime has whole seconds) changes for sure.
+    // (and with it nginx's ETag, whose mtime has whole seconds) changes for sure. The
+    // object as introduced is kept (its mtime too, so the same ETag) to come back.
+    let original = a.path("original.qcow2");
+    run(Command::new("cp").args(["-p", s(&template), s(&original)]));
     let replace = ["write -q -P 0x44 48M 1M", "write -q -P 0x44 56M 1M"];
     qemu(&root, "qcow2", s(&template), &replace);
     for v in [&t, &c] {
@@ -1649,7 +1877,87 @@ fn a_replaced_or_unreachable_template_is_read_only_from_its_cache_and_stat_says_
     wait_gone(pid, 20, "the daemon did not stop");
     assert_eq!(attach(), uri);
     reads_what_it_holds("unreachable");
+
+    // The object as introduced comes back at its URI: the stats are clean, and a daemon
+    // that opens it again reads it, blocks never cached included.
+    std::fs::rename(&original, &template).unwrap();
+    let port = url.rsplit(':').next().unwrap().split('/').next().unwrap();
+    let _nginx = thinline_test_support::servers::Nginx::start_at(&root, port.parse().unwrap());
+    for v in [&t, &c] {
+        let now = a.ok(&["vdi", "stat", "--sr", &sr, v]);
+        assert!(now.get("template_error").is_none(), "came back: {now}");
+    }
+    let pid = daemon_pid(&a, &sr).expect("a daemon runs");
+    // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    wait_gone(pid, 20, "the daemon did not stop");
+    assert_eq!(attach(), uri);
+    assert!(
+        nbd_reads(&uri, 48 << 20, 4 << 20, 0x43),
+        "never cached, read now"
+    );
+    assert!(nbd_reads(&uri, 0, 1 << 20, 0x42));
+    assert!(nbd_reads(&uri, 2 << 20, 1 << 20, 0x11), "its own write");
     a.ok(&["vdi", "detach", "--sr", &sr, &c]);
+}
+
+#[test]
+fn sr_stat_asks_about_every_template_at_once() {
+    use common::hostile_http::{self, HostileHttp};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Condvar, Mutex};
+    let a = Agent::new();
+    let (sr, _) = a.new_sr("sr");
+    let names = ["/a.raw", "/b.raw", "/c.raw"];
+    let files: std::collections::BTreeMap<String, Vec<u8>> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| ((*n).to_owned(), vec![i as u8 + 1; 1 << 20]))
+        .collect();
+    // Once gated, the server answers no template until it holds a request for each of
+    // the three (or gives up after 20 s with a 404): checked one after another, the
+    // first would wait alone and be reported broken.
+    let gated = Arc::new(AtomicBool::new(false));
+    let arrived = Arc::new((Mutex::new(0usize), Condvar::new()));
+    let server = {
+        let (gated, arrived) = (Arc::clone(&gated), Arc::clone(&arrived));
+        HostileHttp::start(move |req, stream| {
+            if gated.load(Ordering::SeqCst) {
+                let (count, all) = &*arrived;
+                let mut n = count.lock().unwrap();
+                *n += 1;
+                all.notify_all();
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                while *n < names.len() {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return hostile_http::status(stream, 404, "Not Found");
+                    }
+                    n = all.wait_timeout(n, left).unwrap().0;
+                }
+            }
+            match files.get(req.path()) {
+                Some(data) => hostile_http::range_response(stream, req, data),
+                None => hostile_http::status(stream, 404, "Not Found"),
+            }
+        })
+    };
+    let mut templates = Vec::new();
+    for n in names {
+        templates.push(uuid(&a.ok(&[
+            "vdi",
+            "introduce",
+            "--sr",
+            &sr,
+            &server.url(n),
+        ])));
+    }
+    // Another record of the first template: asked about once, reported as it is.
+    a.ok(&["vdi", "snapshot", "--sr", &sr, &templates[0]]);
+    gated.store(true, Ordering::SeqCst);
+    let stat = a.ok(&["sr", "stat", "--sr", &sr]);
+    assert!(stat.get("template_errors").is_none(), "{stat}");
+    assert_eq!(*arrived.0.lock().unwrap(), names.len(), "one request each");
 }
 
 #[test]

@@ -49,6 +49,7 @@ mod handshake;
 pub mod image;
 pub mod proto;
 pub mod raw;
+mod read_buffer;
 pub mod request;
 pub mod server;
 mod shared;

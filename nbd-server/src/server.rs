@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::read_buffer::ReadBuffer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -275,7 +277,7 @@ async fn connection<R, W>(
 {
     let span = info_span!("conn", %peer);
     async move {
-        let mut reader = BufReader::with_capacity(64 * 1024, reader);
+        let mut reader = ReadBuffer::new(reader);
         let refusal = over_limit.map_or(Refusal::None, Refusal::TooManyConnections);
         let timeout = shared.config.handshake_timeout;
         let negotiated = tokio::select! {

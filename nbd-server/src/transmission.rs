@@ -21,9 +21,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{
-    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -31,6 +29,7 @@ use tracing::{debug, info, warn};
 use crate::export::{Extent, ReadChunk, StatusQuery};
 use crate::handshake::Session;
 use crate::proto::{self, ReplyMode, RequestHeader, errno, reply};
+use crate::read_buffer::ReadBuffer;
 use crate::request::{self, Command, SessionLimits, Verdict};
 use crate::shared::Shared;
 
@@ -187,7 +186,7 @@ struct Connection {
 /// or the server shuts down.
 pub(crate) async fn run<R, W>(
     session: Session,
-    mut reader: BufReader<R>,
+    mut reader: ReadBuffer<R>,
     writer: W,
     shared: Arc<Shared>,
     peer: String,
@@ -275,7 +274,7 @@ enum Step {
 
 /// Reads one request (and its payload) and starts it, or answers it directly.
 async fn next_request<R: AsyncRead + Unpin>(
-    reader: &mut BufReader<R>,
+    reader: &mut ReadBuffer<R>,
     conn: &Arc<Connection>,
     shared: &Arc<Shared>,
     in_flight: &Arc<Semaphore>,
@@ -390,13 +389,14 @@ async fn next_request<R: AsyncRead + Unpin>(
             };
             let mut payload = None;
             if let Command::Write { length, .. } = command {
-                let mut buf = BytesMut::with_capacity(length as usize);
-                if let Err(e) = read_payload(reader, &mut buf, length as usize).await {
-                    return Step::End(format!(
-                        "client went away inside a {length}-byte write payload: {e}"
-                    ));
+                match reader.read_payload(length as usize).await {
+                    Ok(bytes) => payload = Some(bytes),
+                    Err(e) => {
+                        return Step::End(format!(
+                            "client went away inside a {length}-byte write payload: {e}"
+                        ));
+                    }
                 }
-                payload = Some(buf.freeze());
             }
             let conn = Arc::clone(conn);
             let mut request = Box::pin(async move {
@@ -417,27 +417,6 @@ async fn next_request<R: AsyncRead + Unpin>(
             Step::Continue
         }
     }
-}
-
-/// Reads a write payload of `length` bytes into `buf` (empty) without zeroing it first:
-/// what the reader has buffered, then the rest straight from the socket, which saves
-/// copying it through the read buffer.
-async fn read_payload<R: AsyncRead + Unpin>(
-    reader: &mut BufReader<R>,
-    buf: &mut BytesMut,
-    length: usize,
-) -> std::io::Result<()> {
-    let buffered = reader.buffer();
-    let n = buffered.len().min(length);
-    buf.extend_from_slice(&buffered[..n]);
-    reader.consume(n);
-    let mut rest = reader.get_mut().take((length - n) as u64);
-    while buf.len() < length {
-        if rest.read_buf(buf).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-    }
-    Ok(())
 }
 
 async fn discard<R: AsyncRead + Unpin>(reader: &mut R, mut n: u64) -> std::io::Result<()> {

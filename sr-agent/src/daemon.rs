@@ -120,8 +120,10 @@ pub enum CopyKind {
 /// what the command prints.
 pub type Apply = Arc<dyn Fn(&mut Sr, Uuid, &Change) -> Result<serde_json::Value> + Send + Sync>;
 
-/// Sends `request` to the daemon of `sr`; `None` if no daemon answers (see
-/// [`running`] to tell a daemon that is not there from one that does not answer).
+/// Sends `request` to the daemon of `sr`; `None` if no daemon took it (see
+/// [`running`] to tell a daemon that is not there from one that does not listen). A
+/// daemon that took it and then stopped (or timed out) before answering is an error:
+/// what it did is unknown, so the caller must not do it again in its place.
 pub fn request(sr: &Path, request: &Request) -> Option<Result<serde_json::Value>> {
     let wait = match request {
         // Answered at once by a daemon that runs: never wait long for it.
@@ -136,8 +138,19 @@ pub fn request(sr: &Path, request: &Request) -> Option<Result<serde_json::Value>
     line.push('\n');
     (&stream).write_all(line.as_bytes()).ok()?;
     let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&answer).ok()?;
+    let read = BufReader::new(&stream).read_line(&mut answer);
+    let Some(v) = read
+        .ok()
+        .and_then(|_| serde_json::from_str::<serde_json::Value>(&answer).ok())
+    else {
+        return Some(Err(Error::new(
+            Code::SrBackendFailure,
+            format!(
+                "the SR daemon of {} took the request but stopped before answering (it may have died while working on it): `thinline sr check` says what state the SR is in",
+                sr.display()
+            ),
+        )));
+    };
     if let Some(ok) = v.get("ok") {
         return Some(Ok(ok.clone()));
     }

@@ -85,6 +85,9 @@ pub fn create(o: &CreateOptions) -> Result<SrView> {
         made_directory,
     };
     let sr = Sr::create(&path, record)?;
+    // A crash here leaves an SR that commands reach by its path, and that `sr
+    // introduce` registers (`sr create` again refuses the directory, and says so).
+    store::crash_point("registering");
     registry::add(sr.md.sr.uuid, &path)?;
     view(&sr, for_type(o.kind).as_ref())
 }
@@ -136,12 +139,40 @@ fn read(name: &str) -> Result<(Sr, Box<dyn Backend>)> {
     Ok((sr, backend))
 }
 
+/// The registered UUID `name` whose directory holds no SR any more (a destroy
+/// interrupted after its metadata was removed, or a directory removed by hand).
+fn dangling(name: &str) -> Option<Uuid> {
+    let uuid = Uuid::parse_str(name).ok()?;
+    let entry = registry::list()
+        .ok()?
+        .into_iter()
+        .find(|e| e.uuid == uuid)?;
+    (!store::is_sr(&entry.path)).then_some(uuid)
+}
+
+/// What `sr forget` answers.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Forgotten {
+    Sr(SrView),
+    /// A registry entry whose directory held no SR.
+    Entry {
+        uuid: Uuid,
+        path: String,
+    },
+}
+
 /// `sr forget`: unregisters the SR; nothing on disk changes.
-pub fn forget(name: &str) -> Result<SrView> {
+pub fn forget(name: &str) -> Result<Forgotten> {
+    if let Some(uuid) = dangling(name) {
+        let path = registry::resolve(name)?.display().to_string();
+        registry::remove(uuid)?;
+        return Ok(Forgotten::Entry { uuid, path });
+    }
     let (sr, backend) = read(name)?;
     let shown = view(&sr, backend.as_ref())?;
     registry::remove(sr.md.sr.uuid)?;
-    Ok(shown)
+    Ok(Forgotten::Sr(shown))
 }
 
 /// `sr destroy`.
@@ -155,6 +186,11 @@ pub struct DestroyOptions {
 /// Deletes every volume the SR made and its metadata; the directory too if the agent
 /// made it and it is empty. Templates are only forgotten.
 pub fn destroy(o: &DestroyOptions) -> Result<Uuid> {
+    if let Some(uuid) = dangling(&o.sr) {
+        // Its metadata is gone: a destroy was interrupted after removing it.
+        registry::remove(uuid)?;
+        return Ok(uuid);
+    }
     let (mut sr, backend) = crate::vdi::open_sr(&o.sr)?;
     let attached: Vec<String> = sr
         .md
@@ -217,6 +253,8 @@ pub fn destroy(o: &DestroyOptions) -> Result<Uuid> {
     // An idle daemon goes with the SR.
     let _ = crate::daemon::request(&path, &crate::daemon::Request::Shutdown);
     sr.remove_metadata()?;
+    // A crash here leaves a registry entry that `sr destroy` (or `sr forget`) removes.
+    store::crash_point("unregistering");
     registry::remove(uuid)?;
     if made {
         // Only if empty: files the agent does not own stay, and so does their directory.
@@ -249,21 +287,44 @@ pub fn probe(path: &Path) -> Result<Probe> {
 
 /// `sr stat`.
 /// The SR as it is now, with the templates that cannot be read (each is opened to
-/// find out).
+/// find out, all at once).
 pub fn stat(name: &str, templates: &Templates) -> Result<SrView> {
     let (sr, backend) = read(name)?;
     let mut shown = view(&sr, backend.as_ref())?;
-    shown.template_errors = sr
-        .md
-        .vdis
+    // Each template object once (a template's snapshots are records of the same one),
+    // all at once: a server that does not answer costs its timeout once, not once per
+    // template.
+    let records: Vec<&crate::model::VdiRecord> =
+        sr.md.vdis.iter().filter(|v| v.is_template()).collect();
+    let mut objects: Vec<&crate::model::VdiRecord> = Vec::new();
+    for v in &records {
+        if !objects.iter().any(|o| o.uri == v.uri && o.pin == v.pin) {
+            objects.push(v);
+        }
+    }
+    let troubles: Vec<Option<String>> = std::thread::scope(|scope| {
+        let checks: Vec<_> = objects
+            .iter()
+            .map(|v| scope.spawn(|| templates.trouble(&sr.path, v)))
+            .collect();
+        checks
+            .into_iter()
+            .map(|c| {
+                c.join()
+                    .unwrap_or_else(|_| Some("checking it failed".to_owned()))
+            })
+            .collect()
+    });
+    shown.template_errors = records
         .iter()
-        .filter(|v| v.is_template())
         .filter_map(|v| {
-            let error = templates.trouble(&sr.path, v)?;
+            let at = objects
+                .iter()
+                .position(|o| o.uri == v.uri && o.pin == v.pin)?;
             Some(TemplateError {
                 uuid: v.uuid,
                 uri: v.uri.clone().unwrap_or_default(),
-                error,
+                error: troubles[at].clone()?,
             })
         })
         .collect();

@@ -32,8 +32,10 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Crash tests: `THINLINE_SR_CRASH_AT=STEP` kills the process (abort, as kill -9
 /// would) at that step of every multi-step operation: `intent` (journal written),
 /// `moved` (renames done), `made` (new files made), `committed` (new records written),
-/// `finished` (files moved and deleted, journal not yet cleared); and `resized` (a
-/// disk's image grown, its record not yet).
+/// `finished` (files moved and deleted, journal not yet cleared); `resized` (a
+/// disk's image grown, its record not yet); `registering` (an SR made, not yet
+/// registered); and `write:NAME` (the new content of the JSON file `NAME`, e.g.
+/// `sr.json`, written beside it but not yet renamed over it).
 pub(crate) fn crash_point(step: &str) {
     if std::env::var_os("THINLINE_SR_CRASH_AT").is_some_and(|v| v == step) {
         std::process::abort();
@@ -277,6 +279,9 @@ pub fn write_json(path: &Path, value: &impl Serialize, mode: u32) -> Result<()> 
     f.write_all(&bytes).map_err(io)?;
     f.sync_all().map_err(io)?;
     drop(f);
+    if let Some(name) = path.file_name() {
+        crash_point(&format!("write:{}", name.to_string_lossy()));
+    }
     std::fs::rename(&tmp, path)
         .map_err(|e| Error::io(format!("cannot replace {}", path.display()), &e))?;
     sync_dir(dir)

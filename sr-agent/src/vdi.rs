@@ -438,6 +438,24 @@ pub fn forget(o: &ForgetOptions) -> Result<Forgotten> {
         .filter(|d| d.kind != VdiType::Layer && d.uuid != v.uuid && reaches(d.backing))
         .map(|d| d.uuid)
         .collect();
+    let attached: Vec<String> = orphaned
+        .iter()
+        .filter_map(|u| sr.md.get(*u))
+        .filter(|d| d.attached)
+        .map(|d| format!("{} ({})", d.uuid, d.name_label))
+        .collect();
+    if !attached.is_empty() {
+        // Even with --force: its cache goes with it, and they read through it.
+        return Err(Error::new(
+            Code::VdiInUse,
+            format!(
+                "cannot forget template {} ({}): attached VDIs read from it: {}; detach them first",
+                v.uuid,
+                v.name_label,
+                attached.join(", ")
+            ),
+        ));
+    }
     if !o.force {
         refuse_dependents(&sr, &v, "forget")
             .map_err(|e| Error::new(e.code, format!("{} (--force forgets it anyway: they keep their files but cannot be opened until the template is introduced again)", e.message)))?;

@@ -59,19 +59,29 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn start(root: &Path) -> Nginx {
-        Nginx::start_with(root, None)
+        Nginx::start_with(root, None, loopback_listener())
+    }
+
+    /// nginx on `port` (of an nginx that stopped: a server that comes back).
+    pub fn start_at(root: &Path, port: u16) -> Nginx {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("bind 127.0.0.1:{port}: {e}"));
+        Nginx::start_with(root, None, listener)
     }
 
     /// nginx with TLS and HTTP/2 (`cert`, `key`: PEM files).
     pub fn start_tls(root: &Path, cert: &Path, key: &Path) -> Nginx {
-        Nginx::start_with(root, Some((cert, key)))
+        Nginx::start_with(root, Some((cert, key)), loopback_listener())
     }
 
-    fn start_with(root: &Path, tls: Option<(&Path, &Path)>) -> Nginx {
+    /// nginx adopts an inherited socket (listed in $NGINX) whose address matches a
+    /// `listen` directive instead of binding one: `listener`.
+    fn start_with(
+        root: &Path,
+        tls: Option<(&Path, &Path)>,
+        listener: std::net::TcpListener,
+    ) -> Nginx {
         let dir = tempfile::tempdir().unwrap();
-        // nginx adopts an inherited socket (listed in $NGINX) whose address matches a
-        // `listen` directive instead of binding one.
-        let listener = loopback_listener();
         // nginx keeps an inherited socket's mode, and its workers all wait for the same
         // listening socket: a blocking one leaves the workers that lose the race for a
         // connection asleep in accept(), with every request they hold stalled until the

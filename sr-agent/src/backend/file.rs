@@ -385,9 +385,13 @@ impl Backend for FileBackend {
             },
         )?;
         if target.kind == VdiType::Template {
+            // A crash from here on leaves stray files that `sr check --repair` removes.
             let mut creds = template::credentials(&sr.path)?;
             if creds.remove(&vdi).is_some() {
                 template::save_credentials(&sr.path, &creds)?;
+            }
+            if let (Some(uri), Some(identity)) = (&target.uri, &target.identity) {
+                super::stray::remove_cache_of(sr, uri, identity)?;
             }
         }
         Ok(())
@@ -554,7 +558,10 @@ impl Backend for FileBackend {
         }
         let attached: Vec<&VdiRecord> = sr.md.vdis.iter().filter(|v| v.attached).collect();
         if !attached.is_empty()
-            && crate::daemon::request(&sr.path, &crate::daemon::Request::Status).is_none()
+            && !matches!(
+                crate::daemon::request(&sr.path, &crate::daemon::Request::Status),
+                Some(Ok(_))
+            )
         {
             for v in attached {
                 out.push(Finding {
@@ -577,6 +584,7 @@ impl Backend for FileBackend {
                 });
             }
         }
+        out.extend(super::stray::findings(sr));
         out
     }
 
@@ -619,6 +627,7 @@ impl Backend for FileBackend {
                 .map_err(|e| Error::io(format!("cannot remove {}", path.display()), &e))?;
             done.push(format!("removed {NEW_DIR}/{name}"));
         }
+        done.extend(super::stray::repair(sr)?);
         Ok(done)
     }
 }

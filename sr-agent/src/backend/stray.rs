@@ -1,0 +1,189 @@
+//! What a crash can leave in the agent's directory besides half-made volumes: a
+//! temporary JSON file not yet renamed into place, credentials of a template whose
+//! record was never written (or was removed), a template cache no record uses any
+//! more (its template forgotten), and the NBD socket of a VDI that is not attached
+//! (its daemon died between serving it and recording it) with nobody listening. `sr check` reports them and `--repair` removes
+//! them, with positive evidence only: the agent's own names in the agent's own
+//! directories.
+
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+use super::Finding;
+use crate::store::{DIR, Sr};
+use crate::template;
+use crate::{Error, Result};
+
+/// The JSON files the agent replaces through `NAME.tmp`.
+const REPLACED: [&str; 2] = ["sr.json", "credentials.json"];
+
+/// Temporary files of interrupted metadata writes.
+fn temporary_files(sr: &Sr) -> Vec<PathBuf> {
+    REPLACED
+        .iter()
+        .map(|name| sr.path.join(DIR).join(format!("{name}.tmp")))
+        .filter(|p| p.is_file())
+        .collect()
+}
+
+/// Credentials whose template has no record.
+fn orphan_credentials(sr: &Sr) -> Result<Vec<Uuid>> {
+    Ok(template::credentials(&sr.path)?
+        .into_keys()
+        .filter(|u| !sr.md.get(*u).is_some_and(|v| v.is_template()))
+        .collect())
+}
+
+fn caches_dir(sr: &Sr) -> PathBuf {
+    sr.path.join(DIR).join(crate::cached::CACHES)
+}
+
+/// The cache file a template record reads through.
+fn cache_name(uri: &str, identity: &str) -> String {
+    thinline_cor::cache::cache_file_name(uri, identity)
+}
+
+/// Cache files no template record reads through.
+fn unused_caches(sr: &Sr) -> Vec<PathBuf> {
+    let used: Vec<String> = sr
+        .md
+        .vdis
+        .iter()
+        .filter(|v| v.is_template())
+        .filter_map(|v| Some(cache_name(v.uri.as_deref()?, v.identity.as_deref()?)))
+        .collect();
+    let Ok(entries) = std::fs::read_dir(caches_dir(sr)) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| e.file_name().into_string().ok().map(|n| (e.path(), n)))
+        .filter(|(_, n)| n.ends_with(".cache") && !used.contains(n))
+        .map(|(p, _)| p)
+        .collect();
+    out.sort();
+    out
+}
+
+/// Sockets in the daemon's directory, of VDIs not attached, that nobody listens on:
+/// a socket being set up for an attach in progress is listened on already.
+fn stale_sockets(sr: &Sr) -> Vec<PathBuf> {
+    let attached: Vec<PathBuf> = sr
+        .md
+        .vdis
+        .iter()
+        .filter(|v| v.attached)
+        .map(|v| crate::daemon::socket_of(&sr.path, v.uuid))
+        .collect();
+    let Ok(entries) = std::fs::read_dir(crate::daemon::run_dir(&sr.path)) else {
+        return Vec::new();
+    };
+    let ours = |n: &str| {
+        n.strip_suffix(".sock")
+            .is_some_and(|h| h.len() == 12 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    let mut out: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(ours))
+        .map(|e| e.path())
+        .filter(|p| !attached.contains(p))
+        .filter(|p| std::os::unix::net::UnixStream::connect(p).is_err())
+        .collect();
+    out.sort();
+    out
+}
+
+/// The agent's stray files, as findings.
+pub(crate) fn findings(sr: &Sr) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for p in temporary_files(sr) {
+        out.push(Finding {
+            kind: "temporary_file",
+            message: format!("{} was left by an interrupted metadata write", p.display()),
+            repairable: true,
+        });
+    }
+    match orphan_credentials(sr) {
+        Ok(orphans) => out.extend(orphans.into_iter().map(|u| Finding {
+            kind: "orphan_credentials",
+            message: format!("credentials are kept for {u}, which is no template of the SR"),
+            repairable: true,
+        })),
+        Err(e) => out.push(Finding {
+            kind: "damaged_credentials",
+            message: e.message,
+            repairable: false,
+        }),
+    }
+    for p in stale_sockets(sr) {
+        out.push(Finding {
+            kind: "stale_socket",
+            message: format!(
+                "{} is the socket of a VDI that is not attached, and nothing listens on it",
+                p.display()
+            ),
+            repairable: true,
+        });
+    }
+    for p in unused_caches(sr) {
+        out.push(Finding {
+            kind: "unused_cache",
+            message: format!("{} caches a template the SR no longer has", p.display()),
+            repairable: true,
+        });
+    }
+    out
+}
+
+/// Removes the agent's stray files; says what it did.
+pub(crate) fn repair(sr: &Sr) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    for p in temporary_files(sr) {
+        remove(&p)?;
+        done.push(format!("removed {}", p.display()));
+    }
+    let orphans = orphan_credentials(sr)?;
+    if !orphans.is_empty() {
+        let mut creds = template::credentials(&sr.path)?;
+        creds.retain(|u, _| !orphans.contains(u));
+        template::save_credentials(&sr.path, &creds)?;
+        done.extend(
+            orphans
+                .iter()
+                .map(|u| format!("removed the credentials of {u}")),
+        );
+    }
+    for p in stale_sockets(sr) {
+        remove(&p)?;
+        done.push(format!("removed the stale socket {}", p.display()));
+    }
+    for p in unused_caches(sr) {
+        remove(&p)?;
+        done.push(format!("removed the unused cache {}", p.display()));
+    }
+    Ok(done)
+}
+
+/// Removes the cache of a forgotten template record unless another record (a
+/// snapshot of the template) reads through it. The daemon may hold it open: it keeps
+/// its handle, and the file's space is freed when it lets go.
+pub(crate) fn remove_cache_of(sr: &Sr, uri: &str, identity: &str) -> Result<()> {
+    let name = cache_name(uri, identity);
+    let shared = sr.md.vdis.iter().any(|v| {
+        v.is_template() && v.uri.as_deref() == Some(uri) && v.identity.as_deref() == Some(identity)
+    });
+    if shared {
+        return Ok(());
+    }
+    remove(&caches_dir(sr).join(name))
+}
+
+fn remove(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("cannot remove {}", path.display()), &e)),
+    }
+}
