@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
+use thinline_test_support::servers::Nginx;
 use thinline_test_support::{require, run};
 
 /// One test's SR registry and scratch directory.
@@ -115,6 +116,27 @@ impl Agent {
         let template = qcow2_template(self.dir.path());
         let t = uuid(&self.ok(&["vdi", "introduce", "--sr", &sr, s(&template)]));
         (sr, path, t)
+    }
+
+    /// Attaches `vdi` of `sr`; returns its NBD URI.
+    fn attach_uri(&self, sr: &str, vdi: &str) -> String {
+        self.ok(&["vdi", "attach", "--sr", sr, vdi])["nbd_uri"]
+            .as_str()
+            .expect("an NBD URI")
+            .to_owned()
+    }
+
+    /// The remote-template tests' start: an SR (its name, its path) and nginx serving
+    /// the directory `www` (returned too, empty); `None` when a tool is missing
+    /// outside CI.
+    fn with_nginx(&self) -> Option<(String, PathBuf, PathBuf, Nginx)> {
+        if !require(&["qemu-img", "qemu-io"]) || !thinline_test_support::servers::require_nginx() {
+            return None;
+        }
+        let (sr, path) = self.new_sr("sr");
+        let root = self.www();
+        let nginx = Nginx::start(&root);
+        Some((sr, path, root, nginx))
     }
 
     fn vdis(&self, sr: &Path) -> Vec<Value> {
@@ -558,14 +580,11 @@ fn templates_stay_read_only_and_clones_read_the_template_plus_their_own_writes()
 
 #[test]
 fn template_credentials_stay_out_of_the_metadata_and_the_images() {
-    if !require(&["qemu-img", "qemu-io"]) || !thinline_test_support::servers::require_nginx() {
-        return;
-    }
     let a = Agent::new();
-    let (sr, path) = a.new_sr("sr");
-    let root = a.www();
+    let Some((sr, path, root, nginx)) = a.with_nginx() else {
+        return;
+    };
     let template = qcow2_template(&root);
-    let nginx = thinline_test_support::servers::Nginx::start(&root);
     let url = nginx
         .url("template.qcow2")
         .replace("http://", "http://user:s3cret@");
@@ -819,10 +838,7 @@ fn kill_9_during_single_step_commands_sr_changes_and_the_daemons_work_leaves_the
     );
     assert_eq!(a.ok(&["vdi", "stat", "--sr", &sr, &d])["attached"], false);
     repaired(&a, &sr, &["stale_socket", "temporary_file"], &[], "attach");
-    let uri = a.ok(&["vdi", "attach", "--sr", &sr, &d])["nbd_uri"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let uri = a.attach_uri(&sr, &d);
     assert!(nbd_write(&uri, 1 << 20, 1 << 20, 0x3c).status.success());
 
     // Detach killed with no daemon left to ask: still attached, and detached again.
@@ -869,10 +885,7 @@ fn kill_9_during_single_step_commands_sr_changes_and_the_daemons_work_leaves_the
         } else {
             assert_eq!(after, before, "{what}");
         }
-        let uri = a.ok(&["vdi", "attach", "--sr", &sr, &d])["nbd_uri"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let uri = a.attach_uri(&sr, &d);
         assert!(nbd_reads(&uri, 2 << 20, 1 << 20, pattern), "{what}");
         assert!(nbd_reads(&uri, 1 << 20, 1 << 20, 0x3c), "{what}");
         a.ok(&["vdi", "detach", "--sr", &sr, &d]);
@@ -999,10 +1012,7 @@ fn eight_agents_at_once_on_one_sr_leave_it_consistent() {
                     let scratch = uuid(&a.ok(&["vdi", "create", "--sr", &sr, "2M"]));
                     // Attached and detached while the others work (the first ones race
                     // to start the SR's daemon).
-                    let uri = a.ok(&["vdi", "attach", "--sr", &sr, &scratch])["nbd_uri"]
-                        .as_str()
-                        .unwrap()
-                        .to_owned();
+                    let uri = a.attach_uri(&sr, &scratch);
                     assert!(nbd_write(&uri, 0, 4096, pattern).status.success());
                     assert!(nbd_reads(&uri, 0, 4096, pattern));
                     a.ok(&["vdi", "detach", "--sr", &sr, &scratch]);
@@ -1243,10 +1253,7 @@ fn attached_vdis_are_served_over_nbd_come_back_after_a_daemon_crash_and_detach_l
     // A snapshot is served read-only.
     a.ok(&["vdi", "detach", "--sr", &sr, &c]);
     let snap = uuid(&a.ok(&["vdi", "snapshot", "--sr", &sr, &c]));
-    let snap_uri = a.ok(&["vdi", "attach", "--sr", &sr, &snap])["nbd_uri"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let snap_uri = a.attach_uri(&sr, &snap);
     assert!(nbd_reads(&snap_uri, 4 << 20, 1 << 20, 0x77));
     assert!(
         !nbd_write(&snap_uri, 0, 4096, 0x01).status.success(),
@@ -1781,12 +1788,10 @@ fn daemon_log(path: &Path) -> String {
 
 #[test]
 fn a_replaced_or_unreachable_template_is_read_only_from_its_cache_and_stat_says_why() {
-    if !require(&["qemu-img", "qemu-io"]) || !thinline_test_support::servers::require_nginx() {
-        return;
-    }
     let a = Agent::new();
-    let (sr, path) = a.new_sr("sr");
-    let root = a.www();
+    let Some((sr, path, root, nginx)) = a.with_nginx() else {
+        return;
+    };
     // 64 MiB: data at 0 (read below, so cached) and at 48 MiB (never read before the
     // template changes, and far from the first MiB's fetch-around: not cached).
     let template = root.join("template.qcow2");
@@ -1801,16 +1806,10 @@ fn a_replaced_or_unreachable_template_is_read_only_from_its_cache_and_stat_says_
         s(&template),
         &["write -q -P 0x42 0 1M", "write -q -P 0x43 48M 4M"],
     );
-    let nginx = thinline_test_support::servers::Nginx::start(&root);
     let url = nginx.url("template.qcow2");
     let t = uuid(&a.ok(&["vdi", "introduce", "--sr", &sr, &url]));
     let c = uuid(&a.ok(&["vdi", "clone", "--sr", &sr, &t, "--name-label", "vm"]));
-    let attach = || {
-        a.ok(&["vdi", "attach", "--sr", &sr, &c])["nbd_uri"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
+    let attach = || a.attach_uri(&sr, &c);
     let uri = attach();
     assert!(nbd_write(&uri, 2 << 20, 1 << 20, 0x11).status.success());
     assert!(nbd_reads(&uri, 0, 1 << 20, 0x42), "cached from now on");
@@ -1882,7 +1881,7 @@ fn a_replaced_or_unreachable_template_is_read_only_from_its_cache_and_stat_says_
     // that opens it again reads it, blocks never cached included.
     std::fs::rename(&original, &template).unwrap();
     let port = url.rsplit(':').next().unwrap().split('/').next().unwrap();
-    let _nginx = thinline_test_support::servers::Nginx::start_at(&root, port.parse().unwrap());
+    let _nginx = Nginx::start_at(&root, port.parse().unwrap());
     for v in [&t, &c] {
         let now = a.ok(&["vdi", "stat", "--sr", &sr, v]);
         assert!(now.get("template_error").is_none(), "came back: {now}");
@@ -1962,17 +1961,14 @@ fn sr_stat_asks_about_every_template_at_once() {
 
 #[test]
 fn clones_of_a_remote_template_share_one_cache_that_fetches_each_block_once_and_stays_warm() {
-    if !require(&["qemu-img", "qemu-io"]) || !thinline_test_support::servers::require_nginx() {
-        return;
-    }
     let a = Agent::new();
-    let (sr, path) = a.new_sr("sr");
-    let root = a.www();
+    let Some((sr, path, root, nginx)) = a.with_nginx() else {
+        return;
+    };
     let template = qcow2_template(&root);
     // Data far from the tables, so that opening the template does not fetch it too.
     thinline_test_support::qemu::qemu_io(&root, "qcow2", s(&template), &["write -q -P 0x43 8M 4M"]);
     let before = sha(&template);
-    let nginx = thinline_test_support::servers::Nginx::start(&root);
     let t = uuid(&a.ok(&[
         "vdi",
         "introduce",
@@ -1982,12 +1978,7 @@ fn clones_of_a_remote_template_share_one_cache_that_fetches_each_block_once_and_
     ]));
     let c1 = uuid(&a.ok(&["vdi", "clone", "--sr", &sr, &t, "--name-label", "c1"]));
     let c2 = uuid(&a.ok(&["vdi", "clone", "--sr", &sr, &t, "--name-label", "c2"]));
-    let attach = |v: &str| {
-        a.ok(&["vdi", "attach", "--sr", &sr, v])["nbd_uri"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
+    let attach = |v: &str| a.attach_uri(&sr, v);
     let (u1, u2) = (attach(&c1), attach(&c2));
     assert!(nbd_write(&u1, 2 << 20, 1 << 20, 0x11).status.success());
     assert!(nbd_write(&u2, 2 << 20, 1 << 20, 0x22).status.success());
