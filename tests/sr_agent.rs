@@ -945,6 +945,19 @@ fn kill_9_during_single_step_commands_sr_changes_and_the_daemons_work_leaves_the
     assert!(msg.contains("sr introduce"), "{msg}");
     assert_eq!(a.ok(&["sr", "introduce", s(&fresh)])["uuid"], made.as_str());
     assert!(registered(&made));
+    // sr introduce of a plain directory, killed before it registers: introduced again,
+    // the same SR.
+    let adopted = a.path("adopted");
+    std::fs::create_dir(&adopted).unwrap();
+    std::fs::write(adopted.join("foreign.img"), b"not ours").unwrap();
+    crash(&a, &["sr", "introduce", s(&adopted)], "write:registry.json");
+    let made = a.ok(&["sr", "probe", s(&adopted)])["sr"]["uuid"].clone();
+    assert_eq!(a.ok(&["sr", "introduce", s(&adopted)])["uuid"], made);
+    assert!(registered(made.as_str().unwrap()));
+    assert_eq!(
+        std::fs::read(adopted.join("foreign.img")).unwrap(),
+        b"not ours"
+    );
 
     // sr destroy killed after removing the metadata: `sr destroy` (or `sr forget`)
     // finishes it.
