@@ -5,6 +5,7 @@
 //! the LVM SR (next) with dm-thin devices, internal snapshots and external origins.
 
 pub mod file;
+pub mod lvm;
 mod stray;
 
 use uuid::Uuid;
