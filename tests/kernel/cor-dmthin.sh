@@ -35,6 +35,8 @@
 #   SIMULATE_CLOBBER=1  negative control: after the races, do what the original design's late
 #                 fetch did (write the template's bytes of race 0's block into the clone); the
 #                 thin volume checks must then FAIL
+#   KERNEL_TEST_BIN  the kernel test binary, whose LVM building-block test runs at the end
+#                 (lvm-blocks.sh)
 set -u
 
 [ -f /mnt/cor-dmthin.env ] && . /mnt/cor-dmthin.env
@@ -434,6 +436,10 @@ stop_process "$NKPID" 30; rc=$?; NKPID=
 check "nbdkit exits 0 on SIGTERM" test "$rc" = 0
 tl_log "comparing the cache file"
 check "proxy cache file holds exactly the template, no guest data (cmp)" cmp -n "$SIZE" "$CACHE" "$TEMPLATE"
+
+# ---- the LVM SR's building blocks, in the same boot --------------------------------------------
+. "$(dirname "$THINLINE_GUEST_LIB")/lvm-blocks.sh"
+lvm_blocks
 
 tl_summary || exit 1
 echo "cor-dmthin: ALL PASSED"

@@ -189,7 +189,9 @@ case "$script" in
   *) cp "$script" "$vmdir/$(basename "$script")"; guest_script=/mnt/.thinline-vm/$(basename "$script") ;;
 esac
 
-cp "$here/guest-lib.sh" "$vmdir/guest-lib.sh"
+# Guest-side helpers the scripts source (the host's tests/kernel is not visible in the guest when
+# it lies below /tmp).
+cp "$here/guest-lib.sh" "$here/lvm-blocks.sh" "$vmdir/"
 
 shq() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
 {

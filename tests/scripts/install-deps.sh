@@ -22,12 +22,13 @@ fi
 # nginx-light and openssl: the HTTP(S) server of the http(s):// tests and its test CA; nfs-ganesha, nfs-ganesha-vfs, rpcbind:
 # the userspace NFSv3 server of the nfs:// tests (tests/scripts/nfs-server.sh); curl and
 # python3-venv: the S3 server (moto, from PyPI, in a venv) and uploads to it. dmsetup: dm-thin
-# in the kernel VM test of the copy-on-read proxy (tests/kernel/cor-dmthin.sh). systemd:
+# in the kernel VM test of the copy-on-read proxy (tests/kernel/cor-dmthin.sh); lvm2 and
+# thin-provisioning-tools: the LVM SR's tests in the same VM (tests/kernel/lvm-blocks.sh). systemd:
 # systemd-analyze, which checks the shipped units (packaging/systemd/).
 packages=(libnbd-bin python3-libnbd nbdkit fio nbd-client busybox-static kmod cpio e2fsprogs
           util-linux mount xxd libvhdi-utils libvmdk-utils libqcow-utils fuse3 python3-vmdkstream
           nginx-light openssl nfs-ganesha nfs-ganesha-vfs rpcbind curl python3-venv dmsetup
-          systemd)
+          systemd lvm2 thin-provisioning-tools)
 backports_packages=(qemu-system-x86 qemu-utils)
 
 missing=()

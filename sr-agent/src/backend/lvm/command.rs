@@ -64,6 +64,8 @@ impl Lvm {
     pub fn command(&self, tool: &str, args: &[&str]) -> Command {
         let mut c = Command::new(tool);
         c.env("LC_ALL", "C")
+            // The agent's own descriptors are its business, not a warning on stderr.
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
             .env_remove("LVM_SYSTEM_DIR")
             .arg("--config")
             .arg(self.config())
