@@ -67,87 +67,78 @@ fn kernel_dm_thin_clone_over_the_proxy_keeps_every_guest_write() {
     run_kernel_test("test-cor-dmthin.sh");
 }
 
-/// `dmsetup ARGS…` in the guest (no udev: device nodes are made by `mknodes`).
-fn dmsetup(args: &[&str]) -> String {
-    let out = Command::new("dmsetup")
-        .args(args)
-        .output()
-        .expect("run dmsetup");
-    assert!(out.status.success(), "dmsetup {args:?}: {out:?}");
-    let _ = Command::new("dmsetup").arg("mknodes").status();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn pool_status(pool: &str) -> thinline_sr::backend::lvm::pool::PoolStatus {
-    let line = dmsetup(&["status", pool]);
-    thinline_sr::backend::lvm::pool::parse_pool_status(line.trim()).expect("a pool status")
-}
-
 #[test]
 #[ignore = "runs inside the kernel VM (tests/kernel/lvm-blocks.sh), on its loop devices"]
 fn in_guest_the_lvm_srs_building_blocks_work_with_lvm2_dm_thin_and_thin_check() {
     use std::io::{Read, Seek, SeekFrom, Write};
     use std::path::{Path, PathBuf};
+    use thinline_sr::Code;
     use thinline_sr::backend::lvm::command::{Lvm, owner_tag};
+    use thinline_sr::backend::lvm::dm::{Dm, udev_runs};
+    use thinline_sr::backend::lvm::layout::{self, BLOCK_BYTES, MGT_BYTES};
     use thinline_sr::backend::lvm::mgt::MetadataVolume;
     use thinline_sr::backend::lvm::pool::{Message, PoolMode, WhenFull, pool_table, thin_table};
 
-    let devices: Vec<PathBuf> = std::env::var("THINLINE_LVM_DEVICES")
-        .expect("THINLINE_LVM_DEVICES: the loop devices lvm-blocks.sh made")
+    let env =
+        |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name}: set by lvm-blocks.sh"));
+    let devices: Vec<PathBuf> = env("THINLINE_LVM_DEVICES")
         .split(',')
         .map(PathBuf::from)
         .collect();
-    let names: Vec<&str> = devices.iter().map(|d| d.to_str().unwrap()).collect();
-    let tag = owner_tag(uuid::Uuid::new_v4());
-    let lvm = Lvm::new(&devices, false).unwrap();
+    let foreign = PathBuf::from(env("THINLINE_LVM_FOREIGN"));
+    let sr = uuid::Uuid::new_v4();
+    let tag = owner_tag(sr);
+    let dm = Dm::new(udev_runs());
 
-    // PVs and a VG on exactly the SR's devices: the user's VG on another disk is not seen.
-    lvm.run("pvcreate", &[&["-y"], names.as_slice()].concat())
-        .unwrap();
-    lvm.run(
-        "vgcreate",
-        &[&["--addtag", &tag, "tlsr"], names.as_slice()].concat(),
+    // A device that holds something (here the user's PV) is refused, untouched.
+    let lvm_foreign = Lvm::new(std::slice::from_ref(&foreign), false).unwrap();
+    let refused = layout::create(
+        &lvm_foreign,
+        &dm,
+        &[foreign],
+        "tlbad",
+        sr,
+        0,
+        WhenFull::Error,
     )
-    .unwrap();
+    .unwrap_err();
+    assert_eq!(refused.code, Code::SrExists, "{refused:?}");
+    assert!(refused.message.contains("LVM2_member"), "{refused:?}");
+
+    // The SR's VG, its tagged LVs and its pool, on exactly its devices: the user's VG
+    // on another disk is not seen.
+    let lvm = Lvm::new(&devices, false).unwrap();
+    let made = layout::create(&lvm, &dm, &devices, "tlsr", sr, 0, WhenFull::Error).unwrap();
     let vgs = lvm.vgs().unwrap();
     assert_eq!(vgs.len(), 1, "only the SR's VG is seen: {vgs:?}");
-    assert_eq!(vgs[0].name, "tlsr");
-    assert_eq!(vgs[0].pv_count, devices.len() as u64);
+    assert_eq!(
+        (vgs[0].name.as_str(), vgs[0].pv_count),
+        ("tlsr", devices.len() as u64)
+    );
     assert_eq!(vgs[0].tags, std::slice::from_ref(&tag));
-
-    // The agent's LVs, tagged.
-    for (name, size) in [
-        ("thinline_mgt", "4m"),
-        ("thinline_pmeta", "8m"),
-        ("thinline_pdata", "64m"),
-    ] {
-        lvm.run(
-            "lvcreate",
-            &[
-                "-y", "-Zy", "--addtag", &tag, "-L", size, "-n", name, "tlsr",
-            ],
-        )
-        .unwrap();
-    }
     let lvs = lvm.lvs("tlsr").unwrap();
-    assert_eq!(lvs.len(), 3, "{lvs:?}");
+    let size_of = |name: &str| lvs.iter().find(|lv| lv.name == name).map(|lv| lv.size);
+    assert_eq!(size_of(layout::MGT_LV), Some(MGT_BYTES), "{lvs:?}");
+    assert_eq!(
+        size_of(layout::POOL_META_LV),
+        Some(made.sizes.pool_metadata)
+    );
+    assert_eq!(size_of(layout::POOL_DATA_LV), Some(made.sizes.pool_data));
     assert!(
         lvs.iter().all(|lv| lv.tags == [tag.clone()] && lv.active()),
         "{lvs:?}"
     );
-    let mgt_lv = lvs.iter().find(|lv| lv.name == "thinline_mgt").unwrap();
-    assert_eq!(
-        (mgt_lv.size, mgt_lv.path.as_str()),
-        (4 << 20, "/dev/tlsr/thinline_mgt")
-    );
+    // The metadata LV and the pool's spare room are left free, and little else.
+    assert!(vgs[0].free >= made.sizes.pool_metadata, "{vgs:?} {made:?}");
 
-    // The metadata volume on a real LV: empty, then each record read back.
-    let mgt = MetadataVolume::open(Path::new(&mgt_lv.path)).unwrap();
-    assert_eq!(mgt.capacity(), (2 << 20) - 4096);
+    // The metadata volume on its LV: empty, then each record read back.
+    let mgt = MetadataVolume::open(&made.mgt).unwrap();
+    assert_eq!(mgt.capacity(), MGT_BYTES / 2 - 4096);
     assert_eq!(mgt.read().unwrap(), None);
     assert_eq!(mgt.write(br#"{"sr": "first"}"#).unwrap(), 1);
     assert_eq!(mgt.write(br#"{"sr": "second"}"#).unwrap(), 2);
-    let again = MetadataVolume::open(Path::new(&mgt_lv.path))
+    drop(mgt);
+    let again = MetadataVolume::open(&made.mgt)
         .unwrap()
         .read()
         .unwrap()
@@ -156,23 +147,12 @@ fn in_guest_the_lvm_srs_building_blocks_work_with_lvm2_dm_thin_and_thin_check() 
         (again.generation, again.payload.as_slice()),
         (2, &br#"{"sr": "second"}"#[..])
     );
-    drop(mgt);
 
-    // The pool, driven with dmsetup on those LVs; a thin device; a snapshot of it.
-    let table = pool_table(
-        "/dev/tlsr/thinline_pmeta",
-        "/dev/tlsr/thinline_pdata",
-        64 << 20,
-        64 << 10,
-        0,
-        WhenFull::Error,
-    )
-    .unwrap();
-    dmsetup(&["create", "tlpool", "--table", &table]);
-    let message = |m: Message| dmsetup(&["message", "/dev/mapper/tlpool", "0", &m.text().unwrap()]);
-    message(Message::CreateThin(1));
-    let thin = thin_table("/dev/mapper/tlpool", 1, 32 << 20, None).unwrap();
-    dmsetup(&["create", "tlthin", "--table", &thin]);
+    // A thin device in the pool; what it provisions, the transaction id, a snapshot.
+    let pool_dev = format!("/dev/mapper/{}", made.pool);
+    dm.message(&pool_dev, Message::CreateThin(1)).unwrap();
+    let thin = thin_table(&pool_dev, 1, 32 << 20, None).unwrap();
+    dm.create("tlthin", &thin).unwrap();
     let pattern: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
     {
         let mut dev = std::fs::OpenOptions::new()
@@ -183,35 +163,45 @@ fn in_guest_the_lvm_srs_building_blocks_work_with_lvm2_dm_thin_and_thin_check() 
         dev.write_all(&pattern).unwrap();
         dev.sync_all().unwrap();
     }
-    let status = pool_status("tlpool");
+    let status = dm.pool_status(&made.pool).unwrap();
     assert_eq!(status.mode, PoolMode::ReadWrite, "{status:?}");
     assert!(
         status.error_if_no_space && !status.needs_check,
         "{status:?}"
     );
+    let blocks = made.sizes.pool_data / BLOCK_BYTES;
     assert_eq!(
         (status.data_used, status.data_total),
-        (16, 1024),
+        (16, blocks),
         "{status:?}"
     );
     assert_eq!(status.transaction_id, 0);
-    message(Message::SetTransactionId(0, 1));
-    assert_eq!(pool_status("tlpool").transaction_id, 1);
-    dmsetup(&["suspend", "tlthin"]);
-    message(Message::CreateSnap(2, 1));
-    dmsetup(&["resume", "tlthin"]);
-    message(Message::Delete(2));
-
-    // Torn down and checked, then re-created from the metadata: the data is there.
-    dmsetup(&["remove", "tlthin"]);
-    dmsetup(&["remove", "tlpool"]);
-    let check = Command::new("thin_check")
-        .arg("/dev/tlsr/thinline_pmeta")
-        .output()
+    dm.message(&pool_dev, Message::SetTransactionId(0, 1))
         .unwrap();
+    assert_eq!(dm.pool_status(&made.pool).unwrap().transaction_id, 1);
+    dm.suspend("tlthin").unwrap();
+    dm.message(&pool_dev, Message::CreateSnap(2, 1)).unwrap();
+    dm.resume("tlthin").unwrap();
+    dm.message(&pool_dev, Message::Delete(2)).unwrap();
+
+    // Taken down and checked, then made again from its metadata: the data is there.
+    dm.remove("tlthin").unwrap();
+    dm.remove(&made.pool).unwrap();
+    let meta = format!("/dev/tlsr/{}", layout::POOL_META_LV);
+    let check = Command::new("thin_check").arg(&meta).output().unwrap();
     assert!(check.status.success(), "thin_check: {check:?}");
-    dmsetup(&["create", "tlpool", "--table", &table]);
-    dmsetup(&["create", "tlthin", "--table", &thin]);
+    let data = format!("/dev/tlsr/{}", layout::POOL_DATA_LV);
+    let table = pool_table(
+        &meta,
+        &data,
+        made.sizes.pool_data,
+        BLOCK_BYTES,
+        0,
+        WhenFull::Error,
+    )
+    .unwrap();
+    dm.create(&made.pool, &table).unwrap();
+    dm.create("tlthin", &thin).unwrap();
     let mut back = vec![0u8; pattern.len()];
     let mut dev = std::fs::File::open("/dev/mapper/tlthin").unwrap();
     dev.seek(SeekFrom::Start(4 << 20)).unwrap();
@@ -221,9 +211,21 @@ fn in_guest_the_lvm_srs_building_blocks_work_with_lvm2_dm_thin_and_thin_check() 
         "the thin device's data after re-creating the pool"
     );
     drop(dev);
-    dmsetup(&["remove", "tlthin"]);
-    dmsetup(&["remove", "tlpool"]);
-    lvm.run("vgremove", &["-f", "tlsr"]).unwrap();
-    lvm.run("pvremove", &[&["-y"], names.as_slice()].concat())
+    dm.remove("tlthin").unwrap();
+
+    // An LV the SR did not make stops its destroy; without it, everything goes.
+    lvm.run("lvcreate", &["-y", "-L", "4m", "-n", "users", "tlsr"])
         .unwrap();
+    let kept = layout::destroy(&lvm, &dm, &devices, "tlsr", sr).unwrap_err();
+    assert_eq!(kept.code, Code::SrNotEmpty, "{kept:?}");
+    assert!(kept.message.contains("users"), "{kept:?}");
+    assert!(!dm.exists(&made.pool), "the pool was taken down first");
+    lvm.run("lvremove", &["-y", "tlsr/users"]).unwrap();
+    layout::destroy(&lvm, &dm, &devices, "tlsr", sr).unwrap();
+    assert!(lvm.vgs().unwrap().is_empty());
+    assert!(
+        devices
+            .iter()
+            .all(|d| layout::signature(Path::new(d)).unwrap().is_none())
+    );
 }

@@ -4,10 +4,11 @@
 #
 # Two loop devices for the SR and a third holding a user's VG with an LV full of a pattern. The
 # Rust test `in_guest_the_lvm_srs_building_blocks_work_with_lvm2_dm_thin_and_thin_check` of this
-# test binary ($KERNEL_TEST_BIN) then runs here on the two devices: real lvm2 limited to them by
-# the agent's device filter, its tagged LVs, the MGT volume's records, a dm-thin pool built with
-# dmsetup from the agent's tables and messages, its status decoded, thin_check, and the pool
-# re-created from its metadata. Afterwards the user's VG and LV must be exactly as they were.
+# test binary ($KERNEL_TEST_BIN) then runs here: the SR refused on the user's device, then made on
+# the two others (real lvm2 limited to them by the agent's device filter, tagged LVs sized by the
+# agent, a dm-thin pool built with dmsetup), the MGT volume's records, thin devices, messages and
+# the pool's status, thin_check, the pool re-created from its metadata, and a destroy that stops at
+# an LV the SR did not make. Afterwards the user's VG and LV must be exactly as they were.
 #
 # Configuration: KERNEL_TEST_BIN (from the host side, test-cor-dmthin.sh).
 
@@ -34,12 +35,12 @@ lvm_blocks() {
   _before=$(vgs --config "$_nu" --noheadings -o vg_name,lv_count,vg_free uservg 2>&1)
 
   tl_log "lvm: the SR's building blocks on $LVM_A,$LVM_B (the Rust test, in this guest)"
-  THINLINE_LVM_DEVICES="$LVM_A,$LVM_B" "$KERNEL_TEST_BIN" --ignored --exact --nocapture \
+  THINLINE_LVM_DEVICES="$LVM_A,$LVM_B" THINLINE_LVM_FOREIGN="$LVM_U" "$KERNEL_TEST_BIN" --ignored --exact --nocapture \
     --test-threads=1 in_guest_the_lvm_srs_building_blocks_work_with_lvm2_dm_thin_and_thin_check \
     >/mnt/lvm-blocks.log 2>&1
   _rc=$?
   if [ "$_rc" = 0 ] && grep -q "1 passed" /mnt/lvm-blocks.log; then
-    pass "lvm: real lvm2 limited to the SR's devices, tagged LVs, MGT records, a dm-thin pool from the agent's tables, messages and status, thin_check, data back after re-creating the pool"
+    pass "lvm: the SR refused on a device holding a PV; made on two others (lvm2 limited to them, tagged LVs, the pool); MGT records, thin devices, messages, pool status, thin_check, data back after re-creating the pool; a destroy stopped by a foreign LV"
   else
     fail "lvm: the building-block test (exit $_rc)"
     tail -n 40 /mnt/lvm-blocks.log

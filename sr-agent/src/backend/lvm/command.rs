@@ -75,23 +75,10 @@ impl Lvm {
 
     /// Runs `tool ARGS…`; its stdout, or an error with what it printed on stderr.
     pub fn run(&self, tool: &str, args: &[&str]) -> Result<String> {
-        let out = self
-            .command(tool, args)
-            .output()
-            .map_err(|e| Error::io(format!("cannot run {tool} (is lvm2 installed?)"), &e))?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            return Err(Error::new(
-                Code::SrBackendFailure,
-                format!(
-                    "{tool} {} failed ({}): {}",
-                    args.join(" "),
-                    out.status,
-                    stderr.trim()
-                ),
-            ));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        super::output_of(
+            self.command(tool, args),
+            &format!("{tool} {}", args.join(" ")),
+        )
     }
 
     /// `tool` (`lvs`, `vgs`) as a JSON report of `fields` in bytes, for `target`s.
