@@ -20,9 +20,20 @@ use tokio_util::io::poll_read_buf;
 const CAPACITY: usize = 68 * 1024;
 /// A refill with less free room than this first moves to a fresh allocation. Buffered
 /// payloads shorter than this are copied out, so a small write never holds a whole
-/// buffer alive: what a payload pins stays within ~4× its length, which is what the
-/// connection's memory budget counts.
+/// buffer alive; a longer one is counted by the memory budget as a whole buffer
+/// ([`memory_held`]).
 const MIN_READ: usize = 16 * 1024;
+
+/// The most memory a write payload of `length` bytes can keep allocated while it is in
+/// flight: what the memory budget must count for it. A short payload has its own
+/// allocation; a longer one may share (and keep alive) a whole buffer.
+pub(crate) fn memory_held(length: u64) -> u64 {
+    if length < MIN_READ as u64 {
+        length
+    } else {
+        length.max(CAPACITY as u64)
+    }
+}
 
 /// A socket's read side with a buffer in front of it (see the module docs).
 #[derive(Debug)]

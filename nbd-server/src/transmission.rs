@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use crate::export::{Extent, ReadChunk, StatusQuery};
 use crate::handshake::Session;
 use crate::proto::{self, ReplyMode, RequestHeader, errno, reply};
-use crate::read_buffer::ReadBuffer;
+use crate::read_buffer::{self, ReadBuffer};
 use crate::request::{self, Command, SessionLimits, Verdict};
 use crate::shared::Shared;
 
@@ -370,7 +370,8 @@ async fn next_request<R: AsyncRead + Unpin>(
                 return Step::End("connection closing".into());
             };
             let budget_bytes = match command {
-                Command::Read { length, .. } | Command::Write { length, .. } => u64::from(length),
+                Command::Read { length, .. } => u64::from(length),
+                Command::Write { length, .. } => read_buffer::memory_held(u64::from(length)),
                 _ => 0,
             };
             let connection_budget = if budget_bytes > 0 {
