@@ -106,8 +106,11 @@ fn in_guest_the_lvm_srs_building_blocks_work_with_lvm2_dm_thin_and_thin_check() 
     assert!(refused.message.contains("LVM2_member"), "{refused:?}");
 
     // The SR's VG, its tagged LVs and its pool, on exactly its devices: the user's VG
-    // on another disk is not seen.
+    // on another disk is not seen (but its name is not taken twice).
     let lvm = Lvm::new(&devices, false).unwrap();
+    let clash = layout::create(&lvm, &dm, &devices, "uservg", sr, 0, WhenFull::Error).unwrap_err();
+    assert_eq!(clash.code, Code::SrExists, "{clash:?}");
+    assert!(lvm.vgs().unwrap().is_empty(), "nothing made: {clash:?}");
     let made = layout::create(&lvm, &dm, &devices, "tlsr", sr, 0, WhenFull::Error).unwrap();
     let vgs = lvm.vgs().unwrap();
     assert_eq!(vgs.len(), 1, "only the SR's VG is seen: {vgs:?}");

@@ -837,7 +837,16 @@ fn kill_9_during_single_step_commands_sr_changes_and_the_daemons_work_leaves_the
         "{r:?}"
     );
     assert_eq!(a.ok(&["vdi", "stat", "--sr", &sr, &d])["attached"], false);
+    // A socket counts as stale once it is older than an attach takes to set one up.
+    let socket = daemon_socket(&path, &d);
+    let young = a.run(&["sr", "check", "--sr", &sr]);
+    assert!(
+        !young.json.to_string().contains("stale_socket"),
+        "{young:?}"
+    );
+    run(Command::new("touch").args(["-h", "-d", "2 minutes ago", s(&socket)]));
     repaired(&a, &sr, &["stale_socket", "temporary_file"], &[], "attach");
+    assert!(!socket.exists());
     let uri = a.attach_uri(&sr, &d);
     assert!(nbd_write(&uri, 1 << 20, 1 << 20, 0x3c).status.success());
 
@@ -846,7 +855,6 @@ fn kill_9_during_single_step_commands_sr_changes_and_the_daemons_work_leaves_the
     // SAFETY: kill(2) with a pid and a signal number has no memory effects.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     wait_gone(pid, 10, "the daemon did not die");
-    let socket = daemon_socket(&path, &d);
     crash(&a, &["vdi", "detach", "--sr", &sr, &d], "write:sr.json");
     assert_eq!(a.ok(&["vdi", "stat", "--sr", &sr, &d])["attached"], true);
     assert!(!socket.exists(), "the socket went first");

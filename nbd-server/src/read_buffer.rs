@@ -64,8 +64,13 @@ impl<R: AsyncRead + Unpin> ReadBuffer<R> {
             return Ok(self.buf.split_to(length).freeze());
         } else {
             let mut large = std::mem::take(&mut self.buf);
-            // Copies only when the buffer's allocation cannot hold the whole payload.
-            large.reserve(length - large.len());
+            if large.capacity() < length {
+                // Its own allocation of exactly its size (never a grown buffer, whose
+                // spare room would outlive it): what is buffered (< 68 KiB) is copied.
+                let mut own = BytesMut::with_capacity(length);
+                own.extend_from_slice(&large);
+                large = own;
+            }
             large
         };
         let missing = (length - payload.len()) as u64;
@@ -75,7 +80,9 @@ impl<R: AsyncRead + Unpin> ReadBuffer<R> {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
         }
-        if self.buf.is_empty() && payload.capacity() > length {
+        // The read buffer's own allocation goes on serving reads after the payload; a
+        // payload's own allocation does not.
+        if self.buf.is_empty() && payload.capacity() > length && length <= CAPACITY {
             self.buf = payload.split_off(length);
         }
         Ok(payload.freeze())
@@ -167,6 +174,37 @@ mod tests {
         }
         let mut end = [0u8; 1];
         assert_eq!(reader.read(&mut end).await.unwrap(), 0, "end of stream");
+    }
+
+    #[tokio::test]
+    async fn the_buffer_never_keeps_more_than_its_capacity_whatever_the_payload_sizes() {
+        // Payloads over the buffer's size, growing by a third each time (a grown
+        // allocation would double and leave its spare room behind): each must get its
+        // own allocation, and the buffer must not keep a grown one.
+        let sizes: Vec<usize> = (0..16)
+            .map(|k| CAPACITY * 4usize.pow(k) / 3usize.pow(k) + 7)
+            .collect();
+        let mut stream = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            stream.extend_from_slice(&[i as u8; 8]);
+            stream.extend(pattern(len, i as u8));
+        }
+        let chunks = stream.chunks(40_000).map(<[u8]>::to_vec).collect();
+        let mut reader = reader_of(chunks).await;
+        for (i, &len) in sizes.iter().enumerate() {
+            let mut header = [0u8; 8];
+            reader.read_exact(&mut header).await.unwrap();
+            let payload = reader.read_payload(len).await.unwrap();
+            assert!(payload[..] == pattern(len, i as u8)[..], "payload {i}");
+            assert!(
+                reader.buf.capacity() <= CAPACITY,
+                "after a {len}-byte payload the buffer holds {} bytes",
+                reader.buf.capacity()
+            );
+        }
+        assert_eq!(memory_held(100), 100);
+        assert_eq!(memory_held(16 << 10), CAPACITY as u64);
+        assert_eq!(memory_held(1 << 20), 1 << 20);
     }
 
     #[tokio::test]

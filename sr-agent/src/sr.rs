@@ -139,15 +139,20 @@ fn read(name: &str) -> Result<(Sr, Box<dyn Backend>)> {
     Ok((sr, backend))
 }
 
-/// The registered UUID `name` whose directory holds no SR any more (a destroy
-/// interrupted after its metadata was removed, or a directory removed by hand).
-fn dangling(name: &str) -> Option<Uuid> {
+/// The registered UUID `name` whose directory is there without the agent's directory
+/// (a destroy interrupted after its metadata was removed) or, with `gone_too`, is not
+/// there at all (removed by hand). Only proof counts: a directory that cannot be read
+/// (permissions, a file system not mounted yet) is not dangling.
+fn dangling(name: &str, gone_too: bool) -> Option<Uuid> {
     let uuid = Uuid::parse_str(name).ok()?;
     let entry = registry::list()
         .ok()?
         .into_iter()
         .find(|e| e.uuid == uuid)?;
-    (!store::is_sr(&entry.path)).then_some(uuid)
+    let missing = |p: &Path| matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+    let dir_there = std::fs::metadata(&entry.path).is_ok_and(|m| m.is_dir());
+    let emptied = dir_there && missing(&entry.path.join(store::DIR));
+    (emptied || (gone_too && missing(&entry.path))).then_some(uuid)
 }
 
 /// What `sr forget` answers.
@@ -164,7 +169,7 @@ pub enum Forgotten {
 
 /// `sr forget`: unregisters the SR; nothing on disk changes.
 pub fn forget(name: &str) -> Result<Forgotten> {
-    if let Some(uuid) = dangling(name) {
+    if let Some(uuid) = dangling(name, true) {
         let path = registry::resolve(name)?.display().to_string();
         registry::remove(uuid)?;
         return Ok(Forgotten::Entry { uuid, path });
@@ -186,7 +191,7 @@ pub struct DestroyOptions {
 /// Deletes every volume the SR made and its metadata; the directory too if the agent
 /// made it and it is empty. Templates are only forgotten.
 pub fn destroy(o: &DestroyOptions) -> Result<Uuid> {
-    if let Some(uuid) = dangling(&o.sr) {
+    if let Some(uuid) = dangling(&o.sr, false) {
         // Its metadata is gone: a destroy was interrupted after removing it.
         registry::remove(uuid)?;
         return Ok(uuid);
@@ -302,19 +307,20 @@ pub fn stat(name: &str, templates: &Templates) -> Result<SrView> {
             objects.push(v);
         }
     }
-    let troubles: Vec<Option<String>> = std::thread::scope(|scope| {
-        let checks: Vec<_> = objects
-            .iter()
-            .map(|v| scope.spawn(|| templates.trouble(&sr.path, v)))
-            .collect();
-        checks
-            .into_iter()
-            .map(|c| {
+    // At most 16 at a time: hundreds of templates must not mean hundreds of threads.
+    let mut troubles: Vec<Option<String>> = Vec::with_capacity(objects.len());
+    for batch in objects.chunks(16) {
+        std::thread::scope(|scope| {
+            let checks: Vec<_> = batch
+                .iter()
+                .map(|v| scope.spawn(|| templates.trouble(&sr.path, v)))
+                .collect();
+            troubles.extend(checks.into_iter().map(|c| {
                 c.join()
                     .unwrap_or_else(|_| Some("checking it failed".to_owned()))
-            })
-            .collect()
-    });
+            }));
+        });
+    }
     shown.template_errors = records
         .iter()
         .filter_map(|v| {

@@ -44,16 +44,26 @@ fn cache_name(uri: &str, identity: &str) -> String {
     thinline_cor::cache::cache_file_name(uri, identity)
 }
 
-/// Cache files no template record reads through.
+/// Cache files no template record reads through. A record without an identity (made
+/// before identities were recorded) reads through a cache named from the identity its
+/// template has when the daemon opens it: every cache of its URI counts as used.
 fn unused_caches(sr: &Sr) -> Vec<PathBuf> {
-    let used: Vec<String> = sr
-        .md
-        .vdis
-        .iter()
-        .filter(|v| v.is_template())
-        .filter_map(|v| Some(cache_name(v.uri.as_deref()?, v.identity.as_deref()?)))
-        .collect();
-    let Ok(entries) = std::fs::read_dir(caches_dir(sr)) else {
+    let dir = caches_dir(sr);
+    let mut used: Vec<String> = Vec::new();
+    for v in sr.md.vdis.iter().filter(|v| v.is_template()) {
+        let Some(uri) = v.uri.as_deref() else {
+            continue;
+        };
+        match v.identity.as_deref() {
+            Some(identity) => used.push(cache_name(uri, identity)),
+            None => used.extend(
+                thinline_cor::cache::other_caches_of(&dir, uri, "")
+                    .iter()
+                    .filter_map(|p| Some(p.file_name()?.to_str()?.to_owned())),
+            ),
+        }
+    }
+    let Ok(entries) = std::fs::read_dir(&dir) else {
         return Vec::new();
     };
     let mut out: Vec<PathBuf> = entries
@@ -67,8 +77,12 @@ fn unused_caches(sr: &Sr) -> Vec<PathBuf> {
     out
 }
 
-/// Sockets in the daemon's directory, of VDIs not attached, that nobody listens on:
-/// a socket being set up for an attach in progress is listened on already.
+/// How old a socket must be to be stale: one being set up for an attach is bound a
+/// moment before it is listened on.
+const SOCKET_SETUP: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Sockets in the daemon's directory, of VDIs not attached, that nobody listens on and
+/// that are older than [`SOCKET_SETUP`].
 fn stale_sockets(sr: &Sr) -> Vec<PathBuf> {
     let attached: Vec<PathBuf> = sr
         .md
@@ -89,6 +103,11 @@ fn stale_sockets(sr: &Sr) -> Vec<PathBuf> {
         .filter(|e| e.file_name().to_str().is_some_and(ours))
         .map(|e| e.path())
         .filter(|p| !attached.contains(p))
+        .filter(|p| {
+            std::fs::symlink_metadata(p)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > SOCKET_SETUP))
+        })
         .filter(|p| std::os::unix::net::UnixStream::connect(p).is_err())
         .collect();
     out.sort();

@@ -145,10 +145,16 @@ pub fn create(
             ));
         }
     }
+    if vg_name_taken(vg)? {
+        return Err(Error::new(
+            Code::SrExists,
+            format!("a volume group named {vg} exists on this host: choose another name"),
+        ));
+    }
     let names: Vec<&str> = devices.iter().filter_map(|d| d.to_str()).collect();
     let tag = owner_tag(sr);
-    lvm.run("pvcreate", &[&["-y"], names.as_slice()].concat())?;
     let made = (|| {
+        lvm.run("pvcreate", &[&["-y"], names.as_slice()].concat())?;
         lvm.run(
             "vgcreate",
             &[&["--addtag", tag.as_str(), vg], names.as_slice()].concat(),
@@ -172,6 +178,8 @@ pub fn create(
                 &["-y", "-Zy", "--addtag", &tag, "-L", &size, "-n", name, vg],
             )?;
         }
+        let mgt = PathBuf::from(format!("/dev/{vg}/{MGT_LV}"));
+        super::mgt::MetadataVolume::open(&mgt)?.format()?;
         let pool = pool_name(sr);
         let table = pool_table(
             &format!("/dev/{vg}/{POOL_META_LV}"),
@@ -185,7 +193,7 @@ pub fn create(
         Ok(Created {
             vg: vg.to_owned(),
             sizes,
-            mgt: PathBuf::from(format!("/dev/{vg}/{MGT_LV}")),
+            mgt,
             pool,
         })
     })();
@@ -195,6 +203,18 @@ pub fn create(
         let _ = lvm.run("pvremove", &[&["-y"], names.as_slice()].concat());
     }
     made
+}
+
+/// Whether a VG named `vg` exists anywhere on the host: the SR's own lvm commands see
+/// only its devices, and two VGs of one name would make lvm2 refuse to activate either
+/// by name.
+fn vg_name_taken(vg: &str) -> Result<bool> {
+    let mut c = std::process::Command::new("vgs");
+    c.env("LC_ALL", "C")
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .args(["--noheadings", "-o", "vg_name"]);
+    let listed = super::output_of(c, "vgs")?;
+    Ok(listed.lines().any(|l| l.trim() == vg))
 }
 
 /// Takes SR `sr`'s pool down and removes its VG and PVs (an SR that owns its VG).

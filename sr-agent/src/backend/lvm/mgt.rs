@@ -7,7 +7,10 @@
 //! a read takes the valid slot with the highest generation. A slot is valid when its
 //! header's magic, version and checksum match and its payload's checksum does: a write
 //! torn by a crash or a power cut leaves an invalid slot and the previous record in
-//! the other one, so a reader sees the old state or the new, never a mix.
+//! the other one, so a reader sees the old state or the new, never a mix. A slot of
+//! another format version (a newer Thinline's) is an error for reads and writes:
+//! never read past, never written over. A new SR's volume is [`MetadataVolume::format`]ted
+//! first, since an LV may hold an older SR's records where its extents were before.
 //!
 //! Header (big-endian, 48 bytes, the rest of the 4 KiB zero):
 //!
@@ -37,6 +40,7 @@ const HEADER_USED: usize = 48;
 /// A slot's header, decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Header {
+    version: u32,
     slot: u32,
     generation: u64,
     payload_len: u64,
@@ -47,7 +51,7 @@ impl Header {
     fn encode(&self) -> [u8; HEADER_USED] {
         let mut b = [0u8; HEADER_USED];
         b[0..8].copy_from_slice(&MAGIC);
-        b[8..12].copy_from_slice(&VERSION.to_be_bytes());
+        b[8..12].copy_from_slice(&self.version.to_be_bytes());
         b[12..16].copy_from_slice(&self.slot.to_be_bytes());
         b[16..24].copy_from_slice(&self.generation.to_be_bytes());
         b[24..32].copy_from_slice(&self.payload_len.to_be_bytes());
@@ -70,13 +74,8 @@ impl Header {
         if u32_at(44) != crc32c::crc32c(&b[..44]) {
             return Err("header checksum mismatch".into());
         }
-        if u32_at(8) != VERSION {
-            return Err(format!(
-                "metadata format {} (this thinline reads {VERSION})",
-                u32_at(8)
-            ));
-        }
         Ok(Some(Header {
+            version: u32_at(8),
             slot: u32_at(12),
             generation: u64_at(16),
             payload_len: u64_at(24),
@@ -139,6 +138,18 @@ impl MetadataVolume {
         })
     }
 
+    /// Empties both slots (a new SR's volume: an LV may hold an older SR's records
+    /// where its extents were before), synced.
+    pub fn format(&self) -> Result<()> {
+        let zero = [0u8; HEADER_USED];
+        for index in 0..2u64 {
+            self.file
+                .write_all_at(&zero, index * self.slot_len)
+                .map_err(|e| self.io_err("write", &e))?;
+        }
+        self.file.sync_data().map_err(|e| self.io_err("write", &e))
+    }
+
     /// The largest payload a slot holds.
     pub fn capacity(&self) -> u64 {
         self.slot_len - HEADER_LEN
@@ -155,6 +166,17 @@ impl MetadataVolume {
             Ok(Some(h)) => h,
             Err(why) => return Ok(Slot::Damaged(why)),
         };
+        if header.version != VERSION {
+            // Written by another Thinline: neither read past nor written over.
+            return Err(Error::new(
+                Code::SrBackendFailure,
+                format!(
+                    "{}: slot {index} holds metadata format {}, this thinline reads format {VERSION}",
+                    self.path.display(),
+                    header.version
+                ),
+            ));
+        }
         if header.slot != index {
             return Ok(Slot::Damaged(format!(
                 "written for slot {}, found in slot {index}",
@@ -234,10 +256,20 @@ impl MetadataVolume {
             None => (1, 0),
             Some(r) => {
                 let newest = if self.holds(0, r.generation)? { 0 } else { 1 };
-                (r.generation + 1, 1 - newest)
+                let next = r.generation.checked_add(1).ok_or_else(|| {
+                    Error::new(
+                        Code::SrBackendFailure,
+                        format!(
+                            "{}: the metadata generation is exhausted",
+                            self.path.display()
+                        ),
+                    )
+                })?;
+                (next, 1 - newest)
             }
         };
         let header = Header {
+            version: VERSION,
             slot: target,
             generation,
             payload_len: payload.len() as u64,
@@ -374,22 +406,46 @@ mod tests {
     }
 
     #[test]
-    fn a_header_of_another_format_version_is_reported_as_such() {
+    fn a_slot_of_another_format_version_is_an_error_for_reads_and_writes() {
         let (_d, path, v) = volume(64 << 10);
         v.write(b"x").unwrap();
-        let mut h = Header {
+        let h = Header {
+            version: 2,
             slot: 1,
             generation: 9,
             payload_len: 0,
             payload_crc: crc32c::crc32c(b""),
         }
         .encode();
-        h[8..12].copy_from_slice(&2u32.to_be_bytes());
-        let crc = crc32c::crc32c(&h[..44]);
-        h[44..48].copy_from_slice(&crc.to_be_bytes());
         scribble(&path, v.slot_len, &h);
-        let r = v.read().unwrap().unwrap();
-        assert_eq!(r.generation, 1);
-        assert!(r.other_slot_damage.unwrap().contains("format 2"));
+        let err = v.read().unwrap_err();
+        assert!(err.message.contains("format 2"), "{}", err.message);
+        assert!(v.write(b"y").is_err(), "never written over");
+    }
+
+    #[test]
+    fn format_empties_both_slots_of_a_reused_volume() {
+        let (_d, _p, v) = volume(64 << 10);
+        v.write(b"an older SR").unwrap();
+        v.write(b"its newer record").unwrap();
+        v.format().unwrap();
+        assert_eq!(v.read().unwrap(), None);
+        assert_eq!(v.write(b"new SR").unwrap(), 1);
+    }
+
+    #[test]
+    fn an_exhausted_generation_is_an_error_not_a_wrap() {
+        let (_d, path, v) = volume(64 << 10);
+        let h = Header {
+            version: VERSION,
+            slot: 0,
+            generation: u64::MAX,
+            payload_len: 0,
+            payload_crc: crc32c::crc32c(b""),
+        }
+        .encode();
+        scribble(&path, 0, &h);
+        assert_eq!(v.read().unwrap().unwrap().generation, u64::MAX);
+        assert!(v.write(b"z").is_err());
     }
 }
