@@ -930,6 +930,23 @@ fn kill_9_during_single_step_commands_sr_changes_and_the_daemons_work_leaves_the
     );
     assert!(cache_files(&path).is_empty(), "{:?}", cache_files(&path));
     assert!(a.vdis(&path).iter().all(|v| uuid(v) != t), "forgotten");
+    // Forgotten without a crash, the daemon lets go of the cache it held open, and a
+    // template introduced again at that URI gets a cache file of its own.
+    let daemon_caches = || daemon_status(&path)["caches"].clone();
+    let template_path = a.path("template.qcow2");
+    for round in ["first", "again"] {
+        let t = uuid(&a.ok(&["vdi", "introduce", "--sr", &sr, s(&template_path)]));
+        let c = uuid(&a.ok(&["vdi", "clone", "--sr", &sr, &t]));
+        let uri = a.attach_uri(&sr, &c);
+        assert!(nbd_reads(&uri, 0, 1 << 20, 0x42), "{round}");
+        a.ok(&["vdi", "detach", "--sr", &sr, &c]);
+        a.ok(&["vdi", "destroy", "--sr", &sr, &c]);
+        assert_eq!(cache_files(&path).len(), 1, "{round}");
+        assert_eq!(daemon_caches().as_array().map(Vec::len), Some(1), "{round}");
+        a.ok(&["vdi", "forget", "--sr", &sr, &t]);
+        assert_eq!(daemon_caches(), serde_json::json!([]), "{round}");
+        assert!(cache_files(&path).is_empty(), "{round}");
+    }
 
     // sr forget: still registered; sr create: reached by its path, and introduced.
     let registered = |u: &str| {

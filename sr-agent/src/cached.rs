@@ -98,8 +98,8 @@ pub struct Caches {
     /// The daemon's remote settings, on the caches' runtime.
     templates: Templates,
     runtime: Option<tokio::runtime::Runtime>,
-    /// The caches opened, for their status.
-    cors: Mutex<Vec<CorExport>>,
+    /// The caches opened (by the name overlays give their template), for their status.
+    cors: Mutex<Vec<(String, CorExport)>>,
     /// By the name overlays give the template (its URI as shown).
     open: Mutex<HashMap<String, Arc<dyn Storage>>>,
 }
@@ -189,7 +189,10 @@ impl Caches {
             )
             .map_err(|e| fail(format!("cannot open its cache: {e}")))?
         };
-        self.cors.lock().expect("not poisoned").push(cor.clone());
+        self.cors
+            .lock()
+            .expect("not poisoned")
+            .push((shown.to_owned(), cor.clone()));
         let storage: Arc<dyn Storage> = Arc::new(CachedTemplate {
             size: cor.size(),
             export: Arc::new(cor),
@@ -205,7 +208,7 @@ impl Caches {
     /// stop keeps what was fetched; then closes the caches.
     pub async fn close(&self) {
         let cors = std::mem::take(&mut *self.cors.lock().expect("not poisoned"));
-        for cor in &cors {
+        for (_, cor) in &cors {
             cor.settle(std::time::Duration::from_secs(10)).await;
         }
         self.open.lock().expect("not poisoned").clear();
@@ -214,7 +217,38 @@ impl Caches {
     /// Upstream fetches the caches have in flight (demanded and speculative).
     pub fn fetches_in_flight(&self) -> usize {
         let cors = self.cors.lock().expect("not poisoned");
-        cors.iter().map(|c| c.status().in_flight).sum()
+        cors.iter().map(|(_, c)| c.status().in_flight).sum()
+    }
+
+    /// The templates whose caches are open (by the name overlays give them).
+    pub fn open_templates(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .cors
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|(shown, _)| shown.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Closes the cache of the template `shown` (forgotten: its file is removed), after
+    /// its fetches in flight settle, so a template introduced again at that URI gets a
+    /// cache of its own.
+    pub async fn forget(&self, shown: &str) {
+        let gone: Vec<CorExport> = {
+            let mut cors = self.cors.lock().expect("not poisoned");
+            let (gone, kept) = std::mem::take(&mut *cors)
+                .into_iter()
+                .partition(|(s, _)| s == shown);
+            *cors = kept;
+            gone.into_iter().map(|(_, c)| c).collect()
+        };
+        self.open.lock().expect("not poisoned").remove(shown);
+        for cor in &gone {
+            cor.settle(std::time::Duration::from_secs(10)).await;
+        }
     }
 
     /// A backing opener like [`Templates::opener`], with templates read through their

@@ -89,6 +89,8 @@ pub enum Request {
     Shutdown,
     /// Make `change` to a VDI this daemon may be serving; answers the new VDI's view.
     Change { vdi: Uuid, change: Change },
+    /// Close the cache of a forgotten template (its URI as shown).
+    ForgetTemplate { uri: String },
 }
 
 /// A change to a disk's files that its open image must not see happen.
@@ -128,9 +130,10 @@ pub fn request(sr: &Path, request: &Request) -> Option<Result<serde_json::Value>
     let wait = match request {
         // Answered at once by a daemon that runs: never wait long for it.
         Request::Status | Request::Shutdown => Duration::from_secs(5),
-        Request::Attach { .. } | Request::Detach { .. } | Request::Change { .. } => {
-            Duration::from_secs(120)
-        }
+        Request::Attach { .. }
+        | Request::Detach { .. }
+        | Request::Change { .. }
+        | Request::ForgetTemplate { .. } => Duration::from_secs(120),
     };
     let stream = UnixStream::connect(run_dir(sr).join(CONTROL)).ok()?;
     let _ = stream.set_read_timeout(Some(wait));
@@ -447,6 +450,10 @@ impl Daemon {
             Request::Attach { vdi } => self.attach(vdi, true).await.map(|a| json(&a)),
             Request::Detach { vdi } => self.detach(vdi).await,
             Request::Change { vdi, change } => self.change(vdi, change).await,
+            Request::ForgetTemplate { uri } => {
+                self.caches.forget(&uri).await;
+                Ok(serde_json::json!({}))
+            }
             Request::Status => {
                 let mut serving: Vec<Uuid> = self
                     .served
@@ -460,6 +467,7 @@ impl Daemon {
                     pid: std::process::id(),
                     serving,
                     fetches_in_flight: self.caches.fetches_in_flight(),
+                    caches: self.caches.open_templates(),
                 }))
             }
             Request::Shutdown => {

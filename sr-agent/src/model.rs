@@ -158,4 +158,7 @@ pub struct DaemonStatus {
     /// Fetches from templates the caches have in flight.
     #[serde(default)]
     pub fetches_in_flight: usize,
+    /// The templates (URIs as shown) whose caches the daemon has open.
+    #[serde(default)]
+    pub caches: Vec<String>,
 }

@@ -461,6 +461,17 @@ pub fn forget(o: &ForgetOptions) -> Result<Forgotten> {
             .map_err(|e| Error::new(e.code, format!("{} (--force forgets it anyway: they keep their files but cannot be opened until the template is introduced again)", e.message)))?;
     }
     backend.destroy(&mut sr, v.uuid)?;
+    // A running daemon lets go of the cache it may hold open (its file is gone), unless
+    // another record of the same template still reads through it.
+    if let Some(uri) = &v.uri
+        && !sr.md.vdis.iter().any(|o| o.is_template() && o.uri == v.uri)
+        && let Some(Err(e)) = daemon::request(
+            &sr.path,
+            &daemon::Request::ForgetTemplate { uri: uri.clone() },
+        )
+    {
+        tracing::warn!(template = %uri, error = %e, "the SR daemon did not close the forgotten template's cache");
+    }
     Ok(Forgotten {
         uuid: v.uuid,
         orphaned,

@@ -182,6 +182,27 @@ pub(crate) fn repair(sr: &Sr) -> Result<Vec<String>> {
         remove(&p)?;
         done.push(format!("removed the unused cache {}", p.display()));
     }
+    // A daemon that still holds the cache of a forgotten template (its forget was
+    // killed before it asked the daemon) lets go of it.
+    let status = crate::daemon::request(&sr.path, &crate::daemon::Request::Status)
+        .and_then(|r| r.ok())
+        .and_then(|v| serde_json::from_value::<crate::model::DaemonStatus>(v).ok());
+    for uri in status.map(|s| s.caches).unwrap_or_default() {
+        let known = sr
+            .md
+            .vdis
+            .iter()
+            .any(|v| v.is_template() && v.uri.as_deref() == Some(uri.as_str()));
+        if !known {
+            let forget = crate::daemon::Request::ForgetTemplate { uri: uri.clone() };
+            if let Some(answer) = crate::daemon::request(&sr.path, &forget) {
+                answer?;
+                done.push(format!(
+                    "closed the SR daemon's cache of the forgotten template {uri}"
+                ));
+            }
+        }
+    }
     Ok(done)
 }
 
