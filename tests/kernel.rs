@@ -77,7 +77,7 @@ fn in_guest_the_lvm_srs_building_blocks_work_with_lvm2_dm_thin_and_thin_check() 
     use thinline_sr::backend::lvm::dm::{Dm, udev_runs};
     use thinline_sr::backend::lvm::layout::{self, BLOCK_BYTES, MGT_BYTES};
     use thinline_sr::backend::lvm::mgt::MetadataVolume;
-    use thinline_sr::backend::lvm::pool::{Message, PoolMode, WhenFull, pool_table, thin_table};
+    use thinline_sr::backend::lvm::pool::{Message, PoolMode, WhenFull, thin_table};
 
     let env =
         |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name}: set by lvm-blocks.sh"));
@@ -193,17 +193,7 @@ fn in_guest_the_lvm_srs_building_blocks_work_with_lvm2_dm_thin_and_thin_check() 
     let meta = format!("/dev/tlsr/{}", layout::POOL_META_LV);
     let check = Command::new("thin_check").arg(&meta).output().unwrap();
     assert!(check.status.success(), "thin_check: {check:?}");
-    let data = format!("/dev/tlsr/{}", layout::POOL_DATA_LV);
-    let table = pool_table(
-        &meta,
-        &data,
-        made.sizes.pool_data,
-        BLOCK_BYTES,
-        0,
-        WhenFull::Error,
-    )
-    .unwrap();
-    dm.create(&made.pool, &table).unwrap();
+    dm.create(&made.pool, &made.pool_table).unwrap();
     dm.create("tlthin", &thin).unwrap();
     let mut back = vec![0u8; pattern.len()];
     let mut dev = std::fs::File::open("/dev/mapper/tlthin").unwrap();

@@ -82,6 +82,11 @@ impl VdiRecord {
     pub fn read_only(&self) -> bool {
         self.kind != VdiType::Disk
     }
+
+    /// `UUID (name-label)`, as messages name a VDI.
+    pub fn shown(&self) -> String {
+        format!("{} ({})", self.uuid, self.name_label)
+    }
 }
 
 /// An SR as commands print it.

@@ -143,7 +143,7 @@ fn read(name: &str) -> Result<(Sr, Box<dyn Backend>)> {
 /// (a destroy interrupted after its metadata was removed) or, with `gone_too`, is not
 /// there at all (removed by hand). Only proof counts: a directory that cannot be read
 /// (permissions, a file system not mounted yet) is not dangling.
-fn dangling(name: &str, gone_too: bool) -> Option<Uuid> {
+fn dangling(name: &str, gone_too: bool) -> Option<(Uuid, PathBuf)> {
     let uuid = Uuid::parse_str(name).ok()?;
     let entry = registry::list()
         .ok()?
@@ -152,7 +152,7 @@ fn dangling(name: &str, gone_too: bool) -> Option<Uuid> {
     let missing = |p: &Path| matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
     let dir_there = std::fs::metadata(&entry.path).is_ok_and(|m| m.is_dir());
     let emptied = dir_there && missing(&entry.path.join(store::DIR));
-    (emptied || (gone_too && missing(&entry.path))).then_some(uuid)
+    (emptied || (gone_too && missing(&entry.path))).then_some((uuid, entry.path))
 }
 
 /// What `sr forget` answers.
@@ -169,9 +169,9 @@ pub enum Forgotten {
 
 /// `sr forget`: unregisters the SR; nothing on disk changes.
 pub fn forget(name: &str) -> Result<Forgotten> {
-    if let Some(uuid) = dangling(name, true) {
-        let path = registry::resolve(name)?.display().to_string();
+    if let Some((uuid, path)) = dangling(name, true) {
         registry::remove(uuid)?;
+        let path = path.display().to_string();
         return Ok(Forgotten::Entry { uuid, path });
     }
     let (sr, backend) = read(name)?;
@@ -191,7 +191,7 @@ pub struct DestroyOptions {
 /// Deletes every volume the SR made and its metadata; the directory too if the agent
 /// made it and it is empty. Templates are only forgotten.
 pub fn destroy(o: &DestroyOptions) -> Result<Uuid> {
-    if let Some(uuid) = dangling(&o.sr, false) {
+    if let Some((uuid, _)) = dangling(&o.sr, false) {
         // Its metadata is gone: a destroy was interrupted after removing it.
         registry::remove(uuid)?;
         return Ok(uuid);
@@ -202,7 +202,7 @@ pub fn destroy(o: &DestroyOptions) -> Result<Uuid> {
         .vdis
         .iter()
         .filter(|v| v.attached)
-        .map(|v| format!("{} ({})", v.uuid, v.name_label))
+        .map(|v| v.shown())
         .collect();
     if !attached.is_empty() {
         return Err(Error::new(
@@ -219,7 +219,7 @@ pub fn destroy(o: &DestroyOptions) -> Result<Uuid> {
         .vdis
         .iter()
         .filter(|v| matches!(v.kind, VdiType::Disk | VdiType::Snapshot))
-        .map(|v| format!("{} ({})", v.uuid, v.name_label))
+        .map(|v| v.shown())
         .collect();
     if !volumes.is_empty() && !o.force {
         return Err(Error::new(

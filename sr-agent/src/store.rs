@@ -333,7 +333,8 @@ fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
     .map_err(Into::into)
 }
 
-fn remove_if_present(path: &Path) -> Result<()> {
+/// Removes the file `path`; one already gone is fine.
+pub(crate) fn remove_if_present(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

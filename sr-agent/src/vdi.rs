@@ -84,7 +84,7 @@ fn refuse_dependents(sr: &Sr, v: &VdiRecord, op: &str) -> Result<()> {
             if d.kind == VdiType::Layer {
                 format!("a layer ({})", d.file.as_deref().unwrap_or("?"))
             } else {
-                format!("{} ({})", d.uuid, d.name_label)
+                d.shown()
             }
         })
         .collect();
@@ -442,7 +442,7 @@ pub fn forget(o: &ForgetOptions) -> Result<Forgotten> {
         .iter()
         .filter_map(|u| sr.md.get(*u))
         .filter(|d| d.attached)
-        .map(|d| format!("{} ({})", d.uuid, d.name_label))
+        .map(|d| d.shown())
         .collect();
     if !attached.is_empty() {
         // Even with --force: its cache goes with it, and they read through it.

@@ -6,14 +6,14 @@
 //! them, with positive evidence only: the agent's own names in the agent's own
 //! directories.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use uuid::Uuid;
 
 use super::Finding;
-use crate::store::{DIR, Sr};
+use crate::Result;
+use crate::store::{DIR, Sr, remove_if_present};
 use crate::template;
-use crate::{Error, Result};
 
 /// The JSON files the agent replaces through `NAME.tmp`.
 const REPLACED: [&str; 2] = ["sr.json", "credentials.json"];
@@ -160,7 +160,7 @@ pub(crate) fn findings(sr: &Sr) -> Vec<Finding> {
 pub(crate) fn repair(sr: &Sr) -> Result<Vec<String>> {
     let mut done = Vec::new();
     for p in temporary_files(sr) {
-        remove(&p)?;
+        remove_if_present(&p)?;
         done.push(format!("removed {}", p.display()));
     }
     let orphans = orphan_credentials(sr)?;
@@ -175,11 +175,11 @@ pub(crate) fn repair(sr: &Sr) -> Result<Vec<String>> {
         );
     }
     for p in stale_sockets(sr) {
-        remove(&p)?;
+        remove_if_present(&p)?;
         done.push(format!("removed the stale socket {}", p.display()));
     }
     for p in unused_caches(sr) {
-        remove(&p)?;
+        remove_if_present(&p)?;
         done.push(format!("removed the unused cache {}", p.display()));
     }
     // A daemon that still holds the cache of a forgotten template (its forget was
@@ -217,13 +217,5 @@ pub(crate) fn remove_cache_of(sr: &Sr, uri: &str, identity: &str) -> Result<()> 
     if shared {
         return Ok(());
     }
-    remove(&caches_dir(sr).join(name))
-}
-
-fn remove(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(format!("cannot remove {}", path.display()), &e)),
-    }
+    remove_if_present(&caches_dir(sr).join(name))
 }

@@ -91,6 +91,8 @@ pub struct Created {
     pub mgt: PathBuf,
     /// The pool's device-mapper name.
     pub pool: String,
+    /// The pool's table: what activates it again from its metadata.
+    pub pool_table: String,
 }
 
 /// What `blkid` finds on `device` (a file system, a PV, a partition table…), if
@@ -195,6 +197,7 @@ pub fn create(
             sizes,
             mgt,
             pool,
+            pool_table: table,
         })
     })();
     if made.is_err() {
