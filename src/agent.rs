@@ -59,6 +59,9 @@ pub fn sr_text(v: &SrView, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "uuid:        {}", v.uuid)?;
     writeln!(out, "name-label:  {}", v.name_label)?;
     writeln!(out, "path:        {}", v.path)?;
+    if let Some(vg) = &v.vg {
+        writeln!(out, "vg:          {vg}")?;
+    }
     writeln!(
         out,
         "space:       {} free of {}, {} used by {} VDIs",

@@ -48,6 +48,14 @@ pub fn run(args: QuickstartArgs) -> anyhow::Result<u8> {
     }
 }
 
+/// The SR daemon's answer to an attach lacked `what`.
+fn no_answer(what: &str) -> Error {
+    Error::new(
+        thinline_sr::Code::SrBackendFailure,
+        format!("the SR daemon answered no {what}"),
+    )
+}
+
 fn prepare(args: &QuickstartArgs) -> thinline_sr::Result<(Ready, PathBuf)> {
     let dir = std::path::absolute(&args.dir)
         .map_err(|e| Error::io(format!("cannot resolve {}", args.dir.display()), &e))?;
@@ -56,13 +64,12 @@ fn prepare(args: &QuickstartArgs) -> thinline_sr::Result<(Ready, PathBuf)> {
     let sr_path = dir.join("sr");
     let sr_view = if thinline_sr::store::is_sr(&sr_path) {
         sr::introduce(&sr::IntroduceOptions {
-            path: sr_path.clone(),
+            target: sr::Existing::Directory(sr_path.clone()),
             name_label: None,
         })?
     } else {
         sr::create(&sr::CreateOptions {
-            path: sr_path.clone(),
-            kind: thinline_sr::model::SrType::File,
+            place: sr::Place::Directory(sr_path.clone()),
             name_label: Some("quickstart".into()),
         })?
     };
@@ -124,8 +131,8 @@ fn prepare(args: &QuickstartArgs) -> thinline_sr::Result<(Ready, PathBuf)> {
             sr: sr_name,
             template: template.to_string(),
             vdi: clone.to_string(),
-            nbd_uri: attached.nbd_uri,
-            socket: attached.socket,
+            nbd_uri: attached.nbd_uri.ok_or_else(|| no_answer("NBD URI"))?,
+            socket: attached.socket.ok_or_else(|| no_answer("socket"))?,
         },
         sr_path,
     ))

@@ -6,15 +6,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Args, Subcommand, ValueEnum};
-use thinline_sr::model::SrType;
 use thinline_sr::sr;
 
 use crate::agent::{OnSr, finish, sr_text};
 
-/// Storage repositories: directories that hold templates, thin disks and snapshots.
+/// Storage repositories: directories, or LVM volume groups with a dm-thin pool, that
+/// hold templates, thin disks and snapshots.
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   thinline sr create --type file /srv/thinline/sr1 --name-label local
+  thinline sr create --type lvm /dev/disk/by-id/nvme-A /dev/disk/by-id/nvme-B
   thinline sr list --json")]
 pub struct SrArgs {
     #[command(subcommand)]
@@ -42,39 +43,60 @@ enum SrCommand {
 enum TypeArg {
     /// A directory of qcow2 files (no root, no LVM, no kernel module).
     File,
+    /// A new LVM volume group on empty devices, with a dm-thin pool (root; lvm2,
+    /// dmsetup and thin-provisioning-tools).
+    Lvm,
 }
 
-/// Make a new SR in a new (or empty) directory, and register it.
+/// Make a new SR and register it: a directory SR in a new (or empty) directory, or
+/// an LVM SR on empty devices (a new VG, its metadata volume and a dm-thin pool filling
+/// it but for --reserve; devices holding anything blkid recognises are refused).
 #[derive(Debug, Args)]
-#[command(after_help = "Example:
-  thinline sr create --type file /srv/thinline/sr1 --name-label local")]
+#[command(after_help = "Examples:
+  thinline sr create --type file /srv/thinline/sr1 --name-label local
+  thinline sr create --type lvm /dev/sdb /dev/sdc --vg vms --reserve 20G --json")]
 struct CreateArgs {
     /// The kind of SR.
     #[arg(long = "type", value_enum, default_value = "file")]
     kind: TypeArg,
-    /// A name for people (default: the directory's name).
+    /// A name for people (default: the directory's name; the VG's).
     #[arg(long, value_name = "LABEL")]
     name_label: Option<String>,
+    /// LVM: the new volume group's name (default: thinline- and the SR's UUID's first
+    /// eight digits).
+    #[arg(long, value_name = "NAME")]
+    vg: Option<String>,
+    /// LVM: bytes of the VG left outside the thin pool (a pool's data cannot shrink),
+    /// e.g. 20G.
+    #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size, default_value = "0")]
+    reserve: usize,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-    /// The directory to make.
-    path: PathBuf,
+    /// The directory to make (file), or the devices (lvm).
+    #[arg(required = true, value_name = "PATH|DEVICE")]
+    paths: Vec<PathBuf>,
 }
 
 /// Adopt an existing directory as an SR (files already in it are left alone), or
-/// register again an SR that is already there.
+/// register again an SR that is already there; with --type lvm, adopt the LVM SR in a
+/// VG (forgotten, or moved from another host: its devices are found by a scan).
 #[derive(Debug, Args)]
-#[command(after_help = "Example:
-  thinline sr introduce /var/lib/images --name-label images")]
+#[command(after_help = "Examples:
+  thinline sr introduce /var/lib/images --name-label images
+  thinline sr introduce --type lvm vms --json")]
 struct IntroduceArgs {
+    /// The kind of SR.
+    #[arg(long = "type", value_enum, default_value = "file")]
+    kind: TypeArg,
     /// A name for people (default: the directory's name, or the SR's own).
     #[arg(long, value_name = "LABEL")]
     name_label: Option<String>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-    /// The directory.
+    /// The directory (file), or the VG (lvm).
+    #[arg(value_name = "PATH|VG")]
     path: PathBuf,
 }
 
@@ -91,16 +113,22 @@ struct DestroyArgs {
     force: bool,
 }
 
-/// Say whether a directory holds an SR.
+/// Say whether a directory holds an SR; with --type lvm, which LVM SRs are on some
+/// devices (lvm2 limited to them; nothing is changed).
 #[derive(Debug, Args)]
-#[command(after_help = "Example:
-  thinline sr probe /srv/thinline/sr1 --json")]
+#[command(after_help = "Examples:
+  thinline sr probe /srv/thinline/sr1 --json
+  thinline sr probe --type lvm /dev/sdb /dev/sdc --json")]
 struct ProbeArgs {
+    /// The kind of SR.
+    #[arg(long = "type", value_enum, default_value = "file")]
+    kind: TypeArg,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-    /// The directory.
-    path: PathBuf,
+    /// The directory (file), or the devices (lvm).
+    #[arg(required = true, value_name = "PATH|DEVICE")]
+    paths: Vec<PathBuf>,
 }
 
 /// List the registered SRs.
@@ -178,22 +206,46 @@ fn serve(a: ServeArgs) -> anyhow::Result<u8> {
     }
 }
 
+/// Prints an INVALID_ARGUMENT error for `message`; its exit status.
+fn usage(message: &str, json: bool) -> anyhow::Result<u8> {
+    let e = thinline_sr::Error::new(thinline_sr::Code::InvalidArgument, message);
+    crate::agent::print_error(&e, json)?;
+    Ok(e.code.exit_status())
+}
+
 /// Runs `thinline sr …`; returns the exit status.
 pub fn run(args: SrArgs) -> anyhow::Result<u8> {
     match args.command {
         SrCommand::Create(a) => {
-            let options = sr::CreateOptions {
-                path: a.path,
-                kind: match a.kind {
-                    TypeArg::File => SrType::File,
+            let place = match a.kind {
+                TypeArg::File => match <[PathBuf; 1]>::try_from(a.paths) {
+                    Ok([path]) if a.vg.is_none() && a.reserve == 0 => sr::Place::Directory(path),
+                    _ => {
+                        return usage(
+                            "a directory SR is made in one directory (--vg and --reserve are for --type lvm)",
+                            a.json,
+                        );
+                    }
                 },
+                TypeArg::Lvm => sr::Place::Lvm {
+                    devices: a.paths,
+                    vg: a.vg,
+                    reserve: a.reserve as u64,
+                },
+            };
+            let options = sr::CreateOptions {
+                place,
                 name_label: a.name_label,
             };
             finish(sr::create(&options), a.json, |v, out| sr_text(v, out))
         }
         SrCommand::Introduce(a) => {
+            let target = match a.kind {
+                TypeArg::File => sr::Existing::Directory(a.path),
+                TypeArg::Lvm => sr::Existing::Vg(a.path.display().to_string()),
+            };
             let options = sr::IntroduceOptions {
-                path: a.path,
+                target,
                 name_label: a.name_label,
             };
             finish(sr::introduce(&options), a.json, |v, out| sr_text(v, out))
@@ -219,10 +271,39 @@ pub fn run(args: SrArgs) -> anyhow::Result<u8> {
                 writeln!(out, "destroyed SR {}", v["uuid"].as_str().unwrap_or("?"))
             })
         }
-        SrCommand::Probe(a) => finish(sr::probe(&a.path), a.json, |p, out| match &p.sr {
-            Some(v) => sr_text(v, out),
-            None => writeln!(out, "{} holds no SR", p.path),
-        }),
+        SrCommand::Probe(a) => match a.kind {
+            TypeArg::File => {
+                let [path] = <[PathBuf; 1]>::try_from(a.paths).unwrap_or_default();
+                if path.as_os_str().is_empty() {
+                    return usage("a directory SR is probed in one directory", a.json);
+                }
+                finish(sr::probe(&path), a.json, |p, out| match &p.sr {
+                    Some(v) => sr_text(v, out),
+                    None => writeln!(out, "{} holds no SR", p.path),
+                })
+            }
+            TypeArg::Lvm => finish(sr::probe_lvm(&a.paths), a.json, |p, out| {
+                if p.srs.is_empty() {
+                    writeln!(out, "no LVM SR on {}", p.devices.join(", "))?;
+                }
+                for s in &p.srs {
+                    writeln!(
+                        out,
+                        "SR {} ({}) in VG {}: {} VDIs{}",
+                        s.uuid,
+                        s.name_label,
+                        s.vg,
+                        s.vdi_count,
+                        if s.registered {
+                            ""
+                        } else {
+                            "; not registered here (sr introduce --type lvm VG)"
+                        }
+                    )?;
+                }
+                Ok(())
+            }),
+        },
         SrCommand::Stat(a) => finish(
             sr::stat(&a.sr, &crate::agent::default_templates()?),
             a.json,

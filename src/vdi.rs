@@ -311,14 +311,13 @@ pub fn run(args: VdiArgs) -> anyhow::Result<u8> {
                 if let Some(device) = &v.device {
                     writeln!(out, "{device}")?;
                 }
-                writeln!(out, "{}", v.nbd_uri)?;
-                writeln!(out, "  qemu-img info '{}'", v.nbd_uri)?;
-                writeln!(out, "  nbdinfo '{}'", v.nbd_uri)?;
-                writeln!(
-                    out,
-                    "  nbd-client -unix {} /dev/nbd0 -N {}",
-                    v.socket, v.uuid
-                )
+                if let (Some(uri), Some(socket)) = (&v.nbd_uri, &v.socket) {
+                    writeln!(out, "{uri}")?;
+                    writeln!(out, "  qemu-img info '{uri}'")?;
+                    writeln!(out, "  nbdinfo '{uri}'")?;
+                    writeln!(out, "  nbd-client -unix {socket} /dev/nbd0 -N {}", v.uuid)?;
+                }
+                Ok(())
             })
         }
         VdiCommand::Detach(a) => {

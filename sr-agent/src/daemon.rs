@@ -279,8 +279,8 @@ impl Daemon {
         let socket = socket_of(&self.sr, vdi);
         let answer = Attached {
             uuid: vdi,
-            nbd_uri: nbd_uri(&self.sr, vdi),
-            socket: socket.display().to_string(),
+            nbd_uri: Some(nbd_uri(&self.sr, vdi)),
+            socket: Some(socket.display().to_string()),
             device: None,
         };
         if self.served.lock().expect("not poisoned").contains_key(&vdi) {
@@ -349,7 +349,7 @@ impl Daemon {
                 return Err(e);
             }
         }
-        tracing::info!(%vdi, uri = %answer.nbd_uri, "attached");
+        tracing::info!(%vdi, uri = answer.nbd_uri.as_deref().unwrap_or_default(), "attached");
         self.served
             .lock()
             .expect("not poisoned")
@@ -558,6 +558,15 @@ pub async fn run(
     apply: Apply,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
+    if crate::store::lvm_home(&sr)?.is_some() {
+        return Err(Error::new(
+            Code::InvalidArgument,
+            format!(
+                "{} is an LVM SR: its VDIs are attached as device-mapper devices, with no daemon",
+                sr.display()
+            ),
+        ));
+    }
     let run = run_dir(&sr);
     std::fs::create_dir_all(&run)
         .map_err(|e| Error::io(format!("cannot create {}", run.display()), &e))?;

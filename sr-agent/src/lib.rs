@@ -14,6 +14,7 @@ pub mod cached;
 pub mod daemon;
 pub mod device;
 pub mod error;
+pub mod lockfile;
 pub mod model;
 pub mod naming;
 pub mod pausable;

@@ -11,6 +11,8 @@ use uuid::Uuid;
 pub enum SrType {
     /// A directory of qcow2 files.
     File,
+    /// An LVM volume group with a dm-thin pool (see `docs/lvm-sr.md`).
+    Lvm,
 }
 
 /// What a VDI is.
@@ -37,6 +39,24 @@ pub struct SrRecord {
     pub kind: SrType,
     /// Whether the agent made the directory (`sr create`), so `sr destroy` removes it.
     pub made_directory: bool,
+    /// LVM SRs: the volume group and the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lvm: Option<LvmRecord>,
+}
+
+/// An LVM SR's volume group and thin pool, as recorded on its metadata volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LvmRecord {
+    pub vg: String,
+    /// The physical volumes: lvm2 runs limited to them.
+    pub devices: Vec<std::path::PathBuf>,
+    /// Whether `sr create` made the VG (so `sr destroy` removes it).
+    pub owns_vg: bool,
+    /// Bytes of the pool's data LV.
+    pub pool_data_bytes: u64,
+    pub when_full: crate::backend::lvm::pool::WhenFull,
+    /// The thin id the next volume gets (ids are never reused).
+    pub next_thin_id: u32,
 }
 
 /// One VDI (or layer) as recorded.
@@ -69,12 +89,36 @@ pub struct VdiRecord {
     /// introduced, compared in one small request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin: Option<String>,
-    /// The kernel block device connected to it (`vdi attach --device`).
+    /// The kernel block device connected to it (`vdi attach --device`; on an LVM SR,
+    /// its device-mapper device).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// LVM SRs: the dm-thin id of its thin volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thin_id: Option<u32>,
 }
 
 impl VdiRecord {
+    /// A new record of `kind` with a new UUID, and no parent, backing or volume yet.
+    pub fn new(kind: VdiType, name_label: &str, virtual_size: u64) -> VdiRecord {
+        VdiRecord {
+            uuid: Uuid::new_v4(),
+            name_label: name_label.to_owned(),
+            kind,
+            virtual_size,
+            parent: None,
+            backing: None,
+            uri: None,
+            format: None,
+            file: None,
+            attached: false,
+            device: None,
+            identity: None,
+            pin: None,
+            thin_id: None,
+        }
+    }
+
     pub fn is_template(&self) -> bool {
         self.kind == VdiType::Template
     }
@@ -96,7 +140,11 @@ pub struct SrView {
     pub name_label: String,
     #[serde(rename = "type")]
     pub kind: SrType,
+    /// The SR's directory; an LVM SR's home on this host.
     pub path: String,
+    /// An LVM SR's volume group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vg: Option<String>,
     pub total_space: u64,
     pub free_space: u64,
     pub physical_utilisation: u64,
@@ -135,8 +183,12 @@ pub struct VdiView {
     pub uri: Option<String>,
     pub format: Option<Format>,
     pub file: Option<String>,
+    /// On an LVM SR: its dm-thin id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thin_id: Option<u32>,
     pub attached: bool,
-    /// `/dev/nbdN` when attached with `--device`.
+    /// `/dev/nbdN` when attached with `--device`; on an LVM SR, its `/dev/mapper` path
+    /// when attached.
     pub device: Option<String>,
     /// `vdi stat` of a template, or of a VDI built on one: why that template cannot be
     /// read now (unreachable, or replaced since it was introduced); absent when it can.
@@ -148,9 +200,12 @@ pub struct VdiView {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Attached {
     pub uuid: Uuid,
-    pub nbd_uri: String,
-    pub socket: String,
-    /// `/dev/nbdN` with `--device`.
+    /// Where it is served over NBD (every attach on a directory SR).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+    /// `/dev/nbdN` with `--device`; on an LVM SR, always: its `/dev/mapper` path.
     #[serde(default)]
     pub device: Option<String>,
 }

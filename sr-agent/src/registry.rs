@@ -3,7 +3,6 @@
 //! `THINLINE_SR_REGISTRY` names the file; the default is
 //! `$XDG_STATE_HOME/thinline/srs.json` (or `~/.local/state/thinline/srs.json`).
 
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -15,7 +14,11 @@ use crate::{Code, Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub uuid: Uuid,
+    /// The SR's directory; an LVM SR's home on this host.
     pub path: PathBuf,
+    /// An LVM SR's volume group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vg: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -46,29 +49,30 @@ fn change(f: impl FnOnce(&mut Vec<Entry>)) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::io(format!("cannot create {}", dir.display()), &e))?;
-    let lock_path = path.with_extension("lock");
-    let lock = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .map_err(|e| Error::io(format!("cannot open {}", lock_path.display()), &e))?;
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-        .map_err(|e| Error::io(format!("cannot lock {}", lock_path.display()), &e.into()))?;
+    let _lock = crate::lockfile::exclusive(&path.with_extension("lock"))?;
     let mut file = read(&path)?;
     f(&mut file.srs);
     crate::store::write_json(&path, &file, 0o644)
 }
 
-/// Registers (or re-registers at a new path) the SR `uuid` at `path`.
-pub fn add(uuid: Uuid, path: &Path) -> Result<()> {
+/// Registers (or re-registers at a new path) the SR `uuid` at `path`; an LVM SR with
+/// its VG `vg`.
+pub fn add(uuid: Uuid, path: &Path, vg: Option<&str>) -> Result<()> {
     change(|srs| {
         srs.retain(|e| e.uuid != uuid && e.path != path);
         srs.push(Entry {
             uuid,
             path: path.to_owned(),
+            vg: vg.map(str::to_owned),
         });
     })
+}
+
+/// Where the LVM SR `uuid` has its home on this host (beside the registry file).
+pub fn lvm_home(uuid: Uuid) -> PathBuf {
+    let registry = location();
+    let dir = registry.parent().unwrap_or(Path::new("."));
+    dir.join("lvm").join(uuid.to_string())
 }
 
 /// Forgets the SR `uuid`.
@@ -81,7 +85,8 @@ pub fn list() -> Result<Vec<Entry>> {
     Ok(read(&location())?.srs)
 }
 
-/// The SR directory `name` means: a directory holding an SR, or a registered UUID.
+/// The SR directory `name` means: a directory holding an SR, a registered UUID, or the
+/// VG of a registered LVM SR (its home).
 pub fn resolve(name: &str) -> Result<PathBuf> {
     let path = Path::new(name);
     if crate::store::is_sr(path) {
@@ -97,8 +102,16 @@ pub fn resolve(name: &str) -> Result<PathBuf> {
             format!("no SR with UUID {uuid} is registered (see `thinline sr list`)"),
         ));
     }
+    if let Some(e) = list()?
+        .into_iter()
+        .find(|e| e.vg.as_deref() == Some(name) && !name.contains('/'))
+    {
+        return Ok(e.path);
+    }
     Err(Error::new(
         Code::SrNotFound,
-        format!("{name} is neither a directory holding an SR nor an SR's UUID"),
+        format!(
+            "{name} is neither a directory holding an SR, nor an SR's UUID, nor the VG of a registered LVM SR"
+        ),
     ))
 }

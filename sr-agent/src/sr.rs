@@ -21,6 +21,7 @@ pub fn view(sr: &Sr, backend: &dyn Backend) -> Result<SrView> {
         name_label: sr.md.sr.name_label.clone(),
         kind: sr.md.sr.kind,
         path: sr.path.display().to_string(),
+        vg: sr.md.sr.lvm.as_ref().map(|l| l.vg.clone()),
         total_space,
         free_space,
         physical_utilisation: sr.md.vdis.iter().map(|v| backend.utilisation(sr, v)).sum(),
@@ -52,14 +53,39 @@ fn default_label(path: &Path) -> String {
 /// `sr create`.
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
-    pub path: PathBuf,
-    pub kind: SrType,
+    pub place: Place,
     pub name_label: Option<String>,
 }
 
-/// Makes an SR in a new (or empty) directory.
+/// Where `sr create` makes the SR.
+#[derive(Debug, Clone)]
+pub enum Place {
+    /// A directory SR in this new (or empty) directory.
+    Directory(PathBuf),
+    /// An LVM SR on these empty devices: a new VG (named `vg`, or `thinline-` and the
+    /// SR's UUID's first eight digits) with `reserve` bytes left outside the pool.
+    Lvm {
+        devices: Vec<PathBuf>,
+        vg: Option<String>,
+        reserve: u64,
+    },
+}
+
+/// Makes an SR and registers it.
 pub fn create(o: &CreateOptions) -> Result<SrView> {
-    let path = absolute(&o.path)?;
+    match &o.place {
+        Place::Directory(path) => create_directory(path, o.name_label.as_deref()),
+        Place::Lvm {
+            devices,
+            vg,
+            reserve,
+        } => create_lvm(devices, vg.as_deref(), *reserve, o.name_label.as_deref()),
+    }
+}
+
+/// Makes a directory SR in a new (or empty) directory.
+fn create_directory(path: &Path, name_label: Option<&str>) -> Result<SrView> {
+    let path = absolute(path)?;
     let made_directory = match std::fs::create_dir(&path) {
         Ok(()) => true,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -80,29 +106,148 @@ pub fn create(o: &CreateOptions) -> Result<SrView> {
     };
     let record = SrRecord {
         uuid: Uuid::new_v4(),
-        name_label: o.name_label.clone().unwrap_or_else(|| default_label(&path)),
-        kind: o.kind,
+        name_label: name_label
+            .map(str::to_owned)
+            .unwrap_or_else(|| default_label(&path)),
+        kind: SrType::File,
         made_directory,
+        lvm: None,
     };
     let sr = Sr::create(&path, record)?;
     // A crash here leaves an SR that commands reach by its path, and that `sr
     // introduce` registers (`sr create` again refuses the directory, and says so).
     store::crash_point("registering");
-    registry::add(sr.md.sr.uuid, &path)?;
-    view(&sr, for_type(o.kind).as_ref())
+    registry::add(sr.md.sr.uuid, &path, None)?;
+    view(&sr, for_type(SrType::File).as_ref())
+}
+
+/// Makes an LVM SR: its VG, LVs and pool on `devices` (see
+/// [`crate::backend::lvm::layout::create`]), its records on the metadata volume, and
+/// its home on this host. A failure before the home is made removes the VG again.
+fn create_lvm(
+    devices: &[PathBuf],
+    vg: Option<&str>,
+    reserve: u64,
+    name_label: Option<&str>,
+) -> Result<SrView> {
+    use crate::backend::lvm::{command::Lvm, dm, layout, pool::WhenFull};
+    let uuid = Uuid::new_v4();
+    let vg = vg.map_or_else(
+        || format!("thinline-{}", &uuid.simple().to_string()[..8]),
+        str::to_owned,
+    );
+    layout::check_vg_name(&vg)?;
+    let devices = devices
+        .iter()
+        .map(|d| absolute(d))
+        .collect::<Result<Vec<_>>>()?;
+    let udev = dm::udev_runs();
+    let lvm = Lvm::new(&devices, udev)?;
+    let dm = dm::Dm::new(udev);
+    let when_full = WhenFull::Error;
+    let made = layout::create(&lvm, &dm, &devices, &vg, uuid, reserve, when_full)?;
+    let record = SrRecord {
+        uuid,
+        name_label: name_label.map_or_else(|| vg.clone(), str::to_owned),
+        kind: SrType::Lvm,
+        made_directory: true,
+        lvm: Some(crate::model::LvmRecord {
+            vg: vg.clone(),
+            devices: devices.clone(),
+            owns_vg: true,
+            pool_data_bytes: made.sizes.pool_data,
+            when_full,
+            next_thin_id: 1,
+        }),
+    };
+    let home = crate::backend::lvm::host::LvmHome {
+        uuid,
+        vg: vg.clone(),
+        devices: devices.clone(),
+    };
+    let path = registry::lvm_home(uuid);
+    let sr = match Sr::create_lvm(&path, &home, record) {
+        Ok(sr) => sr,
+        Err(e) => {
+            if let Err(undo) = layout::destroy(&lvm, &dm, &devices, &vg, uuid) {
+                tracing::warn!(error = %undo, vg, "cannot remove the VG of an SR not made");
+            }
+            return Err(e);
+        }
+    };
+    store::crash_point("registering");
+    registry::add(uuid, &path, Some(&vg))?;
+    view(&sr, for_type(SrType::Lvm).as_ref())
 }
 
 /// `sr introduce`.
 #[derive(Debug, Clone)]
 pub struct IntroduceOptions {
-    pub path: PathBuf,
+    pub target: Existing,
     pub name_label: Option<String>,
+}
+
+/// What `sr introduce` adopts.
+#[derive(Debug, Clone)]
+pub enum Existing {
+    /// A directory (an SR in it, or files beside which one is made).
+    Directory(PathBuf),
+    /// The VG of an LVM SR (forgotten, or made on another host).
+    Vg(String),
+}
+
+/// Adopts an existing directory or an LVM SR's VG, and registers it.
+pub fn introduce(o: &IntroduceOptions) -> Result<SrView> {
+    match &o.target {
+        Existing::Directory(path) => introduce_directory(path, o.name_label.as_deref()),
+        Existing::Vg(vg) => introduce_lvm(vg, o.name_label.as_deref()),
+    }
+}
+
+/// The SR a VG's tags name (`thinline.sr.UUID`), if any.
+fn sr_of_tags(tags: &[String]) -> Option<Uuid> {
+    tags.iter()
+        .filter_map(|t| t.strip_prefix("thinline.sr."))
+        .find_map(|u| Uuid::parse_str(u).ok())
+}
+
+/// Adopts the LVM SR in VG `vg`: its devices found by a scan, its records updated to
+/// name them, its home made here, registered.
+fn introduce_lvm(vg: &str, name_label: Option<&str>) -> Result<SrView> {
+    use crate::backend::lvm::{command, dm, layout};
+    layout::check_vg_name(vg)?;
+    let devices = command::pvs_of(vg)?;
+    if devices.is_empty() {
+        return Err(Error::new(
+            Code::SrNotFound,
+            format!("no VG named {vg} is on this host's devices"),
+        ));
+    }
+    let lvm = command::Lvm::new(&devices, dm::udev_runs())?;
+    let info = lvm.vgs()?.into_iter().find(|v| v.name == vg);
+    let uuid = info.as_ref().and_then(|v| sr_of_tags(&v.tags)).ok_or_else(|| {
+        Error::new(
+            Code::SrNotFound,
+            format!(
+                "VG {vg} holds no Thinline SR (making a pool in a VG of yours, with --pool-size, is not built yet)"
+            ),
+        )
+    })?;
+    let home = crate::backend::lvm::host::LvmHome {
+        uuid,
+        vg: vg.to_owned(),
+        devices,
+    };
+    let path = registry::lvm_home(uuid);
+    let sr = Sr::adopt_lvm(&path, &home, name_label)?;
+    registry::add(uuid, &path, Some(vg))?;
+    view(&sr, for_type(SrType::Lvm).as_ref())
 }
 
 /// Adopts an existing directory: an SR already there keeps its UUID and VDIs (and
 /// is registered again); otherwise a new SR is made beside the files it holds.
-pub fn introduce(o: &IntroduceOptions) -> Result<SrView> {
-    let path = absolute(&o.path)?;
+fn introduce_directory(path: &Path, name_label: Option<&str>) -> Result<SrView> {
+    let path = absolute(path)?;
     if !path.is_dir() {
         return Err(Error::new(
             Code::SrNotFound,
@@ -111,8 +256,8 @@ pub fn introduce(o: &IntroduceOptions) -> Result<SrView> {
     }
     let sr = if store::is_sr(&path) {
         let mut sr = Sr::open(&path)?;
-        if let Some(label) = &o.name_label {
-            sr.md.sr.name_label = label.clone();
+        if let Some(label) = name_label {
+            sr.md.sr.name_label = label.to_owned();
             sr.save()?;
         }
         sr
@@ -121,13 +266,17 @@ pub fn introduce(o: &IntroduceOptions) -> Result<SrView> {
             &path,
             SrRecord {
                 uuid: Uuid::new_v4(),
-                name_label: o.name_label.clone().unwrap_or_else(|| default_label(&path)),
+                name_label: name_label
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| default_label(&path)),
                 kind: SrType::File,
                 made_directory: false,
+                lvm: None,
             },
         )?
     };
-    registry::add(sr.md.sr.uuid, &path)?;
+    let vg = sr.md.sr.lvm.as_ref().map(|l| l.vg.clone());
+    registry::add(sr.md.sr.uuid, &path, vg.as_deref())?;
     view(&sr, for_type(sr.md.sr.kind).as_ref())
 }
 
@@ -152,7 +301,29 @@ fn dangling(name: &str, gone_too: bool) -> Option<(Uuid, PathBuf)> {
     let missing = |p: &Path| matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
     let dir_there = std::fs::metadata(&entry.path).is_ok_and(|m| m.is_dir());
     let emptied = dir_there && missing(&entry.path.join(store::DIR));
-    (emptied || (gone_too && missing(&entry.path))).then_some((uuid, entry.path))
+    (emptied || (gone_too && missing(&entry.path)) || vg_gone(&entry.path))
+        .then_some((uuid, entry.path))
+}
+
+/// Whether `home` is an LVM SR's home whose VG lvm2 shows is not on its devices (a
+/// destroy interrupted after the VG was removed). Only proof counts: lvm2 must answer.
+fn vg_gone(home: &Path) -> bool {
+    let Ok(Some(lvm_home)) = store::lvm_home(home) else {
+        return false;
+    };
+    let udev = crate::backend::lvm::dm::udev_runs();
+    crate::backend::lvm::command::Lvm::new(&lvm_home.devices, udev)
+        .and_then(|lvm| lvm.vgs())
+        .is_ok_and(|vgs| !vgs.iter().any(|v| v.name == lvm_home.vg))
+}
+
+/// Removes an LVM SR's home whose VG is gone (see [`vg_gone`]).
+fn remove_gone_home(home: &Path) -> Result<()> {
+    if vg_gone(home) {
+        std::fs::remove_dir_all(home)
+            .map_err(|e| Error::io(format!("cannot remove {}", home.display()), &e))?;
+    }
+    Ok(())
 }
 
 /// What `sr forget` answers.
@@ -170,6 +341,7 @@ pub enum Forgotten {
 /// `sr forget`: unregisters the SR; nothing on disk changes.
 pub fn forget(name: &str) -> Result<Forgotten> {
     if let Some((uuid, path)) = dangling(name, true) {
+        remove_gone_home(&path)?;
         registry::remove(uuid)?;
         let path = path.display().to_string();
         return Ok(Forgotten::Entry { uuid, path });
@@ -191,8 +363,9 @@ pub struct DestroyOptions {
 /// Deletes every volume the SR made and its metadata; the directory too if the agent
 /// made it and it is empty. Templates are only forgotten.
 pub fn destroy(o: &DestroyOptions) -> Result<Uuid> {
-    if let Some((uuid, _)) = dangling(&o.sr, false) {
+    if let Some((uuid, path)) = dangling(&o.sr, false) {
         // Its metadata is gone: a destroy was interrupted after removing it.
+        remove_gone_home(&path)?;
         registry::remove(uuid)?;
         return Ok(uuid);
     }
@@ -257,6 +430,22 @@ pub fn destroy(o: &DestroyOptions) -> Result<Uuid> {
     let path = sr.path.clone();
     // An idle daemon goes with the SR.
     let _ = crate::daemon::request(&path, &crate::daemon::Request::Shutdown);
+    if let Some(lvm) = &sr.md.sr.lvm {
+        // The pool, the LVs and the VG (which the SR made): its records go with them.
+        // A crash after this leaves a home whose VG is gone, which `sr destroy` and
+        // `sr forget` remove.
+        if !lvm.owns_vg {
+            return Err(Error::new(
+                Code::SrBackendFailure,
+                format!("SR {uuid} lives in a VG it did not make: destroying it is not built yet"),
+            ));
+        }
+        let (vg, devices) = (lvm.vg.clone(), lvm.devices.clone());
+        let pool = crate::backend::lvm::host::Pool::of(&sr.md.sr)?;
+        sr.close_volume();
+        crate::backend::lvm::layout::destroy(pool.lvm(), pool.dm(), &devices, &vg, uuid)?;
+        store::crash_point("vg-removed");
+    }
     sr.remove_metadata()?;
     // A crash here leaves a registry entry that `sr destroy` (or `sr forget`) removes.
     store::crash_point("unregistering");
@@ -287,6 +476,60 @@ pub fn probe(path: &Path) -> Result<Probe> {
     Ok(Probe {
         path: path.display().to_string(),
         sr,
+    })
+}
+
+/// What `sr probe --type lvm` found on some devices.
+#[derive(Debug, Clone, Serialize)]
+pub struct LvmProbe {
+    pub devices: Vec<String>,
+    pub srs: Vec<ProbedLvm>,
+}
+
+/// An LVM SR found on the probed devices.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbedLvm {
+    pub uuid: Uuid,
+    pub vg: String,
+    pub name_label: String,
+    pub vdi_count: usize,
+    /// Whether this host's registry has it (else `sr introduce --type lvm VG` adopts it).
+    pub registered: bool,
+}
+
+/// The LVM SRs on `devices` (lvm2 limited to them): each VG tagged as an SR's, with
+/// what its metadata volume records. Nothing is changed but the metadata LV made
+/// active to be read.
+pub fn probe_lvm(devices: &[PathBuf]) -> Result<LvmProbe> {
+    use crate::backend::lvm::{command::Lvm, dm, host};
+    let devices = devices
+        .iter()
+        .map(|d| absolute(d))
+        .collect::<Result<Vec<_>>>()?;
+    let lvm = Lvm::new(&devices, dm::udev_runs())?;
+    let registered = registry::list()?;
+    let mut srs = Vec::new();
+    for vg in lvm.vgs()? {
+        let Some(uuid) = sr_of_tags(&vg.tags) else {
+            continue;
+        };
+        let home = crate::backend::lvm::host::LvmHome {
+            uuid,
+            vg: vg.name.clone(),
+            devices: devices.clone(),
+        };
+        let md = store::lvm_records(&home, &host::metadata_volume(&home)?)?;
+        srs.push(ProbedLvm {
+            uuid,
+            vg: vg.name,
+            name_label: md.sr.name_label,
+            vdi_count: md.vdis.iter().filter(|v| v.kind != VdiType::Layer).count(),
+            registered: registered.iter().any(|e| e.uuid == uuid),
+        });
+    }
+    Ok(LvmProbe {
+        devices: devices.iter().map(|d| d.display().to_string()).collect(),
+        srs,
     })
 }
 

@@ -1,6 +1,10 @@
 //! An SR's metadata: one file, `PATH/.thinline-sr/sr.json`, replaced atomically
 //! (temporary file, fsync, rename, fsync of the directory), changed only under the
-//! SR's lock, and the journal that makes a multi-step operation crash-safe.
+//! SR's lock, and the journal that makes a multi-step operation crash-safe. An LVM
+//! SR's records are on its VG's metadata volume instead ([`crate::backend::lvm::mgt`]:
+//! two slots, the same atomicity); its directory here is a home on this host
+//! (`lvm.json` names the VG and its devices) for what is local: tasks, credentials,
+//! the lock is `/run/lock/thinline/lvm-VG.sr.lock`, one per VG on the host.
 //!
 //! A multi-step operation records its intent first: the files it will make (all in
 //! `.thinline-sr/new/`) and the renames it will do. Then it works, commits the new
@@ -17,6 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::backend::lvm::host::{LvmHome, lvm_lock, metadata_volume};
 use crate::model::{SrRecord, VdiRecord, VdiType};
 use crate::{Code, Error, Result};
 
@@ -25,6 +30,8 @@ pub const DIR: &str = ".thinline-sr";
 /// Where an operation makes its new files before it commits.
 pub const NEW_DIR: &str = "new";
 const METADATA: &str = "sr.json";
+/// In an LVM SR's home: which VG holds its records.
+const LVM_HOME: &str = "lvm.json";
 const LOCK: &str = "lock";
 /// The metadata format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -121,13 +128,32 @@ pub struct Journal {
     pub finish: Vec<Move>,
     /// After the commit: files no record names any more.
     pub deletes: Vec<String>,
+    /// LVM SRs: thin ids created before the commit (deleted if it never comes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub thin_made: Vec<u32>,
+    /// LVM SRs: thin ids no record uses after the commit (deleted then).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub thin_dropped: Vec<u32>,
+}
+
+/// Where an open SR's records are written.
+#[derive(Debug)]
+enum Keeper {
+    /// `.thinline-sr/sr.json`.
+    File,
+    /// An LVM SR's metadata volume.
+    Volume(crate::backend::lvm::mgt::MetadataVolume),
+    /// Closed (its LV is being removed): nothing is written any more.
+    Closed,
 }
 
 /// An SR opened for a command: its path and metadata, and (for changes) its lock.
 #[derive(Debug)]
 pub struct Sr {
+    /// The SR's directory; an LVM SR's home.
     pub path: PathBuf,
     pub md: Metadata,
+    keeper: Keeper,
     /// Held for as long as the SR is open for changes.
     _lock: Option<File>,
     /// What recovery did when the SR was opened (undone or finished operations).
@@ -158,12 +184,106 @@ fn remove_leftovers(path: &Path) {
     }
 }
 
-/// Whether `path` holds an SR.
+/// Whether `path` holds an SR (or an LVM SR's home).
 pub fn is_sr(path: &Path) -> bool {
-    agent_dir(path).join(METADATA).is_file()
+    agent_dir(path).join(METADATA).is_file() || agent_dir(path).join(LVM_HOME).is_file()
 }
 
-fn read_metadata(path: &Path) -> Result<Metadata> {
+/// The LVM SR whose home `path` is, if it is one.
+pub fn lvm_home(path: &Path) -> Result<Option<LvmHome>> {
+    let file = agent_dir(path).join(LVM_HOME);
+    if !file.is_file() {
+        return Ok(None);
+    }
+    read_json::<Option<LvmHome>>(&file)
+}
+
+/// Reads the SR's records at `path`, from its file or its metadata volume.
+fn read_metadata(path: &Path) -> Result<(Metadata, Keeper)> {
+    let Some(home) = lvm_home(path)? else {
+        return Ok((read_metadata_file(path)?, Keeper::File));
+    };
+    let volume = metadata_volume(&home)?;
+    let md = lvm_records(&home, &volume)?;
+    // The devices lvm2 is limited to come from this host's home; records that name
+    // others (damaged, or written elsewhere) are not acted on.
+    let recorded = md.sr.lvm.as_ref().map(|l| (&l.vg, &l.devices));
+    if recorded != Some((&home.vg, &home.devices)) {
+        return Err(Error::new(
+            Code::SrBackendFailure,
+            format!(
+                "the metadata volume of VG {} does not name that VG on {:?}, where the home {} says it is (`sr introduce --type lvm {}` adopts it as it is now)",
+                home.vg,
+                home.devices,
+                path.display(),
+                home.vg
+            ),
+        ));
+    }
+    Ok((md, Keeper::Volume(volume)))
+}
+
+/// The records on `volume`, the metadata volume of the LVM SR `home` names (before it
+/// has a home here: `sr introduce`, `sr probe`).
+pub fn lvm_records(
+    home: &LvmHome,
+    volume: &crate::backend::lvm::mgt::MetadataVolume,
+) -> Result<Metadata> {
+    let shown = format!("the metadata volume of VG {}", home.vg);
+    let record = volume.read()?.ok_or_else(|| {
+        Error::new(
+            Code::SrNotFound,
+            format!("{shown} holds no records: the SR was not made, or was destroyed"),
+        )
+    })?;
+    let md = parse_metadata(&shown, &record.payload)?;
+    if md.sr.uuid != home.uuid {
+        return Err(Error::new(
+            Code::SrBackendFailure,
+            format!(
+                "{shown} is damaged: it holds SR {}, and the VG's tag names SR {}",
+                md.sr.uuid, home.uuid
+            ),
+        ));
+    }
+    Ok(md)
+}
+
+/// Makes the new directory `path`, an LVM SR's home naming `home`'s VG and devices: made
+/// under a temporary name and renamed into place, so it is whole or absent.
+fn make_home(path: &Path, home: &LvmHome) -> Result<()> {
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let io = |what: &Path| {
+        let what = what.display().to_string();
+        move |e: std::io::Error| Error::io(format!("cannot create {what}"), &e)
+    };
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let tmp = parent.join(format!(".new-{}", home.uuid));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(agent_dir(&tmp)).map_err(io(&tmp))?;
+    write_json(&agent_dir(&tmp).join(LVM_HOME), home, 0o644)?;
+    rename_noreplace(&tmp, path).map_err(io(path))?;
+    sync_dir(parent)
+}
+
+/// `bytes` as metadata this build reads (`shown` names where they are, in errors).
+fn parse_metadata(shown: &str, bytes: &[u8]) -> Result<Metadata> {
+    let md: Metadata = serde_json::from_slice(bytes)
+        .map_err(|e| Error::new(Code::SrBackendFailure, format!("{shown} is damaged: {e}")))?;
+    if md.format_version != FORMAT_VERSION {
+        return Err(Error::new(
+            Code::SrBackendFailure,
+            format!(
+                "{shown} has metadata format {}, this thinline reads format {FORMAT_VERSION}",
+                md.format_version
+            ),
+        ));
+    }
+    check_names(shown, &md)?;
+    Ok(md)
+}
+
+fn read_metadata_file(path: &Path) -> Result<Metadata> {
     let file = agent_dir(path).join(METADATA);
     let bytes = std::fs::read(&file).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -175,24 +295,7 @@ fn read_metadata(path: &Path) -> Result<Metadata> {
             Error::io(format!("cannot read {}", file.display()), &e)
         }
     })?;
-    let md: Metadata = serde_json::from_slice(&bytes).map_err(|e| {
-        Error::new(
-            Code::SrBackendFailure,
-            format!("{} is damaged: {e}", file.display()),
-        )
-    })?;
-    if md.format_version != FORMAT_VERSION {
-        return Err(Error::new(
-            Code::SrBackendFailure,
-            format!(
-                "{} has metadata format {}, this thinline reads format {FORMAT_VERSION}",
-                file.display(),
-                md.format_version
-            ),
-        ));
-    }
-    check_names(&file, &md)?;
-    Ok(md)
+    parse_metadata(&file.display().to_string(), &bytes)
 }
 
 /// Whether `name` is a plain name of a file in the SR directory: one component, not
@@ -207,13 +310,12 @@ pub fn plain_name(name: &str) -> bool {
 
 /// Refuses metadata naming a file outside the SR directory (a crafted or damaged
 /// `sr.json` must not make the agent delete, move or serve anything else).
-fn check_names(file: &Path, md: &Metadata) -> Result<()> {
+fn check_names(shown: &str, md: &Metadata) -> Result<()> {
     let bad = |name: &str| {
         Error::new(
             Code::SrBackendFailure,
             format!(
-                "{} is damaged: it names {name:?}, which is not a file of the SR directory",
-                file.display()
+                "{shown} is damaged: it names {name:?}, which is not a file of the SR directory"
             ),
         )
     };
@@ -306,19 +408,12 @@ fn write_metadata(path: &Path, md: &Metadata) -> Result<()> {
     write_json(&agent_dir(path).join(METADATA), md, 0o644)
 }
 
+/// The SR's lock: `.thinline-sr/lock`, or for an LVM SR the lock of its VG.
 fn lock(path: &Path) -> Result<File> {
-    let file = agent_dir(path).join(LOCK);
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .open(&file)
-        .map_err(|e| Error::io(format!("cannot open {}", file.display()), &e))?;
-    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
-        .map_err(|e| Error::io(format!("cannot lock {}", file.display()), &e.into()))?;
-    Ok(f)
+    match lvm_home(path)? {
+        None => crate::lockfile::exclusive(&agent_dir(path).join(LOCK)),
+        Some(home) => lvm_lock(&home.vg, "sr"),
+    }
 }
 
 /// Renames `from` to `to` unless `to` exists (never replaces a file).
@@ -400,9 +495,69 @@ impl Sr {
         Ok(Sr {
             path: path.to_owned(),
             md,
+            keeper: Keeper::File,
             _lock: Some(lock),
             recovered: Vec::new(),
         })
+    }
+
+    /// Makes the home `path` (a new directory) of the LVM SR `sr`, whose VG `home`
+    /// names has an empty metadata volume: the records are written there first, then
+    /// the home is made.
+    pub fn create_lvm(path: &Path, home: &LvmHome, sr: SrRecord) -> Result<Sr> {
+        let lock = lvm_lock(&home.vg, "sr")?;
+        let volume = metadata_volume(home)?;
+        let md = Metadata {
+            format_version: FORMAT_VERSION,
+            sr,
+            vdis: Vec::new(),
+            journal: None,
+        };
+        volume.write(&serde_json::to_vec_pretty(&md).expect("serializes"))?;
+        make_home(path, home)?;
+        Ok(Sr {
+            path: path.to_owned(),
+            md,
+            keeper: Keeper::Volume(volume),
+            _lock: Some(lock),
+            recovered: Vec::new(),
+        })
+    }
+
+    /// Adopts the LVM SR whose VG `home` names (`sr introduce`): its records name the
+    /// VG and devices found now (a VG renamed, devices under new names), and its home
+    /// `path` is made, or updated, to match; an interrupted operation is recovered.
+    pub fn adopt_lvm(path: &Path, home: &LvmHome, name_label: Option<&str>) -> Result<Sr> {
+        let lock = lvm_lock(&home.vg, "sr")?;
+        let volume = metadata_volume(home)?;
+        let mut md = lvm_records(home, &volume)?;
+        let shown = format!("the metadata volume of VG {}", home.vg);
+        let lvm = md.sr.lvm.as_mut().ok_or_else(|| {
+            Error::new(
+                Code::SrBackendFailure,
+                format!("{shown} is damaged: its SR is not an LVM SR"),
+            )
+        })?;
+        lvm.vg.clone_from(&home.vg);
+        lvm.devices.clone_from(&home.devices);
+        if let Some(label) = name_label {
+            md.sr.name_label = label.to_owned();
+        }
+        volume.write(&serde_json::to_vec_pretty(&md).expect("serializes"))?;
+        if agent_dir(path).is_dir() {
+            write_json(&agent_dir(path).join(LVM_HOME), home, 0o644)?;
+        } else {
+            make_home(path, home)?;
+        }
+        let mut sr = Sr {
+            path: path.to_owned(),
+            md,
+            keeper: Keeper::Volume(volume),
+            _lock: Some(lock),
+            recovered: Vec::new(),
+        };
+        sr.recover()?;
+        Ok(sr)
     }
 
     /// Opens the SR at `path` for changes: takes its lock (waiting for another agent
@@ -415,10 +570,11 @@ impl Sr {
             ));
         }
         let lock = lock(path)?;
-        let md = read_metadata(path)?;
+        let (md, keeper) = read_metadata(path)?;
         let mut sr = Sr {
             path: path.to_owned(),
             md,
+            keeper,
             _lock: Some(lock),
             recovered: Vec::new(),
         };
@@ -429,9 +585,11 @@ impl Sr {
     /// Reads the SR at `path` without its lock (the file is replaced atomically, so
     /// this is one consistent state; an interrupted operation shows as a journal).
     pub fn read(path: &Path) -> Result<Sr> {
+        let (md, keeper) = read_metadata(path)?;
         Ok(Sr {
             path: path.to_owned(),
-            md: read_metadata(path)?,
+            md,
+            keeper,
             _lock: None,
             recovered: Vec::new(),
         })
@@ -449,7 +607,33 @@ impl Sr {
 
     /// Writes the metadata as it is now.
     pub fn save(&self) -> Result<()> {
-        write_metadata(&self.path, &self.md)
+        match &self.keeper {
+            Keeper::File => write_metadata(&self.path, &self.md),
+            Keeper::Volume(volume) => {
+                let bytes = serde_json::to_vec_pretty(&self.md).expect("serializes");
+                crash_point("write:mgt");
+                volume.write(&bytes).map(drop)
+            }
+            Keeper::Closed => Err(Error::new(
+                Code::SrBackendFailure,
+                format!("SR {}: its metadata volume is closed", self.md.sr.uuid),
+            )),
+        }
+    }
+
+    /// Closes the metadata volume (its LV is to be removed); nothing is saved after.
+    pub fn close_volume(&mut self) {
+        self.keeper = Keeper::Closed;
+    }
+
+    /// The LVM SR's home, if this is one.
+    pub fn lvm_home(&self) -> Option<LvmHome> {
+        let lvm = self.md.sr.lvm.as_ref()?;
+        Some(LvmHome {
+            uuid: self.md.sr.uuid,
+            vg: lvm.vg.clone(),
+            devices: lvm.devices.clone(),
+        })
     }
 
     /// Runs a multi-step operation: records `journal`, does its moves, calls `make`
@@ -503,6 +687,7 @@ impl Sr {
     }
 
     fn undo(&self, j: &Journal) -> Result<()> {
+        self.delete_thin_ids(&j.thin_made)?;
         for c in &j.creates {
             remove_if_present(&self.new_file(c))?;
         }
@@ -535,10 +720,21 @@ impl Sr {
         for d in &j.deletes {
             remove_if_present(&self.file(d))?;
         }
+        self.delete_thin_ids(&j.thin_dropped)?;
         if !j.finish.is_empty() || !j.deletes.is_empty() {
             sync_dir(&self.path)?;
         }
         Ok(())
+    }
+
+    /// Deletes the thin ids `ids` of an LVM SR's pool (ids already gone are fine).
+    fn delete_thin_ids(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let pool = crate::backend::lvm::host::Pool::of(&self.md.sr)?;
+        pool.activate()?;
+        ids.iter().try_for_each(|&id| pool.delete_thin(id))
     }
 
     /// Undoes or finishes an operation a crash interrupted.
@@ -585,6 +781,7 @@ mod tests {
                 name_label: "t".into(),
                 kind: SrType::File,
                 made_directory: false,
+                lvm: None,
             },
         )
         .unwrap()
@@ -640,6 +837,7 @@ mod tests {
             device: None,
             identity: None,
             pin: None,
+            thin_id: None,
         });
         write_metadata(&sr_dir, &crafted).unwrap();
         assert!(Sr::read(&sr_dir).is_err(), "a record's file outside the SR");

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::backend::{Backend, for_type};
 use crate::daemon::{self, Change, CopyKind};
-use crate::model::{VdiRecord, VdiType, VdiView};
+use crate::model::{SrType, VdiRecord, VdiType, VdiView};
 use crate::registry;
 use crate::store::Sr;
 use crate::template::{self, Templates};
@@ -38,6 +38,7 @@ pub fn view(sr: &Sr, backend: &dyn Backend, v: &VdiRecord) -> VdiView {
         uri: v.uri.clone(),
         format: v.format,
         file: v.file.clone(),
+        thin_id: v.thin_id,
         attached: v.attached,
         device: v.device.clone(),
         template_error: None,
@@ -178,6 +179,7 @@ pub fn introduce(o: &IntroduceOptions, templates: &Templates) -> Result<VdiView>
         device: None,
         identity: Some(identity),
         pin: Some(pin),
+        thin_id: None,
     };
     sr.md.vdis.push(rec.clone());
     sr.save()?;
@@ -297,8 +299,10 @@ fn copy_here(sr: &mut Sr, vdi: Uuid, kind: CopyKind, name_label: Option<&str>) -
 /// paused and closed; `None` if the VDI is not an attached disk, or no daemon runs
 /// (then its files are open nowhere and the change is made here).
 fn through_daemon(path: &Path, vdi: Uuid, change: Change) -> Result<Option<VdiView>> {
-    let v = Sr::read(path)?.vdi(vdi)?;
-    if !(v.attached && v.kind == VdiType::Disk) {
+    let sr = Sr::read(path)?;
+    let v = sr.vdi(vdi)?;
+    // An LVM SR's disks are device-mapper devices: changed here, with no daemon.
+    if !(v.attached && v.kind == VdiType::Disk) || sr.md.sr.kind == SrType::Lvm {
         return Ok(None);
     }
     match daemon::request(path, &daemon::Request::Change { vdi, change }) {
@@ -589,8 +593,13 @@ pub use crate::model::Attached;
 /// `/dev/nbdN` to it (one per VDI: attaching again answers the same device).
 pub fn attach(o: &VdiRef, exe: &Path, device: bool) -> Result<Attached> {
     let path = registry::resolve(&o.sr)?;
-    let v = Sr::read(&path)?.vdi(o.vdi)?;
+    let sr = Sr::read(&path)?;
+    let v = sr.vdi(o.vdi)?;
     refuse_template(&v, "attached (clone it and attach the clone)")?;
+    if sr.md.sr.kind == SrType::Lvm {
+        drop(sr);
+        return attach_lvm(&mut Sr::open(&path)?, o.vdi);
+    }
     daemon::ensure(&path, exe)?;
     let answer =
         daemon::request(&path, &daemon::Request::Attach { vdi: o.vdi }).unwrap_or_else(|| {
@@ -612,7 +621,8 @@ pub fn attach(o: &VdiRef, exe: &Path, device: bool) -> Result<Attached> {
             Some(dev) => dev,
             None => {
                 let export = o.vdi.to_string();
-                match crate::device::connect(Path::new(&attached.socket), &export) {
+                let socket = attached.socket.clone().unwrap_or_default();
+                match crate::device::connect(Path::new(&socket), &export) {
                     Ok(dev) => dev.display().to_string(),
                     Err(e) => {
                         drop(sr);
@@ -637,6 +647,9 @@ pub fn attach(o: &VdiRef, exe: &Path, device: bool) -> Result<Attached> {
 /// clears the record.
 pub fn detach(o: &VdiRef) -> Result<()> {
     let path = registry::resolve(&o.sr)?;
+    if Sr::read(&path)?.md.sr.kind == SrType::Lvm {
+        return detach_lvm(&mut Sr::open(&path)?, o.vdi);
+    }
     // Without the SR's lock while the device is flushed: a change the daemon makes
     // takes the lock before it pauses the disk those writes go to.
     if let Some(dev) = Sr::read(&path)?.vdi(o.vdi)?.device {
@@ -657,6 +670,57 @@ pub fn detach(o: &VdiRef) -> Result<()> {
         None if daemon::running(&path) => Err(no_answer(&path)),
         None => daemon::detach_record(&path, o.vdi),
     }
+}
+
+/// Attaches a VDI of an LVM SR: its thin device (read-only for a snapshot), made
+/// active. Recorded as attached first, so a crash leaves a record `vdi detach` cleans
+/// up, never a device no record names; attaching an attached VDI answers its device.
+fn attach_lvm(sr: &mut Sr, vdi: Uuid) -> Result<Attached> {
+    let v = sr.vdi(vdi)?;
+    if let Some(t) = v
+        .backing
+        .and_then(|b| sr.md.get(b))
+        .filter(|t| t.is_template())
+    {
+        return Err(Error::new(
+            Code::InvalidArgument,
+            format!(
+                "VDI {} reads from template {}: attaching it with the template as external origin is not built yet on LVM SRs",
+                v.shown(),
+                t.shown()
+            ),
+        ));
+    }
+    let id = v.thin_id.ok_or_else(|| {
+        Error::new(
+            Code::SrBackendFailure,
+            format!("VDI {} has no thin id recorded", v.shown()),
+        )
+    })?;
+    let pool = crate::backend::lvm::host::Pool::of(&sr.md.sr)?;
+    pool.activate()?;
+    let rec = sr.md.get_mut(vdi).expect("found");
+    rec.attached = true;
+    rec.device = Some(format!("/dev/mapper/{}", pool.device_name(vdi)));
+    sr.save()?;
+    let device = pool.attach(vdi, id, v.virtual_size, v.read_only())?;
+    Ok(Attached {
+        uuid: vdi,
+        nbd_uri: None,
+        socket: None,
+        device: Some(device.display().to_string()),
+    })
+}
+
+/// Detaches a VDI of an LVM SR: its device removed (refused while it is open), then
+/// the record.
+fn detach_lvm(sr: &mut Sr, vdi: Uuid) -> Result<()> {
+    sr.vdi(vdi)?;
+    crate::backend::lvm::host::Pool::of(&sr.md.sr)?.detach(vdi)?;
+    let rec = sr.md.get_mut(vdi).expect("found");
+    rec.attached = false;
+    rec.device = None;
+    sr.save()
 }
 
 /// The daemon's answer as a `T`.

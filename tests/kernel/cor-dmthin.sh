@@ -440,6 +440,9 @@ check "proxy cache file holds exactly the template, no guest data (cmp)" cmp -n 
 # ---- the LVM SR's building blocks, in the same boot --------------------------------------------
 . "$(dirname "$THINLINE_GUEST_LIB")/lvm-blocks.sh"
 lvm_blocks
+# ---- the LVM SR through the commands, in the same boot -----------------------------------------
+. "$(dirname "$THINLINE_GUEST_LIB")/lvm-sr.sh"
+lvm_sr
 
 tl_summary || exit 1
 echo "cor-dmthin: ALL PASSED"

@@ -191,7 +191,7 @@ esac
 
 # Guest-side helpers the scripts source (the host's tests/kernel is not visible in the guest when
 # it lies below /tmp).
-cp "$here/guest-lib.sh" "$here/lvm-blocks.sh" "$vmdir/"
+cp "$here/guest-lib.sh" "$here/lvm-blocks.sh" "$here/lvm-sr.sh" "$vmdir/"
 
 shq() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
 {

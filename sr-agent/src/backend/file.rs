@@ -169,18 +169,8 @@ impl Backend for FileBackend {
         let uuid = Uuid::new_v4();
         let rec = VdiRecord {
             uuid,
-            name_label: label.to_owned(),
-            kind: VdiType::Disk,
-            virtual_size: size,
-            parent: None,
-            backing: None,
-            uri: None,
-            format: None,
             file: Some(naming::unique(label, "qcow2", |n| taken(sr, n))),
-            attached: false,
-            device: None,
-            identity: None,
-            pin: None,
+            ..VdiRecord::new(VdiType::Disk, label, size)
         };
         let operation = if fill.is_some() {
             "vdi create --preallocate"
@@ -198,18 +188,10 @@ impl Backend for FileBackend {
         let tmp = new_name(uuid);
         let mut clone = VdiRecord {
             uuid,
-            name_label: label.to_owned(),
-            kind: VdiType::Disk,
-            virtual_size: src.virtual_size,
             parent: Some(src.uuid),
             backing: Some(src.uuid),
-            uri: None,
-            format: None,
             file: Some(file.clone()),
-            attached: false,
-            device: None,
-            identity: None,
-            pin: None,
+            ..VdiRecord::new(VdiType::Disk, label, src.virtual_size)
         };
         if src.kind != VdiType::Disk {
             // Read-only already: the clone is an overlay on it.
@@ -227,18 +209,13 @@ impl Backend for FileBackend {
         let disk_tmp = new_name(Uuid::new_v4());
         let layer = VdiRecord {
             uuid: layer_uuid,
-            name_label: format!("layer under {}", src.name_label),
-            kind: VdiType::Layer,
-            virtual_size: src.virtual_size,
-            parent: None,
             backing: src.backing,
-            uri: None,
-            format: None,
             file: Some(layer_file.clone()),
-            attached: false,
-            device: None,
-            identity: None,
-            pin: None,
+            ..VdiRecord::new(
+                VdiType::Layer,
+                &format!("layer under {}", src.name_label),
+                src.virtual_size,
+            )
         };
         clone.backing = Some(layer_uuid);
         let journal = Journal {
@@ -282,36 +259,12 @@ impl Backend for FileBackend {
         let uuid = Uuid::new_v4();
         let mut snap = VdiRecord {
             uuid,
-            name_label: label.to_owned(),
-            kind: VdiType::Snapshot,
-            virtual_size: src.virtual_size,
             parent: Some(src.uuid),
             backing: Some(src.uuid),
-            uri: None,
-            format: None,
-            file: None,
-            attached: false,
-            device: None,
-            identity: None,
-            pin: None,
+            ..VdiRecord::new(VdiType::Snapshot, label, src.virtual_size)
         };
         match src.kind {
-            VdiType::Template => {
-                // A template never changes: its snapshot is another record of it.
-                snap.kind = VdiType::Template;
-                snap.backing = None;
-                snap.uri = src.uri.clone();
-                snap.format = src.format;
-                snap.identity = src.identity.clone();
-                snap.pin = src.pin.clone();
-                let mut creds = template::credentials(&sr.path)?;
-                if let Some(full) = creds.get(&src.uuid).cloned() {
-                    creds.insert(uuid, full);
-                    template::save_credentials(&sr.path, &creds)?;
-                }
-                sr.md.vdis.push(snap);
-                sr.save()?;
-            }
+            VdiType::Template => super::snapshot_template(sr, &src, snap)?,
             VdiType::Snapshot | VdiType::Layer => {
                 snap.file = Some(naming::unique(label, "qcow2", |n| taken(sr, n)));
                 add_overlay(sr, "vdi snapshot", snap, Some(backing_of(&src)?), None)?;
@@ -385,14 +338,7 @@ impl Backend for FileBackend {
             },
         )?;
         if target.kind == VdiType::Template {
-            // A crash from here on leaves stray files that `sr check --repair` removes.
-            let mut creds = template::credentials(&sr.path)?;
-            if creds.remove(&vdi).is_some() {
-                template::save_credentials(&sr.path, &creds)?;
-            }
-            if let (Some(uri), Some(identity)) = (&target.uri, &target.identity) {
-                super::stray::remove_cache_of(sr, uri, identity)?;
-            }
+            super::template_gone(sr, &target)?;
         }
         Ok(())
     }
@@ -477,22 +423,7 @@ impl Backend for FileBackend {
     }
 
     fn check(&self, sr: &Sr) -> Vec<Finding> {
-        let mut out = Vec::new();
-        if let Some(j) = &sr.md.journal {
-            out.push(Finding {
-                kind: "interrupted_operation",
-                message: format!(
-                    "a {} was interrupted ({})",
-                    j.operation,
-                    if j.committed {
-                        "committed: repair finishes it"
-                    } else {
-                        "not committed: repair undoes it"
-                    }
-                ),
-                repairable: true,
-            });
-        }
+        let mut out: Vec<Finding> = super::interrupted(sr).into_iter().collect();
         for v in &sr.md.vdis {
             if let Some(f) = &v.file
                 && !sr.file(f).is_file()

@@ -2,7 +2,7 @@
 //! rules (checked by [`crate::vdi`] before a backend is called: templates only clone,
 //! snapshot and forget; nothing is destroyed while another record reads from it), and
 //! does the work its own way: the directory SR ([`crate::backend::file`]) with qcow2 overlays;
-//! the LVM SR (next) with dm-thin devices, internal snapshots and external origins.
+//! the LVM SR ([`crate::backend::lvm::thin`]) with dm-thin volumes and internal snapshots.
 
 pub mod file;
 pub mod lvm;
@@ -61,9 +61,60 @@ pub trait Backend: std::fmt::Debug {
     fn repair(&self, sr: &mut Sr, templates: &Templates) -> Result<Vec<String>>;
 }
 
+/// The operation a crash interrupted, if the SR's journal holds one (every backend's
+/// first finding: the next change, or `sr check --repair`, undoes or finishes it).
+fn interrupted(sr: &Sr) -> Option<Finding> {
+    let j = sr.md.journal.as_ref()?;
+    Some(Finding {
+        kind: "interrupted_operation",
+        message: format!(
+            "a {} was interrupted ({})",
+            j.operation,
+            if j.committed {
+                "committed: repair finishes it"
+            } else {
+                "not committed: repair undoes it"
+            }
+        ),
+        repairable: true,
+    })
+}
+
 /// The backend of an SR of type `kind`.
 pub fn for_type(kind: SrType) -> Box<dyn Backend> {
     match kind {
         SrType::File => Box::new(file::FileBackend),
+        SrType::Lvm => Box::<lvm::thin::ThinBackend>::default(),
     }
+}
+
+/// Records `snap` (made by the caller from `src`, a template) as another record of the
+/// same template: a template never changes, so that is its snapshot.
+fn snapshot_template(sr: &mut Sr, src: &VdiRecord, mut snap: VdiRecord) -> Result<()> {
+    snap.kind = crate::model::VdiType::Template;
+    snap.backing = None;
+    snap.uri = src.uri.clone();
+    snap.format = src.format;
+    snap.identity = src.identity.clone();
+    snap.pin = src.pin.clone();
+    let mut creds = crate::template::credentials(&sr.path)?;
+    if let Some(full) = creds.get(&src.uuid).cloned() {
+        creds.insert(snap.uuid, full);
+        crate::template::save_credentials(&sr.path, &creds)?;
+    }
+    sr.md.vdis.push(snap);
+    sr.save()
+}
+
+/// Removes what the SR keeps of `template` once its record is gone: its credentials
+/// and its cache. A crash here leaves stray files that `sr check --repair` removes.
+fn template_gone(sr: &Sr, template: &VdiRecord) -> Result<()> {
+    let mut creds = crate::template::credentials(&sr.path)?;
+    if creds.remove(&template.uuid).is_some() {
+        crate::template::save_credentials(&sr.path, &creds)?;
+    }
+    if let (Some(uri), Some(identity)) = (&template.uri, &template.identity) {
+        stray::remove_cache_of(sr, uri, identity)?;
+    }
+    Ok(())
 }

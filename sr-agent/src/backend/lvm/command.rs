@@ -109,6 +109,36 @@ impl Lvm {
     }
 }
 
+/// The physical volumes of the VG `vg`, found by a read-only scan of the host's devices
+/// (`pvs` with the devices file off: the SR's devices are in none): how `sr introduce`
+/// learns an SR's devices.
+pub fn pvs_of(vg: &str) -> Result<Vec<PathBuf>> {
+    let mut c = Command::new("pvs");
+    c.env("LC_ALL", "C")
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .args(["--config", "devices { use_devicesfile=0 }"])
+        .args(["--reportformat", "json", "-o", "pv_name,vg_name"]);
+    parse_pvs_of(&super::output_of(c, "pvs")?, vg)
+}
+
+fn parse_pvs_of(json: &str, vg: &str) -> Result<Vec<PathBuf>> {
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+        Error::new(
+            Code::SrBackendFailure,
+            format!("pvs printed what is not a report: {e}"),
+        )
+    })?;
+    let rows = v["report"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r["pv"].as_array().into_iter().flatten());
+    Ok(rows
+        .filter(|pv| pv["vg_name"].as_str() == Some(vg))
+        .filter_map(|pv| pv["pv_name"].as_str().map(PathBuf::from))
+        .collect())
+}
+
 /// An lvm filter pattern admitting exactly `device`. Characters a regular expression
 /// treats specially are put in brackets (no backslashes, which lvm's config strings
 /// would need escaped again); paths with characters outside a safe set are refused.
@@ -296,6 +326,21 @@ pub fn parse_vgs(json: &str) -> Result<Vec<VgInfo>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pvs_of_a_vg_are_read_from_the_report_and_others_ignored() {
+        let json = r#"{"report": [{"pv": [
+            {"pv_name": "/dev/loop2", "vg_name": "tlsr"},
+            {"pv_name": "/dev/sda2", "vg_name": "system"},
+            {"pv_name": "/dev/loop3", "vg_name": "tlsr"},
+            {"pv_name": "/dev/sdz", "vg_name": ""}]}]}"#;
+        assert_eq!(
+            parse_pvs_of(json, "tlsr").unwrap(),
+            [PathBuf::from("/dev/loop2"), PathBuf::from("/dev/loop3")]
+        );
+        assert!(parse_pvs_of(json, "none").unwrap().is_empty());
+        assert!(parse_pvs_of("not json", "tlsr").is_err());
+    }
 
     #[test]
     fn the_device_filter_admits_exactly_the_srs_devices_and_refuses_odd_paths() {

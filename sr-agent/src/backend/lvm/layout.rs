@@ -30,6 +30,27 @@ const MAX_POOL_METADATA: u64 = 16 << 30;
 /// The data the largest pool metadata maps.
 pub const MAX_POOL_DATA: u64 = MAX_POOL_METADATA / METADATA_PER_BLOCK * BLOCK_BYTES;
 
+/// Refuses a VG name lvm2 would not take, or one that could name a path: `A-Za-z0-9+_.-`,
+/// not starting with `-`, not `.` or `..`, at most 127 characters.
+pub fn check_vg_name(vg: &str) -> Result<()> {
+    let ok = !vg.is_empty()
+        && vg.len() <= 127
+        && !vg.starts_with('-')
+        && vg != "."
+        && vg != ".."
+        && vg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+_.-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::new(
+            Code::InvalidArgument,
+            format!("{vg:?} is not a volume group name (letters, digits and +_.- only)"),
+        ))
+    }
+}
+
 /// The device-mapper name of an SR's pool.
 pub fn pool_name(sr: Uuid) -> String {
     format!("thinline-{}-pool", sr.simple())
@@ -307,6 +328,30 @@ mod tests {
         assert_eq!(sizes(GIB, 4 * MIB, GIB).unwrap_err().code, Code::SrFull);
         assert!(sizes(GIB, 0, 0).is_err());
         assert!(sizes(GIB, 96 << 10, 0).is_err());
+    }
+
+    #[test]
+    fn vg_names_that_lvm2_refuses_or_that_could_name_a_path_are_refused() {
+        for good in ["thinline-sr", "vg_1", "a.b+c"] {
+            assert!(check_vg_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "-x",
+            ".",
+            "..",
+            "a/b",
+            "../etc",
+            "a b",
+            "é",
+            &"x".repeat(128),
+        ] {
+            assert_eq!(
+                check_vg_name(bad).unwrap_err().code,
+                Code::InvalidArgument,
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -9,9 +9,11 @@
 
 pub mod command;
 pub mod dm;
+pub mod host;
 pub mod layout;
 pub mod mgt;
 pub mod pool;
+pub mod thin;
 
 /// Runs `command` (shown as `shown` in errors); its stdout, or an error with what it
 /// printed on stderr.

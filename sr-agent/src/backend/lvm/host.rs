@@ -1,0 +1,326 @@
+//! An LVM SR's volumes on this host: its metadata volume and pool made active (after a
+//! reboot nothing is: lvm2 does not know the pool), the thin ids of the pool, and the
+//! device-mapper devices of attached VDIs. Everything here is idempotent where a crash
+//! may have left it half done: activating what is active, deleting an id already gone,
+//! removing a device already removed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::command::Lvm;
+use super::dm::{Dm, udev_runs};
+use super::layout::{self, BLOCK_BYTES, MGT_LV, POOL_DATA_LV, POOL_META_LV};
+use super::mgt::MetadataVolume;
+use super::pool::{Message, PoolStatus, pool_table, thin_table};
+use crate::model::SrRecord;
+use crate::{Code, Error, Result};
+
+/// Where LVM SRs' locks are: one per VG on this host, whichever home opens it.
+const LVM_LOCK_DIR: &str = "/run/lock/thinline";
+
+/// An LVM SR's home on this host: the VG on the metadata volume of which its records
+/// are, and the devices lvm2 is limited to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LvmHome {
+    pub uuid: Uuid,
+    pub vg: String,
+    pub devices: Vec<PathBuf>,
+}
+
+/// The lock of `what` of the VG `vg` on this host (`sr`: an LVM SR's records;
+/// `metadata-snap`: its pool's metadata snapshot; `activate`: its pool's activation),
+/// taken (waiting for its holder).
+pub fn lvm_lock(vg: &str, what: &str) -> Result<std::fs::File> {
+    layout::check_vg_name(vg)?;
+    std::fs::create_dir_all(LVM_LOCK_DIR)
+        .map_err(|e| Error::io(format!("cannot create {LVM_LOCK_DIR}"), &e))?;
+    crate::lockfile::exclusive(&Path::new(LVM_LOCK_DIR).join(format!("lvm-{vg}.{what}.lock")))
+}
+
+/// `/dev/VG/LV`.
+pub fn lv_path(vg: &str, lv: &str) -> PathBuf {
+    PathBuf::from(format!("/dev/{vg}/{lv}"))
+}
+
+/// The metadata volume of the SR `home` names, its LV made active if it is not.
+pub fn metadata_volume(home: &LvmHome) -> Result<MetadataVolume> {
+    layout::check_vg_name(&home.vg)?;
+    let path = lv_path(&home.vg, MGT_LV);
+    if !path.exists() {
+        let lvm = Lvm::new(&home.devices, udev_runs())?;
+        lvm.run("lvchange", &["-ay", &format!("{}/{MGT_LV}", home.vg)])
+            .map_err(|e| {
+                Error::new(
+                    Code::SrNotFound,
+                    format!(
+                        "the metadata volume of SR {} (VG {} on {}) cannot be activated: {}",
+                        home.uuid,
+                        home.vg,
+                        shown_devices(&home.devices),
+                        e.message
+                    ),
+                )
+            })?;
+    }
+    MetadataVolume::open(&path)
+}
+
+fn shown_devices(devices: &[PathBuf]) -> String {
+    let names: Vec<String> = devices.iter().map(|d| d.display().to_string()).collect();
+    names.join(", ")
+}
+
+/// An LVM SR's pool and thin devices.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    lvm: Lvm,
+    dm: Dm,
+    sr: Uuid,
+    vg: String,
+    data_bytes: u64,
+    when_full: super::pool::WhenFull,
+}
+
+impl Pool {
+    /// The pool of the LVM SR `sr`.
+    pub fn of(sr: &SrRecord) -> Result<Pool> {
+        let lvm = sr.lvm.as_ref().ok_or_else(|| {
+            Error::new(
+                Code::SrBackendFailure,
+                format!("SR {} is not an LVM SR", sr.uuid),
+            )
+        })?;
+        layout::check_vg_name(&lvm.vg)?;
+        let udev = udev_runs();
+        Ok(Pool {
+            lvm: Lvm::new(&lvm.devices, udev)?,
+            dm: Dm::new(udev),
+            sr: sr.uuid,
+            vg: lvm.vg.clone(),
+            data_bytes: lvm.pool_data_bytes,
+            when_full: lvm.when_full,
+        })
+    }
+
+    /// The pool's device-mapper name.
+    pub fn name(&self) -> String {
+        layout::pool_name(self.sr)
+    }
+
+    /// lvm2, limited to the SR's devices.
+    pub fn lvm(&self) -> &Lvm {
+        &self.lvm
+    }
+
+    pub fn dm(&self) -> &Dm {
+        &self.dm
+    }
+
+    /// Makes the pool active if it is not: its LVs active, its metadata checked with
+    /// `thin_check` (damaged metadata is never activated), the pool device made.
+    pub fn activate(&self) -> Result<()> {
+        let pool = self.name();
+        if self.dm.exists(&pool) {
+            return Ok(());
+        }
+        // One activation at a time: commands that only read do not hold the SR's lock,
+        // and metadata being activated must not be checked meanwhile.
+        let _activating = lvm_lock(&self.vg, "activate")?;
+        if self.dm.exists(&pool) {
+            return Ok(());
+        }
+        let meta = lv_path(&self.vg, POOL_META_LV);
+        let data = lv_path(&self.vg, POOL_DATA_LV);
+        if !meta.exists() || !data.exists() {
+            self.lvm.run(
+                "lvchange",
+                &[
+                    "-ay",
+                    &format!("{}/{POOL_META_LV}", self.vg),
+                    &format!("{}/{POOL_DATA_LV}", self.vg),
+                ],
+            )?;
+        }
+        let mut check = std::process::Command::new("thin_check");
+        check.env("LC_ALL", "C").arg("-q").arg(&meta);
+        super::output_of(check, &format!("thin_check {}", meta.display())).map_err(|e| {
+            Error::new(
+                Code::SrBackendFailure,
+                format!(
+                    "the pool metadata of SR {} is damaged, so the pool is not activated: {} (`thin_repair` makes a repaired copy)",
+                    self.sr, e.message
+                ),
+            )
+        })?;
+        let table = pool_table(
+            &meta.display().to_string(),
+            &data.display().to_string(),
+            self.data_bytes,
+            BLOCK_BYTES,
+            0,
+            self.when_full,
+        )?;
+        self.dm.create(&pool, &table)
+    }
+
+    /// The pool's status (it must be active).
+    pub fn status(&self) -> Result<PoolStatus> {
+        self.dm.pool_status(&self.name())
+    }
+
+    pub fn create_thin(&self, id: u32) -> Result<()> {
+        self.dm.message(&self.name(), Message::CreateThin(id))
+    }
+
+    /// Makes thin id `id` a snapshot of `origin`; an active origin (`origin_vdi`'s
+    /// device) is suspended meanwhile, as dm-thin requires, which also flushes it.
+    pub fn create_snap(&self, id: u32, origin: u32, origin_vdi: Uuid) -> Result<()> {
+        let device = self.device_name(origin_vdi);
+        let active = self.dm.exists(&device);
+        if active {
+            self.dm.suspend(&device)?;
+        }
+        let made = self
+            .dm
+            .message(&self.name(), Message::CreateSnap(id, origin));
+        if active {
+            self.dm.resume(&device)?;
+        }
+        made
+    }
+
+    /// Deletes thin id `id`; one that does not exist is fine.
+    pub fn delete_thin(&self, id: u32) -> Result<()> {
+        match self.dm.message(&self.name(), Message::Delete(id)) {
+            Ok(()) => Ok(()),
+            // dm-thin answers ENODATA for an id it does not have.
+            Err(e) if e.message.contains("No data available") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every thin id in the pool with the blocks it maps, read from a reserved
+    /// metadata snapshot (the live metadata is never read while the pool runs).
+    pub fn thin_ids(&self) -> Result<BTreeMap<u32, u64>> {
+        let pool = self.name();
+        // One reader at a time (commands that only read do not hold the SR's lock).
+        let _snap = lvm_lock(&self.vg, "metadata-snap")?;
+        // One left reserved by a crash is released first.
+        let _ = self.dm.message(&pool, Message::ReleaseMetadataSnap);
+        self.dm.message(&pool, Message::ReserveMetadataSnap)?;
+        let meta = lv_path(&self.vg, POOL_META_LV);
+        let mut dump = std::process::Command::new("thin_dump");
+        dump.env("LC_ALL", "C").arg("-m").arg(&meta);
+        let dumped = super::output_of(dump, &format!("thin_dump -m {}", meta.display()));
+        let released = self.dm.message(&pool, Message::ReleaseMetadataSnap);
+        let ids = parse_thin_dump(&dumped?)?;
+        released?;
+        Ok(ids)
+    }
+
+    /// The device-mapper name of `vdi`'s thin device.
+    pub fn device_name(&self, vdi: Uuid) -> String {
+        format!("thinline-{}-{}", self.sr.simple(), vdi.simple())
+    }
+
+    /// The device `vdi`'s thin id `id` is attached as: made (read-only when asked)
+    /// unless it exists. Returns its path.
+    pub fn attach(&self, vdi: Uuid, id: u32, size: u64, read_only: bool) -> Result<PathBuf> {
+        let name = self.device_name(vdi);
+        if !self.dm.exists(&name) {
+            let table = thin_table(&format!("/dev/mapper/{}", self.name()), id, size, None)?;
+            let mut args = vec!["create", name.as_str(), "--table", table.as_str()];
+            if read_only {
+                args.push("--readonly");
+            }
+            self.dm.run(&args)?;
+        }
+        Ok(Path::new("/dev/mapper").join(name))
+    }
+
+    /// Removes `vdi`'s device, if it exists; a device still open is refused (VDI_IN_USE).
+    pub fn detach(&self, vdi: Uuid) -> Result<()> {
+        let name = self.device_name(vdi);
+        if !self.dm.exists(&name) {
+            return Ok(());
+        }
+        self.dm.remove(&name).map_err(|e| {
+            if e.message.contains("busy") {
+                Error::new(
+                    Code::VdiInUse,
+                    format!(
+                        "VDI {vdi}'s device /dev/mapper/{name} is open: close it first ({})",
+                        e.message
+                    ),
+                )
+            } else {
+                e
+            }
+        })
+    }
+
+    /// Gives `vdi`'s device, if attached, its new size (`id`'s table reloaded).
+    pub fn resize_attached(&self, vdi: Uuid, id: u32, size: u64) -> Result<()> {
+        let name = self.device_name(vdi);
+        if !self.dm.exists(&name) {
+            return Ok(());
+        }
+        let table = thin_table(&format!("/dev/mapper/{}", self.name()), id, size, None)?;
+        self.dm.run(&["reload", &name, "--table", &table])?;
+        self.dm.resume(&name)
+    }
+}
+
+/// The `dev_id` and `mapped_blocks` of every `<device …>` of `thin_dump`'s XML.
+fn parse_thin_dump(xml: &str) -> Result<BTreeMap<u32, u64>> {
+    let attr = |tag: &str, name: &str| -> Option<u64> {
+        let at = tag.find(&format!(" {name}=\""))? + name.len() + 3;
+        let end = tag[at..].find('"')? + at;
+        tag[at..end].parse().ok()
+    };
+    let mut ids = BTreeMap::new();
+    for tag in xml.split('<').filter(|t| t.starts_with("device ")) {
+        let (Some(id), Some(blocks)) = (attr(tag, "dev_id"), attr(tag, "mapped_blocks")) else {
+            return Err(Error::new(
+                Code::SrBackendFailure,
+                format!("thin_dump printed a device without dev_id or mapped_blocks: <{tag}"),
+            ));
+        };
+        let id = u32::try_from(id).map_err(|_| {
+            Error::new(
+                Code::SrBackendFailure,
+                format!("thin_dump printed thin id {id}"),
+            )
+        })?;
+        ids.insert(id, blocks);
+    }
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thin_dump_xml_gives_each_devices_id_and_mapped_blocks() {
+        let xml = r#"<superblock uuid="" time="1" transaction="0" flags="0" version="2" data_block_size="128" nr_data_blocks="1504">
+  <device dev_id="1" mapped_blocks="16" transaction="0" creation_time="0" snap_time="1">
+    <range_mapping origin_begin="64" data_begin="0" length="16" time="0"/>
+  </device>
+  <device dev_id="7" mapped_blocks="0" transaction="0" creation_time="1" snap_time="1">
+  </device>
+</superblock>"#;
+        let ids = parse_thin_dump(xml).unwrap();
+        assert_eq!(ids.into_iter().collect::<Vec<_>>(), [(1, 16), (7, 0)]);
+        assert!(
+            parse_thin_dump("<superblock>\n</superblock>")
+                .unwrap()
+                .is_empty()
+        );
+        assert!(parse_thin_dump(r#"<device dev_id="x" mapped_blocks="1">"#).is_err());
+        assert!(parse_thin_dump(r#"<device dev_id="99999999999" mapped_blocks="1">"#).is_err());
+    }
+}

@@ -1,0 +1,25 @@
+//! Lock files: one `flock`ed file per thing only one process may change at a time (an
+//! SR, the registry, an LVM SR's pool activation). The lock goes with the process, so
+//! kill -9 never leaves one held.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use crate::{Error, Result};
+
+/// Takes the exclusive lock of `path` (made if missing), waiting for its holder; held
+/// until the file is dropped.
+pub fn exclusive(path: &Path) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(path)
+        .map_err(|e| Error::io(format!("cannot open {}", path.display()), &e))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| Error::io(format!("cannot lock {}", path.display()), &e.into()))?;
+    Ok(f)
+}

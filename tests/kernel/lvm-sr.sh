@@ -1,0 +1,142 @@
+#!/bin/sh
+# lvm-sr.sh: guest side of the LVM SR checks through the commands operators run, sourced by
+# cor-dmthin.sh so the same VM boot runs them (defines lvm_sr; guest-lib.sh must be sourced first).
+#
+# On two loop devices: `thinline sr create --type lvm`, then VDIs as dm-thin volumes: create,
+# attach (a /dev/mapper device), a snapshot of the attached disk that holds every write made
+# before it, a clone of the snapshot, read-only snapshots, an online resize, destroy refused while
+# attached, a new disk that never reads a destroyed one's data, kill -9 (abort) in the middle of
+# create, snapshot and destroy with the next command finishing or undoing it (no thin id lost or
+# leaked: `sr check` is clean), a thin id no VDI records found and repaired, the SR forgotten,
+# probed on its devices and introduced again, and `sr destroy` leaving no VG, no signature and no
+# device.
+#
+# Configuration: THINLINE_BIN (the thinline binary).
+
+lvm_sr() {
+  _t=$THINLINE_BIN
+  for f in a b; do truncate -s 128M "/tmp/lsr-$f" || return 1; done
+  if ! { LSR_A=$(losetup -f --show /tmp/lsr-a) && LSR_B=$(losetup -f --show /tmp/lsr-b); }; then
+    fail "lvm-sr: loop devices"
+    return 1
+  fi
+  export THINLINE_SR_REGISTRY=/tmp/lsr-state/srs.json
+  # FIELD of the JSON object on stdin (a Python expression on d).
+  js() { /usr/bin/python3 -c 'import json,sys; d=json.load(sys.stdin); v=eval(sys.argv[1]); print(str(v).lower() if isinstance(v, bool) else v)' "$1"; }
+  # EXPECTED_STATUS COMMAND...: the command exits with that status.
+  exits() { _want=$1; shift; "$@" >/tmp/lsr-out 2>&1; _got=$?; [ "$_got" = "$_want" ] || { cat /tmp/lsr-out; echo "exit $_got"; return 1; }; }
+  # DEV OFFSET_MIB FILE: FILE's bytes at OFFSET MiB of DEV (O_DIRECT reads).
+  holds() {
+    dd if="$1" bs=1M skip="$2" count=$(( $(stat -c %s "$3") / 1048576 )) iflag=direct status=none >/tmp/lsr-read &&
+      cmp /tmp/lsr-read "$3"
+  }
+  put() { dd if="$3" of="$1" bs=1M seek="$2" oflag=direct conv=notrunc status=none; }
+  for p in 1 2 3; do head -c $((4 * 1048576)) /dev/urandom >/tmp/lsr-p$p; done
+  head -c $((4 * 1048576)) /dev/zero >/tmp/lsr-zero
+
+  tl_log "lvm-sr: thinline sr create --type lvm on $LSR_A,$LSR_B"
+  $_t sr create --type lvm "$LSR_A" "$LSR_B" --vg tlsr --name-label prod --json >/tmp/lsr-sr.json 2>/tmp/lsr-err ||
+    { cat /tmp/lsr-err; fail "lvm-sr: sr create --type lvm"; return 1; }
+  SR=$(js 'd["uuid"]' </tmp/lsr-sr.json)
+  check "lvm-sr: sr create answers type lvm, the VG and a pool of free space" \
+    test "$(js '(d["type"], d["vg"], d["total_space"] > 128 << 20, d["free_space"] == d["total_space"])' </tmp/lsr-sr.json)" = "('lvm', 'tlsr', True, True)"
+  check "lvm-sr: --sr takes the VG name" test "$($_t sr stat --sr tlsr --json | js 'd["uuid"]')" = "$SR"
+  check "lvm-sr: a device already in an SR is refused (SR_EXISTS, exit 17)" \
+    exits 17 $_t sr create --type lvm "$LSR_A" --vg tlother --json
+
+  DISK=$($_t vdi create --sr tlsr 64M --name-label disk --json | js 'd["uuid"]')
+  DEV=$($_t vdi attach --sr tlsr "$DISK" --json | js 'd["device"]')
+  check "lvm-sr: an attached disk is a /dev/mapper device of its size" \
+    test "$(blockdev --getsize64 "$DEV")" = $((64 << 20))
+  require "lvm-sr: write the disk" put "$DEV" 1 /tmp/lsr-p1
+  SNAP=$($_t vdi snapshot --sr tlsr "$DISK" --name-label before --json | js 'd["uuid"]')
+  require "lvm-sr: write the disk after its snapshot" put "$DEV" 1 /tmp/lsr-p2
+  CLONE=$($_t vdi clone --sr tlsr "$SNAP" --name-label clone --json | js 'd["uuid"]')
+  SDEV=$($_t vdi attach --sr tlsr "$SNAP" --json | js 'd["device"]')
+  CDEV=$($_t vdi attach --sr tlsr "$CLONE" --json | js 'd["device"]')
+  check "lvm-sr: the snapshot of the attached disk holds what was written before it" holds "$SDEV" 1 /tmp/lsr-p1
+  check "lvm-sr: the disk holds what was written after" holds "$DEV" 1 /tmp/lsr-p2
+  check "lvm-sr: a snapshot's device is read-only" test "$(blockdev --getro "$SDEV")" = 1
+  require "lvm-sr: write the clone" put "$CDEV" 1 /tmp/lsr-p3
+  check "lvm-sr: the clone holds its own write" holds "$CDEV" 1 /tmp/lsr-p3
+  check "lvm-sr: the snapshot is unchanged by its clone's write" holds "$SDEV" 1 /tmp/lsr-p1
+  check "lvm-sr: attaching an attached VDI answers the same device" \
+    test "$($_t vdi attach --sr tlsr "$DISK" --json | js 'd["device"]')" = "$DEV"
+
+  check "lvm-sr: vdi resize of the attached disk" exits 0 $_t vdi resize --sr tlsr "$DISK" 96M --json
+  check "lvm-sr: the attached device grew online" test "$(blockdev --getsize64 "$DEV")" = $((96 << 20))
+  check "lvm-sr: the grown tail reads as zeroes" holds "$DEV" 64 /tmp/lsr-zero
+  check "lvm-sr: the disk's data is kept by the resize" holds "$DEV" 1 /tmp/lsr-p2
+  check "lvm-sr: vdi stat shows the disk's thin id, size and used blocks" \
+    test "$($_t vdi stat --sr tlsr "$DISK" --json | js '(d["virtual_size"], d["thin_id"] > 0, d["physical_utilisation"] >= 4 << 20, d["attached"])')" = "($((96 << 20)), True, True, True)"
+  check "lvm-sr: destroying an attached VDI is refused (VDI_IN_USE, exit 13)" \
+    exits 13 $_t vdi destroy --sr tlsr "$DISK" --json
+  exec 9<"$CDEV"
+  check "lvm-sr: detaching a VDI whose device is open is refused (VDI_IN_USE)" \
+    exits 13 $_t vdi detach --sr tlsr "$CLONE" --json
+  exec 9<&-
+  for v in "$DISK" "$SNAP" "$CLONE"; do
+    check "lvm-sr: vdi detach $v" exits 0 $_t vdi detach --sr tlsr "$v" --json
+  done
+  check "lvm-sr: no device of a detached VDI is left (only the pool)" \
+    test "$(dmsetup ls | grep -o "^thinline-$(echo "$SR" | tr -d -)-[a-z0-9]*")" = "thinline-$(echo "$SR" | tr -d -)-pool"
+
+  # Destroyed data is never read by a new disk (dm-thin zeroes new blocks).
+  check "lvm-sr: vdi destroy" exits 0 $_t vdi destroy --sr tlsr "$CLONE" --json
+  NEW=$($_t vdi create --sr tlsr 64M --json | js 'd["uuid"]')
+  NDEV=$($_t vdi attach --sr tlsr "$NEW" --json | js 'd["device"]')
+  check "lvm-sr: a new disk reads zeroes where a destroyed one had data" \
+    test "$(dd if="$NDEV" bs=1M iflag=direct status=none | tr -d '\0' | wc -c)" = 0
+  $_t vdi detach --sr tlsr "$NEW" --json >/dev/null
+
+  # kill -9 (abort) in the middle: the next command undoes or finishes it.
+  for step in intent made committed; do
+    check "lvm-sr: vdi create aborted at $step" exits 134 env THINLINE_SR_CRASH_AT=$step $_t vdi create --sr tlsr 8M --json
+    check "lvm-sr: after a crash at $step of vdi create, sr check --repair leaves the SR clean" \
+      test "$($_t sr check --sr tlsr --repair --json | js 'd["clean"]')" = true
+  done
+  check "lvm-sr: the create that crashed after its commit is there, the others are not" \
+    test "$($_t vdi list --sr tlsr --json | js 'len(d["vdis"])')" = 4
+  check "lvm-sr: vdi snapshot aborted after its thin id was made" \
+    exits 134 env THINLINE_SR_CRASH_AT=made $_t vdi snapshot --sr tlsr "$DISK" --json
+  check "lvm-sr: vdi destroy aborted after its commit" \
+    exits 134 env THINLINE_SR_CRASH_AT=committed $_t vdi destroy --sr tlsr "$NEW" --json
+  check "lvm-sr: sr stat shows the interrupted operation (needs_repair)" \
+    test "$($_t sr stat --sr tlsr --json | js 'd["health"]')" = needs_repair
+  $_t sr check --sr tlsr --json >/tmp/lsr-check; _rc=$?
+  check "lvm-sr: sr check reports the interrupted operation (exit 3)" \
+    test "$_rc $(js '[f["kind"] for f in d["findings"]]' </tmp/lsr-check)" = "3 ['interrupted_operation']"
+  check "lvm-sr: the next change finishes the destroy and undoes the snapshot" \
+    exits 0 $_t vdi set-name-label --sr tlsr "$DISK" --json renamed
+  check "lvm-sr: no thin id is lost or leaked after the crashes (sr check clean)" \
+    test "$($_t sr check --sr tlsr --json | js '(d["clean"], len(d["findings"]))')" = "(True, 0)"
+  check "lvm-sr: the destroyed VDI is gone, the snapshot never made" \
+    test "$($_t vdi list --sr tlsr --json | js 'sorted(v["name_label"] for v in d["vdis"])')" = "['before', 'disk', 'renamed']"
+
+  # A thin id no VDI records (made by hand here) is found, and deleted by --repair.
+  require "lvm-sr: a thin id made by hand" \
+    dmsetup message "thinline-$(echo "$SR" | tr -d -)-pool" 0 "create_thin 999"
+  check "lvm-sr: sr check finds the thin id no VDI records" \
+    test "$($_t sr check --sr tlsr --json | js '[(f["kind"], "999" in f["message"], f["repairable"]) for f in d["findings"]]')" = "[('unknown_thin_id', True, True)]"
+  check "lvm-sr: sr check --repair deletes it" \
+    test "$($_t sr check --sr tlsr --repair --json | js '(d["clean"], len(d["repaired"]))')" = "(True, 1)"
+  # Forgotten, found by a probe of its devices, adopted again with its VDIs.
+  check "lvm-sr: sr forget" exits 0 $_t sr forget --sr tlsr --json
+  check "lvm-sr: sr probe --type lvm finds the forgotten SR and its VDIs" \
+    test "$($_t sr probe --type lvm "$LSR_A" "$LSR_B" --json | js '[(s["uuid"], s["vg"], s["vdi_count"], s["registered"]) for s in d["srs"]]')" = "[('$SR', 'tlsr', 3, False)]"
+  check "lvm-sr: sr introduce --type lvm adopts it again" \
+    test "$($_t sr introduce --type lvm tlsr --json | js '(d["uuid"], d["vdi_count"])')" = "('$SR', 3)"
+  check "lvm-sr: a VG that holds no SR is not introduced (SR_NOT_FOUND, exit 10)" \
+    exits 10 $_t sr introduce --type lvm nosuchvg --json
+  check "lvm-sr: sr destroy of an SR with disks needs --force (SR_NOT_EMPTY, exit 14)" \
+    exits 14 $_t sr destroy --sr tlsr --json
+  check "lvm-sr: sr destroy --force" exits 0 $_t sr destroy --sr "$SR" --force --json
+  check "lvm-sr: the VG is gone" test -z "$(vgs --noheadings -o vg_name --config 'devices { use_devicesfile=0 }' 2>/dev/null | grep -w tlsr || true)"
+  check "lvm-sr: no dm device of the SR is left" \
+    test -z "$(dmsetup ls | grep "thinline-$(echo "$SR" | tr -d -)" || true)"
+  check "lvm-sr: the devices hold no signature" \
+    test -z "$(blkid -p "$LSR_A" "$LSR_B" 2>/dev/null || true)"
+  check "lvm-sr: the SR is no longer listed" test "$($_t sr list --json | js 'len(d["srs"])')" = 0
+  losetup -d "$LSR_A" "$LSR_B" 2>/dev/null
+  rm -rf /tmp/lsr-a /tmp/lsr-b /tmp/lsr-p? /tmp/lsr-zero /tmp/lsr-read /tmp/lsr-state
+}
