@@ -71,6 +71,16 @@ pub fn sr_text(v: &SrView, out: &mut dyn Write) -> std::io::Result<()> {
         v.vdi_count
     )?;
     writeln!(out, "health:      {}", v.health)?;
+    if let Some(p) = &v.pool {
+        writeln!(
+            out,
+            "pool:        data {:.1}% used, metadata {:.1}% used, {:?}{}",
+            p.data_percent,
+            p.metadata_percent,
+            p.mode,
+            if p.needs_check { ", needs check" } else { "" }
+        )?;
+    }
     for t in &v.template_errors {
         writeln!(out, "template {} ({}): {}", t.uuid, t.uri, t.error)?;
     }

@@ -96,6 +96,9 @@ pub struct VdiRecord {
     /// LVM SRs: the dm-thin id of its thin volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thin_id: Option<u32>,
+    /// LVM SRs: a preallocated disk's raw LV (`thinline_raw_UUID`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lv: Option<String>,
 }
 
 impl VdiRecord {
@@ -116,6 +119,7 @@ impl VdiRecord {
             identity: None,
             pin: None,
             thin_id: None,
+            lv: None,
         }
     }
 
@@ -154,9 +158,24 @@ pub struct SrView {
     pub health: &'static str,
     /// The SR's serving daemon, if one runs: its pid and the VDIs it serves.
     pub daemon: Option<DaemonStatus>,
+    /// An LVM SR's thin pool, as the kernel reports it now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolHealth>,
     /// `sr stat`: the templates that cannot be read now, and why.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub template_errors: Vec<TemplateError>,
+}
+
+/// An LVM SR's thin pool, from its status.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolHealth {
+    /// Data and metadata use, in percent.
+    pub data_percent: f64,
+    pub metadata_percent: f64,
+    /// `read_write`, `read_only`, `out_of_data_space` or `failed`.
+    pub mode: crate::backend::lvm::pool::PoolMode,
+    /// The kernel found damaged metadata: `thin_check` before the pool is used again.
+    pub needs_check: bool,
 }
 
 /// A template that cannot be read now.
@@ -186,6 +205,9 @@ pub struct VdiView {
     /// On an LVM SR: its dm-thin id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thin_id: Option<u32>,
+    /// On an LVM SR: a preallocated disk's raw LV.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lv: Option<String>,
     pub attached: bool,
     /// `/dev/nbdN` when attached with `--device`; on an LVM SR, its `/dev/mapper` path
     /// when attached.

@@ -32,6 +32,7 @@ pub fn view(sr: &Sr, backend: &dyn Backend) -> Result<SrView> {
             .filter(|v| v.kind != VdiType::Layer)
             .count(),
         health: if healthy { "healthy" } else { "needs_repair" },
+        pool: crate::backend::lvm::thin::pool_health(sr),
         daemon: crate::daemon::request(&sr.path, &crate::daemon::Request::Status)
             .and_then(|r| r.ok())
             .and_then(|v| serde_json::from_value(v).ok()),
@@ -330,7 +331,7 @@ fn remove_gone_home(home: &Path) -> Result<()> {
 #[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum Forgotten {
-    Sr(SrView),
+    Sr(Box<SrView>),
     /// A registry entry whose directory held no SR.
     Entry {
         uuid: Uuid,
@@ -349,7 +350,7 @@ pub fn forget(name: &str) -> Result<Forgotten> {
     let (sr, backend) = read(name)?;
     let shown = view(&sr, backend.as_ref())?;
     registry::remove(sr.md.sr.uuid)?;
-    Ok(Forgotten::Sr(shown))
+    Ok(Forgotten::Sr(Box::new(shown)))
 }
 
 /// `sr destroy`.

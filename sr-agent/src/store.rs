@@ -134,6 +134,12 @@ pub struct Journal {
     /// LVM SRs: thin ids no record uses after the commit (deleted then).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub thin_dropped: Vec<u32>,
+    /// LVM SRs: raw LVs created before the commit (wiped and removed if it never comes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lvs_made: Vec<String>,
+    /// LVM SRs: raw LVs no record uses after the commit (wiped and removed then).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lvs_dropped: Vec<String>,
 }
 
 /// Where an open SR's records are written.
@@ -329,6 +335,11 @@ fn check_names(shown: &str, md: &Metadata) -> Result<()> {
         {
             return Err(bad(f));
         }
+        if let Some(lv) = &v.lv
+            && !crate::backend::lvm::host::is_raw_lv_name(lv)
+        {
+            return Err(bad(lv));
+        }
     }
     if let Some(j) = &md.journal {
         for c in &j.creates {
@@ -344,6 +355,11 @@ fn check_names(shown: &str, md: &Metadata) -> Result<()> {
         for m in &j.finish {
             if !new_name(&m.from) || !plain_name(&m.to) {
                 return Err(bad(&format!("{} -> {}", m.from, m.to)));
+            }
+        }
+        for lv in j.lvs_made.iter().chain(&j.lvs_dropped) {
+            if !crate::backend::lvm::host::is_raw_lv_name(lv) {
+                return Err(bad(lv));
             }
         }
         for d in j.deletes.iter().chain(j.rebases.iter().map(|r| &r.file)) {
@@ -688,6 +704,8 @@ impl Sr {
 
     fn undo(&self, j: &Journal) -> Result<()> {
         self.delete_thin_ids(&j.thin_made)?;
+        // Made and never used: nothing of a VDI's is on it.
+        self.remove_raw_lvs(&j.lvs_made, false)?;
         for c in &j.creates {
             remove_if_present(&self.new_file(c))?;
         }
@@ -721,6 +739,7 @@ impl Sr {
             remove_if_present(&self.file(d))?;
         }
         self.delete_thin_ids(&j.thin_dropped)?;
+        self.remove_raw_lvs(&j.lvs_dropped, true)?;
         if !j.finish.is_empty() || !j.deletes.is_empty() {
             sync_dir(&self.path)?;
         }
@@ -735,6 +754,16 @@ impl Sr {
         let pool = crate::backend::lvm::host::Pool::of(&self.md.sr)?;
         pool.activate()?;
         ids.iter().try_for_each(|&id| pool.delete_thin(id))
+    }
+
+    /// Removes the raw LVs `names` of an LVM SR (ones already gone are fine); with
+    /// `wipe`, zeroed first.
+    fn remove_raw_lvs(&self, names: &[String], wipe: bool) -> Result<()> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let pool = crate::backend::lvm::host::Pool::of(&self.md.sr)?;
+        names.iter().try_for_each(|n| pool.remove_raw(n, wipe))
     }
 
     /// Undoes or finishes an operation a crash interrupted.
@@ -838,6 +867,7 @@ mod tests {
             identity: None,
             pin: None,
             thin_id: None,
+            lv: None,
         });
         write_metadata(&sr_dir, &crafted).unwrap();
         assert!(Sr::read(&sr_dir).is_err(), "a record's file outside the SR");

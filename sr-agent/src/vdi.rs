@@ -39,6 +39,7 @@ pub fn view(sr: &Sr, backend: &dyn Backend, v: &VdiRecord) -> VdiView {
         format: v.format,
         file: v.file.clone(),
         thin_id: v.thin_id,
+        lv: v.lv.clone(),
         attached: v.attached,
         device: v.device.clone(),
         template_error: None,
@@ -167,19 +168,11 @@ pub fn introduce(o: &IntroduceOptions, templates: &Templates) -> Result<VdiView>
     }
     let rec = VdiRecord {
         uuid,
-        name_label: label,
-        kind: VdiType::Template,
-        virtual_size: probed.size,
-        parent: None,
-        backing: None,
         uri: Some(probed.shown),
         format: Some(probed.format),
-        file: None,
-        attached: false,
-        device: None,
         identity: Some(identity),
         pin: Some(pin),
-        thin_id: None,
+        ..VdiRecord::new(VdiType::Template, &label, probed.size)
     };
     sr.md.vdis.push(rec.clone());
     sr.save()?;
@@ -691,13 +684,27 @@ fn attach_lvm(sr: &mut Sr, vdi: Uuid) -> Result<Attached> {
             ),
         ));
     }
+    let pool = crate::backend::lvm::host::Pool::of(&sr.md.sr)?;
+    if let Some(lv) = &v.lv {
+        let rec = sr.md.get_mut(vdi).expect("found");
+        rec.attached = true;
+        sr.save()?;
+        let device = pool.activate_raw(lv)?.display().to_string();
+        sr.md.get_mut(vdi).expect("found").device = Some(device.clone());
+        sr.save()?;
+        return Ok(Attached {
+            uuid: vdi,
+            nbd_uri: None,
+            socket: None,
+            device: Some(device),
+        });
+    }
     let id = v.thin_id.ok_or_else(|| {
         Error::new(
             Code::SrBackendFailure,
             format!("VDI {} has no thin id recorded", v.shown()),
         )
     })?;
-    let pool = crate::backend::lvm::host::Pool::of(&sr.md.sr)?;
     pool.activate()?;
     let rec = sr.md.get_mut(vdi).expect("found");
     rec.attached = true;
@@ -715,8 +722,12 @@ fn attach_lvm(sr: &mut Sr, vdi: Uuid) -> Result<Attached> {
 /// Detaches a VDI of an LVM SR: its device removed (refused while it is open), then
 /// the record.
 fn detach_lvm(sr: &mut Sr, vdi: Uuid) -> Result<()> {
-    sr.vdi(vdi)?;
-    crate::backend::lvm::host::Pool::of(&sr.md.sr)?.detach(vdi)?;
+    let v = sr.vdi(vdi)?;
+    let pool = crate::backend::lvm::host::Pool::of(&sr.md.sr)?;
+    match &v.lv {
+        Some(lv) => pool.deactivate_raw(lv)?,
+        None => pool.detach(vdi)?,
+    }
     let rec = sr.md.get_mut(vdi).expect("found");
     rec.attached = false;
     rec.device = None;

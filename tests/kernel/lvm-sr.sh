@@ -5,7 +5,9 @@
 # On two loop devices: `thinline sr create --type lvm`, then VDIs as dm-thin volumes: create,
 # attach (a /dev/mapper device), a snapshot of the attached disk that holds every write made
 # before it, a clone of the snapshot, read-only snapshots, an online resize, destroy refused while
-# attached, a new disk that never reads a destroyed one's data, kill -9 (abort) in the middle of
+# attached, a new disk that never reads a destroyed one's data, a preallocated VDI (a raw LV from
+# the reserve: zeroed, resized online, wiped when destroyed, removed after an abort, SR_FULL beyond
+# the reserve), kill -9 (abort) in the middle of
 # create, snapshot and destroy with the next command finishing or undoing it (no thin id lost or
 # leaked: `sr check` is clean), a thin id no VDI records found and repaired, the SR forgotten,
 # probed on its devices and introduced again, and `sr destroy` leaving no VG, no signature and no
@@ -21,6 +23,8 @@ lvm_sr() {
     return 1
   fi
   export THINLINE_SR_REGISTRY=/tmp/lsr-state/srs.json
+  _nu='activation { udev_sync=0 udev_rules=0 } devices { use_devicesfile=0 }'
+
   # FIELD of the JSON object on stdin (a Python expression on d).
   js() { /usr/bin/python3 -c 'import json,sys; d=json.load(sys.stdin); v=eval(sys.argv[1]); print(str(v).lower() if isinstance(v, bool) else v)' "$1"; }
   # EXPECTED_STATUS COMMAND...: the command exits with that status.
@@ -35,11 +39,13 @@ lvm_sr() {
   head -c $((4 * 1048576)) /dev/zero >/tmp/lsr-zero
 
   tl_log "lvm-sr: thinline sr create --type lvm on $LSR_A,$LSR_B"
-  $_t sr create --type lvm "$LSR_A" "$LSR_B" --vg tlsr --name-label prod --json >/tmp/lsr-sr.json 2>/tmp/lsr-err ||
+  $_t sr create --type lvm "$LSR_A" "$LSR_B" --vg tlsr --name-label prod --reserve 24M --json >/tmp/lsr-sr.json 2>/tmp/lsr-err ||
     { cat /tmp/lsr-err; fail "lvm-sr: sr create --type lvm"; return 1; }
   SR=$(js 'd["uuid"]' </tmp/lsr-sr.json)
   check "lvm-sr: sr create answers type lvm, the VG and a pool of free space" \
     test "$(js '(d["type"], d["vg"], d["total_space"] > 128 << 20, d["free_space"] == d["total_space"])' </tmp/lsr-sr.json)" = "('lvm', 'tlsr', True, True)"
+  check "lvm-sr: sr stat shows the pool's health" \
+    test "$($_t sr stat --sr tlsr --json | js '(d["pool"]["mode"], d["pool"]["data_percent"] < 1, d["pool"]["needs_check"])')" = "('read_write', True, False)"
   check "lvm-sr: --sr takes the VG name" test "$($_t sr stat --sr tlsr --json | js 'd["uuid"]')" = "$SR"
   check "lvm-sr: a device already in an SR is refused (SR_EXISTS, exit 17)" \
     exits 17 $_t sr create --type lvm "$LSR_A" --vg tlother --json
@@ -89,6 +95,37 @@ lvm_sr() {
     test "$(dd if="$NDEV" bs=1M iflag=direct status=none | tr -d '\0' | wc -c)" = 0
   $_t vdi detach --sr tlsr "$NEW" --json >/dev/null
 
+  # A preallocated VDI: a raw LV from the reserve, zeroed, wiped when destroyed.
+  RAW=$($_t vdi create --sr tlsr 8M --preallocate --name-label raw --json | js 'd["uuid"]')
+  check "lvm-sr: vdi create --preallocate makes a raw LV of the SR" \
+    test "$($_t vdi stat --sr tlsr "$RAW" --json | js '(d["lv"].startswith("thinline_raw_"), d["virtual_size"], d["physical_utilisation"])')" = "(True, $((8 << 20)), $((8 << 20)))"
+  RDEV=$($_t vdi attach --sr tlsr "$RAW" --json | js 'd["device"]')
+  check "lvm-sr: the preallocated VDI is a /dev/mapper device that reads zeroes" \
+    test "$(dd if="$RDEV" bs=1M iflag=direct status=none | tr -d '\0' | wc -c)" = 0
+  require "lvm-sr: write the preallocated VDI" put "$RDEV" 0 /tmp/lsr-p1
+  check "lvm-sr: a preallocated VDI is not snapshotted (INVALID_ARGUMENT, exit 2)" \
+    exits 2 $_t vdi snapshot --sr tlsr "$RAW" --json
+  check "lvm-sr: vdi resize of the attached preallocated VDI" exits 0 $_t vdi resize --sr tlsr "$RAW" 12M --json
+  check "lvm-sr: its device grew, the tail reads zeroes, the data is kept" \
+    sh -c "test \"\$(blockdev --getsize64 $RDEV)\" = $((12 << 20)) && dd if=$RDEV bs=1M skip=8 iflag=direct status=none | cmp - /tmp/lsr-zero && dd if=$RDEV bs=1M count=4 iflag=direct status=none | cmp - /tmp/lsr-p1"
+  check "lvm-sr: vdi detach of the preallocated VDI deactivates its LV" \
+    sh -c "$_t vdi detach --sr tlsr $RAW --json >/dev/null && test ! -e $RDEV"
+  check "lvm-sr: vdi destroy of the preallocated VDI" exits 0 $_t vdi destroy --sr tlsr "$RAW" --json
+  # All the VG's free space, not zeroed by lvm: the destroyed LV's extents are among them.
+  require "lvm-sr: an LV over all the VG's free space" quietly \
+    lvcreate -y -Zn -Wn --config "$_nu" -l 100%FREE -n peek tlsr
+  check "lvm-sr: a destroyed preallocated VDI's data was wiped" \
+    test "$(dd if=/dev/tlsr/peek bs=1M iflag=direct status=none | tr -d '\0' | wc -c)" = 0
+  require "lvm-sr: remove that LV" quietly lvremove -y --config "$_nu" tlsr/peek
+  check "lvm-sr: vdi create --preallocate aborted after its LV was made" \
+    exits 134 env THINLINE_SR_CRASH_AT=made $_t vdi create --sr tlsr 8M --preallocate --json
+  check "lvm-sr: sr check --repair removes the LV the aborted create made" \
+    test "$($_t sr check --sr tlsr --repair --json | js 'd["clean"]')" = true
+  check "lvm-sr: no raw LV is left" \
+    test -z "$(lvs --noheadings -o lv_name --config "$_nu" tlsr | grep thinline_raw_ || true)"
+  check "lvm-sr: a preallocation larger than the reserve is SR_FULL (exit 15)" \
+    exits 15 $_t vdi create --sr tlsr 64M --preallocate --json
+
   # kill -9 (abort) in the middle: the next command undoes or finishes it.
   for step in intent made committed; do
     check "lvm-sr: vdi create aborted at $step" exits 134 env THINLINE_SR_CRASH_AT=$step $_t vdi create --sr tlsr 8M --json
@@ -131,7 +168,7 @@ lvm_sr() {
   check "lvm-sr: sr destroy of an SR with disks needs --force (SR_NOT_EMPTY, exit 14)" \
     exits 14 $_t sr destroy --sr tlsr --json
   check "lvm-sr: sr destroy --force" exits 0 $_t sr destroy --sr "$SR" --force --json
-  check "lvm-sr: the VG is gone" test -z "$(vgs --noheadings -o vg_name --config 'devices { use_devicesfile=0 }' 2>/dev/null | grep -w tlsr || true)"
+  check "lvm-sr: the VG is gone" test -z "$(vgs --noheadings -o vg_name --config "$_nu" 2>/dev/null | grep -w tlsr || true)"
   check "lvm-sr: no dm device of the SR is left" \
     test -z "$(dmsetup ls | grep "thinline-$(echo "$SR" | tr -d -)" || true)"
   check "lvm-sr: the devices hold no signature" \

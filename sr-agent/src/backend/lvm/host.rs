@@ -73,6 +73,27 @@ fn shown_devices(devices: &[PathBuf]) -> String {
     names.join(", ")
 }
 
+/// The raw LV of the preallocated VDI `vdi`.
+pub fn raw_lv_name(vdi: Uuid) -> String {
+    format!("{RAW_PREFIX}{}", vdi.simple())
+}
+
+const RAW_PREFIX: &str = "thinline_raw_";
+
+/// Whether `name` is a raw LV's name as [`raw_lv_name`] makes it.
+pub fn is_raw_lv_name(name: &str) -> bool {
+    name.strip_prefix(RAW_PREFIX).is_some_and(|u| {
+        u.len() == 32
+            && u.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    })
+}
+
+/// The `/dev/mapper` name lvm2 gives LV `lv` of VG `vg` (dashes doubled).
+fn mapper_name(vg: &str, lv: &str) -> String {
+    format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--"))
+}
+
 /// An LVM SR's pool and thin devices.
 #[derive(Debug, Clone)]
 pub struct Pool {
@@ -274,6 +295,150 @@ impl Pool {
     }
 }
 
+/// Raw LVs: preallocated VDIs, plain LVs from the VG's free space.
+impl Pool {
+    fn raw_lv(&self, name: &str) -> Result<Option<super::command::LvInfo>> {
+        Ok(self
+            .lvm
+            .lvs(&self.vg)?
+            .into_iter()
+            .find(|lv| lv.name == name))
+    }
+
+    /// Makes raw LV `name` of at least `size` bytes (whole extents) from the VG's free
+    /// space, tagged, active; returns its size. `SR_FULL` when the VG lacks the room.
+    pub fn create_raw(&self, name: &str, size: u64) -> Result<u64> {
+        let tag = super::command::owner_tag(self.sr);
+        let bytes = format!("{size}b");
+        self.lvm
+            .run(
+                "lvcreate",
+                &["-y", "-Zn", "--addtag", &tag, "-L", &bytes, "-n", name, &self.vg],
+            )
+            .map_err(|e| {
+                if e.message.contains("nsufficient free space") {
+                    Error::new(
+                        Code::SrFull,
+                        format!(
+                            "VG {} has no room for a {size}-byte preallocated VDI outside its pool (make room with `sr create --reserve`, or add a device to the VG): {}",
+                            self.vg, e.message
+                        ),
+                    )
+                } else {
+                    e
+                }
+            })?;
+        let made = self
+            .raw_lv(name)?
+            .ok_or_else(|| Error::new(Code::SrBackendFailure, format!("LV {name} was not made")))?;
+        Ok(made.size)
+    }
+
+    /// The device of raw LV `name`, made active.
+    pub fn activate_raw(&self, name: &str) -> Result<PathBuf> {
+        self.lvm
+            .run("lvchange", &["-ay", &format!("{}/{name}", self.vg)])?;
+        Ok(Path::new("/dev/mapper").join(mapper_name(&self.vg, name)))
+    }
+
+    /// Makes raw LV `name` inactive; one still open is refused (VDI_IN_USE).
+    pub fn deactivate_raw(&self, name: &str) -> Result<()> {
+        self.lvm
+            .run("lvchange", &["-an", &format!("{}/{name}", self.vg)])
+            .map(drop)
+            .map_err(|e| {
+                if e.message.contains("in use") || e.message.contains("open") {
+                    Error::new(
+                        Code::VdiInUse,
+                        format!(
+                            "LV {}/{name} is open: close it first ({})",
+                            self.vg, e.message
+                        ),
+                    )
+                } else {
+                    e
+                }
+            })
+    }
+
+    /// Writes zeroes over `len` bytes of raw LV `name` (active) at `offset`: the
+    /// kernel's zero-out, which devices that can do it without writing do so.
+    pub fn zero_raw(&self, name: &str, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let device = Path::new("/dev/mapper").join(mapper_name(&self.vg, name));
+        let mut c = std::process::Command::new("blkdiscard");
+        c.env("LC_ALL", "C")
+            .args(["--zeroout", "--offset", &offset.to_string()])
+            .args(["--length", &len.to_string()])
+            .arg(&device);
+        super::output_of(c, &format!("blkdiscard --zeroout {}", device.display())).map(drop)
+    }
+
+    /// Grows raw LV `name` to at least `size` bytes, the new extents zeroed (they may
+    /// hold what an earlier LV left); returns its new size. Stays as active as it was.
+    pub fn extend_raw(&self, name: &str, size: u64) -> Result<u64> {
+        let old = self.raw_lv(name)?.ok_or_else(|| {
+            Error::new(
+                Code::SrBackendFailure,
+                format!("LV {}/{name} is missing", self.vg),
+            )
+        })?;
+        let bytes = format!("{size}b");
+        self.lvm.run(
+            "lvextend",
+            &["-y", "-L", &bytes, &format!("{}/{name}", self.vg)],
+        )?;
+        let new = self.raw_lv(name)?.map_or(old.size, |lv| lv.size);
+        if !old.active() {
+            self.activate_raw(name)?;
+        }
+        let zeroed = self.zero_raw(name, old.size, new - old.size);
+        if !old.active() {
+            self.deactivate_raw(name)?;
+        }
+        zeroed.map(|()| new)
+    }
+
+    /// Removes raw LV `name`; with `wipe`, its data zeroed first (no later LV reads
+    /// it). One already gone is fine; one without the SR's tag is never touched.
+    pub fn remove_raw(&self, name: &str, wipe: bool) -> Result<()> {
+        let Some(lv) = self.raw_lv(name)? else {
+            return Ok(());
+        };
+        let tag = super::command::owner_tag(self.sr);
+        if !lv.tags.contains(&tag) {
+            return Err(Error::new(
+                Code::SrBackendFailure,
+                format!(
+                    "LV {}/{name} is not the SR's (no tag {tag}): left as it is",
+                    self.vg
+                ),
+            ));
+        }
+        if wipe {
+            self.activate_raw(name)?;
+            self.zero_raw(name, 0, lv.size)?;
+        }
+        self.lvm
+            .run("lvremove", &["-y", &format!("{}/{name}", self.vg)])
+            .map(drop)
+    }
+
+    /// The SR's raw LVs (tagged, named as [`raw_lv_name`] makes them).
+    pub fn raw_lvs(&self) -> Result<Vec<String>> {
+        let tag = super::command::owner_tag(self.sr);
+        Ok(self
+            .lvm
+            .lvs(&self.vg)?
+            .into_iter()
+            .filter(|lv| is_raw_lv_name(&lv.name) && lv.tags.contains(&tag))
+            .map(|lv| lv.name)
+            .collect())
+    }
+}
+
 /// The `dev_id` and `mapped_blocks` of every `<device …>` of `thin_dump`'s XML.
 fn parse_thin_dump(xml: &str) -> Result<BTreeMap<u32, u64>> {
     let attr = |tag: &str, name: &str| -> Option<u64> {
@@ -303,6 +468,25 @@ fn parse_thin_dump(xml: &str) -> Result<BTreeMap<u32, u64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_lv_names_are_made_from_the_vdi_uuid_and_nothing_else_passes_for_one() {
+        let u = Uuid::new_v4();
+        assert!(is_raw_lv_name(&raw_lv_name(u)));
+        for bad in [
+            "thinline_raw_",
+            "thinline_raw_../x",
+            "users",
+            "thinline_mgt",
+            &format!("thinline_raw_{}", u.hyphenated()),
+        ] {
+            assert!(!is_raw_lv_name(bad), "{bad}");
+        }
+        assert_eq!(
+            mapper_name("my-vg", "thinline_raw_ab"),
+            "my--vg-thinline_raw_ab"
+        );
+    }
 
     #[test]
     fn thin_dump_xml_gives_each_devices_id_and_mapped_blocks() {

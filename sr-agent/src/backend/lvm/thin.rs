@@ -19,9 +19,9 @@ use uuid::Uuid;
 
 use super::host::Pool;
 use super::layout::BLOCK_BYTES;
-use super::pool::MAX_THIN_ID;
+use super::pool::{MAX_THIN_ID, PoolMode};
 use crate::backend::{Backend, Finding};
-use crate::model::{SrType, VdiRecord, VdiType};
+use crate::model::{PoolHealth, SrType, VdiRecord, VdiType};
 use crate::store::{Journal, Sr};
 use crate::template::Templates;
 use crate::{Code, Error, Result};
@@ -42,6 +42,15 @@ fn record(sr: &Sr, uuid: Uuid) -> Result<VdiRecord> {
 }
 
 fn thin_id_of(v: &VdiRecord) -> Result<u32> {
+    if v.lv.is_some() {
+        return Err(Error::new(
+            Code::InvalidArgument,
+            format!(
+                "VDI {} is preallocated (a raw LV): dm-thin snapshots and clones are of thin VDIs only",
+                v.shown()
+            ),
+        ));
+    }
     v.thin_id.ok_or_else(|| {
         Error::new(
             Code::SrBackendFailure,
@@ -99,6 +108,50 @@ fn add_thin(
     Ok(uuid)
 }
 
+/// Step of a preallocation: bytes zeroed between progress reports and cancel checks.
+const ZERO_STEP: u64 = 64 << 20;
+
+/// Adds a preallocated disk: a raw LV from the VG's free space, every byte zeroed
+/// (its extents may hold what an earlier LV left), `fill` told the progress between
+/// steps; a cancellation removes it. Its size is the LV's (whole extents).
+fn add_raw(
+    sr: &mut Sr,
+    mut rec: VdiRecord,
+    fill: &mut dyn FnMut(f64) -> Result<()>,
+) -> Result<Uuid> {
+    let pool = Pool::of(&sr.md.sr)?;
+    let name = super::host::raw_lv_name(rec.uuid);
+    rec.lv = Some(name.clone());
+    let uuid = rec.uuid;
+    let journal = Journal {
+        operation: "vdi create --preallocate".into(),
+        lvs_made: vec![name.clone()],
+        ..Journal::default()
+    };
+    let size = std::cell::Cell::new(rec.virtual_size);
+    sr.run(
+        journal,
+        |_| {
+            let made = pool.create_raw(&name, size.get())?;
+            size.set(made);
+            fill(0.0)?;
+            let mut offset = 0;
+            while offset < made {
+                let n = (made - offset).min(ZERO_STEP);
+                pool.zero_raw(&name, offset, n)?;
+                offset += n;
+                fill(offset as f64 / made as f64)?;
+            }
+            pool.deactivate_raw(&name)
+        },
+        |md| {
+            rec.virtual_size = size.get();
+            md.vdis.push(rec);
+        },
+    )?;
+    Ok(uuid)
+}
+
 impl Backend for ThinBackend {
     fn sr_type(&self) -> SrType {
         SrType::Lvm
@@ -114,6 +167,9 @@ impl Backend for ThinBackend {
     }
 
     fn utilisation(&self, sr: &Sr, vdi: &VdiRecord) -> u64 {
+        if vdi.lv.is_some() {
+            return vdi.virtual_size;
+        }
         let Some(id) = vdi.thin_id else { return 0 };
         let mapped = self.mapped.get_or_init(|| {
             let read = Pool::of(&sr.md.sr).and_then(|pool| {
@@ -135,18 +191,11 @@ impl Backend for ThinBackend {
         size: u64,
         fill: Option<&mut dyn FnMut(f64) -> Result<()>>,
     ) -> Result<Uuid> {
-        if fill.is_some() {
-            return Err(Error::new(
-                Code::InvalidArgument,
-                "a preallocated VDI on an LVM SR (a raw LV) is not built yet: create a thin one",
-            ));
+        let rec = VdiRecord::new(VdiType::Disk, label, size);
+        match fill {
+            Some(fill) => add_raw(sr, rec, fill),
+            None => add_thin(sr, "vdi create", rec, None),
         }
-        add_thin(
-            sr,
-            "vdi create",
-            VdiRecord::new(VdiType::Disk, label, size),
-            None,
-        )
     }
 
     fn clone(&self, sr: &mut Sr, src: Uuid, label: &str) -> Result<Uuid> {
@@ -182,6 +231,7 @@ impl Backend for ThinBackend {
         let journal = Journal {
             operation: "vdi destroy".into(),
             thin_dropped: target.thin_id.into_iter().collect(),
+            lvs_dropped: target.lv.iter().cloned().collect(),
             ..Journal::default()
         };
         sr.run(
@@ -214,6 +264,13 @@ impl Backend for ThinBackend {
 
     fn resize(&self, sr: &mut Sr, vdi: Uuid, size: u64, _templates: &Templates) -> Result<()> {
         let v = record(sr, vdi)?;
+        if let Some(lv) = &v.lv {
+            // The LV grows (its new extents zeroed) before its record: until then the
+            // record is smaller than the LV, which is safe.
+            let grown = Pool::of(&sr.md.sr)?.extend_raw(lv, size)?;
+            sr.md.get_mut(vdi).expect("found").virtual_size = grown;
+            return sr.save();
+        }
         let id = thin_id_of(&v)?;
         // Recorded first: a crash before the device grows leaves a device that grows at
         // its next attach, never one larger than its record.
@@ -249,6 +306,10 @@ impl Backend for ThinBackend {
                 });
             }
         }
+        findings.extend(raw_findings(sr));
+        if let Some(health) = pool_health(sr) {
+            findings.extend(pool_findings(&health));
+        }
         for id in unknown_ids(sr, &ids) {
             findings.push(Finding {
                 kind: "unknown_thin_id",
@@ -268,27 +329,176 @@ impl Backend for ThinBackend {
             pool.delete_thin(id)?;
             done.push(format!("deleted thin id {id}, which belonged to no VDI"));
         }
+        for lv in unknown_lvs(sr, &pool.raw_lvs()?) {
+            pool.remove_raw(&lv, true)?;
+            done.push(format!(
+                "wiped and removed LV {lv}, which belonged to no VDI"
+            ));
+        }
         Ok(done)
     }
 }
 
-/// Thin ids of the pool that no record uses and no interrupted operation names.
-fn unknown_ids(sr: &Sr, ids: &BTreeMap<u32, u64>) -> Vec<u32> {
-    // An interrupted operation's ids are undone or finished by its recovery.
-    let in_progress = sr
-        .md
-        .journal
-        .iter()
-        .flat_map(|j| j.thin_made.iter().chain(&j.thin_dropped));
-    let known: Vec<u32> = sr
+/// Raw LVs of the SR that no record uses and no interrupted operation names.
+fn unknown_lvs(sr: &Sr, lvs: &[String]) -> Vec<String> {
+    unknown(
+        sr,
+        lvs.iter().cloned(),
+        |v| v.lv.clone(),
+        |j| j.lvs_made.iter().chain(&j.lvs_dropped).cloned().collect(),
+    )
+}
+
+/// What the SR has (`found`) that no record (`of_record`) uses and no interrupted
+/// operation (`of_journal`) names: those are undone or finished by its recovery.
+fn unknown<T: PartialEq>(
+    sr: &Sr,
+    found: impl Iterator<Item = T>,
+    of_record: impl Fn(&VdiRecord) -> Option<T>,
+    of_journal: impl Fn(&Journal) -> Vec<T>,
+) -> Vec<T> {
+    let known: Vec<T> = sr
         .md
         .vdis
         .iter()
-        .filter_map(|v| v.thin_id)
-        .chain(in_progress.copied())
+        .filter_map(of_record)
+        .chain(sr.md.journal.iter().flat_map(of_journal))
         .collect();
-    ids.keys()
-        .filter(|id| !known.contains(id))
-        .copied()
-        .collect()
+    found.filter(|x| !known.contains(x)).collect()
+}
+
+/// What `sr check` finds of raw LVs: records whose LV is missing, LVs no record has.
+fn raw_findings(sr: &Sr) -> Vec<Finding> {
+    let lvs = match Pool::of(&sr.md.sr).and_then(|pool| pool.raw_lvs()) {
+        Ok(lvs) => lvs,
+        Err(e) => {
+            return vec![Finding {
+                kind: "pool_unreadable",
+                message: e.message,
+                repairable: false,
+            }];
+        }
+    };
+    let mut out = Vec::new();
+    for v in &sr.md.vdis {
+        if let Some(lv) = &v.lv
+            && !lvs.contains(lv)
+        {
+            out.push(Finding {
+                kind: "missing_lv",
+                message: format!("VDI {}: its LV {lv} is missing", v.shown()),
+                repairable: false,
+            });
+        }
+    }
+    for lv in unknown_lvs(sr, &lvs) {
+        out.push(Finding {
+            kind: "unknown_lv",
+            message: format!("LV {lv} of the SR belongs to no VDI"),
+            repairable: true,
+        });
+    }
+    out
+}
+
+/// Data or metadata use, in percent, from which `sr check` warns.
+pub const NEARLY_FULL_PERCENT: f64 = 90.0;
+
+/// The pool of `sr`, if it is an LVM SR whose pool can be read.
+pub fn pool_health(sr: &Sr) -> Option<PoolHealth> {
+    sr.md.sr.lvm.as_ref()?;
+    let pool = Pool::of(&sr.md.sr).ok()?;
+    pool.activate().ok()?;
+    let status = pool.status().ok()?;
+    Some(PoolHealth {
+        data_percent: status.data_percent(),
+        metadata_percent: status.metadata_percent(),
+        mode: status.mode,
+        needs_check: status.needs_check,
+    })
+}
+
+/// What the pool's status says needs an operator.
+fn pool_findings(health: &PoolHealth) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let finding = |kind, message: String| Finding {
+        kind,
+        message,
+        repairable: false,
+    };
+    if health.needs_check {
+        out.push(finding(
+            "pool_needs_check",
+            "the kernel found the pool's metadata damaged: stop its VDIs, then `thin_check` (and `thin_repair`) its metadata LV".into(),
+        ));
+    }
+    if health.mode != PoolMode::ReadWrite {
+        out.push(finding(
+            "pool_not_writable",
+            format!("the pool is {:?}: writes to its VDIs fail; add a device to the VG and grow the pool, or free space", health.mode),
+        ));
+    }
+    for (what, percent) in [
+        ("data", health.data_percent),
+        ("metadata", health.metadata_percent),
+    ] {
+        if percent >= NEARLY_FULL_PERCENT {
+            out.push(finding(
+                "pool_nearly_full",
+                format!("the pool's {what} is {percent:.1}% used: destroy VDIs or snapshots, or grow the pool, before writes fail"),
+            ));
+        }
+    }
+    out
+}
+
+/// Thin ids of the pool that no record uses and no interrupted operation names.
+fn unknown_ids(sr: &Sr, ids: &BTreeMap<u32, u64>) -> Vec<u32> {
+    unknown(
+        sr,
+        ids.keys().copied(),
+        |v| v.thin_id,
+        |j| j.thin_made.iter().chain(&j.thin_dropped).copied().collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(data: f64, metadata: f64, mode: PoolMode, needs_check: bool) -> PoolHealth {
+        PoolHealth {
+            data_percent: data,
+            metadata_percent: metadata,
+            mode,
+            needs_check,
+        }
+    }
+
+    fn kinds(h: &PoolHealth) -> Vec<&'static str> {
+        pool_findings(h).iter().map(|f| f.kind).collect()
+    }
+
+    #[test]
+    fn a_pool_nearly_full_damaged_or_not_writable_needs_an_operator_and_a_healthy_one_does_not() {
+        let none: [&str; 0] = [];
+        assert_eq!(kinds(&health(89.9, 50.0, PoolMode::ReadWrite, false)), none);
+        assert_eq!(
+            kinds(&health(90.0, 95.0, PoolMode::ReadWrite, false)),
+            ["pool_nearly_full", "pool_nearly_full"]
+        );
+        assert_eq!(
+            kinds(&health(100.0, 10.0, PoolMode::OutOfDataSpace, false)),
+            ["pool_not_writable", "pool_nearly_full"]
+        );
+        assert_eq!(
+            kinds(&health(1.0, 1.0, PoolMode::ReadOnly, true)),
+            ["pool_needs_check", "pool_not_writable"]
+        );
+        assert!(
+            pool_findings(&health(1.0, 1.0, PoolMode::Failed, true))
+                .iter()
+                .all(|f| !f.repairable)
+        );
+    }
 }
