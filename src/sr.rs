@@ -37,6 +37,8 @@ enum SrCommand {
     List(ListArgs),
     Check(CheckArgs),
     Serve(ServeArgs),
+    #[command(hide = true)]
+    Origin(OriginArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -172,6 +174,49 @@ struct ServeArgs {
     json: bool,
     #[command(flatten)]
     remote: crate::remote::RemoteArgs,
+}
+
+/// Run the copy-on-read proxy of one template of an LVM SR in the foreground: the
+/// external origin of its attached clones, cached on a thin volume of the SR (what
+/// `vdi attach` starts, and the last `vdi detach` stops). SIGTERM or Ctrl-C stops it.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  thinline sr origin --sr vms 5f0c…")]
+struct OriginArgs {
+    /// The SR: its home, VG or UUID.
+    #[arg(long, value_name = "SR")]
+    sr: String,
+    /// The template's UUID.
+    template: uuid::Uuid,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
+}
+
+fn origin(a: OriginArgs) -> anyhow::Result<u8> {
+    let path = match thinline_sr::registry::resolve(&a.sr) {
+        Ok(p) => p,
+        Err(e) => {
+            crate::agent::print_error(&e, false)?;
+            return Ok(e.code.exit_status());
+        }
+    };
+    let runtime = crate::remote::runtime()?;
+    let templates = thinline_sr::template::Templates {
+        remote: a.remote.config()?,
+        handle: runtime.handle().clone(),
+    };
+    // The shutdown signal is made inside the runtime (it registers with its reactor).
+    let result = runtime.block_on(async move {
+        let shutdown = crate::serve::shutdown_signal();
+        thinline_sr::backend::lvm::origin::serve(path, a.template, templates, shutdown).await
+    });
+    match result {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            crate::agent::print_error(&e, false)?;
+            Ok(e.code.exit_status())
+        }
+    }
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<u8> {
@@ -326,6 +371,7 @@ pub fn run(args: SrArgs) -> anyhow::Result<u8> {
             })
         }
         SrCommand::Serve(a) => serve(a),
+        SrCommand::Origin(a) => origin(a),
         SrCommand::Check(a) => {
             let result = sr::check(&a.on.sr, a.repair, &crate::agent::default_templates()?);
             let unclean = matches!(&result, Ok(r) if !r.clean);

@@ -35,7 +35,10 @@ pub use export::prefetch;
 pub mod status;
 pub mod upstream;
 
-pub use cache::{CacheFile, CacheOptions, ExistingOptions, OnMismatch, ScrubReport};
+pub use cache::{
+    CacheFile, CacheOptions, DEFAULT_CHUNK_SIZE, ExistingOptions, OnMismatch, ScrubReport,
+    cache_len,
+};
 pub use error::{Error, Result};
 pub use export::{CorExport, CorOptions};
 pub use prefetch::PrefetchOptions;

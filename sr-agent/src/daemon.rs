@@ -570,21 +570,12 @@ pub async fn run(
     let run = run_dir(&sr);
     std::fs::create_dir_all(&run)
         .map_err(|e| Error::io(format!("cannot create {}", run.display()), &e))?;
-    let lock_path = run.join(DAEMON_LOCK);
-    let lock = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .map_err(|e| Error::io(format!("cannot open {}", lock_path.display()), &e))?;
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-        |_| {
-            Error::new(
-                Code::VdiInUse,
-                format!("another daemon already serves the SR at {}", sr.display()),
-            )
-        },
-    )?;
+    let lock = crate::lockfile::try_exclusive(&run.join(DAEMON_LOCK))?.ok_or_else(|| {
+        Error::new(
+            Code::VdiInUse,
+            format!("another daemon already serves the SR at {}", sr.display()),
+        )
+    })?;
     let control_path = run.join(CONTROL);
     let control = thinline_nbd::server::bind_unix_socket(&control_path, 0o600)
         .and_then(|l| {

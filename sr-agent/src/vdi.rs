@@ -591,7 +591,7 @@ pub fn attach(o: &VdiRef, exe: &Path, device: bool) -> Result<Attached> {
     refuse_template(&v, "attached (clone it and attach the clone)")?;
     if sr.md.sr.kind == SrType::Lvm {
         drop(sr);
-        return attach_lvm(&mut Sr::open(&path)?, o.vdi);
+        return crate::backend::lvm::attach::attach(&mut Sr::open(&path)?, o.vdi, exe);
     }
     daemon::ensure(&path, exe)?;
     let answer =
@@ -641,7 +641,7 @@ pub fn attach(o: &VdiRef, exe: &Path, device: bool) -> Result<Attached> {
 pub fn detach(o: &VdiRef) -> Result<()> {
     let path = registry::resolve(&o.sr)?;
     if Sr::read(&path)?.md.sr.kind == SrType::Lvm {
-        return detach_lvm(&mut Sr::open(&path)?, o.vdi);
+        return crate::backend::lvm::attach::detach(&mut Sr::open(&path)?, o.vdi);
     }
     // Without the SR's lock while the device is flushed: a change the daemon makes
     // takes the lock before it pauses the disk those writes go to.
@@ -663,75 +663,6 @@ pub fn detach(o: &VdiRef) -> Result<()> {
         None if daemon::running(&path) => Err(no_answer(&path)),
         None => daemon::detach_record(&path, o.vdi),
     }
-}
-
-/// Attaches a VDI of an LVM SR: its thin device (read-only for a snapshot), made
-/// active. Recorded as attached first, so a crash leaves a record `vdi detach` cleans
-/// up, never a device no record names; attaching an attached VDI answers its device.
-fn attach_lvm(sr: &mut Sr, vdi: Uuid) -> Result<Attached> {
-    let v = sr.vdi(vdi)?;
-    if let Some(t) = v
-        .backing
-        .and_then(|b| sr.md.get(b))
-        .filter(|t| t.is_template())
-    {
-        return Err(Error::new(
-            Code::InvalidArgument,
-            format!(
-                "VDI {} reads from template {}: attaching it with the template as external origin is not built yet on LVM SRs",
-                v.shown(),
-                t.shown()
-            ),
-        ));
-    }
-    let pool = crate::backend::lvm::host::Pool::of(&sr.md.sr)?;
-    if let Some(lv) = &v.lv {
-        let rec = sr.md.get_mut(vdi).expect("found");
-        rec.attached = true;
-        sr.save()?;
-        let device = pool.activate_raw(lv)?.display().to_string();
-        sr.md.get_mut(vdi).expect("found").device = Some(device.clone());
-        sr.save()?;
-        return Ok(Attached {
-            uuid: vdi,
-            nbd_uri: None,
-            socket: None,
-            device: Some(device),
-        });
-    }
-    let id = v.thin_id.ok_or_else(|| {
-        Error::new(
-            Code::SrBackendFailure,
-            format!("VDI {} has no thin id recorded", v.shown()),
-        )
-    })?;
-    pool.activate()?;
-    let rec = sr.md.get_mut(vdi).expect("found");
-    rec.attached = true;
-    rec.device = Some(format!("/dev/mapper/{}", pool.device_name(vdi)));
-    sr.save()?;
-    let device = pool.attach(vdi, id, v.virtual_size, v.read_only())?;
-    Ok(Attached {
-        uuid: vdi,
-        nbd_uri: None,
-        socket: None,
-        device: Some(device.display().to_string()),
-    })
-}
-
-/// Detaches a VDI of an LVM SR: its device removed (refused while it is open), then
-/// the record.
-fn detach_lvm(sr: &mut Sr, vdi: Uuid) -> Result<()> {
-    let v = sr.vdi(vdi)?;
-    let pool = crate::backend::lvm::host::Pool::of(&sr.md.sr)?;
-    match &v.lv {
-        Some(lv) => pool.deactivate_raw(lv)?,
-        None => pool.detach(vdi)?,
-    }
-    let rec = sr.md.get_mut(vdi).expect("found");
-    rec.attached = false;
-    rec.device = None;
-    sr.save()
 }
 
 /// The daemon's answer as a `T`.

@@ -9,7 +9,9 @@
 # the reserve: zeroed, resized online, wiped when destroyed, removed after an abort, SR_FULL beyond
 # the reserve), kill -9 (abort) in the middle of
 # create, snapshot and destroy with the next command finishing or undoing it (no thin id lost or
-# leaked: `sr check` is clean), a thin id no VDI records found and repaired, the SR forgotten,
+# leaked: `sr check` is clean), a thin id no VDI records found and repaired, a clone of a template
+# whose external origin is the template's proxy (nbd-client, a cache on a thin volume) started with
+# its first attached VDI and stopped with its last, the SR forgotten,
 # probed on its devices and introduced again, and `sr destroy` leaving no VG, no signature and no
 # device.
 #
@@ -157,6 +159,47 @@ lvm_sr() {
     test "$($_t sr check --sr tlsr --json | js '[(f["kind"], "999" in f["message"], f["repairable"]) for f in d["findings"]]')" = "[('unknown_thin_id', True, True)]"
   check "lvm-sr: sr check --repair deletes it" \
     test "$($_t sr check --sr tlsr --repair --json | js '(d["clean"], len(d["repaired"]))')" = "(True, 1)"
+  # A clone of a template: its external origin is the template's proxy, cached on a thin volume.
+  head -c $((16 * 1048576)) /dev/urandom >/tmp/lsr-template.raw
+  _tsum=$(sha256sum </tmp/lsr-template.raw)
+  head -c 1048576 /tmp/lsr-template.raw >/tmp/lsr-t1
+  TPL=$($_t vdi introduce --sr tlsr /tmp/lsr-template.raw --name-label tpl --json | js 'd["uuid"]')
+  TC=$($_t vdi clone --sr tlsr "$TPL" --name-label tclone --json | js 'd["uuid"]')
+  $_t vdi attach --sr tlsr "$TC" --json >/tmp/lsr-attach.json 2>&1
+  TDEV=$(js 'd["device"]' </tmp/lsr-attach.json) ||
+    { cat /tmp/lsr-attach.json; tail -n 20 /tmp/lsr-state/lvm/*/.thinline-sr/run/origin-*.log; }
+  check "lvm-sr: a clone of a template reads the template through its origin (cmp)" \
+    sh -c "dd if=$TDEV bs=1M iflag=direct status=none | cmp - /tmp/lsr-template.raw"
+  check "lvm-sr: the template's proxy runs and the kernel's nbd client is connected to it" \
+    sh -c "pgrep -f 'sr [o]rigin --sr' >/dev/null && ls /sys/block/nbd*/pid >/dev/null 2>&1"
+  require "lvm-sr: write the template's clone" put "$TDEV" 1 /tmp/lsr-p2
+  check "lvm-sr: the template's clone holds its write and the template's other bytes" \
+    sh -c "dd if=$TDEV bs=1M count=1 iflag=direct status=none | cmp - /tmp/lsr-t1 && dd if=$TDEV bs=1M skip=1 count=4 iflag=direct status=none | cmp - /tmp/lsr-p2"
+  TS=$($_t vdi snapshot --sr tlsr "$TC" --name-label tsnap --json | js 'd["uuid"]')
+  TSDEV=$($_t vdi attach --sr tlsr "$TS" --json | js 'd["device"]')
+  check "lvm-sr: a snapshot of the attached clone reads the template and the clone's write" \
+    sh -c "dd if=$TSDEV bs=1M count=1 iflag=direct status=none | cmp - /tmp/lsr-t1 && dd if=$TSDEV bs=1M skip=1 count=4 iflag=direct status=none | cmp - /tmp/lsr-p2"
+  check "lvm-sr: the template's cache volume holds what was read" \
+    test "$($_t vdi stat --sr tlsr "$TPL" --json | js 'd["physical_utilisation"] >= 1 << 20')" = true
+  check "lvm-sr: the template is unchanged" test "$(sha256sum </tmp/lsr-template.raw)" = "$_tsum"
+  check "lvm-sr: detach of the snapshot" exits 0 $_t vdi detach --sr tlsr "$TS" --json
+  check "lvm-sr: the proxy stays while a clone is attached" pgrep -f 'sr [o]rigin --sr'
+  check "lvm-sr: detach of the last attached VDI of the template" exits 0 $_t vdi detach --sr tlsr "$TC" --json
+  check "lvm-sr: the last detach stops the proxy and disconnects the nbd device" \
+    sh -c "! pgrep -f 'sr [o]rigin --sr' >/dev/null && ! ls /sys/block/nbd*/pid >/dev/null 2>&1"
+  check "lvm-sr: no device of the template or its clones is left (only the pool)" \
+    test "$(dmsetup ls | grep -o "^thinline-$(echo "$SR" | tr -d -)-[a-z0-9]*")" = "thinline-$(echo "$SR" | tr -d -)-pool"
+  TDEV=$($_t vdi attach --sr tlsr "$TC" --json | js 'd["device"]')
+  check "lvm-sr: attached again, the clone reads its write and the template" \
+    sh -c "dd if=$TDEV bs=1M count=1 iflag=direct status=none | cmp - /tmp/lsr-t1 && dd if=$TDEV bs=1M skip=1 count=4 iflag=direct status=none | cmp - /tmp/lsr-p2"
+  check "lvm-sr: forgetting an attached clone's template is refused (VDI_IN_USE)" \
+    exits 13 $_t vdi forget --sr tlsr "$TPL" --json
+  $_t vdi detach --sr tlsr "$TC" --json >/dev/null
+  check "lvm-sr: the template's clone and snapshot destroyed, the template forgotten" \
+    sh -c "$_t vdi destroy --sr tlsr $TS --json >/dev/null && $_t vdi destroy --sr tlsr $TC --json >/dev/null && $_t vdi forget --sr tlsr $TPL --json >/dev/null"
+  check "lvm-sr: nothing of the template is left in the pool (sr check clean)" \
+    test "$($_t sr check --sr tlsr --json | js 'd["clean"]')" = true
+
   # Forgotten, found by a probe of its devices, adopted again with its VDIs.
   check "lvm-sr: sr forget" exits 0 $_t sr forget --sr tlsr --json
   check "lvm-sr: sr probe --type lvm finds the forgotten SR and its VDIs" \
@@ -175,5 +218,5 @@ lvm_sr() {
     test -z "$(blkid -p "$LSR_A" "$LSR_B" 2>/dev/null || true)"
   check "lvm-sr: the SR is no longer listed" test "$($_t sr list --json | js 'len(d["srs"])')" = 0
   losetup -d "$LSR_A" "$LSR_B" 2>/dev/null
-  rm -rf /tmp/lsr-a /tmp/lsr-b /tmp/lsr-p? /tmp/lsr-zero /tmp/lsr-read /tmp/lsr-state
+  rm -rf /tmp/lsr-a /tmp/lsr-b /tmp/lsr-p? /tmp/lsr-zero /tmp/lsr-read /tmp/lsr-state /tmp/lsr-t1 /tmp/lsr-template.raw
 }

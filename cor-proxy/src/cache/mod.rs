@@ -65,6 +65,13 @@ const FLAG_COMPLETE: u32 = 1;
 /// Default chunk size: the unit of presence.
 pub const DEFAULT_CHUNK_SIZE: u64 = 64 * 1024;
 
+/// Bytes a cache of a `size`-byte template in chunks of `chunk` bytes needs: the data
+/// at its own offsets, then the superblocks, presence map and checksums (what a block
+/// device given as a cache must hold, such as a thin volume made for it).
+pub fn cache_len(size: u64, chunk: u64) -> u64 {
+    Geometry::new(size, chunk).total()
+}
+
 /// What to do with a cache made for another template version.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum OnMismatch {

@@ -247,12 +247,22 @@ impl Pool {
         format!("thinline-{}-{}", self.sr.simple(), vdi.simple())
     }
 
-    /// The device `vdi`'s thin id `id` is attached as: made (read-only when asked)
-    /// unless it exists. Returns its path.
-    pub fn attach(&self, vdi: Uuid, id: u32, size: u64, read_only: bool) -> Result<PathBuf> {
+    /// The device `vdi`'s thin id `id` is attached as: made (read-only when asked; with
+    /// `origin`, a read-only device, as its external origin) unless it exists. Returns
+    /// its path.
+    pub fn attach(
+        &self,
+        vdi: Uuid,
+        id: u32,
+        size: u64,
+        read_only: bool,
+        origin: Option<&Path>,
+    ) -> Result<PathBuf> {
         let name = self.device_name(vdi);
         if !self.dm.exists(&name) {
-            let table = thin_table(&format!("/dev/mapper/{}", self.name()), id, size, None)?;
+            let origin = origin.map(|o| o.display().to_string());
+            let pool = format!("/dev/mapper/{}", self.name());
+            let table = thin_table(&pool, id, size, origin.as_deref())?;
             let mut args = vec!["create", name.as_str(), "--table", table.as_str()];
             if read_only {
                 args.push("--readonly");
@@ -289,7 +299,11 @@ impl Pool {
         if !self.dm.exists(&name) {
             return Ok(());
         }
-        let table = thin_table(&format!("/dev/mapper/{}", self.name()), id, size, None)?;
+        // The external origin, if any, stays: the sixth word of the live table.
+        let live = self.dm.run(&["table", &name])?;
+        let origin = live.split_whitespace().nth(5).map(str::to_owned);
+        let pool = format!("/dev/mapper/{}", self.name());
+        let table = thin_table(&pool, id, size, origin.as_deref())?;
         self.dm.run(&["reload", &name, "--table", &table])?;
         self.dm.resume(&name)
     }

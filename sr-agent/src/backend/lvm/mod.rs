@@ -7,11 +7,13 @@
 //! SR's volumes, splits the VG between them, and makes and removes them. See
 //! `docs/lvm-sr.md`.
 
+pub mod attach;
 pub mod command;
 pub mod dm;
 pub mod host;
 pub mod layout;
 pub mod mgt;
+pub mod origin;
 pub mod pool;
 pub mod thin;
 

@@ -152,6 +152,25 @@ fn add_raw(
     Ok(uuid)
 }
 
+/// The thin id of template `template`'s cache volume, made (empty) unless it has one.
+pub fn cache_volume(sr: &mut Sr, pool: &Pool, template: Uuid) -> Result<u32> {
+    if let Some(id) = record(sr, template)?.thin_id {
+        return Ok(id);
+    }
+    let id = next_thin_id(sr)?;
+    let journal = Journal {
+        operation: "template cache volume".into(),
+        thin_made: vec![id],
+        ..Journal::default()
+    };
+    sr.run(
+        journal,
+        |_| pool.create_thin(id),
+        |md| md.get_mut(template).expect("found").thin_id = Some(id),
+    )?;
+    Ok(id)
+}
+
 impl Backend for ThinBackend {
     fn sr_type(&self) -> SrType {
         SrType::Lvm

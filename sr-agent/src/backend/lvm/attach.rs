@@ -1,0 +1,124 @@
+//! Attaching an LVM SR's VDIs: a thin VDI becomes a device-mapper thin device (read-only
+//! for a snapshot), a preallocated one its raw LV made active; a VDI built on a template
+//! reads what it never wrote from the template's external origin ([`super::origin`]),
+//! started with its first attached VDI and stopped with its last.
+//!
+//! A VDI is recorded as attached before its device is made, so a crash leaves a record
+//! `vdi detach` cleans up, never a device no record names; attaching an attached VDI
+//! answers its device.
+
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+use super::host::Pool;
+use super::origin;
+use crate::model::{Attached, VdiRecord};
+use crate::store::Sr;
+use crate::{Code, Error, Result};
+
+/// The template `v` reads from, if any.
+fn template_of(sr: &Sr, v: &VdiRecord) -> Option<VdiRecord> {
+    v.backing
+        .and_then(|b| sr.md.get(b))
+        .filter(|t| t.is_template())
+        .cloned()
+}
+
+fn attached(vdi: Uuid, device: &Path) -> Attached {
+    Attached {
+        uuid: vdi,
+        nbd_uri: None,
+        socket: None,
+        device: Some(device.display().to_string()),
+    }
+}
+
+/// Attaches `vdi` (the SR open for changes); `exe` runs a template's proxy.
+pub fn attach(sr: &mut Sr, vdi: Uuid, exe: &Path) -> Result<Attached> {
+    let v = sr.vdi(vdi)?;
+    let pool = Pool::of(&sr.md.sr)?;
+    if let Some(lv) = &v.lv {
+        sr.md.get_mut(vdi).expect("found").attached = true;
+        sr.save()?;
+        let device = pool.activate_raw(lv)?;
+        sr.md.get_mut(vdi).expect("found").device = Some(device.display().to_string());
+        sr.save()?;
+        return Ok(attached(vdi, &device));
+    }
+    let id = v.thin_id.ok_or_else(|| {
+        Error::new(
+            Code::SrBackendFailure,
+            format!("VDI {} has no thin id recorded", v.shown()),
+        )
+    })?;
+    pool.activate()?;
+    let origin = match template_of(sr, &v) {
+        Some(t) => Some(template_origin(sr, &pool, &t, exe)?),
+        None => None,
+    };
+    let rec = sr.md.get_mut(vdi).expect("found");
+    rec.attached = true;
+    rec.device = Some(format!("/dev/mapper/{}", pool.device_name(vdi)));
+    sr.save()?;
+    let device = pool.attach(vdi, id, v.virtual_size, v.read_only(), origin.as_deref())?;
+    Ok(attached(vdi, &device))
+}
+
+/// The `/dev/nbdN` of template `t`'s proxy: its cache volume made if it has none, the
+/// proxy started, the kernel's nbd client connected, each unless done already.
+fn template_origin(sr: &mut Sr, pool: &Pool, t: &VdiRecord, exe: &Path) -> Result<PathBuf> {
+    super::thin::cache_volume(sr, pool, t.uuid)?;
+    let socket = origin::ensure(&sr.path, t.uuid, exe)?;
+    let recorded = sr
+        .md
+        .get(t.uuid)
+        .and_then(|t| t.device.clone())
+        .map(PathBuf::from)
+        .filter(|d| crate::device::is_nbd(d) && crate::device::connected(d));
+    if let Some(device) = recorded {
+        return Ok(device);
+    }
+    let device = crate::device::connect(&socket, &t.uuid.to_string())?;
+    sr.md.get_mut(t.uuid).expect("found").device = Some(device.display().to_string());
+    sr.save()?;
+    Ok(device)
+}
+
+/// Detaches `vdi` (the SR open for changes): its device removed (refused while it is
+/// open), then its record; with the last attached VDI of a template, the template's nbd
+/// device, proxy and cache device go too.
+pub fn detach(sr: &mut Sr, vdi: Uuid) -> Result<()> {
+    let v = sr.vdi(vdi)?;
+    let pool = Pool::of(&sr.md.sr)?;
+    match &v.lv {
+        Some(lv) => pool.deactivate_raw(lv)?,
+        None => pool.detach(vdi)?,
+    }
+    let rec = sr.md.get_mut(vdi).expect("found");
+    rec.attached = false;
+    rec.device = None;
+    sr.save()?;
+    let Some(t) = template_of(sr, &v) else {
+        return Ok(());
+    };
+    let in_use = sr
+        .md
+        .vdis
+        .iter()
+        .any(|o| o.attached && o.backing == Some(t.uuid));
+    if in_use {
+        return Ok(());
+    }
+    if let Some(device) = &t.device {
+        let device = Path::new(device);
+        // A path that is not /dev/nbdN (crafted metadata) is only forgotten.
+        if crate::device::is_nbd(device) {
+            crate::device::disconnect(device)?;
+        }
+    }
+    origin::stop(&sr.path, t.uuid)?;
+    pool.detach(t.uuid)?;
+    sr.md.get_mut(t.uuid).expect("found").device = None;
+    sr.save()
+}

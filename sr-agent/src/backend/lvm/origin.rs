@@ -1,0 +1,293 @@
+//! A template's external origin on an LVM SR: the template's copy-on-read proxy, one
+//! process per template (`thinline sr origin`), whose cache is a thin volume of the
+//! SR's pool (the template's `thin_id`), served on a unix socket in the SR's home and
+//! connected by the kernel's nbd client as `/dev/nbdN`; every attached clone of the
+//! template is a thin device with that device as its external origin, so a block is
+//! fetched once whichever clone reads it, and the VM's I/O stays in the kernel.
+//!
+//! The proxy holds `run/origin-ID.lock` (its pid inside) for as long as it runs: that
+//! lock, not a pid file's content, says whether it runs.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thinline_cor::{CorExport, CorOptions, DEFAULT_CHUNK_SIZE, ExportUpstream, cache_len};
+use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
+use uuid::Uuid;
+
+use super::host::Pool;
+use super::layout::BLOCK_BYTES;
+use crate::store::{DIR, Sr};
+use crate::template::Templates;
+use crate::{Code, Error, Result};
+
+/// The home's directory of the proxies' sockets, locks and logs.
+fn run_dir(home: &Path) -> PathBuf {
+    home.join(DIR).join("run")
+}
+
+fn short(template: Uuid) -> String {
+    template.simple().to_string()[..12].to_owned()
+}
+
+/// The unix socket the proxy of `template` serves it on.
+pub fn socket_of(home: &Path, template: Uuid) -> PathBuf {
+    run_dir(home).join(format!("origin-{}.sock", short(template)))
+}
+
+fn lock_of(home: &Path, template: Uuid) -> PathBuf {
+    run_dir(home).join(format!("origin-{}.lock", short(template)))
+}
+
+/// Bytes of the thin volume that caches a `size`-byte template: the cache's layout,
+/// in whole pool blocks.
+pub fn cache_bytes(size: u64) -> u64 {
+    cache_len(size, DEFAULT_CHUNK_SIZE).div_ceil(BLOCK_BYTES) * BLOCK_BYTES
+}
+
+/// Whether the proxy of `template` runs (holds its lock), and its pid (0 while it is
+/// starting and has not written it yet).
+pub fn running(home: &Path, template: Uuid) -> Option<u32> {
+    let path = lock_of(home, template);
+    let f = std::fs::File::open(&path).ok()?;
+    let free = rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared).is_ok();
+    if free {
+        return None;
+    }
+    let pid = std::fs::read_to_string(&path).unwrap_or_default();
+    Some(pid.trim().parse().unwrap_or(0))
+}
+
+/// Serves `template` of the LVM SR whose home is `home` behind its cache until
+/// `shutdown`: the body of `thinline sr origin`. Refused if its proxy already runs.
+pub async fn serve(
+    home: PathBuf,
+    template: Uuid,
+    templates: Templates,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let run = run_dir(&home);
+    std::fs::create_dir_all(&run)
+        .map_err(|e| Error::io(format!("cannot create {}", run.display()), &e))?;
+    let lock_path = lock_of(&home, template);
+    let mut lock = crate::lockfile::try_exclusive(&lock_path)?.ok_or_else(|| {
+        Error::new(
+            Code::VdiInUse,
+            format!("the proxy of template {template} already runs"),
+        )
+    })?;
+    lock.set_len(0)
+        .and_then(|()| write!(lock, "{}", std::process::id()))
+        .map_err(|e| Error::io(format!("cannot write {}", lock_path.display()), &e))?;
+
+    let opened = {
+        let (home, templates) = (home.clone(), templates.clone());
+        tokio::task::spawn_blocking(move || open(&home, template, &templates))
+            .await
+            .map_err(|e| Error::new(Code::SrBackendFailure, format!("opening failed: {e}")))??
+    };
+    let cor = CorExport::open(
+        Arc::new(ExportUpstream::new(
+            opened.export,
+            opened.shown.clone(),
+            opened.identity,
+        )),
+        &opened.cache,
+        &CorOptions {
+            holder: format!("pid {} (thinline sr origin)", std::process::id()),
+            // The cache is the thin volume's /dev/mapper node (a link where udev runs).
+            follow_device_links: true,
+            ..CorOptions::default()
+        },
+    )
+    .map_err(|e| {
+        Error::new(
+            Code::SrBackendFailure,
+            format!(
+                "cannot open the cache of template {} on {}: {e}",
+                opened.shown,
+                opened.cache.display()
+            ),
+        )
+    })?;
+    let serve_err = |e: thinline_nbd::Error| {
+        Error::new(
+            Code::SrBackendFailure,
+            format!("cannot serve template {}: {e}", opened.shown),
+        )
+    };
+    let mut exports = ExportSet::new();
+    exports
+        .add(
+            &template.to_string(),
+            Arc::new(cor.clone()) as Arc<dyn thinline_nbd::export::Export>,
+        )
+        .map_err(serve_err)?;
+    let server = Server::new(exports, ServerConfig::default()).map_err(serve_err)?;
+    let listener = Listener::bind_unix(&socket_of(&home, template)).map_err(serve_err)?;
+    tracing::info!(template = %opened.shown, cache = %opened.cache.display(), "origin served");
+    let served = server.run(vec![listener], shutdown).await;
+    // What was fetched is kept: wait for its durability before exiting.
+    cor.settle(Duration::from_secs(10)).await;
+    let _ = std::fs::remove_file(socket_of(&home, template));
+    served.map_err(serve_err)
+}
+
+/// What the proxy serves: the template, opened and checked, and its cache device.
+struct Opened {
+    export: Arc<dyn thinline_nbd::export::Export>,
+    shown: String,
+    identity: String,
+    cache: PathBuf,
+}
+
+/// Opens `template` (refused if it is no longer what was introduced) and makes its
+/// cache volume's device active.
+fn open(home: &Path, template: Uuid, templates: &Templates) -> Result<Opened> {
+    let sr = Sr::read(home)?;
+    let t = sr
+        .md
+        .get(template)
+        .filter(|t| t.is_template())
+        .ok_or_else(|| {
+            Error::new(
+                Code::VdiNotFound,
+                format!("no template {template} in SR {}", sr.md.sr.uuid),
+            )
+        })?;
+    let id = t.thin_id.ok_or_else(|| {
+        Error::new(
+            Code::SrBackendFailure,
+            format!("template {} has no cache volume recorded", t.shown()),
+        )
+    })?;
+    let shown = t.uri.clone().unwrap_or_default();
+    let creds = crate::template::credentials(home)?;
+    let full = creds
+        .get(&template)
+        .cloned()
+        .unwrap_or_else(|| shown.clone());
+    let now = templates.pin(&shown, &full)?;
+    let changed = |pinned: &Option<String>, now: &str| match crate::template::changed(
+        &shown,
+        pinned.as_deref(),
+        now,
+    ) {
+        Some(reason) => Err(Error::new(Code::TemplateUnreachable, reason)),
+        None => Ok(()),
+    };
+    changed(&t.pin, &now)?;
+    let (export, identity) = templates.open_decoded(&shown, &full)?;
+    changed(&t.identity, &identity)?;
+    let pool = Pool::of(&sr.md.sr)?;
+    pool.activate()?;
+    let cache = pool.attach(template, id, cache_bytes(t.virtual_size), false, None)?;
+    Ok(Opened {
+        export,
+        shown,
+        identity,
+        cache,
+    })
+}
+
+/// Starts the proxy of `template` (`exe sr origin`) unless it runs, and waits until its
+/// socket answers.
+pub fn ensure(home: &Path, template: Uuid, exe: &Path) -> Result<PathBuf> {
+    let socket = socket_of(home, template);
+    let answers = || std::os::unix::net::UnixStream::connect(&socket).is_ok();
+    if running(home, template).is_some() && answers() {
+        return Ok(socket);
+    }
+    let run = run_dir(home);
+    std::fs::create_dir_all(&run)
+        .map_err(|e| Error::io(format!("cannot create {}", run.display()), &e))?;
+    let log_path = run.join(format!("origin-{}.log", short(template)));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| Error::io(format!("cannot open {}", log_path.display()), &e))?;
+    let err_log = log
+        .try_clone()
+        .map_err(|e| Error::io("cannot duplicate the log", &e))?;
+    let mut child = None;
+    if running(home, template).is_none() {
+        use std::os::unix::process::CommandExt;
+        child = Some(
+            std::process::Command::new(exe)
+                .args(["sr", "origin", "--sr"])
+                .arg(home)
+                .arg(template.to_string())
+                .stdin(std::process::Stdio::null())
+                .stdout(log)
+                .stderr(err_log)
+                .process_group(0)
+                .spawn()
+                .map_err(|e| Error::io(format!("cannot start {} sr origin", exe.display()), &e))?,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if answers() {
+            return Ok(socket);
+        }
+        if let Some(Ok(Some(status))) = child.as_mut().map(|c| c.try_wait()) {
+            let said = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let last = said
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            return Err(Error::new(
+                Code::TemplateUnreachable,
+                format!("the proxy of template {template} exited ({status}): {last}"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(Error::new(
+        Code::SrBackendFailure,
+        format!(
+            "the proxy of template {template} did not answer on {} within 60 s (see {})",
+            socket.display(),
+            log_path.display()
+        ),
+    ))
+}
+
+/// Stops the proxy of `template` (SIGTERM; it keeps what it fetched) and waits for it.
+pub fn stop(home: &Path, template: Uuid) -> Result<()> {
+    let deadline_start = Instant::now() + Duration::from_secs(5);
+    let pid = loop {
+        match running(home, template) {
+            None => return Ok(()),
+            Some(0) if Instant::now() < deadline_start => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Some(pid) => break pid,
+        }
+    };
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| {
+            Error::new(
+                Code::SrBackendFailure,
+                format!("the proxy of template {template} wrote no pid"),
+            )
+        })?;
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if running(home, template).is_none() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(Error::new(
+        Code::SrBackendFailure,
+        format!("the proxy of template {template} did not stop within 30 s"),
+    ))
+}
