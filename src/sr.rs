@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Args, Subcommand, ValueEnum};
+use thinline_sr::backend::lvm::pool::WhenFull;
 use thinline_sr::sr;
 
 use crate::agent::{OnSr, finish, sr_text};
@@ -42,6 +43,12 @@ enum SrCommand {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
+enum WhenFullArg {
+    Error,
+    Queue,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
 enum TypeArg {
     /// A directory of qcow2 files (no root, no LVM, no kernel module).
     File,
@@ -72,6 +79,11 @@ struct CreateArgs {
     /// e.g. 20G.
     #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size, default_value = "0")]
     reserve: usize,
+    /// LVM: what writes do when the pool's data is full: fail at once with ENOSPC
+    /// (error), or wait for the pool to grow (queue; the kernel fails them after its
+    /// no_space_timeout, 60 s by default).
+    #[arg(long, value_enum, default_value = "error")]
+    when_full: WhenFullArg,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -264,10 +276,16 @@ pub fn run(args: SrArgs) -> anyhow::Result<u8> {
         SrCommand::Create(a) => {
             let place = match a.kind {
                 TypeArg::File => match <[PathBuf; 1]>::try_from(a.paths) {
-                    Ok([path]) if a.vg.is_none() && a.reserve == 0 => sr::Place::Directory(path),
+                    Ok([path])
+                        if a.vg.is_none()
+                            && a.reserve == 0
+                            && matches!(a.when_full, WhenFullArg::Error) =>
+                    {
+                        sr::Place::Directory(path)
+                    }
                     _ => {
                         return usage(
-                            "a directory SR is made in one directory (--vg and --reserve are for --type lvm)",
+                            "a directory SR is made in one directory (--vg, --reserve and --when-full are for --type lvm)",
                             a.json,
                         );
                     }
@@ -276,6 +294,10 @@ pub fn run(args: SrArgs) -> anyhow::Result<u8> {
                     devices: a.paths,
                     vg: a.vg,
                     reserve: a.reserve as u64,
+                    when_full: match a.when_full {
+                        WhenFullArg::Error => WhenFull::Error,
+                        WhenFullArg::Queue => WhenFull::Queue,
+                    },
                 },
             };
             let options = sr::CreateOptions {
@@ -373,7 +395,13 @@ pub fn run(args: SrArgs) -> anyhow::Result<u8> {
         SrCommand::Serve(a) => serve(a),
         SrCommand::Origin(a) => origin(a),
         SrCommand::Check(a) => {
-            let result = sr::check(&a.on.sr, a.repair, &crate::agent::default_templates()?);
+            let exe = std::env::current_exe()?;
+            let result = sr::check(
+                &a.on.sr,
+                a.repair,
+                &crate::agent::default_templates()?,
+                &exe,
+            );
             let unclean = matches!(&result, Ok(r) if !r.clean);
             let status = finish(result, a.on.json, |r, out| {
                 for f in &r.findings {

@@ -176,6 +176,9 @@ pub struct PoolHealth {
     pub mode: crate::backend::lvm::pool::PoolMode,
     /// The kernel found damaged metadata: `thin_check` before the pool is used again.
     pub needs_check: bool,
+    /// What writes do when the data is full: fail at once (`error`, `SR_FULL` for the
+    /// agent's own) or wait for it to grow (`queue`).
+    pub when_full: crate::backend::lvm::pool::WhenFull,
 }
 
 /// A template that cannot be read now.

@@ -69,6 +69,8 @@ pub enum Place {
         devices: Vec<PathBuf>,
         vg: Option<String>,
         reserve: u64,
+        /// What the pool does when its data is full.
+        when_full: crate::backend::lvm::pool::WhenFull,
     },
 }
 
@@ -80,7 +82,14 @@ pub fn create(o: &CreateOptions) -> Result<SrView> {
             devices,
             vg,
             reserve,
-        } => create_lvm(devices, vg.as_deref(), *reserve, o.name_label.as_deref()),
+            when_full,
+        } => create_lvm(
+            devices,
+            vg.as_deref(),
+            *reserve,
+            *when_full,
+            o.name_label.as_deref(),
+        ),
     }
 }
 
@@ -129,9 +138,10 @@ fn create_lvm(
     devices: &[PathBuf],
     vg: Option<&str>,
     reserve: u64,
+    when_full: crate::backend::lvm::pool::WhenFull,
     name_label: Option<&str>,
 ) -> Result<SrView> {
-    use crate::backend::lvm::{command::Lvm, dm, layout, pool::WhenFull};
+    use crate::backend::lvm::{command::Lvm, dm, layout};
     let uuid = Uuid::new_v4();
     let vg = vg.map_or_else(
         || format!("thinline-{}", &uuid.simple().to_string()[..8]),
@@ -145,7 +155,6 @@ fn create_lvm(
     let udev = dm::udev_runs();
     let lvm = Lvm::new(&devices, udev)?;
     let dm = dm::Dm::new(udev);
-    let when_full = WhenFull::Error;
     let made = layout::create(&lvm, &dm, &devices, &vg, uuid, reserve, when_full)?;
     let record = SrRecord {
         uuid,
@@ -623,11 +632,13 @@ pub struct CheckReport {
     pub repaired: Vec<String>,
 }
 
-/// `sr check [--repair]`.
+/// `sr check [--repair]`; `exe` (this program) runs a template's proxy when an LVM
+/// SR's VDIs are attached again.
 pub fn check(
     name: &str,
     repair: bool,
     templates: &crate::template::Templates,
+    exe: &Path,
 ) -> Result<CheckReport> {
     if !repair {
         let (sr, backend) = read(name)?;
@@ -640,7 +651,10 @@ pub fn check(
         });
     }
     let (mut sr, backend) = crate::vdi::open_sr(name)?;
-    let repaired = backend.repair(&mut sr, templates)?;
+    let mut repaired = backend.repair(&mut sr, templates)?;
+    if sr.md.sr.kind == SrType::Lvm {
+        repaired.extend(crate::backend::lvm::attach::reattach(&mut sr, exe)?);
+    }
     let findings = backend.check(&sr);
     Ok(CheckReport {
         sr: sr.md.sr.uuid,

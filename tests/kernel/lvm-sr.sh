@@ -11,7 +11,8 @@
 # create, snapshot and destroy with the next command finishing or undoing it (no thin id lost or
 # leaked: `sr check` is clean), a thin id no VDI records found and repaired, a clone of a template
 # whose external origin is the template's proxy (nbd-client, a cache on a thin volume) started with
-# its first attached VDI and stopped with its last, the SR forgotten,
+# its first attached VDI and stopped with its last, a host restart (proxy killed, devices and LVs
+# gone) found by `sr check` and repaired by attaching again, the SR forgotten,
 # probed on its devices and introduced again, and `sr destroy` leaving no VG, no signature and no
 # device.
 #
@@ -47,7 +48,7 @@ lvm_sr() {
   check "lvm-sr: sr create answers type lvm, the VG and a pool of free space" \
     test "$(js '(d["type"], d["vg"], d["total_space"] > 128 << 20, d["free_space"] == d["total_space"])' </tmp/lsr-sr.json)" = "('lvm', 'tlsr', True, True)"
   check "lvm-sr: sr stat shows the pool's health" \
-    test "$($_t sr stat --sr tlsr --json | js '(d["pool"]["mode"], d["pool"]["data_percent"] < 1, d["pool"]["needs_check"])')" = "('read_write', True, False)"
+    test "$($_t sr stat --sr tlsr --json | js '(d["pool"]["mode"], d["pool"]["data_percent"] < 1, d["pool"]["needs_check"], d["pool"]["when_full"])')" = "('read_write', True, False, 'error')"
   check "lvm-sr: --sr takes the VG name" test "$($_t sr stat --sr tlsr --json | js 'd["uuid"]')" = "$SR"
   check "lvm-sr: a device already in an SR is refused (SR_EXISTS, exit 17)" \
     exits 17 $_t sr create --type lvm "$LSR_A" --vg tlother --json
@@ -192,6 +193,29 @@ lvm_sr() {
   TDEV=$($_t vdi attach --sr tlsr "$TC" --json | js 'd["device"]')
   check "lvm-sr: attached again, the clone reads its write and the template" \
     sh -c "dd if=$TDEV bs=1M count=1 iflag=direct status=none | cmp - /tmp/lsr-t1 && dd if=$TDEV bs=1M skip=1 count=4 iflag=direct status=none | cmp - /tmp/lsr-p2"
+  # A host restart, as the kernel sees it: the proxy killed, every device of the SR gone, its LVs
+  # inactive. sr check finds the attached VDIs without devices; --repair activates the pool
+  # (thin_check first) and attaches them again, the template's proxy and nbd device too.
+  DEV=$($_t vdi attach --sr tlsr "$DISK" --json | js 'd["device"]')
+  _srs=$(echo "$SR" | tr -d -)
+  pkill -9 -f 'sr [o]rigin --sr'
+  for d in $(dmsetup ls | grep -o "^thinline-$_srs-[a-z0-9]*" | grep -v -- -pool); do
+    dmsetup remove "$d" 2>/dev/null
+  done
+  for p in /sys/block/nbd*/pid; do [ -e "$p" ] && nbd-client -d "/dev/$(basename "$(dirname "$p")")" >/dev/null 2>&1; done
+  for d in $(dmsetup ls | grep -o "^thinline-$_srs-[a-z0-9]*" | grep -v -- -pool); do
+    dmsetup remove "$d" 2>/dev/null
+  done
+  dmsetup remove "thinline-$_srs-pool"
+  lvchange -an --config "$_nu" tlsr >/dev/null 2>&1
+  check "lvm-sr: after a restart, sr check finds the attached VDIs' devices gone" \
+    test "$($_t sr check --sr tlsr --json | js 'sorted(f["kind"] for f in d["findings"])')" = "['device_missing', 'device_missing']"
+  check "lvm-sr: sr check --repair attaches them again" \
+    test "$($_t sr check --sr tlsr --repair --json | js '(d["clean"], len(d["repaired"]))')" = "(True, 2)"
+  check "lvm-sr: after the restart the disk holds its data" holds "$DEV" 1 /tmp/lsr-p2
+  check "lvm-sr: after the restart the template's clone reads its write and the template" \
+    sh -c "dd if=$TDEV bs=1M count=1 iflag=direct status=none | cmp - /tmp/lsr-t1 && dd if=$TDEV bs=1M skip=1 count=4 iflag=direct status=none | cmp - /tmp/lsr-p2"
+  check "lvm-sr: vdi detach of the disk" exits 0 $_t vdi detach --sr tlsr "$DISK" --json
   check "lvm-sr: forgetting an attached clone's template is refused (VDI_IN_USE)" \
     exits 13 $_t vdi forget --sr tlsr "$TPL" --json
   $_t vdi detach --sr tlsr "$TC" --json >/dev/null

@@ -85,6 +85,26 @@ fn template_origin(sr: &mut Sr, pool: &Pool, t: &VdiRecord, exe: &Path) -> Resul
     Ok(device)
 }
 
+/// Attaches again every VDI recorded as attached whose device is gone (after a host
+/// restart: the pool, a template's proxy and nbd device too, as [`attach`] does);
+/// returns what it did.
+pub fn reattach(sr: &mut Sr, exe: &Path) -> Result<Vec<String>> {
+    let pool = Pool::of(&sr.md.sr)?;
+    let missing: Vec<Uuid> = sr
+        .md
+        .vdis
+        .iter()
+        .filter(|v| v.attached && !pool.device_exists(v))
+        .map(|v| v.uuid)
+        .collect();
+    let mut done = Vec::new();
+    for vdi in missing {
+        let device = attach(sr, vdi, exe)?.device.unwrap_or_default();
+        done.push(format!("attached VDI {vdi} again as {device}"));
+    }
+    Ok(done)
+}
+
 /// Detaches `vdi` (the SR open for changes): its device removed (refused while it is
 /// open), then its record; with the last attached VDI of a template, the template's nbd
 /// device, proxy and cache device go too.

@@ -272,6 +272,16 @@ impl Pool {
         Ok(Path::new("/dev/mapper").join(name))
     }
 
+    /// Whether the device of `v` (a VDI of this SR) exists on this host.
+    pub fn device_exists(&self, v: &crate::model::VdiRecord) -> bool {
+        match &v.lv {
+            Some(lv) => Path::new("/dev/mapper")
+                .join(mapper_name(&self.vg, lv))
+                .exists(),
+            None => self.dm.exists(&self.device_name(v.uuid)),
+        }
+    }
+
     /// Removes `vdi`'s device, if it exists; a device still open is refused (VDI_IN_USE).
     pub fn detach(&self, vdi: Uuid) -> Result<()> {
         let name = self.device_name(vdi);

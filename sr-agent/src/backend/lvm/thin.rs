@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::host::Pool;
 use super::layout::BLOCK_BYTES;
-use super::pool::{MAX_THIN_ID, PoolMode};
+use super::pool::{MAX_THIN_ID, PoolMode, WhenFull};
 use crate::backend::{Backend, Finding};
 use crate::model::{PoolHealth, SrType, VdiRecord, VdiType};
 use crate::store::{Journal, Sr};
@@ -326,6 +326,20 @@ impl Backend for ThinBackend {
             }
         }
         findings.extend(raw_findings(sr));
+        if let Ok(pool) = Pool::of(&sr.md.sr) {
+            for v in sr.md.vdis.iter().filter(|v| v.attached) {
+                if !pool.device_exists(v) {
+                    findings.push(Finding {
+                        kind: "device_missing",
+                        message: format!(
+                            "VDI {} is recorded as attached but its device is gone (the host restarted?): `sr check --repair` or `vdi attach` attaches it again",
+                            v.shown()
+                        ),
+                        repairable: true,
+                    });
+                }
+            }
+        }
         if let Some(health) = pool_health(sr) {
             findings.extend(pool_findings(&health));
         }
@@ -434,6 +448,11 @@ pub fn pool_health(sr: &Sr) -> Option<PoolHealth> {
         metadata_percent: status.metadata_percent(),
         mode: status.mode,
         needs_check: status.needs_check,
+        when_full: if status.error_if_no_space {
+            WhenFull::Error
+        } else {
+            WhenFull::Queue
+        },
     })
 }
 
@@ -491,6 +510,7 @@ mod tests {
             metadata_percent: metadata,
             mode,
             needs_check,
+            when_full: WhenFull::Error,
         }
     }
 
