@@ -10,7 +10,8 @@
 # the reserve), kill -9 (abort) in the middle of
 # create, snapshot and destroy with the next command finishing or undoing it (no thin id lost or
 # leaked: `sr check` is clean), a thin id no VDI records found and repaired, a clone of a template
-# whose external origin is the template's proxy (nbd-client, a cache on a thin volume) started with
+# whose external origin is the template's proxy (nbd-client, a cache on a thin volume; two clones
+# sharing it, each with its own writes) started with
 # its first attached VDI and stopped with its last, a host restart (proxy killed, devices and LVs
 # gone) found by `sr check` and repaired by attaching again, the SR forgotten,
 # probed on its devices and introduced again, and `sr destroy` leaving no VG, no signature and no
@@ -180,6 +181,14 @@ lvm_sr() {
   TSDEV=$($_t vdi attach --sr tlsr "$TS" --json | js 'd["device"]')
   check "lvm-sr: a snapshot of the attached clone reads the template and the clone's write" \
     sh -c "dd if=$TSDEV bs=1M count=1 iflag=direct status=none | cmp - /tmp/lsr-t1 && dd if=$TSDEV bs=1M skip=1 count=4 iflag=direct status=none | cmp - /tmp/lsr-p2"
+  TC2=$($_t vdi clone --sr tlsr "$TPL" --name-label tclone2 --json | js 'd["uuid"]')
+  TC2DEV=$($_t vdi attach --sr tlsr "$TC2" --json | js 'd["device"]')
+  require "lvm-sr: write a second clone of the template" put "$TC2DEV" 1 /tmp/lsr-p3
+  check "lvm-sr: two clones of one template each read only their own writes, over the template" \
+    sh -c "dd if=$TC2DEV bs=1M skip=1 count=4 iflag=direct status=none | cmp - /tmp/lsr-p3 && dd if=$TDEV bs=1M skip=1 count=4 iflag=direct status=none | cmp - /tmp/lsr-p2 && dd if=$TC2DEV bs=1M count=1 iflag=direct status=none | cmp - /tmp/lsr-t1"
+  check "lvm-sr: the two clones share one proxy" test "$(pgrep -c -f 'sr [o]rigin --sr')" = 1
+  check "lvm-sr: the second clone detached and destroyed" \
+    sh -c "$_t vdi detach --sr tlsr $TC2 --json >/dev/null && $_t vdi destroy --sr tlsr $TC2 --json >/dev/null"
   check "lvm-sr: the template's cache volume holds what was read" \
     test "$($_t vdi stat --sr tlsr "$TPL" --json | js 'd["physical_utilisation"] >= 1 << 20')" = true
   check "lvm-sr: the template is unchanged" test "$(sha256sum </tmp/lsr-template.raw)" = "$_tsum"
