@@ -228,8 +228,12 @@ lvm_sr() {
   check "lvm-sr: forgetting an attached clone's template is refused (VDI_IN_USE)" \
     exits 13 $_t vdi forget --sr tlsr "$TPL" --json
   $_t vdi detach --sr tlsr "$TC" --json >/dev/null
-  check "lvm-sr: the template's clone and snapshot destroyed, the template forgotten" \
-    sh -c "$_t vdi destroy --sr tlsr $TS --json >/dev/null && $_t vdi destroy --sr tlsr $TC --json >/dev/null && $_t vdi forget --sr tlsr $TPL --json >/dev/null"
+  check "lvm-sr: the template's snapshot destroyed, the template forgotten with --force" \
+    sh -c "$_t vdi destroy --sr tlsr $TS --json >/dev/null && $_t vdi forget --sr tlsr $TPL --force --json >/dev/null"
+  check "lvm-sr: a clone of a forgotten template is not attached (TEMPLATE_UNREACHABLE, exit 16)" \
+    exits 16 $_t vdi attach --sr tlsr "$TC" --json
+  check "lvm-sr: no proxy was left by the refused attach" sh -c "! pgrep -f 'sr [o]rigin --sr' >/dev/null"
+  check "lvm-sr: the orphaned clone destroyed" exits 0 $_t vdi destroy --sr tlsr "$TC" --json
   check "lvm-sr: nothing of the template is left in the pool (sr check clean)" \
     test "$($_t sr check --sr tlsr --json | js 'd["clean"]')" = true
 

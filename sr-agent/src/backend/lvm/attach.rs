@@ -53,8 +53,28 @@ pub fn attach(sr: &mut Sr, vdi: Uuid, exe: &Path) -> Result<Attached> {
         )
     })?;
     pool.activate()?;
-    let origin = match template_of(sr, &v) {
-        Some(t) => Some(template_origin(sr, &pool, &t, exe)?),
+    let template = template_of(sr, &v);
+    if let (Some(b), None) = (v.backing, &template) {
+        // Its unwritten blocks would read as zeroes: refused, not attached wrong.
+        return Err(Error::new(
+            Code::TemplateUnreachable,
+            format!(
+                "VDI {} reads from template {b}, which was forgotten: it cannot be attached",
+                v.shown()
+            ),
+        ));
+    }
+    let origin = match &template {
+        Some(t) => match template_origin(sr, &pool, t, exe) {
+            Ok(device) => Some(device),
+            Err(e) => {
+                // Nothing left running for a template no attached VDI reads.
+                if let Err(undo) = release_origin(sr, &pool, t.uuid) {
+                    tracing::warn!(template = %t.uuid, error = %undo, "cannot stop the template's proxy");
+                }
+                return Err(e);
+            }
+        },
         None => None,
     };
     let rec = sr.md.get_mut(vdi).expect("found");
@@ -122,23 +142,33 @@ pub fn detach(sr: &mut Sr, vdi: Uuid) -> Result<()> {
     let Some(t) = template_of(sr, &v) else {
         return Ok(());
     };
+    release_origin(sr, &pool, t.uuid)
+}
+
+/// Unless an attached VDI reads from template `template`: its nbd device disconnected,
+/// its proxy stopped, its cache device removed (each if there).
+fn release_origin(sr: &mut Sr, pool: &Pool, template: Uuid) -> Result<()> {
     let in_use = sr
         .md
         .vdis
         .iter()
-        .any(|o| o.attached && o.backing == Some(t.uuid));
+        .any(|o| o.attached && o.backing == Some(template));
     if in_use {
         return Ok(());
     }
-    if let Some(device) = &t.device {
-        let device = Path::new(device);
+    if let Some(device) = sr.md.get(template).and_then(|t| t.device.clone()) {
+        let device = Path::new(&device);
         // A path that is not /dev/nbdN (crafted metadata) is only forgotten.
-        if crate::device::is_nbd(device) {
+        if crate::device::is_nbd(device) && crate::device::connected(device) {
             crate::device::disconnect(device)?;
         }
     }
-    origin::stop(&sr.path, t.uuid)?;
-    pool.detach(t.uuid)?;
-    sr.md.get_mut(t.uuid).expect("found").device = None;
-    sr.save()
+    origin::stop(&sr.path, template)?;
+    pool.detach(template)?;
+    if let Some(t) = sr.md.get_mut(template)
+        && t.device.take().is_some()
+    {
+        sr.save()?;
+    }
+    Ok(())
 }
