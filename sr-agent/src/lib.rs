@@ -11,6 +11,7 @@
 
 pub mod backend;
 pub mod cached;
+mod crash;
 pub mod daemon;
 pub mod device;
 pub mod error;

@@ -126,7 +126,7 @@ fn create_directory(path: &Path, name_label: Option<&str>) -> Result<SrView> {
     let sr = Sr::create(&path, record)?;
     // A crash here leaves an SR that commands reach by its path, and that `sr
     // introduce` registers (`sr create` again refuses the directory, and says so).
-    store::crash_point("registering");
+    crate::crash::point("registering");
     registry::add(sr.md.sr.uuid, &path, None)?;
     view(&sr, for_type(SrType::File).as_ref())
 }
@@ -185,7 +185,7 @@ fn create_lvm(
             return Err(e);
         }
     };
-    store::crash_point("registering");
+    crate::crash::point("registering");
     registry::add(uuid, &path, Some(&vg))?;
     view(&sr, for_type(SrType::Lvm).as_ref())
 }
@@ -315,12 +315,22 @@ fn dangling(name: &str, gone_too: bool) -> Option<(Uuid, PathBuf)> {
         .then_some((uuid, entry.path))
 }
 
-/// Whether `home` is an LVM SR's home whose VG lvm2 shows is not on its devices (a
-/// destroy interrupted after the VG was removed). Only proof counts: lvm2 must answer.
+/// Whether `home` is an LVM SR's home whose VG is gone from its devices (a destroy
+/// interrupted after the VG was removed). Only proof counts: every device is there and
+/// holds no PV (devices missing or renamed after a reboot prove nothing), and lvm2
+/// answers without the VG.
 fn vg_gone(home: &Path) -> bool {
     let Ok(Some(lvm_home)) = store::lvm_home(home) else {
         return false;
     };
+    let no_pv = |d: &PathBuf| {
+        d.exists()
+            && crate::backend::lvm::layout::signature(d)
+                .is_ok_and(|found| !found.is_some_and(|s| s.contains("LVM2_member")))
+    };
+    if !lvm_home.devices.iter().all(no_pv) {
+        return false;
+    }
     let udev = crate::backend::lvm::dm::udev_runs();
     crate::backend::lvm::command::Lvm::new(&lvm_home.devices, udev)
         .and_then(|lvm| lvm.vgs())
@@ -453,12 +463,14 @@ pub fn destroy(o: &DestroyOptions) -> Result<Uuid> {
         let (vg, devices) = (lvm.vg.clone(), lvm.devices.clone());
         let pool = crate::backend::lvm::host::Pool::of(&sr.md.sr)?;
         sr.close_volume();
+        // No command that only reads activates the pool again meanwhile.
+        let _activating = crate::backend::lvm::host::lvm_lock(&vg, "activate")?;
         crate::backend::lvm::layout::destroy(pool.lvm(), pool.dm(), &devices, &vg, uuid)?;
-        store::crash_point("vg-removed");
+        crate::crash::point("vg-removed");
     }
     sr.remove_metadata()?;
     // A crash here leaves a registry entry that `sr destroy` (or `sr forget`) removes.
-    store::crash_point("unregistering");
+    crate::crash::point("unregistering");
     registry::remove(uuid)?;
     if made {
         // Only if empty: files the agent does not own stay, and so does their directory.

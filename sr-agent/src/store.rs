@@ -4,7 +4,7 @@
 //! SR's records are on its VG's metadata volume instead ([`crate::backend::lvm::mgt`]:
 //! two slots, the same atomicity); its directory here is a home on this host
 //! (`lvm.json` names the VG and its devices) for what is local: tasks, credentials,
-//! the lock is `/run/lock/thinline/lvm-VG.sr.lock`, one per VG on the host.
+//! the lock is `/run/thinline/lvm-VG.sr.lock`, one per VG on the host.
 //!
 //! A multi-step operation records its intent first: the files it will make (all in
 //! `.thinline-sr/new/`) and the renames it will do. Then it works, commits the new
@@ -35,19 +35,6 @@ const LVM_HOME: &str = "lvm.json";
 const LOCK: &str = "lock";
 /// The metadata format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
-
-/// Crash tests: `THINLINE_SR_CRASH_AT=STEP` kills the process (abort, as kill -9
-/// would) at that step of every multi-step operation: `intent` (journal written),
-/// `moved` (renames done), `made` (new files made), `committed` (new records written),
-/// `finished` (files moved and deleted, journal not yet cleared); `resized` (a
-/// disk's image grown, its record not yet); `registering` (an SR made, not yet
-/// registered); and `write:NAME` (the new content of the JSON file `NAME`, e.g.
-/// `sr.json`, written beside it but not yet renamed over it).
-pub(crate) fn crash_point(step: &str) {
-    if std::env::var_os("THINLINE_SR_CRASH_AT").is_some_and(|v| v == step) {
-        std::process::abort();
-    }
-}
 
 /// Everything an SR records.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -398,7 +385,7 @@ pub fn write_json(path: &Path, value: &impl Serialize, mode: u32) -> Result<()> 
     f.sync_all().map_err(io)?;
     drop(f);
     if let Some(name) = path.file_name() {
-        crash_point(&format!("write:{}", name.to_string_lossy()));
+        crate::crash::point(&format!("write:{}", name.to_string_lossy()));
     }
     std::fs::rename(&tmp, path)
         .map_err(|e| Error::io(format!("cannot replace {}", path.display()), &e))?;
@@ -627,7 +614,7 @@ impl Sr {
             Keeper::File => write_metadata(&self.path, &self.md),
             Keeper::Volume(volume) => {
                 let bytes = serde_json::to_vec_pretty(&self.md).expect("serializes");
-                crash_point("write:mgt");
+                crate::crash::point("write:mgt");
                 volume.write(&bytes).map(drop)
             }
             Keeper::Closed => Err(Error::new(
@@ -661,20 +648,25 @@ impl Sr {
         make: impl FnOnce(&Sr) -> Result<()>,
         commit: impl FnOnce(&mut Metadata),
     ) -> Result<()> {
+        // One left by an earlier operation whose finish failed is finished (or undone)
+        // first: a journal is never written over.
+        if self.md.journal.is_some() {
+            self.recover()?;
+        }
         self.md.journal = Some(journal.clone());
         self.save()?;
-        crash_point("intent");
+        crate::crash::point("intent");
         let worked = (|| {
             for m in &journal.moves {
                 rename_noreplace(&self.file(&m.from), &self.file(&m.to))
                     .map_err(|e| Error::io(format!("cannot rename {} to {}", m.from, m.to), &e))?;
             }
-            crash_point("moved");
+            crate::crash::point("moved");
             for r in &journal.rebases {
                 set_backing(&self.path, &r.file, &r.to)?;
             }
             make(self)?;
-            crash_point("made");
+            crate::crash::point("made");
             Ok(())
         })();
         if let Err(e) = worked {
@@ -688,11 +680,11 @@ impl Sr {
         done.committed = true;
         self.md.journal = Some(done.clone());
         self.save()?;
-        crash_point("committed");
+        crate::crash::point("committed");
         // Committed: the operation has happened. What is left (moving the new files to
         // their names, deleting old ones) is finished by the next open if it fails now.
         let finished = self.finish(&done).and_then(|()| {
-            crash_point("finished");
+            crate::crash::point("finished");
             self.md.journal = None;
             self.save()
         });
@@ -753,6 +745,8 @@ impl Sr {
         }
         let pool = crate::backend::lvm::host::Pool::of(&self.md.sr)?;
         pool.activate()?;
+        // A snapshot killed while its origin was suspended left it so.
+        pool.resume_suspended()?;
         ids.iter().try_for_each(|&id| pool.delete_thin(id))
     }
 

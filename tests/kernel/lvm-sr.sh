@@ -73,6 +73,10 @@ lvm_sr() {
   check "lvm-sr: attaching an attached VDI answers the same device" \
     test "$($_t vdi attach --sr tlsr "$DISK" --json | js 'd["device"]')" = "$DEV"
 
+  check "lvm-sr: vdi snapshot aborted while the attached disk's device was suspended" \
+    exits 134 env THINLINE_SR_CRASH_AT=suspended $_t vdi snapshot --sr tlsr "$DISK" --json
+  check "lvm-sr: the next change resumes the disk's device, which reads again" \
+    sh -c "$_t sr check --sr tlsr --repair --json >/dev/null && timeout 20 dd if=$DEV bs=1M count=1 iflag=direct status=none of=/dev/null"
   check "lvm-sr: vdi resize of the attached disk" exits 0 $_t vdi resize --sr tlsr "$DISK" 96M --json
   check "lvm-sr: the attached device grew online" test "$(blockdev --getsize64 "$DEV")" = $((96 << 20))
   check "lvm-sr: the grown tail reads as zeroes" holds "$DEV" 64 /tmp/lsr-zero

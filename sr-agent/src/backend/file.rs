@@ -417,7 +417,7 @@ impl Backend for FileBackend {
             .map_err(|e| Error::format(&what, &e))?;
         drop((image, writer));
         // A crash here leaves the image larger than its record: `sr check` finds it.
-        crate::store::crash_point("resized");
+        crate::crash::point("resized");
         sr.md.get_mut(vdi).expect("checked").virtual_size = size;
         sr.save()
     }

@@ -80,26 +80,46 @@ pub fn attach(sr: &mut Sr, vdi: Uuid, exe: &Path) -> Result<Attached> {
     let rec = sr.md.get_mut(vdi).expect("found");
     rec.attached = true;
     rec.device = Some(format!("/dev/mapper/{}", pool.device_name(vdi)));
-    sr.save()?;
-    let device = pool.attach(vdi, id, v.virtual_size, v.read_only(), origin.as_deref())?;
-    Ok(attached(vdi, &device))
+    let made = sr
+        .save()
+        .and_then(|()| pool.attach(vdi, id, v.virtual_size, v.read_only(), origin.as_deref()));
+    match made {
+        Ok(device) => Ok(attached(vdi, &device)),
+        Err(e) if !v.attached => {
+            // Attached by this call only: left as it was, with nothing running for it.
+            let rec = sr.md.get_mut(vdi).expect("found");
+            rec.attached = false;
+            rec.device = None;
+            let undone = sr.save().and_then(|()| match &template {
+                Some(t) => release_origin(sr, &pool, t.uuid),
+                None => Ok(()),
+            });
+            if let Err(undo) = undone {
+                tracing::warn!(%vdi, error = %undo, "cannot undo a failed attach");
+            }
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The `/dev/nbdN` of template `t`'s proxy: its cache volume made if it has none, the
 /// proxy started, the kernel's nbd client connected, each unless done already.
 fn template_origin(sr: &mut Sr, pool: &Pool, t: &VdiRecord, exe: &Path) -> Result<PathBuf> {
     super::thin::cache_volume(sr, pool, t.uuid)?;
-    let socket = origin::ensure(&sr.path, t.uuid, exe)?;
+    let proxy = origin::ensure(&sr.path, sr.md.sr.uuid, t.uuid, exe)?;
+    // The device connected to this proxy, if it still runs: one recorded before it
+    // started (a host restart, a proxy that died) may be another's by now.
     let recorded = sr
         .md
         .get(t.uuid)
         .and_then(|t| t.device.clone())
         .map(PathBuf::from)
-        .filter(|d| crate::device::is_nbd(d) && crate::device::connected(d));
+        .filter(|d| !proxy.started && crate::device::is_nbd(d) && crate::device::connected(d));
     if let Some(device) = recorded {
         return Ok(device);
     }
-    let device = crate::device::connect(&socket, &t.uuid.to_string())?;
+    let device = crate::device::connect(&proxy.socket, &t.uuid.to_string())?;
     sr.md.get_mut(t.uuid).expect("found").device = Some(device.display().to_string());
     sr.save()?;
     Ok(device)
@@ -156,14 +176,18 @@ fn release_origin(sr: &mut Sr, pool: &Pool, template: Uuid) -> Result<()> {
     if in_use {
         return Ok(());
     }
-    if let Some(device) = sr.md.get(template).and_then(|t| t.device.clone()) {
+    let sr_uuid = sr.md.sr.uuid;
+    // Only while its proxy runs is the recorded device this template's (and a path
+    // that is not /dev/nbdN, crafted metadata, is only forgotten).
+    if let Some(device) = sr.md.get(template).and_then(|t| t.device.clone())
+        && origin::running(sr_uuid, template).is_some()
+    {
         let device = Path::new(&device);
-        // A path that is not /dev/nbdN (crafted metadata) is only forgotten.
         if crate::device::is_nbd(device) && crate::device::connected(device) {
             crate::device::disconnect(device)?;
         }
     }
-    origin::stop(&sr.path, template)?;
+    origin::stop(sr_uuid, template)?;
     pool.detach(template)?;
     if let Some(t) = sr.md.get_mut(template)
         && t.device.take().is_some()

@@ -18,8 +18,9 @@ use super::pool::{Message, PoolStatus, pool_table, thin_table};
 use crate::model::SrRecord;
 use crate::{Code, Error, Result};
 
-/// Where LVM SRs' locks are: one per VG on this host, whichever home opens it.
-const LVM_LOCK_DIR: &str = "/run/lock/thinline";
+/// Where LVM SRs' locks and template proxies' sockets are: short (a unix socket's
+/// path has 107 bytes at most), root's own, one per host.
+pub const RUN_DIR: &str = "/run/thinline";
 
 /// An LVM SR's home on this host: the VG on the metadata volume of which its records
 /// are, and the devices lvm2 is limited to.
@@ -35,9 +36,8 @@ pub struct LvmHome {
 /// taken (waiting for its holder).
 pub fn lvm_lock(vg: &str, what: &str) -> Result<std::fs::File> {
     layout::check_vg_name(vg)?;
-    std::fs::create_dir_all(LVM_LOCK_DIR)
-        .map_err(|e| Error::io(format!("cannot create {LVM_LOCK_DIR}"), &e))?;
-    crate::lockfile::exclusive(&Path::new(LVM_LOCK_DIR).join(format!("lvm-{vg}.{what}.lock")))
+    crate::lockfile::private_dir(Path::new(RUN_DIR))?;
+    crate::lockfile::exclusive(&Path::new(RUN_DIR).join(format!("lvm-{vg}.{what}.lock")))
 }
 
 /// `/dev/VG/LV`.
@@ -203,6 +203,7 @@ impl Pool {
         let active = self.dm.exists(&device);
         if active {
             self.dm.suspend(&device)?;
+            crate::crash::point("suspended");
         }
         let made = self
             .dm
@@ -211,6 +212,30 @@ impl Pool {
             self.dm.resume(&device)?;
         }
         made
+    }
+
+    /// Resumes every device of the SR left suspended (a snapshot killed between the
+    /// suspend of its origin and the resume: the VM's I/O would wait forever).
+    pub fn resume_suspended(&self) -> Result<()> {
+        let out = self.dm.run(&[
+            "info",
+            "-c",
+            "--noheadings",
+            "-o",
+            "name,suspended",
+            "--separator",
+            " ",
+        ])?;
+        let ours = format!("thinline-{}-", self.sr.simple());
+        for line in out.lines() {
+            let mut words = line.split_whitespace();
+            if let (Some(name), Some("Suspended")) = (words.next(), words.next())
+                && name.starts_with(&ours)
+            {
+                self.dm.resume(name)?;
+            }
+        }
+        Ok(())
     }
 
     /// Deletes thin id `id`; one that does not exist is fine.
@@ -400,25 +425,30 @@ impl Pool {
         super::output_of(c, &format!("blkdiscard --zeroout {}", device.display())).map(drop)
     }
 
-    /// Grows raw LV `name` to at least `size` bytes, the new extents zeroed (they may
-    /// hold what an earlier LV left); returns its new size. Stays as active as it was.
-    pub fn extend_raw(&self, name: &str, size: u64) -> Result<u64> {
+    /// Grows raw LV `name`, recorded as `recorded` bytes, to at least `size` bytes,
+    /// everything past `recorded` zeroed (new extents may hold what an earlier LV left;
+    /// an extend a crash interrupted is zeroed again); returns its new size. Stays as
+    /// active as it was.
+    pub fn extend_raw(&self, name: &str, recorded: u64, size: u64) -> Result<u64> {
         let old = self.raw_lv(name)?.ok_or_else(|| {
             Error::new(
                 Code::SrBackendFailure,
                 format!("LV {}/{name} is missing", self.vg),
             )
         })?;
-        let bytes = format!("{size}b");
-        self.lvm.run(
-            "lvextend",
-            &["-y", "-L", &bytes, &format!("{}/{name}", self.vg)],
-        )?;
+        if old.size < size {
+            let bytes = format!("{size}b");
+            self.lvm.run(
+                "lvextend",
+                &["-y", "-L", &bytes, &format!("{}/{name}", self.vg)],
+            )?;
+        }
         let new = self.raw_lv(name)?.map_or(old.size, |lv| lv.size);
+        let from = recorded.min(new);
         if !old.active() {
             self.activate_raw(name)?;
         }
-        let zeroed = self.zero_raw(name, old.size, new - old.size);
+        let zeroed = self.zero_raw(name, from, new - from);
         if !old.active() {
             self.deactivate_raw(name)?;
         }

@@ -5,8 +5,9 @@
 //! template is a thin device with that device as its external origin, so a block is
 //! fetched once whichever clone reads it, and the VM's I/O stays in the kernel.
 //!
-//! The proxy holds `run/origin-ID.lock` (its pid inside) for as long as it runs: that
-//! lock, not a pid file's content, says whether it runs.
+//! The proxy holds `/run/thinline/origin-SR-TEMPLATE.lock` (its pid inside) for as long
+//! as it runs: that lock, not a pid file's content, says whether it runs. Its socket is
+//! beside it (short paths: a unix socket's is limited), its log in the SR's home.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,28 +18,33 @@ use thinline_cor::{CorExport, CorOptions, DEFAULT_CHUNK_SIZE, ExportUpstream, ca
 use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
 use uuid::Uuid;
 
-use super::host::Pool;
+use super::host::{Pool, RUN_DIR};
 use super::layout::BLOCK_BYTES;
 use crate::store::{DIR, Sr};
 use crate::template::Templates;
 use crate::{Code, Error, Result};
 
-/// The home's directory of the proxies' sockets, locks and logs.
-fn run_dir(home: &Path) -> PathBuf {
+/// The home's directory of the proxies' logs.
+fn log_dir(home: &Path) -> PathBuf {
     home.join(DIR).join("run")
 }
 
-fn short(template: Uuid) -> String {
-    template.simple().to_string()[..12].to_owned()
+fn short(uuid: Uuid) -> String {
+    uuid.simple().to_string()[..12].to_owned()
 }
 
-/// The unix socket the proxy of `template` serves it on.
-pub fn socket_of(home: &Path, template: Uuid) -> PathBuf {
-    run_dir(home).join(format!("origin-{}.sock", short(template)))
+/// `/run/thinline/origin-SR-TEMPLATE.EXT`.
+fn runtime_file(sr: Uuid, template: Uuid, ext: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("origin-{}-{}.{ext}", short(sr), short(template)))
 }
 
-fn lock_of(home: &Path, template: Uuid) -> PathBuf {
-    run_dir(home).join(format!("origin-{}.lock", short(template)))
+/// The unix socket the proxy of `template` of SR `sr` serves it on.
+pub fn socket_of(sr: Uuid, template: Uuid) -> PathBuf {
+    runtime_file(sr, template, "sock")
+}
+
+fn lock_of(sr: Uuid, template: Uuid) -> PathBuf {
+    runtime_file(sr, template, "lock")
 }
 
 /// Bytes of the thin volume that caches a `size`-byte template: the cache's layout,
@@ -49,8 +55,8 @@ pub fn cache_bytes(size: u64) -> u64 {
 
 /// Whether the proxy of `template` runs (holds its lock), and its pid (0 while it is
 /// starting and has not written it yet).
-pub fn running(home: &Path, template: Uuid) -> Option<u32> {
-    let path = lock_of(home, template);
+pub fn running(sr: Uuid, template: Uuid) -> Option<u32> {
+    let path = lock_of(sr, template);
     let f = std::fs::File::open(&path).ok()?;
     let free = rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared).is_ok();
     if free {
@@ -68,10 +74,16 @@ pub async fn serve(
     templates: Templates,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let run = run_dir(&home);
-    std::fs::create_dir_all(&run)
-        .map_err(|e| Error::io(format!("cannot create {}", run.display()), &e))?;
-    let lock_path = lock_of(&home, template);
+    let sr = crate::store::lvm_home(&home)?
+        .ok_or_else(|| {
+            Error::new(
+                Code::SrNotFound,
+                format!("{} is not an LVM SR's home", home.display()),
+            )
+        })?
+        .uuid;
+    crate::lockfile::private_dir(Path::new(RUN_DIR))?;
+    let lock_path = lock_of(sr, template);
     let mut lock = crate::lockfile::try_exclusive(&lock_path)?.ok_or_else(|| {
         Error::new(
             Code::VdiInUse,
@@ -126,12 +138,12 @@ pub async fn serve(
         )
         .map_err(serve_err)?;
     let server = Server::new(exports, ServerConfig::default()).map_err(serve_err)?;
-    let listener = Listener::bind_unix(&socket_of(&home, template)).map_err(serve_err)?;
+    let listener = Listener::bind_unix(&socket_of(sr, template)).map_err(serve_err)?;
     tracing::info!(template = %opened.shown, cache = %opened.cache.display(), "origin served");
     let served = server.run(vec![listener], shutdown).await;
     // What was fetched is kept: wait for its durability before exiting.
     cor.settle(Duration::from_secs(10)).await;
-    let _ = std::fs::remove_file(socket_of(&home, template));
+    let _ = std::fs::remove_file(socket_of(sr, template));
     served.map_err(serve_err)
 }
 
@@ -192,15 +204,27 @@ fn open(home: &Path, template: Uuid, templates: &Templates) -> Result<Opened> {
     })
 }
 
-/// Starts the proxy of `template` (`exe sr origin`) unless it runs, and waits until its
-/// socket answers.
-pub fn ensure(home: &Path, template: Uuid, exe: &Path) -> Result<PathBuf> {
-    let socket = socket_of(home, template);
+/// A running proxy's socket, and whether this call started it (then no nbd device
+/// connected before belongs to it).
+#[derive(Debug)]
+pub struct Running {
+    pub socket: PathBuf,
+    pub started: bool,
+}
+
+/// Starts the proxy of `template` of SR `sr` (home `home`; `exe sr origin`) unless it
+/// runs, and waits until its socket answers.
+pub fn ensure(home: &Path, sr: Uuid, template: Uuid, exe: &Path) -> Result<Running> {
+    let socket = socket_of(sr, template);
     let answers = || std::os::unix::net::UnixStream::connect(&socket).is_ok();
-    if running(home, template).is_some() && answers() {
-        return Ok(socket);
+    if running(sr, template).is_some() && answers() {
+        return Ok(Running {
+            socket,
+            started: false,
+        });
     }
-    let run = run_dir(home);
+    crate::lockfile::private_dir(Path::new(RUN_DIR))?;
+    let run = log_dir(home);
     std::fs::create_dir_all(&run)
         .map_err(|e| Error::io(format!("cannot create {}", run.display()), &e))?;
     let log_path = run.join(format!("origin-{}.log", short(template)));
@@ -213,7 +237,7 @@ pub fn ensure(home: &Path, template: Uuid, exe: &Path) -> Result<PathBuf> {
         .try_clone()
         .map_err(|e| Error::io("cannot duplicate the log", &e))?;
     let mut child = None;
-    if running(home, template).is_none() {
+    if running(sr, template).is_none() {
         use std::os::unix::process::CommandExt;
         child = Some(
             std::process::Command::new(exe)
@@ -231,7 +255,10 @@ pub fn ensure(home: &Path, template: Uuid, exe: &Path) -> Result<PathBuf> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         if answers() {
-            return Ok(socket);
+            return Ok(Running {
+                socket,
+                started: true,
+            });
         }
         if let Some(Ok(Some(status))) = child.as_mut().map(|c| c.try_wait()) {
             let said = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -258,10 +285,10 @@ pub fn ensure(home: &Path, template: Uuid, exe: &Path) -> Result<PathBuf> {
 }
 
 /// Stops the proxy of `template` (SIGTERM; it keeps what it fetched) and waits for it.
-pub fn stop(home: &Path, template: Uuid) -> Result<()> {
+pub fn stop(sr: Uuid, template: Uuid) -> Result<()> {
     let deadline_start = Instant::now() + Duration::from_secs(5);
     let pid = loop {
-        match running(home, template) {
+        match running(sr, template) {
             None => return Ok(()),
             Some(0) if Instant::now() < deadline_start => {
                 std::thread::sleep(Duration::from_millis(50));
@@ -281,7 +308,7 @@ pub fn stop(home: &Path, template: Uuid) -> Result<()> {
     let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if running(home, template).is_none() {
+        if running(sr, template).is_none() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));

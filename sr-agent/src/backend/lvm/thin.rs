@@ -247,6 +247,19 @@ impl Backend for ThinBackend {
 
     fn destroy(&self, sr: &mut Sr, vdi: Uuid) -> Result<()> {
         let target = record(sr, vdi)?;
+        if target.is_template() {
+            // Its cache volume is deleted after the commit: never while it is in use.
+            let pool = Pool::of(&sr.md.sr)?;
+            if super::origin::running(sr.md.sr.uuid, vdi).is_some() || pool.device_exists(&target) {
+                return Err(Error::new(
+                    Code::VdiInUse,
+                    format!(
+                        "template {}'s proxy or cache device is still up: detach its clones (or run `sr check --repair`) first",
+                        target.shown()
+                    ),
+                ));
+            }
+        }
         let journal = Journal {
             operation: "vdi destroy".into(),
             thin_dropped: target.thin_id.into_iter().collect(),
@@ -286,7 +299,7 @@ impl Backend for ThinBackend {
         if let Some(lv) = &v.lv {
             // The LV grows (its new extents zeroed) before its record: until then the
             // record is smaller than the LV, which is safe.
-            let grown = Pool::of(&sr.md.sr)?.extend_raw(lv, size)?;
+            let grown = Pool::of(&sr.md.sr)?.extend_raw(lv, v.virtual_size, size)?;
             sr.md.get_mut(vdi).expect("found").virtual_size = grown;
             return sr.save();
         }
