@@ -94,11 +94,13 @@ struct CreateArgs {
 
 /// Adopt an existing directory as an SR (files already in it are left alone), or
 /// register again an SR that is already there; with --type lvm, adopt the LVM SR in a
-/// VG (forgotten, or moved from another host: its devices are found by a scan).
+/// VG (forgotten, or moved from another host: its devices are found by a scan), or
+/// with --pool-size make one in a VG of yours, beside your LVs.
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   thinline sr introduce /var/lib/images --name-label images
-  thinline sr introduce --type lvm vms --json")]
+  thinline sr introduce --type lvm vms --json
+  thinline sr introduce --type lvm datavg --pool-size 200G")]
 struct IntroduceArgs {
     /// The kind of SR.
     #[arg(long = "type", value_enum, default_value = "file")]
@@ -109,6 +111,13 @@ struct IntroduceArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// LVM: a VG that holds no SR gets one: its LVs and a thin pool of SIZE bytes
+    /// beside the VG's other LVs, which it never touches (e.g. 100G).
+    #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
+    pool_size: Option<usize>,
+    /// LVM with --pool-size: what writes do when the pool's data is full.
+    #[arg(long, value_enum, default_value = "error")]
+    when_full: WhenFullArg,
     /// The directory (file), or the VG (lvm).
     #[arg(value_name = "PATH|VG")]
     path: PathBuf,
@@ -308,8 +317,18 @@ pub fn run(args: SrArgs) -> anyhow::Result<u8> {
         }
         SrCommand::Introduce(a) => {
             let target = match a.kind {
-                TypeArg::File => sr::Existing::Directory(a.path),
-                TypeArg::Lvm => sr::Existing::Vg(a.path.display().to_string()),
+                TypeArg::File if a.pool_size.is_none() => sr::Existing::Directory(a.path),
+                TypeArg::File => {
+                    return usage("--pool-size is for --type lvm", a.json);
+                }
+                TypeArg::Lvm => sr::Existing::Vg {
+                    name: a.path.display().to_string(),
+                    pool_size: a.pool_size.map(|s| s as u64),
+                    when_full: match a.when_full {
+                        WhenFullArg::Error => WhenFull::Error,
+                        WhenFullArg::Queue => WhenFull::Queue,
+                    },
+                },
             };
             let options = sr::IntroduceOptions {
                 target,

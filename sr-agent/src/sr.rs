@@ -156,37 +156,67 @@ fn create_lvm(
     let lvm = Lvm::new(&devices, udev)?;
     let dm = dm::Dm::new(udev);
     let made = layout::create(&lvm, &dm, &devices, &vg, uuid, reserve, when_full)?;
-    let record = SrRecord {
+    let new = NewLvm {
         uuid,
-        name_label: name_label.map_or_else(|| vg.clone(), str::to_owned),
+        vg: &vg,
+        devices: &devices,
+        owns_vg: true,
+        pool_data_bytes: made.sizes.pool_data,
+        when_full,
+    };
+    register_lvm(&new, name_label, || {
+        layout::destroy(&lvm, &dm, &devices, &vg, uuid)
+    })
+}
+
+/// An LVM SR whose volumes were just made.
+struct NewLvm<'a> {
+    uuid: Uuid,
+    vg: &'a str,
+    devices: &'a [PathBuf],
+    owns_vg: bool,
+    pool_data_bytes: u64,
+    when_full: crate::backend::lvm::pool::WhenFull,
+}
+
+/// Records the new LVM SR `new` on its metadata volume, makes its home and registers
+/// it; `undo` removes its volumes if the records or the home cannot be made.
+fn register_lvm(
+    new: &NewLvm,
+    name_label: Option<&str>,
+    undo: impl FnOnce() -> Result<()>,
+) -> Result<SrView> {
+    let record = SrRecord {
+        uuid: new.uuid,
+        name_label: name_label.map_or_else(|| new.vg.to_owned(), str::to_owned),
         kind: SrType::Lvm,
         made_directory: true,
         lvm: Some(crate::model::LvmRecord {
-            vg: vg.clone(),
-            devices: devices.clone(),
-            owns_vg: true,
-            pool_data_bytes: made.sizes.pool_data,
-            when_full,
+            vg: new.vg.to_owned(),
+            devices: new.devices.to_vec(),
+            owns_vg: new.owns_vg,
+            pool_data_bytes: new.pool_data_bytes,
+            when_full: new.when_full,
             next_thin_id: 1,
         }),
     };
     let home = crate::backend::lvm::host::LvmHome {
-        uuid,
-        vg: vg.clone(),
-        devices: devices.clone(),
+        uuid: new.uuid,
+        vg: new.vg.to_owned(),
+        devices: new.devices.to_vec(),
     };
-    let path = registry::lvm_home(uuid);
+    let path = registry::lvm_home(new.uuid);
     let sr = match Sr::create_lvm(&path, &home, record) {
         Ok(sr) => sr,
         Err(e) => {
-            if let Err(undo) = layout::destroy(&lvm, &dm, &devices, &vg, uuid) {
-                tracing::warn!(error = %undo, vg, "cannot remove the VG of an SR not made");
+            if let Err(undone) = undo() {
+                tracing::warn!(error = %undone, vg = new.vg, "cannot remove the volumes of an SR not made");
             }
             return Err(e);
         }
     };
     crate::crash::point("registering");
-    registry::add(uuid, &path, Some(&vg))?;
+    registry::add(new.uuid, &path, Some(new.vg))?;
     view(&sr, for_type(SrType::Lvm).as_ref())
 }
 
@@ -202,15 +232,25 @@ pub struct IntroduceOptions {
 pub enum Existing {
     /// A directory (an SR in it, or files beside which one is made).
     Directory(PathBuf),
-    /// The VG of an LVM SR (forgotten, or made on another host).
-    Vg(String),
+    /// A VG: the LVM SR in it (forgotten, or made on another host), or with
+    /// `pool_size`, a new SR in a VG of the user's: its LVs and a pool of that many
+    /// bytes beside the user's LVs, which it never touches.
+    Vg {
+        name: String,
+        pool_size: Option<u64>,
+        when_full: crate::backend::lvm::pool::WhenFull,
+    },
 }
 
 /// Adopts an existing directory or an LVM SR's VG, and registers it.
 pub fn introduce(o: &IntroduceOptions) -> Result<SrView> {
     match &o.target {
         Existing::Directory(path) => introduce_directory(path, o.name_label.as_deref()),
-        Existing::Vg(vg) => introduce_lvm(vg, o.name_label.as_deref()),
+        Existing::Vg {
+            name,
+            pool_size,
+            when_full,
+        } => introduce_lvm(name, *pool_size, *when_full, o.name_label.as_deref()),
     }
 }
 
@@ -222,8 +262,14 @@ fn sr_of_tags(tags: &[String]) -> Option<Uuid> {
 }
 
 /// Adopts the LVM SR in VG `vg`: its devices found by a scan, its records updated to
-/// name them, its home made here, registered.
-fn introduce_lvm(vg: &str, name_label: Option<&str>) -> Result<SrView> {
+/// name them, its home made here, registered. A VG that holds none gets one with
+/// `pool_size`.
+fn introduce_lvm(
+    vg: &str,
+    pool_size: Option<u64>,
+    when_full: crate::backend::lvm::pool::WhenFull,
+    name_label: Option<&str>,
+) -> Result<SrView> {
     use crate::backend::lvm::{command, dm, layout};
     layout::check_vg_name(vg)?;
     let devices = command::pvs_of(vg)?;
@@ -233,16 +279,31 @@ fn introduce_lvm(vg: &str, name_label: Option<&str>) -> Result<SrView> {
             format!("no VG named {vg} is on this host's devices"),
         ));
     }
-    let lvm = command::Lvm::new(&devices, dm::udev_runs())?;
+    let udev = dm::udev_runs();
+    let lvm = command::Lvm::new(&devices, udev)?;
     let info = lvm.vgs()?.into_iter().find(|v| v.name == vg);
-    let uuid = info.as_ref().and_then(|v| sr_of_tags(&v.tags)).ok_or_else(|| {
-        Error::new(
-            Code::SrNotFound,
-            format!(
-                "VG {vg} holds no Thinline SR (making a pool in a VG of yours, with --pool-size, is not built yet)"
-            ),
-        )
-    })?;
+    let Some(uuid) = info.as_ref().and_then(|v| sr_of_tags(&v.tags)) else {
+        let Some(pool_size) = pool_size else {
+            return Err(Error::new(
+                Code::SrNotFound,
+                format!("VG {vg} holds no Thinline SR (--pool-size SIZE makes one in it)"),
+            ));
+        };
+        let uuid = Uuid::new_v4();
+        let dm = dm::Dm::new(udev);
+        let made = layout::create_in(&lvm, &dm, vg, uuid, pool_size, when_full)?;
+        let new = NewLvm {
+            uuid,
+            vg,
+            devices: &devices,
+            owns_vg: false,
+            pool_data_bytes: made.sizes.pool_data,
+            when_full,
+        };
+        return register_lvm(&new, name_label, || {
+            layout::remove_volumes(&lvm, &dm, vg, uuid)
+        });
+    };
     let home = crate::backend::lvm::host::LvmHome {
         uuid,
         vg: vg.to_owned(),
@@ -451,21 +512,20 @@ pub fn destroy(o: &DestroyOptions) -> Result<Uuid> {
     // An idle daemon goes with the SR.
     let _ = crate::daemon::request(&path, &crate::daemon::Request::Shutdown);
     if let Some(lvm) = &sr.md.sr.lvm {
-        // The pool, the LVs and the VG (which the SR made): its records go with them.
+        // The pool, the LVs and (if the SR made it) the VG: its records go with them.
         // A crash after this leaves a home whose VG is gone, which `sr destroy` and
         // `sr forget` remove.
-        if !lvm.owns_vg {
-            return Err(Error::new(
-                Code::SrBackendFailure,
-                format!("SR {uuid} lives in a VG it did not make: destroying it is not built yet"),
-            ));
-        }
-        let (vg, devices) = (lvm.vg.clone(), lvm.devices.clone());
+        let (vg, devices, owns_vg) = (lvm.vg.clone(), lvm.devices.clone(), lvm.owns_vg);
         let pool = crate::backend::lvm::host::Pool::of(&sr.md.sr)?;
         sr.close_volume();
         // No command that only reads activates the pool again meanwhile.
         let _activating = crate::backend::lvm::host::lvm_lock(&vg, "activate")?;
-        crate::backend::lvm::layout::destroy(pool.lvm(), pool.dm(), &devices, &vg, uuid)?;
+        if owns_vg {
+            crate::backend::lvm::layout::destroy(pool.lvm(), pool.dm(), &devices, &vg, uuid)?;
+        } else {
+            // A user's VG: only what the SR made goes.
+            crate::backend::lvm::layout::remove_volumes(pool.lvm(), pool.dm(), &vg, uuid)?;
+        }
         crate::crash::point("vg-removed");
     }
     sr.remove_metadata()?;

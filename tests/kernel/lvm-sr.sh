@@ -15,7 +15,7 @@
 # its first attached VDI and stopped with its last, a host restart (proxy killed, devices and LVs
 # gone) found by `sr check` and repaired by attaching again, the SR forgotten,
 # probed on its devices and introduced again, and `sr destroy` leaving no VG, no signature and no
-# device.
+# device; then an SR made in a user's VG (--pool-size) and destroyed, the user's LV byte for byte.
 #
 # Configuration: THINLINE_BIN (the thinline binary).
 
@@ -258,6 +258,34 @@ lvm_sr() {
   check "lvm-sr: the devices hold no signature" \
     test -z "$(blkid -p "$LSR_A" "$LSR_B" 2>/dev/null || true)"
   check "lvm-sr: the SR is no longer listed" test "$($_t sr list --json | js 'len(d["srs"])')" = 0
+
+  # An SR in a VG of the user's (--pool-size): beside the user's LV, which stays byte for byte.
+  truncate -s 96M /tmp/lsr-u
+  LSR_U=$(losetup -f --show /tmp/lsr-u)
+  require "lvm-sr: a user's VG with an LV full of data" quietly sh -c "
+    pvcreate -y --config '$_nu' $LSR_U && vgcreate --config '$_nu' uvg $LSR_U &&
+    lvcreate -y --config '$_nu' -L 16m -n keep uvg"
+  head -c $((16 * 1048576)) /dev/urandom >/tmp/lsr-keep
+  dd if=/tmp/lsr-keep of=/dev/uvg/keep bs=1M oflag=direct status=none
+  check "lvm-sr: a user's VG without an SR is not introduced without --pool-size (exit 10)" \
+    exits 10 $_t sr introduce --type lvm uvg --json
+  check "lvm-sr: sr introduce --type lvm --pool-size makes an SR in the user's VG" \
+    test "$($_t sr introduce --type lvm uvg --pool-size 32M --name-label guest --json | js '(d["type"], d["vg"], d["total_space"])')" = "('lvm', 'uvg', $((32 << 20)))"
+  UD=$($_t vdi create --sr uvg 16M --json | js 'd["uuid"]')
+  UDEV=$($_t vdi attach --sr uvg "$UD" --json | js 'd["device"]')
+  require "lvm-sr: write a disk of the SR in the user's VG" put "$UDEV" 1 /tmp/lsr-p1
+  check "lvm-sr: it reads back" holds "$UDEV" 1 /tmp/lsr-p1
+  $_t vdi detach --sr uvg "$UD" --json >/dev/null
+  check "lvm-sr: sr destroy of the SR in the user's VG" exits 0 $_t sr destroy --sr uvg --force --json
+  check "lvm-sr: a pool larger than the user's VG's free space is SR_FULL (exit 15)" \
+    exits 15 $_t sr introduce --type lvm uvg --pool-size 1G --json
+  check "lvm-sr: the user's VG holds only its own LV again, untagged" \
+    test "$(lvs --noheadings -o lv_name --config "$_nu" uvg | tr -d ' ') $(vgs --noheadings -o vg_tags --config "$_nu" uvg | tr -d ' ')" = "keep "
+  check "lvm-sr: the user's LV holds its data (cmp)" cmp /dev/uvg/keep /tmp/lsr-keep
+  vgremove -f --config "$_nu" uvg >/dev/null 2>&1
+  pvremove -y --config "$_nu" "$LSR_U" >/dev/null 2>&1
+  losetup -d "$LSR_U" 2>/dev/null
+  rm -f /tmp/lsr-u /tmp/lsr-keep
   losetup -d "$LSR_A" "$LSR_B" 2>/dev/null
   rm -rf /tmp/lsr-a /tmp/lsr-b /tmp/lsr-p? /tmp/lsr-zero /tmp/lsr-read /tmp/lsr-state /tmp/lsr-t1 /tmp/lsr-template.raw
 }

@@ -188,38 +188,7 @@ pub fn create(
             .find(|v| v.name == vg)
             .ok_or_else(|| Error::new(Code::SrBackendFailure, format!("VG {vg} was not made")))?;
         let sizes = sizes(info.free, info.extent_size, reserve)?;
-        for (name, bytes) in [
-            (MGT_LV, MGT_BYTES),
-            (POOL_META_LV, sizes.pool_metadata),
-            (POOL_DATA_LV, sizes.pool_data),
-        ] {
-            let size = format!("{bytes}b");
-            // -Zy: the first 4 KiB zeroed (an empty MGT volume, a pool metadata device
-            // dm-thin formats).
-            lvm.run(
-                "lvcreate",
-                &["-y", "-Zy", "--addtag", &tag, "-L", &size, "-n", name, vg],
-            )?;
-        }
-        let mgt = PathBuf::from(format!("/dev/{vg}/{MGT_LV}"));
-        super::mgt::MetadataVolume::open(&mgt)?.format()?;
-        let pool = pool_name(sr);
-        let table = pool_table(
-            &format!("/dev/{vg}/{POOL_META_LV}"),
-            &format!("/dev/{vg}/{POOL_DATA_LV}"),
-            sizes.pool_data,
-            BLOCK_BYTES,
-            0,
-            when_full,
-        )?;
-        dm.create(&pool, &table)?;
-        Ok(Created {
-            vg: vg.to_owned(),
-            sizes,
-            mgt,
-            pool,
-            pool_table: table,
-        })
+        make_volumes(lvm, dm, vg, sr, sizes, when_full)
     })();
     if made.is_err() {
         let _ = dm.remove(&pool_name(sr));
@@ -227,6 +196,112 @@ pub fn create(
         let _ = lvm.run("pvremove", &[&["-y"], names.as_slice()].concat());
     }
     made
+}
+
+/// Makes SR `sr`'s tagged LVs of `sizes` in `vg` and the pool on them.
+fn make_volumes(
+    lvm: &Lvm,
+    dm: &Dm,
+    vg: &str,
+    sr: Uuid,
+    sizes: Sizes,
+    when_full: WhenFull,
+) -> Result<Created> {
+    let tag = owner_tag(sr);
+    for (name, bytes) in [
+        (MGT_LV, MGT_BYTES),
+        (POOL_META_LV, sizes.pool_metadata),
+        (POOL_DATA_LV, sizes.pool_data),
+    ] {
+        let size = format!("{bytes}b");
+        // -Zy: the first 4 KiB zeroed (an empty MGT volume, a pool metadata device
+        // dm-thin formats).
+        lvm.run(
+            "lvcreate",
+            &["-y", "-Zy", "--addtag", &tag, "-L", &size, "-n", name, vg],
+        )?;
+    }
+    let mgt = PathBuf::from(format!("/dev/{vg}/{MGT_LV}"));
+    super::mgt::MetadataVolume::open(&mgt)?.format()?;
+    let pool = pool_name(sr);
+    let table = pool_table(
+        &format!("/dev/{vg}/{POOL_META_LV}"),
+        &format!("/dev/{vg}/{POOL_DATA_LV}"),
+        sizes.pool_data,
+        BLOCK_BYTES,
+        0,
+        when_full,
+    )?;
+    dm.create(&pool, &table)?;
+    Ok(Created {
+        vg: vg.to_owned(),
+        sizes,
+        mgt,
+        pool,
+        pool_table: table,
+    })
+}
+
+/// Makes SR `sr`'s LVs and pool in the user's VG `vg` (which the caller's `lvm` is
+/// limited to): a pool of `pool_data` bytes (rounded up to whole extents and blocks),
+/// its metadata sized as [`sizes`] does, and the VG tagged as the SR's. `SR_FULL`
+/// when the VG's free space lacks the room; nothing of the user's is touched, and
+/// what it made is removed again if a step fails.
+pub fn create_in(
+    lvm: &Lvm,
+    dm: &Dm,
+    vg: &str,
+    sr: Uuid,
+    pool_data: u64,
+    when_full: WhenFull,
+) -> Result<Created> {
+    let info = lvm
+        .vgs()?
+        .into_iter()
+        .find(|v| v.name == vg)
+        .ok_or_else(|| Error::new(Code::SrNotFound, format!("no VG {vg} on its devices")))?;
+    let extent = info.extent_size;
+    let round_up = |n: u64| n.div_ceil(extent) * extent;
+    let data = round_up(pool_data.div_ceil(BLOCK_BYTES) * BLOCK_BYTES);
+    let metadata = round_up(
+        (data / BLOCK_BYTES * METADATA_PER_BLOCK).clamp(MIN_POOL_METADATA, MAX_POOL_METADATA),
+    );
+    let needed = round_up(MGT_BYTES) + 2 * metadata + data;
+    if data == 0 || data > MAX_POOL_DATA || needed > info.free {
+        return Err(Error::new(
+            Code::SrFull,
+            format!(
+                "VG {vg} has {} free bytes: a pool of {data} bytes needs {needed} (its metadata twice and the agent's metadata volume), at most {MAX_POOL_DATA}",
+                info.free
+            ),
+        ));
+    }
+    let sizes = Sizes {
+        pool_metadata: metadata,
+        pool_data: data,
+    };
+    let tag = owner_tag(sr);
+    let made = lvm
+        .run("vgchange", &["--addtag", &tag, vg])
+        .and_then(|_| make_volumes(lvm, dm, vg, sr, sizes, when_full));
+    if made.is_err() {
+        let _ = remove_volumes(lvm, dm, vg, sr);
+    }
+    made
+}
+
+/// Takes SR `sr`'s pool down and removes the LVs with its tag from `vg`, and the VG's
+/// tag: an SR living in a user's VG leaves it as it found it.
+pub fn remove_volumes(lvm: &Lvm, dm: &Dm, vg: &str, sr: Uuid) -> Result<()> {
+    let pool = pool_name(sr);
+    if dm.exists(&pool) {
+        dm.remove(&pool)?;
+    }
+    let tag = owner_tag(sr);
+    for lv in lvm.lvs(vg)?.into_iter().filter(|lv| lv.tags.contains(&tag)) {
+        lvm.run("lvremove", &["-y", &format!("{vg}/{}", lv.name)])?;
+    }
+    lvm.run("vgchange", &["--deltag", &tag, vg]).map(drop)
 }
 
 /// Whether a VG named `vg` exists anywhere on the host: the SR's own lvm commands see
