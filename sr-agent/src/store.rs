@@ -847,21 +847,8 @@ mod tests {
         }
         let mut crafted = md.clone();
         crafted.vdis.push(crate::model::VdiRecord {
-            uuid: uuid::Uuid::new_v4(),
-            name_label: "x".into(),
-            kind: crate::model::VdiType::Disk,
-            virtual_size: 512,
-            parent: None,
-            backing: None,
-            uri: None,
-            format: None,
             file: Some("/etc/passwd".into()),
-            attached: false,
-            device: None,
-            identity: None,
-            pin: None,
-            thin_id: None,
-            lv: None,
+            ..crate::model::VdiRecord::new(crate::model::VdiType::Disk, "x", 512)
         });
         write_metadata(&sr_dir, &crafted).unwrap();
         assert!(Sr::read(&sr_dir).is_err(), "a record's file outside the SR");

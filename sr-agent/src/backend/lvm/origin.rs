@@ -47,10 +47,19 @@ fn lock_of(sr: Uuid, template: Uuid) -> PathBuf {
     runtime_file(sr, template, "lock")
 }
 
+/// Largest template an LVM SR caches (the size comes from the template's server).
+const MAX_TEMPLATE_BYTES: u64 = 1 << 50;
+
 /// Bytes of the thin volume that caches a `size`-byte template: the cache's layout,
-/// in whole pool blocks.
-pub fn cache_bytes(size: u64) -> u64 {
-    cache_len(size, DEFAULT_CHUNK_SIZE).div_ceil(BLOCK_BYTES) * BLOCK_BYTES
+/// in whole pool blocks; a size no pool holds (a lying server) is refused.
+pub fn cache_bytes(size: u64) -> Result<u64> {
+    if size == 0 || size > MAX_TEMPLATE_BYTES {
+        return Err(Error::new(
+            Code::TemplateUnreachable,
+            format!("a template of {size} bytes cannot be cached (1 byte to 1 PiB)"),
+        ));
+    }
+    Ok(cache_len(size, DEFAULT_CHUNK_SIZE).div_ceil(BLOCK_BYTES) * BLOCK_BYTES)
 }
 
 /// Whether the proxy of `template` runs (holds its lock), and its pid (0 while it is
@@ -195,7 +204,7 @@ fn open(home: &Path, template: Uuid, templates: &Templates) -> Result<Opened> {
     changed(&t.identity, &identity)?;
     let pool = Pool::of(&sr.md.sr)?;
     pool.activate()?;
-    let cache = pool.attach(template, id, cache_bytes(t.virtual_size), false, None)?;
+    let cache = pool.attach(template, id, cache_bytes(t.virtual_size)?, false, None)?;
     Ok(Opened {
         export,
         shown,
@@ -317,4 +326,25 @@ pub fn stop(sr: Uuid, template: Uuid) -> Result<()> {
         Code::SrBackendFailure,
         format!("the proxy of template {template} did not stop within 30 s"),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cache_volume_holds_the_template_and_its_map_in_whole_blocks_and_absurd_sizes_are_refused()
+    {
+        for size in [1, 4096, 1 << 20, (1 << 30) + 7] {
+            let bytes = cache_bytes(size).unwrap();
+            assert!(bytes >= cache_len(size, DEFAULT_CHUNK_SIZE), "{size}");
+            assert!(bytes.is_multiple_of(BLOCK_BYTES), "{size}");
+        }
+        for size in [0, MAX_TEMPLATE_BYTES + 1, u64::MAX] {
+            assert_eq!(
+                cache_bytes(size).unwrap_err().code,
+                Code::TemplateUnreachable
+            );
+        }
+    }
 }
