@@ -62,6 +62,13 @@ pub fn sr_text(v: &SrView, out: &mut dyn Write) -> std::io::Result<()> {
     if let Some(vg) = &v.vg {
         writeln!(out, "vg:          {vg}")?;
     }
+    if let Some(h) = v.hydrate {
+        let h = match h {
+            thinline_sr::model::Hydrate::Background => "background",
+            thinline_sr::model::Hydrate::OnPivot => "on-pivot (vdi pivot)",
+        };
+        writeln!(out, "hydrate:     {h}")?;
+    }
     writeln!(
         out,
         "space:       {} free of {}, {} used by {} VDIs",
@@ -127,6 +134,9 @@ pub fn vdi_text(v: &VdiView, out: &mut dyn Write) -> std::io::Result<()> {
     }
     if let Some(parent) = &v.parent {
         writeln!(out, "parent: {parent}")?;
+    }
+    if let Some(origin) = &v.origin {
+        writeln!(out, "origin: {origin}")?;
     }
     if let Some(error) = &v.template_error {
         writeln!(out, "template cannot be read: {error}")?;

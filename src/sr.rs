@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::{Args, Subcommand, ValueEnum};
 use thinline_sr::backend::lvm::pool::WhenFull;
+use thinline_sr::model::Hydrate;
 use thinline_sr::sr;
 
 use crate::agent::{OnSr, finish, sr_text};
@@ -49,6 +50,23 @@ enum WhenFullArg {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
+enum HydrateArg {
+    /// From a template's first attached clone on, in the background.
+    Background,
+    /// Only when `vdi pivot` asks.
+    OnPivot,
+}
+
+impl HydrateArg {
+    fn setting(self) -> Hydrate {
+        match self {
+            HydrateArg::Background => Hydrate::Background,
+            HydrateArg::OnPivot => Hydrate::OnPivot,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
 enum TypeArg {
     /// A directory of qcow2 files (no root, no LVM, no kernel module).
     File,
@@ -84,6 +102,11 @@ struct CreateArgs {
     /// no_space_timeout, 60 s by default).
     #[arg(long, value_enum, default_value = "error")]
     when_full: WhenFullArg,
+    /// LVM: when a template's proxy fetches the whole template, so that its clones
+    /// pivot onto the local cache: in the background from the first attach, or only
+    /// when `vdi pivot` asks.
+    #[arg(long, value_enum, default_value = "background")]
+    hydrate: HydrateArg,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -118,6 +141,11 @@ struct IntroduceArgs {
     /// LVM with --pool-size: what writes do when the pool's data is full.
     #[arg(long, value_enum, default_value = "error")]
     when_full: WhenFullArg,
+    /// LVM with --pool-size: when a template's proxy fetches the whole template, so that its clones
+    /// pivot onto the local cache: in the background from the first attach, or only
+    /// when `vdi pivot` asks.
+    #[arg(long, value_enum, default_value = "background")]
+    hydrate: HydrateArg,
     /// The directory (file), or the VG (lvm).
     #[arg(value_name = "PATH|VG")]
     path: PathBuf,
@@ -229,7 +257,8 @@ fn origin(a: OriginArgs) -> anyhow::Result<u8> {
     // The shutdown signal is made inside the runtime (it registers with its reactor).
     let result = runtime.block_on(async move {
         let shutdown = crate::serve::shutdown_signal();
-        thinline_sr::backend::lvm::origin::serve(path, a.template, templates, shutdown).await
+        let exe = std::env::current_exe().unwrap_or_else(|_| "thinline".into());
+        thinline_sr::backend::lvm::origin::serve(path, a.template, templates, exe, shutdown).await
     });
     match result {
         Ok(()) => Ok(0),
@@ -288,13 +317,14 @@ pub fn run(args: SrArgs) -> anyhow::Result<u8> {
                     Ok([path])
                         if a.vg.is_none()
                             && a.reserve == 0
-                            && matches!(a.when_full, WhenFullArg::Error) =>
+                            && matches!(a.when_full, WhenFullArg::Error)
+                            && matches!(a.hydrate, HydrateArg::Background) =>
                     {
                         sr::Place::Directory(path)
                     }
                     _ => {
                         return usage(
-                            "a directory SR is made in one directory (--vg, --reserve and --when-full are for --type lvm)",
+                            "a directory SR is made in one directory (--vg, --reserve, --when-full and --hydrate are for --type lvm)",
                             a.json,
                         );
                     }
@@ -307,6 +337,7 @@ pub fn run(args: SrArgs) -> anyhow::Result<u8> {
                         WhenFullArg::Error => WhenFull::Error,
                         WhenFullArg::Queue => WhenFull::Queue,
                     },
+                    hydrate: a.hydrate.setting(),
                 },
             };
             let options = sr::CreateOptions {
@@ -328,6 +359,7 @@ pub fn run(args: SrArgs) -> anyhow::Result<u8> {
                         WhenFullArg::Error => WhenFull::Error,
                         WhenFullArg::Queue => WhenFull::Queue,
                     },
+                    hydrate: a.hydrate.setting(),
                 },
             };
             let options = sr::IntroduceOptions {

@@ -54,6 +54,7 @@ enum VdiCommand {
     /// daemon goes on serving the others).
     #[command(after_help = "Example:\n  thinline vdi detach --sr /srv/thinline/sr1 UUID")]
     Detach(RefArgs),
+    Pivot(PivotArgs),
 }
 
 /// Register a read-only template by URI: any location `thinline serve` accepts (a
@@ -142,6 +143,29 @@ struct AttachArgs {
     #[arg(long)]
     device: bool,
     /// The VDI.
+    vdi: Uuid,
+}
+
+/// LVM SRs: make a clone read its template from the SR's complete cache of it instead
+/// of through the template's proxy, with every attached clone of that template (their
+/// device tables reloaded: the same bytes, I/O paused only for the swap); then the
+/// proxy and its nbd device stop, and later clones start local. The template is
+/// hydrated first if needed (progress on a terminal, progress records on stderr with
+/// --json; Ctrl-C stops waiting, the hydration goes on and the clones pivot when it is
+/// done). A clone already local, or a VDI built on no template, is left as it is.
+/// This also happens by itself when a template's cache completes.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  thinline vdi pivot --sr vms UUID
+  thinline vdi stat --sr vms UUID --json | jq -r .origin   # remote, partial or local")]
+struct PivotArgs {
+    #[command(flatten)]
+    on: OnSr,
+    /// Only if the template's proxy has a complete, scrubbed cache; otherwise change
+    /// nothing (what the proxy runs itself).
+    #[arg(long)]
+    if_ready: bool,
+    /// The clone (or the template).
     vdi: Uuid,
 }
 
@@ -328,6 +352,37 @@ pub fn run(args: VdiArgs) -> anyhow::Result<u8> {
             let result = vdi::detach(&r).map(|()| serde_json::json!({ "uuid": a.vdi }));
             finish(result, a.on.json, |_, out| {
                 writeln!(out, "detached VDI {}", a.vdi)
+            })
+        }
+        VdiCommand::Pivot(a) => {
+            let exe = std::env::current_exe()?;
+            let options = vdi::PivotOptions {
+                sr: a.on.sr,
+                vdi: a.vdi,
+                if_ready: a.if_ready,
+                interrupted: crate::agent::interrupted_on_ctrl_c()?,
+            };
+            let mut progress = crate::agent::progress_reporter(a.on.json);
+            let result = vdi::pivot(&options, &exe, &mut progress);
+            crate::agent::end_progress(a.on.json);
+            finish(result, a.on.json, |p, out| match (&p.template, &p.device) {
+                (None, _) => writeln!(out, "VDI {} reads no template: nothing to pivot", p.uuid),
+                (Some(t), Some(device)) => writeln!(
+                    out,
+                    "VDI {} reads template {t} from its local cache {device} ({} clones moved now)",
+                    p.uuid,
+                    p.clones.len()
+                ),
+                (Some(t), None) if p.origin == "local" => writeln!(
+                    out,
+                    "VDI {} reads template {t} from its local cache (attached when a clone is)",
+                    p.uuid
+                ),
+                (Some(t), None) => writeln!(
+                    out,
+                    "template {t}'s cache is not ready: VDI {} stays {}",
+                    p.uuid, p.origin
+                ),
             })
         }
         VdiCommand::SetNameLabel(a) => {

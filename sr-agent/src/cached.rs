@@ -170,7 +170,7 @@ impl Caches {
         // One small request first; then every file of the chain, as opened.
         let opened = self.templates.pin(shown, &template.full).and_then(|now| {
             changed(&template.pin, &now)?;
-            let (export, identity) = self.templates.open_decoded(shown, &template.full)?;
+            let (export, identity) = self.templates.open_decoded(shown, &template.full, None)?;
             changed(&template.identity, &identity)?;
             Ok((export, identity))
         });

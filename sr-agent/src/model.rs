@@ -55,8 +55,23 @@ pub struct LvmRecord {
     /// Bytes of the pool's data LV.
     pub pool_data_bytes: u64,
     pub when_full: crate::backend::lvm::pool::WhenFull,
+    /// When a template's proxy fetches the whole template (so that its clones can
+    /// pivot onto the local cache).
+    #[serde(default)]
+    pub hydrate: Hydrate,
     /// The thin id the next volume gets (ids are never reused).
     pub next_thin_id: u32,
+}
+
+/// When an LVM SR's template proxies fetch the whole template, not only what clones read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Hydrate {
+    /// In the background from the first attach, yielding to the clones' reads.
+    #[default]
+    Background,
+    /// Only when `vdi pivot` asks for it.
+    OnPivot,
 }
 
 /// One VDI (or layer) as recorded.
@@ -99,6 +114,10 @@ pub struct VdiRecord {
     /// LVM SRs: a preallocated disk's raw LV (`thinline_raw_UUID`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lv: Option<String>,
+    /// LVM SRs' templates: its cache is complete and checked, and its clones read it
+    /// from there (pivoted), not through its proxy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
 }
 
 impl VdiRecord {
@@ -120,6 +139,7 @@ impl VdiRecord {
             pin: None,
             thin_id: None,
             lv: None,
+            local: false,
         }
     }
 
@@ -149,6 +169,9 @@ pub struct SrView {
     /// An LVM SR's volume group.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vg: Option<String>,
+    /// An LVM SR's templates are fetched whole: `background` or `on-pivot`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hydrate: Option<Hydrate>,
     pub total_space: u64,
     pub free_space: u64,
     pub physical_utilisation: u64,
@@ -215,6 +238,12 @@ pub struct VdiView {
     /// `/dev/nbdN` when attached with `--device`; on an LVM SR, its `/dev/mapper` path
     /// when attached.
     pub device: Option<String>,
+    /// `vdi stat` on an LVM SR: where what the VDI never wrote is read from: `remote`
+    /// (its template's proxy, which has cached nothing of it yet), `partial` (the proxy,
+    /// which has cached part of it) or `local` (the SR: a complete template cache, or
+    /// no template).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
     /// `vdi stat` of a template, or of a VDI built on one: why that template cannot be
     /// read now (unreachable, or replaced since it was introduced); absent when it can.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -22,6 +22,7 @@ pub fn view(sr: &Sr, backend: &dyn Backend) -> Result<SrView> {
         kind: sr.md.sr.kind,
         path: sr.path.display().to_string(),
         vg: sr.md.sr.lvm.as_ref().map(|l| l.vg.clone()),
+        hydrate: sr.md.sr.lvm.as_ref().map(|l| l.hydrate),
         total_space,
         free_space,
         physical_utilisation: sr.md.vdis.iter().map(|v| backend.utilisation(sr, v)).sum(),
@@ -71,6 +72,8 @@ pub enum Place {
         reserve: u64,
         /// What the pool does when its data is full.
         when_full: crate::backend::lvm::pool::WhenFull,
+        /// When template proxies fetch whole templates.
+        hydrate: crate::model::Hydrate,
     },
 }
 
@@ -83,11 +86,12 @@ pub fn create(o: &CreateOptions) -> Result<SrView> {
             vg,
             reserve,
             when_full,
+            hydrate,
         } => create_lvm(
             devices,
             vg.as_deref(),
             *reserve,
-            *when_full,
+            (*when_full, *hydrate),
             o.name_label.as_deref(),
         ),
     }
@@ -138,7 +142,7 @@ fn create_lvm(
     devices: &[PathBuf],
     vg: Option<&str>,
     reserve: u64,
-    when_full: crate::backend::lvm::pool::WhenFull,
+    (when_full, hydrate): (crate::backend::lvm::pool::WhenFull, crate::model::Hydrate),
     name_label: Option<&str>,
 ) -> Result<SrView> {
     use crate::backend::lvm::{command::Lvm, dm, layout};
@@ -163,6 +167,7 @@ fn create_lvm(
         owns_vg: true,
         pool_data_bytes: made.sizes.pool_data,
         when_full,
+        hydrate,
     };
     register_lvm(&new, name_label, || {
         layout::destroy(&lvm, &dm, &devices, &vg, uuid)
@@ -177,6 +182,7 @@ struct NewLvm<'a> {
     owns_vg: bool,
     pool_data_bytes: u64,
     when_full: crate::backend::lvm::pool::WhenFull,
+    hydrate: crate::model::Hydrate,
 }
 
 /// Records the new LVM SR `new` on its metadata volume, makes its home and registers
@@ -197,6 +203,7 @@ fn register_lvm(
             owns_vg: new.owns_vg,
             pool_data_bytes: new.pool_data_bytes,
             when_full: new.when_full,
+            hydrate: new.hydrate,
             next_thin_id: 1,
         }),
     };
@@ -239,6 +246,7 @@ pub enum Existing {
         name: String,
         pool_size: Option<u64>,
         when_full: crate::backend::lvm::pool::WhenFull,
+        hydrate: crate::model::Hydrate,
     },
 }
 
@@ -250,7 +258,13 @@ pub fn introduce(o: &IntroduceOptions) -> Result<SrView> {
             name,
             pool_size,
             when_full,
-        } => introduce_lvm(name, *pool_size, *when_full, o.name_label.as_deref()),
+            hydrate,
+        } => introduce_lvm(
+            name,
+            *pool_size,
+            (*when_full, *hydrate),
+            o.name_label.as_deref(),
+        ),
     }
 }
 
@@ -267,7 +281,7 @@ fn sr_of_tags(tags: &[String]) -> Option<Uuid> {
 fn introduce_lvm(
     vg: &str,
     pool_size: Option<u64>,
-    when_full: crate::backend::lvm::pool::WhenFull,
+    (when_full, hydrate): (crate::backend::lvm::pool::WhenFull, crate::model::Hydrate),
     name_label: Option<&str>,
 ) -> Result<SrView> {
     use crate::backend::lvm::{command, dm, layout};
@@ -299,6 +313,7 @@ fn introduce_lvm(
             owns_vg: false,
             pool_data_bytes: made.sizes.pool_data,
             when_full,
+            hydrate,
         };
         return register_lvm(&new, name_label, || {
             layout::remove_volumes(&lvm, &dm, vg, uuid)

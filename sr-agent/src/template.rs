@@ -118,11 +118,19 @@ impl Templates {
 
     /// The template at `full` (`shown` in messages) as its copy-on-read cache reads
     /// it: its decoded bytes as an export, and the identity of every file of its chain
-    /// (ETags, versions, mtimes), which keys the cache.
-    pub fn open_decoded(&self, shown: &str, full: &str) -> Result<(Arc<dyn Export>, String)> {
+    /// (ETags, versions, mtimes), which keys the cache. `format`: the format recorded
+    /// when it was introduced (its content is pinned by its identity), so that opening
+    /// it again reads no data to detect it; `None` detects it.
+    pub fn open_decoded(
+        &self,
+        shown: &str,
+        full: &str,
+        format: Option<thinline_format::Format>,
+    ) -> Result<(Arc<dyn Export>, String)> {
         let source = thinline_source::parse(full).map_err(|e| unreachable(shown, e))?;
         let options = OpenExportOptions {
             as_template: true,
+            format,
             ..OpenExportOptions::default()
         };
         let opened = open_export(&source, &options, Some(&self.remote), &self.handle)

@@ -42,6 +42,7 @@ pub fn view(sr: &Sr, backend: &dyn Backend, v: &VdiRecord) -> VdiView {
         lv: v.lv.clone(),
         attached: v.attached,
         device: v.device.clone(),
+        origin: None,
         template_error: None,
     }
 }
@@ -121,7 +122,7 @@ pub fn introduce(o: &IntroduceOptions, templates: &Templates) -> Result<VdiView>
     let probed = templates.probe(&o.uri)?;
     // Pinned: a clone never reads a template that was replaced under its URI.
     let pin = templates.pin(&probed.shown, &probed.full)?;
-    let (_, identity) = templates.open_decoded(&probed.shown, &probed.full)?;
+    let (_, identity) = templates.open_decoded(&probed.shown, &probed.full, Some(probed.format))?;
     if templates.pin(&probed.shown, &probed.full)? != pin {
         return Err(Error::new(
             Code::TemplateUnreachable,
@@ -534,14 +535,59 @@ pub fn stat(o: &VdiRef, templates: &Templates) -> Result<VdiView> {
     let v = sr.vdi(o.vdi)?;
     let mut shown = view(&sr, backend.as_ref(), &v);
     // The template at the bottom of its chain, if any.
-    let mut below = Some(v);
+    let mut below = Some(v.clone());
     while let Some(rec) = below.take_if(|r| !r.is_template()) {
         below = rec.backing.and_then(|b| sr.md.get(b).cloned());
     }
     if let Some(t) = below {
         shown.template_error = templates.trouble(&sr.path, &t);
     }
+    if sr.md.sr.kind == SrType::Lvm {
+        shown.origin = Some(crate::backend::lvm::pivot::origin_of(&sr, &v).to_owned());
+    }
     Ok(shown)
+}
+
+/// `vdi pivot`.
+#[derive(Debug, Clone, Default)]
+pub struct PivotOptions {
+    pub sr: String,
+    /// A VDI built on a template, or the template.
+    pub vdi: Uuid,
+    /// Only if the template's proxy says its cache is ready (no hydration, no wait).
+    pub if_ready: bool,
+    /// Set (by Ctrl-C) to stop waiting for the hydration.
+    pub interrupted: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+pub use crate::backend::lvm::pivot::Pivoted;
+
+/// Makes the VDI read its template from the SR's complete cache of it, with every
+/// attached clone of the template (an LVM SR's; see `docs/lvm-sr.md`): the template is
+/// hydrated first if needed (`progress` told how far), and a VDI already local, or
+/// built on no template, is left as it is.
+pub fn pivot(o: &PivotOptions, exe: &Path, progress: &mut dyn FnMut(&str, f64)) -> Result<Pivoted> {
+    let path = registry::resolve(&o.sr)?;
+    if Sr::read(&path)?.md.sr.kind != SrType::Lvm {
+        return Err(Error::new(
+            Code::InvalidArgument,
+            "vdi pivot is for LVM SRs: a directory SR's clones read their template's cache in the SR's daemon",
+        ));
+    }
+    use crate::backend::lvm::pivot::{Wait, pivot};
+    let wait = if o.if_ready {
+        Wait::IfReady
+    } else {
+        Wait::Hydrate
+    };
+    pivot(
+        &path,
+        o.vdi,
+        exe,
+        wait,
+        &mut |done| progress("hydrate", done),
+        &o.interrupted,
+    )
 }
 
 /// Every VDI of the SR named `sr`.

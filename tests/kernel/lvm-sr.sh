@@ -43,13 +43,15 @@ lvm_sr() {
   head -c $((4 * 1048576)) /dev/zero >/tmp/lsr-zero
 
   tl_log "lvm-sr: thinline sr create --type lvm on $LSR_A,$LSR_B"
-  $_t sr create --type lvm "$LSR_A" "$LSR_B" --vg tlsr --name-label prod --reserve 24M --json >/tmp/lsr-sr.json 2>/tmp/lsr-err ||
+  $_t sr create --type lvm "$LSR_A" "$LSR_B" --vg tlsr --name-label prod --reserve 24M --hydrate on-pivot --json >/tmp/lsr-sr.json 2>/tmp/lsr-err ||
     { cat /tmp/lsr-err; fail "lvm-sr: sr create --type lvm"; return 1; }
   SR=$(js 'd["uuid"]' </tmp/lsr-sr.json)
   check "lvm-sr: sr create answers type lvm, the VG and a pool of free space" \
     test "$(js '(d["type"], d["vg"], d["total_space"] > 128 << 20, d["free_space"] == d["total_space"])' </tmp/lsr-sr.json)" = "('lvm', 'tlsr', True, True)"
   check "lvm-sr: sr stat shows the pool's health" \
     test "$($_t sr stat --sr tlsr --json | js '(d["pool"]["mode"], d["pool"]["data_percent"] < 1, d["pool"]["needs_check"], d["pool"]["when_full"])')" = "('read_write', True, False, 'error')"
+  check "lvm-sr: sr stat shows that templates are hydrated only when vdi pivot asks" \
+    test "$($_t sr stat --sr tlsr --json | js 'd["hydrate"]')" = on-pivot
   check "lvm-sr: --sr takes the VG name" test "$($_t sr stat --sr tlsr --json | js 'd["uuid"]')" = "$SR"
   check "lvm-sr: a device already in an SR is refused (SR_EXISTS, exit 17)" \
     exits 17 $_t sr create --type lvm "$LSR_A" --vg tlother --json
@@ -166,16 +168,18 @@ lvm_sr() {
   check "lvm-sr: sr check --repair deletes it" \
     test "$($_t sr check --sr tlsr --repair --json | js '(d["clean"], len(d["repaired"]))')" = "(True, 1)"
   # A clone of a template: its external origin is the template's proxy, cached on a thin volume.
-  head -c $((16 * 1048576)) /dev/urandom >/tmp/lsr-template.raw
+  # (64 MiB, of which the checks before the pivot read the first 8 only: the cache stays partial.)
+  head -c $((64 * 1048576)) /dev/urandom >/tmp/lsr-template.raw
   _tsum=$(sha256sum </tmp/lsr-template.raw)
   head -c 1048576 /tmp/lsr-template.raw >/tmp/lsr-t1
+  head -c $((8 * 1048576)) /tmp/lsr-template.raw >/tmp/lsr-t8
   TPL=$($_t vdi introduce --sr tlsr /tmp/lsr-template.raw --name-label tpl --json | js 'd["uuid"]')
   TC=$($_t vdi clone --sr tlsr "$TPL" --name-label tclone --json | js 'd["uuid"]')
   $_t vdi attach --sr tlsr "$TC" --json >/tmp/lsr-attach.json 2>&1
   TDEV=$(js 'd["device"]' </tmp/lsr-attach.json) ||
     { cat /tmp/lsr-attach.json; tail -n 20 /tmp/lsr-state/lvm/*/.thinline-sr/run/origin-*.log; }
   check "lvm-sr: a clone of a template reads the template through its origin (cmp)" \
-    sh -c "dd if=$TDEV bs=1M iflag=direct status=none | cmp - /tmp/lsr-template.raw"
+    sh -c "dd if=$TDEV bs=1M count=8 iflag=direct status=none | cmp - /tmp/lsr-t8"
   check "lvm-sr: the template's proxy runs and the kernel's nbd client is connected to it" \
     sh -c "pgrep -f 'sr [o]rigin --sr' >/dev/null && ls /sys/block/nbd*/pid >/dev/null 2>&1"
   require "lvm-sr: write the template's clone" put "$TDEV" 1 /tmp/lsr-p2
@@ -228,6 +232,7 @@ lvm_sr() {
   check "lvm-sr: after the restart the disk holds its data" holds "$DEV" 1 /tmp/lsr-p2
   check "lvm-sr: after the restart the template's clone reads its write and the template" \
     sh -c "dd if=$TDEV bs=1M count=1 iflag=direct status=none | cmp - /tmp/lsr-t1 && dd if=$TDEV bs=1M skip=1 count=4 iflag=direct status=none | cmp - /tmp/lsr-p2"
+  lsr_pivot || return 1
   check "lvm-sr: vdi detach of the disk" exits 0 $_t vdi detach --sr tlsr "$DISK" --json
   check "lvm-sr: forgetting an attached clone's template is refused (VDI_IN_USE)" \
     exits 13 $_t vdi forget --sr tlsr "$TPL" --json
@@ -276,6 +281,7 @@ lvm_sr() {
   require "lvm-sr: write a disk of the SR in the user's VG" put "$UDEV" 1 /tmp/lsr-p1
   check "lvm-sr: it reads back" holds "$UDEV" 1 /tmp/lsr-p1
   $_t vdi detach --sr uvg "$UD" --json >/dev/null
+  lsr_http || return 1
   check "lvm-sr: sr destroy of the SR in the user's VG" exits 0 $_t sr destroy --sr uvg --force --json
   check "lvm-sr: a pool larger than the user's VG's free space is SR_FULL (exit 15)" \
     exits 15 $_t sr introduce --type lvm uvg --pool-size 1G --json
@@ -288,4 +294,173 @@ lvm_sr() {
   rm -f /tmp/lsr-u /tmp/lsr-keep
   losetup -d "$LSR_A" "$LSR_B" 2>/dev/null
   rm -rf /tmp/lsr-a /tmp/lsr-b /tmp/lsr-p? /tmp/lsr-zero /tmp/lsr-read /tmp/lsr-state /tmp/lsr-t1 /tmp/lsr-template.raw
+}
+
+# The pivot of the template's clone TC (attached; the template's cache partial, the SR hydrating
+# only when asked) by `vdi pivot`, under a running fio --verify workload and a reader of the
+# template's bytes; then the clone reads its writes and the template from the local cache with
+# no proxy and no nbd device, and a new clone starts local.
+lsr_pivot() {
+  _srs=$(echo "$SR" | tr -d -)
+  check "lvm-sr: vdi stat of a clone whose template is cached in part says origin partial" \
+    test "$($_t vdi stat --sr tlsr "$TC" --json | js 'd["origin"]')" = partial
+  dd if=/tmp/lsr-template.raw of=/tmp/lsr-t16 bs=1M skip=16 count=16 status=none
+  rm -f /tmp/lsr-stop /tmp/lsr-fio-* /tmp/lsr-reads-*
+  # Short fio runs that each write and verify 8 MiB of the clone (32..40 MiB), and reads of the
+  # template's bytes at 16..32 MiB, one after another until told to stop: the pivot lands in or
+  # between them, and every one of them must pass.
+  (
+    n=0
+    while [ ! -e /tmp/lsr-stop ]; do
+      n=$((n + 1))
+      fio --name=pivot --filename="$TDEV" --rw=randwrite --bs=4k --offset=32M --size=8M \
+        --direct=1 --ioengine=psync --verify=crc32c --verify_fatal=1 --randseed=$n \
+        >/tmp/lsr-fio-$n.log 2>&1
+      echo $? >/tmp/lsr-fio-$n.rc
+    done
+  ) &
+  _fio=$!
+  (
+    n=0
+    while [ ! -e /tmp/lsr-stop ]; do
+      n=$((n + 1))
+      dd if="$TDEV" bs=1M skip=16 count=16 iflag=direct status=none | cmp -s - /tmp/lsr-t16
+      echo $? >/tmp/lsr-reads-$n.rc
+    done
+  ) &
+  _reader=$!
+  sleep 2
+  $_t vdi pivot --sr tlsr "$TC" --json >/tmp/lsr-pivot.json 2>/tmp/lsr-pivot.err
+  _rc=$?
+  sleep 2
+  touch /tmp/lsr-stop
+  wait "$_fio" "$_reader"
+  check "lvm-sr: vdi pivot hydrates the template and answers origin local" \
+    test "$_rc $(js 'd["origin"]' </tmp/lsr-pivot.json 2>/dev/null)" = "0 local" ||
+    { cat /tmp/lsr-pivot.json /tmp/lsr-pivot.err; tail -n 30 /tmp/lsr-state/lvm/*/.thinline-sr/run/origin-*.log; }
+  check "lvm-sr: every fio --verify run across the pivot passed (no error, no wrong byte)" \
+    sh -c "ls /tmp/lsr-fio-*.rc >/dev/null && ! grep -vx 0 /tmp/lsr-fio-*.rc" ||
+    { grep -l -vx 0 /tmp/lsr-fio-*.rc | head -1 | sed 's/rc$/log/' | xargs cat; }
+  check "lvm-sr: every read of the template's bytes across the pivot was right" \
+    sh -c "ls /tmp/lsr-reads-*.rc >/dev/null && ! grep -vx 0 /tmp/lsr-reads-*.rc"
+  tl_log "lvm-sr: $(ls /tmp/lsr-fio-*.rc | wc -l) fio runs, $(ls /tmp/lsr-reads-*.rc | wc -l) template reads across the pivot"
+  check "lvm-sr: after the pivot no proxy runs and no nbd device is connected" \
+    sh -c "! pgrep -f 'sr [o]rigin --sr' >/dev/null && ! ls /sys/block/nbd*/pid >/dev/null 2>&1"
+  check "lvm-sr: vdi stat of the pivoted clone says origin local" \
+    test "$($_t vdi stat --sr tlsr "$TC" --json | js 'd["origin"]')" = local
+  _tpls=$(echo "$TPL" | tr -d -)
+  _local=$(dmsetup info -c --noheadings -o major,minor "thinline-$_srs-$_tpls-local" | tr -d ' ')
+  check "lvm-sr: the clone's external origin is now the template's local cache device" \
+    test "$(dmsetup table "thinline-$_srs-$(echo "$TC" | tr -d -)" | awk '{print $6}')" = "$_local"
+  check "lvm-sr: the local origin is read-only" \
+    test "$(blockdev --getro "/dev/mapper/thinline-$_srs-$_tpls-local")" = 1
+  check "lvm-sr: the pivoted clone reads its writes and the template" \
+    sh -c "dd if=$TDEV bs=1M count=1 iflag=direct status=none | cmp - /tmp/lsr-t1 &&
+      dd if=$TDEV bs=1M skip=1 count=4 iflag=direct status=none | cmp - /tmp/lsr-p2 &&
+      dd if=$TDEV bs=1M skip=5 count=27 iflag=direct status=none | cmp - /tmp/lsr-template.raw --ignore-initial=0:$((5 << 20)) -n $((27 << 20)) &&
+      dd if=$TDEV bs=1M skip=40 iflag=direct status=none | cmp - /tmp/lsr-template.raw --ignore-initial=0:$((40 << 20))"
+  check "lvm-sr: vdi pivot of a clone already local succeeds and moves nothing" \
+    test "$($_t vdi pivot --sr tlsr "$TC" --json | js '(d["origin"], d["clones"])')" = "('local', [])"
+  check "lvm-sr: vdi pivot of a disk built on no template succeeds doing nothing" \
+    test "$($_t vdi pivot --sr tlsr "$DISK" --json | js '(d["origin"], d["template"])')" = "('local', None)"
+  TC3=$($_t vdi clone --sr tlsr "$TPL" --name-label tclone3 --json | js 'd["uuid"]')
+  TC3DEV=$($_t vdi attach --sr tlsr "$TC3" --json | js 'd["device"]')
+  check "lvm-sr: a new clone of a local template starts local: no proxy, no nbd device" \
+    sh -c "! pgrep -f 'sr [o]rigin --sr' >/dev/null && ! ls /sys/block/nbd*/pid >/dev/null 2>&1 &&
+      test \"\$(dmsetup table thinline-$_srs-$(echo "$TC3" | tr -d -) | awk '{print \$6}')\" = $_local"
+  check "lvm-sr: the new clone reads the whole template (cmp)" \
+    sh -c "dd if=$TC3DEV bs=1M iflag=direct status=none | cmp - /tmp/lsr-template.raw"
+  check "lvm-sr: the new clone detached and destroyed; the first still reads right" \
+    sh -c "$_t vdi detach --sr tlsr $TC3 --json >/dev/null && $_t vdi destroy --sr tlsr $TC3 --json >/dev/null &&
+      dd if=$TDEV bs=1M count=1 iflag=direct status=none | cmp - /tmp/lsr-t1"
+  rm -f /tmp/lsr-stop /tmp/lsr-fio-* /tmp/lsr-reads-* /tmp/lsr-t16
+}
+
+# A clone of an ext4 template served by nginx (HTTP range requests), on the SR in the user's VG
+# (templates hydrated in the background): files of the template read, files written, detached and
+# attached again, intact; the clone pivots by itself once the cache is complete; nginx served
+# each byte of the template at most once.
+lsr_http() {
+  ip link set lo up 2>/dev/null
+  require "lvm-sr: load ext4" load_modules ext4
+  rm -rf /tmp/lsr-www /tmp/lsr-mnt && mkdir -p /tmp/lsr-www/tree /tmp/lsr-www/logs /tmp/lsr-mnt
+  echo "from the template" >/tmp/lsr-www/tree/hello.txt
+  head -c $((3 * 1048576)) /dev/urandom >/tmp/lsr-www/tree/blob
+  require "lvm-sr: an ext4 template image" quietly mkfs.ext4 -q -F -d /tmp/lsr-www/tree /tmp/lsr-www/fs.img 16M
+  cat >/tmp/lsr-www/nginx.conf <<CONF
+daemon on;
+worker_processes 1;
+user root;
+pid /tmp/lsr-www/logs/nginx.pid;
+error_log /tmp/lsr-www/logs/error.log;
+events { worker_connections 64; }
+http {
+  log_format ranges '\$request_method \$status "\$http_range" \$body_bytes_sent';
+  access_log /tmp/lsr-www/logs/access.log ranges;
+  client_body_temp_path /tmp/lsr-www/logs;
+  proxy_temp_path /tmp/lsr-www/logs;
+  fastcgi_temp_path /tmp/lsr-www/logs;
+  uwsgi_temp_path /tmp/lsr-www/logs;
+  scgi_temp_path /tmp/lsr-www/logs;
+  server { listen 127.0.0.1:18480; root /tmp/lsr-www; }
+}
+CONF
+  require "lvm-sr: nginx serves the template" nginx -c /tmp/lsr-www/nginx.conf
+  _url=http://127.0.0.1:18480/fs.img
+  UT=$($_t vdi introduce --sr uvg "$_url" --name-label ext4-tpl --json | js 'd["uuid"]')
+  UC=$($_t vdi clone --sr uvg "$UT" --name-label web --json | js 'd["uuid"]')
+  # What the template's server sends from now on: the proxy's fetches.
+  : >/tmp/lsr-www/logs/access.log
+  UCDEV=$($_t vdi attach --sr uvg "$UC" --json | js 'd["device"]')
+  check "lvm-sr: the HTTP template's clone mounts and holds the template's files" \
+    sh -c "mount $UCDEV /tmp/lsr-mnt && grep -qx 'from the template' /tmp/lsr-mnt/hello.txt && cmp /tmp/lsr-mnt/blob /tmp/lsr-www/tree/blob"
+  head -c $((2 * 1048576)) /dev/urandom >/tmp/lsr-new
+  check "lvm-sr: files written on the clone's ext4" \
+    sh -c "cp /tmp/lsr-new /tmp/lsr-mnt/new.bin && echo changed >/tmp/lsr-mnt/hello.txt && umount /tmp/lsr-mnt"
+  check "lvm-sr: the clone detached and attached again" \
+    sh -c "$_t vdi detach --sr uvg $UC --json >/dev/null && $_t vdi attach --sr uvg $UC --json >/dev/null"
+  check "lvm-sr: after detach and attach the clone's files are intact (fsck clean)" \
+    sh -c "fsck.ext4 -n $UCDEV >/dev/null && mount $UCDEV /tmp/lsr-mnt && cmp /tmp/lsr-mnt/new.bin /tmp/lsr-new &&
+      grep -qx changed /tmp/lsr-mnt/hello.txt && cmp /tmp/lsr-mnt/blob /tmp/lsr-www/tree/blob"
+  # Hydrated in the background, scrubbed, pivoted by the proxy's own `vdi pivot --if-ready`.
+  _i=0
+  while [ "$($_t vdi stat --sr uvg "$UC" --json | js 'd["origin"]')" != local ] && [ $_i -lt 240 ]; do
+    sleep 0.5; _i=$((_i + 1))
+  done
+  check "lvm-sr: the mounted clone pivoted by itself once its template was cached whole" \
+    test "$($_t vdi stat --sr uvg "$UC" --json | js 'd["origin"]')" = local ||
+    tail -n 30 /tmp/lsr-state/lvm/*/.thinline-sr/run/origin-*.log
+  check "lvm-sr: after the automatic pivot no proxy runs and no nbd device is connected" \
+    sh -c "! pgrep -f 'sr [o]rigin --sr' >/dev/null && ! ls /sys/block/nbd*/pid >/dev/null 2>&1"
+  check "lvm-sr: the mounted file system reads right after the pivot" \
+    sh -c "echo 3 >/proc/sys/vm/drop_caches && cmp /tmp/lsr-mnt/new.bin /tmp/lsr-new && cmp /tmp/lsr-mnt/blob /tmp/lsr-www/tree/blob && umount /tmp/lsr-mnt && fsck.ext4 -n $UCDEV >/dev/null"
+  # Every byte range nginx sent with a body (GET with a Range header; sizes from the log) but
+  # the one-byte requests that check the object is still the one introduced (bytes=0-0): none
+  # overlaps another, and together they are at most the template.
+  check "lvm-sr: the template's server sent each byte of the template once" \
+    /usr/bin/python3 - /tmp/lsr-www/logs/access.log $((16 << 20)) <<'PY'
+import re, sys
+spans = []
+for line in open(sys.argv[1]):
+    m = re.match(r'(\S+) (\d+) "bytes=(\d+)-(\d+)" (\d+)', line)
+    if m and int(m.group(5)) > 0 and m.group(3, 4) != ("0", "0"):
+        lo, hi = int(m.group(3)), int(m.group(4)) + 1
+        assert int(m.group(5)) == hi - lo, line
+        spans.append((lo, hi))
+assert spans, "no range was fetched"
+spans.sort()
+end = 0
+for lo, hi in spans:
+    assert lo >= end, f"bytes {lo}..{end} sent twice"
+    end = hi
+assert sum(hi - lo for lo, hi in spans) <= int(sys.argv[2]), "more than the template"
+print(len(spans), "ranges,", sum(hi - lo for lo, hi in spans), "bytes")
+PY
+  check "lvm-sr: the pivoted clone detached, destroyed and its template forgotten" \
+    sh -c "$_t vdi detach --sr uvg $UC --json >/dev/null && $_t vdi destroy --sr uvg $UC --json >/dev/null &&
+      $_t vdi forget --sr uvg $UT --json >/dev/null"
+  check "lvm-sr: no device of the template is left (only the pool)" \
+    sh -c "test \"\$(dmsetup ls | grep -c '^thinline-')\" = 1"
+  kill "$(cat /tmp/lsr-www/logs/nginx.pid)" 2>/dev/null
+  rm -rf /tmp/lsr-www /tmp/lsr-mnt /tmp/lsr-new
 }

@@ -168,7 +168,7 @@ impl CorExport {
         tokio::spawn(batcher(Arc::clone(&cache), Arc::downgrade(&inner), rx));
         let export = CorExport { inner };
         if let Some(p) = &options.prefetch {
-            tokio::spawn(prefetch::run(Arc::clone(&export.inner), p.clone()));
+            export.start_prefetch(p.clone());
         }
         if !cache.is_complete() && !export.inner.upstream().reads_report_holes() {
             tokio::spawn(allocation::learn_allocation(Arc::downgrade(&export.inner)));
@@ -204,6 +204,18 @@ impl CorExport {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Starts hydrating the whole template in the background (what
+    /// [`CorOptions::prefetch`] does at open) unless a hydration runs; one that ended
+    /// (done or failed) starts again and fetches only what is still missing. Returns
+    /// whether it started one. Call from within a tokio runtime.
+    pub fn start_prefetch(&self, options: PrefetchOptions) -> bool {
+        if !self.inner.prefetch_progress().try_start() {
+            return false;
+        }
+        tokio::spawn(prefetch::run(Arc::clone(&self.inner), options));
+        true
     }
 
     /// Fetches whatever of `[offset, offset + length)` is not cached yet and waits

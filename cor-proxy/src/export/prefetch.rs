@@ -97,6 +97,15 @@ impl PrefetchProgress {
         }
     }
 
+    /// Marks a hydration as running unless one runs; whether it was not.
+    pub(super) fn try_start(&self) -> bool {
+        self.state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                (s != 1).then_some(1)
+            })
+            .is_ok()
+    }
+
     /// Bytes fetched or asked for.
     pub(super) fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
@@ -108,7 +117,7 @@ impl PrefetchProgress {
     }
 }
 
-/// Hydrates the whole template in the background (spawned by `CorExport::open`).
+/// Hydrates the whole template in the background (spawned by `CorExport::start_prefetch`).
 pub(super) async fn run(inner: Arc<Inner>, options: PrefetchOptions) {
     let progress = inner.prefetch_progress();
     progress.state.store(1, Ordering::Relaxed);

@@ -424,3 +424,46 @@ async fn writes_are_refused_with_eperm() {
         errno::EPERM
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hydration_started_on_request_completes_the_cache_once_and_fetches_nothing_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 2 << 20;
+    let up = MemUpstream::new(size, true);
+    let e = CorExport::open(up.clone(), &dir.path().join("c"), &no_speculation()).unwrap();
+    assert_eq!(e.status().prefetch, "off", "no hydration unless asked");
+    read_bytes(&e, 0, 4096).await.unwrap();
+    wait_present(&e, 16).await;
+    up.reads.lock().unwrap().clear();
+    // Upstream reads wait until the second request was made.
+    assert_eq!(up.gate.forget_permits(1 << 20), 1 << 20);
+    assert!(e.start_prefetch(PrefetchOptions::default()));
+    assert!(
+        !e.start_prefetch(PrefetchOptions::default()),
+        "a second hydration while one runs"
+    );
+    up.gate.add_permits(1 << 20);
+    for _ in 0..500 {
+        if e.cache().is_complete() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(e.cache().is_complete(), "the cache was not completed");
+    let reads = up.reads.lock().unwrap().clone();
+    assert!(
+        reads.iter().all(|&(off, _)| off >= 1 << 20),
+        "the cached first unit was fetched again: {reads:?}"
+    );
+    assert!(read_bytes(&e, 0, size as u32).await.unwrap() == up.data);
+    // Once done, asking again starts one that finds nothing to fetch.
+    while e.status().prefetch == "running" {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    up.reads.lock().unwrap().clear();
+    assert!(e.start_prefetch(PrefetchOptions::default()));
+    while e.status().prefetch == "running" {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(up.reads.lock().unwrap().is_empty());
+}

@@ -1,7 +1,8 @@
 //! Attaching an LVM SR's VDIs: a thin VDI becomes a device-mapper thin device (read-only
 //! for a snapshot), a preallocated one its raw LV made active; a VDI built on a template
-//! reads what it never wrote from the template's external origin ([`super::origin`]),
-//! started with its first attached VDI and stopped with its last.
+//! reads what it never wrote from the template's external origin: its proxy
+//! ([`super::origin`]) or, once the template is local, its cache volume
+//! ([`super::pivot`]); made with its first attached VDI and removed with its last.
 //!
 //! A VDI is recorded as attached before its device is made, so a crash leaves a record
 //! `vdi detach` cleans up, never a device no record names; attaching an attached VDI
@@ -106,6 +107,15 @@ pub fn attach(sr: &mut Sr, vdi: Uuid, exe: &Path) -> Result<Attached> {
 /// The `/dev/nbdN` of template `t`'s proxy: its cache volume made if it has none, the
 /// proxy started, the kernel's nbd client connected, each unless done already.
 fn template_origin(sr: &mut Sr, pool: &Pool, t: &VdiRecord, exe: &Path) -> Result<PathBuf> {
+    if t.local {
+        let device = super::pivot::local_origin(pool, t)?;
+        let recorded = device.display().to_string();
+        if t.device.as_deref() != Some(recorded.as_str()) {
+            sr.md.get_mut(t.uuid).expect("found").device = Some(recorded);
+            sr.save()?;
+        }
+        return Ok(device);
+    }
     super::thin::cache_volume(sr, pool, t.uuid)?;
     let proxy = origin::ensure(&sr.path, sr.md.sr.uuid, t.uuid, exe)?;
     // The device connected to this proxy, if it still runs: one recorded before it
@@ -166,7 +176,7 @@ pub fn detach(sr: &mut Sr, vdi: Uuid) -> Result<()> {
 }
 
 /// Unless an attached VDI reads from template `template`: its nbd device disconnected,
-/// its proxy stopped, its cache device removed (each if there).
+/// its proxy stopped, its local origin and cache device removed (each if there).
 fn release_origin(sr: &mut Sr, pool: &Pool, template: Uuid) -> Result<()> {
     let in_use = sr
         .md
@@ -188,6 +198,7 @@ fn release_origin(sr: &mut Sr, pool: &Pool, template: Uuid) -> Result<()> {
         }
     }
     origin::stop(sr_uuid, template)?;
+    pool.detach_local_origin(template)?;
     pool.detach(template)?;
     if let Some(t) = sr.md.get_mut(template)
         && t.device.take().is_some()

@@ -337,11 +337,70 @@ impl Pool {
         // The external origin, if any, stays: the sixth word of the live table.
         let live = self.dm.run(&["table", &name])?;
         let origin = live.split_whitespace().nth(5).map(str::to_owned);
-        let pool = format!("/dev/mapper/{}", self.name());
-        let table = thin_table(&pool, id, size, origin.as_deref())?;
-        self.dm.run(&["reload", &name, "--table", &table])?;
-        self.dm.resume(&name)
+        self.reload(&name, id, size, origin.as_deref())
     }
+
+    /// Makes `origin` the external origin of `vdi`'s device, if attached (`id`, `size`
+    /// bytes): its table reloaded, its I/O waiting only while the tables are swapped.
+    pub fn set_origin(&self, vdi: Uuid, id: u32, size: u64, origin: &Path) -> Result<()> {
+        let name = self.device_name(vdi);
+        if !self.dm.exists(&name) {
+            return Ok(());
+        }
+        self.reload(&name, id, size, Some(&origin.display().to_string()))
+    }
+
+    /// Loads the thin table of `id` into device `name`, then swaps it in: a failed load
+    /// leaves the live table, and the device is never left suspended by this call.
+    fn reload(&self, name: &str, id: u32, size: u64, origin: Option<&str>) -> Result<()> {
+        let pool = format!("/dev/mapper/{}", self.name());
+        let table = thin_table(&pool, id, size, origin)?;
+        self.dm.run(&["reload", name, "--table", &table])?;
+        self.dm.resume(name)
+    }
+
+    /// The device-mapper name of template `template`'s local origin.
+    fn local_origin_name(&self, template: Uuid) -> String {
+        format!("{}-local", self.device_name(template))
+    }
+
+    /// Template `template`'s local origin: the first `size` bytes of its complete cache
+    /// volume `cache` (which holds the template at its own offsets), read-only, made
+    /// unless it exists. Returns its path.
+    pub fn attach_local_origin(&self, template: Uuid, cache: &Path, size: u64) -> Result<PathBuf> {
+        let name = self.local_origin_name(template);
+        if !self.dm.exists(&name) {
+            let table = local_origin_table(cache, size)?;
+            self.dm
+                .run(&["create", &name, "--readonly", "--table", &table])?;
+        }
+        Ok(Path::new("/dev/mapper").join(name))
+    }
+
+    /// Removes template `template`'s local origin, if it exists.
+    pub fn detach_local_origin(&self, template: Uuid) -> Result<()> {
+        let name = self.local_origin_name(template);
+        if self.dm.exists(&name) {
+            self.dm.remove(&name)?;
+        }
+        Ok(())
+    }
+}
+
+/// The linear table of a local origin: `size` bytes (whole sectors: a partial last
+/// sector reads the cache's zeroes) of `cache` from its start.
+fn local_origin_table(cache: &Path, size: u64) -> Result<String> {
+    if size == 0 {
+        return Err(Error::new(
+            Code::InvalidArgument,
+            "a template of 0 bytes has no local origin",
+        ));
+    }
+    Ok(format!(
+        "0 {} linear {} 0",
+        size.div_ceil(512),
+        cache.display()
+    ))
 }
 
 /// Raw LVs: preallocated VDIs, plain LVs from the VG's free space.
@@ -540,6 +599,20 @@ mod tests {
             mapper_name("my-vg", "thinline_raw_ab"),
             "my--vg-thinline_raw_ab"
         );
+    }
+
+    #[test]
+    fn a_local_origin_maps_the_templates_bytes_from_the_start_of_its_cache_in_whole_sectors() {
+        let cache = Path::new("/dev/mapper/c");
+        assert_eq!(
+            local_origin_table(cache, 1 << 20).unwrap(),
+            "0 2048 linear /dev/mapper/c 0"
+        );
+        assert_eq!(
+            local_origin_table(cache, 513).unwrap(),
+            "0 2 linear /dev/mapper/c 0"
+        );
+        assert!(local_origin_table(cache, 0).is_err());
     }
 
     #[test]

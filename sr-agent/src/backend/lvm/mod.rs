@@ -14,6 +14,7 @@ pub mod host;
 pub mod layout;
 pub mod mgt;
 pub mod origin;
+pub mod pivot;
 pub mod pool;
 pub mod thin;
 

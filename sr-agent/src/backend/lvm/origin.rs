@@ -6,20 +6,31 @@
 //! fetched once whichever clone reads it, and the VM's I/O stays in the kernel.
 //!
 //! The proxy holds `/run/thinline/origin-SR-TEMPLATE.lock` (its pid inside) for as long
-//! as it runs: that lock, not a pid file's content, says whether it runs. Its socket is
-//! beside it (short paths: a unix socket's is limited), its log in the SR's home.
+//! as it runs: that lock, not a pid file's content, says whether it runs. Its sockets are
+//! beside it (short paths: a unix socket's is limited): the NBD export, and a status
+//! socket ([`status`], [`request_hydration`]); its log is in the SR's home.
+//!
+//! The proxy hydrates its template (in the background, or when `vdi pivot` asks: the
+//! SR's `hydrate` setting); once its cache is complete it scrubs it (every chunk
+//! against its checksum: a bad one is fetched again), says it is ready, and runs
+//! `thinline vdi pivot --if-ready`, which moves the clones onto the cache and stops it
+//! (see [`super::pivot`]).
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use thinline_cor::{CorExport, CorOptions, DEFAULT_CHUNK_SIZE, ExportUpstream, cache_len};
+use thinline_cor::{
+    CorExport, CorOptions, DEFAULT_CHUNK_SIZE, ExportUpstream, PrefetchOptions, cache_len,
+};
 use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
 use uuid::Uuid;
 
 use super::host::{Pool, RUN_DIR};
 use super::layout::BLOCK_BYTES;
+use crate::model::Hydrate;
 use crate::store::{DIR, Sr};
 use crate::template::Templates;
 use crate::{Code, Error, Result};
@@ -45,6 +56,48 @@ pub fn socket_of(sr: Uuid, template: Uuid) -> PathBuf {
 
 fn lock_of(sr: Uuid, template: Uuid) -> PathBuf {
     runtime_file(sr, template, "lock")
+}
+
+fn status_socket_of(sr: Uuid, template: Uuid) -> PathBuf {
+    runtime_file(sr, template, "status")
+}
+
+/// What a running proxy says of itself.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct OriginStatus {
+    /// Its cache's counters and progress.
+    pub cache: thinline_cor::Status,
+    /// The cache is complete and was scrubbed without a bad chunk: clones may pivot.
+    pub ready: bool,
+}
+
+/// What the proxy of `template` says, if it runs and answers within 5 s.
+pub fn status(sr: Uuid, template: Uuid) -> Option<OriginStatus> {
+    ask(sr, template, b"").ok()
+}
+
+/// Asks the proxy of `template` to hydrate its template (it goes on in the
+/// background); an error if it does not answer.
+pub fn request_hydration(sr: Uuid, template: Uuid) -> Result<OriginStatus> {
+    ask(sr, template, b"hydrate").map_err(|e| {
+        Error::new(
+            Code::SrBackendFailure,
+            format!("the proxy of template {template} does not answer: {e}"),
+        )
+    })
+}
+
+/// One request on the status socket: `request` (empty, or `hydrate`), then the
+/// proxy's [`OriginStatus`].
+fn ask(sr: Uuid, template: Uuid, request: &[u8]) -> std::io::Result<OriginStatus> {
+    let mut stream = std::os::unix::net::UnixStream::connect(status_socket_of(sr, template))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(request)?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut text = String::new();
+    stream.take(1 << 20).read_to_string(&mut text)?;
+    serde_json::from_str(&text).map_err(std::io::Error::other)
 }
 
 /// Largest template an LVM SR caches (the size comes from the template's server).
@@ -76,11 +129,13 @@ pub fn running(sr: Uuid, template: Uuid) -> Option<u32> {
 }
 
 /// Serves `template` of the LVM SR whose home is `home` behind its cache until
-/// `shutdown`: the body of `thinline sr origin`. Refused if its proxy already runs.
+/// `shutdown`: the body of `thinline sr origin` (`exe`: the binary that pivots the
+/// clones once the cache is complete). Refused if its proxy already runs.
 pub async fn serve(
     home: PathBuf,
     template: Uuid,
     templates: Templates,
+    exe: PathBuf,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let sr = crate::store::lvm_home(&home)?
@@ -120,6 +175,7 @@ pub async fn serve(
             holder: format!("pid {} (thinline sr origin)", std::process::id()),
             // The cache is the thin volume's /dev/mapper node (a link where udev runs).
             follow_device_links: true,
+            prefetch: (opened.hydrate == Hydrate::Background).then(PrefetchOptions::default),
             ..CorOptions::default()
         },
     )
@@ -148,12 +204,128 @@ pub async fn serve(
         .map_err(serve_err)?;
     let server = Server::new(exports, ServerConfig::default()).map_err(serve_err)?;
     let listener = Listener::bind_unix(&socket_of(sr, template)).map_err(serve_err)?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let status_listener =
+        thinline_cor::status::bind(&status_socket_of(sr, template)).map_err(|e| serve_err(*e))?;
+    let answering = tokio::spawn(answer_status(status_listener, cor.clone(), ready.clone()));
+    let completing = tokio::spawn(complete_and_pivot(
+        cor.clone(),
+        ready,
+        exe,
+        home.clone(),
+        template,
+    ));
     tracing::info!(template = %opened.shown, cache = %opened.cache.display(), "origin served");
     let served = server.run(vec![listener], shutdown).await;
+    answering.abort();
+    completing.abort();
+    let _ = std::fs::remove_file(status_socket_of(sr, template));
     // What was fetched is kept: wait for its durability before exiting.
     cor.settle(Duration::from_secs(10)).await;
     let _ = std::fs::remove_file(socket_of(sr, template));
     served.map_err(serve_err)
+}
+
+/// Answers the status socket: reads a request (at most 64 bytes, until the client
+/// shuts its side, 5 s at most), starts a hydration if it is `hydrate`, then writes
+/// the [`OriginStatus`].
+async fn answer_status(listener: tokio::net::UnixListener, cor: CorExport, ready: Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (cor, ready) = (cor.clone(), ready.clone());
+        tokio::spawn(async move {
+            let mut request = Vec::new();
+            let mut limited = (&mut stream).take(64);
+            let read = limited.read_to_end(&mut request);
+            if tokio::time::timeout(Duration::from_secs(5), read)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if request == b"hydrate" && cor.start_prefetch(PrefetchOptions::default()) {
+                tracing::info!("hydration asked for");
+            }
+            let doc = OriginStatus {
+                cache: cor.status(),
+                ready: ready.load(Ordering::Acquire),
+            };
+            let text = serde_json::to_string(&doc).unwrap_or_default();
+            let _ = stream.write_all(text.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+/// Waits for the cache to be complete, scrubs it (bad chunks are forgotten and fetched
+/// again), says it is ready, and runs `exe vdi pivot --if-ready` until the pivot stops
+/// this proxy (again a minute after a pivot that failed).
+async fn complete_and_pivot(
+    cor: CorExport,
+    ready: Arc<AtomicBool>,
+    exe: PathBuf,
+    home: PathBuf,
+    template: Uuid,
+) {
+    loop {
+        if !cor.cache().is_complete() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        let scrubbing = cor.clone();
+        let report = tokio::task::spawn_blocking(move || scrubbing.cache().scrub()).await;
+        match report {
+            Ok(Ok(r)) if r.bad.is_empty() => break,
+            Ok(Ok(r)) => {
+                tracing::warn!(
+                    bad = r.bad.len(),
+                    "scrub found bad chunks: fetching them again"
+                );
+                let bad: Vec<u64> = r.bad.iter().map(|&(chunk, _)| chunk).collect();
+                if let Err(e) = cor.cache().clear_chunks(&bad) {
+                    tracing::error!(error = %e, "cannot forget the bad chunks");
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+                cor.start_prefetch(PrefetchOptions::default());
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot scrub the cache");
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            Err(_) => return,
+        }
+    }
+    ready.store(true, Ordering::Release);
+    tracing::info!("the cache is complete and scrubbed: pivoting the clones onto it");
+    loop {
+        let mut pivot = std::process::Command::new(&exe);
+        pivot
+            .args(["vdi", "pivot", "--if-ready", "--sr"])
+            .arg(&home)
+            .arg(template.to_string())
+            .stdin(std::process::Stdio::null());
+        // Its output goes to this proxy's log; it stops this proxy when it is done
+        // (never waited for by a blocking thread, which would hold up that stop).
+        match pivot.spawn() {
+            Ok(mut child) => loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                match child.try_wait() {
+                    Ok(None) => continue,
+                    Ok(Some(status)) => {
+                        tracing::warn!(%status, "the pivot left this proxy running");
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot wait for the pivot"),
+                }
+                break;
+            },
+            Err(e) => tracing::error!(error = %e, "cannot run {}", exe.display()),
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
 }
 
 /// What the proxy serves: the template, opened and checked, and its cache device.
@@ -162,6 +334,7 @@ struct Opened {
     shown: String,
     identity: String,
     cache: PathBuf,
+    hydrate: Hydrate,
 }
 
 /// Opens `template` (refused if it is no longer what was introduced) and makes its
@@ -178,12 +351,20 @@ fn open(home: &Path, template: Uuid, templates: &Templates) -> Result<Opened> {
                 format!("no template {template} in SR {}", sr.md.sr.uuid),
             )
         })?;
+    if t.local {
+        // Its clones read the cache directly: nothing may write it any more.
+        return Err(Error::new(
+            Code::VdiInUse,
+            format!("template {} is local: it needs no proxy", t.shown()),
+        ));
+    }
     let id = t.thin_id.ok_or_else(|| {
         Error::new(
             Code::SrBackendFailure,
             format!("template {} has no cache volume recorded", t.shown()),
         )
     })?;
+    let hydrate = sr.md.sr.lvm.as_ref().map(|l| l.hydrate).unwrap_or_default();
     let shown = t.uri.clone().unwrap_or_default();
     let creds = crate::template::credentials(home)?;
     let full = creds
@@ -200,7 +381,7 @@ fn open(home: &Path, template: Uuid, templates: &Templates) -> Result<Opened> {
         None => Ok(()),
     };
     changed(&t.pin, &now)?;
-    let (export, identity) = templates.open_decoded(&shown, &full)?;
+    let (export, identity) = templates.open_decoded(&shown, &full, t.format)?;
     changed(&t.identity, &identity)?;
     let pool = Pool::of(&sr.md.sr)?;
     pool.activate()?;
@@ -210,6 +391,7 @@ fn open(home: &Path, template: Uuid, templates: &Templates) -> Result<Opened> {
         shown,
         identity,
         cache,
+        hydrate,
     })
 }
 
@@ -253,6 +435,8 @@ pub fn ensure(home: &Path, sr: Uuid, template: Uuid, exe: &Path) -> Result<Runni
                 .args(["sr", "origin", "--sr"])
                 .arg(home)
                 .arg(template.to_string())
+                // A crash test's step is the agent's, not the proxy's or its pivot's.
+                .env_remove("THINLINE_SR_CRASH_AT")
                 .stdin(std::process::Stdio::null())
                 .stdout(log)
                 .stderr(err_log)

@@ -1,0 +1,236 @@
+//! Pivot: once a template's cache is complete and scrubbed, its clones read it from the
+//! SR instead of through its proxy. The template's *local origin*, a read-only linear
+//! device over the first bytes of its cache volume (which holds the template at its
+//! own offsets), becomes the external origin of each attached clone (its table
+//! reloaded: the same bytes, so nothing a VM reads changes, and its I/O waits only
+//! while the tables are swapped); then the nbd device is disconnected and the proxy
+//! stopped, and the template is recorded as local: clones attached later read the local
+//! origin from the start, and no proxy of it runs again.
+//!
+//! Every step is idempotent, and the template is recorded as local only after the
+//! last one: a crash in between leaves clones on the local origin (same bytes) and the
+//! template not yet local, which the next pivot (the proxy's own, or `vdi pivot`)
+//! finishes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::host::Pool;
+use super::origin;
+use crate::model::VdiRecord;
+use crate::store::Sr;
+use crate::{Code, Error, Result};
+
+/// What `vdi pivot` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Pivoted {
+    pub uuid: Uuid,
+    /// The template the VDI reads from, if any.
+    pub template: Option<Uuid>,
+    /// `local` once done; with `--if-ready` before the proxy is ready, `remote` or
+    /// `partial`.
+    pub origin: &'static str,
+    /// The template's local origin device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// The attached clones moved onto it by this call.
+    pub clones: Vec<Uuid>,
+}
+
+/// How a pivot waits for its template's cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Hydrate the template first (starting its proxy if none runs), reporting progress.
+    Hydrate,
+    /// Only if the proxy says it is ready; otherwise do nothing (the proxy's own call).
+    IfReady,
+}
+
+/// The template `v` reads from (itself, for a template); `None` for a VDI of its own.
+fn template_of(sr: &Sr, v: &VdiRecord) -> Result<Option<VdiRecord>> {
+    if v.is_template() {
+        return Ok(Some(v.clone()));
+    }
+    let Some(b) = v.backing else {
+        return Ok(None);
+    };
+    match sr.md.get(b).filter(|t| t.is_template()) {
+        Some(t) => Ok(Some(t.clone())),
+        None if sr.md.get(b).is_some() => Ok(None),
+        None => Err(Error::new(
+            Code::TemplateUnreachable,
+            format!(
+                "VDI {} reads from template {b}, which was forgotten",
+                v.shown()
+            ),
+        )),
+    }
+}
+
+/// Where `v` reads what it never wrote from: `local`, `partial` or `remote` (see
+/// [`crate::model::VdiView::origin`]).
+pub fn origin_of(sr: &Sr, v: &VdiRecord) -> &'static str {
+    let Ok(Some(t)) = template_of(sr, v) else {
+        return "local";
+    };
+    if t.local {
+        return "local";
+    }
+    match origin::status(sr.md.sr.uuid, t.uuid) {
+        Some(s) if s.cache.chunks_present > 0 => "partial",
+        _ => "remote",
+    }
+}
+
+/// Pivots the template `vdi` reads from (or `vdi`, a template) onto its local cache,
+/// with every attached clone of it: see the module's doc. `progress` gets the
+/// hydration's progress (0 to 1) while [`Wait::Hydrate`] waits; `interrupted` stops
+/// that wait (hydration goes on in the proxy, which pivots by itself when done).
+pub fn pivot(
+    home: &Path,
+    vdi: Uuid,
+    exe: &Path,
+    wait: Wait,
+    progress: &mut dyn FnMut(f64),
+    interrupted: &std::sync::atomic::AtomicBool,
+) -> Result<Pivoted> {
+    let sr = Sr::read(home)?;
+    let v = sr.vdi(vdi)?;
+    let Some(t) = template_of(&sr, &v)? else {
+        return Ok(Pivoted {
+            uuid: vdi,
+            template: None,
+            origin: "local",
+            device: None,
+            clones: Vec::new(),
+        });
+    };
+    let sr_uuid = sr.md.sr.uuid;
+    drop(sr);
+    let mut asked = false;
+    loop {
+        {
+            let mut sr = Sr::open(home)?;
+            let t = sr.vdi(t.uuid)?;
+            if t.local {
+                // Every clone attached before was moved before it was recorded local,
+                // every clone attached since was attached onto it: nothing to do.
+                return Ok(Pivoted {
+                    uuid: vdi,
+                    template: Some(t.uuid),
+                    origin: "local",
+                    device: t.device.clone(),
+                    clones: Vec::new(),
+                });
+            }
+            let ready = origin::status(sr_uuid, t.uuid);
+            if ready.as_ref().is_some_and(|s| s.ready) {
+                let (device, clones) = swap(&mut sr, &t)?;
+                return Ok(Pivoted {
+                    uuid: vdi,
+                    template: Some(t.uuid),
+                    origin: "local",
+                    device: Some(device.display().to_string()),
+                    clones,
+                });
+            }
+            if wait == Wait::IfReady {
+                return Ok(Pivoted {
+                    uuid: vdi,
+                    template: Some(t.uuid),
+                    origin: origin_of(&sr, &t),
+                    device: None,
+                    clones: Vec::new(),
+                });
+            }
+            if ready.is_none() {
+                // No proxy runs (no clone attached): one that hydrates, and pivots
+                // by itself when done.
+                let pool = Pool::of(&sr.md.sr)?;
+                pool.activate()?;
+                super::thin::cache_volume(&mut sr, &pool, t.uuid)?;
+                origin::ensure(&sr.path, sr_uuid, t.uuid, exe)?;
+                asked = false;
+            }
+            if !asked {
+                origin::request_hydration(sr_uuid, t.uuid)?;
+                asked = true;
+            }
+        }
+        // Without the SR's lock while the template is fetched.
+        if let Some(s) = origin::status(sr_uuid, t.uuid) {
+            progress(s.cache.percent_present / 100.0);
+        }
+        if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::new(
+                Code::Cancelled,
+                format!(
+                    "interrupted: template {} goes on hydrating, and its clones pivot when it is done",
+                    t.uuid
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The swap itself (the SR open for changes; the template local, or its proxy ready):
+/// the local origin made, each attached clone's table reloaded onto it, the nbd device
+/// disconnected and the proxy stopped (with no clone attached, the local origin and
+/// cache device removed too), then the template recorded as local.
+fn swap(sr: &mut Sr, t: &VdiRecord) -> Result<(PathBuf, Vec<Uuid>)> {
+    let pool = Pool::of(&sr.md.sr)?;
+    pool.activate()?;
+    let device = local_origin(&pool, t)?;
+    let mut moved = Vec::new();
+    let clones: Vec<VdiRecord> = sr
+        .md
+        .vdis
+        .iter()
+        .filter(|c| c.attached && c.backing == Some(t.uuid) && c.lv.is_none())
+        .cloned()
+        .collect();
+    for c in clones {
+        let Some(id) = c.thin_id else { continue };
+        pool.set_origin(c.uuid, id, c.virtual_size, &device)?;
+        moved.push(c.uuid);
+    }
+    crate::crash::point("pivoted");
+    let sr_uuid = sr.md.sr.uuid;
+    if let Some(nbd) = t.device.as_deref().map(Path::new)
+        && origin::running(sr_uuid, t.uuid).is_some()
+        && crate::device::is_nbd(nbd)
+        && crate::device::connected(nbd)
+    {
+        crate::device::disconnect(nbd)?;
+    }
+    origin::stop(sr_uuid, t.uuid)?;
+    if moved.is_empty() {
+        // No clone reads it now (a pivot asked for before any attach).
+        pool.detach_local_origin(t.uuid)?;
+        pool.detach(t.uuid)?;
+    }
+    let rec = sr.md.get_mut(t.uuid).expect("found");
+    rec.local = true;
+    rec.device = (!moved.is_empty()).then(|| device.display().to_string());
+    sr.save()?;
+    if !moved.is_empty() {
+        tracing::info!(template = %t.uuid, clones = moved.len(), "pivoted onto the local cache");
+    }
+    Ok((device, moved))
+}
+
+/// Template `t`'s local origin device, made (over its cache volume, made active
+/// read-only) unless it exists.
+pub fn local_origin(pool: &Pool, t: &VdiRecord) -> Result<PathBuf> {
+    let id = t.thin_id.ok_or_else(|| {
+        Error::new(
+            Code::SrBackendFailure,
+            format!("template {} has no cache volume recorded", t.shown()),
+        )
+    })?;
+    let cache = pool.attach(t.uuid, id, origin::cache_bytes(t.virtual_size)?, true, None)?;
+    pool.attach_local_origin(t.uuid, &cache, t.virtual_size)
+}
