@@ -38,6 +38,8 @@ enum SrCommand {
     Stat(OnSr),
     List(ListArgs),
     Check(CheckArgs),
+    Grow(GrowArgs),
+    Monitor(MonitorArgs),
     Serve(ServeArgs),
     #[command(hide = true)]
     Origin(OriginArgs),
@@ -47,6 +49,15 @@ enum SrCommand {
 enum WhenFullArg {
     Error,
     Queue,
+}
+
+impl WhenFullArg {
+    fn setting(self) -> WhenFull {
+        match self {
+            WhenFullArg::Error => WhenFull::Error,
+            WhenFullArg::Queue => WhenFull::Queue,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -107,6 +118,11 @@ struct CreateArgs {
     /// when `vdi pivot` asks.
     #[arg(long, value_enum, default_value = "background")]
     hydrate: HydrateArg,
+    /// LVM: the most the pool's data grows to by itself when it is 80% full (default:
+    /// as far as the VG's free space beyond --reserve goes, e.g. after a device is
+    /// added to the VG); `thinline sr monitor` grows it, `sr grow` by hand.
+    #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
+    autoextend_max: Option<usize>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -141,6 +157,11 @@ struct IntroduceArgs {
     /// LVM with --pool-size: what writes do when the pool's data is full.
     #[arg(long, value_enum, default_value = "error")]
     when_full: WhenFullArg,
+    /// LVM with --pool-size: the most the pool's data grows to by itself when it is 80%
+    /// full, from the VG's free space (default: the pool size: it never grows unless
+    /// told, `sr grow`).
+    #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
+    autoextend_max: Option<usize>,
     /// LVM with --pool-size: when a template's proxy fetches the whole template, so that its clones
     /// pivot onto the local cache: in the background from the first attach, or only
     /// when `vdi pivot` asks.
@@ -203,6 +224,36 @@ struct CheckArgs {
     /// Fix what can be fixed.
     #[arg(long)]
     repair: bool,
+}
+
+/// LVM SRs: grow the thin pool's data by SIZE from the VG's free space (the reserve
+/// too; SR_FULL without the room: add a device to the VG first). Online: attached VDIs
+/// go on, and a pool that was out of data space takes writes again.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  thinline sr grow --sr vms --by 50G --json")]
+struct GrowArgs {
+    #[command(flatten)]
+    on: OnSr,
+    /// How much to add: bytes, or with a K, M, G or T suffix (whole extents).
+    #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
+    by: usize,
+}
+
+/// LVM SRs: watch the thin pool in the foreground and grow its data by a fifth each
+/// time it is 80% full, from the VG's free space beyond the SR's reserve, up to its
+/// --autoextend-max (what lvm2's dmeventd does for pools lvm2 knows). With --when-full
+/// queue, writes wait for it instead of failing. SIGTERM or Ctrl-C stops it.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  thinline sr monitor --sr vms --interval 5")]
+struct MonitorArgs {
+    /// The SR: its home, VG or UUID.
+    #[arg(long, value_name = "SR")]
+    sr: String,
+    /// Seconds between two looks at the pool.
+    #[arg(long, value_name = "SECONDS", default_value = "5")]
+    interval: f64,
 }
 
 /// Run the SR's daemon in the foreground: it serves every attached VDI over NBD (one
@@ -269,6 +320,27 @@ fn origin(a: OriginArgs) -> anyhow::Result<u8> {
     }
 }
 
+fn monitor(a: MonitorArgs) -> anyhow::Result<u8> {
+    if !(a.interval.is_finite() && (0.1..=3600.0).contains(&a.interval)) {
+        return usage("--interval is 0.1 to 3600 seconds", false);
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let runtime = crate::remote::runtime()?;
+    let on_term = stop.clone();
+    runtime.spawn(async move {
+        crate::serve::shutdown_signal().await;
+        on_term.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let interval = std::time::Duration::from_secs_f64(a.interval);
+    match sr::monitor(&a.sr, interval, &stop) {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            crate::agent::print_error(&e, false)?;
+            Ok(e.code.exit_status())
+        }
+    }
+}
+
 fn serve(a: ServeArgs) -> anyhow::Result<u8> {
     let path = match thinline_sr::registry::resolve(&a.sr) {
         Ok(p) => p,
@@ -318,13 +390,14 @@ pub fn run(args: SrArgs) -> anyhow::Result<u8> {
                         if a.vg.is_none()
                             && a.reserve == 0
                             && matches!(a.when_full, WhenFullArg::Error)
-                            && matches!(a.hydrate, HydrateArg::Background) =>
+                            && matches!(a.hydrate, HydrateArg::Background)
+                            && a.autoextend_max.is_none() =>
                     {
                         sr::Place::Directory(path)
                     }
                     _ => {
                         return usage(
-                            "a directory SR is made in one directory (--vg, --reserve, --when-full and --hydrate are for --type lvm)",
+                            "a directory SR is made in one directory (--vg, --reserve, --when-full, --hydrate and --autoextend-max are for --type lvm)",
                             a.json,
                         );
                     }
@@ -333,11 +406,11 @@ pub fn run(args: SrArgs) -> anyhow::Result<u8> {
                     devices: a.paths,
                     vg: a.vg,
                     reserve: a.reserve as u64,
-                    when_full: match a.when_full {
-                        WhenFullArg::Error => WhenFull::Error,
-                        WhenFullArg::Queue => WhenFull::Queue,
+                    settings: sr::PoolSettings {
+                        when_full: a.when_full.setting(),
+                        hydrate: a.hydrate.setting(),
+                        autoextend_max: a.autoextend_max.map(|s| s as u64),
                     },
-                    hydrate: a.hydrate.setting(),
                 },
             };
             let options = sr::CreateOptions {
@@ -355,11 +428,12 @@ pub fn run(args: SrArgs) -> anyhow::Result<u8> {
                 TypeArg::Lvm => sr::Existing::Vg {
                     name: a.path.display().to_string(),
                     pool_size: a.pool_size.map(|s| s as u64),
-                    when_full: match a.when_full {
-                        WhenFullArg::Error => WhenFull::Error,
-                        WhenFullArg::Queue => WhenFull::Queue,
+                    settings: sr::PoolSettings {
+                        when_full: a.when_full.setting(),
+                        hydrate: a.hydrate.setting(),
+                        // A user's VG: the pool stays the size asked unless told.
+                        autoextend_max: a.autoextend_max.or(a.pool_size).map(|s| s as u64),
                     },
-                    hydrate: a.hydrate.setting(),
                 },
             };
             let options = sr::IntroduceOptions {
@@ -443,6 +517,10 @@ pub fn run(args: SrArgs) -> anyhow::Result<u8> {
                 Ok(())
             })
         }
+        SrCommand::Grow(a) => finish(sr::grow(&a.on.sr, a.by as u64), a.on.json, |v, out| {
+            sr_text(v, out)
+        }),
+        SrCommand::Monitor(a) => monitor(a),
         SrCommand::Serve(a) => serve(a),
         SrCommand::Origin(a) => origin(a),
         SrCommand::Check(a) => {

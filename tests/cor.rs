@@ -736,8 +736,26 @@ fn a_second_clone_reads_what_the_first_fetched_without_upstream_traffic() {
     let boot = "h.connect_uri(URI)\nfor off in [0, 5 << 20, 9 << 20, 17 << 20, (31 << 20) + 4096]:\n    h.pread(65536, off)\nprint('ok')";
     let mut p = proxy(dir.path(), &up.uri(), &cache, &[]);
     common::nbdsh(&p.uri(""), boot); // clone 1
-    // Its reads also started fetches of neighbouring units: let them finish first.
-    settle(&p.socket.clone().unwrap());
+    // Its reads also started fetches of neighbouring units: let them finish and be
+    // marked present. A read of a unit not marked yet is a miss, and a miss fetches
+    // around again (the width and the free slots may differ by then).
+    let socket = p.socket.clone().unwrap();
+    settle(&socket);
+    let start = Instant::now();
+    loop {
+        let s = status(&socket);
+        // All data: what was fetched is whole chunks of the template.
+        if s["chunks_present"].as_u64().unwrap() * CHUNK
+            == s["bytes_from_upstream"].as_u64().unwrap()
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "marks still queued: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let after_first = up.reads().len();
     assert!(after_first > 0);
     common::nbdsh(&p.uri(""), boot); // clone 2, same blocks

@@ -59,6 +59,13 @@ pub struct LvmRecord {
     /// pivot onto the local cache).
     #[serde(default)]
     pub hydrate: Hydrate,
+    /// Bytes of the VG the pool never grows into by itself (`sr create --reserve`).
+    #[serde(default)]
+    pub reserve_bytes: u64,
+    /// The most bytes the pool's data grows to by itself; `None`: as far as the VG's
+    /// free space beyond the reserve goes.
+    #[serde(default)]
+    pub autoextend_max: Option<u64>,
     /// The thin id the next volume gets (ids are never reused).
     pub next_thin_id: u32,
 }

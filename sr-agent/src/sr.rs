@@ -70,11 +70,20 @@ pub enum Place {
         devices: Vec<PathBuf>,
         vg: Option<String>,
         reserve: u64,
-        /// What the pool does when its data is full.
-        when_full: crate::backend::lvm::pool::WhenFull,
-        /// When template proxies fetch whole templates.
-        hydrate: crate::model::Hydrate,
+        settings: PoolSettings,
     },
+}
+
+/// How an LVM SR's pool behaves.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    /// What the pool does when its data is full.
+    pub when_full: crate::backend::lvm::pool::WhenFull,
+    /// When template proxies fetch whole templates.
+    pub hydrate: crate::model::Hydrate,
+    /// The most bytes the pool's data grows to by itself (`None`: as far as the VG's
+    /// free space beyond the reserve goes).
+    pub autoextend_max: Option<u64>,
 }
 
 /// Makes an SR and registers it.
@@ -85,13 +94,12 @@ pub fn create(o: &CreateOptions) -> Result<SrView> {
             devices,
             vg,
             reserve,
-            when_full,
-            hydrate,
+            settings,
         } => create_lvm(
             devices,
             vg.as_deref(),
             *reserve,
-            (*when_full, *hydrate),
+            *settings,
             o.name_label.as_deref(),
         ),
     }
@@ -142,7 +150,7 @@ fn create_lvm(
     devices: &[PathBuf],
     vg: Option<&str>,
     reserve: u64,
-    (when_full, hydrate): (crate::backend::lvm::pool::WhenFull, crate::model::Hydrate),
+    settings: PoolSettings,
     name_label: Option<&str>,
 ) -> Result<SrView> {
     use crate::backend::lvm::{command::Lvm, dm, layout};
@@ -159,15 +167,15 @@ fn create_lvm(
     let udev = dm::udev_runs();
     let lvm = Lvm::new(&devices, udev)?;
     let dm = dm::Dm::new(udev);
-    let made = layout::create(&lvm, &dm, &devices, &vg, uuid, reserve, when_full)?;
+    let made = layout::create(&lvm, &dm, &devices, &vg, uuid, reserve, settings.when_full)?;
     let new = NewLvm {
         uuid,
         vg: &vg,
         devices: &devices,
         owns_vg: true,
         pool_data_bytes: made.sizes.pool_data,
-        when_full,
-        hydrate,
+        reserve,
+        settings,
     };
     register_lvm(&new, name_label, || {
         layout::destroy(&lvm, &dm, &devices, &vg, uuid)
@@ -181,8 +189,8 @@ struct NewLvm<'a> {
     devices: &'a [PathBuf],
     owns_vg: bool,
     pool_data_bytes: u64,
-    when_full: crate::backend::lvm::pool::WhenFull,
-    hydrate: crate::model::Hydrate,
+    reserve: u64,
+    settings: PoolSettings,
 }
 
 /// Records the new LVM SR `new` on its metadata volume, makes its home and registers
@@ -202,8 +210,10 @@ fn register_lvm(
             devices: new.devices.to_vec(),
             owns_vg: new.owns_vg,
             pool_data_bytes: new.pool_data_bytes,
-            when_full: new.when_full,
-            hydrate: new.hydrate,
+            when_full: new.settings.when_full,
+            hydrate: new.settings.hydrate,
+            reserve_bytes: new.reserve,
+            autoextend_max: new.settings.autoextend_max,
             next_thin_id: 1,
         }),
     };
@@ -245,8 +255,7 @@ pub enum Existing {
     Vg {
         name: String,
         pool_size: Option<u64>,
-        when_full: crate::backend::lvm::pool::WhenFull,
-        hydrate: crate::model::Hydrate,
+        settings: PoolSettings,
     },
 }
 
@@ -257,14 +266,8 @@ pub fn introduce(o: &IntroduceOptions) -> Result<SrView> {
         Existing::Vg {
             name,
             pool_size,
-            when_full,
-            hydrate,
-        } => introduce_lvm(
-            name,
-            *pool_size,
-            (*when_full, *hydrate),
-            o.name_label.as_deref(),
-        ),
+            settings,
+        } => introduce_lvm(name, *pool_size, *settings, o.name_label.as_deref()),
     }
 }
 
@@ -281,7 +284,7 @@ fn sr_of_tags(tags: &[String]) -> Option<Uuid> {
 fn introduce_lvm(
     vg: &str,
     pool_size: Option<u64>,
-    (when_full, hydrate): (crate::backend::lvm::pool::WhenFull, crate::model::Hydrate),
+    settings: PoolSettings,
     name_label: Option<&str>,
 ) -> Result<SrView> {
     use crate::backend::lvm::{command, dm, layout};
@@ -305,15 +308,15 @@ fn introduce_lvm(
         };
         let uuid = Uuid::new_v4();
         let dm = dm::Dm::new(udev);
-        let made = layout::create_in(&lvm, &dm, vg, uuid, pool_size, when_full)?;
+        let made = layout::create_in(&lvm, &dm, vg, uuid, pool_size, settings.when_full)?;
         let new = NewLvm {
             uuid,
             vg,
             devices: &devices,
             owns_vg: false,
             pool_data_bytes: made.sizes.pool_data,
-            when_full,
-            hydrate,
+            reserve: 0,
+            settings,
         };
         return register_lvm(&new, name_label, || {
             layout::remove_volumes(&lvm, &dm, vg, uuid)
@@ -675,6 +678,37 @@ pub fn stat(name: &str, templates: &Templates) -> Result<SrView> {
         })
         .collect();
     Ok(shown)
+}
+
+/// The LVM SR named `name`, open for changes; `INVALID_ARGUMENT` for another kind.
+fn open_lvm(name: &str, what: &str) -> Result<Sr> {
+    let sr = Sr::open(&registry::resolve(name)?)?;
+    if sr.md.sr.kind != SrType::Lvm {
+        return Err(Error::new(
+            Code::InvalidArgument,
+            format!("{what} is for LVM SRs: a directory SR has no pool"),
+        ));
+    }
+    Ok(sr)
+}
+
+/// `sr grow`: the pool's data grown by `by` bytes from its VG's free space (the
+/// reserve too); `SR_FULL` without the room. The SR as it is then.
+pub fn grow(name: &str, by: u64) -> Result<SrView> {
+    let mut sr = open_lvm(name, "sr grow")?;
+    crate::backend::lvm::space::grow(&mut sr, by)?;
+    view(&sr, for_type(SrType::Lvm).as_ref())
+}
+
+/// `sr monitor`: grows the pool of the LVM SR named `name` by itself (see
+/// [`crate::backend::lvm::space::monitor`]) until `stop` is set.
+pub fn monitor(
+    name: &str,
+    interval: std::time::Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
+    let home = open_lvm(name, "sr monitor")?.path.clone();
+    crate::backend::lvm::space::monitor(&home, interval, stop)
 }
 
 /// One registered SR in `sr list`: its view, or why it cannot be read.

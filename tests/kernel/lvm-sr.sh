@@ -246,6 +246,8 @@ lvm_sr() {
   check "lvm-sr: nothing of the template is left in the pool (sr check clean)" \
     test "$($_t sr check --sr tlsr --json | js 'd["clean"]')" = true
 
+  lsr_full || return 1
+
   # Forgotten, found by a probe of its devices, adopted again with its VDIs.
   check "lvm-sr: sr forget" exits 0 $_t sr forget --sr tlsr --json
   check "lvm-sr: sr probe --type lvm finds the forgotten SR and its VDIs" \
@@ -263,6 +265,9 @@ lvm_sr() {
   check "lvm-sr: the devices hold no signature" \
     test -z "$(blkid -p "$LSR_A" "$LSR_B" 2>/dev/null || true)"
   check "lvm-sr: the SR is no longer listed" test "$($_t sr list --json | js 'len(d["srs"])')" = 0
+  # The guest's /tmp is memory: what the next SRs need is room.
+  losetup -d "$LSR_A" "$LSR_B" 2>/dev/null
+  rm -f /tmp/lsr-a /tmp/lsr-b /tmp/lsr-template.raw /tmp/lsr-t8
 
   # An SR in a VG of the user's (--pool-size): beside the user's LV, which stays byte for byte.
   truncate -s 96M /tmp/lsr-u
@@ -275,13 +280,14 @@ lvm_sr() {
   check "lvm-sr: a user's VG without an SR is not introduced without --pool-size (exit 10)" \
     exits 10 $_t sr introduce --type lvm uvg --json
   check "lvm-sr: sr introduce --type lvm --pool-size makes an SR in the user's VG" \
-    test "$($_t sr introduce --type lvm uvg --pool-size 32M --name-label guest --json | js '(d["type"], d["vg"], d["total_space"])')" = "('lvm', 'uvg', $((32 << 20)))"
+    test "$($_t sr introduce --type lvm uvg --pool-size 32M --when-full queue --autoextend-max 48M --name-label guest --json | js '(d["type"], d["vg"], d["total_space"])')" = "('lvm', 'uvg', $((32 << 20)))"
   UD=$($_t vdi create --sr uvg 16M --json | js 'd["uuid"]')
   UDEV=$($_t vdi attach --sr uvg "$UD" --json | js 'd["device"]')
   require "lvm-sr: write a disk of the SR in the user's VG" put "$UDEV" 1 /tmp/lsr-p1
   check "lvm-sr: it reads back" holds "$UDEV" 1 /tmp/lsr-p1
   $_t vdi detach --sr uvg "$UD" --json >/dev/null
   lsr_http || return 1
+  lsr_autoextend || return 1
   check "lvm-sr: sr destroy of the SR in the user's VG" exits 0 $_t sr destroy --sr uvg --force --json
   check "lvm-sr: a pool larger than the user's VG's free space is SR_FULL (exit 15)" \
     exits 15 $_t sr introduce --type lvm uvg --pool-size 1G --json
@@ -292,8 +298,7 @@ lvm_sr() {
   pvremove -y --config "$_nu" "$LSR_U" >/dev/null 2>&1
   losetup -d "$LSR_U" 2>/dev/null
   rm -f /tmp/lsr-u /tmp/lsr-keep
-  losetup -d "$LSR_A" "$LSR_B" 2>/dev/null
-  rm -rf /tmp/lsr-a /tmp/lsr-b /tmp/lsr-p? /tmp/lsr-zero /tmp/lsr-read /tmp/lsr-state /tmp/lsr-t1 /tmp/lsr-template.raw
+  rm -rf /tmp/lsr-p? /tmp/lsr-zero /tmp/lsr-read /tmp/lsr-state /tmp/lsr-t1
 }
 
 # The pivot of the template's clone TC (attached; the template's cache partial, the SR hydrating
@@ -463,4 +468,75 @@ PY
     sh -c "test \"\$(dmsetup ls | grep -c '^thinline-')\" = 1"
   kill "$(cat /tmp/lsr-www/logs/nginx.pid)" 2>/dev/null
   rm -rf /tmp/lsr-www /tmp/lsr-mnt /tmp/lsr-new
+}
+
+# A full pool that fails writes (`--when-full error`, the default), on an SR of its own (a small
+# loop device: the guest's /tmp is memory): a disk written past the pool's end gets ENOSPC, the
+# pool is out of data space, what was written before is intact, and `sr grow` (from the reserve)
+# makes it take writes again.
+lsr_full() {
+  truncate -s 64M /tmp/lsr-f
+  LSR_F=$(losetup -f --show /tmp/lsr-f) || { fail "lvm-sr: a loop device for the full pool"; return 1; }
+  require "lvm-sr: an SR with a small pool and a 16 MiB reserve" quietly \
+    $_t sr create --type lvm "$LSR_F" --vg tlfull --reserve 16M --json
+  FD=$($_t vdi create --sr tlfull 128M --name-label fill --json | js 'd["uuid"]')
+  FDEV=$($_t vdi attach --sr tlfull "$FD" --json | js 'd["device"]')
+  require "lvm-sr: write the start of a disk larger than the pool" put "$FDEV" 0 /tmp/lsr-p1
+  _before=$($_t sr stat --sr tlfull --json | js 'd["total_space"]')
+  check "lvm-sr: writing past the pool's end fails with ENOSPC (when-full error)" \
+    sh -c "! dd if=/dev/zero of=$FDEV bs=1M seek=4 oflag=direct status=none 2>/tmp/lsr-dd.err &&
+      grep -q 'No space left on device' /tmp/lsr-dd.err" || cat /tmp/lsr-dd.err
+  check "lvm-sr: sr stat says the pool is out of data space" \
+    test "$($_t sr stat --sr tlfull --json | js 'd["pool"]["mode"]')" = out_of_data_space
+  check "lvm-sr: sr check reports the full pool" \
+    test "$($_t sr check --sr tlfull --json | js 'sorted(set(f["kind"] for f in d["findings"]))')" = "['pool_nearly_full', 'pool_not_writable']"
+  check "lvm-sr: what was written before the pool filled is intact" holds "$FDEV" 0 /tmp/lsr-p1
+  check "lvm-sr: sr grow --by 8M grows the pool by 8 MiB" \
+    test "$($_t sr grow --sr tlfull --by 8M --json | js 'd["total_space"]')" = $((_before + (8 << 20)))
+  check "lvm-sr: after the growth the pool is writable" \
+    test "$($_t sr stat --sr tlfull --json | js 'd["pool"]["mode"]')" = read_write
+  check "lvm-sr: the grown pool takes writes again" \
+    sh -c "dd if=/tmp/lsr-p2 of=$FDEV bs=1M seek=100 oflag=direct conv=notrunc status=none &&
+      dd if=$FDEV bs=1M skip=100 count=4 iflag=direct status=none | cmp - /tmp/lsr-p2"
+  check "lvm-sr: sr grow beyond the VG's free space is SR_FULL (exit 15)" \
+    exits 15 $_t sr grow --sr tlfull --by 1G --json
+  # As after a reboot: the pool built again from the records, at its grown size.
+  $_t vdi detach --sr tlfull "$FD" --json >/dev/null
+  dmsetup remove "thinline-$($_t sr stat --sr tlfull --json | js 'd["uuid"].replace("-", "")')-pool"
+  check "lvm-sr: the grown pool activates again at its grown size, data intact" \
+    sh -c "test \"\$($_t sr stat --sr tlfull --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"total_space\"])')\" = $((_before + (8 << 20))) &&
+      FDEV=\$($_t vdi attach --sr tlfull $FD --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"device\"])') &&
+      dd if=\$FDEV bs=1M count=4 iflag=direct status=none | cmp - /tmp/lsr-p1 &&
+      dd if=\$FDEV bs=1M skip=100 count=4 iflag=direct status=none | cmp - /tmp/lsr-p2"
+  check "lvm-sr: the full pool's SR destroyed" \
+    sh -c "$_t vdi detach --sr tlfull $FD --json >/dev/null && $_t sr destroy --sr tlfull --force --json >/dev/null"
+  losetup -d "$LSR_F" 2>/dev/null
+  rm -f /tmp/lsr-f /tmp/lsr-dd.err
+}
+
+# A pool that queues writes when full (`--when-full queue`) with `sr monitor` running: a write
+# larger than the pool completes while the monitor grows the pool from the user's VG, up to the
+# SR's --autoextend-max, and reads back.
+lsr_autoextend() {
+  $_t sr monitor --sr uvg --interval 0.5 >/tmp/lsr-monitor.log 2>&1 &
+  _mon=$!
+  AD=$($_t vdi create --sr uvg 64M --name-label big --json | js 'd["uuid"]')
+  ADEV=$($_t vdi attach --sr uvg "$AD" --json | js 'd["device"]')
+  head -c $((32 * 1048576)) /dev/urandom >/tmp/lsr-big
+  check "lvm-sr: 32 MiB written to a disk of a nearly full 32 MiB pool that queues: all of it lands" \
+    put "$ADEV" 0 /tmp/lsr-big
+  check "lvm-sr: the write reads back (cmp)" holds "$ADEV" 0 /tmp/lsr-big
+  _i=0
+  while [ "$($_t sr stat --sr uvg --json | js 'd["total_space"]')" != $((48 << 20)) ] && [ $_i -lt 60 ]; do
+    sleep 0.5; _i=$((_i + 1))
+  done
+  check "lvm-sr: sr monitor grew the pool to its --autoextend-max (48 MiB) and no further" \
+    test "$($_t sr stat --sr uvg --json | js 'd["total_space"]')" = $((48 << 20)) ||
+    cat /tmp/lsr-monitor.log
+  check "lvm-sr: the monitor says what it grew" grep -q "pool grown" /tmp/lsr-monitor.log
+  kill "$_mon"
+  check "lvm-sr: sr monitor stops on SIGTERM" wait "$_mon"
+  check "lvm-sr: the big disk detached and destroyed" \
+    sh -c "$_t vdi detach --sr uvg $AD --json >/dev/null && $_t vdi destroy --sr uvg $AD --json >/dev/null"
+  rm -f /tmp/lsr-big /tmp/lsr-monitor.log
 }

@@ -19,8 +19,9 @@
 #   THINLINE_ALLOW_SKIP=1 skip (exit 77) instead of failing when the kernel/qemu are missing
 #   KEEP_WORKDIR=1        keep the temporary work directory even on success
 #   VERBOSE=1             stream the VM console to stderr while it runs
-#   VM_TIMEOUT            see run-vm.sh (default here 400 s)
-#   VM_MEM, VM_SMP, VM_CPU, THINLINE_KERNEL_DIR: see run-vm.sh
+#   VM_TIMEOUT            see run-vm.sh (default here 900 s)
+#   VM_MEM                see run-vm.sh (default here 2048 MiB)
+#   VM_SMP, VM_CPU, THINLINE_KERNEL_DIR: see run-vm.sh
 #   RDELAY, NBD_TIMEOUT, PROXY_ARGS, SIMULATE_CLOBBER (negative control): see cor-dmthin.sh
 set -uo pipefail
 
@@ -44,5 +45,7 @@ make_workdir
 cp "$KERNEL_TEST_BIN" "$workdir/kernel-tests" || { echo "FAIL: $name: copy $KERNEL_TEST_BIN" >&2; exit 1; }
 KERNEL_TEST_BIN=/mnt/kernel-tests
 write_guest_env THINLINE_BIN RDELAY NBD_TIMEOUT PROXY_ARGS SIMULATE_CLOBBER KERNEL_TEST_BIN
-export VM_TIMEOUT=${VM_TIMEOUT:-400}
+export VM_TIMEOUT=${VM_TIMEOUT:-900}
+# The guest's /tmp is memory: the LVM SR checks' loop devices and templates live there.
+export VM_MEM=${VM_MEM:-2048}
 run_guest "thinline $THINLINE_BIN" 150

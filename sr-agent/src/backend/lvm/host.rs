@@ -187,6 +187,85 @@ impl Pool {
         self.dm.create(&pool, &table)
     }
 
+    /// Grows the pool's data by `by` bytes (whole extents, at least one; with
+    /// `partial`, by as much of it as there is room for, else `SR_FULL` without all of
+    /// it), within the VG's free space less `keep_free` and the data its metadata maps:
+    /// `lvextend`
+    /// of the data LV, then `record` with the new size (what activation builds the
+    /// pool's table from), then the active pool's table reloaded. A crash in between
+    /// leaves a data LV larger than recorded (grown again next time) or a pool recorded
+    /// larger than its live table (activated at the recorded size). Returns the new
+    /// size, or `None` when there is no room.
+    pub fn grow_data(
+        &self,
+        by: u64,
+        keep_free: u64,
+        partial: bool,
+        record: impl FnOnce(u64) -> Result<()>,
+    ) -> Result<Option<u64>> {
+        let vg = self
+            .lvm
+            .vgs()?
+            .into_iter()
+            .find(|v| v.name == self.vg)
+            .ok_or_else(|| Error::new(Code::SrNotFound, format!("VG {} is not found", self.vg)))?;
+        let lvs = self.lvm.lvs(&self.vg)?;
+        let size_of = |name: &str| lvs.iter().find(|l| l.name == name).map(|l| l.size);
+        let (Some(data_lv), Some(meta_lv)) = (size_of(POOL_DATA_LV), size_of(POOL_META_LV)) else {
+            return Err(Error::new(
+                Code::SrBackendFailure,
+                format!("the pool's LVs of VG {} are missing", self.vg),
+            ));
+        };
+        let extent = vg.extent_size.max(1);
+        let room = vg.free.saturating_sub(keep_free) / extent * extent;
+        let mapped = layout::data_mapped_by(meta_lv).saturating_sub(data_lv) / extent * extent;
+        let asked = by.max(1).div_ceil(extent).saturating_mul(extent);
+        if !partial && asked > room.min(mapped) {
+            return Err(Error::new(
+                Code::SrFull,
+                format!(
+                    "the pool cannot grow by {asked} bytes: VG {} has {} bytes free{}, and the pool's metadata maps {mapped} bytes more",
+                    self.vg,
+                    vg.free,
+                    if keep_free > 0 {
+                        format!(" ({keep_free} kept free)")
+                    } else {
+                        String::new()
+                    },
+                ),
+            ));
+        }
+        let grow = asked.min(room).min(mapped);
+        // A data LV grown by a crashed call is taken up first.
+        let new = (data_lv + grow) / BLOCK_BYTES * BLOCK_BYTES;
+        if new <= self.data_bytes {
+            return Ok(None);
+        }
+        if grow > 0 {
+            let size = format!("{}b", data_lv + grow);
+            self.lvm.run(
+                "lvextend",
+                &["-y", "-L", &size, &format!("{}/{POOL_DATA_LV}", self.vg)],
+            )?;
+        }
+        record(new)?;
+        let pool = self.name();
+        if self.dm.exists(&pool) {
+            let table = pool_table(
+                &lv_path(&self.vg, POOL_META_LV).display().to_string(),
+                &lv_path(&self.vg, POOL_DATA_LV).display().to_string(),
+                new,
+                BLOCK_BYTES,
+                0,
+                self.when_full,
+            )?;
+            self.dm.run(&["reload", &pool, "--table", &table])?;
+            self.dm.resume(&pool)?;
+        }
+        Ok(Some(new))
+    }
+
     /// The pool's status (it must be active).
     pub fn status(&self) -> Result<PoolStatus> {
         self.dm.pool_status(&self.name())

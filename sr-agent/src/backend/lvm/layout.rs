@@ -30,6 +30,11 @@ const MAX_POOL_METADATA: u64 = 16 << 30;
 /// The data the largest pool metadata maps.
 pub const MAX_POOL_DATA: u64 = MAX_POOL_METADATA / METADATA_PER_BLOCK * BLOCK_BYTES;
 
+/// The most data a pool whose metadata LV holds `metadata` bytes maps.
+pub fn data_mapped_by(metadata: u64) -> u64 {
+    (metadata / METADATA_PER_BLOCK * BLOCK_BYTES).min(MAX_POOL_DATA)
+}
+
 /// Refuses a VG name lvm2 would not take, or one that could name a path: `A-Za-z0-9+_.-`,
 /// not starting with `-`, not `.` or `..`, at most 127 characters.
 pub fn check_vg_name(vg: &str) -> Result<()> {

@@ -16,6 +16,7 @@ pub mod mgt;
 pub mod origin;
 pub mod pivot;
 pub mod pool;
+pub mod space;
 pub mod thin;
 
 /// Runs `command` (shown as `shown` in errors); its stdout, or an error with what it

@@ -381,6 +381,9 @@ impl Backend for ThinBackend {
                 "wiped and removed LV {lv}, which belonged to no VDI"
             ));
         }
+        if let Some(new) = super::space::autoextend(sr)? {
+            done.push(format!("grew the pool's data to {new} bytes"));
+        }
         Ok(done)
     }
 }
@@ -486,7 +489,7 @@ fn pool_findings(health: &PoolHealth) -> Vec<Finding> {
     if health.mode != PoolMode::ReadWrite {
         out.push(finding(
             "pool_not_writable",
-            format!("the pool is {:?}: writes to its VDIs fail; add a device to the VG and grow the pool, or free space", health.mode),
+            format!("the pool is {:?}: writes to its VDIs fail or wait: grow the pool (`sr grow`; add a device to the VG first if it has no free space), or free space", health.mode),
         ));
     }
     for (what, percent) in [
@@ -496,7 +499,7 @@ fn pool_findings(health: &PoolHealth) -> Vec<Finding> {
         if percent >= NEARLY_FULL_PERCENT {
             out.push(finding(
                 "pool_nearly_full",
-                format!("the pool's {what} is {percent:.1}% used: destroy VDIs or snapshots, or grow the pool, before writes fail"),
+                format!("the pool's {what} is {percent:.1}% used: destroy VDIs or snapshots, or grow the pool (`sr grow`, or `sr monitor` by itself), before writes fail"),
             ));
         }
     }
