@@ -1489,37 +1489,50 @@ fn snapshots_clones_and_resizes_of_an_attached_disk_hold_every_acknowledged_writ
 }
 
 #[test]
-fn the_sr_daemon_unit_passes_systemd_analyze_verify() {
+fn every_shipped_unit_passes_systemd_analyze_verify() {
     if !require(&["systemd-analyze"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let unit = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/systemd/thinline-sr@.service"),
-    )
-    .unwrap();
-    assert!(
-        unit.contains("ExecStart=/usr/bin/thinline sr serve --sr %f"),
-        "{unit}"
-    );
-    // The instance for /srv/sr1, running the binary under test.
-    let instance = dir.path().join("thinline-sr@srv-sr1.service");
-    std::fs::write(
-        &instance,
-        unit.replace("/usr/bin/thinline", common::thinline()),
-    )
-    .unwrap();
-    let out = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&instance)
-        .output()
+    for (unit, instance, command) in [
+        (
+            "thinline-sr@.service",
+            "thinline-sr@srv-sr1.service",
+            "ExecStart=/usr/bin/thinline sr serve --sr %f",
+        ),
+        (
+            "thinline-lvm-sr@.service",
+            "thinline-lvm-sr@vms.service",
+            "ExecStart=/usr/bin/thinline sr check --sr %i --repair",
+        ),
+        (
+            "thinline-lvm-monitor@.service",
+            "thinline-lvm-monitor@vms.service",
+            "ExecStart=/usr/bin/thinline sr monitor --sr %i",
+        ),
+    ] {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("packaging/systemd")
+                .join(unit),
+        )
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success() && text.trim().is_empty(), "{text}");
+        assert!(text.contains(command), "{unit}: {text}");
+        // An instance running the binary under test.
+        let path = dir.path().join(instance);
+        std::fs::write(&path, text.replace("/usr/bin/thinline", common::thinline())).unwrap();
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success() && said.trim().is_empty(), "{unit}: {said}");
+    }
 }
 
 /// Starts `thinline quickstart --dir DIR --json` and returns it with the JSON line it
