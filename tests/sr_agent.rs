@@ -1531,7 +1531,10 @@ fn every_shipped_unit_passes_systemd_analyze_verify() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(out.status.success() && said.trim().is_empty(), "{unit}: {said}");
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "{unit}: {said}"
+        );
     }
 }
 

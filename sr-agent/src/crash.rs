@@ -5,7 +5,8 @@
 //! disk's image grown, its record not yet); `registering` (an SR made, not yet
 //! registered); `unregistering` (an SR destroyed, its registry entry not yet removed);
 //! `vg-removed` (an LVM SR's VG removed, its home not yet); `suspended` (an attached
-//! disk's device suspended for a dm-thin snapshot); `write:NAME` (the new content of the
+//! disk's device suspended for a dm-thin snapshot); `pivoted` (a template's attached
+//! clones moved onto its local origin, its proxy not yet stopped); `write:NAME` (the new content of the
 //! JSON file `NAME`, e.g. `sr.json`, written beside it but not yet renamed over it) and
 //! `write:mgt` (an LVM SR's records about to be written to its metadata volume).
 

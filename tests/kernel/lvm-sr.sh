@@ -302,9 +302,10 @@ lvm_sr() {
 }
 
 # The pivot of the template's clone TC (attached; the template's cache partial, the SR hydrating
-# only when asked) by `vdi pivot`, under a running fio --verify workload and a reader of the
-# template's bytes; then the clone reads its writes and the template from the local cache with
-# no proxy and no nbd device, and a new clone starts local.
+# only when asked) by `vdi pivot`, killed once after the clones moved and then finished, under a
+# running fio --verify workload and a reader of the template's bytes; then the clone reads its
+# writes and the template from the local cache with no proxy and no nbd device, and a new clone
+# starts local.
 lsr_pivot() {
   _srs=$(echo "$SR" | tr -d -)
   check "lvm-sr: vdi stat of a clone whose template is cached in part says origin partial" \
@@ -335,11 +336,21 @@ lsr_pivot() {
   ) &
   _reader=$!
   sleep 2
+  # kill -9 (abort) of the pivot after the clones moved onto the local origin and before the
+  # proxy stopped and the template was recorded local; then the next pivot finishes it.
+  THINLINE_SR_CRASH_AT=pivoted $_t vdi pivot --sr tlsr "$TC" --json >/tmp/lsr-crash.json 2>&1
+  _crc=$?
+  _tcs=$(echo "$TC" | tr -d -)
+  _moved=$(dmsetup table "thinline-$_srs-$_tcs" | awk '{print $6}')
+  _lmm=$(dmsetup info -c --noheadings -o major,minor "thinline-$_srs-$(echo "$TPL" | tr -d -)-local" 2>/dev/null | tr -d ' ')
+  sleep 1
   $_t vdi pivot --sr tlsr "$TC" --json >/tmp/lsr-pivot.json 2>/tmp/lsr-pivot.err
   _rc=$?
   sleep 2
   touch /tmp/lsr-stop
   wait "$_fio" "$_reader"
+  check "lvm-sr: a pivot killed (abort) after the clones moved leaves the clone on the local origin" \
+    test "$_crc $_moved" = "134 $_lmm" || cat /tmp/lsr-crash.json
   check "lvm-sr: vdi pivot hydrates the template and answers origin local" \
     test "$_rc $(js 'd["origin"]' </tmp/lsr-pivot.json 2>/dev/null)" = "0 local" ||
     { cat /tmp/lsr-pivot.json /tmp/lsr-pivot.err; tail -n 30 /tmp/lsr-state/lvm/*/.thinline-sr/run/origin-*.log; }

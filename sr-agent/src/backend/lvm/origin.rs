@@ -12,9 +12,10 @@
 //!
 //! The proxy hydrates its template (in the background, or when `vdi pivot` asks: the
 //! SR's `hydrate` setting); once its cache is complete it scrubs it (every chunk
-//! against its checksum: a bad one is fetched again), says it is ready, and runs
-//! `thinline vdi pivot --if-ready`, which moves the clones onto the cache and stops it
-//! (see [`super::pivot`]).
+//! against its checksum: a bad one is fetched again) and says it is ready; hydrating in
+//! the background, it then runs `thinline vdi pivot --if-ready` itself, which moves the
+//! clones onto the cache and stops it (see [`super::pivot`]); otherwise the `vdi
+//! pivot` that asked does.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -208,11 +209,12 @@ pub async fn serve(
     let status_listener =
         thinline_cor::status::bind(&status_socket_of(sr, template)).map_err(|e| serve_err(*e))?;
     let answering = tokio::spawn(answer_status(status_listener, cor.clone(), ready.clone()));
+    // With hydration on request, the `vdi pivot` that asked for it does the swap.
+    let pivot_by_itself = (opened.hydrate == Hydrate::Background).then(|| (exe, home.clone()));
     let completing = tokio::spawn(complete_and_pivot(
         cor.clone(),
         ready,
-        exe,
-        home.clone(),
+        pivot_by_itself,
         template,
     ));
     tracing::info!(template = %opened.shown, cache = %opened.cache.display(), "origin served");
@@ -262,13 +264,13 @@ async fn answer_status(listener: tokio::net::UnixListener, cor: CorExport, ready
 }
 
 /// Waits for the cache to be complete, scrubs it (bad chunks are forgotten and fetched
-/// again), says it is ready, and runs `exe vdi pivot --if-ready` until the pivot stops
-/// this proxy (again a minute after a pivot that failed).
+/// again), says it is ready, and with `pivot_by_itself` (`(exe, home)`) runs `exe vdi
+/// pivot --if-ready` until the pivot stops this proxy (again a minute after a pivot
+/// that failed).
 async fn complete_and_pivot(
     cor: CorExport,
     ready: Arc<AtomicBool>,
-    exe: PathBuf,
-    home: PathBuf,
+    pivot_by_itself: Option<(PathBuf, PathBuf)>,
     template: Uuid,
 ) {
     loop {
@@ -300,6 +302,10 @@ async fn complete_and_pivot(
         }
     }
     ready.store(true, Ordering::Release);
+    let Some((exe, home)) = pivot_by_itself else {
+        tracing::info!("the cache is complete and scrubbed: ready for vdi pivot");
+        return;
+    };
     tracing::info!("the cache is complete and scrubbed: pivoting the clones onto it");
     loop {
         let mut pivot = std::process::Command::new(&exe);
