@@ -37,7 +37,7 @@ pub mod upstream;
 
 pub use cache::{
     CacheFile, CacheOptions, DEFAULT_CHUNK_SIZE, ExistingOptions, OnMismatch, ScrubReport,
-    cache_len,
+    cache_data_end, cache_len,
 };
 pub use error::{Error, Result};
 pub use export::{CorExport, CorOptions};

@@ -342,7 +342,7 @@ lsr_pivot() {
   _crc=$?
   _tcs=$(echo "$TC" | tr -d -)
   _moved=$(dmsetup table "thinline-$_srs-$_tcs" | awk '{print $6}')
-  _lmm=$(dmsetup info -c --noheadings -o major,minor "thinline-$_srs-$(echo "$TPL" | tr -d -)-local" 2>/dev/null | tr -d ' ')
+  _lmm=$(dmsetup info -c --noheadings -o major,minor "thinline-$_srs-$(echo "$TPL" | tr -d -)" 2>/dev/null | tr -d ' ')
   sleep 1
   $_t vdi pivot --sr tlsr "$TC" --json >/tmp/lsr-pivot.json 2>/tmp/lsr-pivot.err
   _rc=$?
@@ -365,16 +365,26 @@ lsr_pivot() {
   check "lvm-sr: vdi stat of the pivoted clone says origin local" \
     test "$($_t vdi stat --sr tlsr "$TC" --json | js 'd["origin"]')" = local
   _tpls=$(echo "$TPL" | tr -d -)
-  _local=$(dmsetup info -c --noheadings -o major,minor "thinline-$_srs-$_tpls-local" | tr -d ' ')
-  check "lvm-sr: the clone's external origin is now the template's local cache device" \
+  _local=$(dmsetup info -c --noheadings -o major,minor "thinline-$_srs-$_tpls" | tr -d ' ')
+  check "lvm-sr: the clone's external origin is now the template's cache volume" \
     test "$(dmsetup table "thinline-$_srs-$(echo "$TC" | tr -d -)" | awk '{print $6}')" = "$_local"
-  check "lvm-sr: the local origin is read-only" \
-    test "$(blockdev --getro "/dev/mapper/thinline-$_srs-$_tpls-local")" = 1
+  check "lvm-sr: the template's cache volume is read-only once its proxy stopped" \
+    test "$(blockdev --getro "/dev/mapper/thinline-$_srs-$_tpls")" = 1
   check "lvm-sr: the pivoted clone reads its writes and the template" \
     sh -c "dd if=$TDEV bs=1M count=1 iflag=direct status=none | cmp - /tmp/lsr-t1 &&
       dd if=$TDEV bs=1M skip=1 count=4 iflag=direct status=none | cmp - /tmp/lsr-p2 &&
       dd if=$TDEV bs=1M skip=5 count=27 iflag=direct status=none | cmp - /tmp/lsr-template.raw --ignore-initial=0:$((5 << 20)) -n $((27 << 20)) &&
       dd if=$TDEV bs=1M skip=40 iflag=direct status=none | cmp - /tmp/lsr-template.raw --ignore-initial=0:$((40 << 20))"
+  # Grown past the cache's data (64 MiB: its metadata follows), the clone reads the template
+  # through a linear device of the template's size: zeroes after it, never the metadata.
+  check "lvm-sr: a pivoted clone resized online to 80 MiB" exits 0 $_t vdi resize --sr tlsr "$TC" 80M --json
+  _lin=$(dmsetup info -c --noheadings -o major,minor "thinline-$_srs-$_tpls-local" 2>/dev/null | tr -d ' ')
+  check "lvm-sr: the grown clone's origin is the linear local origin of the template's size" \
+    sh -c "test -n '$_lin' && test \"\$(dmsetup table thinline-$_srs-$(echo "$TC" | tr -d -) | awk '{print \$6}')\" = '$_lin' &&
+      test \"\$(blockdev --getsize64 /dev/mapper/thinline-$_srs-$_tpls-local)\" = $((64 << 20))"
+  check "lvm-sr: the grown clone reads zeroes past the template and the template before" \
+    sh -c "dd if=$TDEV bs=1M skip=64 count=16 iflag=direct status=none | cmp - /dev/zero -n $((16 << 20)) &&
+      dd if=$TDEV bs=1M skip=40 count=24 iflag=direct status=none | cmp - /tmp/lsr-template.raw --ignore-initial=0:$((40 << 20))"
   check "lvm-sr: vdi pivot of a clone already local succeeds and moves nothing" \
     test "$($_t vdi pivot --sr tlsr "$TC" --json | js '(d["origin"], d["clones"])')" = "('local', [])"
   check "lvm-sr: vdi pivot of a disk built on no template succeeds doing nothing" \

@@ -33,7 +33,7 @@ name=cor-dmthin
 
 need_guest_kernel
 need_tools qemu-system-x86_64 busybox modprobe cpio nbd-client nbdinfo nbdkit dmsetup \
-  losetup fallocate cmp lvm thin_check
+  losetup fallocate cmp lvm thin_check fio nginx mkfs.ext4
 [ -x /usr/bin/python3 ] || missing_prereq "/usr/bin/python3 not found"
 [ -n "$(find /usr/lib -path '*nbdkit/filters/nbdkit-delay-filter.so' -print -quit 2>/dev/null)" ] \
   || missing_prereq "nbdkit's delay filter not found"

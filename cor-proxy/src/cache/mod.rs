@@ -72,6 +72,12 @@ pub fn cache_len(size: u64, chunk: u64) -> u64 {
     Geometry::new(size, chunk).total()
 }
 
+/// Where the metadata of a cache of a `size`-byte template starts: everything before
+/// it is the template's bytes at their own offsets, then zeroes (never written).
+pub fn cache_data_end(size: u64) -> u64 {
+    Geometry::new(size, DEFAULT_CHUNK_SIZE).meta
+}
+
 /// What to do with a cache made for another template version.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum OnMismatch {

@@ -66,7 +66,7 @@ pub fn attach(sr: &mut Sr, vdi: Uuid, exe: &Path) -> Result<Attached> {
         ));
     }
     let origin = match &template {
-        Some(t) => match template_origin(sr, &pool, t, exe) {
+        Some(t) => match template_origin(sr, &pool, t, v.virtual_size, exe) {
             Ok(device) => Some(device),
             Err(e) => {
                 // Nothing left running for a template no attached VDI reads.
@@ -104,11 +104,18 @@ pub fn attach(sr: &mut Sr, vdi: Uuid, exe: &Path) -> Result<Attached> {
     }
 }
 
-/// The `/dev/nbdN` of template `t`'s proxy: its cache volume made if it has none, the
-/// proxy started, the kernel's nbd client connected, each unless done already.
-fn template_origin(sr: &mut Sr, pool: &Pool, t: &VdiRecord, exe: &Path) -> Result<PathBuf> {
+/// The external origin of a `clone_size`-byte clone of template `t`: once `t` is local,
+/// its local origin; else the `/dev/nbdN` of its proxy: its cache volume made if it has
+/// none, the proxy started, the kernel's nbd client connected, each unless done already.
+fn template_origin(
+    sr: &mut Sr,
+    pool: &Pool,
+    t: &VdiRecord,
+    clone_size: u64,
+    exe: &Path,
+) -> Result<PathBuf> {
     if t.local {
-        let device = super::pivot::local_origin(pool, t)?;
+        let device = origin::local_origin(pool, t, clone_size)?;
         let recorded = device.display().to_string();
         if t.device.as_deref() != Some(recorded.as_str()) {
             sr.md.get_mut(t.uuid).expect("found").device = Some(recorded);

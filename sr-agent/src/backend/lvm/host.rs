@@ -438,6 +438,19 @@ impl Pool {
         self.dm.resume(name)
     }
 
+    /// Makes `vdi`'s device, if it exists, read-only (its live table loaded again with
+    /// the read-only flag).
+    pub fn make_read_only(&self, vdi: Uuid) -> Result<()> {
+        let name = self.device_name(vdi);
+        if !self.dm.exists(&name) {
+            return Ok(());
+        }
+        let table = self.dm.run(&["table", &name])?;
+        self.dm
+            .run(&["reload", &name, "--readonly", "--table", table.trim()])?;
+        self.dm.resume(&name)
+    }
+
     /// The device-mapper name of template `template`'s local origin.
     fn local_origin_name(&self, template: Uuid) -> String {
         format!("{}-local", self.device_name(template))

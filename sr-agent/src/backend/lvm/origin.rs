@@ -24,7 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use thinline_cor::{
-    CorExport, CorOptions, DEFAULT_CHUNK_SIZE, ExportUpstream, PrefetchOptions, cache_len,
+    CorExport, CorOptions, DEFAULT_CHUNK_SIZE, ExportUpstream, PrefetchOptions, cache_data_end,
+    cache_len,
 };
 use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
 use uuid::Uuid;
@@ -114,6 +115,26 @@ pub fn cache_bytes(size: u64) -> Result<u64> {
         ));
     }
     Ok(cache_len(size, DEFAULT_CHUNK_SIZE).div_ceil(BLOCK_BYTES) * BLOCK_BYTES)
+}
+
+/// The local origin of a `clone_size`-byte clone of the local template `t`: its cache
+/// volume's device (made active, read-only, unless it is), which holds the template at
+/// its own offsets and zeroes up to [`cache_data_end`], read directly by a clone no
+/// larger than that (one device-mapper layer less); for a clone grown beyond it, a
+/// read-only linear device of the template's size over it (the cache's metadata
+/// follows, and must never be a clone's bytes). Returns its path.
+pub fn local_origin(pool: &Pool, t: &crate::model::VdiRecord, clone_size: u64) -> Result<PathBuf> {
+    let id = t.thin_id.ok_or_else(|| {
+        Error::new(
+            Code::SrBackendFailure,
+            format!("template {} has no cache volume recorded", t.shown()),
+        )
+    })?;
+    let cache = pool.attach(t.uuid, id, cache_bytes(t.virtual_size)?, true, None)?;
+    if clone_size <= cache_data_end(t.virtual_size) {
+        return Ok(cache);
+    }
+    pool.attach_local_origin(t.uuid, &cache, t.virtual_size)
 }
 
 /// Whether the proxy of `template` runs (holds its lock), and its pid (0 while it is

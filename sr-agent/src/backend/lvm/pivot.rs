@@ -1,7 +1,8 @@
 //! Pivot: once a template's cache is complete and scrubbed, its clones read it from the
-//! SR instead of through its proxy. The template's *local origin*, a read-only linear
-//! device over the first bytes of its cache volume (which holds the template at its
-//! own offsets), becomes the external origin of each attached clone (its table
+//! SR instead of through its proxy. The template's *local origin*, its cache volume
+//! (which holds the template at its own offsets; for a clone grown past the cache's
+//! data, a read-only linear device over the template's bytes of it: see
+//! [`origin::local_origin`]), becomes the external origin of each attached clone (its table
 //! reloaded: the same bytes, so nothing a VM reads changes, and its I/O waits only
 //! while the tables are swapped); then the nbd device is disconnected and the proxy
 //! stopped, and the template is recorded as local: clones attached later read the local
@@ -178,12 +179,13 @@ pub fn pivot(
 
 /// The swap itself (the SR open for changes; the template local, or its proxy ready):
 /// the local origin made, each attached clone's table reloaded onto it, the nbd device
-/// disconnected and the proxy stopped (with no clone attached, the local origin and
-/// cache device removed too), then the template recorded as local.
+/// disconnected, the proxy stopped and the cache device made read-only (with no clone
+/// attached, the local origin and cache device removed instead), then the template
+/// recorded as local.
 fn swap(sr: &mut Sr, t: &VdiRecord) -> Result<(PathBuf, Vec<Uuid>)> {
     let pool = Pool::of(&sr.md.sr)?;
     pool.activate()?;
-    let device = local_origin(&pool, t)?;
+    let device = origin::local_origin(&pool, t, t.virtual_size)?;
     let mut moved = Vec::new();
     let clones: Vec<VdiRecord> = sr
         .md
@@ -194,7 +196,8 @@ fn swap(sr: &mut Sr, t: &VdiRecord) -> Result<(PathBuf, Vec<Uuid>)> {
         .collect();
     for c in clones {
         let Some(id) = c.thin_id else { continue };
-        pool.set_origin(c.uuid, id, c.virtual_size, &device)?;
+        let origin = origin::local_origin(&pool, t, c.virtual_size)?;
+        pool.set_origin(c.uuid, id, c.virtual_size, &origin)?;
         moved.push(c.uuid);
     }
     crate::crash::point("pivoted");
@@ -207,6 +210,8 @@ fn swap(sr: &mut Sr, t: &VdiRecord) -> Result<(PathBuf, Vec<Uuid>)> {
         crate::device::disconnect(nbd)?;
     }
     origin::stop(sr_uuid, t.uuid)?;
+    // Nothing writes the cache any more; the kernel now says so too.
+    pool.make_read_only(t.uuid)?;
     if moved.is_empty() {
         // No clone reads it now (a pivot asked for before any attach).
         pool.detach_local_origin(t.uuid)?;
@@ -220,17 +225,4 @@ fn swap(sr: &mut Sr, t: &VdiRecord) -> Result<(PathBuf, Vec<Uuid>)> {
         tracing::info!(template = %t.uuid, clones = moved.len(), "pivoted onto the local cache");
     }
     Ok((device, moved))
-}
-
-/// Template `t`'s local origin device, made (over its cache volume, made active
-/// read-only) unless it exists.
-pub fn local_origin(pool: &Pool, t: &VdiRecord) -> Result<PathBuf> {
-    let id = t.thin_id.ok_or_else(|| {
-        Error::new(
-            Code::SrBackendFailure,
-            format!("template {} has no cache volume recorded", t.shown()),
-        )
-    })?;
-    let cache = pool.attach(t.uuid, id, origin::cache_bytes(t.virtual_size)?, true, None)?;
-    pool.attach_local_origin(t.uuid, &cache, t.virtual_size)
 }

@@ -308,7 +308,17 @@ impl Backend for ThinBackend {
         // its next attach, never one larger than its record.
         sr.md.get_mut(vdi).expect("found").virtual_size = size;
         sr.save()?;
-        Pool::of(&sr.md.sr)?.resize_attached(vdi, id, size)
+        let pool = Pool::of(&sr.md.sr)?;
+        // A clone of a local template that outgrows its cache's data reads the
+        // template through the linear local origin from now on.
+        let local = v.backing.and_then(|b| sr.md.get(b)).filter(|t| t.local);
+        match local {
+            Some(t) if v.attached => {
+                let origin = super::origin::local_origin(&pool, t, size)?;
+                pool.set_origin(vdi, id, size, &origin)
+            }
+            _ => pool.resize_attached(vdi, id, size),
+        }
     }
 
     fn check(&self, sr: &Sr) -> Vec<Finding> {
