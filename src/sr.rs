@@ -308,7 +308,16 @@ fn origin(a: OriginArgs) -> anyhow::Result<u8> {
     // The shutdown signal is made inside the runtime (it registers with its reactor).
     let result = runtime.block_on(async move {
         let shutdown = crate::serve::shutdown_signal();
-        let exe = std::env::current_exe().unwrap_or_else(|_| "thinline".into());
+        // After an upgrade replaced the binary, the path names the new one.
+        let exe = std::env::current_exe().map_or_else(
+            |_| "thinline".into(),
+            |p| {
+                let shown = p.to_string_lossy();
+                shown
+                    .strip_suffix(" (deleted)")
+                    .map_or(p.clone(), std::path::PathBuf::from)
+            },
+        );
         thinline_sr::backend::lvm::origin::serve(path, a.template, templates, exe, shutdown).await
     });
     match result {

@@ -151,9 +151,10 @@ struct AttachArgs {
 /// device tables reloaded: the same bytes, I/O paused only for the swap); then the
 /// proxy and its nbd device stop, and later clones start local. The template is
 /// hydrated first if needed (progress on a terminal, progress records on stderr with
-/// --json; Ctrl-C stops waiting, the hydration goes on and the clones pivot when it is
-/// done). A clone already local, or a VDI built on no template, is left as it is.
-/// This also happens by itself when a template's cache completes.
+/// --json; Ctrl-C stops waiting: with --hydrate background the hydration goes on and the
+/// clones pivot when it is done, else run this again to go on). A clone already local,
+/// or a VDI built on no template, is left as it is. With --hydrate background this also
+/// happens by itself when a template's cache completes.
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   thinline vdi pivot --sr vms UUID

@@ -125,6 +125,10 @@ pub struct VdiRecord {
     /// from there (pivoted), not through its proxy.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub local: bool,
+    /// LVM SRs' templates: a pivot onto the complete, scrubbed cache began (clones may
+    /// already read it); any later pivot or attach finishes it, without the proxy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pivoting: bool,
 }
 
 impl VdiRecord {
@@ -147,11 +151,17 @@ impl VdiRecord {
             thin_id: None,
             lv: None,
             local: false,
+            pivoting: false,
         }
     }
 
     pub fn is_template(&self) -> bool {
         self.kind == VdiType::Template
+    }
+
+    /// A template whose clones read its local cache (pivoted, or a pivot begun).
+    pub fn is_local(&self) -> bool {
+        self.local || self.pivoting
     }
 
     pub fn read_only(&self) -> bool {

@@ -1,7 +1,8 @@
 //! The SRs this user created or introduced, so commands can name an SR by UUID and
 //! `sr list` can show them: a small JSON file replaced atomically under a lock.
-//! `THINLINE_SR_REGISTRY` names the file; the default is
-//! `$XDG_STATE_HOME/thinline/srs.json` (or `~/.local/state/thinline/srs.json`).
+//! `THINLINE_SR_REGISTRY` names the file; the default is `/var/lib/thinline/srs.json`
+//! for root (the host's SRs, whether a shell or a system service asks: services have no
+//! home), else `$XDG_STATE_HOME/thinline/srs.json` (or `~/.local/state/thinline/srs.json`).
 
 use std::path::{Path, PathBuf};
 
@@ -30,6 +31,9 @@ struct File {
 pub fn location() -> PathBuf {
     if let Some(p) = std::env::var_os("THINLINE_SR_REGISTRY") {
         return PathBuf::from(p);
+    }
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/var/lib/thinline/srs.json");
     }
     let state = std::env::var_os("XDG_STATE_HOME")
         .map(PathBuf::from)

@@ -312,6 +312,8 @@ lsr_pivot() {
     test "$($_t vdi stat --sr tlsr "$TC" --json | js 'd["origin"]')" = partial
   dd if=/tmp/lsr-template.raw of=/tmp/lsr-t16 bs=1M skip=16 count=16 status=none
   rm -f /tmp/lsr-stop /tmp/lsr-fio-* /tmp/lsr-reads-*
+  # The clone's snapshot, attached read-only: the pivot moves it too, and it stays read-only.
+  TSDEV=$($_t vdi attach --sr tlsr "$TS" --json | js 'd["device"]')
   # Short fio runs that each write and verify 8 MiB of the clone (32..40 MiB), and reads of the
   # template's bytes at 16..32 MiB, one after another until told to stop: the pivot lands in or
   # between them, and every one of them must pass.
@@ -343,6 +345,8 @@ lsr_pivot() {
   _tcs=$(echo "$TC" | tr -d -)
   _moved=$(dmsetup table "thinline-$_srs-$_tcs" | awk '{print $6}')
   _lmm=$(dmsetup info -c --noheadings -o major,minor "thinline-$_srs-$(echo "$TPL" | tr -d -)" 2>/dev/null | tr -d ' ')
+  _half=$($_t vdi stat --sr tlsr "$TC" --json | js 'd["origin"]')
+  _halfcheck=$($_t sr check --sr tlsr --json | js '[f["kind"] for f in d["findings"]]')
   sleep 1
   $_t vdi pivot --sr tlsr "$TC" --json >/tmp/lsr-pivot.json 2>/tmp/lsr-pivot.err
   _rc=$?
@@ -351,6 +355,8 @@ lsr_pivot() {
   wait "$_fio" "$_reader"
   check "lvm-sr: a pivot killed (abort) after the clones moved leaves the clone on the local origin" \
     test "$_crc $_moved" = "134 $_lmm" || cat /tmp/lsr-crash.json
+  check "lvm-sr: vdi stat said origin local for the half-pivoted clone" test "$_half" = local
+  check "lvm-sr: sr check found the unfinished pivot" test "$_halfcheck" = "['pivot_unfinished']"
   check "lvm-sr: vdi pivot hydrates the template and answers origin local" \
     test "$_rc $(js 'd["origin"]' </tmp/lsr-pivot.json 2>/dev/null)" = "0 local" ||
     { cat /tmp/lsr-pivot.json /tmp/lsr-pivot.err; tail -n 30 /tmp/lsr-state/lvm/*/.thinline-sr/run/origin-*.log; }
@@ -368,6 +374,12 @@ lsr_pivot() {
   _local=$(dmsetup info -c --noheadings -o major,minor "thinline-$_srs-$_tpls" | tr -d ' ')
   check "lvm-sr: the clone's external origin is now the template's cache volume" \
     test "$(dmsetup table "thinline-$_srs-$(echo "$TC" | tr -d -)" | awk '{print $6}')" = "$_local"
+  check "lvm-sr: the attached read-only snapshot moved onto the cache volume and is still read-only" \
+    sh -c "test \"\$(dmsetup table thinline-$_srs-$(echo "$TS" | tr -d -) | awk '{print \$6}')\" = '$_local' &&
+      test \"\$(blockdev --getro $TSDEV)\" = 1 && ! dd if=/tmp/lsr-p3 of=$TSDEV bs=1M count=1 oflag=direct status=none 2>/dev/null &&
+      dd if=$TSDEV bs=1M count=1 iflag=direct status=none | cmp - /tmp/lsr-t1 &&
+      dd if=$TSDEV bs=1M skip=1 count=4 iflag=direct status=none | cmp - /tmp/lsr-p2"
+  check "lvm-sr: the snapshot detached" exits 0 $_t vdi detach --sr tlsr "$TS" --json
   check "lvm-sr: the template's cache volume is read-only once its proxy stopped" \
     test "$(blockdev --getro "/dev/mapper/thinline-$_srs-$_tpls")" = 1
   check "lvm-sr: the pivoted clone reads its writes and the template" \

@@ -114,7 +114,7 @@ fn template_origin(
     clone_size: u64,
     exe: &Path,
 ) -> Result<PathBuf> {
-    if t.local {
+    if t.is_local() {
         let device = origin::local_origin(pool, t, clone_size)?;
         let recorded = device.display().to_string();
         if t.device.as_deref() != Some(recorded.as_str()) {
@@ -143,8 +143,8 @@ fn template_origin(
 }
 
 /// Attaches again every VDI recorded as attached whose device is gone (after a host
-/// restart: the pool, a template's proxy and nbd device too, as [`attach`] does);
-/// returns what it did.
+/// restart: the pool, a template's proxy and nbd device too, as [`attach`] does), and
+/// finishes the pivots a crash interrupted; returns what it did.
 pub fn reattach(sr: &mut Sr, exe: &Path) -> Result<Vec<String>> {
     let pool = Pool::of(&sr.md.sr)?;
     let missing: Vec<Uuid> = sr
@@ -159,6 +159,7 @@ pub fn reattach(sr: &mut Sr, exe: &Path) -> Result<Vec<String>> {
         let device = attach(sr, vdi, exe)?.device.unwrap_or_default();
         done.push(format!("attached VDI {vdi} again as {device}"));
     }
+    done.extend(super::pivot::finish_begun(sr)?);
     Ok(done)
 }
 

@@ -430,19 +430,36 @@ impl Pool {
     }
 
     /// Loads the thin table of `id` into device `name`, then swaps it in: a failed load
-    /// leaves the live table, and the device is never left suspended by this call.
+    /// leaves the live table, and the device is never left suspended by this call. A
+    /// read-only device stays read-only (a table loaded without the flag would make it
+    /// writable).
     fn reload(&self, name: &str, id: u32, size: u64, origin: Option<&str>) -> Result<()> {
         let pool = format!("/dev/mapper/{}", self.name());
         let table = thin_table(&pool, id, size, origin)?;
-        self.dm.run(&["reload", name, "--table", &table])?;
+        let mut args = vec!["reload", name, "--table", table.as_str()];
+        if self.is_read_only(name)? {
+            args.push("--readonly");
+        }
+        self.dm.run(&args)?;
         self.dm.resume(name)
+    }
+
+    /// Whether device `name` is read-only now (`/sys/block/dm-MINOR/ro`).
+    fn is_read_only(&self, name: &str) -> Result<bool> {
+        let minor = self
+            .dm
+            .run(&["info", "-c", "--noheadings", "-o", "minor", name])?;
+        let path = format!("/sys/block/dm-{}/ro", minor.trim());
+        let ro = std::fs::read_to_string(&path)
+            .map_err(|e| Error::io(format!("cannot read {path}"), &e))?;
+        Ok(ro.trim() == "1")
     }
 
     /// Makes `vdi`'s device, if it exists, read-only (its live table loaded again with
     /// the read-only flag).
     pub fn make_read_only(&self, vdi: Uuid) -> Result<()> {
         let name = self.device_name(vdi);
-        if !self.dm.exists(&name) {
+        if !self.dm.exists(&name) || self.is_read_only(&name)? {
             return Ok(());
         }
         let table = self.dm.run(&["table", &name])?;

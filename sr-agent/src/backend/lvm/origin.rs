@@ -131,6 +131,10 @@ pub fn local_origin(pool: &Pool, t: &crate::model::VdiRecord, clone_size: u64) -
         )
     })?;
     let cache = pool.attach(t.uuid, id, cache_bytes(t.virtual_size)?, true, None)?;
+    if t.local {
+        // Made writable by a proxy and left so by a pivot that crashed before it ended.
+        pool.make_read_only(t.uuid)?;
+    }
     if clone_size <= cache_data_end(t.virtual_size) {
         return Ok(cache);
     }
@@ -284,8 +288,8 @@ async fn answer_status(listener: tokio::net::UnixListener, cor: CorExport, ready
     }
 }
 
-/// Waits for the cache to be complete, scrubs it (bad chunks are forgotten and fetched
-/// again), says it is ready, and with `pivot_by_itself` (`(exe, home)`) runs `exe vdi
+/// Waits for the cache to be complete (a failed hydration started again every
+/// minute), scrubs it (bad chunks are forgotten and fetched again), says it is ready, and with `pivot_by_itself` (`(exe, home)`) runs `exe vdi
 /// pivot --if-ready` until the pivot stops this proxy (again a minute after a pivot
 /// that failed).
 async fn complete_and_pivot(
@@ -294,8 +298,15 @@ async fn complete_and_pivot(
     pivot_by_itself: Option<(PathBuf, PathBuf)>,
     template: Uuid,
 ) {
+    let mut retried = Instant::now();
     loop {
         if !cor.cache().is_complete() {
+            // A hydration an upstream error stopped starts again a minute later, from
+            // what it fetched.
+            if cor.status().prefetch == "failed" && retried.elapsed() >= Duration::from_secs(60) {
+                retried = Instant::now();
+                cor.start_prefetch(PrefetchOptions::default());
+            }
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
@@ -378,11 +389,14 @@ fn open(home: &Path, template: Uuid, templates: &Templates) -> Result<Opened> {
                 format!("no template {template} in SR {}", sr.md.sr.uuid),
             )
         })?;
-    if t.local {
+    if t.is_local() {
         // Its clones read the cache directly: nothing may write it any more.
         return Err(Error::new(
             Code::VdiInUse,
-            format!("template {} is local: it needs no proxy", t.shown()),
+            format!(
+                "template {} is local (or being pivoted): it needs no proxy",
+                t.shown()
+            ),
         ));
     }
     let id = t.thin_id.ok_or_else(|| {

@@ -8,19 +8,19 @@
 //! stopped, and the template is recorded as local: clones attached later read the local
 //! origin from the start, and no proxy of it runs again.
 //!
-//! Every step is idempotent, and the template is recorded as local only after the
-//! last one: a crash in between leaves clones on the local origin (same bytes) and the
-//! template not yet local, which the next pivot (the proxy's own, or `vdi pivot`)
-//! finishes.
+//! The template is recorded `pivoting` before the first clone moves (its cache is
+//! complete and scrubbed by then) and `local` after the last step; every step is
+//! idempotent, so a crash in between leaves clones on the local origin (same bytes) and
+//! a pivot that the next `vdi pivot`, or attach of a clone, finishes without a proxy.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
 use super::host::Pool;
 use super::origin;
-use crate::model::VdiRecord;
+use crate::model::{Hydrate, VdiRecord};
 use crate::store::Sr;
 use crate::{Code, Error, Result};
 
@@ -34,7 +34,6 @@ pub struct Pivoted {
     /// `partial`.
     pub origin: &'static str,
     /// The template's local origin device.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
     /// The attached clones moved onto it by this call.
     pub clones: Vec<Uuid>,
@@ -73,10 +72,13 @@ fn template_of(sr: &Sr, v: &VdiRecord) -> Result<Option<VdiRecord>> {
 /// Where `v` reads what it never wrote from: `local`, `partial` or `remote` (see
 /// [`crate::model::VdiView::origin`]).
 pub fn origin_of(sr: &Sr, v: &VdiRecord) -> &'static str {
-    let Ok(Some(t)) = template_of(sr, v) else {
-        return "local";
+    let t = match template_of(sr, v) {
+        Ok(Some(t)) => t,
+        Ok(None) => return "local",
+        // A forgotten template: what it never wrote cannot be read locally.
+        Err(_) => return "remote",
     };
-    if t.local {
+    if t.is_local() {
         return "local";
     }
     match origin::status(sr.md.sr.uuid, t.uuid) {
@@ -109,8 +111,9 @@ pub fn pivot(
         });
     };
     let sr_uuid = sr.md.sr.uuid;
+    let background = sr.md.sr.lvm.as_ref().map(|l| l.hydrate) == Some(Hydrate::Background);
     drop(sr);
-    let mut asked = false;
+    let mut asked: Option<Instant> = None;
     loop {
         {
             let mut sr = Sr::open(home)?;
@@ -126,14 +129,14 @@ pub fn pivot(
                     clones: Vec::new(),
                 });
             }
-            let ready = origin::status(sr_uuid, t.uuid);
-            if ready.as_ref().is_some_and(|s| s.ready) {
+            let status = origin::status(sr_uuid, t.uuid);
+            if t.pivoting || status.as_ref().is_some_and(|s| s.ready) {
                 let (device, clones) = swap(&mut sr, &t)?;
                 return Ok(Pivoted {
                     uuid: vdi,
                     template: Some(t.uuid),
                     origin: "local",
-                    device: Some(device.display().to_string()),
+                    device: device.map(|d| d.display().to_string()),
                     clones,
                 });
             }
@@ -146,18 +149,22 @@ pub fn pivot(
                     clones: Vec::new(),
                 });
             }
-            if ready.is_none() {
-                // No proxy runs (no clone attached): one that hydrates, and pivots
-                // by itself when done.
+            if status.is_none() {
+                // No proxy runs (no clone attached): one that hydrates.
                 let pool = Pool::of(&sr.md.sr)?;
                 pool.activate()?;
                 super::thin::cache_volume(&mut sr, &pool, t.uuid)?;
                 origin::ensure(&sr.path, sr_uuid, t.uuid, exe)?;
-                asked = false;
+                asked = None;
             }
-            if !asked {
+            // Asked once, and again every 10 s after a hydration that failed (an
+            // upstream error: it goes on from what it fetched).
+            let failed = status
+                .as_ref()
+                .is_some_and(|s| s.cache.prefetch == "failed");
+            if asked.is_none_or(|at| failed && at.elapsed() >= Duration::from_secs(10)) {
                 origin::request_hydration(sr_uuid, t.uuid)?;
-                asked = true;
+                asked = Some(Instant::now());
             }
         }
         // Without the SR's lock while the template is fetched.
@@ -165,27 +172,75 @@ pub fn pivot(
             progress(s.cache.percent_present / 100.0);
         }
         if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(Error::new(
-                Code::Cancelled,
-                format!(
-                    "interrupted: template {} goes on hydrating, and its clones pivot when it is done",
-                    t.uuid
-                ),
-            ));
+            return Err(interrupted_pivot(home, t.uuid, background));
         }
         std::thread::sleep(Duration::from_millis(500));
     }
 }
 
-/// The swap itself (the SR open for changes; the template local, or its proxy ready):
-/// the local origin made, each attached clone's table reloaded onto it, the nbd device
-/// disconnected, the proxy stopped and the cache device made read-only (with no clone
-/// attached, the local origin and cache device removed instead), then the template
-/// recorded as local.
-fn swap(sr: &mut Sr, t: &VdiRecord) -> Result<(PathBuf, Vec<Uuid>)> {
+/// The error of a `vdi pivot` interrupted while it waited for template `template`:
+/// hydrating in the background, the proxy goes on and pivots by itself; on request, a
+/// proxy no attached clone reads is stopped (what it fetched is kept).
+fn interrupted_pivot(home: &Path, template: Uuid, background: bool) -> Error {
+    let cancelled = |what: &str| {
+        Error::new(
+            Code::Cancelled,
+            format!("interrupted: template {template} {what}"),
+        )
+    };
+    if background {
+        return cancelled("goes on hydrating, and its clones pivot when it is done");
+    }
+    let stopped = Sr::open(home).and_then(|sr| {
+        let read = sr
+            .md
+            .vdis
+            .iter()
+            .any(|c| c.attached && c.backing == Some(template));
+        if read {
+            return Ok(false);
+        }
+        origin::stop(sr.md.sr.uuid, template)?;
+        Pool::of(&sr.md.sr)?.detach(template)?;
+        Ok(true)
+    });
+    match stopped {
+        Ok(true) => cancelled("keeps what was fetched; run vdi pivot again to go on"),
+        Ok(false) => cancelled("goes on hydrating; run vdi pivot again to finish"),
+        Err(e) => e,
+    }
+}
+
+/// Finishes every pivot a crash interrupted (the SR open for changes), as `vdi pivot`
+/// would; returns what it did.
+pub fn finish_begun(sr: &mut Sr) -> Result<Vec<String>> {
+    let begun: Vec<VdiRecord> = sr.md.vdis.iter().filter(|t| t.pivoting).cloned().collect();
+    let mut done = Vec::new();
+    for t in begun {
+        let (_, moved) = swap(sr, &t)?;
+        done.push(format!(
+            "finished the pivot of template {} onto its local cache ({} clones moved)",
+            t.uuid,
+            moved.len()
+        ));
+    }
+    Ok(done)
+}
+
+/// The swap itself (the SR open for changes; the template's cache complete and
+/// scrubbed, or its pivot begun): the template recorded `pivoting`, each attached
+/// clone's table reloaded onto its local origin, the nbd device disconnected and the
+/// proxy stopped (if they are there), the template recorded `local`, then its cache
+/// device made read-only (with no clone attached, it and the local origin removed
+/// instead). Returns the local origin of a clone of the template's size, if one is
+/// attached, and the clones moved.
+fn swap(sr: &mut Sr, t: &VdiRecord) -> Result<(Option<PathBuf>, Vec<Uuid>)> {
     let pool = Pool::of(&sr.md.sr)?;
     pool.activate()?;
-    let device = origin::local_origin(&pool, t, t.virtual_size)?;
+    if !t.pivoting {
+        sr.md.get_mut(t.uuid).expect("found").pivoting = true;
+        sr.save()?;
+    }
     let mut moved = Vec::new();
     let clones: Vec<VdiRecord> = sr
         .md
@@ -210,17 +265,21 @@ fn swap(sr: &mut Sr, t: &VdiRecord) -> Result<(PathBuf, Vec<Uuid>)> {
         crate::device::disconnect(nbd)?;
     }
     origin::stop(sr_uuid, t.uuid)?;
-    // Nothing writes the cache any more; the kernel now says so too.
-    pool.make_read_only(t.uuid)?;
-    if moved.is_empty() {
+    let device = if moved.is_empty() {
         // No clone reads it now (a pivot asked for before any attach).
         pool.detach_local_origin(t.uuid)?;
         pool.detach(t.uuid)?;
-    }
+        None
+    } else {
+        Some(origin::local_origin(&pool, t, t.virtual_size)?)
+    };
     let rec = sr.md.get_mut(t.uuid).expect("found");
     rec.local = true;
-    rec.device = (!moved.is_empty()).then(|| device.display().to_string());
+    rec.pivoting = false;
+    rec.device = device.as_ref().map(|d| d.display().to_string());
     sr.save()?;
+    // Nothing writes the cache any more; the kernel says so too.
+    pool.make_read_only(t.uuid)?;
     if !moved.is_empty() {
         tracing::info!(template = %t.uuid, clones = moved.len(), "pivoted onto the local cache");
     }

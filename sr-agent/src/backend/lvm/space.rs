@@ -26,7 +26,7 @@ pub fn grow(sr: &mut Sr, by: u64) -> Result<u64> {
         Error::new(
             Code::SrFull,
             format!(
-                "VG {} has no free space for the pool to grow into (add a device to the VG)",
+                "VG {} has no free space for the pool to grow into (vgextend it, then `sr introduce --type lvm` it so that the SR knows the new device)",
                 pool_vg(sr)
             ),
         )

@@ -311,7 +311,10 @@ impl Backend for ThinBackend {
         let pool = Pool::of(&sr.md.sr)?;
         // A clone of a local template that outgrows its cache's data reads the
         // template through the linear local origin from now on.
-        let local = v.backing.and_then(|b| sr.md.get(b)).filter(|t| t.local);
+        let local = v
+            .backing
+            .and_then(|b| sr.md.get(b))
+            .filter(|t| t.is_local());
         match local {
             Some(t) if v.attached => {
                 let origin = super::origin::local_origin(&pool, t, size)?;
@@ -349,6 +352,16 @@ impl Backend for ThinBackend {
             }
         }
         findings.extend(raw_findings(sr));
+        for t in sr.md.vdis.iter().filter(|t| t.pivoting) {
+            findings.push(Finding {
+                kind: "pivot_unfinished",
+                message: format!(
+                    "the pivot of template {} onto its local cache was interrupted: `sr check --repair` or `vdi pivot` finishes it",
+                    t.shown()
+                ),
+                repairable: true,
+            });
+        }
         if let Ok(pool) = Pool::of(&sr.md.sr) {
             for v in sr.md.vdis.iter().filter(|v| v.attached) {
                 if !pool.device_exists(v) {
@@ -391,8 +404,12 @@ impl Backend for ThinBackend {
                 "wiped and removed LV {lv}, which belonged to no VDI"
             ));
         }
-        if let Some(new) = super::space::autoextend(sr)? {
-            done.push(format!("grew the pool's data to {new} bytes"));
+        // A pool that cannot grow is reported by the check; the rest of the repair
+        // (attaching VDIs again at boot) goes on.
+        match super::space::autoextend(sr) {
+            Ok(Some(new)) => done.push(format!("grew the pool's data to {new} bytes")),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e.message, "cannot grow the pool"),
         }
         Ok(done)
     }
