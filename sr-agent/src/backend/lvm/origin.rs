@@ -229,10 +229,12 @@ pub async fn serve(
         )
         .map_err(serve_err)?;
     let server = Server::new(exports, ServerConfig::default()).map_err(serve_err)?;
-    let listener = Listener::bind_unix(&socket_of(sr, template)).map_err(serve_err)?;
-    let ready = Arc::new(AtomicBool::new(false));
+    // The status socket first: `ensure` returns once the NBD socket answers, and its
+    // caller may ask the status socket at once.
     let status_listener =
         thinline_cor::status::bind(&status_socket_of(sr, template)).map_err(|e| serve_err(*e))?;
+    let listener = Listener::bind_unix(&socket_of(sr, template)).map_err(serve_err)?;
+    let ready = Arc::new(AtomicBool::new(false));
     let answering = tokio::spawn(answer_status(status_listener, cor.clone(), ready.clone()));
     // With hydration on request, the `vdi pivot` that asked for it does the swap.
     let pivot_by_itself = (opened.hydrate == Hydrate::Background).then(|| (exe, home.clone()));
