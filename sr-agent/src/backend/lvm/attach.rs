@@ -186,12 +186,7 @@ pub fn detach(sr: &mut Sr, vdi: Uuid) -> Result<()> {
 /// Unless an attached VDI reads from template `template`: its nbd device disconnected,
 /// its proxy stopped, its local origin and cache device removed (each if there).
 fn release_origin(sr: &mut Sr, pool: &Pool, template: Uuid) -> Result<()> {
-    let in_use = sr
-        .md
-        .vdis
-        .iter()
-        .any(|o| o.attached && o.backing == Some(template));
-    if in_use {
+    if sr.md.dependents(template).any(|o| o.attached) {
         return Ok(());
     }
     let sr_uuid = sr.md.sr.uuid;

@@ -192,12 +192,7 @@ fn interrupted_pivot(home: &Path, template: Uuid, background: bool) -> Error {
         return cancelled("goes on hydrating, and its clones pivot when it is done");
     }
     let stopped = Sr::open(home).and_then(|sr| {
-        let read = sr
-            .md
-            .vdis
-            .iter()
-            .any(|c| c.attached && c.backing == Some(template));
-        if read {
+        if sr.md.dependents(template).any(|c| c.attached) {
             return Ok(false);
         }
         origin::stop(sr.md.sr.uuid, template)?;
@@ -244,9 +239,8 @@ fn swap(sr: &mut Sr, t: &VdiRecord) -> Result<(Option<PathBuf>, Vec<Uuid>)> {
     let mut moved = Vec::new();
     let clones: Vec<VdiRecord> = sr
         .md
-        .vdis
-        .iter()
-        .filter(|c| c.attached && c.backing == Some(t.uuid) && c.lv.is_none())
+        .dependents(t.uuid)
+        .filter(|c| c.attached && c.lv.is_none())
         .cloned()
         .collect();
     for c in clones {
