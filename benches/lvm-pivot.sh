@@ -7,10 +7,12 @@
 #                nothing of the template cached (a new template record, so a new cache, per job)
 #   proxy-warm   the same with every block cached (read once through the clone first)
 #   pivoted      that clone after `vdi pivot` (its origin the local cache, no proxy)
-#   plain-thin   a thin volume of the same pool holding the template's bytes
+#   thin-snapshot  the control: a dm-thin snapshot (`vdi snapshot`) of another thin volume
+#                holding the template's bytes, every block of it shared
+#   plain-thin   a thin volume of the same pool holding the template's bytes (never snapshotted)
 #
 # in ROUNDS rounds, and prints a Markdown table: the median of each, and its ratio to plain-thin
-# (the median, then every round's): each proxy-warm and pivoted run is followed by the same job
+# (the median, then every round's): each run but proxy-cold is followed by the same job
 # on the plain thin volume and divided by it, since the emulated machine's speed drifts and
 # neighbouring runs drift together; proxy-cold is divided by its round's plain-thin median. Everything lives in the guest's memory (the loop device's file and
 # the template's file are on tmpfs), so the figures compare the paths, not disks; software
@@ -34,7 +36,7 @@ workdir=$(mktemp -d "${TMPDIR:-/tmp}/thinline-lvm-pivot.XXXXXX")
   echo "ROUNDS=${ROUNDS:-3}"
   echo "SIZE_MIB=${SIZE_MIB:-128}"
 } >"$workdir/lvm-pivot.env"
-VM_MEM=${VM_MEM:-3072} VM_TIMEOUT=${VM_TIMEOUT:-3600} \
+VM_MEM=${VM_MEM:-4096} VM_TIMEOUT=${VM_TIMEOUT:-3600} \
   "$repo/tests/kernel/run-vm.sh" "$here/lib/lvm-pivot-guest.sh" "$workdir" || true
 if ! grep -q "lvm-pivot: DONE" "$workdir/console.log"; then
   tail -n 60 "$workdir/console.log" >&2

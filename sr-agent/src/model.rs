@@ -186,6 +186,9 @@ pub struct SrView {
     /// An LVM SR's volume group.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vg: Option<String>,
+    /// An LVM SR's devices (its VG's PVs, as recorded: what its lvm2 commands see).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
     /// An LVM SR's templates are fetched whole: `background` or `on-pivot`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hydrate: Option<Hydrate>,

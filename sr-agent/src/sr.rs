@@ -22,6 +22,13 @@ pub fn view(sr: &Sr, backend: &dyn Backend) -> Result<SrView> {
         kind: sr.md.sr.kind,
         path: sr.path.display().to_string(),
         vg: sr.md.sr.lvm.as_ref().map(|l| l.vg.clone()),
+        devices: sr
+            .md
+            .sr
+            .lvm
+            .iter()
+            .flat_map(|l| l.devices.iter().map(|d| d.display().to_string()))
+            .collect(),
         hydrate: sr.md.sr.lvm.as_ref().map(|l| l.hydrate),
         total_space,
         free_space,

@@ -506,7 +506,7 @@ PY
 # A full pool that fails writes (`--when-full error`, the default), on an SR of its own (a small
 # loop device: the guest's /tmp is memory): a disk written past the pool's end gets ENOSPC, the
 # pool is out of data space, what was written before is intact, and `sr grow` (from the reserve)
-# makes it take writes again.
+# makes it take writes again, also after growths killed half-way.
 lsr_full() {
   truncate -s 64M /tmp/lsr-f
   LSR_F=$(losetup -f --show /tmp/lsr-f) || { fail "lvm-sr: a loop device for the full pool"; return 1; }
@@ -533,18 +533,46 @@ lsr_full() {
       dd if=$FDEV bs=1M skip=100 count=4 iflag=direct status=none | cmp - /tmp/lsr-p2"
   check "lvm-sr: sr grow beyond the VG's free space is SR_FULL (exit 15)" \
     exits 15 $_t sr grow --sr tlfull --by 1G --json
+  # kill -9 (abort) of sr grow after its record, then after its lvextend (the VG's last 4 MiB).
+  THINLINE_SR_CRASH_AT=grow-recorded $_t sr grow --sr tlfull --by 4M --json >/dev/null 2>&1
+  _crc=$?
+  check "lvm-sr: a growth killed after its record: the next command runs the pool at its recorded size" \
+    test "$_crc $($_t sr stat --sr tlfull --json | js '(d["total_space"], d["pool"]["mode"])')" = "134 ($((_before + (12 << 20))), 'read_write')"
+  THINLINE_SR_CRASH_AT=data-extended $_t sr grow --sr tlfull --by 4M --json >/dev/null 2>&1
+  _crc=$?
+  check "lvm-sr: a growth killed after its lvextend changes nothing recorded" \
+    test "$_crc $($_t sr stat --sr tlfull --json | js 'd["total_space"]')" = "134 $((_before + (12 << 20)))"
+  check "lvm-sr: the next sr grow takes up what the killed one extended (the VG has no more room)" \
+    test "$($_t sr grow --sr tlfull --by 4M --json | js 'd["total_space"]')" = $((_before + (16 << 20)))
+  check "lvm-sr: the grown disk still reads what was written" \
+    sh -c "dd if=$FDEV bs=1M count=4 iflag=direct status=none | cmp - /tmp/lsr-p1 &&
+      dd if=$FDEV bs=1M skip=100 count=4 iflag=direct status=none | cmp - /tmp/lsr-p2"
+  # A device added to the VG: `sr introduce` names it in the SR's records, `sr grow` uses it.
+  truncate -s 32M /tmp/lsr-f2
+  LSR_F2=$(losetup -f --show /tmp/lsr-f2)
+  require "lvm-sr: a device added to the full SR's VG (vgextend)" quietly \
+    sh -c "pvcreate -y --config '$_nu' $LSR_F2 && vgextend --config '$_nu' tlfull $LSR_F2"
+  _fsr=$($_t sr stat --sr tlfull --json | js 'd["uuid"]')
+  check "lvm-sr: sr introduce of the extended VG adopts the SR again with both devices" \
+    test "$($_t sr introduce --type lvm tlfull --json | js '(d["uuid"], len(d["devices"]))')" = "('$_fsr', 2)"
+  check "lvm-sr: sr grow then grows the pool from the new device" \
+    test "$($_t sr grow --sr tlfull --by 16M --json | js 'd["total_space"]')" = $((_before + (32 << 20)))
+  check "lvm-sr: the disk attached across the introduce reads what was written" \
+    sh -c "dd if=$FDEV bs=1M count=4 iflag=direct status=none | cmp - /tmp/lsr-p1"
   # As after a reboot: the pool built again from the records, at its grown size.
   $_t vdi detach --sr tlfull "$FD" --json >/dev/null
   dmsetup remove "thinline-$($_t sr stat --sr tlfull --json | js 'd["uuid"].replace("-", "")')-pool"
   check "lvm-sr: the grown pool activates again at its grown size, data intact" \
-    sh -c "test \"\$($_t sr stat --sr tlfull --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"total_space\"])')\" = $((_before + (8 << 20))) &&
+    sh -c "test \"\$($_t sr stat --sr tlfull --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"total_space\"])')\" = $((_before + (32 << 20))) &&
       FDEV=\$($_t vdi attach --sr tlfull $FD --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"device\"])') &&
       dd if=\$FDEV bs=1M count=4 iflag=direct status=none | cmp - /tmp/lsr-p1 &&
       dd if=\$FDEV bs=1M skip=100 count=4 iflag=direct status=none | cmp - /tmp/lsr-p2"
   check "lvm-sr: the full pool's SR destroyed" \
     sh -c "$_t vdi detach --sr tlfull $FD --json >/dev/null && $_t sr destroy --sr tlfull --force --json >/dev/null"
-  losetup -d "$LSR_F" 2>/dev/null
-  rm -f /tmp/lsr-f /tmp/lsr-dd.err
+  check "lvm-sr: the destroyed SR's devices hold no signature, the added one too" \
+    test -z "$(blkid -p "$LSR_F" "$LSR_F2" 2>/dev/null || true)"
+  losetup -d "$LSR_F" "$LSR_F2" 2>/dev/null
+  rm -f /tmp/lsr-f /tmp/lsr-f2 /tmp/lsr-dd.err
 }
 
 # A pool that queues writes when full (`--when-full queue`) with `sr monitor` running: a write

@@ -141,11 +141,13 @@ impl Pool {
     }
 
     /// Makes the pool active if it is not: its LVs active, its metadata checked with
-    /// `thin_check` (damaged metadata is never activated), the pool device made.
+    /// `thin_check` (damaged metadata is never activated), the pool device made. An
+    /// active pool smaller than recorded (a growth killed between its record and the
+    /// reload) gets its recorded size.
     pub fn activate(&self) -> Result<()> {
         let pool = self.name();
         if self.dm.exists(&pool) {
-            return Ok(());
+            return self.reload_if_smaller();
         }
         // One activation at a time: commands that only read do not hold the SR's lock,
         // and metadata being activated must not be checked meanwhile.
@@ -193,9 +195,10 @@ impl Pool {
     /// `lvextend`
     /// of the data LV, then `record` with the new size (what activation builds the
     /// pool's table from), then the active pool's table reloaded. A crash in between
-    /// leaves a data LV larger than recorded (grown again next time) or a pool recorded
-    /// larger than its live table (activated at the recorded size). Returns the new
-    /// size, or `None` when there is no room.
+    /// leaves a data LV larger than recorded (taken up by the next growth, which asks the
+    /// VG only for the rest) or a pool recorded larger than its live table (reloaded at
+    /// the recorded size by the next [`Pool::activate`]). Returns the new size, or
+    /// `None` when there is no room.
     pub fn grow_data(
         &self,
         by: u64,
@@ -221,7 +224,10 @@ impl Pool {
         let room = vg.free.saturating_sub(keep_free) / extent * extent;
         let mapped = layout::data_mapped_by(meta_lv).saturating_sub(data_lv) / extent * extent;
         let asked = by.max(1).div_ceil(extent).saturating_mul(extent);
-        if !partial && asked > room.min(mapped) {
+        // What a call killed after its lvextend added to the data LV is taken up first.
+        let extended = data_lv.saturating_sub(self.data_bytes);
+        let needed = asked.saturating_sub(extended);
+        if !partial && needed > room.min(mapped) {
             return Err(Error::new(
                 Code::SrFull,
                 format!(
@@ -236,8 +242,7 @@ impl Pool {
                 ),
             ));
         }
-        let grow = asked.min(room).min(mapped);
-        // A data LV grown by a crashed call is taken up first.
+        let grow = needed.min(room).min(mapped);
         let new = (data_lv + grow) / BLOCK_BYTES * BLOCK_BYTES;
         if new <= self.data_bytes {
             return Ok(None);
@@ -248,22 +253,49 @@ impl Pool {
                 "lvextend",
                 &["-y", "-L", &size, &format!("{}/{POOL_DATA_LV}", self.vg)],
             )?;
+            crate::crash::point("data-extended");
         }
         record(new)?;
-        let pool = self.name();
-        if self.dm.exists(&pool) {
-            let table = pool_table(
-                &lv_path(&self.vg, POOL_META_LV).display().to_string(),
-                &lv_path(&self.vg, POOL_DATA_LV).display().to_string(),
-                new,
-                BLOCK_BYTES,
-                0,
-                self.when_full,
-            )?;
-            self.dm.run(&["reload", &pool, "--table", &table])?;
-            self.dm.resume(&pool)?;
+        crate::crash::point("grow-recorded");
+        if self.dm.exists(&self.name()) {
+            self.reload_data(new)?;
         }
         Ok(Some(new))
+    }
+
+    /// The active pool's table loaded again with `data_bytes` of data.
+    fn reload_data(&self, data_bytes: u64) -> Result<()> {
+        let pool = self.name();
+        let table = pool_table(
+            &lv_path(&self.vg, POOL_META_LV).display().to_string(),
+            &lv_path(&self.vg, POOL_DATA_LV).display().to_string(),
+            data_bytes,
+            BLOCK_BYTES,
+            0,
+            self.when_full,
+        )?;
+        self.dm.run(&["reload", &pool, "--table", &table])?;
+        self.dm.resume(&pool)
+    }
+
+    /// Gives the active pool its recorded size if its live table is smaller.
+    fn reload_if_smaller(&self) -> Result<()> {
+        let live = self.dm.run(&["table", &self.name()])?;
+        let sectors: u64 = live
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| {
+                Error::new(
+                    Code::SrBackendFailure,
+                    format!("the pool's table is not a thin pool's: {}", live.trim()),
+                )
+            })?;
+        if sectors.saturating_mul(512) < self.data_bytes {
+            let _activating = lvm_lock(&self.vg, "activate")?;
+            self.reload_data(self.data_bytes)?;
+        }
+        Ok(())
     }
 
     /// The pool's status (it must be active).
@@ -338,7 +370,10 @@ impl Pool {
         self.dm.message(&pool, Message::ReserveMetadataSnap)?;
         let meta = lv_path(&self.vg, POOL_META_LV);
         let mut dump = std::process::Command::new("thin_dump");
-        dump.env("LC_ALL", "C").arg("-m").arg(&meta);
+        // The devices' details only: their mappings are not read.
+        dump.env("LC_ALL", "C")
+            .args(["-m", "--skip-mappings"])
+            .arg(&meta);
         let dumped = super::output_of(dump, &format!("thin_dump -m {}", meta.display()));
         let released = self.dm.message(&pool, Message::ReleaseMetadataSnap);
         let ids = parse_thin_dump(&dumped?)?;
