@@ -90,15 +90,40 @@ impl CacheArgs {
     }
 }
 
-/// Binds the status socket and answers it in the background until the process exits.
-pub fn spawn_status(path: &Path, exports: Vec<(String, CorExport)>) -> anyhow::Result<()> {
+/// Where the status socket is: a path to bind, or a socket systemd passed.
+pub enum StatusSocket {
+    Bind(std::path::PathBuf),
+    Passed(std::os::unix::net::UnixListener),
+}
+
+/// Binds the status socket (or takes the one passed) and answers it in the background
+/// until the process exits. Returns its path, and whether it is removed at exit (one
+/// bound here is).
+pub fn spawn_status(
+    socket: StatusSocket,
+    exports: Vec<(String, CorExport)>,
+) -> anyhow::Result<(std::path::PathBuf, bool)> {
     use anyhow::Context;
-    let listener = thinline_cor::status::bind(path)
-        .with_context(|| format!("cannot listen on status socket {}", path.display()))?;
+    let (listener, path, owned) = match socket {
+        StatusSocket::Bind(path) => {
+            let l = thinline_cor::status::bind(&path)
+                .with_context(|| format!("cannot listen on status socket {}", path.display()))?;
+            (l, path, true)
+        }
+        StatusSocket::Passed(l) => {
+            let path = l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_owned))
+                .unwrap_or_default();
+            l.set_nonblocking(true)?;
+            (tokio::net::UnixListener::from_std(l)?, path, false)
+        }
+    };
     tokio::spawn(thinline_cor::status::serve(
         listener,
         exports,
         std::future::pending(),
     ));
-    Ok(())
+    Ok((path, owned))
 }

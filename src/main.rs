@@ -19,6 +19,7 @@ mod remote;
 mod serve;
 mod size;
 mod sr;
+mod systemd;
 mod task;
 mod vdi;
 
@@ -34,8 +35,17 @@ struct Cli {
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Log lines on stderr as text, or as one JSON object each (for log collectors).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -57,7 +67,8 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),
     };
-    init_logging(cli.verbose);
+    let log_format = cli.log_format;
+    init_logging(cli.verbose, log_format);
     let result = match cli.command {
         Command::Quickstart(args) => quickstart::run(args),
         Command::Serve(args) => serve::run(args).map(|()| 0),
@@ -71,7 +82,10 @@ fn main() -> ExitCode {
     match result {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
-            eprintln!("thinline: error: {e:#}");
+            match log_format {
+                LogFormat::Text => eprintln!("thinline: error: {e:#}"),
+                LogFormat::Json => tracing::error!(error = format!("{e:#}"), "thinline failed"),
+            }
             ExitCode::from(1)
         }
     }
@@ -128,7 +142,7 @@ fn tune_allocator() {
     }
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     // The AWS configuration chain logs every source it tries (instance metadata when no
     // region is set, …) as warnings; thinline reports what it needs in its own errors.
@@ -155,9 +169,13 @@ fn init_logging(verbose: u8) {
         filter = filter.add_directive(directive.parse().expect("a valid directive"));
     }
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        // One object per line: {"timestamp", "level", "fields": {"message", …}, "target",
+        // "span", "spans"}.
+        LogFormat::Json => logs.json().init(),
+    }
 }

@@ -9,6 +9,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use thinline_cor::{CorExport, NbdUpstream};
+
+use crate::cache::StatusSocket;
 use thinline_nbd::export::Export;
 use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
 
@@ -61,7 +63,8 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
 
-    /// Listen on TCP (default 127.0.0.1:10809 when --socket is not given).
+    /// Listen on TCP (default 127.0.0.1:10809 when neither --socket is given nor a
+    /// socket passed by systemd).
     #[arg(long, value_name = "HOST:PORT")]
     listen: Option<String>,
 
@@ -155,8 +158,15 @@ Examples:
   thinline proxy status /run/thinline/tmpl.sock
   nbdinfo --map=qemu:allocation-depth 'nbd+unix:///?socket=/run/thinline/tmpl.sock'
 
+  # Socket activation (thinline-proxy@.socket and thinline-proxy-status@.socket), by hand
+  systemd-socket-activate -l /run/thinline/tmpl.sock -l /run/thinline/tmpl.status \\
+      --fdname=nbd:status -- thinline proxy --upstream nbd://tmplhost/debian-12 \\
+      --cache /var/lib/thinline/debian-12.cache
+
 The cache is served only for blocks marked present after their data was made durable;
-kill -9 at any moment loses at most blocks not yet marked. Stop with SIGTERM or Ctrl-C.";
+kill -9 at any moment loses at most blocks not yet marked. Stop with SIGTERM or Ctrl-C.
+Sockets passed by systemd (LISTEN_FDS) are served; one named \"status\" is the status
+socket. With NOTIFY_SOCKET set, READY=1 is sent once serving and STOPPING=1 at a stop.";
 
 const SCRUB_EXAMPLES: &str = "\
 Examples:
@@ -233,16 +243,27 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
         let export = CorExport::open(Arc::new(upstream), cache_path, &options)
             .with_context(|| format!("cannot open cache {}", cache_path.display()))?;
 
-        let listeners =
-            crate::serve::bind_listeners(args.socket.as_deref(), args.listen.as_deref()).await?;
-        let status_socket = args
-            .cache_args
-            .status_socket
-            .clone()
-            .or_else(|| args.socket.as_deref().map(default_status_socket));
-        if let Some(path) = &status_socket {
-            crate::cache::spawn_status(path, vec![(args.name.clone(), export.clone())])?;
-        }
+        let crate::serve::Listening {
+            nbd: listeners,
+            status,
+        } = crate::serve::bind_listeners(args.socket.as_deref(), args.listen.as_deref()).await?;
+        let status = match status {
+            Some(passed) => Some(StatusSocket::Passed(passed)),
+            None => args
+                .cache_args
+                .status_socket
+                .clone()
+                .or_else(|| args.socket.as_deref().map(default_status_socket))
+                .map(StatusSocket::Bind),
+        };
+        let status_served = match status {
+            Some(s) => Some(crate::cache::spawn_status(
+                s,
+                vec![(args.name.clone(), export.clone())],
+            )?),
+            None => None,
+        };
+        let status_socket = status_served.as_ref().map(|(path, _)| path.clone());
         let status = export.status();
         let stats = export.clone();
         let report = ProxyReport {
@@ -259,7 +280,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
                 .map(|l| crate::serve::export_uri(l, &args.name))
                 .collect(),
         };
-        let shutdown = crate::serve::shutdown_signal();
+        let shutdown = crate::serve::notify_stopping(crate::serve::shutdown_signal());
         print_report(&report, args.json)?;
 
         let mut exports = ExportSet::new();
@@ -270,10 +291,10 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
             handshake_timeout: Duration::from_secs(10),
             ..ServerConfig::default()
         };
-        Server::new(exports, config)?
-            .run(listeners, shutdown)
-            .await?;
-        if let Some(path) = &status_socket {
+        let server = Server::new(exports, config)?;
+        crate::systemd::notify("READY=1");
+        server.run(listeners, shutdown).await?;
+        if let Some((path, true)) = &status_served {
             let _ = std::fs::remove_file(path);
         }
         if !stats.settle(Duration::from_secs(5)).await {

@@ -12,7 +12,9 @@ use thinline_nbd::export::Export;
 use thinline_nbd::raw::{IoEngine, RawOptions};
 use thinline_source::open::{OpenExportOptions, OpenedExport, open_export};
 
+use crate::cache::StatusSocket;
 use crate::image::OpenArgs;
+use crate::systemd::PassedSocket;
 use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
 use thinline_source::Source;
 
@@ -40,11 +42,12 @@ pub struct ServeArgs {
     images: Vec<String>,
 
     /// Listen on a unix socket (mode 0660; a stale socket is replaced, anything else
-    /// at PATH is refused).
+    /// at PATH is refused), besides any socket systemd passes.
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
 
-    /// Listen on TCP (default 127.0.0.1:10809 when --socket is not given).
+    /// Listen on TCP (default 127.0.0.1:10809 when neither --socket is given nor a
+    /// socket passed by systemd).
     #[arg(long, value_name = "HOST:PORT")]
     listen: Option<String>,
 
@@ -160,7 +163,13 @@ Examples:
   # Attach with the kernel client (4 connections: the exports are multi-conn safe)
   nbd-client -unix /run/thinline/disk.sock /dev/nbd0 -b 4096 -C 4
 
-Stop with SIGTERM or Ctrl-C: requests in flight finish, data is flushed, exit status 0.";
+  # Started by systemd (socket activation, thinline-serve@.socket), or the same by hand:
+  # the passed sockets are served, no --socket or --listen needed
+  systemd-socket-activate -l /run/thinline/disk.sock -- thinline serve disk.img
+
+Stop with SIGTERM or Ctrl-C: requests in flight finish, data is flushed, exit status 0.
+Sockets passed by systemd (LISTEN_FDS) are served; one named \"status\" is the status
+socket. With NOTIFY_SOCKET set, READY=1 is sent once serving and STOPPING=1 at a stop.";
 
 /// An export opened from the command line, as the report shows it.
 #[derive(Debug, Serialize)]
@@ -237,25 +246,57 @@ fn sample_image() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Binds `--socket` and/or `--listen` (TCP 127.0.0.1:10809 when neither is given).
+/// Where a daemon listens.
+pub(crate) struct Listening {
+    /// Its NBD listeners.
+    pub nbd: Vec<Listener>,
+    /// The status socket systemd passed (named `status`), if it did.
+    pub status: Option<std::os::unix::net::UnixListener>,
+}
+
+/// The sockets systemd passed (socket activation: one named `status` is the status
+/// socket, every other one an NBD listener), then `--socket` and/or `--listen`; TCP
+/// 127.0.0.1:10809 when none of these is given.
 pub(crate) async fn bind_listeners(
     socket: Option<&std::path::Path>,
     listen: Option<&str>,
-) -> anyhow::Result<Vec<Listener>> {
-    let mut listeners = Vec::new();
+) -> anyhow::Result<Listening> {
+    let mut listening = Listening {
+        nbd: Vec::new(),
+        status: None,
+    };
+    for passed in crate::systemd::listen_fds()? {
+        match (passed.name.as_str(), passed.socket) {
+            ("status", PassedSocket::Unix(l)) => listening.status = Some(l),
+            ("status", PassedSocket::Tcp(_)) => {
+                anyhow::bail!(
+                    "the socket named \"status\" that systemd passed must be a unix socket"
+                )
+            }
+            (_, PassedSocket::Unix(l)) => listening.nbd.push(Listener::from_std_unix(l)?),
+            (_, PassedSocket::Tcp(l)) => listening.nbd.push(Listener::from_std_tcp(l)?),
+        }
+    }
     if let Some(path) = socket {
-        listeners.push(Listener::bind_unix(path)?);
+        listening.nbd.push(Listener::bind_unix(path)?);
     }
-    if listen.is_some() || socket.is_none() {
-        listeners.push(Listener::bind_tcp(listen.unwrap_or("127.0.0.1:10809")).await?);
+    if listen.is_some() || listening.nbd.is_empty() {
+        let address = listen.unwrap_or("127.0.0.1:10809");
+        listening.nbd.push(Listener::bind_tcp(address).await?);
     }
-    Ok(listeners)
+    Ok(listening)
+}
+
+/// Waits for `shutdown`, then tells systemd the service is stopping.
+pub(crate) async fn notify_stopping(shutdown: impl Future<Output = ()>) {
+    shutdown.await;
+    crate::systemd::notify("STOPPING=1");
 }
 
 /// The NBD URI of export `name` on `listener`.
 pub(crate) fn export_uri(listener: &Listener, name: &str) -> String {
     match listener {
-        Listener::Unix(_, p) => format!(
+        Listener::Unix(_, p) | Listener::UnixPassed(_, p) => format!(
             "nbd+unix:///{}?socket={}",
             percent_encode(name),
             p.display()
@@ -396,7 +437,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ..ServerConfig::default()
     };
     runtime.block_on(async move {
-        let listeners = bind_listeners(args.socket.as_deref(), args.listen.as_deref()).await?;
+        let Listening {
+            nbd: listeners,
+            status,
+        } = bind_listeners(args.socket.as_deref(), args.listen.as_deref()).await?;
         let report = ServeReport {
             listening: listeners.iter().map(Listener::describe).collect(),
             exports: opened
@@ -415,16 +459,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .collect(),
         };
         let settle: Vec<thinline_cor::CorExport> = cached.iter().map(|(_, e)| e.clone()).collect();
-        if let Some(path) = &args.cache.status_socket {
-            crate::cache::spawn_status(path, cached)?;
-        }
+        let status = match (status, &args.cache.status_socket) {
+            (Some(passed), _) => Some(StatusSocket::Passed(passed)),
+            (None, Some(path)) => Some(StatusSocket::Bind(path.clone())),
+            (None, None) => None,
+        };
+        let status = match status {
+            Some(s) => Some(crate::cache::spawn_status(s, cached)?),
+            None => None,
+        };
         // Signals are caught from before the report: whoever starts the daemon may stop
         // it as soon as it says it listens.
-        let shutdown = shutdown_signal();
+        let shutdown = notify_stopping(shutdown_signal());
         print_report(&report, args.json)?;
         let server = Server::new(exports, config)?;
+        crate::systemd::notify("READY=1");
         server.run(listeners, shutdown).await?;
-        if let Some(path) = &args.cache.status_socket {
+        if let Some((path, true)) = &status {
             let _ = std::fs::remove_file(path);
         }
         for e in &settle {

@@ -371,7 +371,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<u8> {
             .map(|view| serde_json::to_value(view).expect("serializes"))
     });
     let result = runtime.block_on(async move {
-        thinline_sr::daemon::run(path, templates, apply, crate::serve::shutdown_signal()).await
+        let ready = || crate::systemd::notify("READY=1");
+        let shutdown = crate::serve::notify_stopping(crate::serve::shutdown_signal());
+        thinline_sr::daemon::run(path, templates, apply, ready, shutdown).await
     });
     match result {
         Ok(()) => Ok(0),

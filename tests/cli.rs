@@ -1,5 +1,7 @@
 //! Command-line contract of `thinline serve` and `thinline image`: help, usage errors (exit 2),
-//! start-up failures that name the file and the reason (exit 1), `image check` statuses.
+//! start-up failures that name the file and the reason (exit 1), `image check` statuses; and
+//! `serve` and `proxy` as systemd services: socket activation (by systemd-socket-activate,
+//! as systemd does it) and readiness notification.
 
 mod common;
 
@@ -327,4 +329,212 @@ fn proxy_status_of_nothing_fails_naming_the_socket() {
     let missing = dir.path().join("none.sock");
     let o = thinline(&["proxy", "status", missing.to_str().unwrap()]);
     assert_fails_saying(&o, 1, "none.sock");
+}
+
+/// A 1 MiB raw image of a byte pattern in `dir`, and its bytes.
+fn pattern_image(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    let path = dir.join("disk.raw");
+    std::fs::write(&path, &data).unwrap();
+    (path, data)
+}
+
+/// Waits until systemd-socket-activate (`child`, its stderr piped) says it listens on
+/// `sockets` sockets, then drains its stderr (and the service's, after the exec) in the
+/// background.
+fn wait_listening(child: &mut std::process::Child, sockets: usize) {
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = 0;
+    while seen < sockets {
+        let line = lines
+            .next()
+            .expect("systemd-socket-activate exited before listening")
+            .unwrap();
+        if line.starts_with("Listening on ") {
+            seen += 1;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+}
+
+/// Reads the first line `child` printed on stdout, as JSON.
+fn first_json_line(child: &mut std::process::Child) -> serde_json::Value {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
+#[test]
+fn serve_started_by_socket_activation_serves_the_passed_socket_and_leaves_it_in_place() {
+    if !common::require(&["systemd-socket-activate", "nbdcopy"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (image, data) = pattern_image(dir.path());
+    let sock = dir.path().join("activated.sock");
+    // No --socket or --listen: the socket is the one passed (fd 3, LISTEN_FDS=1).
+    let mut child = common::spawn(
+        Command::new("systemd-socket-activate")
+            .arg("-l")
+            .arg(&sock)
+            .args(["--", common::thinline(), "serve", "--json"])
+            .arg(&image),
+        std::process::Stdio::piped(),
+        std::process::Stdio::piped(),
+    );
+    wait_listening(&mut child, 1);
+    let copied = dir.path().join("copy.raw");
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let out = common::run(Command::new("nbdcopy").arg(&uri).arg(&copied));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(&copied).unwrap(), data);
+    let report = first_json_line(&mut child);
+    assert_eq!(
+        report["listening"],
+        serde_json::json!([sock.display().to_string()])
+    );
+    common::signal(&child, libc::SIGTERM);
+    let status = common::wait_timeout(&mut child, std::time::Duration::from_secs(20))
+        .expect("serve exits on SIGTERM");
+    assert!(status.success(), "{status}");
+    assert!(
+        sock.exists(),
+        "a passed socket belongs to the service manager: left in place"
+    );
+}
+
+#[test]
+fn proxy_tells_its_passed_sockets_apart_by_name_nbd_and_status() {
+    if !common::require(&["systemd-socket-activate", "nbdinfo"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (image, _) = pattern_image(dir.path());
+    let upstream = common::Served::unix(dir.path(), &[], &[image.to_str().unwrap()]);
+    let nbd = dir.path().join("proxy.sock");
+    let status = dir.path().join("proxy.status");
+    let mut child = common::spawn(
+        Command::new("systemd-socket-activate")
+            .arg("-l")
+            .arg(&nbd)
+            .arg("-l")
+            .arg(&status)
+            .arg("--fdname=nbd:status")
+            .args(["--", common::thinline(), "proxy", "--json", "--upstream"])
+            .arg(upstream.uri(""))
+            .arg("--cache")
+            .arg(dir.path().join("t.cache")),
+        std::process::Stdio::piped(),
+        std::process::Stdio::piped(),
+    );
+    wait_listening(&mut child, 2);
+    let out = common::run(
+        Command::new("nbdinfo")
+            .arg("--size")
+            .arg(format!("nbd+unix:///?socket={}", nbd.display())),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1048576",
+        "{out:?}"
+    );
+    let report = first_json_line(&mut child);
+    assert_eq!(
+        report["listening"],
+        serde_json::json!([nbd.display().to_string()])
+    );
+    assert_eq!(report["status_socket"], status.display().to_string());
+    let answer = thinline(&["proxy", "status", status.to_str().unwrap(), "--json"]);
+    assert!(answer.status.success(), "{}", stderr(&answer));
+    let answer: serde_json::Value = serde_json::from_slice(&answer.stdout).unwrap();
+    assert_eq!(answer["exports"][""]["size"], 1 << 20, "{answer}");
+    common::signal(&child, libc::SIGTERM);
+    let exit = common::wait_timeout(&mut child, std::time::Duration::from_secs(20))
+        .expect("proxy exits on SIGTERM");
+    assert!(exit.success(), "{exit}");
+    assert!(
+        nbd.exists() && status.exists(),
+        "passed sockets are left in place"
+    );
+}
+
+#[test]
+fn serve_says_ready_once_it_listens_and_stopping_on_sigterm_on_notify_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, _) = pattern_image(dir.path());
+    let notify = dir.path().join("notify");
+    let receiver = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    receiver
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let mut served = common::Served::start_env(
+        &["--socket", sock.to_str().unwrap(), image.to_str().unwrap()],
+        &[("NOTIFY_SOCKET", notify.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 256];
+    let n = receiver.recv(&mut buf).expect("READY=1 within 20 s");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(
+        served
+            .terminate(std::time::Duration::from_secs(20))
+            .success()
+    );
+    let n = receiver.recv(&mut buf).expect("STOPPING=1 on SIGTERM");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+}
+
+#[test]
+fn log_format_json_writes_every_log_line_and_the_final_error_as_one_json_object() {
+    if !common::require(&["nbdinfo"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (image, _) = pattern_image(dir.path());
+    let mut served = common::Served::unix(
+        dir.path(),
+        &["--log-format", "json"],
+        &[image.to_str().unwrap()],
+    );
+    let out = common::run(Command::new("nbdinfo").arg("--size").arg(served.uri("")));
+    assert!(out.status.success(), "{out:?}");
+    assert!(served.wait_for_log("client disconnected", std::time::Duration::from_secs(20)));
+    assert!(
+        served
+            .terminate(std::time::Duration::from_secs(20))
+            .success()
+    );
+    let log = served.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l:?}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["fields"]["message"].is_string()),
+        "{log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "client connected"),
+        "{log}"
+    );
+    let missing = dir.path().join("missing.raw");
+    let failed = thinline(&["--log-format", "json", "serve", missing.to_str().unwrap()]);
+    assert_eq!(failed.status.code(), Some(1));
+    let error: serde_json::Value = serde_json::from_str(stderr(&failed).trim()).unwrap();
+    assert_eq!(error["level"], "ERROR");
+    assert!(
+        error["fields"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("missing.raw"),
+        "{error}"
+    );
 }

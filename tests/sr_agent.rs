@@ -1494,6 +1494,7 @@ fn every_shipped_unit_passes_systemd_analyze_verify() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
+    let mut instances = Vec::new();
     for (unit, instance, command) in [
         (
             "thinline-sr@.service",
@@ -1510,6 +1511,31 @@ fn every_shipped_unit_passes_systemd_analyze_verify() {
             "thinline-lvm-monitor@vms.service",
             "ExecStart=/usr/bin/thinline sr monitor --sr %i",
         ),
+        (
+            "thinline-serve@.service",
+            "thinline-serve@t1.service",
+            "ExecStart=/usr/bin/thinline serve --log-format json $THINLINE_SERVE_ARGS",
+        ),
+        (
+            "thinline-serve@.socket",
+            "thinline-serve@t1.socket",
+            "FileDescriptorName=nbd",
+        ),
+        (
+            "thinline-proxy@.service",
+            "thinline-proxy@t1.service",
+            "ExecStart=/usr/bin/thinline proxy --log-format json $THINLINE_PROXY_ARGS",
+        ),
+        (
+            "thinline-proxy@.socket",
+            "thinline-proxy@t1.socket",
+            "FileDescriptorName=nbd",
+        ),
+        (
+            "thinline-proxy-status@.socket",
+            "thinline-proxy-status@t1.socket",
+            "FileDescriptorName=status",
+        ),
     ] {
         let text = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -1518,9 +1544,13 @@ fn every_shipped_unit_passes_systemd_analyze_verify() {
         )
         .unwrap();
         assert!(text.contains(command), "{unit}: {text}");
-        // An instance running the binary under test.
+        // An instance running the binary under test (every one written before any is
+        // verified: a service names its sockets).
         let path = dir.path().join(instance);
         std::fs::write(&path, text.replace("/usr/bin/thinline", common::thinline())).unwrap();
+        instances.push((unit, path));
+    }
+    for (unit, path) in instances {
         let out = Command::new("systemd-analyze")
             .arg("verify")
             .arg(&path)
@@ -1536,6 +1566,37 @@ fn every_shipped_unit_passes_systemd_analyze_verify() {
             "{unit}: {said}"
         );
     }
+}
+
+#[test]
+fn the_sr_daemon_says_ready_once_it_takes_requests_and_stopping_on_sigterm() {
+    let a = Agent::new();
+    let (sr, _) = a.new_sr("sr1");
+    let notify = a.path("notify");
+    let receiver = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    receiver
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut daemon = common::spawn(
+        a.command(&["sr", "serve", "--sr", &sr])
+            .env("NOTIFY_SOCKET", &notify),
+        std::process::Stdio::null(),
+        std::process::Stdio::null(),
+    );
+    let mut buf = [0u8; 64];
+    let n = receiver.recv(&mut buf).expect("READY=1 within 20 s");
+    assert_eq!(&buf[..n], b"READY=1");
+    // Ready means requests are answered.
+    assert_eq!(
+        a.ok(&["sr", "stat", "--sr", &sr])["daemon"]["pid"],
+        daemon.id()
+    );
+    common::signal(&daemon, libc::SIGTERM);
+    let status = common::wait_timeout(&mut daemon, std::time::Duration::from_secs(20))
+        .expect("the daemon exits on SIGTERM");
+    assert!(status.success(), "{status}");
+    let n = receiver.recv(&mut buf).expect("STOPPING=1 on SIGTERM");
+    assert_eq!(&buf[..n], b"STOPPING=1");
 }
 
 /// Starts `thinline quickstart --dir DIR --json` and returns it with the JSON line it

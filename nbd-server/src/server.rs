@@ -30,6 +30,9 @@ pub enum Listener {
     Tcp(TcpListener),
     /// A unix socket; the path is removed when the server stops.
     Unix(UnixListener, PathBuf),
+    /// A unix socket someone else bound (a service manager's socket activation): left
+    /// in place when the server stops.
+    UnixPassed(UnixListener, PathBuf),
 }
 
 impl Listener {
@@ -56,13 +59,42 @@ impl Listener {
         Ok(Listener::Unix(l, path.to_owned()))
     }
 
+    /// A listening TCP socket made elsewhere (a service manager's socket activation).
+    pub fn from_std_tcp(l: std::net::TcpListener) -> Result<Listener> {
+        let address = l
+            .local_addr()
+            .map_or_else(|_| "passed TCP socket".into(), |a| a.to_string());
+        let listen_err = |source| Error::Listen { address, source };
+        l.set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(l))
+            .map(Listener::Tcp)
+            .map_err(listen_err)
+    }
+
+    /// A listening unix socket made elsewhere (a service manager's socket activation),
+    /// left in place when the server stops.
+    pub fn from_std_unix(l: std::os::unix::net::UnixListener) -> Result<Listener> {
+        let path = l
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_owned))
+            .unwrap_or_else(|| PathBuf::from("passed unix socket"));
+        let listen_err = |source| Error::Listen {
+            address: path.display().to_string(),
+            source,
+        };
+        l.set_nonblocking(true).map_err(listen_err)?;
+        let l = UnixListener::from_std(l).map_err(listen_err)?;
+        Ok(Listener::UnixPassed(l, path))
+    }
+
     /// A printable address (for logs and NBD URIs).
     pub fn describe(&self) -> String {
         match self {
             Listener::Tcp(l) => l
                 .local_addr()
                 .map_or_else(|_| "tcp".into(), |a| a.to_string()),
-            Listener::Unix(_, p) => p.display().to_string(),
+            Listener::Unix(_, p) | Listener::UnixPassed(_, p) => p.display().to_string(),
         }
     }
 }
@@ -146,7 +178,7 @@ impl Server {
         for listener in listeners {
             let shared = Arc::clone(&self.shared);
             let t = tracker.clone();
-            match listener {
+            let unix = match listener {
                 Listener::Tcp(l) => {
                     tracker.spawn(async move {
                         loop {
@@ -163,27 +195,30 @@ impl Server {
                             }
                         }
                     });
+                    continue;
                 }
                 Listener::Unix(l, path) => {
                     unix_paths.push(path);
-                    tracker.spawn(async move {
-                        let mut n = 0u64;
-                        loop {
-                            tokio::select! {
-                                () = shared.shutdown.cancelled() => break,
-                                accepted = l.accept() => match accepted {
-                                    Ok((stream, _)) => {
-                                        n += 1;
-                                        let (r, w) = stream.into_split();
-                                        spawn_connection(&t, &shared, r, w, format!("unix#{n}"));
-                                    }
-                                    Err(e) => accept_failed(&e).await,
-                                },
-                            }
-                        }
-                    });
+                    l
                 }
-            }
+                Listener::UnixPassed(l, _) => l,
+            };
+            tracker.spawn(async move {
+                let mut n = 0u64;
+                loop {
+                    tokio::select! {
+                        () = shared.shutdown.cancelled() => break,
+                        accepted = unix.accept() => match accepted {
+                            Ok((stream, _)) => {
+                                n += 1;
+                                let (r, w) = stream.into_split();
+                                spawn_connection(&t, &shared, r, w, format!("unix#{n}"));
+                            }
+                            Err(e) => accept_failed(&e).await,
+                        },
+                    }
+                }
+            });
         }
         shutdown.await;
         info!("shutting down: no new connections, finishing requests in flight");

@@ -551,11 +551,13 @@ pub fn detach_record(sr_path: &Path, vdi: Uuid) -> Result<()> {
 }
 
 /// Runs the daemon of the SR at `sr` until `shutdown` completes or a `Shutdown`
-/// request comes: serves every VDI recorded as attached, then takes requests.
+/// request comes: serves every VDI recorded as attached, then takes requests (`ready`
+/// is called once its control socket accepts them).
 pub async fn run(
     sr: PathBuf,
     templates: Templates,
     apply: Apply,
+    ready: impl FnOnce(),
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     if crate::store::lvm_home(&sr)?.is_some() {
@@ -620,6 +622,7 @@ pub async fn run(
         }
     });
     tracing::info!(sr = %sr.display(), control = %control_path.display(), "serving");
+    ready();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
