@@ -13,6 +13,7 @@ mod agent;
 mod cache;
 mod image;
 mod man;
+mod metrics;
 mod proxy;
 mod quickstart;
 mod remote;

@@ -78,6 +78,11 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "ID")]
     template_id: Option<String>,
 
+    /// Serve Prometheus metrics (text format) over HTTP at http://ADDR/metrics: requests,
+    /// bytes, errors and latency per export, the caches, the fetch engines, memory.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<String>,
+
     /// Refuse further connections (politely, during the handshake) beyond N.
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
@@ -196,6 +201,9 @@ struct ProxyReport {
     status_socket: Option<PathBuf>,
     listening: Vec<String>,
     uris: Vec<String>,
+    /// Where `/metrics` is served (`--metrics-listen`), as bound.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics: Option<String>,
 }
 
 /// Runs `thinline proxy` (until SIGTERM/SIGINT) or `thinline proxy status`.
@@ -264,6 +272,15 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
             None => None,
         };
         let status_socket = status_served.as_ref().map(|(path, _)| path.clone());
+        let metrics = match &args.metrics_listen {
+            Some(address) => {
+                let listener = crate::metrics::bind(address).await?;
+                let (registry, server) =
+                    crate::metrics::registry(vec![(args.name.clone(), export.clone())]);
+                Some((listener, registry, server))
+            }
+            None => None,
+        };
         let status = export.status();
         let stats = export.clone();
         let report = ProxyReport {
@@ -279,6 +296,17 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
                 .iter()
                 .map(|l| crate::serve::export_uri(l, &args.name))
                 .collect(),
+            metrics: metrics
+                .as_ref()
+                .and_then(|(l, _, _)| l.local_addr().ok())
+                .map(|a| a.to_string()),
+        };
+        let server_metrics = match metrics {
+            Some((listener, registry, server)) => {
+                tokio::spawn(crate::metrics::serve(listener, registry));
+                Some(server)
+            }
+            None => None,
         };
         let shutdown = crate::serve::notify_stopping(crate::serve::shutdown_signal());
         print_report(&report, args.json)?;
@@ -289,6 +317,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
         let config = ServerConfig {
             max_connections: args.max_connections,
             handshake_timeout: Duration::from_secs(10),
+            metrics: server_metrics,
             ..ServerConfig::default()
         };
         let server = Server::new(exports, config)?;

@@ -61,6 +61,11 @@ pub struct ServeArgs {
     #[arg(short, long, conflicts_with = "cache_dir")]
     writable: bool,
 
+    /// Serve Prometheus metrics (text format) over HTTP at http://ADDR/metrics: requests,
+    /// bytes, errors and latency per export, the caches, the fetch engines, memory.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<String>,
+
     /// Refuse further connections (politely, during the handshake) beyond N.
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
@@ -201,6 +206,9 @@ struct ExportReport<'a> {
 struct ServeReport<'a> {
     listening: Vec<String>,
     exports: Vec<ExportReport<'a>>,
+    /// Where `/metrics` is served (`--metrics-listen`), as bound.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics: Option<String>,
 }
 
 /// Splits `NAME=IMAGE`; an `=` inside a path (after a `/`) is part of the path.
@@ -431,12 +439,21 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         exports.add(&name, export)?;
     }
 
-    let config = ServerConfig {
+    let mut config = ServerConfig {
         max_connections: args.max_connections,
         handshake_timeout: Duration::from_secs_f64(args.handshake_timeout),
         ..ServerConfig::default()
     };
     runtime.block_on(async move {
+        let metrics = match &args.metrics_listen {
+            Some(address) => {
+                let listener = crate::metrics::bind(address).await?;
+                let (registry, server) = crate::metrics::registry(cached.clone());
+                config.metrics = Some(server);
+                Some((listener, registry))
+            }
+            None => None,
+        };
         let Listening {
             nbd: listeners,
             status,
@@ -457,7 +474,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                     ExportReport { export, uris }
                 })
                 .collect(),
+            metrics: metrics
+                .as_ref()
+                .and_then(|(l, _)| l.local_addr().ok())
+                .map(|a| a.to_string()),
         };
+        if let Some((listener, registry)) = metrics {
+            tokio::spawn(crate::metrics::serve(listener, registry));
+        }
         let settle: Vec<thinline_cor::CorExport> = cached.iter().map(|(_, e)| e.clone()).collect();
         let status = match (status, &args.cache.status_socket) {
             (Some(passed), _) => Some(StatusSocket::Passed(passed)),

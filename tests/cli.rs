@@ -538,3 +538,234 @@ fn log_format_json_writes_every_log_line_and_the_final_error_as_one_json_object(
         "{error}"
     );
 }
+
+/// Scrapes `http://ADDRESS/metrics` and parses it with the Prometheus project's Python
+/// parser (an independent one): each sample as `name{label="value",…}` (labels sorted)
+/// with its value. `None` when the parser is not installed (outside CI: a skip).
+fn scrape(address: &str) -> Option<std::collections::BTreeMap<String, f64>> {
+    const PARSE: &str = r#"
+import json, sys, urllib.request
+from prometheus_client.parser import text_string_to_metric_families
+with urllib.request.urlopen("http://" + sys.argv[1] + "/metrics") as r:
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version=0.0.4"), r.headers
+    text = r.read().decode()
+out = {}
+for family in text_string_to_metric_families(text):
+    for s in family.samples:
+        labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+        out[f"{s.name}{{{labels}}}"] = s.value
+print(json.dumps(out))
+"#;
+    let probe = Command::new("/usr/bin/python3")
+        .args(["-c", "import prometheus_client"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        common::skip("python3-prometheus-client is missing: run tests/scripts/install-deps.sh");
+        return None;
+    }
+    let out = common::run(Command::new("/usr/bin/python3").args(["-c", PARSE, address]));
+    assert!(out.status.success(), "{out:?}");
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+#[test]
+fn serve_metrics_count_what_fio_and_nbdcopy_read_while_they_run() {
+    if !common::require(&["fio", "nbdcopy"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (image, _) = pattern_image(dir.path());
+    let mut served = common::Served::unix(
+        dir.path(),
+        &["--metrics-listen", "127.0.0.1:0"],
+        &[image.to_str().unwrap()],
+    );
+    let address = served.report["metrics"].as_str().unwrap().to_owned();
+    let Some(before) = scrape(&address) else {
+        return;
+    };
+    let read = |m: &std::collections::BTreeMap<String, f64>, key: &str| {
+        m.get(key)
+            .copied()
+            .unwrap_or_else(|| panic!("{key} missing from {m:?}"))
+    };
+    let read_bytes = r#"thinline_export_read_bytes_total{export="disk.raw"}"#;
+    let reads = r#"thinline_export_requests_total{command="read",export="disk.raw"}"#;
+    assert_eq!(read(&before, read_bytes), 0.0);
+    // fio's nbd engine reads for 3 s; the metrics are scraped while it runs.
+    let mut fio = common::spawn(
+        Command::new("fio")
+            .args([
+                "--name=m",
+                "--ioengine=nbd",
+                "--rw=randread",
+                "--bs=4k",
+                "--iodepth=4",
+            ])
+            .args(["--time_based", "--runtime=3", "--output-format=json"])
+            .arg(format!("--uri={}", served.uri(""))),
+        std::process::Stdio::piped(),
+        std::process::Stdio::piped(),
+    );
+    // Scraped until the counters move, each scrape checked to end while fio still runs.
+    let during = loop {
+        let m = scrape(&address).unwrap();
+        assert!(
+            fio.try_wait().unwrap().is_none(),
+            "fio ended before a scrape saw a read"
+        );
+        if read(&m, read_bytes) > 0.0 {
+            break m;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = fio.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // fio's nbd engine may print a line of its own before the JSON.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json = &text[text.find('{').expect("fio printed JSON")..];
+    let report: serde_json::Value = serde_json::from_str(json).unwrap();
+    let fio_bytes = report["jobs"][0]["read"]["io_bytes"].as_f64().unwrap();
+    let fio_reads = report["jobs"][0]["read"]["total_ios"].as_f64().unwrap();
+    let after_fio = scrape(&address).unwrap();
+    assert!(read(&during, read_bytes) > 0.0 && read(&during, read_bytes) <= fio_bytes);
+    assert_eq!(read(&after_fio, read_bytes), fio_bytes, "{after_fio:?}");
+    assert_eq!(read(&after_fio, reads), fio_reads);
+    let histogram =
+        r#"thinline_export_request_duration_seconds_count{command="read",export="disk.raw"}"#;
+    assert_eq!(read(&after_fio, histogram), fio_reads);
+    // nbdcopy then reads the whole image once more.
+    let copy = common::run(
+        Command::new("nbdcopy")
+            .arg(served.uri(""))
+            .arg(dir.path().join("c.raw")),
+    );
+    assert!(copy.status.success(), "{copy:?}");
+    let after = scrape(&address).unwrap();
+    assert_eq!(read(&after, read_bytes), fio_bytes + f64::from(1u32 << 20));
+    assert_eq!(
+        read(
+            &after,
+            r#"thinline_export_errors_total{command="read",export="disk.raw"}"#
+        ),
+        0.0
+    );
+    // A connection is counted until the server has closed it, a moment after the
+    // client left.
+    let connections = r#"thinline_export_connections{export="disk.raw"}"#;
+    let start = std::time::Instant::now();
+    while read(&scrape(&address).unwrap(), connections) != 0.0 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "connections stay open"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        read(
+            &after,
+            r#"thinline_export_connections_opened_total{export="disk.raw"}"#
+        ) >= 2.0
+    );
+    assert!(read(&after, "process_resident_memory_bytes{}") > 0.0);
+    assert!(
+        served
+            .terminate(std::time::Duration::from_secs(20))
+            .success()
+    );
+}
+
+#[test]
+fn proxy_metrics_say_what_the_cache_fetched_and_served() {
+    if !common::require(&["nbdcopy"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (image, _) = pattern_image(dir.path());
+    let upstream = common::Served::unix(dir.path(), &[], &[image.to_str().unwrap()]);
+    let cache = dir.path().join("t.cache");
+    let sock = dir.path().join("proxy.sock");
+    let upstream_uri = upstream.uri("");
+    let mut proxy = common::Served::spawn(
+        "proxy",
+        &[
+            "--upstream",
+            &upstream_uri,
+            "--cache",
+            cache.to_str().unwrap(),
+            "--socket",
+            sock.to_str().unwrap(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let address = proxy.report["metrics"].as_str().unwrap().to_owned();
+    let Some(_) = scrape(&address) else { return };
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let copy = |name: &str| {
+        let out = common::run(Command::new("nbdcopy").arg(&uri).arg(dir.path().join(name)));
+        assert!(out.status.success(), "{out:?}");
+    };
+    let value = |m: &std::collections::BTreeMap<String, f64>, key: &str| {
+        m.get(key)
+            .copied()
+            .unwrap_or_else(|| panic!("{key} missing from {m:?}"))
+    };
+    let present = r#"thinline_cache_chunks_present{export=""}"#;
+    let reads = r#"thinline_export_requests_total{command="read",export=""}"#;
+    // The replay: the whole template read twice, the second time once the cache holds it
+    // (chunks are marked present after their data is durable, a moment after the read).
+    copy("a.raw");
+    let start = std::time::Instant::now();
+    let first = loop {
+        let m = scrape(&address).unwrap();
+        if value(&m, present) == value(&m, r#"thinline_cache_chunks{export=""}"#) {
+            break m;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "{m:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(
+        value(&first, r#"thinline_cache_hits_total{export=""}"#),
+        0.0
+    );
+    copy("b.raw");
+    let m = scrape(&address).unwrap();
+    let get = |key: &str| value(&m, key);
+    assert_eq!(
+        get(r#"thinline_cache_hits_total{export=""}"#),
+        get(reads) - value(&first, reads),
+        "every read of the second pass is a hit"
+    );
+    let exported = get(r#"thinline_export_read_bytes_total{export=""}"#);
+    assert_eq!(exported, f64::from(2u32 << 20));
+    assert_eq!(
+        get(r#"thinline_cache_served_bytes_total{export=""}"#),
+        exported,
+        "bytes read equal bytes served"
+    );
+    assert_eq!(
+        get(r#"thinline_cache_upstream_bytes_total{export=""}"#),
+        f64::from(1u32 << 20),
+        "each byte fetched once"
+    );
+    assert_eq!(
+        get(r#"thinline_cache_chunks_present{export=""}"#),
+        get(r#"thinline_cache_chunks{export=""}"#)
+    );
+    assert_eq!(get(r#"thinline_cache_hydration_ratio{export=""}"#), 1.0);
+    assert!(get(r#"thinline_cache_misses_total{export=""}"#) > 0.0);
+    assert_eq!(
+        get(r#"thinline_cache_upstream_errors_total{export=""}"#),
+        0.0
+    );
+    assert!(
+        proxy
+            .terminate(std::time::Duration::from_secs(20))
+            .success()
+    );
+}

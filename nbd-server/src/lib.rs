@@ -47,6 +47,7 @@ pub mod export;
 mod fileio;
 mod handshake;
 pub mod image;
+pub mod metrics;
 pub mod proto;
 pub mod raw;
 mod read_buffer;

@@ -162,6 +162,12 @@ impl Server {
         if exports.is_empty() {
             return Err(Error::NoExports);
         }
+        if let Some(metrics) = &config.metrics {
+            // Every export's series exist from the start, at zero.
+            for (name, _) in exports.iter() {
+                metrics.declare(name);
+            }
+        }
         Ok(Server {
             shared: Arc::new(Shared::new(exports, config)),
         })

@@ -86,6 +86,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Bytes of request payloads and read buffers held at once, across connections.
     pub memory_budget: u64,
+    /// Where requests and connections are counted, if anywhere.
+    pub metrics: Option<Arc<crate::metrics::ServerMetrics>>,
 }
 
 impl Default for ServerConfig {
@@ -95,6 +97,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             memory_budget: 1 << 30,
+            metrics: None,
         }
     }
 }

@@ -180,6 +180,7 @@ struct Connection {
     /// This connection's share of the memory budget (KiB units).
     budget: Arc<Semaphore>,
     peer: String,
+    metrics: Option<crate::metrics::ConnectionMetrics>,
 }
 
 /// Runs the transmission phase until the client disconnects, the connection breaks,
@@ -207,7 +208,9 @@ pub(crate) async fn run<R, W>(
         meta_contexts: session.contexts.len(),
         shutting_down: false,
     };
+    let metrics = (shared.config.metrics.as_ref()).map(|m| m.connection(&session.export_name));
     let conn = Arc::new(Connection {
+        metrics,
         session,
         limits,
         replies: tx,
@@ -431,6 +434,8 @@ async fn discard<R: AsyncRead + Unpin>(reader: &mut R, mut n: u64) -> std::io::R
 }
 
 /// Runs one validated command and encodes its reply.
+/// Runs one request and returns its reply, counted in the connection's metrics if it
+/// has them.
 async fn execute(
     conn: &Connection,
     header: RequestHeader,
@@ -438,11 +443,30 @@ async fn execute(
     payload: Option<Bytes>,
     selected: Option<Vec<u32>>,
 ) -> Vec<Bytes> {
+    let Some(metrics) = &conn.metrics else {
+        return run_command(conn, header, command, payload, selected)
+            .await
+            .0;
+    };
+    let started = std::time::Instant::now();
+    let (replies, ok) = run_command(conn, header, command, payload, selected).await;
+    metrics.observe(&command, ok, started.elapsed());
+    replies
+}
+
+/// Runs one request: its reply, and whether it succeeded.
+async fn run_command(
+    conn: &Connection,
+    header: RequestHeader,
+    command: Command,
+    payload: Option<Bytes>,
+    selected: Option<Vec<u32>>,
+) -> (Vec<Bytes>, bool) {
     let export = &conn.session.export;
     let b = ReplyBuilder::new(conn.session.mode, header.cookie, header.offset);
     let result = match command {
         Command::Read { offset, length, df } => match export.read(offset, length).await {
-            Ok(chunks) => return encode_read(b, offset, chunks, df),
+            Ok(chunks) => return (encode_read(b, offset, chunks, df), true),
             Err(e) => Err(e),
         },
         Command::Write { offset, fua, .. } => {
@@ -465,16 +489,16 @@ async fn execute(
             length,
             req_one,
         } => match block_status(conn, b, offset, length, req_one, selected).await {
-            Ok(segments) => return segments,
-            Err((b, e)) => return report_error(conn, b, &header, &e),
+            Ok(segments) => return (segments, true),
+            Err((b, e)) => return (report_error(conn, b, &header, &e), false),
         },
         Command::BlockStatusWithPayload { .. } | Command::Disconnect => {
             unreachable!("resolved by the reader")
         }
     };
     match result {
-        Ok(()) => b.ok(),
-        Err(e) => report_error(conn, b, &header, &e),
+        Ok(()) => (b.ok(), true),
+        Err(e) => (report_error(conn, b, &header, &e), false),
     }
 }
 

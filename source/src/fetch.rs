@@ -24,7 +24,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -68,6 +68,66 @@ pub struct FetchStats {
     pub bytes_fetched: AtomicU64,
     /// Blocks fetched by readahead.
     pub readahead_blocks: AtomicU64,
+}
+
+/// One fetch engine alive in this process, as [`live_engines`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineCounters {
+    /// The object's URI, without credentials or query.
+    pub uri: String,
+    /// Range requests sent (attempts, retries included).
+    pub requests: u64,
+    /// Requests that were retries.
+    pub retries: u64,
+    /// Bytes received from the backend.
+    pub bytes_fetched: u64,
+    /// Reads answered entirely from memory.
+    pub memory_hits: u64,
+    /// Requests running now.
+    pub in_flight: u64,
+}
+
+/// An engine as the process-wide list holds it: nothing that keeps it alive.
+#[derive(Debug)]
+struct LiveEngine {
+    uri: String,
+    stats: Weak<FetchStats>,
+    permits: Weak<Semaphore>,
+    max_in_flight: usize,
+}
+
+/// Every engine created and not yet dropped (dead entries are pruned as it is used),
+/// for metrics: engines are made deep inside opened images, where no caller sees them.
+static LIVE: Mutex<Vec<LiveEngine>> = Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<LiveEngine>> {
+    let mut list = LIVE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    list.retain(|e| e.stats.strong_count() > 0);
+    list
+}
+
+/// The counters of every fetch engine alive in this process.
+pub fn live_engines() -> Vec<EngineCounters> {
+    live()
+        .iter()
+        .filter_map(|e| {
+            let stats = e.stats.upgrade()?;
+            let available = e
+                .permits
+                .upgrade()
+                .map_or(e.max_in_flight, |p| p.available_permits());
+            Some(EngineCounters {
+                uri: e.uri.clone(),
+                requests: stats.requests.load(Ordering::Relaxed),
+                retries: stats.retries.load(Ordering::Relaxed),
+                bytes_fetched: stats.bytes_fetched.load(Ordering::Relaxed),
+                memory_hits: stats.hits.load(Ordering::Relaxed),
+                in_flight: e.max_in_flight.saturating_sub(available) as u64,
+            })
+        })
+        .collect()
 }
 
 /// A block that is being fetched: the request's future and where the block starts in
@@ -196,6 +256,15 @@ impl FetchEngine {
         let capacity_blocks = usize::try_from(config.memory_budget / block)
             .unwrap_or(usize::MAX)
             .max((2 * MAX_MERGED_UNITS * unit / block) as usize);
+        let stats = Arc::new(FetchStats::default());
+        let max_in_flight = config.max_in_flight.max(1);
+        let permits = Arc::new(Semaphore::new(max_in_flight));
+        live().push(LiveEngine {
+            uri: backend.uri().to_owned(),
+            stats: Arc::downgrade(&stats),
+            permits: Arc::downgrade(&permits),
+            max_in_flight,
+        });
         Arc::new(FetchEngine {
             block,
             unit_blocks: unit / block,
@@ -212,12 +281,12 @@ impl FetchEngine {
             },
             attempts: config.attempts.max(1),
             backoff: Backoff::from_config(config),
-            permits: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
+            permits,
             state: Mutex::new(State {
                 ready: Lru::new(capacity_blocks),
                 ..State::default()
             }),
-            stats: Arc::new(FetchStats::default()),
+            stats,
             backend,
         })
     }
@@ -724,6 +793,50 @@ mod tests {
             "no request after a change"
         );
         engine.read(0, 10).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_live_engine_is_listed_with_its_counters_until_it_is_dropped() {
+        #[derive(Debug)]
+        struct Named(Arc<Recorder>);
+        #[async_trait]
+        impl RangeBackend for Named {
+            fn uri(&self) -> &str {
+                "mem://listed-while-alive"
+            }
+            fn size(&self) -> u64 {
+                self.0.size()
+            }
+            fn identity(&self) -> &str {
+                "listed"
+            }
+            async fn read(&self, offset: u64, length: u64) -> Result<Bytes, FetchError> {
+                self.0.read(offset, length).await
+            }
+            async fn open_related(&self, _: &str) -> Result<Arc<dyn RangeBackend>, FetchError> {
+                unreachable!()
+            }
+        }
+        let ours = || {
+            live_engines()
+                .into_iter()
+                .filter(|e| e.uri == "mem://listed-while-alive")
+                .collect::<Vec<_>>()
+        };
+        let engine = FetchEngine::new(Arc::new(Named(Recorder::new(1 << 20))), &config());
+        engine.read(0, 4096).await.unwrap();
+        let listed = ours();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (
+                listed[0].requests,
+                listed[0].bytes_fetched,
+                listed[0].in_flight
+            ),
+            (1, 64 << 10, 0)
+        );
+        drop(engine);
+        assert!(ours().is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
