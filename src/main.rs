@@ -11,6 +11,7 @@
 
 mod agent;
 mod cache;
+mod completions;
 mod image;
 mod man;
 mod metrics;
@@ -60,6 +61,8 @@ enum Command {
     Task(task::TaskArgs),
     #[command(hide = true)]
     Man(man::ManArgs),
+    #[command(hide = true)]
+    Completions(completions::CompletionsArgs),
 }
 
 fn main() -> ExitCode {
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::Vdi(args) => vdi::run(args),
         Command::Task(args) => task::run(args),
         Command::Man(args) => man::run(args),
+        Command::Completions(args) => completions::run(args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

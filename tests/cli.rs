@@ -769,3 +769,21 @@ fn proxy_metrics_say_what_the_cache_fetched_and_served() {
             .success()
     );
 }
+
+#[test]
+fn completions_are_generated_for_each_shell_with_every_subcommand() {
+    for (shell, marker) in [
+        ("bash", "_thinline()"),
+        ("zsh", "#compdef thinline"),
+        ("fish", "complete -c thinline"),
+    ] {
+        let o = thinline(&["completions", shell]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let script = String::from_utf8(o.stdout).unwrap();
+        assert!(script.contains(marker), "{shell}: {marker} missing");
+        for sub in ["serve", "proxy", "vdi", "sr", "image"] {
+            assert!(script.contains(sub), "{shell}: {sub} missing");
+        }
+    }
+    assert_eq!(thinline(&["completions", "tcsh"]).status.code(), Some(2));
+}

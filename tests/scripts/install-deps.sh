@@ -28,7 +28,7 @@ fi
 packages=(libnbd-bin python3-libnbd nbdkit fio nbd-client busybox-static kmod cpio e2fsprogs
           util-linux mount xxd libvhdi-utils libvmdk-utils libqcow-utils fuse3 python3-vmdkstream
           nginx-light openssl nfs-ganesha nfs-ganesha-vfs rpcbind curl python3-venv dmsetup
-          systemd lvm2 thin-provisioning-tools python3-prometheus-client)
+          systemd lvm2 thin-provisioning-tools python3-prometheus-client man-db)
 backports_packages=(qemu-system-x86 qemu-utils)
 
 missing=()

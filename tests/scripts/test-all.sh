@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: install the test dependencies (Debian packages,
 # the guest kernel), check formatting and lints, run every test (unit, integration with
-# real NBD clients, hostile clients, the kernel VM test), a bounded fuzz run, and
-# compile the benchmarks.
+# real NBD clients, hostile clients, the kernel VM test), a bounded fuzz run, compile
+# the benchmarks, and build, install and remove the Debian package.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -30,6 +30,8 @@ step "doc tests"
 cargo test --workspace --doc --locked -q
 step "benchmarks compile"
 cargo bench --workspace --no-run --locked -q
+step "Debian package: built, installed, served through a unit's command, removed"
+tests/scripts/package-smoke.sh
 if [ -x tests/scripts/fuzz-smoke.sh ]; then
   step "fuzz smoke run"
   tests/scripts/fuzz-smoke.sh
