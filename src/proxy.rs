@@ -9,10 +9,10 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use thinline_cor::{CorExport, NbdUpstream};
-
-use crate::cache::StatusSocket;
 use thinline_nbd::export::Export;
 use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
+
+use crate::cache::StatusSocket;
 
 use crate::cache::CacheArgs;
 use crate::remote::RemoteArgs;

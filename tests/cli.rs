@@ -539,35 +539,6 @@ fn log_format_json_writes_every_log_line_and_the_final_error_as_one_json_object(
     );
 }
 
-/// Scrapes `http://ADDRESS/metrics` and parses it with the Prometheus project's Python
-/// parser (an independent one): each sample as `name{label="value",…}` (labels sorted)
-/// with its value. `None` when the parser is not installed (outside CI: a skip).
-fn scrape(address: &str) -> Option<std::collections::BTreeMap<String, f64>> {
-    const PARSE: &str = r#"
-import json, sys, urllib.request
-from prometheus_client.parser import text_string_to_metric_families
-with urllib.request.urlopen("http://" + sys.argv[1] + "/metrics") as r:
-    assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version=0.0.4"), r.headers
-    text = r.read().decode()
-out = {}
-for family in text_string_to_metric_families(text):
-    for s in family.samples:
-        labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-        out[f"{s.name}{{{labels}}}"] = s.value
-print(json.dumps(out))
-"#;
-    let probe = Command::new("/usr/bin/python3")
-        .args(["-c", "import prometheus_client"])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        common::skip("python3-prometheus-client is missing: run tests/scripts/install-deps.sh");
-        return None;
-    }
-    let out = common::run(Command::new("/usr/bin/python3").args(["-c", PARSE, address]));
-    assert!(out.status.success(), "{out:?}");
-    Some(serde_json::from_slice(&out.stdout).unwrap())
-}
-
 #[test]
 fn serve_metrics_count_what_fio_and_nbdcopy_read_while_they_run() {
     if !common::require(&["fio", "nbdcopy"]) {
@@ -581,7 +552,7 @@ fn serve_metrics_count_what_fio_and_nbdcopy_read_while_they_run() {
         &[image.to_str().unwrap()],
     );
     let address = served.report["metrics"].as_str().unwrap().to_owned();
-    let Some(before) = scrape(&address) else {
+    let Some(before) = common::scrape(&address) else {
         return;
     };
     let read = |m: &std::collections::BTreeMap<String, f64>, key: &str| {
@@ -609,7 +580,7 @@ fn serve_metrics_count_what_fio_and_nbdcopy_read_while_they_run() {
     );
     // Scraped until the counters move, each scrape checked to end while fio still runs.
     let during = loop {
-        let m = scrape(&address).unwrap();
+        let m = common::scrape(&address).unwrap();
         assert!(
             fio.try_wait().unwrap().is_none(),
             "fio ended before a scrape saw a read"
@@ -627,7 +598,7 @@ fn serve_metrics_count_what_fio_and_nbdcopy_read_while_they_run() {
     let report: serde_json::Value = serde_json::from_str(json).unwrap();
     let fio_bytes = report["jobs"][0]["read"]["io_bytes"].as_f64().unwrap();
     let fio_reads = report["jobs"][0]["read"]["total_ios"].as_f64().unwrap();
-    let after_fio = scrape(&address).unwrap();
+    let after_fio = common::scrape(&address).unwrap();
     assert!(read(&during, read_bytes) > 0.0 && read(&during, read_bytes) <= fio_bytes);
     assert_eq!(read(&after_fio, read_bytes), fio_bytes, "{after_fio:?}");
     assert_eq!(read(&after_fio, reads), fio_reads);
@@ -641,7 +612,7 @@ fn serve_metrics_count_what_fio_and_nbdcopy_read_while_they_run() {
             .arg(dir.path().join("c.raw")),
     );
     assert!(copy.status.success(), "{copy:?}");
-    let after = scrape(&address).unwrap();
+    let after = common::scrape(&address).unwrap();
     assert_eq!(read(&after, read_bytes), fio_bytes + f64::from(1u32 << 20));
     assert_eq!(
         read(
@@ -654,7 +625,7 @@ fn serve_metrics_count_what_fio_and_nbdcopy_read_while_they_run() {
     // client left.
     let connections = r#"thinline_export_connections{export="disk.raw"}"#;
     let start = std::time::Instant::now();
-    while read(&scrape(&address).unwrap(), connections) != 0.0 {
+    while read(&common::scrape(&address).unwrap(), connections) != 0.0 {
         assert!(
             start.elapsed() < std::time::Duration::from_secs(20),
             "connections stay open"
@@ -701,7 +672,9 @@ fn proxy_metrics_say_what_the_cache_fetched_and_served() {
         &[],
     );
     let address = proxy.report["metrics"].as_str().unwrap().to_owned();
-    let Some(_) = scrape(&address) else { return };
+    let Some(_) = common::scrape(&address) else {
+        return;
+    };
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     let copy = |name: &str| {
         let out = common::run(Command::new("nbdcopy").arg(&uri).arg(dir.path().join(name)));
@@ -719,7 +692,7 @@ fn proxy_metrics_say_what_the_cache_fetched_and_served() {
     copy("a.raw");
     let start = std::time::Instant::now();
     let first = loop {
-        let m = scrape(&address).unwrap();
+        let m = common::scrape(&address).unwrap();
         if value(&m, present) == value(&m, r#"thinline_cache_chunks{export=""}"#) {
             break m;
         }
@@ -734,7 +707,7 @@ fn proxy_metrics_say_what_the_cache_fetched_and_served() {
         0.0
     );
     copy("b.raw");
-    let m = scrape(&address).unwrap();
+    let m = common::scrape(&address).unwrap();
     let get = |key: &str| value(&m, key);
     assert_eq!(
         get(r#"thinline_cache_hits_total{export=""}"#),

@@ -320,6 +320,44 @@ fn small_reads_become_unit_requests_shared_by_every_connection() {
 }
 
 #[test]
+fn fetch_engine_metrics_count_what_the_template_server_sent() {
+    if !require(TOOLS) || !require_nginx() {
+        return;
+    }
+    let data: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let (_www, nginx) = nginx_serving("t.raw", &data);
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("http://127.0.0.1:{}/t.raw", nginx.port);
+    let spec = format!("t={url}");
+    let mut served = Served::unix(dir.path(), &["--metrics-listen", "127.0.0.1:0"], &[&spec]);
+    let address = served.report["metrics"].as_str().unwrap().to_owned();
+    let Some(_) = scrape(&address) else { return };
+    let copy = dir.path().join("copy.raw");
+    run(Command::new("nbdcopy").arg(served.uri("t")).arg(&copy));
+    assert!(read_file(&copy) == data);
+    let m = scrape(&address).unwrap();
+    let get = |name: &str| {
+        let key = format!(r#"{name}{{template="{url}"}}"#);
+        m.get(&key)
+            .copied()
+            .unwrap_or_else(|| panic!("{key} missing from {m:?}"))
+    };
+    assert_eq!(
+        get("thinline_fetch_bytes_total"),
+        data.len() as f64,
+        "each byte fetched once"
+    );
+    assert!(get("thinline_fetch_requests_total") >= 1.0);
+    assert_eq!(get("thinline_fetch_retries_total"), 0.0);
+    assert_eq!(get("thinline_fetch_in_flight"), 0.0);
+    assert_eq!(
+        m[r#"thinline_export_read_bytes_total{export="t"}"#],
+        data.len() as f64
+    );
+    assert!(served.terminate(Duration::from_secs(20)).success());
+}
+
+#[test]
 fn a_server_without_range_support_is_refused_clearly() {
     if !require(TOOLS) || !require_nginx() {
         return;

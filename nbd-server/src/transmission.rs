@@ -208,7 +208,11 @@ pub(crate) async fn run<R, W>(
         meta_contexts: session.contexts.len(),
         shutting_down: false,
     };
-    let metrics = (shared.config.metrics.as_ref()).map(|m| m.connection(&session.export_name));
+    let metrics = shared
+        .config
+        .metrics
+        .as_ref()
+        .map(|m| m.connection(&session.export_name));
     let conn = Arc::new(Connection {
         metrics,
         session,

@@ -336,3 +336,32 @@ impl Drop for SmallFs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// Scrapes `http://ADDRESS/metrics` and parses it with the Prometheus project's Python
+/// parser (an independent one): each sample as `name{label="value",…}` (labels sorted)
+/// with its value. `None` when the parser is not installed (outside CI: a skip).
+pub fn scrape(address: &str) -> Option<std::collections::BTreeMap<String, f64>> {
+    const PARSE: &str = r#"
+import json, sys, urllib.request
+from prometheus_client.parser import text_string_to_metric_families
+with urllib.request.urlopen("http://" + sys.argv[1] + "/metrics") as r:
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version=0.0.4"), r.headers
+    text = r.read().decode()
+out = {}
+for family in text_string_to_metric_families(text):
+    for s in family.samples:
+        labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+        out[f"{s.name}{{{labels}}}"] = s.value
+print(json.dumps(out))
+"#;
+    let probe = Command::new("/usr/bin/python3")
+        .args(["-c", "import prometheus_client"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        skip("python3-prometheus-client is missing: run tests/scripts/install-deps.sh");
+        return None;
+    }
+    let out = run(Command::new("/usr/bin/python3").args(["-c", PARSE, address]));
+    assert!(out.status.success(), "{out:?}");
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
