@@ -23,6 +23,7 @@ mod size;
 mod sr;
 mod systemd;
 mod task;
+mod tls;
 mod vdi;
 
 use std::process::ExitCode;

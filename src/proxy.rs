@@ -78,6 +78,9 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "ID")]
     template_id: Option<String>,
 
+    #[command(flatten)]
+    tls: crate::tls::TlsArgs,
+
     /// Serve Prometheus metrics (text format) over HTTP at http://ADDR/metrics: requests,
     /// bytes, errors and latency per export, the caches, the fetch engines, memory.
     #[arg(long, value_name = "HOST:PORT")]
@@ -228,6 +231,8 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
     if args.max_connections == Some(0) {
         bail!("--max-connections must be at least 1");
     }
+    // Before the upstream is contacted: a bad certificate or key is the first error.
+    let tls = args.tls.settings()?;
     let remote = args.remote.config()?;
     let role = match &args.socket {
         Some(s) => format!("thinline proxy --socket {}", s.display()),
@@ -318,6 +323,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
             max_connections: args.max_connections,
             handshake_timeout: Duration::from_secs(10),
             metrics: server_metrics,
+            tls,
             ..ServerConfig::default()
         };
         let server = Server::new(exports, config)?;

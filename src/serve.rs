@@ -61,6 +61,9 @@ pub struct ServeArgs {
     #[arg(short, long, conflicts_with = "cache_dir")]
     writable: bool,
 
+    #[command(flatten)]
+    tls: crate::tls::TlsArgs,
+
     /// Serve Prometheus metrics (text format) over HTTP at http://ADDR/metrics: requests,
     /// bytes, errors and latency per export, the caches, the fetch engines, memory.
     #[arg(long, value_name = "HOST:PORT")]
@@ -442,6 +445,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = ServerConfig {
         max_connections: args.max_connections,
         handshake_timeout: Duration::from_secs_f64(args.handshake_timeout),
+        tls: args.tls.settings()?,
         ..ServerConfig::default()
     };
     runtime.block_on(async move {

@@ -46,6 +46,14 @@ pub enum Error {
     /// An image could not be opened, mapped or decoded.
     #[error(transparent)]
     Format(#[from] thinline_format::Error),
+    /// A TLS certificate, key or CA file cannot be used.
+    #[error("cannot use {path} for TLS: {reason}")]
+    Tls {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// No exports were configured.
     #[error("no exports configured")]
     NoExports,

@@ -17,6 +17,7 @@ use crate::proto::{
     info, opt, rep, tflags,
 };
 use crate::shared::{ExportSet, Shared};
+use crate::tls::TlsMode;
 
 /// Option data longer than this closes the connection instead of being skipped.
 const MAX_SKIPPED_OPTION_LEN: u32 = 32 * 1024 * 1024;
@@ -33,6 +34,23 @@ pub(crate) struct Session {
     /// Selected metadata contexts: the context id is the position, the value the
     /// index into `export.meta_contexts()`.
     pub contexts: Vec<usize>,
+}
+
+/// What negotiation ended with.
+#[derive(Debug)]
+pub(crate) enum Negotiated {
+    /// The transmission phase's session.
+    Session(Session),
+    /// STARTTLS was acknowledged: run the TLS handshake, then negotiate again inside
+    /// TLS with these client flags ([`negotiate`]'s `resume`).
+    StartTls(ClientFlags),
+}
+
+/// What the client said in its flags, kept across STARTTLS.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientFlags {
+    fixed: bool,
+    no_zeroes: bool,
 }
 
 /// Why negotiation ended without a session.
@@ -68,6 +86,8 @@ pub(crate) enum Refusal {
 struct Negotiation<'a> {
     shared: &'a Shared,
     refusal: Refusal,
+    /// The connection runs inside TLS.
+    tls_active: bool,
     fixed: bool,
     no_zeroes: bool,
     mode: ReplyMode,
@@ -76,37 +96,49 @@ struct Negotiation<'a> {
     out: Vec<u8>,
 }
 
-/// Runs the whole negotiation on a fresh connection.
+/// Runs the negotiation of a fresh connection (`resume` is `None`: greeting, client
+/// flags, options), or its options again inside TLS after STARTTLS (`resume` holds the
+/// client's flags; what was negotiated in clear is forgotten, as the spec asks).
 pub(crate) async fn negotiate<R, W>(
     reader: &mut R,
     writer: &mut W,
     shared: &Shared,
     refusal: Refusal,
-) -> Result<Session, HandshakeEnd>
+    resume: Option<ClientFlags>,
+) -> Result<Negotiated, HandshakeEnd>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut greeting = Vec::with_capacity(18);
-    greeting.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
-    greeting.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
-    greeting.extend_from_slice(
-        &(handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES).to_be_bytes(),
-    );
-    writer.write_all(&greeting).await?;
-    writer.flush().await?;
-
-    let client = reader.read_u32().await?;
-    if client & !client_flags::KNOWN != 0 {
-        return Err(HandshakeEnd::Violation(format!(
-            "unknown client flags {client:#x}"
-        )));
-    }
+    let flags = match resume {
+        Some(flags) => flags,
+        None => {
+            let mut greeting = Vec::with_capacity(18);
+            greeting.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
+            greeting.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+            greeting.extend_from_slice(
+                &(handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES).to_be_bytes(),
+            );
+            writer.write_all(&greeting).await?;
+            writer.flush().await?;
+            let client = reader.read_u32().await?;
+            if client & !client_flags::KNOWN != 0 {
+                return Err(HandshakeEnd::Violation(format!(
+                    "unknown client flags {client:#x}"
+                )));
+            }
+            ClientFlags {
+                fixed: client & client_flags::C_FIXED_NEWSTYLE != 0,
+                no_zeroes: client & client_flags::C_NO_ZEROES != 0,
+            }
+        }
+    };
     let mut n = Negotiation {
         shared,
         refusal,
-        fixed: client & client_flags::C_FIXED_NEWSTYLE != 0,
-        no_zeroes: client & client_flags::C_NO_ZEROES != 0,
+        tls_active: resume.is_some(),
+        fixed: flags.fixed,
+        no_zeroes: flags.no_zeroes,
         mode: ReplyMode::Simple,
         meta: None,
         out: Vec::with_capacity(256),
@@ -171,7 +203,8 @@ where
         n.send(writer).await?;
         match outcome {
             Next::Continue => {}
-            Next::Transmission(session) => return Ok(session),
+            Next::Transmission(session) => return Ok(Negotiated::Session(session)),
+            Next::StartTls => return Ok(Negotiated::StartTls(flags)),
             Next::End(end) => return Err(end),
         }
     }
@@ -180,6 +213,7 @@ where
 enum Next {
     Continue,
     Transmission(Session),
+    StartTls,
     End(HandshakeEnd),
 }
 
@@ -223,12 +257,24 @@ impl Negotiation<'_> {
     /// Answers options of a refused or shutting-down connection. Returns `Some` when
     /// the connection must end after sending what was queued.
     fn refused(&mut self, option: u32) -> Option<HandshakeEnd> {
+        let tls_required = !self.tls_active
+            && self
+                .shared
+                .config
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.mode == TlsMode::Require);
         let (code, message) = if self.shared.shutdown.is_cancelled() {
             (rep::ERR_SHUTDOWN, "the server is shutting down".to_owned())
         } else if let Refusal::TooManyConnections(limit) = self.refusal {
             (
                 rep::ERR_POLICY,
                 format!("the server is at its limit of {limit} connections"),
+            )
+        } else if tls_required && option != opt::STARTTLS {
+            (
+                rep::ERR_TLS_REQD,
+                "this server requires TLS: send NBD_OPT_STARTTLS first".to_owned(),
             )
         } else {
             return None;
@@ -266,12 +312,16 @@ impl Negotiation<'_> {
                 Next::Continue
             }
             ClientOption::StartTls => {
-                self.error(
-                    option,
-                    rep::ERR_POLICY,
-                    "TLS is not supported by this server",
-                );
-                Next::Continue
+                if self.tls_active {
+                    self.error(option, rep::ERR_INVALID, "TLS is already running");
+                    Next::Continue
+                } else if self.shared.config.tls.is_none() {
+                    self.error(option, rep::ERR_POLICY, "this server does not offer TLS");
+                    Next::Continue
+                } else {
+                    self.reply(option, rep::ACK, &[]);
+                    Next::StartTls
+                }
             }
             ClientOption::StructuredReply => {
                 match self.mode {

@@ -54,6 +54,7 @@ mod read_buffer;
 pub mod request;
 pub mod server;
 mod shared;
+pub mod tls;
 mod transmission;
 mod uring;
 

@@ -50,6 +50,16 @@ impl<R: AsyncRead + Unpin> ReadBuffer<R> {
         }
     }
 
+    /// Whether bytes were read from the socket and not consumed yet.
+    pub(crate) fn has_buffered(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// The socket, for a caller that checked nothing is buffered ([`Self::has_buffered`]).
+    pub(crate) fn into_inner(self) -> R {
+        self.inner
+    }
+
     /// Reads the next `length` bytes as one [`Bytes`]: split off the buffer when they are
     /// there (copied if short), else what is buffered and the rest straight from the
     /// socket into the same allocation.

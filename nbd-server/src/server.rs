@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::handshake::{self, HandshakeEnd, Refusal};
+use crate::handshake::{self, HandshakeEnd, Negotiated, Refusal};
 use crate::shared::Shared;
 pub use crate::shared::{ExportSet, ServerConfig};
 use crate::{Error, Result, transmission};
@@ -305,7 +305,8 @@ fn spawn_connection<R, W>(
     }
 }
 
-/// One connection: handshake (bounded by the handshake timeout), then transmission.
+/// One connection: handshake (bounded by the handshake timeout), then transmission;
+/// after STARTTLS, the TLS handshake (bounded the same) and the rest inside TLS.
 async fn connection<R, W>(
     shared: Arc<Shared>,
     reader: R,
@@ -320,46 +321,122 @@ async fn connection<R, W>(
     async move {
         let mut reader = ReadBuffer::new(reader);
         let refusal = over_limit.map_or(Refusal::None, Refusal::TooManyConnections);
+        let Some(negotiated) = handshake(&shared, &mut reader, &mut writer, refusal, None).await
+        else {
+            return;
+        };
+        let flags = match negotiated {
+            Negotiated::Session(session) => {
+                return serve(session, reader, writer, &shared, &peer).await;
+            }
+            Negotiated::StartTls(flags) => flags,
+        };
+        let Some(tls) = shared.config.tls.clone() else {
+            return;
+        };
+        // The client speaks TLS only once STARTTLS is acknowledged: bytes already here
+        // were sent before that, in clear, and would be taken for TLS records.
+        if reader.has_buffered() {
+            warn!("data sent after NBD_OPT_STARTTLS before its reply; connection closed");
+            return;
+        }
         let timeout = shared.config.handshake_timeout;
-        let negotiated = tokio::select! {
-            r = tokio::time::timeout(timeout, handshake::negotiate(&mut reader, &mut writer, &shared, refusal)) => r,
-            () = async {
-                shared.shutdown.cancelled().await;
-                tokio::time::sleep(shared.config.shutdown_grace).await;
-            } => {
-                debug!("handshake cut short by shutdown");
+        let io = tokio::io::join(reader.into_inner(), writer);
+        let stream = match tokio::time::timeout(timeout, tls.acceptor.accept(io)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                info!(error = %e, "TLS handshake failed; connection closed");
                 return;
             }
-        };
-        let session = match negotiated {
             Err(_) => {
-                info!(timeout_secs = timeout.as_secs_f64(), "handshake timed out; connection dropped");
+                info!(
+                    timeout_secs = timeout.as_secs_f64(),
+                    "TLS handshake timed out; connection dropped"
+                );
                 return;
             }
-            Ok(Err(HandshakeEnd::Closed(why))) => {
-                debug!(reason = %why, "connection closed during the handshake");
-                return;
-            }
-            Ok(Err(HandshakeEnd::Violation(why))) => {
-                warn!(reason = %why, "protocol violation during the handshake; connection closed");
-                return;
-            }
-            Ok(Err(HandshakeEnd::Io(e))) => {
-                info!(error = %e, "connection failed during the handshake");
-                return;
-            }
-            Ok(Ok(session)) => session,
         };
-        info!(
-            export = %session.export_name,
-            mode = ?session.mode,
-            contexts = session.contexts.len(),
-            "client connected"
-        );
-        let export_name = session.export_name.clone();
-        transmission::run(session, reader, writer, Arc::clone(&shared), peer.clone()).await;
-        info!(export = %export_name, "client disconnected");
+        debug!("TLS established");
+        let (reader, mut writer) = tokio::io::split(stream);
+        let mut reader = ReadBuffer::new(reader);
+        match handshake(&shared, &mut reader, &mut writer, refusal, Some(flags)).await {
+            Some(Negotiated::Session(session)) => {
+                serve(session, reader, writer, &shared, &peer).await;
+            }
+            // Refused inside TLS (`NBD_REP_ERR_INVALID`): never asked for twice.
+            Some(Negotiated::StartTls(_)) | None => {}
+        }
     }
     .instrument(span)
     .await;
+}
+
+/// Negotiates (bounded by the handshake timeout and cut short by shutdown); `None`,
+/// logged, when the connection ends instead.
+async fn handshake<R, W>(
+    shared: &Arc<Shared>,
+    reader: &mut ReadBuffer<R>,
+    writer: &mut W,
+    refusal: Refusal,
+    resume: Option<handshake::ClientFlags>,
+) -> Option<Negotiated>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let timeout = shared.config.handshake_timeout;
+    let negotiated = tokio::select! {
+        r = tokio::time::timeout(timeout, handshake::negotiate(reader, writer, shared, refusal, resume)) => r,
+        () = async {
+            shared.shutdown.cancelled().await;
+            tokio::time::sleep(shared.config.shutdown_grace).await;
+        } => {
+            debug!("handshake cut short by shutdown");
+            return None;
+        }
+    };
+    match negotiated {
+        Err(_) => {
+            info!(
+                timeout_secs = timeout.as_secs_f64(),
+                "handshake timed out; connection dropped"
+            );
+            None
+        }
+        Ok(Err(HandshakeEnd::Closed(why))) => {
+            debug!(reason = %why, "connection closed during the handshake");
+            None
+        }
+        Ok(Err(HandshakeEnd::Violation(why))) => {
+            warn!(reason = %why, "protocol violation during the handshake; connection closed");
+            None
+        }
+        Ok(Err(HandshakeEnd::Io(e))) => {
+            info!(error = %e, "connection failed during the handshake");
+            None
+        }
+        Ok(Ok(negotiated)) => Some(negotiated),
+    }
+}
+
+/// The transmission phase of a negotiated session.
+async fn serve<R, W>(
+    session: handshake::Session,
+    reader: ReadBuffer<R>,
+    writer: W,
+    shared: &Arc<Shared>,
+    peer: &str,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    info!(
+        export = %session.export_name,
+        mode = ?session.mode,
+        contexts = session.contexts.len(),
+        "client connected"
+    );
+    let export_name = session.export_name.clone();
+    transmission::run(session, reader, writer, Arc::clone(shared), peer.to_owned()).await;
+    info!(export = %export_name, "client disconnected");
 }

@@ -88,6 +88,8 @@ pub struct ServerConfig {
     pub memory_budget: u64,
     /// Where requests and connections are counted, if anywhere.
     pub metrics: Option<Arc<crate::metrics::ServerMetrics>>,
+    /// TLS (STARTTLS), if the server offers it.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 impl Default for ServerConfig {
@@ -98,6 +100,7 @@ impl Default for ServerConfig {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             memory_budget: 1 << 30,
             metrics: None,
+            tls: None,
         }
     }
 }

@@ -1,0 +1,291 @@
+//! NBD over TLS (STARTTLS, x509) with real clients: libnbd's nbdinfo and nbdcopy with
+//! `nbds://` URIs and `tls-certificates=DIR`, and qemu-img with a `tls-creds-x509`
+//! object. Certificates are made by openssl for each test. libnbd checks a server's
+//! certificate over TCP (not on unix sockets), so the refusals are tested over TCP.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::wire::{C_FIXED_NEWSTYLE, Client, opt, rep};
+use common::{Served, require, run};
+
+/// A CA, a server certificate for localhost / 127.0.0.1 signed by it, and a client
+/// certificate signed by it, in `dir`; `client/` holds what libnbd and qemu read
+/// (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`), `server-key.pem` is mode 0600.
+fn certificates(dir: &Path) -> PathBuf {
+    let sh = |script: &str| {
+        let out = run(Command::new("sh").arg("-ec").arg(script).current_dir(dir));
+        assert!(out.status.success(), "{out:?}");
+    };
+    sh(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca-cert.pem -days 30 \
+          -subj '/CN=thinline test CA' 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -keyout server-key.pem -out server.csr \
+          -subj '/CN=localhost' 2>/dev/null
+        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\n' >server.ext
+        openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+          -out server-cert.pem -days 30 -extfile server.ext 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -keyout client-key.pem -out client.csr \
+          -subj '/CN=client' 2>/dev/null
+        printf 'extendedKeyUsage=clientAuth\n' >client.ext
+        openssl x509 -req -in client.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+          -out client-cert.pem -days 30 -extfile client.ext 2>/dev/null
+        chmod 600 server-key.pem client-key.pem
+        mkdir -p client wrong
+        cp ca-cert.pem client-cert.pem client-key.pem client/
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout wrong/ca-key.pem -out wrong/ca-cert.pem \
+          -days 30 -subj '/CN=another CA' 2>/dev/null",
+    );
+    dir.to_owned()
+}
+
+fn tls_args<'a>(dir: &'a Path, mode: &'a str) -> Vec<String> {
+    vec![
+        "--tls".into(),
+        mode.into(),
+        "--tls-cert".into(),
+        dir.join("server-cert.pem").display().to_string(),
+        "--tls-key".into(),
+        dir.join("server-key.pem").display().to_string(),
+    ]
+}
+
+fn start(args: &[String], image: &Path) -> Served {
+    let mut all: Vec<&str> = vec!["--listen", "127.0.0.1:0"];
+    all.extend(args.iter().map(String::as_str));
+    all.push(image.to_str().unwrap());
+    Served::start(&all)
+}
+
+/// nbdinfo's answer (its exit status and what it printed) for `uri`.
+fn nbdinfo(args: &[&str], uri: &str) -> (bool, String) {
+    let out = Command::new("nbdinfo")
+        .args(args)
+        .arg(uri)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
+fn image(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let data: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 253) as u8).collect();
+    let path = dir.join("disk.raw");
+    std::fs::write(&path, &data).unwrap();
+    (path, data)
+}
+
+/// A server of a 2 MiB pattern image with TLS `mode` (and `extra` options) on TCP,
+/// with its certificates and what a client needs.
+struct TlsServer {
+    dir: tempfile::TempDir,
+    certs: PathBuf,
+    data: Vec<u8>,
+    served: Served,
+    /// `HOST:PORT`.
+    tcp: String,
+}
+
+impl TlsServer {
+    /// With `client_ca`, clients need a certificate the test CA signed (`--tls-ca`).
+    fn start(mode: &str, client_ca: bool, extra: &[&str]) -> TlsServer {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = certificates(dir.path());
+        let (path, data) = image(dir.path());
+        let mut args = tls_args(&certs, mode);
+        if client_ca {
+            args.push("--tls-ca".into());
+            args.push(certs.join("ca-cert.pem").display().to_string());
+        }
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let served = start(&args, &path);
+        let tcp = served.tcp.clone().unwrap();
+        TlsServer {
+            dir,
+            certs,
+            data,
+            served,
+            tcp,
+        }
+    }
+
+    /// The `nbds://` URI of the export for a client that trusts the CA (and holds a
+    /// client certificate) in `client/` of the certificates, or in `dir`.
+    fn uri(&self, dir: Option<&Path>) -> String {
+        let client = self.certs.join("client");
+        format!(
+            "nbds://{}/disk.raw?tls-certificates={}",
+            self.tcp,
+            dir.unwrap_or(&client).display()
+        )
+    }
+}
+
+#[test]
+fn tls_require_serves_inside_tls_and_refuses_everything_in_clear() {
+    if !require(&["openssl", "nbdinfo", "nbdcopy"]) {
+        return;
+    }
+    let t = TlsServer::start("require", false, &[]);
+    let (tcp, uri) = (&t.tcp, t.uri(None));
+    let (ok, said) = nbdinfo(&["--size"], &uri);
+    assert!(ok && said.trim() == (2u32 << 20).to_string(), "{said}");
+    let copy = t.dir.path().join("copy.raw");
+    let out = run(Command::new("nbdcopy").arg(&uri).arg(&copy));
+    assert!(out.status.success(), "{out:?}");
+    assert!(std::fs::read(&copy).unwrap() == t.data);
+    // In clear: refused, and not even the export list is given.
+    let (ok, said) = nbdinfo(&["--size"], &format!("nbd://{tcp}/disk.raw"));
+    assert!(!ok && said.contains("requires TLS"), "{said}");
+    let (ok, said) = nbdinfo(&["--list"], &format!("nbd://{tcp}"));
+    assert!(!ok && !said.contains("disk.raw"), "{said}");
+    // A client that trusts another CA refuses the server.
+    let (ok, said) = nbdinfo(&["--size"], &t.uri(Some(&t.certs.join("wrong"))));
+    assert!(!ok && said.contains("certificate"), "{said}");
+    // Raw options before STARTTLS get NBD_REP_ERR_TLS_REQD; ABORT is still answered.
+    let mut c = Client::tcp(tcp).unwrap();
+    c.greeting().unwrap();
+    c.send_client_flags(C_FIXED_NEWSTYLE).unwrap();
+    c.send_option(opt::LIST, &[]).unwrap();
+    assert_eq!(c.read_option_reply().unwrap().reply_type, rep::ERR_TLS_REQD);
+    c.send_option(opt::ABORT, &[]).unwrap();
+    assert_eq!(c.read_option_reply().unwrap().reply_type, rep::ACK);
+    // The server is unharmed.
+    let (ok, said) = nbdinfo(&["--size"], &uri);
+    assert!(ok, "{said}");
+}
+
+#[test]
+fn tls_on_serves_clients_in_clear_and_inside_tls_and_qemu_img_reads_it() {
+    if !require(&["openssl", "nbdinfo", "qemu-img"]) {
+        return;
+    }
+    let t = TlsServer::start("on", false, &[]);
+    let client = t.certs.join("client");
+    let (ok, said) = nbdinfo(&["--size"], &format!("nbd://{}/disk.raw", t.tcp));
+    assert!(ok, "{said}");
+    let (ok, said) = nbdinfo(&["--size"], &t.uri(None));
+    assert!(ok, "{said}");
+    let (host, port) = t.tcp.rsplit_once(':').unwrap();
+    let out = run(Command::new("qemu-img")
+        .arg("info")
+        .arg("--output=json")
+        .arg("--object")
+        .arg(format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            client.display()
+        ))
+        .arg("--image-opts")
+        .arg(format!(
+            "driver=nbd,host={host},port={port},export=disk.raw,tls-creds=tls0"
+        )));
+    assert!(out.status.success(), "{out:?}");
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["virtual-size"], 2u64 << 20);
+}
+
+#[test]
+fn with_tls_ca_a_client_needs_a_certificate_that_ca_signed() {
+    if !require(&["openssl", "nbdinfo"]) {
+        return;
+    }
+    let t = TlsServer::start("require", true, &[]);
+    let with_cert = t.uri(None);
+    assert!(nbdinfo(&["--size"], &with_cert).0);
+    // Only the CA: no client certificate to present.
+    let bare = t.dir.path().join("bare");
+    std::fs::create_dir(&bare).unwrap();
+    std::fs::copy(t.certs.join("ca-cert.pem"), bare.join("ca-cert.pem")).unwrap();
+    let (ok, said) = nbdinfo(&["--size"], &t.uri(Some(&bare)));
+    assert!(!ok, "{said}");
+    assert!(nbdinfo(&["--size"], &with_cert).0, "the server is unharmed");
+}
+
+#[test]
+fn a_client_that_stops_or_talks_garbage_in_the_tls_handshake_loses_only_its_connection() {
+    if !require(&["openssl", "nbdinfo"]) {
+        return;
+    }
+    let t = TlsServer::start("require", false, &["--handshake-timeout", "2"]);
+    let (tcp, uri) = (&t.tcp, t.uri(None));
+    let starttls = |c: &mut Client| {
+        c.greeting().unwrap();
+        c.send_client_flags(C_FIXED_NEWSTYLE).unwrap();
+        c.send_option(opt::STARTTLS, &[]).unwrap();
+        assert_eq!(c.read_option_reply().unwrap().reply_type, rep::ACK);
+    };
+    // One stops after STARTTLS's reply, one sends what is no TLS record.
+    let mut silent = Client::tcp(tcp).unwrap();
+    starttls(&mut silent);
+    let mut garbage = Client::tcp(tcp).unwrap();
+    starttls(&mut garbage);
+    garbage.write_raw(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    // Meanwhile another client is served.
+    assert!(nbdinfo(&["--size"], &uri).0);
+    for c in [&mut silent, &mut garbage] {
+        c.set_timeout(Duration::from_secs(20)).unwrap();
+        // The garbage may get a TLS alert first; then the connection ends.
+        let ended = loop {
+            match c.read_vec(1) {
+                Ok(_) => continue,
+                Err(e) => break e.kind(),
+            }
+        };
+        assert!(
+            matches!(
+                ended,
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ),
+            "the server closes a connection whose TLS handshake fails: {ended:?}"
+        );
+    }
+    assert!(
+        t.served
+            .wait_for_log("TLS handshake", Duration::from_secs(20)),
+        "{}",
+        t.served.log()
+    );
+    assert!(nbdinfo(&["--size"], &uri).0);
+}
+
+#[test]
+fn a_private_key_others_may_read_or_a_missing_certificate_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    if !require(&["openssl"]) {
+        return;
+    }
+    let certs = certificates(dir.path());
+    let (path, _) = image(dir.path());
+    let key = certs.join("server-key.pem");
+    let serve = |args: &[String]| {
+        Command::new(common::thinline())
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .args(args)
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = serve(&tls_args(&certs, "on"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("server-key.pem") && stderr.contains("world-readable"),
+        "{stderr}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = serve(&["--tls".into(), "on".into()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-cert"));
+}
