@@ -106,8 +106,8 @@ struct TemplateLabel {
     template: String,
 }
 
-/// Encodes one family of `kind` (a counter's name without `_total`): a value per
-/// label set.
+/// Encodes one family (a counter's `name` without `_total`, or a gauge's): a value
+/// per label set.
 fn family<L: EncodeLabelSet>(
     encoder: &mut DescriptorEncoder,
     name: &str,

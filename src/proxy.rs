@@ -313,7 +313,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
             }
             None => None,
         };
-        let shutdown = crate::serve::notify_stopping(crate::serve::shutdown_signal());
+        let shutdown = crate::systemd::notify_stopping(crate::serve::shutdown_signal());
         print_report(&report, args.json)?;
 
         let mut exports = ExportSet::new();

@@ -298,12 +298,6 @@ pub(crate) async fn bind_listeners(
     Ok(listening)
 }
 
-/// Waits for `shutdown`, then tells systemd the service is stopping.
-pub(crate) async fn notify_stopping(shutdown: impl Future<Output = ()>) {
-    shutdown.await;
-    crate::systemd::notify("STOPPING=1");
-}
-
 /// The NBD URI of export `name` on `listener`.
 pub(crate) fn export_uri(listener: &Listener, name: &str) -> String {
     match listener {
@@ -498,7 +492,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         };
         // Signals are caught from before the report: whoever starts the daemon may stop
         // it as soon as it says it listens.
-        let shutdown = notify_stopping(shutdown_signal());
+        let shutdown = crate::systemd::notify_stopping(shutdown_signal());
         print_report(&report, args.json)?;
         let server = Server::new(exports, config)?;
         crate::systemd::notify("READY=1");

@@ -372,7 +372,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<u8> {
     });
     let result = runtime.block_on(async move {
         let ready = || crate::systemd::notify("READY=1");
-        let shutdown = crate::serve::notify_stopping(crate::serve::shutdown_signal());
+        let shutdown = crate::systemd::notify_stopping(crate::serve::shutdown_signal());
         thinline_sr::daemon::run(path, templates, apply, ready, shutdown).await
     });
     match result {

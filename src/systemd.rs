@@ -126,6 +126,12 @@ pub fn notify(state: &str) {
     }
 }
 
+/// Waits for `shutdown`, then tells the service manager the service is stopping.
+pub async fn notify_stopping(shutdown: impl std::future::Future<Output = ()>) {
+    shutdown.await;
+    notify("STOPPING=1");
+}
+
 fn send(target: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::net::{SocketAddr, UnixDatagram};

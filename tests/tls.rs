@@ -42,7 +42,7 @@ fn certificates(dir: &Path) -> PathBuf {
     dir.to_owned()
 }
 
-fn tls_args<'a>(dir: &'a Path, mode: &'a str) -> Vec<String> {
+fn tls_args(dir: &Path, mode: &str) -> Vec<String> {
     vec![
         "--tls".into(),
         mode.into(),

@@ -121,71 +121,55 @@ impl ServerMetrics {
 
     /// Makes export `export`'s series, at zero.
     pub(crate) fn declare(&self, export: &str) {
-        let labels = ExportLabels {
-            export: export.to_owned(),
-        };
-        for command in COMMANDS {
-            let labels = CommandLabels {
-                export: export.to_owned(),
-                command,
-            };
-            drop(self.requests.get_or_create(&labels));
-            drop(self.errors.get_or_create(&labels));
-            drop(self.latency.get_or_create(&labels));
-        }
-        drop(self.read_bytes.get_or_create(&labels));
-        drop(self.write_bytes.get_or_create(&labels));
-        drop(self.connections.get_or_create(&labels));
-        drop(self.connections_total.get_or_create(&labels));
+        drop(self.handles(export));
     }
 
     /// The handles of export `export`, for one connection: counted as open until it
     /// is dropped.
     pub(crate) fn connection(&self, export: &str) -> ConnectionMetrics {
+        let handles = self.handles(export);
+        handles.connections.inc();
+        handles.connections_total.inc();
+        ConnectionMetrics(handles)
+    }
+
+    /// Every series of export `export` (made at zero if missing).
+    fn handles(&self, export: &str) -> ExportHandles {
         let labels = ExportLabels {
             export: export.to_owned(),
         };
-        let by_command = |family: &Family<CommandLabels, Counter>| {
-            COMMANDS.map(|command| {
-                family
-                    .get_or_create(&CommandLabels {
-                        export: export.to_owned(),
-                        command,
-                    })
-                    .clone()
-            })
+        let by_command = |command| CommandLabels {
+            export: export.to_owned(),
+            command,
         };
-        let connections = self.connections.get_or_create(&labels).clone();
-        connections.inc();
-        self.connections_total.get_or_create(&labels).inc();
-        ConnectionMetrics {
-            requests: by_command(&self.requests),
-            errors: by_command(&self.errors),
-            latency: COMMANDS.map(|command| {
-                self.latency
-                    .get_or_create(&CommandLabels {
-                        export: export.to_owned(),
-                        command,
-                    })
-                    .clone()
-            }),
+        ExportHandles {
+            requests: COMMANDS.map(|c| self.requests.get_or_create(&by_command(c)).clone()),
+            errors: COMMANDS.map(|c| self.errors.get_or_create(&by_command(c)).clone()),
+            latency: COMMANDS.map(|c| self.latency.get_or_create(&by_command(c)).clone()),
             read_bytes: self.read_bytes.get_or_create(&labels).clone(),
             write_bytes: self.write_bytes.get_or_create(&labels).clone(),
-            connections,
+            connections: self.connections.get_or_create(&labels).clone(),
+            connections_total: self.connections_total.get_or_create(&labels).clone(),
         }
     }
 }
 
-/// One connection's handles into its export's metrics.
+/// Every series of one export.
 #[derive(Debug)]
-pub(crate) struct ConnectionMetrics {
+struct ExportHandles {
     requests: [Counter; 7],
     errors: [Counter; 7],
     latency: [Histogram; 7],
     read_bytes: Counter,
     write_bytes: Counter,
     connections: Gauge,
+    connections_total: Counter,
 }
+
+/// One connection's handles into its export's metrics; the connection is counted as
+/// open until this is dropped.
+#[derive(Debug)]
+pub(crate) struct ConnectionMetrics(ExportHandles);
 
 impl ConnectionMetrics {
     /// Counts a request of `command` that took `elapsed` and succeeded or not.
@@ -193,18 +177,19 @@ impl ConnectionMetrics {
         let Some(i) = command_index(command) else {
             return;
         };
-        self.requests[i].inc();
+        let h = &self.0;
+        h.requests[i].inc();
         if !ok {
-            self.errors[i].inc();
+            h.errors[i].inc();
         }
-        self.latency[i].observe(elapsed.as_secs_f64());
+        h.latency[i].observe(elapsed.as_secs_f64());
         if ok {
             match command {
                 Command::Read { length, .. } => {
-                    self.read_bytes.inc_by(u64::from(*length));
+                    h.read_bytes.inc_by(u64::from(*length));
                 }
                 Command::Write { length, .. } => {
-                    self.write_bytes.inc_by(u64::from(*length));
+                    h.write_bytes.inc_by(u64::from(*length));
                 }
                 _ => {}
             }
@@ -214,7 +199,7 @@ impl ConnectionMetrics {
 
 impl Drop for ConnectionMetrics {
     fn drop(&mut self) {
-        self.connections.dec();
+        self.0.connections.dec();
     }
 }
 
