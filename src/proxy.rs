@@ -162,6 +162,11 @@ Examples:
   thinline proxy --upstream nbd://tmplhost/debian-12 --cache /dev/vg/debian-12-cache \\
       --socket /run/thinline/tmpl.sock --prefetch --prefetch-rate 50M
 
+  # The upstream inside TLS (its CA in DIR/ca-cert.pem), served with a pre-shared key
+  thinline proxy --upstream 'nbds://tmplhost/debian-12?tls-certificates=/etc/pki/thinline' \\
+      --cache /var/lib/thinline/debian-12.cache --socket /run/thinline/tmpl.sock \\
+      --listen 0.0.0.0:10809 --tls require --tls-psk /etc/thinline/tls/keys.psk
+
   # Hydration progress
   thinline proxy status /run/thinline/tmpl.sock
   nbdinfo --map=qemu:allocation-depth 'nbd+unix:///?socket=/run/thinline/tmpl.sock'
@@ -222,9 +227,12 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
     let Some(cache_path) = args.cache.as_deref() else {
         bail!("--cache is required (a file or block device for the cached template)");
     };
-    if !upstream_uri.starts_with("nbd://") && !upstream_uri.starts_with("nbd+unix://") {
+    if !["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"]
+        .iter()
+        .any(|scheme| upstream_uri.starts_with(scheme))
+    {
         bail!(
-            "--upstream must be an NBD URI (nbd://… or nbd+unix://…); to cache an HTTP, \
+            "--upstream must be an NBD URI (nbd[s]://… or nbd[s]+unix://…); to cache an HTTP, \
              S3, NFS or file template without an extra hop use `thinline serve --cache-dir`"
         );
     }
@@ -299,7 +307,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
             listening: listeners.iter().map(Listener::describe).collect(),
             uris: listeners
                 .iter()
-                .map(|l| crate::serve::export_uri(l, &args.name))
+                .map(|l| crate::serve::export_uri(l, &args.name, tls.as_ref()))
                 .collect(),
             metrics: metrics
                 .as_ref()

@@ -16,6 +16,7 @@ use crate::cache::StatusSocket;
 use crate::image::OpenArgs;
 use crate::systemd::PassedSocket;
 use thinline_nbd::server::{ExportSet, Listener, Server, ServerConfig};
+use thinline_nbd::tls::{TlsMode, TlsSettings};
 use thinline_source::Source;
 
 /// Serve disk images (raw, qcow2, VHD, VMDK) and block devices over NBD.
@@ -152,7 +153,7 @@ Examples:
   thinline serve --socket /run/thinline/tmpl.sock https://images.example.com/debian-12.qcow2
 
   # A template in S3 (credentials from the standard AWS chain), pinned to one version
-  AWS_REGION=eu-west-1 thinline serve --socket /run/thinline/tmpl.sock \
+  AWS_REGION=eu-west-1 thinline serve --socket /run/thinline/tmpl.sock \\
       's3://templates/debian-12.qcow2?versionId=3HL4kqtJlcpXroDTDmJ'
 
   # The same from an S3-compatible store (path-style addressing)
@@ -162,9 +163,18 @@ Examples:
   thinline serve --socket /run/t.sock nfs://filer/export/templates/t.vhd
   thinline serve --socket /run/t.sock 'nbd+unix:///tmpl?socket=/run/upstream.sock'
 
+  # TLS required, with a certificate, or with psktool's pre-shared keys
+  thinline serve --listen 0.0.0.0:10809 --tls require \\
+      --tls-cert /etc/thinline/tls/cert.pem --tls-key /etc/thinline/tls/key.pem disk.img
+  thinline serve --listen 0.0.0.0:10809 --tls require --tls-psk /etc/thinline/tls/keys.psk disk.img
+  nbdinfo 'nbds://alice@server/disk.img?tls-psk-file=/etc/thinline/tls/keys.psk'
+
+  # Another NBD server's template, read inside TLS (its CA in DIR/ca-cert.pem)
+  thinline serve --socket /run/t.sock 'nbds://tmplhost/tmpl?tls-certificates=/etc/pki/thinline'
+
   # A copy-on-read cache in front of a remote template: every block fetched once,
   # kept in /var/cache/thinline, reused by later reads and later runs
-  thinline serve --cache-dir /var/cache/thinline --status-socket /run/t.status \
+  thinline serve --cache-dir /var/cache/thinline --status-socket /run/t.status \\
       --socket /run/t.sock https://images.example.com/debian-12.qcow2
   thinline proxy status /run/t.status
 
@@ -299,14 +309,27 @@ pub(crate) async fn bind_listeners(
 }
 
 /// The NBD URI of export `name` on `listener`.
-pub(crate) fn export_uri(listener: &Listener, name: &str) -> String {
+/// The URI of export `name` on `listener`: `nbds…` when the server requires TLS
+/// (`tls`), as clients need to know.
+pub(crate) fn export_uri(listener: &Listener, name: &str, tls: Option<&TlsSettings>) -> String {
+    let scheme = match tls {
+        Some(TlsSettings {
+            mode: TlsMode::Require,
+            ..
+        }) => "nbds",
+        _ => "nbd",
+    };
     match listener {
         Listener::Unix(_, p) | Listener::UnixPassed(_, p) => format!(
-            "nbd+unix:///{}?socket={}",
+            "{scheme}+unix:///{}?socket={}",
             percent_encode(name),
             p.display()
         ),
-        Listener::Tcp(_) => format!("nbd://{}/{}", listener.describe(), percent_encode(name)),
+        Listener::Tcp(_) => format!(
+            "{scheme}://{}/{}",
+            listener.describe(),
+            percent_encode(name)
+        ),
     }
 }
 
@@ -465,9 +488,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                     let mut uris = Vec::new();
                     for l in &listeners {
                         if i == 0 {
-                            uris.push(export_uri(l, ""));
+                            uris.push(export_uri(l, "", config.tls.as_ref()));
                         }
-                        uris.push(export_uri(l, &export.name));
+                        uris.push(export_uri(l, &export.name, config.tls.as_ref()));
                     }
                     ExportReport { export, uris }
                 })
@@ -535,6 +558,13 @@ fn print_report(report: &ServeReport, json: bool) -> anyhow::Result<()> {
         writeln!(out, "connect with:")?;
         writeln!(out, "  nbdinfo '{uri}'")?;
         writeln!(out, "  qemu-img info '{uri}'")?;
+        if uri.starts_with("nbds") {
+            writeln!(
+                out,
+                "  (inside TLS: add ?tls-certificates=DIR or ?tls-psk-file=FILE for libnbd, \
+                 --object tls-creds-… for qemu)"
+            )?;
+        }
         for l in &report.listening {
             if l.starts_with('/') {
                 writeln!(out, "  nbd-client -unix {l} /dev/nbd0 -b 4096")?;

@@ -256,6 +256,176 @@ fn a_client_that_stops_or_talks_garbage_in_the_tls_handshake_loses_only_its_conn
     assert!(nbdinfo(&["--size"], &uri).0);
 }
 
+/// A psktool file of `user` with a new random key at `dir/name`.
+fn psk_file(dir: &Path, name: &str, user: &str) -> PathBuf {
+    let path = dir.join(name);
+    let out = run(Command::new("psktool")
+        .arg("-u")
+        .arg(user)
+        .arg("-p")
+        .arg(&path));
+    assert!(out.status.success(), "{out:?}");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// `thinline serve` of `image` on TCP with `--tls require --tls-psk keys`.
+fn psk_server(keys: &Path, image: &Path) -> Served {
+    let args: Vec<String> = vec![
+        "--tls".into(),
+        "require".into(),
+        "--tls-psk".into(),
+        keys.display().to_string(),
+    ];
+    start(&args, image)
+}
+
+#[test]
+fn tls_psk_serves_libnbd_and_qemu_the_image_and_refuses_wrong_keys_unknown_users_and_clear_text() {
+    if !require(&["psktool", "nbdinfo", "nbdcopy", "qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (path, data) = image(dir.path());
+    let qemu_dir = dir.path().join("qemu");
+    std::fs::create_dir(&qemu_dir).unwrap();
+    // qemu reads DIR/keys.psk: the server's file itself.
+    let keys = psk_file(&qemu_dir, "keys.psk", "alice");
+    let served = psk_server(&keys, &path);
+    let tcp = served.tcp.clone().unwrap();
+    let uri = |user: &str, file: &Path| {
+        format!(
+            "nbds://{user}@{tcp}/disk.raw?tls-psk-file={}",
+            file.display()
+        )
+    };
+    // libnbd (GnuTLS) reads every byte inside TLS-PSK.
+    let copy = dir.path().join("copy.raw");
+    let out = run(Command::new("nbdcopy").arg(uri("alice", &keys)).arg(&copy));
+    assert!(out.status.success(), "{out:?}");
+    assert!(std::fs::read(&copy).unwrap() == data);
+    // So does qemu (GnuTLS too) with a tls-creds-psk object.
+    let (host, port) = tcp.rsplit_once(':').unwrap();
+    let qcopy = dir.path().join("qemu-copy.raw");
+    let out = run(Command::new("qemu-img")
+        .arg("convert")
+        .arg("-O")
+        .arg("raw")
+        .arg("--object")
+        .arg(format!(
+            "tls-creds-psk,id=tls0,dir={},username=alice,endpoint=client",
+            qemu_dir.display()
+        ))
+        .arg("--image-opts")
+        .arg(format!(
+            "driver=nbd,host={host},port={port},export=disk.raw,tls-creds=tls0"
+        ))
+        .arg(&qcopy));
+    assert!(out.status.success(), "{out:?}");
+    assert!(std::fs::read(&qcopy).unwrap() == data);
+    // The same user with another key, a user the file does not have, and clear text:
+    // each refused.
+    let other = psk_file(dir.path(), "other.psk", "alice");
+    let (ok, said) = nbdinfo(&["--size"], &uri("alice", &other));
+    assert!(!ok && said.contains("TLS"), "{said}");
+    let bob = psk_file(dir.path(), "bob.psk", "bob");
+    let (ok, said) = nbdinfo(&["--size"], &uri("bob", &bob));
+    assert!(!ok && said.contains("TLS"), "{said}");
+    let (ok, said) = nbdinfo(&["--size"], &format!("nbd://{tcp}/disk.raw"));
+    assert!(!ok && said.contains("requires TLS"), "{said}");
+    // The key never reaches the log; the server still serves.
+    let key_hex = std::fs::read_to_string(&keys).unwrap();
+    let key_hex = key_hex.trim().split_once(':').unwrap().1;
+    assert!(!served.log().contains(key_hex), "{}", served.log());
+    let (ok, said) = nbdinfo(&["--size"], &uri("alice", &keys));
+    assert!(ok && said.trim() == (2u32 << 20).to_string(), "{said}");
+}
+
+/// `thinline serve` of the template `uri` (a front server, on TCP); `Err` with its
+/// log if it exits instead.
+fn front(uri: &str) -> Result<Served, String> {
+    Served::try_spawn("serve", &["--listen", "127.0.0.1:0", uri], &[])
+}
+
+/// Why `thinline serve` of the template `uri` refused to start.
+fn refused(uri: &str) -> String {
+    front(uri)
+        .err()
+        .unwrap_or_else(|| panic!("{uri} was served"))
+}
+
+#[test]
+fn nbds_templates_and_proxy_upstreams_are_read_inside_tls_with_certificates_or_a_psk() {
+    if !require(&["openssl", "psktool", "nbdcopy"]) {
+        return;
+    }
+    let t = TlsServer::start("require", true, &[]);
+    let client = t.certs.join("client");
+    let x509 = format!(
+        "nbds://{}/disk.raw?tls-certificates={}",
+        t.tcp,
+        client.display()
+    );
+    let keys = psk_file(t.dir.path(), "keys.psk", "alice");
+    let psk_served = psk_server(&keys, &t.dir.path().join("disk.raw"));
+    let psk = format!(
+        "nbds://{}/disk.raw?tls-psk-file={}&tls-username=alice",
+        psk_served.tcp.as_ref().unwrap(),
+        keys.display()
+    );
+    let read_all = |tcp: &str, name: &str| {
+        let copy = t.dir.path().join(name);
+        let out = run(Command::new("nbdcopy")
+            .arg(format!("nbd://{tcp}/"))
+            .arg(&copy));
+        assert!(out.status.success(), "{out:?}");
+        std::fs::read(&copy).unwrap() == t.data
+    };
+    // Templates: with the CA and a client certificate, and with a pre-shared key.
+    for (n, uri) in [&x509, &psk].into_iter().enumerate() {
+        let served = front(uri).unwrap();
+        assert!(
+            read_all(served.tcp.as_ref().unwrap(), &format!("t{n}.raw")),
+            "{uri}"
+        );
+    }
+    // The copy-on-read proxy's upstream, inside TLS.
+    let cache = t.dir.path().join("proxy.cache");
+    let proxy = Served::spawn(
+        "proxy",
+        &[
+            "--upstream",
+            &x509,
+            "--cache",
+            cache.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    assert!(read_all(proxy.tcp.as_ref().unwrap(), "proxy.raw"));
+    // Refused: a server whose CA the client does not trust, a wrong key, a server
+    // that does not offer TLS. Nothing falls back to clear text.
+    let wrong = t.certs.join("wrong");
+    let e = refused(&x509.replace(client.to_str().unwrap(), wrong.to_str().unwrap()));
+    assert!(e.contains("certificate"), "{e}");
+    let other = psk_file(t.dir.path(), "other.psk", "alice");
+    let e = refused(&psk.replace(keys.to_str().unwrap(), other.to_str().unwrap()));
+    assert!(e.contains("refused the key of user \"alice\""), "{e}");
+    let plain = Served::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        t.dir.path().join("disk.raw").to_str().unwrap(),
+    ]);
+    let e = refused(&format!(
+        "nbds://{}/disk.raw?tls-certificates={}",
+        plain.tcp.as_ref().unwrap(),
+        client.display()
+    ));
+    assert!(e.contains("does not offer TLS"), "{e}");
+}
+
 #[test]
 fn a_private_key_others_may_read_or_a_missing_certificate_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();

@@ -21,6 +21,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::handshake::{self, HandshakeEnd, Negotiated, Refusal};
 use crate::shared::Shared;
 pub use crate::shared::{ExportSet, ServerConfig};
+use crate::tls::Acceptor;
 use crate::{Error, Result, transmission};
 
 /// A listening socket.
@@ -340,35 +341,72 @@ async fn connection<R, W>(
             warn!("data sent after NBD_OPT_STARTTLS before its reply; connection closed");
             return;
         }
-        let timeout = shared.config.handshake_timeout;
         let io = tokio::io::join(reader.into_inner(), writer);
-        let stream = match tokio::time::timeout(timeout, tls.acceptor.accept(io)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                info!(error = %e, "TLS handshake failed; connection closed");
-                return;
+        match &tls.acceptor {
+            Acceptor::X509(acceptor) => {
+                let accepted = tls_handshake(&shared, acceptor.accept(io)).await;
+                if let Some(stream) = accepted {
+                    in_tls(stream, &shared, &peer, refusal, flags).await;
+                }
             }
-            Err(_) => {
-                info!(
-                    timeout_secs = timeout.as_secs_f64(),
-                    "TLS handshake timed out; connection dropped"
-                );
-                return;
+            Acceptor::Psk(acceptor) => {
+                let accepted = tls_handshake(&shared, acceptor.accept(io)).await;
+                if let Some(stream) = accepted {
+                    in_tls(stream, &shared, &peer, refusal, flags).await;
+                }
             }
-        };
-        debug!("TLS established");
-        let (reader, mut writer) = tokio::io::split(stream);
-        let mut reader = ReadBuffer::new(reader);
-        match handshake(&shared, &mut reader, &mut writer, refusal, Some(flags)).await {
-            Some(Negotiated::Session(session)) => {
-                serve(session, reader, writer, &shared, &peer).await;
-            }
-            // Refused inside TLS (`NBD_REP_ERR_INVALID`): never asked for twice.
-            Some(Negotiated::StartTls(_)) | None => {}
         }
     }
     .instrument(span)
     .await;
+}
+
+/// Runs the TLS handshake `accept` (bounded by the handshake timeout); `None`, logged,
+/// when it fails.
+async fn tls_handshake<S>(
+    shared: &Shared,
+    accept: impl Future<Output = std::io::Result<S>>,
+) -> Option<S> {
+    let timeout = shared.config.handshake_timeout;
+    match tokio::time::timeout(timeout, accept).await {
+        Ok(Ok(stream)) => {
+            debug!("TLS established");
+            Some(stream)
+        }
+        Ok(Err(e)) => {
+            info!(error = %e, "TLS handshake failed; connection closed");
+            None
+        }
+        Err(_) => {
+            info!(
+                timeout_secs = timeout.as_secs_f64(),
+                "TLS handshake timed out; connection dropped"
+            );
+            None
+        }
+    }
+}
+
+/// The rest of a session after STARTTLS: option haggling resumes inside TLS, then
+/// transmission.
+async fn in_tls<S>(
+    stream: S,
+    shared: &Arc<Shared>,
+    peer: &str,
+    refusal: Refusal,
+    flags: handshake::ClientFlags,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (reader, mut writer) = tokio::io::split(stream);
+    let mut reader = ReadBuffer::new(reader);
+    match handshake(shared, &mut reader, &mut writer, refusal, Some(flags)).await {
+        Some(Negotiated::Session(session)) => {
+            serve(session, reader, writer, shared, peer).await;
+        }
+        // Refused inside TLS (`NBD_REP_ERR_INVALID`): never asked for twice.
+        Some(Negotiated::StartTls(_)) | None => {}
+    }
 }
 
 /// Negotiates (bounded by the handshake timeout and cut short by shutdown); `None`,

@@ -3,14 +3,17 @@
 //! and option haggling goes on (then transmission) inside TLS. With [`TlsMode::Require`]
 //! every option but `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` sent before it is refused
 //! with `NBD_REP_ERR_TLS_REQD`, so not even the export list leaks in clear.
+//!
+//! Certificates are rustls's; pre-shared keys are libssl's ([`crate::psk`]).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::keyfile::{check_private, read_certificates};
+use crate::psk::{PskAcceptor, PskKeys};
 use crate::{Error, Result};
 
 /// Whether a server offers or demands TLS.
@@ -22,21 +25,40 @@ pub enum TlsMode {
     Require,
 }
 
-/// A server's TLS: its mode and its rustls configuration (certificate, key, and the
-/// client certificates it accepts, if it checks them).
+/// The server side of the TLS handshake: x509 certificates (rustls) or pre-shared keys
+/// (libssl, [`crate::psk`]).
+#[derive(Clone)]
+pub enum Acceptor {
+    /// The server's certificate, and the client certificates it accepts, if it checks them.
+    X509(tokio_rustls::TlsAcceptor),
+    /// The users and keys of a `psktool` file.
+    Psk(PskAcceptor),
+}
+
+impl std::fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Acceptor::X509(_) => f.write_str("X509"),
+            Acceptor::Psk(psk) => psk.fmt(f),
+        }
+    }
+}
+
+/// A server's TLS: its mode and how it authenticates.
 #[derive(Clone)]
 pub struct TlsSettings {
     /// Offered or required.
     pub mode: TlsMode,
     /// The TLS handshake's server side.
-    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub acceptor: Acceptor,
 }
 
 impl std::fmt::Debug for TlsSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsSettings")
             .field("mode", &self.mode)
-            .finish_non_exhaustive()
+            .field("acceptor", &self.acceptor)
+            .finish()
     }
 }
 
@@ -45,8 +67,17 @@ impl TlsSettings {
     pub fn new(mode: TlsMode, config: Arc<rustls::ServerConfig>) -> TlsSettings {
         TlsSettings {
             mode,
-            acceptor: tokio_rustls::TlsAcceptor::from(config),
+            acceptor: Acceptor::X509(tokio_rustls::TlsAcceptor::from(config)),
         }
+    }
+
+    /// Settings of `mode` with the pre-shared keys of `psktool` file `path` (refused if
+    /// group- or world-writable, or world-readable).
+    pub fn from_psk_file(mode: TlsMode, path: &Path) -> Result<TlsSettings> {
+        Ok(TlsSettings {
+            mode,
+            acceptor: Acceptor::Psk(PskKeys::read(path)?.acceptor()?),
+        })
     }
 }
 
@@ -93,45 +124,4 @@ impl TlsSettings {
             .map_err(|e| bad(cert, format!("does not go with the key: {e}")))?;
         Ok(TlsSettings::new(mode, Arc::new(config)))
     }
-}
-
-/// The certificates of PEM file `path` (at least one).
-fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let bad = |reason: String| Error::Tls {
-        path: path.to_owned(),
-        reason,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| bad(e.to_string()))?
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| bad(format!("not a PEM certificate file ({e})")))?;
-    if certs.is_empty() {
-        return Err(bad("holds no certificate".into()));
-    }
-    Ok(certs)
-}
-
-/// Refuses a key file others may change or read.
-fn check_private(path: &Path) -> Result<()> {
-    let mode = std::fs::metadata(path)
-        .map_err(|e| Error::Tls {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?
-        .permissions()
-        .mode();
-    let reason = if mode & 0o022 != 0 {
-        "it is group- or world-writable"
-    } else if mode & 0o004 != 0 {
-        "it is world-readable"
-    } else {
-        return Ok(());
-    };
-    Err(Error::Tls {
-        path: path.to_owned(),
-        reason: format!(
-            "{reason} (mode {:o}): a private key must be its owner's (chmod 600)",
-            mode & 0o777
-        ),
-    })
 }

@@ -12,7 +12,16 @@ use crate::{Error, FetchError, FetchErrorKind, RangeBackend, RemoteConfig, Resul
 use crate::{http, nbd, nfs, retry, s3};
 
 /// The schemes served by built-in sources.
-pub const BUILT_IN_SCHEMES: [&str; 6] = ["http", "https", "s3", "nfs", "nbd", "nbd+unix"];
+pub const BUILT_IN_SCHEMES: [&str; 8] = [
+    "http",
+    "https",
+    "s3",
+    "nfs",
+    "nbd",
+    "nbd+unix",
+    "nbds",
+    "nbds+unix",
+];
 
 /// Opens the object at `uri` with the built-in source for its scheme, retrying
 /// transient failures like reads are retried.
@@ -28,7 +37,7 @@ pub async fn open(uri: &str, config: &RemoteConfig) -> Result<Arc<dyn RangeBacke
         |_| async move {
             match scheme {
                 "http" | "https" => http::open(uri, config).await,
-                "nbd" | "nbd+unix" => nbd::open(uri, config).await,
+                "nbd" | "nbd+unix" | "nbds" | "nbds+unix" => nbd::open(uri, config).await,
                 "nfs" => nfs::open(uri, config).await,
                 "s3" => s3::open(uri, config).await,
                 _ => Err(FetchError::new(

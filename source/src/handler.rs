@@ -64,15 +64,16 @@ pub fn attach(
         program: program.clone(),
         uri: uri.to_owned(),
     };
-    let inner: Arc<dyn Storage> = if target.starts_with("nbd://")
-        || target.starts_with("nbd+unix://")
+    let inner: Arc<dyn Storage> = if ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"]
+        .iter()
+        .any(|scheme| target.starts_with(scheme))
     {
         open_storage(&target, config, handle)?
     } else if Path::new(&target).is_absolute() {
         FileStorage::open(Path::new(&target))?
     } else {
         return Err(fail(format!(
-            "the handler {} printed {:?}, which is neither an absolute path nor an nbd:// or nbd+unix:// URI",
+            "the handler {} printed {:?}, which is neither an absolute path nor an nbd[s]:// or nbd[s]+unix:// URI",
             program.display(),
             redact(&target)
         )));

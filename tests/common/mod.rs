@@ -111,6 +111,16 @@ impl Served {
     /// Starts `thinline SUBCOMMAND --json ARGS` (`serve` or `proxy`) and waits until it
     /// listens (its first line on stdout, kept in `report`).
     pub fn spawn(subcommand: &str, args: &[&str], env: &[(&str, &str)]) -> Served {
+        Served::try_spawn(subcommand, args, env).unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// [`Served::spawn`], or what the server said (its exit status and log) when it
+    /// exited before listening.
+    pub fn try_spawn(
+        subcommand: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Served, String> {
         let mut child = spawn(
             Command::new(thinline())
                 .arg(subcommand)
@@ -124,7 +134,7 @@ impl Served {
         let log = Arc::new(Mutex::new(String::new()));
         let mut stderr = child.stderr.take().unwrap();
         let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
+        let log_reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = stderr.read(&mut buf) {
                 if n == 0 {
@@ -141,10 +151,12 @@ impl Served {
             .unwrap();
         if line.is_empty() {
             let status = child.wait().unwrap();
-            panic!(
+            // The log thread ends at the end of the process's stderr.
+            let _ = log_reader.join();
+            return Err(format!(
                 "thinline {subcommand} exited ({status}) before listening:\n{}",
                 log.lock().unwrap()
-            );
+            ));
         }
         let report: serde_json::Value =
             serde_json::from_str(&line).expect("--json prints one JSON line");
@@ -158,13 +170,13 @@ impl Served {
                 tcp = Some(l.to_owned());
             }
         }
-        Served {
+        Ok(Served {
             child,
             socket,
             tcp,
             log,
             report,
-        }
+        })
     }
 
     /// Serves `image` on a unix socket in `dir` with extra args.

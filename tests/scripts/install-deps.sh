@@ -24,11 +24,14 @@ fi
 # python3-venv: the S3 server (moto, from PyPI, in a venv) and uploads to it. dmsetup: dm-thin
 # in the kernel VM test of the copy-on-read proxy (tests/kernel/cor-dmthin.sh); lvm2 and
 # thin-provisioning-tools: the LVM SR's tests in the same VM (tests/kernel/lvm-blocks.sh). systemd:
-# systemd-analyze, which checks the shipped units (packaging/systemd/).
+# systemd-analyze, which checks the shipped units (packaging/systemd/). gnutls-bin: psktool, which
+# makes the TLS-PSK key files of tests/tls.rs. libssl-dev, pkg-config: building the openssl crate
+# (TLS-PSK).
 packages=(libnbd-bin python3-libnbd nbdkit fio nbd-client busybox-static kmod cpio e2fsprogs
           util-linux mount xxd libvhdi-utils libvmdk-utils libqcow-utils fuse3 python3-vmdkstream
           nginx-light openssl nfs-ganesha nfs-ganesha-vfs rpcbind curl python3-venv dmsetup
-          systemd lvm2 thin-provisioning-tools python3-prometheus-client man-db)
+          systemd lvm2 thin-provisioning-tools python3-prometheus-client man-db
+          gnutls-bin libssl-dev pkg-config)
 backports_packages=(qemu-system-x86 qemu-utils)
 
 missing=()

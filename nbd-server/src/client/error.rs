@@ -26,6 +26,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// TLS with the NBD server could not be set up: its files, or the TLS handshake.
+    #[error("TLS with NBD server {server} failed: {reason}")]
+    Tls {
+        /// `host:port` or the unix socket path.
+        server: String,
+        /// Why (a file, a refused certificate or key, the server not offering TLS).
+        reason: String,
+    },
     /// The NBD server's handshake broke the protocol or offered nothing usable.
     #[error("NBD handshake with {server} for export {export:?} failed: {reason}")]
     Handshake {

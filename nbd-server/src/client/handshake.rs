@@ -111,18 +111,14 @@ fn valid_block_sizes(b: BlockSizes) -> bool {
         && b.maximum >= b.minimum
 }
 
-pub(super) async fn handshake<R, W>(
-    r: &mut R,
-    w: &mut W,
-    peer: &Peer,
-    options: &ClientOptions,
-) -> Result<Negotiated>
+/// The server's greeting and the client's flags: the start of every handshake. Returns
+/// whether the server's replies to `NBD_OPT_EXPORT_NAME` come without padding.
+pub(super) async fn greet<R, W>(r: &mut R, w: &mut W, peer: &Peer) -> Result<bool>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let export = peer.export.as_str();
-    if export.len() > MAX_STRING_LEN {
+    if peer.export.len() > MAX_STRING_LEN {
         return Err(peer.handshake(format!(
             "the export name is longer than {MAX_STRING_LEN} bytes"
         )));
@@ -166,7 +162,45 @@ where
     w.write_all(&cflags.to_be_bytes())
         .await
         .map_err(|e| hs_io(peer, "sending client flags", &e))?;
+    Ok(no_zeroes)
+}
 
+/// `NBD_OPT_STARTTLS`: after its acknowledgement the TLS handshake starts. A server
+/// that refuses it is an error: TLS was asked for, so nothing goes on in clear.
+pub(super) async fn starttls<R, W>(r: &mut R, w: &mut W, peer: &Peer) -> Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    send_option(w, peer, opt::STARTTLS, &[]).await?;
+    let reply = read_option_reply(r, peer, opt::STARTTLS).await?;
+    match reply.kind {
+        rep::ACK if reply.data.is_empty() => Ok(()),
+        k if is_error_reply(k) => Err(Error::Tls {
+            server: peer.server.clone(),
+            reason: format!(
+                "the server does not offer TLS ({} to NBD_OPT_STARTTLS)",
+                reply_name(k)
+            ),
+        }),
+        k => Err(peer.handshake(format!("unexpected {} to NBD_OPT_STARTTLS", reply_name(k)))),
+    }
+}
+
+/// Option haggling after [`greet`] (and [`starttls`]): structured replies,
+/// `base:allocation`, then `NBD_OPT_GO`.
+pub(super) async fn negotiate<R, W>(
+    r: &mut R,
+    w: &mut W,
+    peer: &Peer,
+    options: &ClientOptions,
+    no_zeroes: bool,
+) -> Result<Negotiated>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let export = peer.export.as_str();
     // Structured replies: optional, simple replies otherwise.
     let mut structured = false;
     if options.structured_replies {

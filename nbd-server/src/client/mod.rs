@@ -25,7 +25,10 @@
 //! [`ClientOptions::request_timeout`] abandons the connection, since a server that
 //! stopped answering one request cannot be trusted with the others.
 //!
-//! Not supported: TLS (`nbds://` is refused), oldstyle negotiation, extended headers,
+//! With `nbds://` and `nbds+unix://` the negotiation goes on inside TLS after
+//! `NBD_OPT_STARTTLS` (`tls`: certificates or a pre-shared key).
+//!
+//! Not supported: oldstyle negotiation, extended headers,
 //! writes (the client is read-only by design), abstract unix sockets.
 //!
 //! The wire format (encoders, decoders, checks of every reply against its request) is
@@ -33,6 +36,7 @@
 //!
 //! - `uri`: [`NbdUri`] parsing and display.
 //! - `handshake`: option haggling.
+//! - `tls`: the TLS handshake's client side.
 //! - `connection`: the state the client and its tasks share.
 //! - `reader`, `writer`: the tasks that read replies and write requests.
 //! - `error`: [`Error`], what users see when something fails.
@@ -43,6 +47,7 @@ mod handshake;
 mod reader;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod uri;
 mod writer;
 
@@ -61,7 +66,9 @@ use crate::proto::{self, ReplyMode, RequestHeader, cmd, tflags};
 use connection::{Op, Out, Pending, Reply, Shared, State};
 use error::Peer;
 pub use error::{Error, Result, errno_text};
-pub use uri::{NbdUri, Transport};
+use handshake::Negotiated;
+use tls::ClientTls;
+pub use uri::{NbdUri, TlsParams, Transport};
 
 /// The IANA port of NBD, used when a `nbd://` URI names none.
 pub const DEFAULT_PORT: u16 = 10809;
@@ -99,6 +106,29 @@ impl Default for ClientOptions {
             block_status: true,
             max_request: DEFAULT_MAX_REQUEST,
         }
+    }
+}
+
+/// A connected TCP or unix socket, split into owned halves without a lock between them.
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Reader: AsyncRead + Unpin + Send + 'static;
+    type Writer: AsyncWrite + Unpin + Send + 'static;
+    fn into_halves(self) -> (Self::Reader, Self::Writer);
+}
+
+impl Socket for tokio::net::TcpStream {
+    type Reader = tokio::net::tcp::OwnedReadHalf;
+    type Writer = tokio::net::tcp::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Reader, Self::Writer) {
+        self.into_split()
+    }
+}
+
+impl Socket for tokio::net::UnixStream {
+    type Reader = tokio::net::unix::OwnedReadHalf;
+    type Writer = tokio::net::unix::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Reader, Self::Writer) {
+        self.into_split()
     }
 }
 
@@ -151,34 +181,35 @@ impl Drop for Client {
 }
 
 impl Client {
-    /// Connects to the server named by `uri` and negotiates its export, all within
-    /// `options.connect_timeout`.
+    /// Connects to the server named by `uri` and negotiates its export (inside TLS for
+    /// `nbds://` and `nbds+unix://`), all within `options.connect_timeout`.
     pub async fn connect(uri: &NbdUri, options: &ClientOptions) -> Result<Client> {
         let server = uri.server();
+        let tls = match &uri.tls {
+            Some(params) => Some(ClientTls::new(params, &uri.transport, &server)?),
+            None => None,
+        };
         let timeout = options.connect_timeout;
+        let connect_error = |source| Error::Connect {
+            server: server.clone(),
+            source,
+        };
         let attempt = async {
             match &uri.transport {
                 Transport::Tcp { host, port } => {
                     let stream = tokio::net::TcpStream::connect((host.as_str(), *port))
                         .await
-                        .map_err(|source| Error::Connect {
-                            server: server.clone(),
-                            source,
-                        })?;
+                        .map_err(connect_error)?;
                     let _ = stream.set_nodelay(true);
-                    let (r, w) = stream.into_split();
-                    Client::handshake_on(r, w, &server, &uri.export, options).await
+                    Client::handshake_over(stream, tls.as_ref(), &server, &uri.export, options)
+                        .await
                 }
                 Transport::Unix { socket } => {
-                    let stream =
-                        tokio::net::UnixStream::connect(socket)
-                            .await
-                            .map_err(|source| Error::Connect {
-                                server: server.clone(),
-                                source,
-                            })?;
-                    let (r, w) = stream.into_split();
-                    Client::handshake_on(r, w, &server, &uri.export, options).await
+                    let stream = tokio::net::UnixStream::connect(socket)
+                        .await
+                        .map_err(connect_error)?;
+                    Client::handshake_over(stream, tls.as_ref(), &server, &uri.export, options)
+                        .await
                 }
             }
         };
@@ -210,6 +241,23 @@ impl Client {
         Client::handshake_on(r, w, server, export, options).await
     }
 
+    /// The handshake on a connected socket, inside TLS if `tls` says so.
+    async fn handshake_over<S: Socket>(
+        stream: S,
+        tls: Option<&ClientTls>,
+        server: &str,
+        export: &str,
+        options: &ClientOptions,
+    ) -> Result<Client> {
+        match tls {
+            Some(tls) => Client::handshake_in_tls(stream, tls, server, export, options).await,
+            None => {
+                let (r, w) = stream.into_halves();
+                Client::handshake_on(r, w, server, export, options).await
+            }
+        }
+    }
+
     async fn handshake_on<R, W>(
         mut r: R,
         mut w: W,
@@ -225,7 +273,80 @@ impl Client {
             server: server.to_owned(),
             export: export.to_owned(),
         };
-        let negotiated = handshake::handshake(&mut r, &mut w, &peer, options).await?;
+        let no_zeroes = handshake::greet(&mut r, &mut w, &peer).await?;
+        let negotiated = handshake::negotiate(&mut r, &mut w, &peer, options, no_zeroes).await?;
+        Ok(Client::start(r, w, peer, negotiated, options))
+    }
+
+    /// The greeting and `NBD_OPT_STARTTLS` in clear, the TLS handshake, then the rest of
+    /// the negotiation inside TLS.
+    async fn handshake_in_tls<S>(
+        stream: S,
+        tls: &ClientTls,
+        server: &str,
+        export: &str,
+        options: &ClientOptions,
+    ) -> Result<Client>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let peer = Peer {
+            server: server.to_owned(),
+            export: export.to_owned(),
+        };
+        let (mut r, mut w) = tokio::io::split(stream);
+        let no_zeroes = handshake::greet(&mut r, &mut w, &peer).await?;
+        handshake::starttls(&mut r, &mut w, &peer).await?;
+        let stream = r.unsplit(w);
+        let failed = |reason: String| Error::Tls {
+            server: server.to_owned(),
+            reason,
+        };
+        match tls {
+            ClientTls::X509 { connector, name } => {
+                let stream = connector
+                    .connect(name.clone(), stream)
+                    .await
+                    .map_err(|e| failed(format!("TLS handshake failed: {e}")))?;
+                Client::negotiate_in(stream, peer, options, no_zeroes).await
+            }
+            ClientTls::Psk(connector) => {
+                let stream = connector
+                    .connect(stream)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                Client::negotiate_in(stream, peer, options, no_zeroes).await
+            }
+        }
+    }
+
+    /// Option haggling on an established TLS `stream`.
+    async fn negotiate_in<S>(
+        stream: S,
+        peer: Peer,
+        options: &ClientOptions,
+        no_zeroes: bool,
+    ) -> Result<Client>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut r, mut w) = tokio::io::split(stream);
+        let negotiated = handshake::negotiate(&mut r, &mut w, &peer, options, no_zeroes).await?;
+        Ok(Client::start(r, w, peer, negotiated, options))
+    }
+
+    /// A client of a negotiated session: starts its reader and writer tasks.
+    fn start<R, W>(
+        r: R,
+        w: W,
+        peer: Peer,
+        negotiated: Negotiated,
+        options: &ClientOptions,
+    ) -> Client
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let block_sizes = negotiated.block_sizes.unwrap_or_default();
         let min = block_sizes.minimum;
         let max_request = block_sizes.maximum.min(options.max_request.max(min));
@@ -250,10 +371,10 @@ impl Client {
         });
         let reader = tokio::spawn(reader::reader_task(Arc::clone(&shared), r));
         tokio::spawn(writer::writer_task(Arc::clone(&shared), w, rx));
-        Ok(Client {
+        Client {
             shared,
             reader: Mutex::new(Some(reader)),
-        })
+        }
     }
 
     /// The export's size in bytes.

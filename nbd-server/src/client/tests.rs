@@ -9,6 +9,7 @@ fn tcp(host: &str, port: u16, export: &str) -> NbdUri {
             port,
         },
         export: export.into(),
+        tls: None,
     }
 }
 
@@ -83,11 +84,43 @@ fn unix_uri_needs_a_socket() {
 }
 
 #[test]
-fn tls_schemes_are_refused_clearly() {
-    for u in ["nbds://h/x", "nbds+unix:///x?socket=/s", "NBDS://h/x"] {
-        let e = NbdUri::parse(u).unwrap_err().to_string();
-        assert!(e.contains("TLS is not supported"), "{e}");
-    }
+fn tls_schemes_carry_libnbds_tls_parameters() {
+    let u = NbdUri::parse("nbds://alice:pw@h/x?tls-psk-file=/k%20s&tls-hostname=n").unwrap();
+    let tls = u.tls.clone().unwrap();
+    assert_eq!(tls.psk_file.as_deref(), Some(std::path::Path::new("/k s")));
+    assert_eq!(tls.username.as_deref(), Some("alice"));
+    assert_eq!(tls.hostname.as_deref(), Some("n"));
+    assert_eq!(u.to_string(), "nbds://h:10809/x");
+    let u = NbdUri::parse("NBDS+UNIX:///x?socket=/s&tls-certificates=/c&tls-username=bob").unwrap();
+    let tls = u.tls.clone().unwrap();
+    assert_eq!(
+        tls.certificates.as_deref(),
+        Some(std::path::Path::new("/c"))
+    );
+    assert_eq!(tls.username.as_deref(), Some("bob"));
+    assert_eq!(u.to_string(), "nbds+unix:///x?socket=/s");
+    assert_eq!(
+        NbdUri::parse("nbds://h/x?tls-verify-peer=true")
+            .unwrap()
+            .tls,
+        Some(TlsParams::default())
+    );
+    assert_eq!(
+        NbdUri::parse("nbd://bob@h/x?tls-psk-file=/k").unwrap().tls,
+        None
+    );
+}
+
+#[test]
+fn unverified_or_ambiguous_tls_and_other_transports_are_refused_clearly() {
+    let e = NbdUri::parse("nbds://h/x?tls-verify-peer=false")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("always verified"), "{e}");
+    let e = NbdUri::parse("nbds://h/x?tls-certificates=/c&tls-psk-file=/k")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("exclude each other"), "{e}");
     let e = NbdUri::parse("nbd+vsock://1/x").unwrap_err().to_string();
     assert!(e.contains("not supported"), "{e}");
     assert!(NbdUri::parse("http://h/x").is_err());
@@ -100,7 +133,7 @@ fn display_hides_user_info_and_unknown_query() {
     assert_eq!(u.to_string(), "nbd://h:99/x");
     let u = NbdUri::parse("nbd+unix:///x?password=hunter2&socket=/s&tls-certificates=/c").unwrap();
     assert_eq!(u.to_string(), "nbd+unix:///x?socket=/s");
-    let e = NbdUri::parse("nbds://alice:secret@h/x?token=abc")
+    let e = NbdUri::parse("nbds://alice:secret@h:0/x?token=abc")
         .unwrap_err()
         .to_string();
     assert!(

@@ -1,5 +1,6 @@
-//! `nbd://` and `nbd+unix://` URIs (NetworkBlockDevice `doc/uri.md`): parsing, and a
-//! display form without secrets for logs and messages.
+//! `nbd://`, `nbd+unix://`, `nbds://` and `nbds+unix://` URIs (NetworkBlockDevice
+//! `doc/uri.md`, with libnbd's `tls-*` query parameters): parsing, and a display form
+//! without secrets for logs and messages.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -26,23 +27,42 @@ pub enum Transport {
     },
 }
 
-/// A parsed `nbd://host[:port]/export` or `nbd+unix:///export?socket=PATH` URI
+/// How an `nbds://` or `nbds+unix://` URI asks for TLS (libnbd's query parameters).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct TlsParams {
+    /// `tls-certificates=DIR`: `ca-cert.pem` (the CAs the server's certificate must
+    /// chain to; the system's CAs without it), and `client-cert.pem` with
+    /// `client-key.pem` if the server asks for a client certificate.
+    pub certificates: Option<PathBuf>,
+    /// `tls-psk-file=FILE`: a psktool file; TLS with a pre-shared key instead of
+    /// certificates.
+    pub psk_file: Option<PathBuf>,
+    /// The PSK user: the URI's user info or `tls-username=`; the login name without.
+    pub username: Option<String>,
+    /// `tls-hostname=NAME`: the name the server's certificate must carry (the URI's host
+    /// by default, `localhost` on unix sockets).
+    pub hostname: Option<String>,
+}
+
+/// A parsed `nbd[s]://host[:port]/export` or `nbd[s]+unix:///export?socket=PATH` URI
 /// (NetworkBlockDevice `doc/uri.md`).
 ///
-/// User info and query parameters other than `socket` are accepted and dropped: the
-/// [`Display`](fmt::Display) form shows only the transport and the export, so it can go
-/// into logs and error messages.
+/// Query parameters other than `socket` and `tls-*` are accepted and dropped, as is user
+/// info without TLS: the [`Display`](fmt::Display) form shows only the scheme, the
+/// transport and the export, so it can go into logs and error messages.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct NbdUri {
     /// Where the server is.
     pub transport: Transport,
     /// The export name, percent-decoded (`""` is the server's default export).
     pub export: String,
+    /// TLS (`nbds://`, `nbds+unix://`), or none.
+    pub tls: Option<TlsParams>,
 }
 
 impl NbdUri {
-    /// Parses an NBD URI. `nbds://` and `nbds+unix://` are refused (no TLS), as are
-    /// other transports (`nbd+vsock://`, `nbd+ssh://`).
+    /// Parses an NBD URI. Other transports (`nbd+vsock://`, `nbd+ssh://`) are refused,
+    /// and so is `tls-verify-peer=false`: a server is always authenticated.
     pub fn parse(text: &str) -> Result<NbdUri> {
         let fail = |reason: String| Error::Uri {
             uri: redact(text),
@@ -50,20 +70,18 @@ impl NbdUri {
         };
         let Some((scheme, rest)) = text.split_once("://") else {
             return Err(fail(
-                "expected nbd://host[:port]/export or nbd+unix:///export?socket=PATH".into(),
+                "expected nbd[s]://host[:port]/export or nbd[s]+unix:///export?socket=PATH".into(),
             ));
         };
-        let unix = match scheme.to_ascii_lowercase().as_str() {
-            "nbd" | "nbd+tcp" => false,
-            "nbd+unix" => true,
-            "nbds" | "nbds+unix" | "nbds+tcp" | "nbds+vsock" => {
-                return Err(fail(format!(
-                    "TLS is not supported: {scheme}:// requires TLS; use nbd:// or nbd+unix://"
-                )));
-            }
+        let (unix, tls) = match scheme.to_ascii_lowercase().as_str() {
+            "nbd" | "nbd+tcp" => (false, false),
+            "nbd+unix" => (true, false),
+            "nbds" | "nbds+tcp" => (false, true),
+            "nbds+unix" => (true, true),
             s if s.starts_with("nbd") => {
                 return Err(fail(format!(
-                    "the {scheme}:// transport is not supported (only nbd:// and nbd+unix://)"
+                    "the {scheme}:// transport is not supported \
+                     (only nbd://, nbds://, nbd+unix:// and nbds+unix://)"
                 )));
             }
             _ => return Err(fail(format!("{scheme}:// is not an NBD URI"))),
@@ -75,8 +93,11 @@ impl NbdUri {
             Some(i) => rest.split_at(i),
             None => (rest, ""),
         };
-        // User info (`user@`) means nothing without TLS or ssh: drop it.
-        let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        // User info (`user@`) is the PSK user with TLS, and means nothing without.
+        let (user, authority) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
         let export = percent_decode(path.strip_prefix('/').unwrap_or(path))
             .ok_or_else(|| fail("the export name is not valid percent-encoded UTF-8".into()))?;
         if export.len() > MAX_STRING_LEN {
@@ -86,15 +107,44 @@ impl NbdUri {
             )));
         }
         let mut socket = None;
+        let mut params = TlsParams::default();
+        // `user:password@`: the password (which NBD has no use for) is dropped.
+        let user = user.map(|u| u.split_once(':').map_or(u, |(name, _)| name));
+        if let Some(user) = user.filter(|u| !u.is_empty()) {
+            params.username = Some(
+                percent_decode(user)
+                    .ok_or_else(|| fail("the user is not valid percent-encoded UTF-8".into()))?,
+            );
+        }
         for param in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = param.split_once('=').unwrap_or((param, ""));
-            if key == "socket" {
-                let value = percent_decode(value).ok_or_else(|| {
-                    fail("the socket path is not valid percent-encoded UTF-8".into())
-                })?;
-                socket = Some(value);
+            let value = || {
+                percent_decode(value)
+                    .ok_or_else(|| fail(format!("{key}= is not valid percent-encoded UTF-8")))
+            };
+            match key {
+                "socket" => socket = Some(value()?),
+                "tls-certificates" => params.certificates = Some(PathBuf::from(value()?)),
+                "tls-psk-file" => params.psk_file = Some(PathBuf::from(value()?)),
+                "tls-username" => params.username = Some(value()?),
+                "tls-hostname" => params.hostname = Some(value()?),
+                "tls-verify-peer" if !matches!(value()?.as_str(), "true" | "1" | "yes" | "on") => {
+                    return Err(fail(
+                        "tls-verify-peer=false is not supported: the server is always \
+                         verified (give its CA with tls-certificates=DIR)"
+                            .into(),
+                    ));
+                }
+                // Anything else is ignored, as libnbd ignores unknown parameters.
+                _ => {}
             }
-            // Anything else (tls-*, …) is ignored, as libnbd ignores unknown parameters.
+        }
+        if tls && params.certificates.is_some() && params.psk_file.is_some() {
+            return Err(fail(
+                "tls-certificates= and tls-psk-file= exclude each other: \
+                 TLS authenticates with certificates or with a pre-shared key"
+                    .into(),
+            ));
         }
         let transport = if unix {
             if !authority.is_empty() {
@@ -123,7 +173,11 @@ impl NbdUri {
             let (host, port) = split_host_port(authority).map_err(fail)?;
             Transport::Tcp { host, port }
         };
-        Ok(NbdUri { transport, export })
+        Ok(NbdUri {
+            transport,
+            export,
+            tls: tls.then_some(params),
+        })
     }
 
     /// The server, for messages: `host:port` (`[v6]:port`) or the socket path.
@@ -147,11 +201,12 @@ impl FromStr for NbdUri {
 impl fmt::Display for NbdUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let export = percent_encode(&self.export, b"/:@!$'()*+,;=");
+        let scheme = if self.tls.is_some() { "nbds" } else { "nbd" };
         match &self.transport {
-            Transport::Tcp { .. } => write!(f, "nbd://{}/{export}", self.server()),
+            Transport::Tcp { .. } => write!(f, "{scheme}://{}/{export}", self.server()),
             Transport::Unix { socket } => {
                 let socket = percent_encode(&socket.to_string_lossy(), b"/:@!$'()*+,;");
-                write!(f, "nbd+unix:///{export}?socket={socket}")
+                write!(f, "{scheme}+unix:///{export}?socket={socket}")
             }
         }
     }
