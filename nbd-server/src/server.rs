@@ -305,8 +305,10 @@ fn spawn_connection<R, W>(
     }
 }
 
-/// One connection: handshake (bounded by the handshake timeout), then transmission;
-/// after STARTTLS, the TLS handshake (bounded the same) and the rest inside TLS.
+/// One connection: handshake, then transmission; after STARTTLS, the TLS handshake and
+/// the rest of the handshake inside TLS. The handshake timeout bounds all of the
+/// handshake, counted from the connection: a client slow in every step (in clear, the TLS
+/// handshake, inside TLS) gets no more time than one slow in one.
 async fn connection<R, W>(
     shared: Arc<Shared>,
     reader: R,
@@ -318,10 +320,12 @@ async fn connection<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let span = info_span!("conn", %peer);
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
     async move {
         let mut reader = ReadBuffer::new(reader);
         let refusal = over_limit.map_or(Refusal::None, Refusal::TooManyConnections);
-        let Some(negotiated) = handshake(&shared, &mut reader, &mut writer, refusal, None).await
+        let Some(negotiated) =
+            handshake(&shared, &mut reader, &mut writer, refusal, None, deadline).await
         else {
             return;
         };
@@ -340,9 +344,8 @@ async fn connection<R, W>(
             warn!("data sent after NBD_OPT_STARTTLS before its reply; connection closed");
             return;
         }
-        let timeout = shared.config.handshake_timeout;
         let io = tokio::io::join(reader.into_inner(), writer);
-        let stream = match tokio::time::timeout(timeout, tls.acceptor.accept(io)).await {
+        let stream = match tokio::time::timeout_at(deadline, tls.acceptor.accept(io)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 info!(error = %e, "TLS handshake failed; connection closed");
@@ -350,7 +353,7 @@ async fn connection<R, W>(
             }
             Err(_) => {
                 info!(
-                    timeout_secs = timeout.as_secs_f64(),
+                    timeout_secs = shared.config.handshake_timeout.as_secs_f64(),
                     "TLS handshake timed out; connection dropped"
                 );
                 return;
@@ -359,7 +362,16 @@ async fn connection<R, W>(
         debug!("TLS established");
         let (reader, mut writer) = tokio::io::split(stream);
         let mut reader = ReadBuffer::new(reader);
-        match handshake(&shared, &mut reader, &mut writer, refusal, Some(flags)).await {
+        match handshake(
+            &shared,
+            &mut reader,
+            &mut writer,
+            refusal,
+            Some(flags),
+            deadline,
+        )
+        .await
+        {
             Some(Negotiated::Session(session)) => {
                 serve(session, reader, writer, &shared, &peer).await;
             }
@@ -371,14 +383,15 @@ async fn connection<R, W>(
     .await;
 }
 
-/// Negotiates (bounded by the handshake timeout and cut short by shutdown); `None`,
-/// logged, when the connection ends instead.
+/// Negotiates (until `deadline`, the handshake timeout's end, and cut short by
+/// shutdown); `None`, logged, when the connection ends instead.
 async fn handshake<R, W>(
     shared: &Arc<Shared>,
     reader: &mut ReadBuffer<R>,
     writer: &mut W,
     refusal: Refusal,
     resume: Option<handshake::ClientFlags>,
+    deadline: tokio::time::Instant,
 ) -> Option<Negotiated>
 where
     R: AsyncRead + Unpin,
@@ -386,7 +399,7 @@ where
 {
     let timeout = shared.config.handshake_timeout;
     let negotiated = tokio::select! {
-        r = tokio::time::timeout(timeout, handshake::negotiate(reader, writer, shared, refusal, resume)) => r,
+        r = tokio::time::timeout_at(deadline, handshake::negotiate(reader, writer, shared, refusal, resume)) => r,
         () = async {
             shared.shutdown.cancelled().await;
             tokio::time::sleep(shared.config.shutdown_grace).await;
