@@ -2,6 +2,12 @@
 //! `common::wire`. Each test asserts the spec's answer (doc/proto.md and the extended
 //! headers extension) and then that the server is still up and a fresh client can
 //! still GO and READ.
+//!
+//! Most cases hold over TLS too: `in_clear_and_over_tls!(CASE)` makes the tests
+//! `CASE::in_clear` and `CASE::over_tls`, which run the same body against a server in
+//! clear and against one started with `--tls require`, whose clients (the hostile one
+//! and the fresh ones that check the server afterwards) say `NBD_OPT_STARTTLS` after
+//! their flags and do the rest inside TLS. The cases that stay in clear say why.
 
 mod common;
 
@@ -12,8 +18,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::wire::{
-    self, C_FIXED_NEWSTYLE, C_NO_ZEROES, Client, ExportInfo, Mode, Request, cflag, chunk, cmd,
-    errno, info, opt, rep, state, tflag,
+    self, C_FIXED_NEWSTYLE, C_NO_ZEROES, Client, ExportInfo, Mode, Request, TlsClient, cflag,
+    chunk, cmd, errno, info, opt, rep, state, tflag,
 };
 use common::{Fixture, Served, rss_kib};
 
@@ -26,26 +32,86 @@ const SIZE: u64 = 16 * MIB;
 const MAX_PAYLOAD: u64 = 32 * MIB;
 const WAIT: Duration = Duration::from_secs(5);
 
+/// How a test's clients talk to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// NBD in clear.
+    Clear,
+    /// The server requires TLS (`--tls require`, a certificate of a test CA for
+    /// localhost); every client says `NBD_OPT_STARTTLS` after its flags and does the
+    /// rest inside TLS, trusting that CA.
+    Tls,
+}
+
+/// Makes the tests of a case that holds in clear and over TLS alike: `CASE::in_clear`
+/// and `CASE::over_tls` run `fn CASE(transport: Transport)` with [`Transport::Clear`]
+/// and [`Transport::Tls`] (which needs openssl, for the certificates).
+macro_rules! in_clear_and_over_tls {
+    ($case:ident) => {
+        mod $case {
+            #[test]
+            fn in_clear() {
+                super::$case(super::Transport::Clear);
+            }
+
+            #[test]
+            fn over_tls() {
+                if super::common::require(&["openssl"]) {
+                    super::$case(super::Transport::Tls);
+                }
+            }
+        }
+    };
+}
+
 /// A server with its fixture.
 struct Env {
     fx: Fixture,
     srv: Served,
+    /// What the clients need to enter TLS (`None`: they stay in clear).
+    tls: Option<TlsClient>,
 }
 
-fn serve_sized(size: u64, extra: &[&str]) -> Env {
+/// Serves a fixture of `size` bytes with `extra` options, on a unix socket or, with
+/// `tcp`, on a loopback port; over TLS, with a certificate made in the fixture's
+/// directory.
+fn serve_on(transport: Transport, tcp: bool, size: u64, extra: &[&str]) -> Env {
     let fx = Fixture::new(size);
-    let srv = Served::unix(fx.dir.path(), extra, &[fx.image.to_str().unwrap()]);
-    Env { fx, srv }
+    let dir = fx.dir.path();
+    let mut args: Vec<String> = extra.iter().map(|a| (*a).to_owned()).collect();
+    let tls = match transport {
+        Transport::Clear => None,
+        Transport::Tls => {
+            common::tls_certificates(dir);
+            for arg in ["--tls", "require", "--tls-cert"] {
+                args.push(arg.to_owned());
+            }
+            args.push(dir.join("server-cert.pem").display().to_string());
+            args.push("--tls-key".to_owned());
+            args.push(dir.join("server-key.pem").display().to_string());
+            Some(TlsClient::new(&dir.join("ca-cert.pem"), "localhost"))
+        }
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let image = [fx.image.to_str().unwrap()];
+    let srv = if tcp {
+        Served::tcp(&args, &image)
+    } else {
+        Served::unix(dir, &args, &image)
+    };
+    Env { fx, srv, tls }
 }
 
-fn serve(extra: &[&str]) -> Env {
-    serve_sized(SIZE, extra)
+fn serve_sized(transport: Transport, size: u64, extra: &[&str]) -> Env {
+    serve_on(transport, false, size, extra)
 }
 
-fn serve_tcp(extra: &[&str]) -> Env {
-    let fx = Fixture::new(SIZE);
-    let srv = Served::tcp(extra, &[fx.image.to_str().unwrap()]);
-    Env { fx, srv }
+fn serve(transport: Transport, extra: &[&str]) -> Env {
+    serve_sized(transport, SIZE, extra)
+}
+
+fn serve_tcp(transport: Transport, extra: &[&str]) -> Env {
+    serve_on(transport, true, SIZE, extra)
 }
 
 impl Env {
@@ -56,20 +122,37 @@ impl Env {
             .expect("listening on a unix socket")
     }
 
-    /// A connected client that has read nothing yet.
+    /// A connected client that has read nothing yet (and enters TLS in
+    /// [`Client::start`] and [`Client::enter_tls`] if the server requires it).
     fn connect(&self) -> Client {
-        match (&self.srv.socket, &self.srv.tcp) {
+        let c = match (&self.srv.socket, &self.srv.tcp) {
             (Some(s), _) => Client::unix(s).expect("connect to the unix socket"),
             (None, Some(t)) => Client::tcp(t).expect("connect over TCP"),
             _ => unreachable!(),
+        };
+        match &self.tls {
+            Some(tls) => c.with_tls(tls.clone()),
+            None => c,
         }
     }
 
-    /// A client past the greeting and client flags, ready to send options.
+    /// A client past the greeting and client flags (and inside TLS if the server
+    /// requires it), ready to send options.
     fn started(&self) -> Client {
         let mut c = self.connect();
-        c.start().expect("greeting");
+        c.start()
+            .unwrap_or_else(|e| panic!("greeting or STARTTLS failed: {e}\n{}", self.srv.log()));
         c
+    }
+
+    /// A client that asks for export "" (inside TLS if the server requires it): in
+    /// transmission, or the refusal of its STARTTLS or GO.
+    fn try_go(&self) -> Result<Client, wire::OptReply> {
+        let mut c = self.connect();
+        c.start_in_clear().expect("greeting");
+        c.enter_tls().expect("STARTTLS")?;
+        c.go("", &[]).expect("GO")?;
+        Ok(c)
     }
 
     /// A client in transmission on export "" in `mode` with `contexts` selected.
@@ -170,9 +253,9 @@ fn assert_session_continues(env: &Env, c: &mut Client) {
 // Handshake
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn option_with_wrong_magic_closes_the_connection() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(option_with_wrong_magic_closes_the_connection);
+fn option_with_wrong_magic_closes_the_connection(transport: Transport) {
+    let mut env = serve(transport, &[]);
     // NBDMAGIC where IHAVEOPT belongs, then garbage.
     for magic in [wire::NBDMAGIC, 0x0123_4567_89ab_cdef] {
         let mut c = env.started();
@@ -188,9 +271,10 @@ fn option_with_wrong_magic_closes_the_connection() {
     env.assert_healthy();
 }
 
+// In clear only: client flags come before STARTTLS, so over TLS the bytes would be the same.
 #[test]
 fn unknown_client_flags_close_the_connection() {
-    let mut env = serve(&[]);
+    let mut env = serve(Transport::Clear, &[]);
     for flags in [C_FIXED_NEWSTYLE | C_NO_ZEROES | 1 << 2, 1 << 31] {
         let mut c = env.connect();
         let hs = c.greeting().unwrap();
@@ -213,9 +297,9 @@ fn unknown_client_flags_close_the_connection() {
     env.assert_healthy();
 }
 
-#[test]
-fn truncated_handshakes_leave_the_server_unaffected() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(truncated_handshakes_leave_the_server_unaffected);
+fn truncated_handshakes_leave_the_server_unaffected(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let baseline = fd_count(env.pid());
     {
         // Connect and leave without reading anything.
@@ -251,9 +335,13 @@ fn truncated_handshakes_leave_the_server_unaffected() {
     env.assert_healthy();
 }
 
-#[test]
-fn go_whose_name_length_exceeds_the_option_is_invalid_and_the_session_continues() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(
+    go_whose_name_length_exceeds_the_option_is_invalid_and_the_session_continues
+);
+fn go_whose_name_length_exceeds_the_option_is_invalid_and_the_session_continues(
+    transport: Transport,
+) {
+    let mut env = serve(transport, &[]);
     let mut c = env.started();
     for claimed in [200u32, 7, u32::MAX] {
         let mut data = wire::go_data("", &[info::BLOCK_SIZE]);
@@ -279,9 +367,9 @@ fn go_whose_name_length_exceeds_the_option_is_invalid_and_the_session_continues(
     env.assert_healthy();
 }
 
-#[test]
-fn option_with_a_mebibyte_of_data_is_too_big_and_the_session_continues() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(option_with_a_mebibyte_of_data_is_too_big_and_the_session_continues);
+fn option_with_a_mebibyte_of_data_is_too_big_and_the_session_continues(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let mut c = env.started();
     let data = vec![0x5a; MIB as usize];
     let r = c.option_final(opt::GO, &data).unwrap();
@@ -292,9 +380,9 @@ fn option_with_a_mebibyte_of_data_is_too_big_and_the_session_continues() {
     env.assert_healthy();
 }
 
-#[test]
-fn unknown_option_with_data_is_unsupported_and_the_session_continues() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(unknown_option_with_data_is_unsupported_and_the_session_continues);
+fn unknown_option_with_data_is_unsupported_and_the_session_continues(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let mut c = env.started();
     for option in [4, 12, 0x7fff_ffff, 0xffff_ffff] {
         let r = c
@@ -306,9 +394,11 @@ fn unknown_option_with_data_is_unsupported_and_the_session_continues() {
     env.assert_healthy();
 }
 
+// In clear only: about a server without TLS (inside TLS, see
+// `starttls_inside_tls_is_invalid_and_the_session_continues`).
 #[test]
 fn starttls_is_refused_by_policy() {
-    let mut env = serve(&[]);
+    let mut env = serve(Transport::Clear, &[]);
     let mut c = env.started();
     let r = c.option_final(opt::STARTTLS, &[]).unwrap();
     assert_option_error(&r, rep::ERR_POLICY, "STARTTLS on a server without TLS");
@@ -316,9 +406,60 @@ fn starttls_is_refused_by_policy() {
     env.assert_healthy();
 }
 
+// Over TLS only: STARTTLS inside TLS.
 #[test]
-fn list_with_data_is_invalid_and_list_without_data_works() {
-    let mut env = serve(&[]);
+fn starttls_inside_tls_is_invalid_and_the_session_continues() {
+    if !common::require(&["openssl"]) {
+        return;
+    }
+    let mut env = serve(Transport::Tls, &[]);
+    let mut c = env.started();
+    assert!(c.stream.in_tls(), "the client did not enter TLS");
+    let r = c.option_final(opt::STARTTLS, &[]).unwrap();
+    assert_option_error(&r, rep::ERR_INVALID, "STARTTLS inside TLS");
+    assert_session_continues(&env, &mut c);
+    env.assert_healthy();
+}
+
+// Over TLS only: what a client sends in clear after STARTTLS before its ACK would be
+// taken for TLS (a man in the middle's injection, as in CVE-2011-0411). A real
+// ClientHello is sent there, so a server that took it would answer with a ServerHello.
+#[test]
+fn a_client_hello_sent_with_starttls_before_its_ack_closes_the_connection() {
+    if !common::require(&["openssl"]) {
+        return;
+    }
+    let mut env = serve(Transport::Tls, &[]);
+    let hello = env.tls.as_ref().unwrap().client_hello();
+    let mut c = env.connect();
+    c.start_in_clear().unwrap();
+    let mut bytes = wire::IHAVEOPT.to_be_bytes().to_vec();
+    bytes.extend_from_slice(&opt::STARTTLS.to_be_bytes());
+    bytes.extend_from_slice(&0u32.to_be_bytes());
+    bytes.extend_from_slice(&hello);
+    c.write_raw(&bytes).unwrap();
+    let r = c.read_option_reply().unwrap();
+    assert_eq!(
+        (r.option, r.reply_type),
+        (opt::STARTTLS, rep::ACK),
+        "reply to STARTTLS: {r:?}"
+    );
+    let got = c
+        .wait_closed(WAIT)
+        .expect("connection still open after a ClientHello sent before STARTTLS's ACK");
+    assert!(
+        got.is_empty(),
+        "the server answered a ClientHello sent before STARTTLS's ACK with {} bytes",
+        got.len()
+    );
+    env.srv
+        .assert_logs("data sent after NBD_OPT_STARTTLS before its reply", WAIT);
+    env.assert_healthy();
+}
+
+in_clear_and_over_tls!(list_with_data_is_invalid_and_list_without_data_works);
+fn list_with_data_is_invalid_and_list_without_data_works(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let mut c = env.started();
     let r = c.option_final(opt::LIST, b"xyz").unwrap();
     assert_option_error(&r, rep::ERR_INVALID, "LIST with data");
@@ -335,9 +476,9 @@ fn list_with_data_is_invalid_and_list_without_data_works() {
     env.assert_healthy();
 }
 
-#[test]
-fn set_meta_context_before_structured_replies_is_invalid() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(set_meta_context_before_structured_replies_is_invalid);
+fn set_meta_context_before_structured_replies_is_invalid(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let mut c = env.started();
     let r = c
         .set_meta_context("", &["base:allocation"])
@@ -360,9 +501,9 @@ fn set_meta_context_before_structured_replies_is_invalid() {
     env.assert_healthy();
 }
 
-#[test]
-fn structured_reply_after_extended_headers_is_ext_header_reqd() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(structured_reply_after_extended_headers_is_ext_header_reqd);
+fn structured_reply_after_extended_headers_is_ext_header_reqd(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let mut c = env.started();
     assert_eq!(c.extended_headers().unwrap().reply_type, rep::ACK);
     let r = c.option_final(opt::STRUCTURED_REPLY, &[]).unwrap();
@@ -382,9 +523,9 @@ fn structured_reply_after_extended_headers_is_ext_header_reqd() {
     env.assert_healthy();
 }
 
-#[test]
-fn export_name_of_an_unknown_export_disconnects() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(export_name_of_an_unknown_export_disconnects);
+fn export_name_of_an_unknown_export_disconnects(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let mut c = env.started();
     c.send_option(opt::EXPORT_NAME, b"no-such-export").unwrap();
     let got = c
@@ -394,12 +535,14 @@ fn export_name_of_an_unknown_export_disconnects() {
     env.assert_healthy();
 }
 
-#[test]
-fn export_name_without_no_zeroes_is_followed_by_124_zero_bytes() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(export_name_without_no_zeroes_is_followed_by_124_zero_bytes);
+fn export_name_without_no_zeroes_is_followed_by_124_zero_bytes(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let mut c = env.connect();
     c.greeting().unwrap();
     c.send_client_flags(C_FIXED_NEWSTYLE).unwrap();
+    // Over TLS, the flags sent in clear still hold inside TLS.
+    c.enter_tls().unwrap().expect("STARTTLS");
     let (size, flags) = c.export_name("").unwrap();
     assert_eq!(size, SIZE);
     assert_ne!(flags & tflag::HAS_FLAGS, 0);
@@ -414,9 +557,9 @@ fn export_name_without_no_zeroes_is_followed_by_124_zero_bytes() {
     env.assert_healthy();
 }
 
-#[test]
-fn export_name_with_no_zeroes_has_no_padding() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(export_name_with_no_zeroes_has_no_padding);
+fn export_name_with_no_zeroes_has_no_padding(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let mut c = env.started();
     let (size, _) = c.export_name("disk.img").unwrap();
     assert_eq!(size, SIZE);
@@ -431,9 +574,9 @@ fn export_name_with_no_zeroes_has_no_padding() {
 // Transmission: refused requests
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn unknown_command_is_einval_and_the_next_request_works() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(unknown_command_is_einval_and_the_next_request_works);
+fn unknown_command_is_einval_and_the_next_request_works(transport: Transport) {
+    let mut env = serve(transport, &[]);
     for mode in [Mode::Simple, Mode::Structured] {
         let (mut c, ..) = env.open(mode, &[]);
         for typ in [8u16, 42, 0xffff] {
@@ -447,9 +590,9 @@ fn unknown_command_is_einval_and_the_next_request_works() {
     env.assert_healthy();
 }
 
-#[test]
-fn unknown_command_flag_is_einval() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(unknown_command_flag_is_einval);
+fn unknown_command_flag_is_einval(transport: Transport) {
+    let mut env = serve(transport, &[]);
     for mode in [Mode::Simple, Mode::Structured] {
         let (mut c, ..) = env.open(mode, &[]);
         for flags in [1u16 << 9, 1 << 15, cflag::REQ_ONE] {
@@ -476,9 +619,9 @@ fn unknown_command_flag_is_einval() {
     env.assert_healthy();
 }
 
-#[test]
-fn read_out_of_range_is_einval() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(read_out_of_range_is_einval);
+fn read_out_of_range_is_einval(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let (mut c, ..) = env.open(Mode::Simple, &[]);
     for (offset, len) in [
         (SIZE - 2048, 4096),
@@ -497,9 +640,9 @@ fn read_out_of_range_is_einval() {
     env.assert_healthy();
 }
 
-#[test]
-fn write_past_the_end_is_enospc_and_its_payload_is_skipped() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(write_past_the_end_is_enospc_and_its_payload_is_skipped);
+fn write_past_the_end_is_enospc_and_its_payload_is_skipped(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let tail_before = env.file_bytes(SIZE - 64 * KIB, 64 * KIB);
     let (mut c, ..) = env.open(Mode::Simple, &[]);
     for offset in [SIZE - 2048, SIZE, SIZE + MIB] {
@@ -525,9 +668,9 @@ fn write_past_the_end_is_enospc_and_its_payload_is_skipped() {
     env.assert_healthy();
 }
 
-#[test]
-fn write_on_a_read_only_export_is_eperm() {
-    let mut env = serve(&["-r"]);
+in_clear_and_over_tls!(write_on_a_read_only_export_is_eperm);
+fn write_on_a_read_only_export_is_eperm(transport: Transport) {
+    let mut env = serve(transport, &["-r"]);
     let before = env.file_bytes(0, 64 * KIB);
     let (mut c, e, _) = env.open(Mode::Simple, &[]);
     assert_ne!(
@@ -556,9 +699,9 @@ fn write_on_a_read_only_export_is_eperm() {
     env.assert_healthy();
 }
 
-#[test]
-fn misaligned_read_with_min_block_size_4096_is_einval() {
-    let mut env = serve(&["--min-block-size", "4096"]);
+in_clear_and_over_tls!(misaligned_read_with_min_block_size_4096_is_einval);
+fn misaligned_read_with_min_block_size_4096_is_einval(transport: Transport) {
+    let mut env = serve(transport, &["--min-block-size", "4096"]);
     let (mut c, e, _) = env.open(Mode::Simple, &[]);
     let (min, preferred, max) = e
         .block_size
@@ -578,11 +721,11 @@ fn misaligned_read_with_min_block_size_4096_is_einval() {
     env.assert_healthy();
 }
 
-#[test]
-fn read_above_the_max_payload_is_einval_without_allocating_it() {
+in_clear_and_over_tls!(read_above_the_max_payload_is_einval_without_allocating_it);
+fn read_above_the_max_payload_is_einval_without_allocating_it(transport: Transport) {
     // 8 GiB (sparse) so that even a 4 GiB read is inside the export and only the
     // payload limit can refuse it.
-    let mut env = serve_sized(8 << 30, &[]);
+    let mut env = serve_sized(transport, 8 << 30, &[]);
     let (mut c, e, _) = env.open(Mode::Simple, &[]);
     let max = u64::from(e.block_size.expect("block sizes").2);
     assert_eq!(max, MAX_PAYLOAD, "advertised maximum payload");
@@ -613,9 +756,9 @@ fn read_above_the_max_payload_is_einval_without_allocating_it() {
     env.assert_healthy();
 }
 
-#[test]
-fn write_header_announcing_100_mib_closes_the_connection() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(write_header_announcing_100_mib_closes_the_connection);
+fn write_header_announcing_100_mib_closes_the_connection(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let before = env.file_bytes(0, 64 * KIB);
     let (mut c, ..) = env.open(Mode::Simple, &[]);
     let cookie = c.cookie();
@@ -632,9 +775,9 @@ fn write_header_announcing_100_mib_closes_the_connection() {
     env.assert_healthy();
 }
 
-#[test]
-fn extended_write_announcing_2_pow_40_bytes_closes_the_connection() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(extended_write_announcing_2_pow_40_bytes_closes_the_connection);
+fn extended_write_announcing_2_pow_40_bytes_closes_the_connection(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let (mut c, ..) = env.open(Mode::Extended, &[]);
     let cookie = c.cookie();
     c.send(
@@ -649,9 +792,11 @@ fn extended_write_announcing_2_pow_40_bytes_closes_the_connection() {
     env.assert_healthy();
 }
 
-#[test]
-fn extended_unknown_command_with_payload_is_einval_and_the_payload_is_consumed() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(extended_unknown_command_with_payload_is_einval_and_the_payload_is_consumed);
+fn extended_unknown_command_with_payload_is_einval_and_the_payload_is_consumed(
+    transport: Transport,
+) {
+    let mut env = serve(transport, &[]);
     let (mut c, ..) = env.open(Mode::Extended, &[]);
     let payload = Request::new(cmd::READ, 5, 0, 4096).extended().repeat(4);
     for (typ, what) in [
@@ -673,9 +818,9 @@ fn extended_unknown_command_with_payload_is_einval_and_the_payload_is_consumed()
     env.assert_healthy();
 }
 
-#[test]
-fn client_leaving_inside_a_write_payload_leaves_the_image_unchanged() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(client_leaving_inside_a_write_payload_leaves_the_image_unchanged);
+fn client_leaving_inside_a_write_payload_leaves_the_image_unchanged(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let offset = 2 * MIB;
     let before = env.file_bytes(offset, MIB);
     let baseline = fd_count(env.pid());
@@ -714,9 +859,13 @@ fn assert_done_only_on_last(r: &wire::Reply) {
     assert!(r.chunks.iter().all(|c| c.cookie == r.cookie));
 }
 
-#[test]
-fn structured_read_of_a_sparse_region_gives_offset_hole_and_done_on_the_last_chunk() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(
+    structured_read_of_a_sparse_region_gives_offset_hole_and_done_on_the_last_chunk
+);
+fn structured_read_of_a_sparse_region_gives_offset_hole_and_done_on_the_last_chunk(
+    transport: Transport,
+) {
+    let mut env = serve(transport, &[]);
     let (mut c, e, _) = env.open(Mode::Structured, &[]);
     assert_ne!(
         e.flags & tflag::SEND_DF,
@@ -761,9 +910,9 @@ fn structured_read_of_a_sparse_region_gives_offset_hole_and_done_on_the_last_chu
     env.assert_healthy();
 }
 
-#[test]
-fn df_read_gives_exactly_one_content_chunk() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(df_read_gives_exactly_one_content_chunk);
+fn df_read_gives_exactly_one_content_chunk(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let (mut c, ..) = env.open(Mode::Structured, &[]);
     // Data and hole, pure hole, pure data.
     for (offset, len) in [
@@ -795,9 +944,9 @@ fn df_read_gives_exactly_one_content_chunk() {
     env.assert_healthy();
 }
 
-#[test]
-fn block_status_with_req_one_gives_one_extent_within_the_request() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(block_status_with_req_one_gives_one_extent_within_the_request);
+fn block_status_with_req_one_gives_one_extent_within_the_request(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let (mut c, _, ids) = env.open(Mode::Structured, &["base:allocation"]);
     assert_eq!(ids.len(), 1, "{ids:?}");
     let id = ids[0].0;
@@ -845,9 +994,9 @@ fn block_status_with_req_one_gives_one_extent_within_the_request() {
     env.assert_healthy();
 }
 
-#[test]
-fn extended_headers_every_reply_is_extended_and_echoes_the_request_offset() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(extended_headers_every_reply_is_extended_and_echoes_the_request_offset);
+fn extended_headers_every_reply_is_extended_and_echoes_the_request_offset(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let (mut c, e, ids) = env.open(Mode::Extended, &["base:allocation"]);
     assert_eq!(ids.len(), 1);
     let id = ids[0].0;
@@ -938,9 +1087,9 @@ fn extended_headers_every_reply_is_extended_and_echoes_the_request_offset() {
     env.assert_healthy();
 }
 
-#[test]
-fn block_status_payload_form_selects_contexts_and_rejects_unknown_ids() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(block_status_payload_form_selects_contexts_and_rejects_unknown_ids);
+fn block_status_payload_form_selects_contexts_and_rejects_unknown_ids(transport: Transport) {
+    let mut env = serve(transport, &[]);
     // Not advertised without contexts ("SHOULD NOT ... if the client does not negotiate metacontexts").
     let (_, e, _) = env.open(Mode::Extended, &[]);
     assert_eq!(
@@ -1007,9 +1156,9 @@ fn block_status_payload_form_selects_contexts_and_rejects_unknown_ids() {
     env.assert_healthy();
 }
 
-#[test]
-fn sixty_four_pipelined_requests_are_all_answered_with_matching_cookies() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(sixty_four_pipelined_requests_are_all_answered_with_matching_cookies);
+fn sixty_four_pipelined_requests_are_all_answered_with_matching_cookies(transport: Transport) {
+    let mut env = serve(transport, &[]);
     for (m, mode) in [Mode::Simple, Mode::Structured, Mode::Extended]
         .into_iter()
         .enumerate()
@@ -1072,9 +1221,12 @@ fn sixty_four_pipelined_requests_are_all_answered_with_matching_cookies() {
 // Resource limits and timeouts
 // ---------------------------------------------------------------------------------------
 
+// In clear only: idle connections never get as far as STARTTLS, and a thousand TLS
+// handshakes would measure the machine rather than the server (a client that stops in
+// its TLS handshake is in tests/tls.rs).
 #[test]
 fn a_thousand_idle_connections_are_bounded_and_dropped_by_the_handshake_timeout() {
-    let mut env = serve(&["--handshake-timeout", "2"]);
+    let mut env = serve(Transport::Clear, &["--handshake-timeout", "2"]);
     let start = Instant::now();
     let mut idle = Vec::with_capacity(1000);
     for i in 0..1000 {
@@ -1124,54 +1276,67 @@ fn a_thousand_idle_connections_are_bounded_and_dropped_by_the_handshake_timeout(
     env.assert_healthy();
 }
 
-#[test]
-fn handshake_trickled_one_byte_per_second_is_dropped_at_the_timeout() {
-    let mut env = serve(&["--handshake-timeout", "2"]);
+in_clear_and_over_tls!(handshake_trickled_one_byte_per_second_is_dropped_at_the_timeout);
+fn handshake_trickled_one_byte_per_second_is_dropped_at_the_timeout(transport: Transport) {
+    // The timeout counts from the connection, over the whole handshake: the client flags
+    // trickled in (2.4 s of the 3), over TLS STARTTLS and the TLS handshake, then an
+    // option header one byte per second. Dropped 3 s after it connected, not 3 s after
+    // some later step of the handshake.
+    let mut env = serve(transport, &["--handshake-timeout", "3"]);
     let mut c = env.connect();
     let start = Instant::now();
     c.greeting().unwrap();
-    let mut bytes = (C_FIXED_NEWSTYLE | C_NO_ZEROES).to_be_bytes().to_vec();
-    bytes.extend_from_slice(&wire::IHAVEOPT.to_be_bytes());
-    let mut closed_at = None;
-    for b in bytes {
-        if c.write_raw(&[b]).is_err() {
-            closed_at = Some(start.elapsed());
-            break;
-        }
-        if c.wait_closed(Duration::from_secs(1)).is_some() {
-            closed_at = Some(start.elapsed());
-            break;
-        }
-    }
-    let at = closed_at.expect("a one-byte-per-second handshake was kept for 12 s");
+    let flags = (C_FIXED_NEWSTYLE | C_NO_ZEROES).to_be_bytes();
     assert!(
-        at >= Duration::from_millis(1500) && at <= Duration::from_millis(4500),
-        "dropped after {at:?}"
+        !trickle(&mut c, &flags, Duration::from_millis(600)),
+        "dropped {:?} after it connected, with a timeout of 3 s",
+        start.elapsed()
+    );
+    c.enter_tls().unwrap().expect("STARTTLS");
+    let mut header = wire::IHAVEOPT.to_be_bytes().to_vec();
+    header.extend_from_slice(&opt::GO.to_be_bytes());
+    header.extend_from_slice(&0u32.to_be_bytes());
+    assert!(
+        trickle(&mut c, &header, Duration::from_secs(1)),
+        "a one-byte-per-second option header was kept for 16 s"
+    );
+    let at = start.elapsed();
+    assert!(
+        at >= Duration::from_millis(2500) && at < Duration::from_millis(4500),
+        "dropped {at:?} after it connected, with a timeout of 3 s"
     );
     env.assert_healthy();
 }
 
-#[test]
-fn max_connections_refuses_a_third_client_politely() {
-    let env = serve(&["--max-connections", "2"]);
+/// Sends `bytes` one at a time, `every` apart; true once the server has closed the
+/// connection (then the rest is not sent).
+fn trickle(c: &mut Client, bytes: &[u8], every: Duration) -> bool {
+    bytes
+        .iter()
+        .any(|b| c.write_raw(&[*b]).is_err() || c.wait_closed(every).is_some())
+}
+
+in_clear_and_over_tls!(max_connections_refuses_a_third_client_politely);
+fn max_connections_refuses_a_third_client_politely(transport: Transport) {
+    let env = serve(transport, &["--max-connections", "2"]);
     let (mut a, ..) = env.open(Mode::Simple, &[]);
     let (mut b, ..) = env.open(Mode::Simple, &[]);
-    let mut third = env.started();
-    let r = third
-        .option_final(opt::GO, &wire::go_data("", &[]))
-        .unwrap();
-    assert_option_error(
-        &r,
-        rep::ERR_POLICY,
-        "GO from a client over --max-connections",
-    );
-    assert!(!r.text().is_empty(), "ERR_POLICY without a message");
-    let r = third.option_final(opt::LIST, &[]).unwrap();
-    assert_option_error(
-        &r,
-        rep::ERR_POLICY,
-        "LIST from a client over --max-connections",
-    );
+    // Whatever it asks, STARTTLS included (the refusal comes before any TLS).
+    let mut third = env.connect();
+    third.start_in_clear().unwrap();
+    for (option, data) in [
+        (opt::STARTTLS, Vec::new()),
+        (opt::GO, wire::go_data("", &[])),
+        (opt::LIST, Vec::new()),
+    ] {
+        let r = third.option_final(option, &data).unwrap();
+        assert_option_error(
+            &r,
+            rep::ERR_POLICY,
+            &format!("option {option} from a client over --max-connections"),
+        );
+        assert!(!r.text().is_empty(), "ERR_POLICY without a message");
+    }
     let r = third.option_final(opt::ABORT, &[]).unwrap();
     assert_eq!(r.reply_type, rep::ACK, "ABORT must be ACKed");
     drop(third);
@@ -1183,17 +1348,16 @@ fn max_connections_refuses_a_third_client_politely() {
     a.disconnect().unwrap();
     drop(a);
     let mut accepted = None;
-    let ok = wait_until(WAIT, || {
-        let mut d = env.started();
-        match d.go("", &[]).unwrap() {
-            Ok(_) => {
-                accepted = Some(d);
-                true
-            }
-            Err(r) => {
-                assert_option_error(&r, rep::ERR_POLICY, "while the first client leaves");
-                false
-            }
+    // The slot is free once the server has ended the first connection: until then a
+    // client is refused (STARTTLS or GO, as above).
+    let ok = wait_until(WAIT, || match env.try_go() {
+        Ok(d) => {
+            accepted = Some(d);
+            true
+        }
+        Err(r) => {
+            assert_option_error(&r, rep::ERR_POLICY, "while the first client leaves");
+            false
         }
     });
     assert!(ok, "no client accepted after one of two left");
@@ -1208,11 +1372,11 @@ fn max_connections_refuses_a_third_client_politely() {
 // Shutdown and socket paths
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn sigterm_answers_eshutdown_exits_zero_and_removes_the_socket() {
+in_clear_and_over_tls!(sigterm_answers_eshutdown_exits_zero_and_removes_the_socket);
+fn sigterm_answers_eshutdown_exits_zero_and_removes_the_socket(transport: Transport) {
     // Regression: a connection idle when SIGTERM arrives must answer its next request
     // with ESHUTDOWN (the shutdown state is read after the header arrives).
-    let mut env = serve(&[]);
+    let mut env = serve(transport, &[]);
     let sock = env.sock().to_owned();
     let (mut c, ..) = env.open(Mode::Simple, &[]);
     assert_eq!(c.read(0, 4096).unwrap().errno(), 0);
@@ -1270,9 +1434,11 @@ fn serve_expecting_failure(args: &[&str]) -> (std::process::ExitStatus, String) 
     (status, err)
 }
 
+// In clear only, like the two tests after it: about the socket file, not what is said
+// over the socket.
 #[test]
 fn stale_socket_left_by_a_killed_server_is_replaced() {
-    let mut env = serve(&[]);
+    let mut env = serve(Transport::Clear, &[]);
     let sock: PathBuf = env.sock().to_owned();
     env.srv.child.kill().unwrap();
     env.srv.child.wait().unwrap();
@@ -1310,7 +1476,7 @@ fn regular_file_at_the_socket_path_is_refused() {
 
 #[test]
 fn live_socket_is_refused() {
-    let mut env = serve(&[]);
+    let mut env = serve(Transport::Clear, &[]);
     let sock = env.sock().to_str().unwrap().to_owned();
     let (status, err) =
         serve_expecting_failure(&["--socket", &sock, env.fx.image.to_str().unwrap()]);
@@ -1323,9 +1489,9 @@ fn live_socket_is_refused() {
 // TCP
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn tcp_bad_option_and_command_keep_the_session_and_server_usable() {
-    let mut env = serve_tcp(&[]);
+in_clear_and_over_tls!(tcp_bad_option_and_command_keep_the_session_and_server_usable);
+fn tcp_bad_option_and_command_keep_the_session_and_server_usable(transport: Transport) {
+    let mut env = serve_tcp(transport, &[]);
     {
         let mut c = env.started();
         c.send_option_header_with_magic(0xdead_beef, opt::GO, 0)
@@ -1347,12 +1513,12 @@ fn tcp_bad_option_and_command_keep_the_session_and_server_usable() {
     env.assert_healthy();
 }
 
-#[test]
-fn a_client_that_never_reads_its_replies_does_not_stall_other_clients() {
+in_clear_and_over_tls!(a_client_that_never_reads_its_replies_does_not_stall_other_clients);
+fn a_client_that_never_reads_its_replies_does_not_stall_other_clients(transport: Transport) {
     // Regression: one client that pipelines more than 1 GiB of READs and never reads the
     // replies may only exhaust its own per-connection budget, not the server's.
     // 256 MiB sparse: almost all holes, so the server needs no memory for the data.
-    let mut env = serve_sized(256 * MIB, &[]);
+    let mut env = serve_sized(transport, 256 * MIB, &[]);
     let (mut hog, ..) = env.open(Mode::Simple, &[]);
     let mut buf = Vec::new();
     for i in 0..64u64 {
@@ -1381,13 +1547,13 @@ fn a_client_that_never_reads_its_replies_does_not_stall_other_clients() {
     env.assert_healthy();
 }
 
-#[test]
-fn sigterm_exits_even_if_a_client_never_reads_its_replies() {
+in_clear_and_over_tls!(sigterm_exits_even_if_a_client_never_reads_its_replies);
+fn sigterm_exits_even_if_a_client_never_reads_its_replies(transport: Transport) {
     // Regression: a writer blocked on a client that does not read must not keep the
     // server from exiting after the grace period.
     // Replies far larger than the socket buffers, never read: the server's writer
     // blocks. Shutdown must still finish (after the grace period) and exit 0.
-    let mut env = serve_sized(256 * MIB, &[]);
+    let mut env = serve_sized(transport, 256 * MIB, &[]);
     let sock = env.sock().to_owned();
     let (mut hog, ..) = env.open(Mode::Simple, &[]);
     let mut buf = Vec::new();
@@ -1412,9 +1578,9 @@ fn sigterm_exits_even_if_a_client_never_reads_its_replies() {
     assert!(!sock.exists(), "socket file left behind");
 }
 
-#[test]
-fn disc_after_pipelined_writes_completes_them_before_closing() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(disc_after_pipelined_writes_completes_them_before_closing);
+fn disc_after_pipelined_writes_completes_them_before_closing(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let (mut c, ..) = env.open(Mode::Structured, &[]);
     let base = 6 * MIB;
     let mut buf = Vec::new();
@@ -1439,9 +1605,9 @@ fn disc_after_pipelined_writes_completes_them_before_closing() {
     env.assert_healthy();
 }
 
-#[test]
-fn go_with_unknown_and_repeated_info_requests_succeeds() {
-    let mut env = serve(&[]);
+in_clear_and_over_tls!(go_with_unknown_and_repeated_info_requests_succeeds);
+fn go_with_unknown_and_repeated_info_requests_succeeds(transport: Transport) {
+    let mut env = serve(transport, &[]);
     let mut c = env.started();
     let e = c
         .go(

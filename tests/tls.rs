@@ -459,3 +459,144 @@ fn a_private_key_others_may_read_or_a_missing_certificate_is_refused_at_start() 
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-cert"));
 }
+
+/// The server's certificate request of [`certificates`] in `dir` signed again by the
+/// CA, valid only in January 2020 (`openssl ca`: openssl 3.0's `x509` cannot set a start
+/// date): `expired-cert.pem`.
+fn expired_certificate(dir: &Path) -> PathBuf {
+    let out = run(Command::new("sh")
+        .arg("-ec")
+        .arg(
+            "printf '%s\\n' '[ca]' 'default_ca = test' '[test]' 'database = index.txt' \
+              'new_certs_dir = .' 'serial = serial' 'default_md = sha256' 'policy = any' \
+              '[any]' 'commonName = supplied' >expired.cnf
+            : >index.txt
+            echo 01 >serial
+            openssl ca -batch -config expired.cnf -cert ca-cert.pem -keyfile ca-key.pem \
+              -in server.csr -extfile server.ext -notext -out expired-cert.pem \
+              -startdate 20200101000000Z -enddate 20200201000000Z 2>/dev/null
+            ! openssl x509 -in expired-cert.pem -noout -checkend 0 >/dev/null",
+        )
+        .current_dir(dir));
+    assert!(out.status.success(), "{out:?}");
+    dir.join("expired-cert.pem")
+}
+
+// libnbd (GnuTLS) says only "Error in the certificate verification" (qemu-img: "The
+// certificate is not trusted"); the raw client's rustls names the reason.
+#[test]
+fn a_server_whose_certificate_has_expired_is_refused_by_clients_and_stays_up() {
+    if !require(&["openssl", "nbdinfo"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certificates(dir.path());
+    let (path, _) = image(dir.path());
+    let args = [
+        "--tls".to_owned(),
+        "require".to_owned(),
+        "--tls-cert".to_owned(),
+        expired_certificate(&certs).display().to_string(),
+        "--tls-key".to_owned(),
+        certs.join("server-key.pem").display().to_string(),
+    ];
+    let mut expired = start(&args, &path);
+    let tcp = expired.tcp.clone().unwrap();
+    let client = certs.join("client");
+    let uri = format!(
+        "nbds://{tcp}/disk.raw?tls-certificates={}",
+        client.display()
+    );
+    let (ok, said) = nbdinfo(&["--size"], &uri);
+    assert!(!ok, "nbdinfo accepted an expired certificate: {said}");
+    assert!(said.contains("certificate verification"), "{said}");
+    let mut c = Client::tcp(&tcp).unwrap();
+    c.start_in_clear().unwrap();
+    let tls = common::wire::TlsClient::new(&certs.join("ca-cert.pem"), "localhost");
+    let refused = c
+        .starttls(&tls)
+        .expect_err("the raw client accepted an expired certificate");
+    assert!(
+        refused.to_string().contains("certificate expired"),
+        "{refused}"
+    );
+    drop(c);
+    // The server stays up and still answers.
+    assert!(
+        expired.child.try_wait().unwrap().is_none(),
+        "the server exited:\n{}",
+        expired.log()
+    );
+    let mut c = Client::tcp(&tcp).unwrap();
+    c.start_in_clear().unwrap();
+    assert_eq!(
+        c.option_final(opt::STARTTLS, &[]).unwrap().reply_type,
+        rep::ACK
+    );
+    // The same client takes a server of the same CA and key whose certificate is
+    // valid: only the expiry was refused.
+    let valid = start(&tls_args(&certs, "require"), &path);
+    let (ok, said) = nbdinfo(
+        &["--size"],
+        &format!(
+            "nbds://{}/disk.raw?tls-certificates={}",
+            valid.tcp.as_ref().unwrap(),
+            client.display()
+        ),
+    );
+    assert!(ok && said.trim() == (2u32 << 20).to_string(), "{said}");
+}
+
+#[test]
+fn a_client_that_stops_inside_its_client_hello_loses_only_its_connection() {
+    if !require(&["openssl", "nbdinfo"]) {
+        return;
+    }
+    let timeout = Duration::from_secs(5);
+    let mut t = TlsServer::start("require", false, &["--handshake-timeout", "5"]);
+    let hello =
+        common::wire::TlsClient::new(&t.certs.join("ca-cert.pem"), "localhost").client_hello();
+    // STARTTLS, its ACK, then the first half of a real ClientHello record.
+    let half_a_hello = |c: &mut Client| {
+        c.greeting().unwrap();
+        c.send_client_flags(C_FIXED_NEWSTYLE).unwrap();
+        c.send_option(opt::STARTTLS, &[]).unwrap();
+        assert_eq!(c.read_option_reply().unwrap().reply_type, rep::ACK);
+        c.write_raw(&hello[..hello.len() / 2]).unwrap();
+    };
+    let started = std::time::Instant::now();
+    // One stalls there, one closes its connection there.
+    let mut stalled = Client::tcp(&t.tcp).unwrap();
+    half_a_hello(&mut stalled);
+    let mut closed = Client::tcp(&t.tcp).unwrap();
+    half_a_hello(&mut closed);
+    drop(closed);
+    // Meanwhile another client is served.
+    let (ok, said) = nbdinfo(&["--size"], &t.uri(None));
+    let served_at = started.elapsed();
+    assert!(ok && said.trim() == (2u32 << 20).to_string(), "{said}");
+    // The stalled one is dropped at the handshake timeout, with nothing sent to it.
+    let got = stalled
+        .wait_closed(timeout * 4)
+        .expect("the connection of a client stalled in its ClientHello was kept");
+    let closed_at = started.elapsed();
+    assert!(got.is_empty(), "sent {got:?} to a half ClientHello");
+    assert!(
+        closed_at >= timeout && closed_at < timeout * 2,
+        "dropped {closed_at:?} after it connected, with a timeout of {timeout:?}"
+    );
+    assert!(
+        served_at < closed_at,
+        "the other client was served {served_at:?} after the stalled one connected, \
+         not while it stalled"
+    );
+    t.served.assert_logs("TLS handshake timed out", timeout);
+    t.served.assert_logs("TLS handshake failed", timeout);
+    assert!(
+        t.served.child.try_wait().unwrap().is_none(),
+        "the server exited:\n{}",
+        t.served.log()
+    );
+    let (ok, said) = nbdinfo(&["--size"], &t.uri(None));
+    assert!(ok, "{said}");
+}

@@ -306,8 +306,10 @@ fn spawn_connection<R, W>(
     }
 }
 
-/// One connection: handshake (bounded by the handshake timeout), then transmission;
-/// after STARTTLS, the TLS handshake (bounded the same) and the rest inside TLS.
+/// One connection: handshake, then transmission; after STARTTLS, the TLS handshake and
+/// the rest of the handshake inside TLS. The handshake timeout bounds all of the
+/// handshake, counted from the connection: a client slow in every step (in clear, the TLS
+/// handshake, inside TLS) gets no more time than one slow in one.
 async fn connection<R, W>(
     shared: Arc<Shared>,
     reader: R,
@@ -319,10 +321,12 @@ async fn connection<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let span = info_span!("conn", %peer);
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
     async move {
         let mut reader = ReadBuffer::new(reader);
         let refusal = over_limit.map_or(Refusal::None, Refusal::TooManyConnections);
-        let Some(negotiated) = handshake(&shared, &mut reader, &mut writer, refusal, None).await
+        let Some(negotiated) =
+            handshake(&shared, &mut reader, &mut writer, refusal, None, deadline).await
         else {
             return;
         };
@@ -344,15 +348,15 @@ async fn connection<R, W>(
         let io = tokio::io::join(reader.into_inner(), writer);
         match &tls.acceptor {
             Acceptor::X509(acceptor) => {
-                let accepted = tls_handshake(&shared, acceptor.accept(io)).await;
+                let accepted = tls_handshake(&shared, acceptor.accept(io), deadline).await;
                 if let Some(stream) = accepted {
-                    in_tls(stream, &shared, &peer, refusal, flags).await;
+                    in_tls(stream, &shared, &peer, refusal, flags, deadline).await;
                 }
             }
             Acceptor::Psk(acceptor) => {
-                let accepted = tls_handshake(&shared, acceptor.accept(io)).await;
+                let accepted = tls_handshake(&shared, acceptor.accept(io), deadline).await;
                 if let Some(stream) = accepted {
-                    in_tls(stream, &shared, &peer, refusal, flags).await;
+                    in_tls(stream, &shared, &peer, refusal, flags, deadline).await;
                 }
             }
         }
@@ -361,14 +365,15 @@ async fn connection<R, W>(
     .await;
 }
 
-/// Runs the TLS handshake `accept` (bounded by the handshake timeout); `None`, logged,
-/// when it fails.
+/// Runs the TLS handshake `accept` (until `deadline`, the handshake timeout's end);
+/// `None`, logged, when it fails.
 async fn tls_handshake<S>(
     shared: &Shared,
     accept: impl Future<Output = std::io::Result<S>>,
+    deadline: tokio::time::Instant,
 ) -> Option<S> {
     let timeout = shared.config.handshake_timeout;
-    match tokio::time::timeout(timeout, accept).await {
+    match tokio::time::timeout_at(deadline, accept).await {
         Ok(Ok(stream)) => {
             debug!("TLS established");
             Some(stream)
@@ -395,12 +400,21 @@ async fn in_tls<S>(
     peer: &str,
     refusal: Refusal,
     flags: handshake::ClientFlags,
+    deadline: tokio::time::Instant,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (reader, mut writer) = tokio::io::split(stream);
     let mut reader = ReadBuffer::new(reader);
-    match handshake(shared, &mut reader, &mut writer, refusal, Some(flags)).await {
+    let resumed = handshake(
+        shared,
+        &mut reader,
+        &mut writer,
+        refusal,
+        Some(flags),
+        deadline,
+    );
+    match resumed.await {
         Some(Negotiated::Session(session)) => {
             serve(session, reader, writer, shared, peer).await;
         }
@@ -409,14 +423,15 @@ async fn in_tls<S>(
     }
 }
 
-/// Negotiates (bounded by the handshake timeout and cut short by shutdown); `None`,
-/// logged, when the connection ends instead.
+/// Negotiates (until `deadline`, the handshake timeout's end, and cut short by
+/// shutdown); `None`, logged, when the connection ends instead.
 async fn handshake<R, W>(
     shared: &Arc<Shared>,
     reader: &mut ReadBuffer<R>,
     writer: &mut W,
     refusal: Refusal,
     resume: Option<handshake::ClientFlags>,
+    deadline: tokio::time::Instant,
 ) -> Option<Negotiated>
 where
     R: AsyncRead + Unpin,
@@ -424,7 +439,7 @@ where
 {
     let timeout = shared.config.handshake_timeout;
     let negotiated = tokio::select! {
-        r = tokio::time::timeout(timeout, handshake::negotiate(reader, writer, shared, refusal, resume)) => r,
+        r = tokio::time::timeout_at(deadline, handshake::negotiate(reader, writer, shared, refusal, resume)) => r,
         () = async {
             shared.shutdown.cancelled().await;
             tokio::time::sleep(shared.config.shutdown_grace).await;

@@ -311,6 +311,27 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// A test CA and a server certificate it signed for localhost and 127.0.0.1, made by
+/// openssl in `dir` with P-256 keys (fast to make): `ca-cert.pem`, `server-cert.pem` and
+/// `server-key.pem` (mode 0600, as `--tls-key` wants it).
+pub fn tls_certificates(dir: &Path) {
+    let out = run(Command::new("sh")
+        .arg("-ec")
+        .arg(
+            "key='-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes'
+            openssl req -x509 $key -keyout ca-key.pem -out ca-cert.pem -days 30 \\
+              -subj '/CN=thinline test CA' 2>/dev/null
+            openssl req $key -keyout server-key.pem -out server.csr -subj '/CN=localhost' \\
+              2>/dev/null
+            printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\n' >server.ext
+            openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem \\
+              -CAcreateserial -out server-cert.pem -days 30 -extfile server.ext 2>/dev/null
+            chmod 600 server-key.pem",
+        )
+        .current_dir(dir));
+    assert!(out.status.success(), "{out:?}");
+}
+
 /// Creates (or truncates) `path` as a file of `size` bytes that is all hole.
 pub fn sparse_file(path: &Path, size: u64) {
     std::fs::File::create(path).unwrap().set_len(size).unwrap();

@@ -9,6 +9,11 @@
 //! ```text
 //!   Client::unix(path) ─► greeting() ─► send_client_flags() ─► option()/go()/… ─► send()/read_reply()
 //! ```
+//!
+//! A client made [`Client::with_tls`] says `NBD_OPT_STARTTLS` once its flags are sent
+//! ([`Client::start`], [`Client::enter_tls`]), runs the TLS handshake (rustls, trusting
+//! the test CA) and does everything after it inside TLS: the same calls, the same lies,
+//! now as TLS records.
 
 #![allow(dead_code)]
 
@@ -17,7 +22,11 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 
 /// `NBDMAGIC`, the first 8 bytes of the server's greeting.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -171,56 +180,169 @@ fn invalid(msg: impl Into<String>) -> io::Error {
 
 /// A connected socket.
 #[derive(Debug)]
-pub enum Stream {
+pub enum Socket {
     Unix(UnixStream),
     Tcp(TcpStream),
 }
 
-impl Stream {
+impl Socket {
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
-            Stream::Unix(s) => s.set_read_timeout(t),
-            Stream::Tcp(s) => s.set_read_timeout(t),
+            Socket::Unix(s) => s.set_read_timeout(t),
+            Socket::Tcp(s) => s.set_read_timeout(t),
         }
     }
 
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
-            Stream::Unix(s) => s.set_write_timeout(t),
-            Stream::Tcp(s) => s.set_write_timeout(t),
+            Socket::Unix(s) => s.set_write_timeout(t),
+            Socket::Tcp(s) => s.set_write_timeout(t),
         }
     }
 
     pub fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
         match self {
-            Stream::Unix(s) => s.shutdown(how),
-            Stream::Tcp(s) => s.shutdown(how),
+            Socket::Unix(s) => s.shutdown(how),
+            Socket::Tcp(s) => s.shutdown(how),
         }
+    }
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Unix(s) => s.read(buf),
+            Socket::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Socket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Socket::Unix(s) => s.write(buf),
+            Socket::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Socket::Unix(s) => s.flush(),
+            Socket::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+/// What a client speaks through: its socket, in clear or, once [`Stream::enter_tls`]
+/// ran, inside TLS (the timeouts stay the socket's).
+#[derive(Debug)]
+pub struct Stream {
+    socket: Socket,
+    tls: Option<rustls::ClientConnection>,
+}
+
+impl Stream {
+    fn new(socket: Socket) -> Stream {
+        Stream { socket, tls: None }
+    }
+
+    /// Runs the TLS handshake as `tls`'s client; everything after it goes inside TLS.
+    fn enter_tls(&mut self, tls: &TlsClient) -> io::Result<()> {
+        let mut conn = tls.connection();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut self.socket)?;
+        }
+        self.tls = Some(conn);
+        Ok(())
+    }
+
+    /// True once the TLS handshake is done.
+    pub fn in_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.socket.set_read_timeout(t)
+    }
+
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.socket.set_write_timeout(t)
+    }
+
+    /// Shuts the socket down (under TLS too: no close_notify is sent).
+    pub fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
+        self.socket.shutdown(how)
     }
 }
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
+        match &mut self.tls {
+            Some(conn) => rustls::Stream::new(conn, &mut self.socket).read(buf),
+            None => self.socket.read(buf),
         }
     }
 }
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(buf),
-            Stream::Tcp(s) => s.write(buf),
+        match &mut self.tls {
+            Some(conn) => rustls::Stream::new(conn, &mut self.socket).write(buf),
+            None => self.socket.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.flush(),
-            Stream::Tcp(s) => s.flush(),
+        match &mut self.tls {
+            Some(conn) => rustls::Stream::new(conn, &mut self.socket).flush(),
+            None => self.socket.flush(),
         }
+    }
+}
+
+/// The client side of TLS: the CA certificates a client trusts and the name it expects
+/// in the server's certificate.
+#[derive(Debug, Clone)]
+pub struct TlsClient {
+    config: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+impl TlsClient {
+    /// A client that trusts the certificates of PEM file `ca` and expects a server
+    /// certificate for `server_name` (a DNS name or an IP address).
+    pub fn new(ca: &Path, server_name: &str) -> TlsClient {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca).expect("CA certificate file") {
+            roots
+                .add(cert.expect("PEM certificate"))
+                .expect("CA certificate");
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS 1.2 and 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        TlsClient {
+            config: Arc::new(config),
+            server_name: ServerName::try_from(server_name.to_owned()).expect("server name"),
+        }
+    }
+
+    fn connection(&self) -> rustls::ClientConnection {
+        rustls::ClientConnection::new(Arc::clone(&self.config), self.server_name.clone())
+            .expect("a TLS client connection")
+    }
+
+    /// The first bytes a client sends in its TLS handshake: a ClientHello record.
+    pub fn client_hello(&self) -> Vec<u8> {
+        let mut conn = self.connection();
+        let mut hello = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut hello).unwrap();
+        }
+        hello
     }
 }
 
@@ -651,6 +773,8 @@ impl Reply {
 #[derive(Debug)]
 pub struct Client {
     pub stream: Stream,
+    /// How [`Client::start`] enters TLS (`None`: the client stays in clear).
+    tls: Option<TlsClient>,
     pub mode: Mode,
     /// Handshake flags of the greeting (set by [`Client::greeting`]).
     pub handshake_flags: u16,
@@ -663,11 +787,13 @@ pub struct Client {
 }
 
 impl Client {
-    fn from_stream(stream: Stream) -> io::Result<Client> {
+    fn from_socket(socket: Socket) -> io::Result<Client> {
+        let stream = Stream::new(socket);
         stream.set_read_timeout(Some(DEFAULT_TIMEOUT))?;
         stream.set_write_timeout(Some(DEFAULT_TIMEOUT))?;
         Ok(Client {
             stream,
+            tls: None,
             mode: Mode::Simple,
             handshake_flags: 0,
             simple_reads: HashMap::new(),
@@ -678,14 +804,14 @@ impl Client {
 
     /// Connects to a unix socket; reads nothing yet.
     pub fn unix(path: &Path) -> io::Result<Client> {
-        Client::from_stream(Stream::Unix(UnixStream::connect(path)?))
+        Client::from_socket(Socket::Unix(UnixStream::connect(path)?))
     }
 
     /// Connects over TCP; reads nothing yet.
     pub fn tcp(addr: &str) -> io::Result<Client> {
         let s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
-        Client::from_stream(Stream::Tcp(s))
+        Client::from_socket(Socket::Tcp(s))
     }
 
     /// Reads and checks the 18-byte greeting; returns the handshake flags.
@@ -711,10 +837,49 @@ impl Client {
         self.write_raw(&flags.to_be_bytes())
     }
 
-    /// Greeting plus client flags `FIXED_NEWSTYLE | NO_ZEROES`: ready for options.
+    /// This client enters TLS in [`Client::start`] and [`Client::enter_tls`].
+    pub fn with_tls(mut self, tls: TlsClient) -> Client {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Greeting plus client flags `FIXED_NEWSTYLE | NO_ZEROES`, then, for a client made
+    /// [`Client::with_tls`], STARTTLS and the TLS handshake: ready for options.
     pub fn start(&mut self) -> io::Result<()> {
+        self.start_in_clear()?;
+        self.enter_tls()?.map_err(|r| {
+            invalid(format!(
+                "NBD_OPT_STARTTLS refused: {:#x} {}",
+                r.reply_type,
+                r.text()
+            ))
+        })
+    }
+
+    /// Greeting plus client flags `FIXED_NEWSTYLE | NO_ZEROES`, staying in clear.
+    pub fn start_in_clear(&mut self) -> io::Result<()> {
         self.greeting()?;
         self.send_client_flags(C_FIXED_NEWSTYLE | C_NO_ZEROES)
+    }
+
+    /// For a client made [`Client::with_tls`]: [`Client::starttls`]. A client in clear
+    /// does nothing and stays in clear.
+    pub fn enter_tls(&mut self) -> io::Result<Result<(), OptReply>> {
+        match self.tls.clone() {
+            Some(tls) => self.starttls(&tls),
+            None => Ok(Ok(())),
+        }
+    }
+
+    /// `NBD_OPT_STARTTLS`; on its ACK, the TLS handshake as `tls`'s client, after which
+    /// everything goes inside TLS. A refusal is returned as it came.
+    pub fn starttls(&mut self, tls: &TlsClient) -> io::Result<Result<(), OptReply>> {
+        let r = self.option_final(opt::STARTTLS, &[])?;
+        if r.reply_type != rep::ACK {
+            return Ok(Err(r));
+        }
+        self.stream.enter_tls(tls)?;
+        Ok(Ok(()))
     }
 
     pub fn write_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -1124,7 +1289,8 @@ impl Client {
     }
 
     /// Waits up to `timeout` for the server to close the connection. Returns the bytes
-    /// received before the close, or `None` if the connection is still open.
+    /// received before the close (inside TLS: the plaintext; a close without
+    /// close_notify is a close too), or `None` if the connection is still open.
     pub fn wait_closed(&mut self, timeout: Duration) -> Option<Vec<u8>> {
         let deadline = Instant::now() + timeout;
         let mut got = Vec::new();
