@@ -3,7 +3,9 @@
 //!
 //! - as an NBD client: /dev/nbd0 attached to `thinline serve` with nbd-client (one
 //!   connection, then four), an ext4 filesystem made and checked on it, discards, and the
-//!   image compared byte for byte;
+//!   image compared byte for byte; then over TLS (`--tls require --tls-ca`, loopback TCP,
+//!   certificates made by openssl on the host): read back, written, and the clients without
+//!   TLS, trusting another CA or without a client certificate refused;
 //! - as the consumer of `thinline proxy`: /dev/nbd0 on the copy-on-read proxy is the
 //!   external origin of a dm-thin thin volume, and reads and partial writes of uncached
 //!   blocks race while the upstream fetches are in flight (the original design's race);
@@ -45,7 +47,7 @@ fn run_kernel_test(script: &str) {
 
 #[test]
 fn kernel_nbd_client_runs_ext4_on_thinline_serve() {
-    if !common::require(&["qemu-system-x86_64", "nbd-client"]) {
+    if !common::require(&["qemu-system-x86_64", "nbd-client", "openssl"]) {
         return;
     }
     run_kernel_test("test-nbd-kernel.sh");

@@ -5,7 +5,10 @@
 # The Linux kernel's nbd client (nbd-client + nbd.ko) against an NBD server serving a sparse
 # 256 MiB raw image on a unix socket inside the guest: ext4 on it, single and multiple (-C 4)
 # connections, raw writes, discard (reads zero, image file gets a hole), clean SIGTERM shutdown of
-# the server, and the image file itself holding exactly what the device showed. Then the agent:
+# the server, and the image file itself holding exactly what the device showed. Then TLS:
+# nbd-client with certificates against `thinline serve --tls require --tls-ca` on loopback TCP
+# (read back, write, refusals of clients without TLS, trusting another CA, or without a client
+# certificate; certificates made by test-nbd-kernel.sh in WORKDIR/tls). Then the agent:
 # `vdi attach --device` on a directory SR, a snapshot of the mounted, written device, detach.
 #
 # Configuration (environment, or a file nbd-kernel.env in the work directory, which is sourced):
@@ -51,8 +54,12 @@ cleanup() {
   [ -n "${LOOPDEV:-}" ] && losetup -d "$LOOPDEV" 2>/dev/null
   if [ "$(cat /sys/block/nbd0/size 2>/dev/null || echo 0)" != 0 ]; then nbd-client -d "$DEV" >/dev/null 2>&1; fi
   if [ -n "$SPID" ] && kill -0 "$SPID" 2>/dev/null; then kill -KILL "$SPID" 2>/dev/null; fi
+  if [ -n "${TPID:-}" ] && kill -0 "$TPID" 2>/dev/null; then kill -KILL "$TPID" 2>/dev/null; fi
   if [ "$TL_FAIL" -gt 0 ] && [ -s "$SERVER_LOG" ]; then
     echo "---- server log (tail) ----"; tail -n 40 "$SERVER_LOG"; echo "----"
+  fi
+  if [ "$TL_FAIL" -gt 0 ] && [ -s "${TLS_LOG:-}" ]; then
+    echo "---- TLS server log (tail) ----"; tail -n 40 "$TLS_LOG"; echo "----"
   fi
 }
 trap cleanup EXIT
@@ -203,6 +210,104 @@ else
   fail "loop mount of the image"
 fi
 losetup -d "$LOOPDEV"; LOOPDEV=
+
+# ---- TLS: the kernel client through nbd-client's STARTTLS proxy --------------------------------
+# nbd-client does the TLS handshake itself (a forked GnuTLS proxy on a socketpair; the kernel gets
+# the plain end), so this is the kernel's nbd over TLS as users run it. `thinline serve --tls
+# require --tls-ca` on TCP (loopback), certificates made by test-nbd-kernel.sh in WORKDIR/tls:
+# attach with a client certificate, read the export back, write, check the image file; then
+# clients that must not attach: no TLS at all, trusting another CA, no client certificate; then a
+# good client again, with two connections. The server must stay up throughout and exit 0.
+TLS=/mnt/tls
+TLS_IMG=/tmp/tls.img
+TLS_EXPECTED=/tmp/tls-expected.img
+TLS_SIZE=$((4 * MiB))
+TLS_PORT=10809
+TLS_LOG=/mnt/tls-server.log
+TLS_OUT=/tmp/nbd-client-tls.out
+
+# nbd-client over TCP to the TLS server with the given TLS options; its output in $TLS_OUT.
+tls_connect() { # [nbd-client options...]
+  timeout 120 nbd-client 127.0.0.1 "$TLS_PORT" "$DEV" -N tls -b 4096 -timeout "$NBD_TIMEOUT" "$@" \
+    >"$TLS_OUT" 2>&1
+}
+good_client() { # [more options...]
+  tls_connect -cacertfile "$TLS/ca-cert.pem" -certfile "$TLS/client-cert.pem" \
+    -keyfile "$TLS/client-key.pem" -tlshostname localhost "$@" && return 0
+  _rc=$?; cat "$TLS_OUT"; return $_rc
+}
+# The attach must fail and leave the device unconfigured; what nbd-client said goes to the log.
+refused() { # WHY [nbd-client options...]
+  _why=$1; shift
+  _t0=$(cut -d' ' -f1 /proc/uptime)
+  if tls_connect "$@"; then
+    cat "$TLS_OUT"; disconnect >/dev/null 2>&1; return 1
+  fi
+  _t1=$(cut -d' ' -f1 /proc/uptime)
+  tl_log "$_why: refused after $(awk -v a="$_t0" -v b="$_t1" 'BEGIN { printf "%.1f", b - a }') s;" \
+    "nbd-client said: $(tr '\n' ' ' <"$TLS_OUT" | cut -c1-200)"
+  test "$(cat /sys/block/nbd0/size)" = 0
+}
+said_requires_tls() { grep -q "requires TLS" "$TLS_OUT"; }
+server_alive() { kill -0 "$TPID" 2>/dev/null; }
+tls_conns() { # established server-side connections on $TLS_PORT (/proc/net/tcp, ports in hex)
+  awk -v p="$(printf ':%04X' "$TLS_PORT")" '$4 == "01" && substr($2, length($2) - 4) == p' \
+    /proc/net/tcp | wc -l
+}
+sha_of() { sha256sum <"$1" | cut -d' ' -f1; }
+
+TPID=
+if [ ! -x "$THINLINE_BIN" ]; then
+  fail "TLS section: no thinline binary at $THINLINE_BIN"
+elif [ ! -f "$TLS/ca-cert.pem" ]; then
+  fail "TLS section: no certificates in $TLS (test-nbd-kernel.sh makes them)"
+else
+  tl_log "TLS: thinline serve --tls require --tls-ca on 127.0.0.1:$TLS_PORT, nbd-client with TLS"
+  # The VM has no network set up, not even lo; busybox (the initramfs's) is there for sure.
+  require "loopback up" busybox ip link set lo up
+  head -c "$TLS_SIZE" /dev/urandom >"$TLS_IMG"
+  cp "$TLS_IMG" "$TLS_EXPECTED"
+  "$THINLINE_BIN" serve --listen "127.0.0.1:$TLS_PORT" --tls require \
+    --tls-cert "$TLS/server-cert.pem" --tls-key "$TLS/server-key.pem" --tls-ca "$TLS/ca-cert.pem" \
+    "tls=$TLS_IMG" >"$TLS_LOG" 2>&1 &
+  TPID=$!
+  require "TLS server answers libnbd (nbds://)" wait_for_socket_server \
+    "nbds://127.0.0.1:$TLS_PORT/tls?tls-certificates=$TLS/client" 60 "$TPID"
+
+  # A good client: the CA, a client certificate, the server's name.
+  require "nbd-client attaches with TLS" good_client
+  check "TLS device size is 4 MiB" test "$(bytes_of "$DEV")" = "$TLS_SIZE"
+  check "TLS device reads the image's bytes" test "$(sha_range "$DEV" 0 "$TLS_SIZE")" = "$(sha_of "$TLS_IMG")"
+  head -c "$MiB" /dev/urandom >/tmp/tls-write.bin
+  dd if=/tmp/tls-write.bin of="$TLS_EXPECTED" bs=1M seek=2 conv=notrunc status=none
+  check "write 1 MiB through TLS" dd if=/tmp/tls-write.bin of="$DEV" bs=1M seek=2 oflag=direct \
+    conv=fsync status=none
+  check "TLS device reads the write back" test "$(sha_range "$DEV" 0 "$TLS_SIZE")" = "$(sha_of "$TLS_EXPECTED")"
+  check "nbd-client -d (TLS)" quietly disconnect
+  check "the write landed in the image file" cmp "$TLS_IMG" "$TLS_EXPECTED"
+
+  # Clients that must not attach.
+  check "nbd-client without TLS is refused" refused "no TLS"
+  check "... and was told the server requires TLS" said_requires_tls
+  check "nbd-client trusting another CA refuses the server" refused "another CA" \
+    -cacertfile "$TLS/wrong/ca-cert.pem" -certfile "$TLS/client-cert.pem" \
+    -keyfile "$TLS/client-key.pem" -tlshostname localhost
+  check "nbd-client without a client certificate is refused (--tls-ca)" refused "no client cert" \
+    -cacertfile "$TLS/ca-cert.pem" -tlshostname localhost
+  check "TLS server still running after the refusals" server_alive
+
+  # A good client again, now with two connections (one TLS proxy each).
+  require "nbd-client attaches with TLS again (-C 2)" good_client -C 2
+  check "server sees 2 TLS connections" test "$(tls_conns)" = 2
+  check "TLS device reads image + write after the refusals" \
+    test "$(sha_range "$DEV" 0 "$TLS_SIZE")" = "$(sha_of "$TLS_EXPECTED")"
+  check "nbd-client -d (TLS, -C 2)" quietly disconnect
+
+  stop_process "$TPID" 30
+  rc=$?
+  TPID=
+  check "TLS server exits 0 on SIGTERM" test "$rc" = 0
+fi
 
 # ---- the agent: vdi attach --device ---------------------------------------------------------
 # `thinline vdi attach --device` connects a /dev/nbdN to a VDI served by the SR's daemon; a
