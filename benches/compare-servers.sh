@@ -18,6 +18,10 @@
 #   REPEAT         rounds per job; the table shows the per-metric median (default 1)
 #   NUMJOBS        fio jobs (= NBD connections) per run (default 1)
 #   SERVERS        comma list from: thinline,qemu-uring,qemu-default,nbdkit (default: all)
+#   JOBS           comma list of jobs (default: all): randread-4k-qd1, randread-4k-qd32,
+#                  randwrite-4k-qd32, seqread-1m-qd8, and the same inside TLS: tls-randread-4k-qd1,
+#                  tls-randread-4k-qd32, tls-seqread-1m-qd8 (every server with the same x509
+#                  certificate, made by openssl for the run; fio's libnbd with nbds+unix://)
 #   RESULTS_DIR    default <repo>/target/bench-results/compare-servers-<timestamp>
 #   IMAGE_DIR      where the scratch image goes (default: <repo>/target/bench-tmp); must be a
 #                  filesystem with O_DIRECT (not tmpfs) for qemu-nbd --cache=none
@@ -38,7 +42,7 @@ done
 
 known_servers=thinline,qemu-uring,qemu-default,nbdkit
 read_settings "$known_servers"
-check_tools fio nbdinfo qemu-nbd nbdkit python3 numfmt
+check_tools fio nbdinfo qemu-nbd nbdkit python3 numfmt openssl
 
 # --- servers --------------------------------------------------------------------------------
 # Each entry: display name | command template ({SOCK}, {IMAGE}). All allow several connections
@@ -53,14 +57,29 @@ cmd[nbdkit]="nbdkit -f --exit-with-parent -U {SOCK} file {IMAGE}"
 set_thinline_cmd "serve --socket {SOCK} {IMAGE}"
 select_servers "$known_servers" "${cmd[qemu-default]}"
 
+# The same servers inside TLS (the tls-* jobs): one x509 certificate for all, in tls_dir
+# (ca-cert.pem, server-cert.pem, server-key.pem: the layout qemu-nbd's tls-creds-x509 and
+# nbdkit's --tls-certificates read). Each requires TLS.
+tls_dir=$RESULTS_DIR/tls
+declare -A cmd_tls
+tls_dir_q=$(printf '%q' "$tls_dir")
+cmd_tls[thinline]=${cmd[thinline]//\{IMAGE\}/--tls require --tls-cert $tls_dir_q/server-cert.pem --tls-key $tls_dir_q/server-key.pem \{IMAGE\}}
+for s in qemu-default qemu-uring; do
+  cmd_tls[$s]=${cmd[$s]//-k \{SOCK\}/--object tls-creds-x509,id=tls0,dir=$tls_dir_q,endpoint=server,verify-peer=off --tls-creds tls0 -k \{SOCK\}}
+done
+cmd_tls[nbdkit]=${cmd[nbdkit]//--exit-with-parent/--exit-with-parent --tls=require --tls-certificates=$tls_dir_q}
+
 # --- jobs -----------------------------------------------------------------------------------
 # name | fio arguments
-job_names=(randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 seqread-1m-qd8)
+all_jobs=randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd32,seqread-1m-qd8,tls-randread-4k-qd1,tls-randread-4k-qd32,tls-seqread-1m-qd8
 declare -A job_args
 job_args[randread-4k-qd1]="--rw=randread --bs=4k --iodepth=1"
 job_args[randread-4k-qd32]="--rw=randread --bs=4k --iodepth=32"
 job_args[randwrite-4k-qd32]="--rw=randwrite --bs=4k --iodepth=32"
 job_args[seqread-1m-qd8]="--rw=read --bs=1M --iodepth=8"
+for j in randread-4k-qd1 randread-4k-qd32 seqread-1m-qd8; do job_args[tls-$j]=${job_args[$j]}; done
+JOBS=${JOBS:-$all_jobs}
+select_jobs "$all_jobs"
 
 # --- state + cleanup ------------------------------------------------------------------------
 init_state
@@ -92,6 +111,9 @@ nbdkit_ver=$(nbdkit --version 2>&1 | head -n1)  # "nbdkit 1.32.5"
   echo "- CPU pinning: servers ${SERVER_CPUS:-unpinned}, fio ${FIO_CPUS:-unpinned}; load average before image setup: $load_start"
   echo "- Servers (each started fresh per run):"
   printf '%s' "$server_lines" | sed 's/^/  /'
+  if [[ ",$JOBS," == *,tls-* ]]; then
+    echo "- tls-* rows: every server with --tls require (thinline), tls-creds-x509 (qemu-nbd) or --tls=require (nbdkit), one P-256 certificate; fio's libnbd over nbds+unix:// (TLS 1.3 as negotiated)"
+  fi
 } >"$RESULTS_DIR/header.md"
 
 # --- image ----------------------------------------------------------------------------------
@@ -100,16 +122,35 @@ log "writing $(numfmt --to=iec-i --suffix=B "$image_bytes") image $image (random
 head -c "$image_bytes" /dev/urandom >"$image"
 sync "$image"
 cat "$image" >/dev/null
+if [[ ",$JOBS," == *,tls-* ]]; then
+  mkdir -p "$tls_dir"
+  (cd "$tls_dir" &&
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca-key.pem \
+      -out ca-cert.pem -days 2 -subj '/CN=bench CA' &&
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server-key.pem \
+      -out server.csr -subj '/CN=localhost' &&
+    printf 'subjectAltName=DNS:localhost\n' >server.ext &&
+    openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+      -out server-cert.pem -days 2 -extfile server.ext &&
+    chmod 600 server-key.pem) >"$tls_dir/openssl.log" 2>&1 || die "openssl failed: $tls_dir/openssl.log"
+fi
 
 # --- runs -----------------------------------------------------------------------------------
 # run_one JOB SERVER ROUND
 run_one() {
-  local job=$1 s=$2 base=$RESULTS_DIR/$1.$2.r$3
+  local job=$1 s=$2 base=$RESULTS_DIR/$1.$2.r$3 plain_cmd=${cmd[$2]}
   run_log "$job round $3: ${label[$s]}"
   warm_cache
-  start_run "$s" "$base.server.log" "$image" "$image_bytes" || return 0
-  run_fio "$job" "$base" "$job / $s"
-  stop_server
+  server_tls=0
+  if [[ $job == tls-* ]]; then
+    cmd[$s]=${cmd_tls[$s]}
+    server_tls=1
+  fi
+  if start_run "$s" "$base.server.log" "$image" "$image_bytes"; then
+    run_fio "$job" "$base" "$job / $s"
+    stop_server
+  fi
+  cmd[$s]=$plain_cmd
 }
 count_runs 1
 run_rounds run_one

@@ -562,7 +562,8 @@ fn print_report(report: &ServeReport, json: bool) -> anyhow::Result<()> {
             writeln!(
                 out,
                 "  (inside TLS: add ?tls-certificates=DIR or ?tls-psk-file=FILE for libnbd, \
-                 --object tls-creds-… for qemu)"
+                 --object tls-creds-… for qemu, -cacertfile FILE -tlshostname NAME for \
+                 nbd-client, which has no pre-shared keys)"
             )?;
         }
         for l in &report.listening {

@@ -318,6 +318,17 @@ set_traps() {
   trap 'exit 143' TERM HUP
 }
 
+# server_uri: the NBD URI of the server on $sock: nbd+unix://, or nbds+unix:// (TLS) with
+# server_tls=1. libnbd checks no certificate on a unix socket, and fio's nbd engine may not
+# name a certificate directory in its URI (libnbd forbids local files there by default).
+server_uri() {
+  if [ "${server_tls:-0}" = 1 ]; then
+    echo "nbds+unix:///?socket=$sock"
+  else
+    echo "nbd+unix:///?socket=$sock"
+  fi
+}
+
 # start_server KEY LOGFILE IMAGE SIZE [WHAT FMT]: starts server KEY fresh on a new socket, serving
 # IMAGE, and waits until it answers NBD with SIZE bytes. With FMT, {FMT} in the command becomes FMT
 # and WHAT names the image in the size mismatch message.
@@ -334,7 +345,8 @@ start_server() {
   # exec in the background subshell (taskset execs too), so $! is the server process itself.
   (eval "exec $c") </dev/null >>"$logfile" 2>&1 &
   server_pid=$!
-  local uri="nbd+unix:///?socket=$sock" deadline=$((SECONDS + READY_TIMEOUT)) size
+  local uri deadline=$((SECONDS + READY_TIMEOUT)) size
+  uri=$(server_uri)
   while :; do
     if ! kill -0 "$server_pid" 2>/dev/null; then
       wait "$server_pid" 2>/dev/null || true
@@ -368,7 +380,7 @@ run_fio() {
   # fio runs in the background and we wait for its PID, so a signal runs the trap at once
   # (bash defers traps until a foreground child exits).
   # shellcheck disable=SC2086  # job_args and timing are intentionally split
-  "${fio_prefix[@]}" fio --name="$job" --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
+  "${fio_prefix[@]}" fio --name="$job" --ioengine=nbd --uri="$(server_uri)" \
       ${job_args[$job]} "$@" --numjobs="$NUMJOBS" --group_reporting \
       $timing \
       --lat_percentiles=1 --output-format=json --output="$out.json" \
