@@ -760,3 +760,64 @@ fn completions_are_generated_for_each_shell_with_every_subcommand() {
     }
     assert_eq!(thinline(&["completions", "tcsh"]).status.code(), Some(2));
 }
+
+#[test]
+fn the_metrics_endpoint_serves_eight_clients_at_once_and_drops_one_silent_past_ten_seconds() {
+    use std::io::{Read, Write};
+    if !common::require(&["nbdinfo"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (image, _) = pattern_image(dir.path());
+    let served = common::Served::unix(
+        dir.path(),
+        &["--metrics-listen", "127.0.0.1:0"],
+        &[image.to_str().unwrap()],
+    );
+    let address = served.report["metrics"].as_str().unwrap().to_owned();
+    // Eight clients that never send a request take every slot.
+    let mut silent: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| std::net::TcpStream::connect(&address).unwrap())
+        .collect();
+    let opened = std::time::Instant::now();
+    // A ninth is answered, but only once a silent one is dropped at the header timeout.
+    let mut ninth = std::net::TcpStream::connect(&address).unwrap();
+    ninth
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    ninth
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    // Meanwhile the NBD side is unaffected.
+    let sock = served.socket.as_ref().unwrap();
+    let info = Command::new("nbdinfo")
+        .arg("--size")
+        .arg(format!("nbd+unix:///?socket={}", sock.display()))
+        .output()
+        .unwrap();
+    assert!(info.status.success(), "{info:?}");
+    let mut answer = String::new();
+    ninth.read_to_string(&mut answer).unwrap();
+    let waited = opened.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("thinline_export_requests_total"),
+        "{answer}"
+    );
+    assert!(
+        waited >= std::time::Duration::from_secs(9),
+        "the ninth client waited for a slot: answered after {waited:?}"
+    );
+    // Every silent client was dropped (end of stream, or a 408 then the end).
+    for s in &mut silent {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(
+            rest.is_empty() || rest.starts_with(b"HTTP/1.1 408"),
+            "{:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+}

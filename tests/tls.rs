@@ -342,6 +342,65 @@ fn tls_psk_serves_libnbd_and_qemu_the_image_and_refuses_wrong_keys_unknown_users
     assert!(ok && said.trim() == (2u32 << 20).to_string(), "{said}");
 }
 
+#[test]
+fn tls_psk_on_a_unix_socket_serves_nbds_unix_and_a_psk_file_others_may_read_is_refused() {
+    if !require(&["psktool", "nbdcopy"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (path, data) = image(dir.path());
+    let keys = psk_file(dir.path(), "keys.psk", "alice");
+    let sock = dir.path().join("s.sock");
+    let served = Served::start(&[
+        "--socket",
+        sock.to_str().unwrap(),
+        "--tls",
+        "require",
+        "--tls-psk",
+        keys.to_str().unwrap(),
+        path.to_str().unwrap(),
+    ]);
+    let uri = format!(
+        "nbds+unix://alice@/disk.raw?socket={}&tls-psk-file={}",
+        sock.display(),
+        keys.display()
+    );
+    assert!(
+        served.report["exports"][0]["uris"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("nbds+unix://")
+    );
+    let copy = dir.path().join("copy.raw");
+    let out = run(Command::new("nbdcopy").arg(&uri).arg(&copy));
+    assert!(out.status.success(), "{out:?}");
+    assert!(std::fs::read(&copy).unwrap() == data);
+    // A key file its group could write, or others read, is refused at start.
+    use std::os::unix::fs::PermissionsExt;
+    for mode in [0o604, 0o620] {
+        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = Command::new(common::thinline())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--tls",
+                "on",
+                "--tls-psk",
+            ])
+            .arg(&keys)
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("keys.psk") && stderr.contains("chmod 600"),
+            "{stderr}"
+        );
+    }
+}
+
 /// `thinline serve` of the template `uri` (a front server, on TCP); `Err` with its
 /// log if it exits instead.
 fn front(uri: &str) -> Result<Served, String> {
