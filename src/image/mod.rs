@@ -89,8 +89,9 @@ pub struct OpenArgs {
     /// Follow backing files that images name by URI when the URI starts with PREFIX
     /// (repeatable; e.g. `https://templates.example.com/`). Without it, an image naming a
     /// URI as its backing is refused: an image alone never makes the host fetch from an
-    /// address it chose. The prefix must end at a `/` (or be the whole URI), and URIs
-    /// with `..` segments are refused.
+    /// address it chose. The prefix must end at a `/` (or be the whole URI), URIs with
+    /// `..` segments are refused, and so are `socket=`, `tls-certificates=` and
+    /// `tls-psk-file=` after the prefix (the host's sockets and keys are the prefix's).
     #[arg(long = "allow-backing", value_name = "PREFIX")]
     pub allow_backing: Vec<String>,
 
@@ -145,8 +146,24 @@ pub fn backing_allowed(prefixes: &[String], name: &str) -> bool {
         return false;
     }
     prefixes.iter().any(|p| {
-        name.strip_prefix(p.as_str())
-            .is_some_and(|rest| p.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
+        name.strip_prefix(p.as_str()).is_some_and(|rest| {
+            (p.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
+                && !names_a_local_path(rest)
+        })
+    })
+}
+
+/// Query parameters that make the NBD client open a local path: a unix socket, TLS
+/// certificates, a pre-shared key file.
+const LOCAL_PATH_PARAMETERS: [&str; 3] = ["socket", "tls-certificates", "tls-psk-file"];
+
+/// Whether the part of a backing URI after its allowed prefix sets a parameter that
+/// names a local path: an image may choose what to read under the prefix, never which
+/// socket or key of the host's is used (that must be in the prefix itself).
+fn names_a_local_path(rest: &str) -> bool {
+    rest.split(['?', '&']).skip(1).any(|param| {
+        let key = param.split_once('=').map_or(param, |(k, _)| k);
+        LOCAL_PATH_PARAMETERS.contains(&key)
     })
 }
 
@@ -672,6 +689,26 @@ mod tests {
         ));
         assert!(backing_allowed(&p, "https://t.example.com/templates"));
         assert!(backing_allowed(&p, "nbd://h/export"));
+        // Which socket or key of the host's is used is the prefix's choice, not the image's.
+        let tls = vec![
+            "nbds://h/".to_owned(),
+            "nbds+unix:///t?socket=/run/t.sock&tls-certificates=/etc/pki/t".to_owned(),
+        ];
+        assert!(backing_allowed(&tls, "nbds://h/export"));
+        assert!(!backing_allowed(
+            &tls,
+            "nbds://h/x?tls-psk-file=/root/k.psk"
+        ));
+        assert!(!backing_allowed(
+            &tls,
+            "nbds://h/x?a=b&tls-certificates=/home/u/pki"
+        ));
+        assert!(!backing_allowed(&p, "nbd://h/x?socket=/run/other.sock"));
+        // A prefix that is the whole URI may carry them.
+        assert!(backing_allowed(
+            &tls,
+            "nbds+unix:///t?socket=/run/t.sock&tls-certificates=/etc/pki/t"
+        ));
         assert!(!backing_allowed(
             &p,
             "https://t.example.com/templates2/a.qcow2"
