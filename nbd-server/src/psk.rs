@@ -107,11 +107,6 @@ impl PskKeys {
             .map(|(_, k)| k.as_slice())
     }
 
-    /// The file the keys came from.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The TLS server side: accepts any user of the file with its key.
     pub fn acceptor(&self) -> Result<PskAcceptor> {
         let mut builder = context(self, SslMethod::tls_server())?;
