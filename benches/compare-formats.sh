@@ -2,11 +2,12 @@
 # Compare Thinline with qemu-nbd serving the same qcow2, VHD and VMDK images (and a raw reference),
 # read-only over unix sockets, using fio's nbd engine (libnbd). All images are made with qemu-img
 # convert from one raw base image filled with compressible text. Prints a Markdown report (header
-# + table) and keeps the raw fio JSON. See benches/README.md.
+# + tables, every round's IOPS and ratio next to the medians) and keeps the raw fio JSON. See
+# benches/README.md.
 #
 # Usage: benches/compare-formats.sh [--quick] [--repeat N] [--runtime S] [--size SIZE]
 #                                    [--formats LIST] [--servers LIST] [--jobs LIST]
-#                                    [--results-dir DIR] [--require-thinline]
+#                                    [--placements LIST] [--results-dir DIR] [--require-thinline]
 #
 # Environment (command-line options win):
 #   THINLINE_BIN   thinline binary (default: target/release/thinline under the repo root;
@@ -18,36 +19,46 @@
 #   RUNTIME        seconds per fio run, after ramp (default 10; --quick: 3)
 #   RAMP_TIME      fio ramp_time seconds, not measured (default 2)
 #   IMAGE_SIZE     virtual size of every image, K/M/G suffixes are binary (default 1G; --quick: 256M)
-#   REPEAT         rounds per format and job; the table shows the per-metric median (default 1)
+#   REPEAT         rounds per format and job, interleaved: each round runs every placement and
+#                  server in turn; the tables show every round's IOPS and ratio, their min and
+#                  median (default 1)
 #   NUMJOBS        fio jobs (= NBD connections) per run (default 1)
 #   FORMATS        comma list from: raw,qcow2,qcow2-zlib,qcow2-zstd,vhd,vmdk,vmdk-stream
 #                  (default: raw,qcow2,qcow2-zlib,vhd,vmdk,vmdk-stream)
 #   SERVERS        comma list from: thinline,qemu-default,qemu-uring (default: all)
 #   JOBS           comma list from: randread-4k-qd1,randread-4k-qd32,seqread-1m-qd8 (default: all)
+#   PLACEMENTS     comma list of CPU placements (taskset), every one in every round (default:
+#                  unpinned; custom when SERVER_CPUS or FIO_CPUS is set); as in compare-servers.sh:
+#                    unpinned  no taskset
+#                    split     fio on the last CPU this process may use, the server on the others
+#                    shared    the server and fio both on the first CPU (0)
+#                    custom    the server on SERVER_CPUS, fio on FIO_CPUS (empty: unpinned)
 #   RESULTS_DIR    default <repo>/target/bench-results/compare-formats-<timestamp>
 #   IMAGE_DIR      where the scratch images go (default: <repo>/target/bench-tmp); must be a
 #                  filesystem with O_DIRECT (not tmpfs) for qemu-nbd --cache=none
 #   KEEP_IMAGES=1  do not delete the scratch images at exit
 #   READY_TIMEOUT  seconds to wait for a server to answer (default 30)
-#   SERVER_CPUS, FIO_CPUS  optional taskset CPU lists to pin servers / fio (e.g. 1 and 0);
-#                  unset = let the scheduler place them (QD1 latency is placement-sensitive)
+#   SERVER_CPUS, FIO_CPUS  taskset CPU lists of the placement custom (e.g. 1 and 0); setting
+#                  either makes custom the only placement unless PLACEMENTS names others
 set -euo pipefail
 
 bench_name=compare-formats
 # shellcheck source=lib/bench-common.sh
 . "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/bench-common.sh"
 
-cli_formats= cli_jobs=
+cli_formats='' cli_jobs=''
 while [ $# -gt 0 ]; do
   case "$1" in
     --formats) cli_formats=${2:?--formats needs a value}; shift 2 ;;
     --jobs) cli_jobs=${2:?--jobs needs a value}; shift 2 ;;
+    --placements) cli_placements=${2:?--placements needs a value}; shift 2 ;;
     *) parse_common_opt "$@"; shift "$opt_args" ;;
   esac
 done
 
 known_servers=thinline,qemu-default,qemu-uring
 read_settings "$known_servers"
+select_placements unpinned
 FORMATS=${cli_formats:-${FORMATS:-raw,qcow2,qcow2-zlib,vhd,vmdk,vmdk-stream}}
 JOBS=${cli_jobs:-${JOBS:-randread-4k-qd1,randread-4k-qd32,seqread-1m-qd8}}
 check_tools fio nbdinfo qemu-nbd qemu-img python3 numfmt
@@ -165,17 +176,18 @@ sync -f "$base"
   echo "- Thinline: $thinline_desc; version: $thinline_ver; repo rev: $git_rev"
   echo "- Images: $(numfmt --to=iec-i --suffix=B "$image_bytes") virtual, made from one raw base filled with compressible text (about 3× with zlib), on $fs_type, page cache warmed before every run:"
   printf '%s' "$image_lines" | sed 's/^/  /'
-  echo "- fio: ioengine=nbd over unix socket, whole virtual size, numjobs=$NUMJOBS, runtime=${RUNTIME}s + ramp ${RAMP_TIME}s, $rounds_desc, servers interleaved per format and job"
-  echo "- CPU pinning: servers ${SERVER_CPUS:-unpinned}, fio ${FIO_CPUS:-unpinned}; load average before image setup: $load_start"
+  echo "- fio: ioengine=nbd over unix socket, whole virtual size, numjobs=$NUMJOBS, runtime=${RUNTIME}s + ramp ${RAMP_TIME}s, $rounds_desc; per format and job, each round runs every placement and, in each, every server in turn"
+  echo "- CPU placements (taskset; this process may use CPUs $allowed_cpu_list); load average before image setup: $load_start"
+  printf '%s' "$placement_lines" | sed 's/^/  /'
   echo "- Servers (each started fresh per run; {FMT} is qemu's format name):"
   printf '%s' "$server_lines" | sed 's/^/  /'
 } >"$RESULTS_DIR/header.md"
 
 # --- runs -----------------------------------------------------------------------------------
-# run_one JOB SERVER ROUND: one run on the format $f.
+# run_one JOB SERVER ROUND: one run on the format $f, in the placement $placement.
 run_one() {
-  local job=$1 s=$2 out=$RESULTS_DIR/$f.$1.$2.r$3
-  run_log "$f $job round $3: ${label[$s]}"
+  local job=$1 s=$2 out=$RESULTS_DIR/$f.$1.$placement.$2.r$3
+  run_log "$f $job round $3, $placement: ${label[$s]}"
   warm_cache "${image_of[$f]}"
   start_run "$s" "$out.server.log" "${image_of[$f]}" "${vsize_of[$f]}" "$f" "${fmt_qemu[$f]}" || return 0
   # --size: the whole virtual disk (the nbd engine's default too, stated so the JSON records it).
@@ -183,6 +195,7 @@ run_one() {
   stop_server
 }
 count_runs ${#formats[@]}
+log_estimate
 for f in "${formats[@]}"; do
   run_rounds run_one
 done
@@ -200,21 +213,13 @@ jobs = job_names.split()
 labels = tsv_dict(labels_tsv)
 peers = ["qemu-default", "qemu-uring"]
 
-data = {(f, j, s): metrics(results_dir, f"{f}.{j}.{s}.r") for f in formats for j in jobs for s in servers}
-out = table_head(["Format", "Job"])
-for f in formats:
-    for j in jobs:
-        for s in servers:
-            out.append(table_row([labels[f], j], s, labels[s], data[(f, j, s)], data.get((f, j, "thinline"))))
-out.append("")
+rows = placement_rows([([labels[f], j], (f, j)) for f in formats for j in jobs])
+data = row_data(results_dir, rows, servers)
+lead = lead_names(["Format", "Job"])
+out = main_table(lead, rows, servers, labels, data)
 present = [p for p in peers if p in servers]
 if present:
-    out += RATIO_INTRO
-    out.append("| Format | " + " | ".join(f"{j} ÷ {labels[p]}" for j in jobs for p in present) + " |")
-    out.append("|---|" + "---:|" * (len(jobs) * len(present)))
-    for f in formats:
-        cells = [ratio(data.get((f, j, "thinline")), data[(f, j, p)]) for j in jobs for p in present]
-        out.append(f"| {labels[f]} | " + " | ".join(cells) + " |")
+    out += ratio_table(lead, rows, labels, data, present)
 print("\n".join(out))
 PY
 

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Compare Thinline's NBD server with qemu-nbd and nbdkit on the same raw image, over unix sockets,
-# using fio's nbd engine (libnbd). Prints a Markdown report (header + table) and keeps the raw fio
-# JSON. See benches/README.md.
+# Compare Thinline's NBD server with qemu-nbd, nbdkit and nbdkit null (the protocol floor) on the
+# same raw image, over unix sockets, using fio's nbd engine (libnbd), in several CPU placements
+# (unpinned and pinned). Prints a Markdown report (header + tables, every round's IOPS and ratio
+# next to the medians) and keeps the raw fio JSON. See benches/README.md.
 #
 # Usage: benches/compare-servers.sh [--quick] [--repeat N] [--runtime S] [--size SIZE]
-#                                    [--results-dir DIR] [--servers LIST] [--require-thinline]
+#                                    [--results-dir DIR] [--servers LIST] [--placements LIST]
+#                                    [--require-thinline]
+#
+# Run time: jobs x placements x servers x REPEAT runs of RUNTIME + RAMP_TIME + about 1 s. The
+# defaults (7 jobs, 3 placements, 5 servers, REPEAT=1: 105 runs of 13 s) take about 23 min;
+# --quick (6 s a run) about 11 min; REPEAT=5 five times that. The script logs its estimate first.
 #
 # Environment (command-line options win):
 #   THINLINE_BIN   thinline binary (default: target/release/thinline under the repo root;
@@ -15,9 +21,18 @@
 #   RUNTIME        seconds per fio run, after ramp (default 10; --quick: 3)
 #   RAMP_TIME      fio ramp_time seconds, not measured (default 2)
 #   IMAGE_SIZE     image size, K/M/G suffixes are binary (default 1G; --quick: 256M)
-#   REPEAT         rounds per job; the table shows the per-metric median (default 1)
+#   REPEAT         rounds, interleaved: each round runs every placement and server in turn; the
+#                  tables show every round's IOPS and ratio, their min and median (default 1)
 #   NUMJOBS        fio jobs (= NBD connections) per run (default 1)
-#   SERVERS        comma list from: thinline,qemu-uring,qemu-default,nbdkit (default: all)
+#   SERVERS        comma list from: thinline,qemu-uring,qemu-default,nbdkit,nbdkit-null
+#                  (default: all; nbdkit-null reads nothing and discards writes: the floor)
+#   PLACEMENTS     comma list of CPU placements (taskset), every one in every round (default:
+#                  unpinned,split,shared; custom alone when SERVER_CPUS or FIO_CPUS is set):
+#                    unpinned  no taskset: the scheduler places the server and fio
+#                    split     fio on the last CPU this process may use, the server on all the
+#                              others (2 CPUs: server on 0, fio on 1)
+#                    shared    the server and fio both on the first CPU (0)
+#                    custom    the server on SERVER_CPUS, fio on FIO_CPUS (empty: unpinned)
 #   JOBS           comma list of jobs (default: all): randread-4k-qd1, randread-4k-qd32,
 #                  randwrite-4k-qd32, seqread-1m-qd8, and the same inside TLS: tls-randread-4k-qd1,
 #                  tls-randread-4k-qd32, tls-seqread-1m-qd8 (every server with the same x509
@@ -27,8 +42,8 @@
 #                  filesystem with O_DIRECT (not tmpfs) for qemu-nbd --cache=none
 #   KEEP_IMAGE=1   do not delete the scratch image at exit
 #   READY_TIMEOUT  seconds to wait for a server to answer (default 30)
-#   SERVER_CPUS, FIO_CPUS  optional taskset CPU lists to pin servers / fio (e.g. 1 and 0);
-#                  unset = let the scheduler place them (QD1 latency is placement-sensitive)
+#   SERVER_CPUS, FIO_CPUS  taskset CPU lists of the placement custom (e.g. 1 and 0); setting
+#                  either makes custom the only placement unless PLACEMENTS names others
 set -euo pipefail
 
 bench_name=compare-servers
@@ -36,12 +51,15 @@ bench_name=compare-servers
 . "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/bench-common.sh"
 
 while [ $# -gt 0 ]; do
-  parse_common_opt "$@"
-  shift "$opt_args"
+  case "$1" in
+    --placements) cli_placements=${2:?--placements needs a value}; shift 2 ;;
+    *) parse_common_opt "$@"; shift "$opt_args" ;;
+  esac
 done
 
-known_servers=thinline,qemu-uring,qemu-default,nbdkit
+known_servers=thinline,qemu-uring,qemu-default,nbdkit,nbdkit-null
 read_settings "$known_servers"
+select_placements unpinned,split,shared
 check_tools fio nbdinfo qemu-nbd nbdkit python3 numfmt openssl
 
 # --- servers --------------------------------------------------------------------------------
@@ -54,6 +72,9 @@ add_qemu_servers "-f raw"
 label[nbdkit]="nbdkit file"
 # -f: stay in the foreground so $! is the server; --exit-with-parent: no orphan if we die hard.
 cmd[nbdkit]="nbdkit -f --exit-with-parent -U {SOCK} file {IMAGE}"
+# The protocol floor: answers every read with zeros without reading anything, discards writes.
+label[nbdkit-null]="nbdkit null"
+cmd[nbdkit-null]="nbdkit -f --exit-with-parent -U {SOCK} null size=$image_bytes"
 set_thinline_cmd "serve --socket {SOCK} {IMAGE}"
 select_servers "$known_servers" "${cmd[qemu-default]}"
 
@@ -67,7 +88,9 @@ cmd_tls[thinline]=${cmd[thinline]//\{IMAGE\}/--tls require --tls-cert $tls_dir_q
 for s in qemu-default qemu-uring; do
   cmd_tls[$s]=${cmd[$s]//-k \{SOCK\}/--object tls-creds-x509,id=tls0,dir=$tls_dir_q,endpoint=server,verify-peer=off --tls-creds tls0 -k \{SOCK\}}
 done
-cmd_tls[nbdkit]=${cmd[nbdkit]//--exit-with-parent/--exit-with-parent --tls=require --tls-certificates=$tls_dir_q}
+for s in nbdkit nbdkit-null; do
+  cmd_tls[$s]=${cmd[$s]//--exit-with-parent/--exit-with-parent --tls=require --tls-certificates=$tls_dir_q}
+done
 
 # --- jobs -----------------------------------------------------------------------------------
 # name | fio arguments
@@ -107,12 +130,13 @@ nbdkit_ver=$(nbdkit --version 2>&1 | head -n1)  # "nbdkit 1.32.5"
   echo "- Tools: $fio_ver, $qemu_ver, $nbdkit_ver, libnbd $libnbd_ver"
   echo "- Thinline: $thinline_desc; version: $thinline_ver; repo rev: $git_rev"
   echo "- Image: raw, $(numfmt --to=iec-i --suffix=B "$image_bytes"), fully written (random data), on $fs_type, page cache warmed before every run"
-  echo "- fio: ioengine=nbd over unix socket, numjobs=$NUMJOBS, runtime=${RUNTIME}s + ramp ${RAMP_TIME}s, $rounds_desc, servers interleaved per job"
-  echo "- CPU pinning: servers ${SERVER_CPUS:-unpinned}, fio ${FIO_CPUS:-unpinned}; load average before image setup: $load_start"
+  echo "- fio: ioengine=nbd over unix socket, numjobs=$NUMJOBS, runtime=${RUNTIME}s + ramp ${RAMP_TIME}s, $rounds_desc; per job, each round runs every placement and, in each, every server in turn"
+  echo "- CPU placements (taskset; this process may use CPUs $allowed_cpu_list); load average before image setup: $load_start"
+  printf '%s' "$placement_lines" | sed 's/^/  /'
   echo "- Servers (each started fresh per run):"
   printf '%s' "$server_lines" | sed 's/^/  /'
   if [[ ",$JOBS," == *,tls-* ]]; then
-    echo "- tls-* rows: every server with --tls require (thinline), tls-creds-x509 (qemu-nbd) or --tls=require (nbdkit), one P-256 certificate; fio's libnbd over nbds+unix:// (TLS 1.3 as negotiated)"
+    echo "- tls-* rows: every server with --tls require (thinline), tls-creds-x509 (qemu-nbd) or --tls=require (nbdkit, nbdkit null), one P-256 certificate; fio's libnbd over nbds+unix:// (TLS 1.3 as negotiated)"
   fi
 } >"$RESULTS_DIR/header.md"
 
@@ -136,10 +160,10 @@ if [[ ",$JOBS," == *,tls-* ]]; then
 fi
 
 # --- runs -----------------------------------------------------------------------------------
-# run_one JOB SERVER ROUND
+# run_one JOB SERVER ROUND: one run in the placement $placement.
 run_one() {
-  local job=$1 s=$2 base=$RESULTS_DIR/$1.$2.r$3 plain_cmd=${cmd[$2]}
-  run_log "$job round $3: ${label[$s]}"
+  local job=$1 s=$2 base=$RESULTS_DIR/$1.$placement.$2.r$3 plain_cmd=${cmd[$2]}
+  run_log "$job round $3, $placement: ${label[$s]}"
   warm_cache
   server_tls=0
   if [[ $job == tls-* ]]; then
@@ -153,15 +177,17 @@ run_one() {
   cmd[$s]=$plain_cmd
 }
 count_runs 1
+log_estimate
 run_rounds run_one
 
 # --- report ---------------------------------------------------------------------------------
+# shellcheck disable=SC2119  # no extra arguments for the table code
 write_job_table <<'PY'
 results_dir, servers, jobs, labels = job_report_args()
-data, out = job_report(results_dir, servers, jobs, labels)
-present = [p for p in ["qemu-uring", "qemu-default", "nbdkit"] if p in servers]
+data, rows, out = job_report(results_dir, servers, jobs, labels)
+present = [p for p in ["qemu-uring", "qemu-default", "nbdkit", "nbdkit-null"] if p in servers]
 if present:
-    out += ratio_table(jobs, labels, data, present)
+    out += ratio_table(lead_names(["Job"]), rows, labels, data, present)
 print("\n".join(out))
 PY
 

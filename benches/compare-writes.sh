@@ -23,7 +23,8 @@
 #   RAMP_TIME      fio ramp_time seconds of the read job, not measured (default 2)
 #   IMAGE_SIZE     virtual size of template and overlay, K/M/G suffixes are binary (default 1G;
 #                  --quick: 256M)
-#   REPEAT         rounds per job; the table shows the per-metric median (default 1)
+#   REPEAT         rounds per job, servers interleaved; the tables show every round's IOPS and
+#                  ratio, their min and median (default 1)
 #   NUMJOBS        fio jobs (= NBD connections) per run (default 1)
 #   SERVERS        comma list from: thinline,qemu-default,qemu-uring (default: all)
 #   JOBS           comma list from: randwrite-4k-qd1,randwrite-4k-qd32,randwrite-64k-qd32,
@@ -190,12 +191,13 @@ count_runs 1
 run_rounds run_one
 
 # --- report ---------------------------------------------------------------------------------
+# shellcheck disable=SC2119  # no extra arguments for the table code
 write_job_table <<'PY'
 results_dir, servers, jobs, labels = job_report_args()
-data, out = job_report(results_dir, servers, jobs, labels)
+data, rows, out = job_report(results_dir, servers, jobs, labels)
 present = [p for p in ["qemu-default", "qemu-uring"] if p in servers]
 if present and "thinline" in servers:
-    out += ratio_table(jobs, labels, data, present) + [""]
+    out += ratio_table(["Job"], rows, labels, data, present) + [""]
 
 def rounds(j, s):
     return sorted(n[len(f"{j}.{s}."):].split(".")[0] for n in os.listdir(results_dir)

@@ -1,9 +1,13 @@
 # shellcheck shell=bash
+# Variables go both ways between this file and the sourcing script, which shellcheck cannot see
+# when it checks this file alone:
+# shellcheck disable=SC2034,SC2154
 # Shared parts of the NBD benchmark scripts benches/compare-servers.sh, benches/compare-formats.sh,
 # benches/compare-remote.sh, benches/compare-writes.sh and benches/qcow2-memory.sh: option and
 # environment handling, starting and stopping servers, sampling their peak memory and threads,
-# cleanup, the fio run, the environment header and the report. Each script keeps its own servers,
-# jobs, images and tables (qcow2-memory.sh keeps its own finer sampler, with CPU time).
+# cleanup, the CPU placements and rounds of the runs, the fio run, the environment header and the
+# report. Each script keeps its own servers, jobs, images and tables (qcow2-memory.sh keeps its own
+# finer sampler, with CPU time).
 #
 # Source it right after `set -euo pipefail`, with bench_name set (the prefix of messages and of the
 # default results folder). The sourcing script must define before use:
@@ -26,7 +30,7 @@ usage() { sed -n '2,/^set -euo/p' "$bench_script" | sed '$d; s/^# \{0,1\}//'; }
 # --- options and settings -------------------------------------------------------------------
 quick=0
 require_thinline=0
-cli_repeat= cli_runtime= cli_size= cli_results= cli_servers=
+cli_repeat='' cli_runtime='' cli_size='' cli_results='' cli_servers='' cli_placements=''
 
 # parse_common_opt ARGS...: handles the option in $1 (an option both scripts have) and sets
 # opt_args to how many arguments it took; anything unknown ends the script with the usage text.
@@ -47,7 +51,8 @@ parse_common_opt() {
 }
 
 # read_settings DEFAULT_SERVERS: the settings both scripts share, from options, then environment,
-# then defaults; checks them and sets image_bytes, server_prefix and fio_prefix.
+# then defaults; checks them and sets image_bytes and the one placement of a script that does not
+# call select_placements (custom with SERVER_CPUS/FIO_CPUS, else unpinned; see use_placement).
 read_settings() {
   RUNTIME=${RUNTIME:-10}
   IMAGE_SIZE=${IMAGE_SIZE:-1G}
@@ -61,10 +66,16 @@ read_settings() {
   READY_TIMEOUT=${READY_TIMEOUT:-30}
   SERVER_CPUS=${SERVER_CPUS:-}
   FIO_CPUS=${FIO_CPUS:-}
-  server_prefix= fio_prefix=()
-  if [ -n "$SERVER_CPUS$FIO_CPUS" ]; then command -v taskset >/dev/null || die "SERVER_CPUS/FIO_CPUS need taskset (util-linux)"; fi
-  [ -z "$SERVER_CPUS" ] || server_prefix="taskset -c $(printf '%q' "$SERVER_CPUS") "
-  [ -z "$FIO_CPUS" ] || fio_prefix=(taskset -c "$FIO_CPUS")
+  # One placement unless the script calls select_placements: custom with SERVER_CPUS/FIO_CPUS,
+  # else unpinned.
+  place_server[unpinned]='' place_fio[unpinned]=''
+  place_server[custom]=$SERVER_CPUS place_fio[custom]=$FIO_CPUS
+  placements=(unpinned) placement_keys=
+  if [ -n "$SERVER_CPUS$FIO_CPUS" ]; then
+    command -v taskset >/dev/null || die "SERVER_CPUS/FIO_CPUS need taskset (util-linux)"
+    placements=(custom)
+  fi
+  use_placement "${placements[0]}"
   THINLINE_BIN=${THINLINE_BIN:-target/release/thinline}
   # Relative paths: taken from the current directory if the file is there, else from the repo
   # root; a bare name is looked up on PATH.
@@ -82,7 +93,9 @@ read_settings() {
   for v in RUNTIME RAMP_TIME REPEAT NUMJOBS READY_TIMEOUT; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a non-negative integer (got '${!v}')"
   done
-  [ "$REPEAT" -ge 1 ] && [ "$NUMJOBS" -ge 1 ] && [ "$RUNTIME" -ge 1 ] || die "RUNTIME, REPEAT, NUMJOBS must be >= 1"
+  if [ "$REPEAT" -lt 1 ] || [ "$NUMJOBS" -lt 1 ] || [ "$RUNTIME" -lt 1 ]; then
+    die "RUNTIME, REPEAT, NUMJOBS must be >= 1"
+  fi
 
   # IMAGE_SIZE: 1G, 256M, 1GiB, 512MiB, 1073741824 (suffixes are powers of 1024).
   local size_str=${IMAGE_SIZE%B}; size_str=${size_str%i}
@@ -98,6 +111,112 @@ check_tools() {
     command -v "$tool" >/dev/null || die "'$tool' not found (tests/scripts/install-deps.sh installs the tools)"
   done
   fio --enghelp=nbd 2>/dev/null | grep -q '^uri' || die "this fio has no nbd engine (need fio >= 3.16 built with libnbd)"
+}
+
+# --- placements -----------------------------------------------------------------------------
+# A placement says where the servers and fio run: a taskset CPU list for each (empty: no taskset).
+# run_rounds runs every job, round and server in every placement of the placements array, and
+# use_placement sets it up. A script that calls select_placements names its runs and table rows
+# after the placement; other scripts have the one placement read_settings chose.
+declare -A place_server place_fio
+placement_names=unpinned,split,shared,custom
+
+# use_placement NAME: placement is NAME; server_prefix (put in front of the server command) and
+# fio_prefix (an array, in front of fio) pin them as it says.
+use_placement() {
+  placement=$1
+  server_prefix='' fio_prefix=()
+  [ -z "${place_server[$1]}" ] || server_prefix="taskset -c $(printf '%q' "${place_server[$1]}") "
+  [ -z "${place_fio[$1]}" ] || fio_prefix=(taskset -c "${place_fio[$1]}")
+}
+
+# allowed_cpus: the CPUs this process may run on (its affinity, e.g. a cgroup's cpuset), one a
+# line, in order.
+allowed_cpus() {
+  local list part i parts
+  list=$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/self/status)
+  [ -n "$list" ] || list=0-$(($(nproc) - 1))
+  IFS=, read -r -a parts <<<"$list"
+  for part in "${parts[@]}"; do
+    for ((i = ${part%-*}; i <= ${part#*-}; i++)); do echo "$i"; done
+  done
+}
+
+# cpu_ranges CPU...: the ascending CPU numbers as a taskset list with ranges ("0-2,5").
+cpu_ranges() {
+  local out='' start=$1 prev=$1 c
+  shift
+  for c in "$@" $(( prev - 2 )); do
+    if [ "$c" -eq $((prev + 1)) ]; then prev=$c; continue; fi
+    out+=${out:+,}$start
+    [ "$prev" -eq "$start" ] || out+=-$prev
+    start=$c prev=$c
+  done
+  echo "$out"
+}
+
+# select_placements DEFAULT: the placements array from --placements (cli_placements), else
+# PLACEMENTS, else custom when SERVER_CPUS or FIO_CPUS is set, else DEFAULT (a comma list; a
+# placement this machine cannot have, split on one CPU, is left out of it with a warning).
+# Placements, on the CPUs this process may use (the first F and the last L of them):
+#   unpinned  no taskset: the scheduler places the server and fio
+#   split     fio on L, the server on all the others (on 2 CPUs: server on 0, fio on 1)
+#   shared    the server and fio both on F (one CPU: no wake-up crosses CPUs)
+#   custom    the server on SERVER_CPUS, fio on FIO_CPUS (either empty: not pinned)
+# Sets placement_keys (the comma list, for the report), placement_lines (for the header) and
+# allowed_cpu_list (the CPUs this process may use, as a taskset list).
+select_placements() {
+  local cpus n p explicit=1 seen=, names
+  mapfile -t cpus < <(allowed_cpus)
+  n=${#cpus[@]}
+  allowed_cpu_list=$(cpu_ranges "${cpus[@]}")
+  place_server[shared]=${cpus[0]} place_fio[shared]=${cpus[0]}
+  if [ "$n" -ge 2 ]; then
+    place_server[split]=$(cpu_ranges "${cpus[@]:0:n-1}") place_fio[split]=${cpus[n-1]}
+  fi
+  PLACEMENTS=${cli_placements:-${PLACEMENTS:-}}
+  if [ -z "$PLACEMENTS" ]; then
+    explicit=0
+    PLACEMENTS=$1
+    [ -z "$SERVER_CPUS$FIO_CPUS" ] || PLACEMENTS=custom
+  fi
+  placements=()
+  IFS=, read -r -a names <<<"$PLACEMENTS"
+  for p in "${names[@]}"; do
+    [[ ,$placement_names, == *,"$p",* ]] ||
+      die "unknown placement '$p' in PLACEMENTS (known: $placement_names)"
+    [[ $seen != *,"$p",* ]] || die "placement '$p' is named twice in PLACEMENTS"
+    seen+=$p,
+    if [ "$p" = split ] && [ "$n" -lt 2 ]; then
+      [ "$explicit" = 0 ] ||
+        die "placement split needs two CPUs; this process may use only CPU ${cpus[0]}"
+      log "WARNING: one CPU only: placement split left out"
+      continue
+    fi
+    if [ "$p" = custom ] && [ -z "$SERVER_CPUS$FIO_CPUS" ]; then
+      die "placement custom needs SERVER_CPUS and/or FIO_CPUS"
+    fi
+    placements+=("$p")
+  done
+  [ ${#placements[@]} -gt 0 ] || die "PLACEMENTS is empty"
+  if [[ " ${placements[*]} " != " unpinned " ]]; then
+    command -v taskset >/dev/null || die "pinned placements need taskset (util-linux)"
+  fi
+  placement_keys=$(IFS=,; echo "${placements[*]}")
+  placement_lines=
+  for p in "${placements[@]}"; do
+    placement_lines+="- $p: $(placement_desc "$p")"$'\n'
+  done
+}
+
+# placement_desc NAME: where placement NAME puts the server and fio, in words.
+placement_desc() {
+  local s=${place_server[$1]} f=${place_fio[$1]}
+  if [ -z "$s$f" ]; then
+    echo "no taskset"
+  else
+    echo "server ${s:+on CPU }${s:-unpinned}, fio ${f:+on CPU }${f:-unpinned}"
+  fi
 }
 
 # --- servers --------------------------------------------------------------------------------
@@ -152,25 +271,38 @@ add_qemu_servers() {
 }
 
 # --- runs ---------------------------------------------------------------------------------
-# count_runs GROUPS: run_no starts at 0 of total_runs, GROUPS times every job, round and server.
+# count_runs GROUPS: run_no starts at 0 of total_runs, GROUPS times every job, round, placement
+# and server.
 count_runs() {
   run_no=0
-  total_runs=$(( $1 * ${#job_names[@]} * REPEAT * ${#servers[@]} ))
+  total_runs=$(( $1 * ${#job_names[@]} * REPEAT * ${#placements[@]} * ${#servers[@]} ))
 }
 
-# run_rounds RUN_ONE: calls RUN_ONE JOB SERVER ROUND for every job, round (1 to REPEAT) and server,
-# counting each run in run_no. The starting server rotates each round so that no server is always
-# the first one after a change (of job, or of the caller's format or row group).
+# run_rounds RUN_ONE: calls RUN_ONE JOB SERVER ROUND for every job, round (1 to REPEAT), placement
+# (use_placement sets it up first) and server, counting each run in run_no. Each round runs every
+# placement in turn, so a drift of the machine over time touches every placement alike. The
+# starting server rotates with the round and the placement so that no server is always the first
+# one after a change (of job, placement, or of the caller's format or row group).
 run_rounds() {
-  local job round i n=${#servers[@]}
+  local job round p i n=${#servers[@]}
   for job in "${job_names[@]}"; do
     for ((round = 1; round <= REPEAT; round++)); do
-      for ((i = 0; i < n; i++)); do
-        run_no=$((run_no + 1))
-        "$1" "$job" "${servers[$(( (i + round - 1) % n ))]}" "$round"
+      for ((p = 0; p < ${#placements[@]}; p++)); do
+        use_placement "${placements[p]}"
+        for ((i = 0; i < n; i++)); do
+          run_no=$((run_no + 1))
+          "$1" "$job" "${servers[$(( (i + round - 1 + p) % n ))]}" "$round"
+        done
       done
     done
   done
+}
+
+# log_estimate: logs how many runs there are and about how long they take (RUNTIME + RAMP_TIME
+# and about a second to start the server and warm the page cache, per run).
+log_estimate() {
+  local each=$((RUNTIME + RAMP_TIME + 1))
+  log "$total_runs runs of about $each s: about $(( (total_runs * each + 59) / 60 )) min"
 }
 
 # run_log TEXT: logs TEXT after the run's number, "[run_no/total_runs]".
@@ -377,14 +509,14 @@ run_fio() {
   if declare -p job_timing >/dev/null 2>&1 && [ -n "${job_timing[$job]+x}" ]; then
     timing=${job_timing[$job]}
   fi
+  # shellcheck disable=SC2206  # job_args and timing are intentionally split
+  local fio_cmd=("${fio_prefix[@]}" fio --name="$job" --ioengine=nbd --uri="$(server_uri)"
+    ${job_args[$job]} "$@" --numjobs="$NUMJOBS" --group_reporting $timing
+    --lat_percentiles=1 --output-format=json --output="$out.json")
+  echo "+ ${fio_cmd[*]}" >"$out.fio.log"
   # fio runs in the background and we wait for its PID, so a signal runs the trap at once
   # (bash defers traps until a foreground child exits).
-  # shellcheck disable=SC2086  # job_args and timing are intentionally split
-  "${fio_prefix[@]}" fio --name="$job" --ioengine=nbd --uri="$(server_uri)" \
-      ${job_args[$job]} "$@" --numjobs="$NUMJOBS" --group_reporting \
-      $timing \
-      --lat_percentiles=1 --output-format=json --output="$out.json" \
-      </dev/null >"$out.fio.log" 2>&1 &
+  "${fio_cmd[@]}" </dev/null >>"$out.fio.log" 2>&1 &
   fio_pid=$!
   wait "$fio_pid" || fio_rc=$?
   fio_pid=
@@ -453,89 +585,166 @@ def job_report_args():
     results_dir, server_keys, job_names, labels_tsv = sys.argv[1:5]
     return results_dir, keys(server_keys), job_names.split(), tsv_dict(labels_tsv)
 
+# The rounds of every run (REPEAT) and the placements of a script that names its runs after them
+# (none: the script has one placement and leaves it out of its file names and tables).
+REPEAT = int(os.environ.get("BENCH_REPEAT", "1"))
+PLACEMENTS = keys(os.environ.get("BENCH_PLACEMENTS", ""))
+
 def load(path):
     with open(path) as f:
         text = f.read()
     # Some fio builds print engine messages ("fio: connected to NBD server") before the JSON.
     return json.loads(text[text.index("{"):])
 
-def metrics(results_dir, prefix):
-    """IOPS, MiB/s, mean and p99 latency of the fio JSON files named prefix*.json (one per
-    round), or None when every round failed."""
-    rows = []
-    for name in sorted(os.listdir(results_dir)):
-        if not (name.startswith(prefix) and name.endswith(".json")):
-            continue
-        j = load(os.path.join(results_dir, name))["jobs"][0]
-        if j.get("error"):
-            continue
-        d = j["write"] if "write" in j["job options"].get("rw", "") else j["read"]
-        lat = d["lat_ns"]
-        rows.append({
-            "iops": d["iops"],
-            "mibs": d["bw_bytes"] / 1048576.0,
-            "mean_us": lat["mean"] / 1000.0,
-            "p99_us": lat.get("percentile", {}).get("99.000000", float("nan")) / 1000.0,
-        })
-    if not rows:
+def run_metrics(path):
+    """IOPS, MiB/s, mean and p99 latency of one fio JSON file, or None when the run failed (no
+    file, or an error in it)."""
+    try:
+        j = load(path)["jobs"][0]
+    except (OSError, ValueError):
         return None
-    # Median of each metric independently over the rounds.
-    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    if j.get("error"):
+        return None
+    d = j["write"] if "write" in j["job options"].get("rw", "") else j["read"]
+    lat = d["lat_ns"]
+    return {
+        "iops": d["iops"],
+        "mibs": d["bw_bytes"] / 1048576.0,
+        "mean_us": lat["mean"] / 1000.0,
+        "p99_us": lat.get("percentile", {}).get("99.000000", float("nan")) / 1000.0,
+    }
+
+def summary(rounds):
+    """The median of each metric independently over the rounds (a list of run_metrics, None for
+    a failed round), with the list itself as "rounds"; None when every round failed."""
+    done = [r for r in rounds if r]
+    if not done:
+        return None
+    m = {k: statistics.median(r[k] for r in done) for k in done[0]}
+    m["rounds"] = rounds
+    return m
+
+def metrics(results_dir, prefix):
+    """summary() of the fio JSON files named prefix*.json, whatever their number."""
+    names = sorted(n for n in os.listdir(results_dir)
+                   if n.startswith(prefix) and n.endswith(".json"))
+    return summary([run_metrics(os.path.join(results_dir, n)) for n in names])
+
+def round_metrics(results_dir, prefix):
+    """summary() of rounds 1 to REPEAT, in the files prefix<round>.json (a missing one: a failed
+    round), so that round r stays round r next to another server's."""
+    return summary([run_metrics(os.path.join(results_dir, f"{prefix}{r}.json"))
+                    for r in range(1, REPEAT + 1)])
 
 def fmt_num(x, digits=0):
     if x is None or x != x:
         return "n/a"
     return f"{x:,.{digits}f}"
 
-def ratio(a, b):
+def fmt_short(x):
+    """IOPS in three or four digits: 41.2k, 1.23M, 950."""
+    if x >= 999_950:
+        return f"{x / 1e6:.2f}M"
+    return f"{x / 1e3:.1f}k" if x >= 1000 else f"{x:.0f}"
+
+def fmt_ratio(x):
+    return "n/a" if x is None else f"{x:.2f}×"
+
+def round_ratios(a, b):
+    """thinline's IOPS a ÷ a peer's b round by round: round r of a ÷ round r of b (None where
+    either failed)."""
     if not a or not b:
-        return "n/a"
-    return f"{a['iops'] / b['iops']:.2f}×"
+        return [None] * REPEAT
+    return [x["iops"] / y["iops"] if x and y and y["iops"] else None
+            for x, y in zip(a["rounds"], b["rounds"])]
+
+def median_ratio(a, b):
+    """The median over the rounds of round_ratios(a, b), or None."""
+    done = [r for r in round_ratios(a, b) if r is not None]
+    return statistics.median(done) if done else None
+
+def lead_names(names):
+    """The lead column names, with "Placement" last when the script runs placements."""
+    return names + ["Placement"] if PLACEMENTS else names
+
+def placement_rows(rows):
+    """Every row (lead cells, key) once per placement, the placement added to both (the rows as
+    they are when the script runs no placements)."""
+    if not PLACEMENTS:
+        return rows
+    return [(cells + [p], key + (p,)) for cells, key in rows for p in PLACEMENTS]
+
+def row_data(results_dir, rows, servers):
+    """round_metrics of every row (lead cells, key) and server, by key + (server,), from the files
+    KEY.SERVER.r<round>.json (the key's parts joined by dots)."""
+    return {key + (s,): round_metrics(results_dir, ".".join(key + (s,)) + ".r")
+            for _, key in rows for s in servers}
 
 def table_head(lead):
     """The two header lines of the main table; lead: the column names before "Server"."""
-    return ["| " + " | ".join(lead) + " | Server | IOPS | MiB/s | Mean lat (µs) | p99 lat (µs) | "
-            "thinline ÷ this (IOPS) |",
-            "|---|" + "---|" * len(lead) + "---:|---:|---:|---:|---:|"]
+    per_round = ["IOPS (median)", "IOPS per round"] if REPEAT > 1 else ["IOPS"]
+    return ["| " + " | ".join(lead + ["Server"] + per_round + ["MiB/s", "Mean lat (µs)",
+            "p99 lat (µs)", "thinline ÷ this (IOPS)"]) + " |",
+            "|---|" + "---|" * len(lead) + "---:|" * (len(per_round) + 4)]
 
 def table_row(lead, server, label, m, tl):
-    """One row of the main table: the lead cells, server (label), its metrics m and the ratio of
-    thinline's metrics tl to them."""
-    r = "—" if server == "thinline" else ratio(tl, m)
-    cells = " | ".join(lead)
+    """One row of the main table: the lead cells, server (label), its metrics m and the median
+    ratio of thinline's metrics tl to them."""
+    r = "—" if server == "thinline" else fmt_ratio(median_ratio(tl, m))
     if m is None:
-        return f"| {cells} | {label} | failed | | | | {r} |"
-    return (f"| {cells} | {label} | {fmt_num(m['iops'])} | {fmt_num(m['mibs'], 1)} | "
-            f"{fmt_num(m['mean_us'], 1)} | {fmt_num(m['p99_us'], 1)} | {r} |")
+        cells = ["failed"] + ([""] if REPEAT > 1 else []) + ["", "", ""]
+    else:
+        cells = [fmt_num(m["iops"])]
+        if REPEAT > 1:
+            cells.append(" / ".join(fmt_short(x["iops"]) if x else "failed" for x in m["rounds"]))
+        cells += [fmt_num(m["mibs"], 1), fmt_num(m["mean_us"], 1), fmt_num(m["p99_us"], 1)]
+    return "| " + " | ".join(lead + [label] + cells + [r]) + " |"
+
+def main_table(lead, rows, servers, labels, data):
+    """table_head(lead) and, for each row (lead cells, key), a table_row per server with
+    data[key + (server,)]; a blank line after it."""
+    out = table_head(lead)
+    for cells, key in rows:
+        tl = data.get(key + ("thinline",))
+        for s in servers:
+            out.append(table_row(cells, s, labels[s], data[key + (s,)], tl))
+    return out + [""]
 
 RATIO_INTRO = ["IOPS ratio thinline ÷ peer (>1.00× = thinline faster):", ""]
 
 def job_report(results_dir, servers, jobs, labels):
-    """The metrics of each job and server (from the files JOB.SERVER.r*.json) and the main table
-    of them, a row per job and server, with a blank line after it."""
-    data = {(j, s): metrics(results_dir, f"{j}.{s}.r") for j in jobs for s in servers}
-    out = table_head(["Job"])
-    for j in jobs:
-        for s in servers:
-            out.append(table_row([j], s, labels[s], data[(j, s)], data.get((j, "thinline"))))
-    out.append("")
-    return data, out
+    """The rows (lead cells, key) of each job (and placement), the metrics of every row and server
+    (from the files JOB[.PLACEMENT].SERVER.r<round>.json) and the main table of them."""
+    rows = placement_rows([([j], (j,)) for j in jobs])
+    data = row_data(results_dir, rows, servers)
+    return data, rows, main_table(lead_names(["Job"]), rows, servers, labels, data)
 
-def ratio_table(jobs, labels, data, present):
-    """RATIO_INTRO and a table of thinline's IOPS ratio to each server in present, a row per job."""
-    out = RATIO_INTRO + ["| Job | " + " | ".join(f"÷ {labels[p]}" for p in present) + " |",
-                         "|---|" + "---:|" * len(present)]
-    for j in jobs:
-        tl = data.get((j, "thinline"))
-        out.append(f"| {j} | " + " | ".join(ratio(tl, data[(j, p)]) for p in present) + " |")
+def ratio_table(lead, rows, labels, data, peers):
+    """RATIO_INTRO and thinline's IOPS ratio to each server in peers, a row per row (lead cells,
+    key) and peer: the ratio of every round (round r of thinline ÷ round r of the peer) and, with
+    several rounds, the lowest and the median of them."""
+    summary_cols = ["min", "median"] if REPEAT > 1 else []
+    cols = [f"round {r}" for r in range(1, REPEAT + 1)] + summary_cols
+    out = RATIO_INTRO + ["| " + " | ".join(lead + ["thinline ÷"] + cols) + " |",
+                         "|---|" + "---|" * len(lead) + "---:|" * len(cols)]
+    for cells, key in rows:
+        tl = data.get(key + ("thinline",))
+        for p in peers:
+            rs = round_ratios(tl, data[key + (p,)])
+            done = [r for r in rs if r is not None]
+            stats = [min(done), statistics.median(done)] if done else [None, None]
+            vals = rs + (stats if summary_cols else [])
+            out.append("| " + " | ".join(cells + [labels[p]] + [fmt_ratio(v) for v in vals]) + " |")
     return out
 PY
 }
 
 # write_table ARGS... <<'PY' ...: runs the script's table code (stdin) after the helpers, with ARGS
-# in sys.argv[1:], into RESULTS_DIR/table.md.
+# in sys.argv[1:], REPEAT and placement_keys in the environment (REPEAT and PLACEMENTS there), into
+# RESULTS_DIR/table.md.
 write_table() {
-  { report_helpers_py; cat; } | python3 - "$@" >"$RESULTS_DIR/table.md"
+  { report_helpers_py; cat; } |
+    BENCH_REPEAT=$REPEAT BENCH_PLACEMENTS=$placement_keys python3 - "$@" >"$RESULTS_DIR/table.md"
 }
 
 # server_labels_tsv: "key<TAB>label" lines of every server in known_servers, for the report.
