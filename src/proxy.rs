@@ -90,6 +90,9 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
 
+    #[command(flatten)]
+    idle_spin: crate::serve::IdleSpinArgs,
+
     /// Print the export, cache and status socket as one JSON object once listening.
     #[arg(long)]
     json: bool,
@@ -328,6 +331,7 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<u8> {
         // The first export is also the default export "".
         exports.add(&args.name, Arc::new(export) as Arc<dyn Export>)?;
         let config = ServerConfig {
+            idle_spin: args.idle_spin.duration(),
             max_connections: args.max_connections,
             handshake_timeout: Duration::from_secs(10),
             metrics: server_metrics,

@@ -56,6 +56,8 @@ mod read_buffer;
 pub mod request;
 pub mod server;
 mod shared;
+mod socket;
+mod spin;
 pub mod tls;
 mod transmission;
 mod uring;

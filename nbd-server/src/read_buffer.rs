@@ -55,6 +55,11 @@ impl<R: AsyncRead + Unpin> ReadBuffer<R> {
         !self.buf.is_empty()
     }
 
+    /// Whether at least `n` bytes are buffered: a read of `n` bytes will not wait.
+    pub(crate) fn buffered_at_least(&self, n: usize) -> bool {
+        self.buf.len() >= n
+    }
+
     /// The socket, for a caller that checked nothing is buffered ([`Self::has_buffered`]).
     pub(crate) fn into_inner(self) -> R {
         self.inner

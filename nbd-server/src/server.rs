@@ -20,7 +20,8 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::handshake::{self, HandshakeEnd, Negotiated, Refusal};
 use crate::shared::Shared;
-pub use crate::shared::{ExportSet, ServerConfig};
+pub use crate::shared::{DEFAULT_IDLE_SPIN, ExportSet, ServerConfig};
+use crate::socket::SocketReader;
 use crate::tls::Acceptor;
 use crate::{Error, Result, transmission};
 
@@ -195,6 +196,7 @@ impl Server {
                                     Ok((stream, addr)) => {
                                         let _ = stream.set_nodelay(true);
                                         let (r, w) = stream.into_split();
+                                        let r = SocketReader::new(r);
                                         spawn_connection(&t, &shared, r, w, addr.to_string());
                                     }
                                     Err(e) => accept_failed(&e).await,
@@ -219,6 +221,7 @@ impl Server {
                             Ok((stream, _)) => {
                                 n += 1;
                                 let (r, w) = stream.into_split();
+                                let r = SocketReader::new(r);
                                 spawn_connection(&t, &shared, r, w, format!("unix#{n}"));
                             }
                             Err(e) => accept_failed(&e).await,

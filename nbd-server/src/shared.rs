@@ -14,6 +14,10 @@ use crate::{Error, Result};
 /// How long connections get to disconnect after shutdown starts, by default.
 pub(crate) const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
+/// How long a quiet connection polls for its next request by default (see
+/// `crate::spin`): a client at queue depth 1 sends it well within this.
+pub const DEFAULT_IDLE_SPIN: Duration = Duration::from_micros(100);
+
 /// The exports of one daemon, in order; the first is also the default export `""`.
 #[derive(Debug, Default)]
 pub struct ExportSet {
@@ -90,6 +94,9 @@ pub struct ServerConfig {
     pub metrics: Option<Arc<crate::metrics::ServerMetrics>>,
     /// TLS (STARTTLS), if the server offers it.
     pub tls: Option<crate::tls::TlsSettings>,
+    /// How long a connection with nothing in flight polls for its next request before
+    /// parking (zero: never). See `crate::spin`.
+    pub idle_spin: Duration,
 }
 
 impl Default for ServerConfig {
@@ -101,6 +108,7 @@ impl Default for ServerConfig {
             memory_budget: 1 << 30,
             metrics: None,
             tls: None,
+            idle_spin: DEFAULT_IDLE_SPIN,
         }
     }
 }

@@ -32,6 +32,7 @@ use crate::proto::{self, ReplyMode, RequestHeader, errno, reply};
 use crate::read_buffer::{self, ReadBuffer};
 use crate::request::{self, Command, SessionLimits, Verdict};
 use crate::shared::Shared;
+use crate::spin::SpinPolicy;
 
 /// Requests in flight per connection; the reader waits when this many are running.
 const MAX_IN_FLIGHT: u32 = 128;
@@ -221,13 +222,21 @@ pub(crate) async fn run<R, W>(
         budget: Arc::new(Semaphore::new(CONNECTION_BUDGET_KIB as usize)),
         peer,
     });
+    let mut spin = SpinPolicy::new(shared.config.idle_spin);
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize));
     let grace = shared.config.shutdown_grace;
 
     let mut deadline: Option<tokio::time::Instant> = None;
     let ended = loop {
         let shutting_down = deadline.is_some();
-        let next = next_request(&mut reader, &conn, &shared, &in_flight, shutting_down);
+        let next = next_request(
+            &mut reader,
+            &conn,
+            &shared,
+            &in_flight,
+            shutting_down,
+            &mut spin,
+        );
         tokio::pin!(next);
         let step = loop {
             tokio::select! {
@@ -286,11 +295,12 @@ async fn next_request<R: AsyncRead + Unpin>(
     shared: &Arc<Shared>,
     in_flight: &Arc<Semaphore>,
     shutting_down: bool,
+    spin: &mut SpinPolicy,
 ) -> Step {
     let mode = conn.session.mode;
     let mut raw = [0u8; proto::EXTENDED_REQUEST_LEN];
     let raw = &mut raw[..mode.request_len()];
-    if let Err(e) = reader.read_exact(raw).await {
+    if let Err(e) = read_request(reader, in_flight, spin, raw).await {
         return Step::End(if e.kind() == std::io::ErrorKind::UnexpectedEof {
             "client closed the connection".into()
         } else {
@@ -425,6 +435,36 @@ async fn next_request<R: AsyncRead + Unpin>(
             Step::Continue
         }
     }
+}
+
+/// Reads a request header into `raw`. After a request that came alone (nothing else in
+/// flight, and the only one read since the last wait), it polls for the next one for a
+/// while before parking (see [`crate::spin`]): such a client sends its next request as
+/// soon as it has the reply.
+/// The polling yields to the runtime between polls, which is also when the writer task
+/// sends that reply.
+async fn read_request<R: AsyncRead + Unpin>(
+    reader: &mut ReadBuffer<R>,
+    in_flight: &Semaphore,
+    spin: &mut SpinPolicy,
+    raw: &mut [u8],
+) -> std::io::Result<()> {
+    let budget = if reader.buffered_at_least(raw.len()) {
+        None
+    } else {
+        spin.next()
+    };
+    let read = reader.read_exact(raw);
+    let read = match budget {
+        None => read.await,
+        Some(budget) => {
+            let (read, arrived) = crate::spin::spin_then_await(read, budget).await;
+            spin.found(arrived);
+            read
+        }
+    };
+    spin.arrived(in_flight.available_permits() == MAX_IN_FLIGHT as usize);
+    read.map(drop)
 }
 
 async fn discard<R: AsyncRead + Unpin>(reader: &mut R, mut n: u64) -> std::io::Result<()> {
