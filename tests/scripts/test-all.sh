@@ -14,7 +14,12 @@ else
   echo "test-all: not root and no passwordless sudo: assuming the dependencies are installed" >&2
 fi
 
-step() { printf '\n=== %s\n' "$*"; }
+# Free disk space is printed with every step: a full disk is the first thing to rule out
+# when a step fails on a fresh machine.
+step() { printf '\n=== %s (disk free: %s)\n' "$*" "$(df -h --output=avail . | tail -n 1 | tr -d ' ')"; }
+
+# CI builds once, from scratch: incremental compilation would only add about 2 GB of caches.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
