@@ -809,6 +809,107 @@ fn damaged_metadata_fails_that_read_only_and_the_server_stays_up() {
     );
 }
 
+#[test]
+fn damaged_compressed_clusters_fail_that_read_only_and_the_server_stays_up() {
+    if !require(TOOLS) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let raw = d.join("base.raw");
+    let text: Vec<u8> = (0..4u32 << 20)
+        .map(|i| b"thin clone "[(i % 11) as usize])
+        .collect();
+    std::fs::write(&raw, &text).unwrap();
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    for compression in ["zlib", "zstd"] {
+        let img = d.join(format!("damaged-{compression}.qcow2"));
+        let path = img.to_str().unwrap();
+        let option = format!("compression_type={compression}");
+        qemu_img(
+            d,
+            &[
+                "convert",
+                "-q",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                &option,
+                raw.to_str().unwrap(),
+                path,
+            ],
+        );
+        // The compressed entry of the cluster at 1 MiB (64 KiB clusters: the host offset
+        // is in bits 0..54); its stream starts with bytes no decoder accepts (only 16:
+        // the streams of this text are short, and the next cluster's follows at once).
+        let mut bytes = read_file(&img);
+        let l1 = be64(&bytes, 40) as usize;
+        let l2 = (be64(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+        let entry = be64(&bytes, l2 + 16 * 8);
+        assert_ne!(
+            entry & 1 << 62,
+            0,
+            "{compression}: the fixture's cluster is compressed"
+        );
+        let host = (entry & ((1 << 54) - 1)) as usize;
+        bytes[host..host + 16].fill(0xff);
+        std::fs::write(&img, &bytes).unwrap();
+
+        let served = Served::unix(d, &[], &[path]);
+        let uri = served.uri("");
+        // One cluster alone is decoded in the request's task, a run of several on the
+        // blocking pool: both paths.
+        for read in [
+            "read 1M 4k",
+            "read 1056768 4k",
+            "read 1M 64k",
+            "read 983040 128k",
+        ] {
+            let bad = Command::new("qemu-io")
+                .args(["-f", "raw", "-r", "-c", read, &uri])
+                .output()
+                .unwrap();
+            let out = String::from_utf8_lossy(&bad.stdout).to_string()
+                + &String::from_utf8_lossy(&bad.stderr);
+            assert!(
+                out.contains("Input/output error"),
+                "{compression}: `{read}` of the damaged cluster must fail with EIO: {out}"
+            );
+        }
+        // The clusters around it still read right, on a new connection too.
+        for (offset, length) in [
+            ((1usize << 20) - (64 << 10), 64usize << 10),
+            (1 << 20 | 64 << 10, 64 << 10),
+        ] {
+            let good = stdout(Command::new("qemu-io").args([
+                "-f",
+                "raw",
+                "-r",
+                "-c",
+                &format!("read -v {offset} {length}"),
+                &uri,
+            ]));
+            let dumped: Vec<u8> = good
+                .lines()
+                .filter_map(|l| l.split_once(":  ").map(|(_, rest)| rest))
+                .flat_map(|rest| rest.split_whitespace().take(16))
+                .map(|h| u8::from_str_radix(h, 16).unwrap())
+                .collect();
+            assert!(
+                dumped == text[offset..offset + length],
+                "{compression}: {length} bytes at {offset} read wrong"
+            );
+        }
+        served.assert_logs("is damaged", Duration::from_secs(10));
+        let log = served.log();
+        assert!(
+            log.contains(path),
+            "{compression}: the log names the file:\n{log}"
+        );
+    }
+}
+
 /// Runs `thinline ARGS` with a deadline; returns the exit code (`None`: killed by a
 /// signal, which is a crash) and stderr.
 fn run_bounded(

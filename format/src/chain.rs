@@ -157,6 +157,32 @@ impl Extent {
     }
 }
 
+/// Largest decompressed unit accepted (qcow2 clusters are at most 2 MiB, VMDK grains
+/// far less); a plan naming a larger one is refused.
+pub const MAX_UNIT_SIZE: u64 = 64 << 20;
+
+/// Where an extent of `length` bytes at `skip` in a unit of `unit_size` bytes ends,
+/// if the unit can hold it. Sizes are bounded by the formats (at most a few MiB) and
+/// checked again here.
+fn unit_end(unit_size: u64, skip: u64, length: u64) -> Option<u64> {
+    skip.checked_add(length)
+        .filter(|&end| end <= unit_size && unit_size <= MAX_UNIT_SIZE)
+}
+
+/// The compressed input of one [`Place::Compressed`] extent: `length` bytes at
+/// `offset` in `layers[layer].files()[file]` (see [`Image::compressed_input`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompressedInput {
+    /// The layer holding the data.
+    pub layer: usize,
+    /// Index into that layer's files.
+    pub file: usize,
+    /// Host offset of the compressed stream.
+    pub offset: u64,
+    /// Bytes to read: the stream's bound, cut at the end of the file.
+    pub length: usize,
+}
+
 /// Block status of a range: `base:allocation` flags plus allocation depth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Allocation {
@@ -632,16 +658,26 @@ impl Image {
 
     /// Decompresses the unit a compressed extent lies in, up to the extent's end (the
     /// rest of the unit is not needed: decoding stops there, which halves the work of a
-    /// random 4 KiB read on average).
+    /// random 4 KiB read on average). Reads the compressed input on this thread.
     pub fn decompress_extent(&self, extent: &Extent) -> Result<Vec<u8>> {
+        let input = self.compressed_input(extent)?;
+        let storage = &*self.layers[input.layer].files()[input.file];
+        let mut bytes = vec![0; input.length];
+        read_exact(storage, "compressed data", &mut bytes, input.offset)?;
+        self.decode_unit(extent, &bytes)
+    }
+
+    /// Where the compressed input of a compressed extent is: the part of the file that
+    /// [`decode_unit`](Self::decode_unit) needs, for a caller that reads it its own way.
+    pub fn compressed_input(&self, extent: &Extent) -> Result<CompressedInput> {
         let Place::Compressed {
             layer,
             file,
             offset,
             compressed_length,
-            compression,
             unit_size,
             skip,
+            ..
         } = extent.place
         else {
             return Err(bad_plan(&*self.layers[0], 0, "not a compressed extent"));
@@ -652,12 +688,7 @@ impl Image {
             offset,
             reason,
         };
-        // Bounded by the format (at most a few MiB); checked again here.
-        if unit_size > 64 << 20
-            || skip
-                .checked_add(extent.length)
-                .is_none_or(|e| e > unit_size)
-        {
+        if unit_end(unit_size, skip, extent.length).is_none() {
             return Err(bad(format!(
                 "a unit of {unit_size} bytes cannot hold the extent"
             )));
@@ -672,10 +703,42 @@ impl Image {
                 "the compressed data lies beyond the end of the file".to_owned()
             ));
         }
-        let mut input = vec![0; available as usize];
-        read_exact(storage, "compressed data", &mut input, offset)?;
-        let mut unit = vec![0; (skip + extent.length) as usize];
-        decompress(compression, &input, &mut unit).map_err(bad)?;
+        Ok(CompressedInput {
+            layer,
+            file,
+            offset,
+            length: available as usize,
+        })
+    }
+
+    /// Decodes a compressed extent's unit from `input` (the bytes
+    /// [`compressed_input`](Self::compressed_input) names), up to the extent's end. Pure
+    /// computation: no I/O.
+    pub fn decode_unit(&self, extent: &Extent, input: &[u8]) -> Result<Vec<u8>> {
+        let Place::Compressed {
+            layer,
+            file,
+            offset,
+            compression,
+            unit_size,
+            skip,
+            ..
+        } = extent.place
+        else {
+            return Err(bad_plan(&*self.layers[0], 0, "not a compressed extent"));
+        };
+        let bad = |reason: String| Error::Decompress {
+            path: self.layers[layer].files()[file].name().to_owned(),
+            offset,
+            reason,
+        };
+        let Some(end) = unit_end(unit_size, skip, extent.length) else {
+            return Err(bad(format!(
+                "a unit of {unit_size} bytes cannot hold the extent"
+            )));
+        };
+        let mut unit = vec![0; end as usize];
+        decompress(compression, input, &mut unit).map_err(bad)?;
         Ok(unit)
     }
 

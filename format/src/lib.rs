@@ -33,7 +33,7 @@ pub mod vmdk;
 
 pub use cache::{CacheStats, MetadataCache};
 pub use chain::{
-    Allocation, BackingOpener, Extent, Image, MAX_CHAIN_DEPTH, OpenOptions, Place,
+    Allocation, BackingOpener, CompressedInput, Extent, Image, MAX_CHAIN_DEPTH, OpenOptions, Place,
     UndeclaredBacking, detect,
 };
 pub use data_path::{DataPath, RangeReader};

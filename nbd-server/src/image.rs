@@ -13,9 +13,10 @@
 //! which may read tables (concurrent misses of one table wait for a single read, see
 //! [`thinline_format::MetadataCache`]; the pool's size is the runtime builder's choice,
 //! and `thinline serve` bounds it). Data ranges in local files are read like the raw export does
-//! (inline `RWF_NOWAIT` for page-cache hits, then io_uring or threads); compressed
-//! units are decompressed on the blocking pool; zero and unallocated ranges are sent
-//! as holes without any I/O.
+//! (inline `RWF_NOWAIT` for page-cache hits, then io_uring or threads); a compressed
+//! unit of a local file alone in a request is read the same way and decoded in the
+//! request's own task, longer runs and other sources on the blocking pool; zero and
+//! unallocated ranges are sent as holes without any I/O.
 //!
 //! Block status answers `base:allocation` through the whole chain and
 //! `qemu:allocation-depth` (0 = in no layer, 1 = the top image, 2 = its backing, …),
@@ -56,6 +57,9 @@ fn write_concurrency() -> usize {
 
 /// Largest write tried on the request's task ([`Qcow2Writer::try_write`]).
 const INLINE_WRITE_MAX: usize = 1 << 20;
+/// Compressed units up to this size are decoded in the request's task (at most about
+/// 200 µs of one worker's time); larger ones, and runs of several, on the blocking pool.
+const INLINE_DECODE_MAX: u64 = 128 << 10;
 /// An inline write may take this long, plus [`INLINE_NS_PER_KIB`] per KiB, before
 /// writes go off the task for [`INLINE_COOLDOWN`].
 const INLINE_BASE: Duration = Duration::from_millis(1);
@@ -271,9 +275,47 @@ impl ImageExport {
         blocking(move || Ok(image.allocation(offset, length, Fetch::Allowed, max)?)).await
     }
 
+    /// Reads one compressed extent of a local file: its input the fast way, then decodes
+    /// it in this request's own task (no hand-off to the blocking pool and back, which at
+    /// queue depth 1 cost as much as the decoding). The task first yields, so the
+    /// connection's reader goes on to the next request and another worker may take this
+    /// one: requests in flight together still decode in parallel.
+    async fn decode_inline(
+        &self,
+        extent: &Extent,
+        skip: usize,
+        file: &Arc<std::fs::File>,
+    ) -> Result<ReadChunk> {
+        let input = self.image.compressed_input(extent)?;
+        let bytes = fileio::read_exact(
+            file,
+            self.uring.as_ref(),
+            &self.nowait_reads,
+            input.offset,
+            input.length,
+        )
+        .await
+        .map_err(|source| {
+            Error::Format(thinline_format::Error::Io {
+                path: self.image.layers()[input.layer].files()[input.file]
+                    .name()
+                    .to_owned(),
+                op: "read compressed data",
+                offset: input.offset,
+                length: input.length as u64,
+                source,
+            })
+        })?;
+        tokio::task::yield_now().await;
+        let unit = self.image.decode_unit(extent, &bytes)?;
+        let data = Bytes::from(unit).slice(skip..);
+        Ok(ReadChunk::Data(data))
+    }
+
     /// Reads a run of extents: zeroes without I/O, data in local files through
-    /// [`fileio`], anything else (compressed units, non-file storage) on the blocking
-    /// pool in one task.
+    /// [`fileio`], one compressed unit of a local file in this task
+    /// ([`Self::decode_inline`]), anything else (several compressed units, non-file
+    /// storage) on the blocking pool in one task.
     async fn read_run(&self, run: &[Extent]) -> Result<ReadChunk> {
         if let [extent] = run {
             match extent.place {
@@ -316,6 +358,17 @@ impl ImageExport {
                     }
                     DataPath::Blocking => {}
                 },
+                Place::Compressed {
+                    layer,
+                    file,
+                    unit_size,
+                    skip,
+                    ..
+                } if unit_size <= INLINE_DECODE_MAX => {
+                    if let DataPath::File(f) = &self.paths[layer][file] {
+                        return self.decode_inline(extent, skip as usize, f).await;
+                    }
+                }
                 _ => {}
             }
         }
