@@ -161,16 +161,9 @@ impl Extent {
 /// far less); a plan naming a larger one is refused.
 pub const MAX_UNIT_SIZE: u64 = 64 << 20;
 
-/// Where an extent of `length` bytes at `skip` in a unit of `unit_size` bytes ends,
-/// if the unit can hold it. Sizes are bounded by the formats (at most a few MiB) and
-/// checked again here.
-fn unit_end(unit_size: u64, skip: u64, length: u64) -> Option<u64> {
-    skip.checked_add(length)
-        .filter(|&end| end <= unit_size && unit_size <= MAX_UNIT_SIZE)
-}
-
-/// The compressed input of one [`Place::Compressed`] extent: `length` bytes at
-/// `offset` in `layers[layer].files()[file]` (see [`Image::compressed_input`]).
+/// How to decode one [`Place::Compressed`] extent, checked against its unit: read
+/// `length` bytes at `offset` in `layers[layer].files()[file]`, then hand them to
+/// [`Image::decode_unit`] (see [`Image::compressed_input`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CompressedInput {
     /// The layer holding the data.
@@ -181,6 +174,9 @@ pub struct CompressedInput {
     pub offset: u64,
     /// Bytes to read: the stream's bound, cut at the end of the file.
     pub length: usize,
+    compression: Compression,
+    /// Bytes of the unit to decode: up to the extent's end.
+    decoded: usize,
 }
 
 /// Block status of a range: `base:allocation` flags plus allocation depth.
@@ -664,20 +660,20 @@ impl Image {
         let storage = &*self.layers[input.layer].files()[input.file];
         let mut bytes = vec![0; input.length];
         read_exact(storage, "compressed data", &mut bytes, input.offset)?;
-        self.decode_unit(extent, &bytes)
+        self.decode_unit(&input, &bytes)
     }
 
-    /// Where the compressed input of a compressed extent is: the part of the file that
-    /// [`decode_unit`](Self::decode_unit) needs, for a caller that reads it its own way.
+    /// How to decode a compressed extent: which part of which file to read, for a caller
+    /// that reads it its own way before [`decode_unit`](Self::decode_unit).
     pub fn compressed_input(&self, extent: &Extent) -> Result<CompressedInput> {
         let Place::Compressed {
             layer,
             file,
             offset,
             compressed_length,
+            compression,
             unit_size,
             skip,
-            ..
         } = extent.place
         else {
             return Err(bad_plan(&*self.layers[0], 0, "not a compressed extent"));
@@ -688,11 +684,15 @@ impl Image {
             offset,
             reason,
         };
-        if unit_end(unit_size, skip, extent.length).is_none() {
+        // Bounded by the format (at most a few MiB); checked again here.
+        let end = skip
+            .checked_add(extent.length)
+            .filter(|&end| end <= unit_size && unit_size <= MAX_UNIT_SIZE);
+        let Some(end) = end else {
             return Err(bad(format!(
                 "a unit of {unit_size} bytes cannot hold the extent"
             )));
-        }
+        };
         let available = storage
             .size()
             .saturating_sub(offset)
@@ -708,37 +708,22 @@ impl Image {
             file,
             offset,
             length: available as usize,
+            compression,
+            decoded: end as usize,
         })
     }
 
-    /// Decodes a compressed extent's unit from `input` (the bytes
-    /// [`compressed_input`](Self::compressed_input) names), up to the extent's end. Pure
-    /// computation: no I/O.
-    pub fn decode_unit(&self, extent: &Extent, input: &[u8]) -> Result<Vec<u8>> {
-        let Place::Compressed {
-            layer,
-            file,
-            offset,
-            compression,
-            unit_size,
-            skip,
-            ..
-        } = extent.place
-        else {
-            return Err(bad_plan(&*self.layers[0], 0, "not a compressed extent"));
-        };
-        let bad = |reason: String| Error::Decompress {
-            path: self.layers[layer].files()[file].name().to_owned(),
-            offset,
+    /// Decodes the unit of a compressed extent from `bytes` (what `input` says to read),
+    /// up to the extent's end. Pure computation: no I/O.
+    pub fn decode_unit(&self, input: &CompressedInput, bytes: &[u8]) -> Result<Vec<u8>> {
+        let mut unit = vec![0; input.decoded];
+        decompress(input.compression, bytes, &mut unit).map_err(|reason| Error::Decompress {
+            path: self.layers[input.layer].files()[input.file]
+                .name()
+                .to_owned(),
+            offset: input.offset,
             reason,
-        };
-        let Some(end) = unit_end(unit_size, skip, extent.length) else {
-            return Err(bad(format!(
-                "a unit of {unit_size} bytes cannot hold the extent"
-            )));
-        };
-        let mut unit = vec![0; end as usize];
-        decompress(compression, input, &mut unit).map_err(bad)?;
+        })?;
         Ok(unit)
     }
 

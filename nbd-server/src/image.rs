@@ -275,6 +275,29 @@ impl ImageExport {
         blocking(move || Ok(image.allocation(offset, length, Fetch::Allowed, max)?)).await
     }
 
+    /// Reads `length` bytes at `offset` of a layer's local file the fast way
+    /// ([`fileio`]); an error names the file and `op`.
+    async fn read_local(
+        &self,
+        f: &Arc<std::fs::File>,
+        (layer, file): (usize, usize),
+        op: &'static str,
+        offset: u64,
+        length: usize,
+    ) -> Result<BytesMut> {
+        fileio::read_exact(f, self.uring.as_ref(), &self.nowait_reads, offset, length)
+            .await
+            .map_err(|source| {
+                Error::Format(thinline_format::Error::Io {
+                    path: self.image.layers()[layer].files()[file].name().to_owned(),
+                    op,
+                    offset,
+                    length: length as u64,
+                    source,
+                })
+            })
+    }
+
     /// Reads one compressed extent of a local file: its input the fast way, then decodes
     /// it in this request's own task (no hand-off to the blocking pool and back, which at
     /// queue depth 1 cost as much as the decoding). The task first yields, so the
@@ -284,32 +307,16 @@ impl ImageExport {
         &self,
         extent: &Extent,
         skip: usize,
-        file: &Arc<std::fs::File>,
+        f: &Arc<std::fs::File>,
     ) -> Result<ReadChunk> {
         let input = self.image.compressed_input(extent)?;
-        let bytes = fileio::read_exact(
-            file,
-            self.uring.as_ref(),
-            &self.nowait_reads,
-            input.offset,
-            input.length,
-        )
-        .await
-        .map_err(|source| {
-            Error::Format(thinline_format::Error::Io {
-                path: self.image.layers()[input.layer].files()[input.file]
-                    .name()
-                    .to_owned(),
-                op: "read compressed data",
-                offset: input.offset,
-                length: input.length as u64,
-                source,
-            })
-        })?;
+        let at = (input.layer, input.file);
+        let bytes = self
+            .read_local(f, at, "read compressed data", input.offset, input.length)
+            .await?;
         tokio::task::yield_now().await;
-        let unit = self.image.decode_unit(extent, &bytes)?;
-        let data = Bytes::from(unit).slice(skip..);
-        Ok(ReadChunk::Data(data))
+        let unit = self.image.decode_unit(&input, &bytes)?;
+        Ok(ReadChunk::Data(Bytes::from(unit).slice(skip..)))
     }
 
     /// Reads a run of extents: zeroes without I/O, data in local files through
@@ -330,24 +337,10 @@ impl ImageExport {
                 } => match &self.paths[layer][file] {
                     DataPath::File(f) => {
                         let length = extent.length as usize;
-                        return fileio::read_exact(
-                            f,
-                            self.uring.as_ref(),
-                            &self.nowait_reads,
-                            offset,
-                            length,
-                        )
-                        .await
-                        .map(|b| ReadChunk::Data(b.freeze()))
-                        .map_err(|source| {
-                            Error::Format(thinline_format::Error::Io {
-                                path: self.image.layers()[layer].files()[file].name().to_owned(),
-                                op: "read",
-                                offset,
-                                length: length as u64,
-                                source,
-                            })
-                        });
+                        let data = self
+                            .read_local(f, (layer, file), "read", offset, length)
+                            .await?;
+                        return Ok(ReadChunk::Data(data.freeze()));
                     }
                     DataPath::Ranges(reader) => {
                         return reader

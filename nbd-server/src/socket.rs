@@ -13,32 +13,47 @@
 //! `EAGAIN` later, never a lost wake-up.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use rustix::io::Errno;
+use rustix::net::RecvFlags;
 use tokio::io::{AsyncRead, ReadBuf};
+use tokio::net::{tcp, unix};
+
+/// The read half of an accepted tokio socket: it reads, and it names its socket.
+pub(crate) trait SocketHalf: AsyncRead + Unpin {
+    /// The socket this half reads, open as long as the half lives.
+    fn socket(&self) -> BorrowedFd<'_>;
+}
+
+impl SocketHalf for tcp::OwnedReadHalf {
+    fn socket(&self) -> BorrowedFd<'_> {
+        self.as_ref().as_fd()
+    }
+}
+
+impl SocketHalf for unix::OwnedReadHalf {
+    fn socket(&self) -> BorrowedFd<'_> {
+        self.as_ref().as_fd()
+    }
+}
 
 /// A socket's read half that tries the socket before waiting on the reactor.
 #[derive(Debug)]
 pub(crate) struct SocketReader<R> {
     inner: R,
-    /// The socket `inner` reads: open as long as `inner` lives.
-    fd: RawFd,
 }
 
-impl<R> SocketReader<R> {
-    /// Wraps a read half of a tokio socket (`tcp::OwnedReadHalf`, `unix::OwnedReadHalf`).
-    pub(crate) fn new<S: AsRawFd>(inner: R) -> Self
-    where
-        R: AsRef<S>,
-    {
-        let fd = inner.as_ref().as_raw_fd();
-        Self { inner, fd }
+impl<R: SocketHalf> SocketReader<R> {
+    /// Wraps the read half of an accepted socket.
+    pub(crate) fn new(inner: R) -> Self {
+        Self { inner }
     }
 }
 
-impl<R: AsyncRead + Unpin> AsyncRead for SocketReader<R> {
+impl<R: SocketHalf> AsyncRead for SocketReader<R> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -52,31 +67,20 @@ impl<R: AsyncRead + Unpin> AsyncRead for SocketReader<R> {
             return Poll::Ready(Ok(()));
         }
         loop {
-            // SAFETY: the bytes recv writes are marked initialised below, and only those;
-            // no uninitialised byte is read.
+            // SAFETY: recv only writes into these bytes, and only the ones it wrote are
+            // marked initialised below; none is de-initialised.
             let unfilled = unsafe { buf.unfilled_mut() };
-            // SAFETY: `this.fd` is the socket owned by `this.inner`, open while it lives;
-            // `unfilled` is writable memory of `unfilled.len()` bytes.
-            let n = unsafe {
-                libc::recv(
-                    this.fd,
-                    unfilled.as_mut_ptr().cast(),
-                    unfilled.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n >= 0 {
-                let n = n as usize;
-                // SAFETY: recv initialised the first `n` bytes of the unfilled part.
-                unsafe { buf.assume_init(n) };
-                buf.advance(n);
-                return Poll::Ready(Ok(()));
-            }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => {}
-                io::ErrorKind::WouldBlock => return Pin::new(&mut this.inner).poll_read(cx, buf),
-                _ => return Poll::Ready(Err(e)),
+            match rustix::net::recv(this.inner.socket(), unfilled, RecvFlags::DONTWAIT) {
+                Ok(((received, _), _)) => {
+                    let n = received.len();
+                    // SAFETY: recv initialised the first `n` bytes of the unfilled part.
+                    unsafe { buf.assume_init(n) };
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(Errno::INTR) => {}
+                Err(Errno::AGAIN) => return Pin::new(&mut this.inner).poll_read(cx, buf),
+                Err(e) => return Poll::Ready(Err(e.into())),
             }
         }
     }
