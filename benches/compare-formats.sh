@@ -26,7 +26,9 @@
 #   FORMATS        comma list from: raw,qcow2,qcow2-zlib,qcow2-zstd,vhd,vmdk,vmdk-stream
 #                  (default: raw,qcow2,qcow2-zlib,vhd,vmdk,vmdk-stream)
 #   SERVERS        comma list from: thinline,qemu-default,qemu-uring (default: all)
-#   JOBS           comma list from: randread-4k-qd1,randread-4k-qd32,seqread-1m-qd8 (default: all)
+#   JOBS           comma list from: randread-4k-qd1,randread-4k-qd32,seqread-4k-qd1,seqread-1m-qd8
+#                  (default: all but seqread-4k-qd1, a guest reading a file 4 KiB at a time:
+#                  the case where one decoded compressed unit serves several reads)
 #   PLACEMENTS     comma list of CPU placements (taskset), every one in every round (default:
 #                  unpinned; custom when SERVER_CPUS or FIO_CPUS is set); as in compare-servers.sh:
 #                    unpinned  no taskset
@@ -103,8 +105,9 @@ select_servers "$known_servers" "${cmd[qemu-default]}"
 declare -A job_args
 job_args[randread-4k-qd1]="--rw=randread --bs=4k --iodepth=1"
 job_args[randread-4k-qd32]="--rw=randread --bs=4k --iodepth=32"
+job_args[seqread-4k-qd1]="--rw=read --bs=4k --iodepth=1"
 job_args[seqread-1m-qd8]="--rw=read --bs=1M --iodepth=8"
-select_jobs randread-4k-qd1,randread-4k-qd32,seqread-1m-qd8
+select_jobs randread-4k-qd1,randread-4k-qd32,seqread-4k-qd1,seqread-1m-qd8
 
 # --- state + cleanup ------------------------------------------------------------------------
 init_state

@@ -14,7 +14,7 @@
 //! | `<kind>` | The export |
 //! |---|---|
 //! | `raw` | the raw base image: `RawExport` (format detected, as `serve disk.raw`) |
-//! | `qcow2`, `qcow2-zlib`, `qcow2-zstd`, `qcow2-extl2`, `vhd-dynamic`, `vmdk-sparse`, `vmdk-stream` | an `ImageExport` of the base made into that format by `qemu-img convert` (the table of `support/fixtures.rs`, shared with `formats.rs`); compressed clusters and grains (64 KiB) are inflated on the blocking pool for every read |
+//! | `qcow2`, `qcow2-zlib`, `qcow2-zstd`, `qcow2-extl2`, `vhd-dynamic`, `vmdk-sparse`, `vmdk-stream` | an `ImageExport` of the base made into that format by `qemu-img convert` (the table of `support/fixtures.rs`, shared with `formats.rs`); compressed clusters and grains (64 KiB) are decoded for every read: reads 7919 blocks apart never find theirs among the 16 units an export keeps decoded |
 //! | `cor-hit` | a copy-on-read export whose cache holds the whole template (a hit): the raw base opened as a template, put behind its cache as `serve --cache-dir` does (`cache_dir::open_cached`, default `CorOptions`), hydrated before the run; every read is served from the cache file |
 //! | `remote-mem-hit` | a remote template whose blocks are all in its fetch engine's memory (the "memory hits" of `thinline_source::fetch`): the raw base as a remote object read through `FetchEngine` → `RemoteStorage` → `ImageExport`, what `serve http://…` builds, with the default `RemoteConfig` (256 MiB of memory per object: a larger `THINLINE_BENCH_MIB` makes misses, and a warning); no request reaches the object during the run |
 //!

@@ -910,6 +910,82 @@ fn damaged_compressed_clusters_fail_that_read_only_and_the_server_stays_up() {
     }
 }
 
+#[test]
+fn compressed_images_read_block_by_block_in_any_order_match_their_source() {
+    if !require(TOOLS) || !require(&["nbdsh"]) || !common::has_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Every 512 bytes differ from every other (their offset, then text), so a block served
+    // from another unit, or from another place in its unit, reads wrong.
+    let raw = d.join("source.raw");
+    let mut source = Vec::with_capacity(2 << 20);
+    for sector in 0..(2u64 << 20) / 512 {
+        let mut s = format!("sector {sector:08} of a compressed template ").into_bytes();
+        s.resize(512, b'.');
+        source.extend_from_slice(&s);
+    }
+    std::fs::write(&raw, &source).unwrap();
+    let mut exports = Vec::new();
+    for (name, args) in [
+        (
+            "zlib.qcow2",
+            &["-c", "-O", "qcow2", "-o", "compression_type=zlib"][..],
+        ),
+        (
+            "zstd.qcow2",
+            &["-c", "-O", "qcow2", "-o", "compression_type=zstd"][..],
+        ),
+        (
+            "stream.vmdk",
+            &["-O", "vmdk", "-o", "subformat=streamOptimized"][..],
+        ),
+    ] {
+        let img = d.join(name);
+        let mut all = vec!["convert", "-q"];
+        all.extend_from_slice(args);
+        all.extend([raw.to_str().unwrap(), img.to_str().unwrap()]);
+        qemu_img(d, &all);
+        exports.push(format!("{}={}", name.replace('.', "-"), img.display()));
+    }
+    let served = Served::unix(
+        d,
+        &[],
+        &exports.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    // Sequential 4 KiB reads (a unit decoded first in part, then whole, then sliced),
+    // the same shuffled, then reads of odd sizes and places that straddle units.
+    let script = format!(
+        r#"
+import random
+source = open({raw:?}, "rb").read()
+def check(h, name, reads):
+    for off, n in reads:
+        got = h.pread(n, off)
+        if got != source[off:off + n]:
+            raise SystemExit(f"{{name}}: {{n}} bytes at {{off}} read wrong")
+blocks = [(off, 4096) for off in range(0, len(source), 4096)]
+shuffled = list(blocks)
+random.Random(7).shuffle(shuffled)
+odd = [(off, n) for off, n in ((random.Random(off).randrange(0, len(source) - 70000), random.Random(off + 1).randrange(1, 70000)) for off in range(200))]
+for name, uri in {uris:?}:
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    check(h, name, blocks)
+    check(h, name, shuffled)
+    check(h, name, odd)
+    check(h, name, blocks)
+    h.shutdown()
+print("ok")
+"#,
+        raw = raw.to_str().unwrap(),
+        uris = ["zlib-qcow2", "zstd-qcow2", "stream-vmdk"].map(|name| (name, served.uri(name))),
+    );
+    let out = common::nbdsh(&served.uri(""), &script);
+    assert_eq!(out.trim(), "ok", "{}", served.log());
+}
+
 /// Runs `thinline ARGS` with a deadline; returns the exit code (`None`: killed by a
 /// signal, which is a crash) and stderr.
 fn run_bounded(

@@ -177,6 +177,33 @@ pub struct CompressedInput {
     compression: Compression,
     /// Bytes of the unit to decode: up to the extent's end.
     decoded: usize,
+    /// Bytes of the whole unit.
+    unit: usize,
+}
+
+impl CompressedInput {
+    /// Bytes [`Image::decode_unit`] produces for this input.
+    pub fn decoded_len(&self) -> usize {
+        self.decoded
+    }
+
+    /// Whether decoding only up to the extent's end costs less than decoding the whole
+    /// unit: true for deflate, which stops where it is told; false for zstd, which decodes
+    /// a whole block (a qcow2 cluster is one) before it hands out any of it.
+    pub fn partial_decode_is_cheaper(&self) -> bool {
+        !matches!(self.compression, Compression::Zstd)
+    }
+
+    /// The same input decoding its whole unit instead of stopping at the extent's end,
+    /// for a caller that keeps the unit to serve reads of its other blocks. A unit whose
+    /// stream ends before the unit does (which a partial decode may never notice) fails
+    /// to decode this way.
+    pub fn whole_unit(&self) -> CompressedInput {
+        CompressedInput {
+            decoded: self.unit,
+            ..*self
+        }
+    }
 }
 
 /// Block status of a range: `base:allocation` flags plus allocation depth.
@@ -710,6 +737,7 @@ impl Image {
             length: available as usize,
             compression,
             decoded: end as usize,
+            unit: unit_size as usize,
         })
     }
 

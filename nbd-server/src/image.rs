@@ -33,6 +33,7 @@ use bytes::BytesMut;
 use thinline_format::qcow2::{Qcow2Writer, ZeroMode};
 use thinline_format::{Allocation, DataPath, Extent, Fetch, Image, OpenOptions, Place};
 
+use crate::decoded::{DecodedUnits, Lookup, UnitKey};
 use crate::export::{Capabilities, Export, Extent as NbdExtent, ReadChunk, StatusQuery, ZeroFlags};
 use crate::proto::{ALLOCATION_DEPTH, BASE_ALLOCATION, state};
 use crate::raw::IoEngine;
@@ -133,6 +134,8 @@ pub struct ImageExport {
     paths: Vec<Vec<DataPath>>,
     nowait_reads: AtomicBool,
     uring: Option<IoUringEngine>,
+    /// Compressed units decoded lately (see [`Self::decode_inline`]).
+    decoded: DecodedUnits,
 }
 
 impl ImageExport {
@@ -170,6 +173,7 @@ impl ImageExport {
             paths,
             nowait_reads: AtomicBool::new(true),
             uring,
+            decoded: DecodedUnits::default(),
         })
     }
 
@@ -303,6 +307,9 @@ impl ImageExport {
     /// queue depth 1 cost as much as the decoding). The task first yields, so the
     /// connection's reader goes on to the next request and another worker may take this
     /// one: requests in flight together still decode in parallel.
+    ///
+    /// Units of read-only layers are kept in [`DecodedUnits`] for the reads of their other
+    /// blocks: a read that finds its bytes there slices them.
     async fn decode_inline(
         &self,
         extent: &Extent,
@@ -310,13 +317,47 @@ impl ImageExport {
         f: &Arc<std::fs::File>,
     ) -> Result<ReadChunk> {
         let input = self.image.compressed_input(extent)?;
+        let end = input.decoded_len();
+        // The writable top layer's clusters change place as they are written: not kept.
+        let key = (input.layer > 0 || self.writer.is_none()).then_some(UnitKey {
+            layer: input.layer,
+            file: input.file,
+            offset: input.offset,
+        });
+        // The whole unit is decoded to be kept when its neighbours are being read, or when
+        // that costs no more than the part this read needs.
+        let decode_whole = match key.map(|key| self.decoded.get(key, skip, end)) {
+            Some(Lookup::Hit(bytes)) => return Ok(ReadChunk::Data(bytes)),
+            Some(Lookup::Shorter) => true,
+            Some(Lookup::Miss) => !input.partial_decode_is_cheaper(),
+            None => false,
+        };
         let at = (input.layer, input.file);
         let bytes = self
             .read_local(f, at, "read compressed data", input.offset, input.length)
             .await?;
         tokio::task::yield_now().await;
-        let unit = self.image.decode_unit(&input, &bytes)?;
-        Ok(ReadChunk::Data(Bytes::from(unit).slice(skip..)))
+        // A unit whose stream ends early fails to decode whole; its prefix still serves.
+        let whole = decode_whole
+            .then(|| self.image.decode_unit(&input.whole_unit(), &bytes).ok())
+            .flatten();
+        let decoded_whole = whole.is_some();
+        let unit = Bytes::from(match whole {
+            Some(whole) => whole,
+            None => self.image.decode_unit(&input, &bytes)?,
+        });
+        if let Some(key) = key {
+            // A partial prefix is not worth keeping (random reads rarely come back, and a
+            // buffer kept is one the next decode cannot reuse while it is warm): an empty
+            // one marks the unit as read, so that the next read of it decodes it whole.
+            let kept = if decoded_whole {
+                unit.clone()
+            } else {
+                Bytes::new()
+            };
+            self.decoded.keep(key, kept);
+        }
+        Ok(ReadChunk::Data(unit.slice(skip..end)))
     }
 
     /// Reads a run of extents: zeroes without I/O, data in local files through

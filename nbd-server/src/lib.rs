@@ -42,6 +42,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+mod decoded;
 mod error;
 pub mod export;
 mod fileio;
