@@ -17,13 +17,15 @@ use bytes::Bytes;
 /// so an export holds at most 2 MiB here.
 const KEPT_UNITS: usize = 16;
 
-/// Where a unit's compressed stream starts: in a read-only layer, the same key always
-/// decodes to the same bytes.
+/// Where a unit's compressed stream lies: in a read-only layer, the same key always
+/// decodes to the same bytes (two entries of a crafted image that share a stream's start
+/// but not its length are two keys).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct UnitKey {
     pub layer: usize,
     pub file: usize,
     pub offset: u64,
+    pub length: usize,
 }
 
 /// What [`DecodedUnits::get`] found.
@@ -87,6 +89,7 @@ mod tests {
             layer: 1,
             file: 0,
             offset,
+            length: 9000,
         }
     }
 
@@ -118,7 +121,7 @@ mod tests {
     }
 
     #[test]
-    fn another_unit_is_a_miss_even_in_the_same_file_or_at_the_same_offset() {
+    fn another_unit_is_a_miss_even_in_the_same_file_or_at_the_same_offset_with_another_length() {
         let units = DecodedUnits::default();
         units.keep(key(0), unit(7, 65536));
         assert!(matches!(units.get(key(65536), 0, 4096), Lookup::Miss));
@@ -126,6 +129,11 @@ mod tests {
         assert!(matches!(units.get(other_layer, 0, 4096), Lookup::Miss));
         let other_file = UnitKey { file: 1, ..key(0) };
         assert!(matches!(units.get(other_file, 0, 4096), Lookup::Miss));
+        let other_length = UnitKey {
+            length: 100,
+            ..key(0)
+        };
+        assert!(matches!(units.get(other_length, 0, 4096), Lookup::Miss));
     }
 
     #[test]

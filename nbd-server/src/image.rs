@@ -323,6 +323,7 @@ impl ImageExport {
             layer: input.layer,
             file: input.file,
             offset: input.offset,
+            length: input.length,
         });
         // The whole unit is decoded to be kept when its neighbours are being read, or when
         // that costs no more than the part this read needs.
