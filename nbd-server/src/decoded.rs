@@ -1,6 +1,6 @@
 //! Units of compressed images decoded lately, kept so that reads of a unit's other blocks
 //! (a guest reading a file 4 KiB at a time, in a 64 KiB qcow2 cluster) decode the unit
-//! once, not once per block. qemu keeps the last decompressed cluster for the same reason.
+//! once, not once per block.
 //!
 //! A deflate unit is first decoded only up to the end of the read that needs it (cheaper,
 //! and random reads rarely come back) and kept as an empty prefix, a mark that it was
