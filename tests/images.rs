@@ -912,7 +912,11 @@ fn damaged_compressed_clusters_fail_that_read_only_and_the_server_stays_up() {
 
 #[test]
 fn compressed_images_read_block_by_block_in_any_order_match_their_source() {
-    if !require(TOOLS) || !require(&["nbdsh"]) || !common::has_python_nbd() {
+    if !require(TOOLS)
+        || !require(&["nbdsh"])
+        || !common::has_python_nbd()
+        || !thinline_test_support::servers::require_nginx()
+    {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -928,6 +932,7 @@ fn compressed_images_read_block_by_block_in_any_order_match_their_source() {
     }
     std::fs::write(&raw, &source).unwrap();
     let mut exports = Vec::new();
+    let mut names = Vec::new();
     for (name, args) in [
         (
             "zlib.qcow2",
@@ -947,7 +952,17 @@ fn compressed_images_read_block_by_block_in_any_order_match_their_source() {
         all.extend_from_slice(args);
         all.extend([raw.to_str().unwrap(), img.to_str().unwrap()]);
         qemu_img(d, &all);
-        exports.push(format!("{}={}", name.replace('.', "-"), img.display()));
+        names.push(name);
+    }
+    // The same images local and over HTTP (their units read through the fetch engine).
+    let nginx = thinline_test_support::servers::Nginx::start(d);
+    let mut uris = Vec::new();
+    for name in names {
+        let export = name.replace('.', "-");
+        exports.push(format!("{export}={}", d.join(name).display()));
+        exports.push(format!("{export}-http={}", nginx.url(name)));
+        uris.push(export.clone());
+        uris.push(format!("{export}-http"));
     }
     let served = Served::unix(
         d,
@@ -980,7 +995,10 @@ for name, uri in {uris:?}:
 print("ok")
 "#,
         raw = raw.to_str().unwrap(),
-        uris = ["zlib-qcow2", "zstd-qcow2", "stream-vmdk"].map(|name| (name, served.uri(name))),
+        uris = uris
+            .iter()
+            .map(|name| (name.as_str(), served.uri(name)))
+            .collect::<Vec<_>>(),
     );
     let out = common::nbdsh(&served.uri(""), &script);
     assert_eq!(out.trim(), "ok", "{}", served.log());

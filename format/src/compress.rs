@@ -125,11 +125,34 @@ mod tests {
             (Compression::Deflate, deflate(&data, false)),
             (Compression::Zlib, deflate(&data, true)),
             (Compression::Zstd, zstd::bulk::compress(&data, 3).unwrap()),
+            // As qemu writes them: a frame without its content size in the header.
+            (
+                Compression::Zstd,
+                zstd::stream::encode_all(&data[..], 3).unwrap(),
+            ),
         ] {
             stream.extend_from_slice(&[0xff; 700]);
             let mut out = vec![0; data.len()];
             decompress(compression, &stream, &mut out).unwrap();
             assert_eq!(out, data, "{compression:?}");
+        }
+    }
+
+    #[test]
+    fn decoding_a_prefix_stops_where_the_output_ends() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 / 13) as u8).collect();
+        for (compression, stream) in [
+            (Compression::Deflate, deflate(&data, false)),
+            (Compression::Zlib, deflate(&data, true)),
+            (Compression::Zstd, zstd::bulk::compress(&data, 3).unwrap()),
+            (
+                Compression::Zstd,
+                zstd::stream::encode_all(&data[..], 3).unwrap(),
+            ),
+        ] {
+            let mut out = vec![0; 4096];
+            decompress(compression, &stream, &mut out).unwrap();
+            assert_eq!(out, data[..4096], "{compression:?}");
         }
     }
 

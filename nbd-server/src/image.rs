@@ -14,9 +14,10 @@
 //! [`thinline_format::MetadataCache`]; the pool's size is the runtime builder's choice,
 //! and `thinline serve` bounds it). Data ranges in local files are read like the raw export does
 //! (inline `RWF_NOWAIT` for page-cache hits, then io_uring or threads); a compressed
-//! unit of a local file alone in a request is read the same way and decoded in the
-//! request's own task, longer runs and other sources on the blocking pool; zero and
-//! unallocated ranges are sent as holes without any I/O.
+//! unit alone in a request, of a local file or a remote store, is read the same way (or
+//! through the store's range reader) and decoded in the request's own task, longer runs
+//! and other sources on the blocking pool; zero and unallocated ranges are sent as holes
+//! without any I/O.
 //!
 //! Block status answers `base:allocation` through the whole chain and
 //! `qemu:allocation-depth` (0 = in no layer, 1 = the top image, 2 = its backing, …),
@@ -31,7 +32,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use bytes::BytesMut;
 use thinline_format::qcow2::{Qcow2Writer, ZeroMode};
-use thinline_format::{Allocation, DataPath, Extent, Fetch, Image, OpenOptions, Place};
+use thinline_format::{
+    Allocation, DataPath, Extent, Fetch, Image, OpenOptions, Place, RangeReader,
+};
 
 use crate::decoded::{DecodedUnits, Lookup, UnitKey};
 use crate::export::{Capabilities, Export, Extent as NbdExtent, ReadChunk, StatusQuery, ZeroFlags};
@@ -302,11 +305,12 @@ impl ImageExport {
             })
     }
 
-    /// Reads one compressed extent of a local file: its input the fast way, then decodes
-    /// it in this request's own task (no hand-off to the blocking pool and back, which at
-    /// queue depth 1 cost as much as the decoding). The task first yields, so the
-    /// connection's reader goes on to the next request and another worker may take this
-    /// one: requests in flight together still decode in parallel.
+    /// Reads one compressed extent of a local file or a remote store: its input the fast
+    /// way (a local file as [`Self::read_local`] does, a remote store through its range
+    /// reader), then decodes it in this request's own task (no hand-off to the blocking
+    /// pool and back, which at queue depth 1 cost as much as the decoding). The task
+    /// first yields, so the connection's reader goes on to the next request and another
+    /// worker may take this one: requests in flight together still decode in parallel.
     ///
     /// Units of read-only layers are kept in [`DecodedUnits`] for the reads of their other
     /// blocks: a read that finds its bytes there slices them.
@@ -314,7 +318,7 @@ impl ImageExport {
         &self,
         extent: &Extent,
         skip: usize,
-        f: &Arc<std::fs::File>,
+        source: UnitSource<'_>,
     ) -> Result<ReadChunk> {
         let input = self.image.compressed_input(extent)?;
         let end = input.decoded_len();
@@ -333,10 +337,18 @@ impl ImageExport {
             Some(Lookup::Miss) => !input.partial_decode_is_cheaper(),
             None => false,
         };
-        let at = (input.layer, input.file);
-        let bytes = self
-            .read_local(f, at, "read compressed data", input.offset, input.length)
-            .await?;
+        let bytes = match source {
+            UnitSource::File(f) => {
+                let at = (input.layer, input.file);
+                self.read_local(f, at, "read compressed data", input.offset, input.length)
+                    .await?
+                    .freeze()
+            }
+            UnitSource::Ranges(reader) => reader
+                .read_range(input.offset, input.length as u64)
+                .await
+                .map_err(DataError::source)?,
+        };
         tokio::task::yield_now().await;
         // A unit whose stream ends early fails to decode whole; its prefix still serves.
         let whole = decode_whole
@@ -362,9 +374,10 @@ impl ImageExport {
     }
 
     /// Reads a run of extents: zeroes without I/O, data in local files through
-    /// [`fileio`], one compressed unit of a local file in this task
-    /// ([`Self::decode_inline`]), anything else (several compressed units, non-file
-    /// storage) on the blocking pool in one task.
+    /// [`fileio`] and in remote stores through their range readers, one compressed unit
+    /// of either in this task ([`Self::decode_inline`]), anything else (several
+    /// compressed units, storage with blocking reads only) on the blocking pool in one
+    /// task.
     async fn read_run(&self, run: &[Extent]) -> Result<ReadChunk> {
         if let [extent] = run {
             match extent.place {
@@ -400,8 +413,13 @@ impl ImageExport {
                     skip,
                     ..
                 } if unit_size <= INLINE_DECODE_MAX => {
-                    if let DataPath::File(f) = &self.paths[layer][file] {
-                        return self.decode_inline(extent, skip as usize, f).await;
+                    let source = match &self.paths[layer][file] {
+                        DataPath::File(f) => Some(UnitSource::File(f)),
+                        DataPath::Ranges(reader) => Some(UnitSource::Ranges(&**reader)),
+                        DataPath::Blocking => None,
+                    };
+                    if let Some(source) = source {
+                        return self.decode_inline(extent, skip as usize, source).await;
                     }
                 }
                 _ => {}
@@ -422,6 +440,13 @@ impl ImageExport {
         })
         .await
     }
+}
+
+/// Where [`ImageExport::decode_inline`] reads a unit's compressed bytes from.
+#[derive(Clone, Copy)]
+enum UnitSource<'a> {
+    File(&'a Arc<std::fs::File>),
+    Ranges(&'a dyn RangeReader),
 }
 
 impl Drop for ImageExport {
