@@ -139,7 +139,7 @@ mod tests {
     }
 
     #[test]
-    fn decoding_a_prefix_stops_where_the_output_ends() {
+    fn a_prefix_of_a_unit_decodes_to_its_first_bytes() {
         let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 / 13) as u8).collect();
         for (compression, stream) in [
             (Compression::Deflate, deflate(&data, false)),

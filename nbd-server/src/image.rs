@@ -354,20 +354,20 @@ impl ImageExport {
         let whole = decode_whole
             .then(|| self.image.decode_unit(&input.whole_unit(), &bytes).ok())
             .flatten();
-        let decoded_whole = whole.is_some();
-        let unit = Bytes::from(match whole {
-            Some(whole) => whole,
-            None => self.image.decode_unit(&input, &bytes)?,
-        });
-        if let Some(key) = key {
+        let (unit, kept) = match whole {
+            Some(whole) => {
+                let whole = Bytes::from(whole);
+                (whole.clone(), whole)
+            }
             // A partial prefix is not worth keeping (random reads rarely come back, and a
             // buffer kept is one the next decode cannot reuse while it is warm): an empty
             // one marks the unit as read, so that the next read of it decodes it whole.
-            let kept = if decoded_whole {
-                unit.clone()
-            } else {
-                Bytes::new()
-            };
+            None => (
+                Bytes::from(self.image.decode_unit(&input, &bytes)?),
+                Bytes::new(),
+            ),
+        };
+        if let Some(key) = key {
             self.decoded.keep(key, kept);
         }
         Ok(ReadChunk::Data(unit.slice(skip..end)))
